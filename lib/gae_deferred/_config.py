@@ -1,0 +1,159 @@
+"""Process-wide settings: environment variables first, then whatever the app passes to configure().
+
+An app usually needs nothing but the environment::
+
+    GOOGLE_CLOUD_PROJECT=my-app GAE_DEFERRED_LOCATION=europe-west1
+    GAE_DEFERRED_SIGNING_KEY=<64 hex chars>   # or GAE_DEFERRED_SIGNING_KEY_FILE=/path
+
+and code may override any field once at start-up::
+
+    import gae_deferred
+    gae_deferred.configure(signing_key_provider=load_key_from_secret_manager, spill_threshold=50_000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ConfigurationError
+
+MIB = 1024 * 1024
+
+#: Cloud Tasks' limit for an App Engine task (body, URL and headers together).
+APP_ENGINE_TASK_LIMIT = 100 * 1024
+#: Datastore's limit for one entity is 1 MiB - 4 bytes; chunks stay well below it.
+DEFAULT_CHUNK_BYTES = 1_000_000
+#: Datastore refuses a commit over 10 MiB, so a large spill is written in several commits.
+DEFAULT_COMMIT_BYTES = 9 * MIB
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything gae_deferred reads from its environment. See :func:`configure`."""
+
+    project: str | None = None
+    location: str = "us-central1"
+    default_queue: str = "default"
+    task_url: str = "/_ah/queue/deferred"
+    #: A task whose envelope, URL and headers exceed this many bytes is spilled to Datastore.
+    spill_threshold: int = APP_ENGINE_TASK_LIMIT
+    #: Hard cap on a serialized payload; defer() refuses anything bigger.
+    max_payload_bytes: int = 32 * MIB
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    commit_bytes: int = DEFAULT_COMMIT_BYTES
+    #: zlib level for bodies of at least compress_min_bytes; 0 turns compression off.
+    compression_level: int = 6
+    compress_min_bytes: int = 1024
+    signing_key: bytes | None = None
+    #: Older keys still accepted when verifying, for key rotation.
+    previous_signing_keys: tuple[bytes, ...] = ()
+    #: Called once per process when no signing_key is set, e.g. to read Secret Manager.
+    signing_key_provider: Callable[[], bytes] | None = None
+    app_version: str = "unknown"
+    service: str | None = None
+    queue_yaml: str | None = None
+    #: An ndb client to use instead of ``ndb.Client(project=...)`` (tests pass a stub).
+    ndb_client: Any = None
+    #: How long dead letters and permanent failures keep their payloads.
+    dead_letter_retention_seconds: float = 30 * 24 * 3600
+    #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.
+    sweep_grace_seconds: float = 600
+    #: Loopback requests are admin, and the demo page is routed. Never set in production.
+    local_mode: bool = False
+    #: Expected audience of IAP JWTs for the dashboard ("/projects/NUM/apps/PROJECT").
+    iap_audience: str | None = None
+    #: Extra admin check for the dashboard: callable(environ) -> user email or None.
+    admin_hook: Callable[[dict], str | None] | None = None
+
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def _from_environment() -> Settings:
+    env = os.environ
+    local = bool(env.get("GAE_DEFERRED_LOCAL")) or bool(env.get("DATASTORE_EMULATOR_HOST"))
+    key: bytes | None = None
+    if env.get("GAE_DEFERRED_SIGNING_KEY"):
+        key = _decode_key(env["GAE_DEFERRED_SIGNING_KEY"], "GAE_DEFERRED_SIGNING_KEY")
+    elif env.get("GAE_DEFERRED_SIGNING_KEY_FILE"):
+        path = env["GAE_DEFERRED_SIGNING_KEY_FILE"]
+        try:
+            with open(path, encoding="ascii") as key_file:
+                key = _decode_key(key_file.read().strip(), path)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read GAE_DEFERRED_SIGNING_KEY_FILE {path}: {exc}") from exc
+    return Settings(
+        project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GAE_APPLICATION", "").partition("~")[2] or None,
+        location=env.get("GAE_DEFERRED_LOCATION", "us-central1"),
+        signing_key=key,
+        app_version=env.get("GAE_VERSION", "unknown"),
+        service=env.get("GAE_SERVICE"),
+        queue_yaml=env.get("GAE_DEFERRED_QUEUE_YAML"),
+        local_mode=local,
+        iap_audience=env.get("GAE_DEFERRED_IAP_AUDIENCE"),
+    )
+
+
+def _decode_key(text: str, source: str) -> bytes:
+    """Keys are hex (64+ chars recommended); anything else is rejected rather than guessed at."""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"signing key from {source} is not hex") from exc
+    if len(key) < 16:
+        raise ConfigurationError(f"signing key from {source} is {len(key)} bytes; use at least 16")
+    return key
+
+
+def settings() -> Settings:
+    """The current settings, read from the environment on first use."""
+    global _settings
+    current = _settings
+    if current is None:
+        with _lock:
+            if _settings is None:
+                _settings = _from_environment()
+            current = _settings
+    return current
+
+
+def configure(**changes: Any) -> Settings:
+    """Override settings for this process; unknown names raise ConfigurationError.
+
+    >>> configure(spill_threshold=50_000, default_queue="work")  # doctest: +SKIP
+    """
+    global _settings
+    names = {field.name for field in dataclasses.fields(Settings)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ConfigurationError(f"unknown setting(s): {', '.join(unknown)}")
+    if "signing_key" in changes and isinstance(changes["signing_key"], str):
+        changes["signing_key"] = _decode_key(changes["signing_key"], "configure()")
+    with _lock:
+        _settings = dataclasses.replace(_settings or _from_environment(), **changes)
+        _validate(_settings)
+        current = _settings
+    return current
+
+
+def reset() -> None:
+    """Forget configure() calls and re-read the environment on next use (tests)."""
+    global _settings
+    with _lock:
+        _settings = None
+
+
+def _validate(current: Settings) -> None:
+    if not 0 <= current.compression_level <= 9:
+        raise ConfigurationError("compression_level must be 0..9")
+    if current.chunk_bytes <= 0 or current.chunk_bytes > 1_040_000:
+        raise ConfigurationError("chunk_bytes must be between 1 and 1,040,000 (Datastore's 1 MiB limit)")
+    if current.spill_threshold <= 0 or current.max_payload_bytes <= 0:
+        raise ConfigurationError("spill_threshold and max_payload_bytes must be positive")
+    if current.commit_bytes < current.chunk_bytes:
+        raise ConfigurationError("commit_bytes must be at least chunk_bytes")

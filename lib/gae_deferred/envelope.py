@@ -1,0 +1,266 @@
+"""The signed, versioned envelope that carries a deferred call.
+
+``serialize`` and ``run`` keep their legacy meaning::
+
+    from gae_deferred import run, serialize
+
+    data = serialize(pow, 2, 10)       # bytes: header + pickled (pow, (2, 10), {}) + HMAC
+    assert run(data) == 1024
+
+Layout (all integers big endian)::
+
+    b"GAEDEF" | format version (1 byte) | flags (1 byte) | header length (4 bytes)
+    | header: JSON metadata | body: pickle, maybe zlib-compressed | HMAC-SHA256 of all before it
+
+The header is readable without the key and without unpickling (the dashboard shows it); nothing
+is unpickled unless the HMAC verifies with a known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import pickle
+import platform
+import reprlib
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from . import _signing
+from ._config import settings
+from .errors import PermanentTaskFailure, SerializationError
+
+MAGIC = b"GAEDEF"
+FORMAT_VERSION = 1
+FLAG_ZLIB = 0x01
+FLAG_REFERENCE = 0x02
+_KNOWN_FLAGS = FLAG_ZLIB | FLAG_REFERENCE
+_PREFIX = struct.Struct(">6sBBI")
+_MAC_BYTES = 32
+_MAX_HEADER_BYTES = 64 * 1024
+PYTHON_VERSION = platform.python_version()
+CLOUDPICKLE_VERSION = cloudpickle.__version__
+
+_args_repr = reprlib.Repr()
+_args_repr.maxstring = 40
+_args_repr.maxother = 40
+_args_repr.maxlist = _args_repr.maxtuple = _args_repr.maxdict = _args_repr.maxset = 5
+_ARGS_PREVIEW_CHARS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """A verified envelope: its metadata header and its (decompressed) body."""
+
+    header: dict[str, Any]
+    body: bytes
+    flags: int
+    size: int
+
+    @property
+    def is_reference(self) -> bool:
+        """True when the body lives in Datastore and the header carries ``ref``."""
+        return bool(self.flags & FLAG_REFERENCE)
+
+    @property
+    def function(self) -> str:
+        return str(self.header.get("function", "?"))
+
+
+def function_name(obj: Any) -> str:
+    """Dotted name of a callable for logs and the dashboard: ``reports.Builder.run``."""
+    target = getattr(obj, "__func__", obj)
+    qualname = getattr(target, "__qualname__", None)
+    if qualname is None:
+        target = type(obj)
+        qualname = f"{target.__qualname__}.__call__"
+    module = getattr(target, "__module__", None) or "builtins"
+    return f"{module}.{qualname}"
+
+
+def args_preview(args: tuple, kwargs: dict) -> str:
+    """A short repr of the arguments that never raises and never grows past 200 characters."""
+    parts = []
+    for value in args:
+        parts.append(_safe_repr(value))
+    for name, value in kwargs.items():
+        parts.append(f"{name}={_safe_repr(value)}")
+    text = ", ".join(parts)
+    if len(text) > _ARGS_PREVIEW_CHARS:
+        text = text[: _ARGS_PREVIEW_CHARS - 3] + "..."
+    return text
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return _args_repr.repr(value)
+    except Exception:  # a user __repr__ may raise anything; the preview must not
+        return f"<{type(value).__name__} object>"
+
+
+def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes, str]:
+    """Plain pickle where it is safe and faster, cloudpickle for everything else.
+
+    Plain pickle stores functions by reference, so it is only used when that reference can be
+    resolved in another process: the stream must not point into ``__main__``.
+    """
+    call = (obj, args, kwargs)
+    try:
+        data = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # lambdas, closures, local classes: cloudpickle handles them by value
+        pass
+    else:
+        if b"__main__" not in data:
+            return data, "pickle"
+    try:
+        return cloudpickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), "cloudpickle"
+    except Exception as exc:
+        raise SerializationError(_name_unpicklable(obj, args, kwargs, exc)) from exc
+
+
+def _name_unpicklable(obj: Callable, args: tuple, kwargs: dict, exc: Exception) -> str:
+    parts: list[tuple[str, Any]] = [("the callable", obj)]
+    parts += [(f"positional argument {i}", value) for i, value in enumerate(args)]
+    parts += [(f"keyword argument {name!r}", value) for name, value in kwargs.items()]
+    for label, value in parts:
+        try:
+            cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as part_exc:
+            return (
+                f"cannot defer {function_name(obj)}: {label} ({_safe_repr(value)}) "
+                f"cannot be pickled: {part_exc}"
+            )
+    return f"cannot defer {function_name(obj)}: {exc}"
+
+
+def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
+    kid, key = _signing.signing_key()
+    header["kid"] = kid
+    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    unsigned = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes)) + header_bytes + body
+    return unsigned + hmac.new(key, unsigned, hashlib.sha256).digest()
+
+
+def build(
+    obj: Callable, args: tuple = (), kwargs: dict | None = None, **extra_header: Any
+) -> bytes:
+    """Serialize a call into a signed envelope; ``extra_header`` adds metadata (e.g. ``retry``)."""
+    if not callable(obj):
+        raise SerializationError(f"cannot defer {obj!r}: it is not callable")
+    kwargs = kwargs or {}
+    current = settings()
+    raw, serializer = _pickle_call(obj, args, kwargs)
+    body, flags = raw, 0
+    if current.compression_level and len(raw) >= current.compress_min_bytes:
+        packed = zlib.compress(raw, current.compression_level)
+        if len(packed) < len(raw) * 0.9:
+            body, flags = packed, FLAG_ZLIB
+    header = {
+        "function": function_name(obj),
+        "args": args_preview(args, kwargs),
+        "python": PYTHON_VERSION,
+        "cloudpickle": CLOUDPICKLE_VERSION,
+        "app_version": current.app_version,
+        "serializer": serializer,
+        "raw_bytes": len(raw),
+        "body_bytes": len(body),
+        "created": round(time.time(), 3),
+        **extra_header,
+    }
+    return _seal(header, body, flags)
+
+
+def build_reference(header: dict[str, Any], ref: dict[str, Any]) -> bytes:
+    """A small envelope that points at a payload spilled to Datastore."""
+    reference_header = {
+        key: value for key, value in header.items() if key not in ("kid", "ref")
+    }
+    reference_header["ref"] = ref
+    return _seal(reference_header, b"", FLAG_REFERENCE)
+
+
+def serialize(obj: Callable, *args: Any, **kwargs: Any) -> bytes:
+    """Legacy API: a signed envelope for ``obj(*args, **kwargs)``."""
+    return build(obj, args, kwargs)
+
+
+def read_header(data: bytes) -> dict[str, Any]:
+    """The metadata header of an envelope, unverified: for display only, never for execution."""
+    if len(data) < _PREFIX.size or data[: len(MAGIC)] != MAGIC:
+        raise PermanentTaskFailure("not a gae_deferred envelope")
+    _, _, _, header_len = _PREFIX.unpack_from(data)
+    try:
+        return json.loads(data[_PREFIX.size : _PREFIX.size + header_len])
+    except ValueError as exc:
+        raise PermanentTaskFailure(f"envelope header is not valid JSON: {exc}") from exc
+
+
+def open_envelope(data: bytes) -> Envelope:
+    """Verify an envelope and return its header and decompressed body.
+
+    Raises PermanentTaskFailure, saying what is wrong, for anything that is not an intact
+    envelope signed with a known key; nothing in the body is unpickled here.
+    """
+    size = len(data)
+    if size < _PREFIX.size + _MAC_BYTES:
+        raise PermanentTaskFailure(f"payload truncated: {size} bytes is shorter than any envelope")
+    magic, version, flags, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise PermanentTaskFailure("not a gae_deferred envelope (foreign or legacy payload)")
+    if version > FORMAT_VERSION:
+        raise PermanentTaskFailure(
+            f"envelope format version {version} is newer than this runtime reads ({FORMAT_VERSION})"
+        )
+    if version < 1 or flags & ~_KNOWN_FLAGS:
+        raise PermanentTaskFailure(f"envelope format version {version} / flags {flags:#x} unknown")
+    header_end = _PREFIX.size + header_len
+    if header_len > _MAX_HEADER_BYTES or header_end > size - _MAC_BYTES:
+        raise PermanentTaskFailure("payload truncated or corrupt: header runs past the end")
+    try:
+        header = json.loads(data[_PREFIX.size : header_end])
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise PermanentTaskFailure("envelope header is not a JSON object")
+    key = _signing.verification_key(str(header.get("kid", "")))
+    if key is None:
+        raise PermanentTaskFailure(
+            f"envelope signed with unknown key id {header.get('kid')!r}: not executing it"
+        )
+    expected = hmac.new(key, memoryview(data)[: size - _MAC_BYTES], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, data[size - _MAC_BYTES :]):
+        raise PermanentTaskFailure("envelope signature does not match: tampered or truncated")
+    body = data[header_end : size - _MAC_BYTES]
+    if flags & FLAG_ZLIB:
+        try:
+            body = zlib.decompress(body)
+        except zlib.error as exc:
+            raise PermanentTaskFailure(f"envelope body does not decompress: {exc}") from exc
+    return Envelope(header=header, body=body, flags=flags, size=size)
+
+
+def load_call(envelope: Envelope) -> tuple[Callable, tuple, dict]:
+    """Unpickle a verified envelope into (callable, args, kwargs).
+
+    A payload that cannot load in this runtime (a function renamed since, a newer pickle
+    protocol, a missing module) raises PermanentTaskFailure naming both runtimes' versions.
+    """
+    try:
+        obj, args, kwargs = pickle.loads(envelope.body)
+    except Exception as exc:
+        header = envelope.header
+        raise PermanentTaskFailure(
+            f"cannot load payload of {envelope.function}: {type(exc).__name__}: {exc}; "
+            f"it was written by Python {header.get('python')} / cloudpickle "
+            f"{header.get('cloudpickle')} / app version {header.get('app_version')}, this runtime "
+            f"is Python {PYTHON_VERSION} / cloudpickle {CLOUDPICKLE_VERSION} / app version "
+            f"{settings().app_version}"
+        ) from exc
+    return obj, args, kwargs

@@ -1,0 +1,61 @@
+"""Exceptions raised by gae_deferred.
+
+The first two keep the meaning they had in ``google.appengine.ext.deferred``::
+
+    from gae_deferred import PermanentTaskFailure, SingularTaskFailure
+
+    def charge(order_id):
+        order = Order.get_by_id(order_id)
+        if order is None:
+            raise PermanentTaskFailure("order %s is gone" % order_id)  # never retried
+        if gateway_busy():
+            raise SingularTaskFailure()  # retried, without an error in the logs
+
+The rest are raised by :func:`gae_deferred.defer` on the write path, each naming its cause.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of every exception gae_deferred raises itself."""
+
+
+class PermanentTaskFailure(Error):
+    """The task failed and must not be retried; the failure is recorded."""
+
+
+class SingularTaskFailure(Error):
+    """The task should be retried without logging an error."""
+
+
+class DeferError(Error):
+    """defer() could not create the task; nothing was enqueued unless the message says so."""
+
+
+class ConfigurationError(DeferError):
+    """Settings are missing or invalid (signing key, project, location, limits)."""
+
+
+class SerializationError(DeferError):
+    """The callable or one of its arguments cannot be pickled; names the offending value."""
+
+
+class PayloadTooLargeError(DeferError):
+    """The serialized payload is bigger than the configured hard cap."""
+
+
+class TaskAlreadyExistsError(DeferError):
+    """A task with this name exists, or existed recently (legacy ``TaskAlreadyExistsError``)."""
+
+
+class QueueNotFoundError(DeferError):
+    """The queue does not exist in Cloud Tasks (run ``python -m gae_deferred.queues sync``)."""
+
+
+class EnqueueError(DeferError):
+    """Cloud Tasks refused or could not be reached while creating the task."""
+
+
+class DatastoreUnavailableError(DeferError):
+    """A spilled payload could not be written to Datastore."""

@@ -1,0 +1,239 @@
+"""Running a task: verify, load, call, and record what happened. Framework-free.
+
+The webapp2 handler is a thin shell around :func:`execute_task`::
+
+    task = TaskInfo.from_headers(request.headers)       # None: not from the task queue
+    outcome = execute_task(request.body, task)
+    response.status = outcome.status
+
+``run(data)`` keeps the legacy meaning: verify and call in-process, return the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import logging
+import time
+import traceback
+from typing import Any
+
+from google.cloud import ndb
+
+from . import envelope, failures, spillover
+from ._config import settings
+from ._datastore import ndb_context
+from .context import TaskInfo, running
+from .errors import PermanentTaskFailure, SingularTaskFailure
+
+logger = logging.getLogger("gae_deferred")
+
+OK = 200
+FORBIDDEN = 403
+#: Legacy deferred answered SingularTaskFailure with 408: retried, but not logged as an error.
+RETRY_QUIETLY = 408
+ERROR = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOutcome:
+    """What the handler answers: HTTP status and a one-line reason for the response body."""
+
+    status: int
+    result: str
+    message: str = ""
+
+
+class UnverifiedEnvelope(PermanentTaskFailure):
+    """The body is not an intact envelope signed with a known key: nothing was executed."""
+
+
+def set_log_level(level: int | str) -> None:
+    """Legacy helper: the level of gae_deferred's log messages (``logging.DEBUG`` etc.)."""
+    logger.setLevel(level)
+
+
+def _verify(data: bytes) -> envelope.Envelope:
+    try:
+        return envelope.open_envelope(data)
+    except PermanentTaskFailure as exc:
+        raise UnverifiedEnvelope(str(exc)) from exc
+
+
+def run(data: bytes) -> Any:
+    """Legacy API: verify a serialized call, execute it and return its result.
+
+    Spilled payloads are read from Datastore (inside an ndb context); inline ones need nothing.
+    """
+    env = _verify(data)
+    if env.is_reference:
+        with ndb_context():
+            _, inner = spillover.load(env.header["ref"]["id"], env.header["ref"]["chunks"])
+        env = _verify(inner)
+    obj, args, kwargs = envelope.load_call(env)
+    return obj(*args, **kwargs)
+
+
+@functools.cache
+def _queue_retry_limits(queue_yaml: str | None) -> dict[str, tuple[int | None, float | None]]:
+    if not queue_yaml:
+        return {}
+    from .queue_config import load_queue_yaml
+
+    return {
+        name: (queue.retry.task_retry_limit, queue.retry.task_age_limit)
+        for name, queue in load_queue_yaml(queue_yaml).items()
+    }
+
+
+def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
+    """Whether Cloud Tasks will drop this task if this attempt fails (a dead letter)."""
+    limit, age_limit = _queue_retry_limits(settings().queue_yaml).get(task.queue, (None, None))
+    retry = header.get("retry") or {}
+    limit = retry.get("task_retry_limit", limit)
+    age_limit = retry.get("task_age_limit", age_limit)
+    if limit is not None and task.retry_count >= limit:
+        return True
+    created = header.get("created")
+    return bool(age_limit is not None and created and time.time() - created >= age_limit)
+
+
+def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
+    """Per-task retry options (Cloud Tasks has none) are enforced here, before running."""
+    retry = header.get("retry") or {}
+    limit = retry.get("task_retry_limit")
+    if limit is not None and task.retry_count > limit:
+        return f"retry limit {limit} reached ({task.retry_count} retries)"
+    age_limit = retry.get("task_age_limit")
+    created = header.get("created")
+    if age_limit is not None and created and time.time() - created > age_limit:
+        return f"task age limit {age_limit}s exceeded"
+    return None
+
+
+@dataclasses.dataclass
+class _Attempt:
+    """One execution of one task, and the state failure recording needs."""
+
+    task: TaskInfo
+    body: bytes
+    env: envelope.Envelope | None = None
+    record: spillover.DeferredPayload | None = None
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self.env.header if self.env else {}
+
+    @property
+    def failure_id(self) -> str:
+        return self.task.failure_id or failures.failure_id(self.task.queue, self.task.name)
+
+
+def execute_task(body: bytes, task: TaskInfo | None) -> TaskOutcome:
+    """Run one task request and say what the handler must answer (see DESIGN.md's table)."""
+    if task is None:
+        return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
+    try:
+        outer = _verify(body)
+    except UnverifiedEnvelope as exc:
+        logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
+        return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
+    attempt = _Attempt(task=task, body=body, env=outer)
+    with ndb_context():
+        return _execute(attempt)
+
+
+def _execute(attempt: _Attempt) -> TaskOutcome:
+    task = attempt.task
+    started = time.perf_counter()
+    try:
+        if attempt.env is not None and attempt.env.is_reference:
+            ref = attempt.env.header["ref"]
+            attempt.record, inner = spillover.load(ref["id"], ref["chunks"])
+            attempt.body = inner
+            attempt.env = _verify(inner)
+        over = _over_task_limits(task, attempt.header)
+        if over:
+            return _record(attempt, PermanentTaskFailure(over), dead=True)
+        obj, args, kwargs = envelope.load_call(attempt.env)
+        with running(task):
+            obj(*args, **kwargs)
+    except SingularTaskFailure:
+        logger.debug("task %s asked to be retried", task.name)
+        return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
+    except PermanentTaskFailure as exc:
+        logger.warning("task %s failed permanently: %s", task.name, exc)
+        return _record(attempt, exc, permanent=True)
+    except Exception as exc:
+        logger.exception("task %s (%s) failed", task.name, attempt.header.get("function"))
+        return _record(attempt, exc, dead=is_last_attempt(task, attempt.header))
+    _succeeded(attempt)
+    logger.info(
+        "task %s ran %s in %.1f ms",
+        task.name,
+        attempt.header.get("function"),
+        (time.perf_counter() - started) * 1000,
+    )
+    return TaskOutcome(OK, "ok")
+
+
+def _succeeded(attempt: _Attempt) -> None:
+    """Clean up after success: no Datastore RPC at all for an inline first attempt."""
+    if attempt.record is not None:
+        spillover.delete(attempt.record.key.id(), attempt.record.chunks)
+    if attempt.task.retry_count or attempt.task.failure_id:
+        failures.resolve(attempt.failure_id)
+
+
+def _record(
+    attempt: _Attempt, exc: BaseException, *, permanent: bool = False, dead: bool = False
+) -> TaskOutcome:
+    """Update the failure record (and the spilled record) after a failed attempt."""
+    task = attempt.task
+    now = datetime.datetime.now(datetime.UTC)
+    if dead:
+        state, payload_state = failures.DEAD, spillover.DEAD
+    elif permanent:
+        state, payload_state = failures.PERMANENT, spillover.FAILED
+    else:
+        state, payload_state = failures.RETRYING, spillover.RETRYING
+    record_id = attempt.failure_id
+    existing, kept = ndb.get_multi([failures.failure_key(record_id), failures.payload_key(record_id)])
+    header = attempt.header
+    entities: list[ndb.Model] = []
+    payload_id = None
+    if attempt.record is not None:
+        payload_id = attempt.record.key.id()
+        attempt.record.populate(
+            state=payload_state, updated=now, attempts=(attempt.record.attempts or 0) + 1
+        )
+        entities.append(attempt.record)
+    elif kept is None and attempt.body:
+        entities.append(failures.kept_payload(record_id, attempt.body))
+    entities.append(
+        failures.update(
+            existing,
+            record_id,
+            function=str(header.get("function") or "?"),
+            exception_type=_qualified_name(type(exc)),
+            message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            state=state,
+            task_name=task.name,
+            queue=task.queue,
+            meta=header or None,
+            payload_id=payload_id or (existing.payload_id if existing else None),
+            when=now,
+        )
+    )
+    ndb.put_multi(entities)
+    # Retryable errors answer 500 even on the last attempt: Cloud Tasks then drops the task,
+    # while a mismatch between queue.yaml and the real queue errs on the side of retrying.
+    status = OK if isinstance(exc, PermanentTaskFailure) else ERROR
+    return TaskOutcome(status, state, f"{type(exc).__name__}: {exc}")
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

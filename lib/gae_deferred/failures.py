@@ -1,0 +1,149 @@
+"""The failure registry: one record per task that failed, updated on every failed attempt.
+
+States: ``retrying`` (Cloud Tasks will try again), ``permanent`` (PermanentTaskFailure or a payload
+that cannot load: not retried), ``dead`` (the last allowed attempt failed), ``resolved`` (a later
+attempt succeeded), ``dismissed`` (an admin cleared it). The payload stays retriggerable: an
+inline payload in a ``_DeferredFailurePayload`` child, a spilled one in its spillover record::
+
+    record = failures.get(failure_id)
+    record.traceback, record.attempts, record.state
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+
+from google.cloud import ndb
+
+RETRYING = "retrying"
+PERMANENT = "permanent"
+DEAD = "dead"
+RESOLVED = "resolved"
+DISMISSED = "dismissed"
+STATES = (RETRYING, PERMANENT, DEAD, RESOLVED, DISMISSED)
+#: States whose payload an admin may retrigger.
+RETRIGGERABLE = (RETRYING, PERMANENT, DEAD)
+_MAX_MESSAGE_CHARS = 4000
+_MAX_TRACEBACK_CHARS = 64_000
+_MAX_INDEXED_CHARS = 500
+
+
+class DeferredFailure(ndb.Model):
+    """Failures of one task: what raised, how often, and where its payload is kept."""
+
+    _use_cache = False
+    _use_global_cache = False
+
+    function = ndb.StringProperty()
+    exception_type = ndb.StringProperty()
+    #: "function|exception_type": failures are grouped by it on the dashboard.
+    group = ndb.StringProperty()
+    message = ndb.TextProperty()
+    traceback = ndb.TextProperty()
+    attempts = ndb.IntegerProperty(default=0)
+    state = ndb.StringProperty(choices=STATES)
+    first_seen = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+    last_seen = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+    task_name = ndb.StringProperty()
+    queue = ndb.StringProperty()
+    #: The spillover record holding the payload, or None when a FailurePayload child holds it.
+    payload_id = ndb.StringProperty()
+    retriggered = ndb.IntegerProperty(default=0)
+    #: The envelope header, for display: function, args preview, versions.
+    meta = ndb.JsonProperty(indexed=False)
+
+    @classmethod
+    def _get_kind(cls) -> str:
+        return "_DeferredFailure"
+
+    @property
+    def id(self) -> str:
+        return self.key.id()
+
+
+class DeferredFailurePayload(ndb.Model):
+    """The inline envelope of a failed task, kept so the task can be retriggered."""
+
+    _use_cache = False
+    _use_global_cache = False
+
+    data = ndb.BlobProperty(indexed=False)
+
+    @classmethod
+    def _get_kind(cls) -> str:
+        return "_DeferredFailurePayload"
+
+
+def failure_id(queue: str, task_name: str) -> str:
+    """Record id for a task; hashed so any task name makes a short, URL-safe key."""
+    digest = hashlib.sha256(f"{queue}/{task_name}".encode()).hexdigest()[:32]
+    return f"f-{digest}"
+
+
+def failure_key(record_id: str) -> ndb.Key:
+    return ndb.Key(DeferredFailure, record_id)
+
+
+def payload_key(record_id: str) -> ndb.Key:
+    return ndb.Key(DeferredFailurePayload, 1, parent=failure_key(record_id))
+
+
+def get(record_id: str) -> DeferredFailure | None:
+    return failure_key(record_id).get()
+
+
+def get_payload(record_id: str) -> bytes | None:
+    kept = payload_key(record_id).get()
+    return kept.data if kept else None
+
+
+def update(
+    existing: DeferredFailure | None,
+    record_id: str,
+    *,
+    function: str,
+    exception_type: str,
+    message: str,
+    traceback: str,
+    state: str,
+    task_name: str,
+    queue: str,
+    meta: dict | None,
+    payload_id: str | None,
+    when: datetime.datetime,
+) -> DeferredFailure:
+    """The failure record after one more failed attempt (not written: the caller batches puts)."""
+    record = existing or DeferredFailure(key=failure_key(record_id), first_seen=when, attempts=0)
+    function = function[:_MAX_INDEXED_CHARS]
+    exception_type = exception_type[:_MAX_INDEXED_CHARS]
+    record.populate(
+        function=function,
+        exception_type=exception_type,
+        group=f"{function}|{exception_type}"[:_MAX_INDEXED_CHARS],
+        message=message[:_MAX_MESSAGE_CHARS],
+        traceback=traceback[-_MAX_TRACEBACK_CHARS:],
+        attempts=(record.attempts or 0) + 1,
+        state=state,
+        last_seen=when,
+        task_name=task_name[:_MAX_INDEXED_CHARS],
+        queue=queue,
+        meta=meta,
+        payload_id=payload_id,
+    )
+    return record
+
+
+def kept_payload(record_id: str, envelope: bytes) -> DeferredFailurePayload:
+    return DeferredFailurePayload(key=payload_key(record_id), data=envelope)
+
+
+def resolve(record_id: str) -> bool:
+    """Mark a task's failure record resolved after a successful run; False if there is none."""
+    record = get(record_id)
+    if record is None or record.state == RESOLVED:
+        return False
+    record.state = RESOLVED
+    record.last_seen = datetime.datetime.now(datetime.UTC)
+    record.put()
+    return True

@@ -1,0 +1,191 @@
+"""Payloads too big for a task live in Datastore until the task has run.
+
+A spilled payload is one ``_DeferredPayload`` record — only the fields the dashboard lists and
+sorts by — plus ``_DeferredPayloadChunk`` children holding the envelope bytes::
+
+    record = store(envelope_bytes, header, queue="reports", task_name="d-1f2e...", eta=eta)
+    data = load(record.key.id(), record.chunks)   # one Lookup, however many chunks
+    delete(record.key.id(), record.chunks)        # one Commit
+
+Records of tasks that failed for good stay (state ``failed`` or ``dead``) so they can be
+retriggered; records still ``pending`` long after their ETA are re-enqueued by the sweeper.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from google.cloud import ndb
+
+from ._config import settings
+from .errors import PayloadTooLargeError, PermanentTaskFailure
+
+PENDING = "pending"
+RETRYING = "retrying"
+FAILED = "failed"
+DEAD = "dead"
+STATES = (PENDING, RETRYING, FAILED, DEAD)
+#: Indexed strings are capped at 1500 bytes by Datastore; function names are cut well before.
+_MAX_INDEXED_CHARS = 500
+
+
+class SpilledPayloadMissing(PermanentTaskFailure):
+    """The task references a spilled payload that is no longer in Datastore."""
+
+
+class DeferredPayload(ndb.Model):
+    """One spilled payload's listed fields; the bytes are in DeferredPayloadChunk children."""
+
+    _use_cache = False
+    _use_global_cache = False
+
+    state = ndb.StringProperty(choices=STATES, default=PENDING)
+    created = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+    updated = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+    eta = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+    function = ndb.StringProperty()
+    queue = ndb.StringProperty()
+    task_name = ndb.StringProperty()
+    payload_bytes = ndb.IntegerProperty()
+    stored_bytes = ndb.IntegerProperty()
+    chunks = ndb.IntegerProperty()
+    attempts = ndb.IntegerProperty(default=0)
+    transactional = ndb.BooleanProperty(default=False)
+    #: The envelope header (function, args preview, versions): what the detail page shows.
+    meta = ndb.JsonProperty(indexed=False)
+    #: What recreates the same task: url, headers, routing.
+    task = ndb.JsonProperty(indexed=False)
+
+    @classmethod
+    def _get_kind(cls) -> str:
+        return "_DeferredPayload"
+
+    @property
+    def id(self) -> str:
+        return self.key.id()
+
+
+class DeferredPayloadChunk(ndb.Model):
+    """Up to chunk_bytes of a spilled envelope; chunk n has integer id n (1-based)."""
+
+    _use_cache = False
+    _use_global_cache = False
+
+    data = ndb.BlobProperty(indexed=False)
+
+    @classmethod
+    def _get_kind(cls) -> str:
+        return "_DeferredPayloadChunk"
+
+
+def new_payload_id() -> str:
+    """A client-made id, so the task name and chunk keys are known before any RPC."""
+    return uuid.uuid4().hex
+
+
+def payload_key(payload_id: str) -> ndb.Key:
+    return ndb.Key(DeferredPayload, payload_id)
+
+
+def chunk_keys(payload_id: str, chunks: int) -> list[ndb.Key]:
+    parent = payload_key(payload_id)
+    return [ndb.Key(DeferredPayloadChunk, number, parent=parent) for number in range(1, chunks + 1)]
+
+
+def _split(data: bytes, size: int) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start : start + size])
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def build_record(
+    payload_id: str,
+    envelope: bytes,
+    header: dict[str, Any],
+    *,
+    queue: str,
+    task_name: str,
+    eta: datetime.datetime,
+    task: dict[str, Any],
+    transactional: bool = False,
+) -> tuple[DeferredPayload, list[DeferredPayloadChunk]]:
+    """The record and chunk entities for a payload, not yet written."""
+    current = settings()
+    if len(envelope) > current.max_payload_bytes:
+        raise PayloadTooLargeError(
+            f"payload of {header.get('function')} is {len(envelope):,} bytes, over the "
+            f"{current.max_payload_bytes:,} byte cap (max_payload_bytes)"
+        )
+    chunks = [
+        DeferredPayloadChunk(key=key, data=piece)
+        for key, piece in zip(
+            chunk_keys(payload_id, -(-len(envelope) // current.chunk_bytes)),
+            _split(envelope, current.chunk_bytes),
+            strict=True,
+        )
+    ]
+    created = now()
+    record = DeferredPayload(
+        key=payload_key(payload_id),
+        state=PENDING,
+        created=created,
+        updated=created,
+        eta=eta,
+        function=str(header.get("function", "?"))[:_MAX_INDEXED_CHARS],
+        queue=queue,
+        task_name=task_name,
+        payload_bytes=int(header.get("raw_bytes", len(envelope))),
+        stored_bytes=len(envelope),
+        chunks=len(chunks),
+        transactional=transactional,
+        meta=header,
+        task=task,
+    )
+    return record, chunks
+
+
+def write(record: DeferredPayload, chunks: list[DeferredPayloadChunk]) -> None:
+    """Write chunks and record: one commit unless the payload exceeds Datastore's commit size.
+
+    Datastore refuses commits over 10 MiB, so a larger payload goes out in several commits of
+    chunks first and the record last: a record never points at chunks that were not written.
+    """
+    batch: list[ndb.Model] = []
+    batch_bytes = 0
+    limit = settings().commit_bytes
+    for chunk in chunks:
+        if batch and batch_bytes + len(chunk.data) > limit:
+            ndb.put_multi(batch)
+            batch, batch_bytes = [], 0
+        batch.append(chunk)
+        batch_bytes += len(chunk.data)
+    ndb.put_multi([*batch, record])
+
+
+def load(payload_id: str, chunks: int) -> tuple[DeferredPayload, bytes]:
+    """The record and the envelope bytes, read in one batched Lookup."""
+    entities = ndb.get_multi([payload_key(payload_id), *chunk_keys(payload_id, chunks)])
+    record, pieces = entities[0], entities[1:]
+    if record is None:
+        raise SpilledPayloadMissing(f"spilled payload {payload_id} is gone from Datastore")
+    missing = [number for number, piece in enumerate(pieces, start=1) if piece is None]
+    if missing:
+        raise SpilledPayloadMissing(f"spilled payload {payload_id} lacks chunk(s) {missing}")
+    return record, b"".join(piece.data for piece in pieces)
+
+
+def delete(payload_id: str, chunks: int) -> None:
+    """Delete a record and its chunks in one commit."""
+    ndb.delete_multi([payload_key(payload_id), *chunk_keys(payload_id, chunks)])
+
+
+def get(payload_id: str) -> DeferredPayload | None:
+    """The record alone (no payload bytes), or None."""
+    return payload_key(payload_id).get()
