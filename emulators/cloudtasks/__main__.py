@@ -1,0 +1,75 @@
+"""``python -m emulators.cloudtasks``: serve the Cloud Tasks emulator until SIGINT/SIGTERM.
+
+    python -m emulators.cloudtasks --host 127.0.0.1 --port 8123 --data-dir .local/cloudtasks \
+        --queue-yaml queue.yaml --project P --location L --app-url http://127.0.0.1:8080
+
+Prints ``cloud tasks emulator listening on HOST:PORT`` once ready. Exit code 2 when the
+port is taken or queue.yaml is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from emulators.cloudtasks.server import CloudTasksEmulator, PortInUseError
+from gae_deferred.queue_config import QueueYamlError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m emulators.cloudtasks", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--data-dir", default=".local/cloudtasks", help="SQLite state lives here")
+    parser.add_argument("--queue-yaml", default="queue.yaml")
+    parser.add_argument(
+        "--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-project"
+    )
+    parser.add_argument(
+        "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or "us-central1"
+    )
+    parser.add_argument("--app-url", default="http://127.0.0.1:8080")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run until a signal arrives; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="cloudtasks: %(message)s")
+    if not os.path.exists(args.queue_yaml):
+        print(f"error: queue.yaml not found: {args.queue_yaml}", file=sys.stderr)
+        return 2
+    emulator = CloudTasksEmulator(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        queue_yaml=args.queue_yaml,
+        project=args.project,
+        location=args.location,
+        app_url=args.app_url,
+    )
+    try:
+        emulator.start()
+    except QueueYamlError as exc:
+        print(f"error: invalid queue.yaml:\n{exc.format()}", file=sys.stderr)
+        return 2
+    except PortInUseError:
+        print(f"error: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"cloud tasks emulator listening on {args.host}:{emulator.port}", flush=True)
+    stop.wait()
+    emulator.stop()
+    print("cloud tasks emulator stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Command line for queue.yaml: validate it, diff it against Cloud Tasks, sync it.
+
+Usage::
+
+    python -m gae_deferred.queues validate [queue.yaml]
+    python -m gae_deferred.queues diff [queue.yaml] [--project P] [--location L]
+    python -m gae_deferred.queues sync [queue.yaml] [--project P] [--location L] [--dry-run]
+
+``--project`` defaults to $GOOGLE_CLOUD_PROJECT, ``--location`` to $GAE_DEFERRED_LOCATION
+or us-central1. With $CLOUD_TASKS_EMULATOR_HOST set, diff/sync talk to the local emulator.
+
+Exit codes: 0 ok; 1 invalid queue.yaml, or (diff) differences found; 2 usage or
+connection error. sync never deletes queues that are not in queue.yaml; it lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
+from google.cloud import tasks_v2
+from google.protobuf import field_mask_pb2
+
+from gae_deferred import queue_config
+from gae_deferred._tasks_client import tasks_client
+
+DEFAULT_LOCATION = "us-central1"
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+
+
+class _CliError(Exception):
+    """A usage or connection problem: printed, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gae_deferred.queues",
+        description="Validate queue.yaml and keep Cloud Tasks queues in line with it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("validate", "check queue.yaml and report every error with its line"),
+        ("diff", "show how Cloud Tasks queues differ from queue.yaml (exit 1 if they do)"),
+        ("sync", "create missing queues and update changed ones (never deletes)"),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("queue_yaml", nargs="?", default="queue.yaml")
+        if name == "validate":
+            continue
+        command.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+        command.add_argument(
+            "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or DEFAULT_LOCATION
+        )
+        command.add_argument(
+            "--timeout", type=float, default=30.0, help="seconds per Cloud Tasks call"
+        )
+        if name == "sync":
+            command.add_argument("--dry-run", action="store_true", help="print, change nothing")
+    return parser
+
+
+def _load(path: str, err: TextIO) -> dict[str, queue_config.QueueDefinition] | None:
+    try:
+        return queue_config.load_queue_yaml(path)
+    except queue_config.QueueYamlError as exc:
+        print(exc.format(), file=err)
+        return None
+    except OSError as exc:
+        raise _CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _actual_queues(
+    client: tasks_v2.CloudTasksClient, parent: str, timeout: float
+) -> dict[str, tasks_v2.Queue]:
+    # retry=None: a missing emulator or endpoint should fail now, not after the default
+    # retry budget.
+    pager = client.list_queues(parent=parent, retry=None, timeout=timeout)
+    return {queue.name.rsplit("/", 1)[-1]: queue for queue in pager}
+
+
+def _plan(
+    definitions: dict[str, queue_config.QueueDefinition],
+    actual: dict[str, tasks_v2.Queue],
+    parent: str,
+) -> tuple[
+    list[tasks_v2.Queue], list[tuple[tasks_v2.Queue, list[tuple[str, str, str]]]], list[str]
+]:
+    """(queues to create, (queue, field diffs) to update, names only in Cloud Tasks)."""
+    missing, changed = [], []
+    for name, definition in sorted(definitions.items()):
+        wanted = queue_config.to_cloud_tasks_queue(definition, parent)
+        if name not in actual:
+            missing.append(wanted)
+            continue
+        diffs = queue_config.field_differences(wanted, actual[name])
+        if diffs:
+            changed.append((wanted, diffs))
+    extra = sorted(set(actual) - set(definitions))
+    return missing, changed, extra
+
+
+def _report(missing, changed, extra, out: TextIO, verb_create: str, verb_update: str) -> None:
+    for queue in missing:
+        print(f"{verb_create} {queue.name.rsplit('/', 1)[-1]}", file=out)
+    for queue, diffs in changed:
+        print(f"{verb_update} {queue.name.rsplit('/', 1)[-1]}:", file=out)
+        for path, wanted, actual in diffs:
+            print(f"    {path}: wanted {wanted}, actual {actual}", file=out)
+    for name in extra:
+        print(f"  {name}: not in queue.yaml (left alone)", file=out)
+
+
+def _remote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    definitions = _load(args.queue_yaml, err)
+    if definitions is None:
+        return EXIT_DIFFERENT
+    if not args.project:
+        raise _CliError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
+    parent = f"projects/{args.project}/locations/{args.location}"
+    client = tasks_client()
+    actual = _actual_queues(client, parent, args.timeout)
+    missing, changed, extra = _plan(definitions, actual, parent)
+    if args.command == "diff":
+        _report(missing, changed, extra, out, "+ missing:", "~ differs:")
+        if not missing and not changed:
+            print(f"{len(definitions)} queues match {args.queue_yaml}", file=out)
+            return EXIT_OK
+        return EXIT_DIFFERENT
+    dry = args.dry_run
+    _report(
+        missing,
+        changed,
+        extra,
+        out,
+        "would create" if dry else "create",
+        "would update" if dry else "update",
+    )
+    if dry:
+        return EXIT_OK
+    for queue in missing:
+        created = client.create_queue(parent=parent, queue=queue, retry=None, timeout=args.timeout)
+        if queue.state == tasks_v2.Queue.State.PAUSED:
+            client.pause_queue(name=created.name, retry=None, timeout=args.timeout)
+    for queue, diffs in changed:
+        paths = [path for path, _, _ in diffs if path != "state"]
+        if paths:
+            client.update_queue(
+                queue=queue,
+                update_mask=field_mask_pb2.FieldMask(paths=paths),
+                retry=None,
+                timeout=args.timeout,
+            )
+        if any(path == "state" for path, _, _ in diffs):
+            client.pause_queue(name=queue.name, retry=None, timeout=args.timeout)
+    print(f"synced: {len(missing)} created, {len(changed)} updated", file=out)
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the CLI; returns the exit code (see module docstring)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_ERROR
+    try:
+        if args.command == "validate":
+            definitions = _load(args.queue_yaml, err)
+            if definitions is None:
+                return EXIT_DIFFERENT
+            print(f"{args.queue_yaml}: {len(definitions)} queues OK", file=out)
+            return EXIT_OK
+        return _remote(args, out, err)
+    except _CliError as exc:
+        print(f"error: {exc}", file=err)
+    except (api_exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError) as exc:
+        target = os.environ.get("CLOUD_TASKS_EMULATOR_HOST") or "Cloud Tasks"
+        print(f"error: Cloud Tasks call failed ({target}): {exc}", file=err)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
