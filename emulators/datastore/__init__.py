@@ -1,0 +1,20 @@
+"""A local Datastore emulator: gRPC ``google.datastore.v1.Datastore`` for the real clients.
+
+>>> from emulators.datastore import DatastoreEmulator
+>>> emu = DatastoreEmulator(port=0).start()   # then DATASTORE_EMULATOR_HOST=emu.address
+>>> emu.stop()
+
+See README.md in this folder for what is faithful to Datastore and what is not.
+"""
+
+from ._errors import DataDirInUseError, IndexYamlError, RpcError
+from .server import DatastoreEmulator, PortInUseError, load_index_yaml
+
+__all__ = [
+    "DataDirInUseError",
+    "DatastoreEmulator",
+    "IndexYamlError",
+    "PortInUseError",
+    "RpcError",
+    "load_index_yaml",
+]

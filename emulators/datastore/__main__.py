@@ -1,0 +1,60 @@
+"""``python -m emulators.datastore``: run the Datastore emulator until SIGINT/SIGTERM.
+
+    python -m emulators.datastore --host 127.0.0.1 --port 8081 \\
+        --data-dir .local/datastore --index-yaml index.yaml
+
+Prints ``datastore emulator listening on HOST:PORT`` once serving. Exit codes: 0 after a
+clean stop, 2 when it cannot start (port in use, bad index.yaml, data dir locked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from ._errors import DataDirInUseError, IndexYamlError
+from .server import DatastoreEmulator, PortInUseError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, serve until a signal arrives, return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m emulators.datastore", description="Local Cloud Datastore emulator (gRPC)."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8081, help="port (default 8081; 0 = any)")
+    parser.add_argument("--data-dir", help="directory for durable state (default: memory only)")
+    parser.add_argument("--index-yaml", help="index.yaml: reject queries needing other indexes")
+    args = parser.parse_args(argv)
+
+    try:
+        emulator = DatastoreEmulator(
+            host=args.host, port=args.port, data_dir=args.data_dir, index_yaml=args.index_yaml
+        )
+        emulator.start()
+    except PortInUseError:
+        print(
+            f"datastore emulator: port {args.port} on {args.host} is already in use",
+            file=sys.stderr,
+        )
+        return 2
+    except (IndexYamlError, DataDirInUseError) as exc:
+        print(f"datastore emulator: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"datastore emulator listening on {emulator.address}", flush=True)
+    # A timed wait keeps the main thread returning to the interpreter, where the signal
+    # handlers run.
+    while not stop.wait(0.5):
+        pass
+    emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

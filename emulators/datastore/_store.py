@@ -1,0 +1,369 @@
+"""The emulator's state: entities grouped per (partition, kind), transactions, sqlite durability.
+
+Everything here runs under :attr:`EntityStore.lock`; callers (``_service.py``) take it for
+the whole of one RPC so that an RPC sees and changes a consistent state.
+
+Concurrency control is optimistic and per key. A read-write transaction records, for each
+key it looks up, the *change sequence* it observed (the commit sequence number that last
+wrote or deleted that key), and for each kind it queries, the kind's change sequence. At
+commit the transaction is rejected (``ConflictError`` → gRPC ABORTED) if any of those has
+moved on, or if a key it writes was changed by someone else after the transaction began.
+Reads inside a transaction see the latest committed state; the commit-time check makes the
+transaction behave as if all of its reads happened at commit time (serializable), at the
+price of aborting when anything it read changed — the same outcome Datastore reports.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.cloud.datastore_v1.types import entity as entity_types
+from inmemory_datastore_stub._stored_object import _StoredObject
+
+from ._errors import DataDirInUseError
+
+#: (project, database, namespace): what the key's partition id names.
+Partition = tuple[str, str, str]
+#: (project, database, namespace, kind): one group of entities a query scans.
+TableKey = tuple[str, str, str, str]
+
+#: Transactions idle for longer than this are forgotten (Datastore expires them too),
+#: so clients that vanish mid-transaction do not pin tombstones forever.
+TRANSACTION_IDLE_SECONDS = 600.0
+#: How many ended transaction ids are remembered so that a late Rollback is a no-op.
+ENDED_TRANSACTIONS_KEPT = 10_000
+
+_KeyPb = entity_types.Key.pb()
+_EntityPb = entity_types.Entity.pb()
+
+
+def partition_of(key: _KeyPb) -> Partition:
+    """The partition a normalized key belongs to."""
+    pid = key.partition_id
+    return (pid.project_id, pid.database_id, pid.namespace_id)
+
+
+def table_of(key: _KeyPb) -> TableKey:
+    """The (partition, kind) table a normalized key belongs to."""
+    return (*partition_of(key), key.path[-1].kind)
+
+
+def key_bytes(key: _KeyPb) -> bytes:
+    """Canonical bytes of a normalized key, used as the identity of an entity."""
+    return key.SerializeToString(deterministic=True)
+
+
+def path_sort_key(path: Iterable) -> tuple:
+    """Datastore's key order: element by element, kind, then ids before names."""
+    return tuple((e.kind, 1, e.name, 0) if e.name else (e.kind, 0, "", e.id) for e in path)
+
+
+@dataclass
+class KindTable:
+    """The entities of one kind in one partition, plus what queries need to scan them."""
+
+    entities: dict[bytes, _StoredObject] = field(default_factory=dict)
+    #: Commit sequence of the last write or delete in this table (for transactional queries).
+    changed_seq: int = 0
+    # Key bytes in key order; only inserts and deletes change it, updates do not.
+    _order: list[bytes] | None = None
+
+    def put(self, kb: bytes, stored: _StoredObject, seq: int) -> None:
+        if kb not in self.entities:
+            self._order = None
+        self.entities[kb] = stored
+        self.changed_seq = seq
+
+    def delete(self, kb: bytes, seq: int) -> None:
+        if self.entities.pop(kb, None) is not None:
+            self._order = None
+        self.changed_seq = seq
+
+    def in_key_order(self) -> list[_StoredObject]:
+        """Entities sorted by key; the order is cached until a key is added or removed."""
+        if self._order is None:
+            self._order = sorted(
+                self.entities, key=lambda kb: path_sort_key(_entity_pb(self.entities[kb]).key.path)
+            )
+        return [self.entities[kb] for kb in self._order]
+
+
+@dataclass
+class Transaction:
+    """What a live transaction has read, to validate at commit."""
+
+    read_only: bool
+    start_seq: int
+    last_used: float
+    #: key bytes → change sequence observed when the key was read.
+    reads: dict[bytes, int] = field(default_factory=dict)
+    #: table → its change sequence when the transaction queried it.
+    queried: dict[TableKey, int] = field(default_factory=dict)
+
+
+@dataclass
+class Write:
+    """One entity change of a commit: ``entity`` None means delete."""
+
+    key: _KeyPb
+    kb: bytes
+    entity: _EntityPb | None
+
+
+class _Sqlite:
+    """Durable copy of the store: one sqlite transaction per commit, WAL journal.
+
+    ``synchronous=NORMAL`` in WAL mode means a commit is in the WAL file before the RPC
+    returns, so it survives the emulator being killed (not an OS crash or power loss).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(data_dir / "datastore.lock", "w")  # noqa: SIM115 - held open
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock_file.close()
+            raise DataDirInUseError(
+                f"data dir {data_dir} is in use by another datastore emulator"
+            ) from exc
+        self._db = sqlite3.connect(
+            data_dir / "datastore.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS entities"
+            " (key BLOB PRIMARY KEY, entity BLOB NOT NULL, version INTEGER NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+        )
+
+    def load(self) -> tuple[list[tuple[bytes, int]], dict[str, int]]:
+        rows = self._db.execute("SELECT entity, version FROM entities").fetchall()
+        meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        return rows, meta
+
+    def save(self, writes: list[Write], version: int, meta: dict[str, int]) -> None:
+        with self._transaction():
+            for write in writes:
+                if write.entity is None:
+                    self._db.execute("DELETE FROM entities WHERE key = ?", (write.kb,))
+                else:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO entities (key, entity, version) VALUES (?, ?, ?)",
+                        (write.kb, write.entity.SerializeToString(), version),
+                    )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", meta.items()
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+        self._lock_file.close()
+
+
+class EntityStore:
+    """All entities in memory, grouped per (partition, kind), optionally backed by sqlite.
+
+    Usage (under ``store.lock``)::
+
+        store = EntityStore(data_dir=None)
+        found = store.get(key_pb)
+        store.apply([Write(key_pb, key_bytes(key_pb), entity_pb)])
+    """
+
+    def __init__(self, data_dir: str | os.PathLike | None) -> None:
+        self.lock = threading.RLock()
+        self.tables: dict[TableKey, KindTable] = {}
+        self.transactions: dict[bytes, Transaction] = {}
+        #: Global commit sequence; also the version of the entities a commit writes.
+        self.seq = 0
+        self.next_id = 1
+        #: key bytes → sequence of the commit that deleted it; only needed while some
+        #: transaction might have read the key before that commit.
+        self._tombstones: dict[bytes, int] = {}
+        # Ids of recently ended transactions: ndb rolls back after a failed commit, and
+        # that rollback must succeed for the commit's own error (e.g. ABORTED) to surface.
+        self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._sqlite = _Sqlite(Path(data_dir)) if data_dir is not None else None
+        if self._sqlite is not None:
+            self._load()
+
+    def _load(self) -> None:
+        rows, meta = self._sqlite.load()
+        for raw, version in rows:
+            entity = _EntityPb.FromString(raw)
+            table = self.tables.setdefault(table_of(entity.key), KindTable())
+            table.put(key_bytes(entity.key), self._stored(entity, version), version)
+        self.seq = meta.get("seq", 0)
+        self.next_id = meta.get("next_id", 1)
+
+    @staticmethod
+    def _stored(entity: _EntityPb, version: int) -> _StoredObject:
+        return _StoredObject(version=version, entity=entity_types.Entity.wrap(entity))
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, key: _KeyPb) -> _StoredObject | None:
+        table = self.tables.get(table_of(key))
+        return table.entities.get(key_bytes(key)) if table else None
+
+    def change_seq(self, key: _KeyPb) -> int:
+        """Sequence of the last commit that wrote or deleted ``key`` (0 if none is known)."""
+        found = self.get(key)
+        if found is not None:
+            return found.version
+        return self._tombstones.get(key_bytes(key), 0)
+
+    def scan(self, partition: Partition, kind: str | None) -> list[_StoredObject]:
+        """Entities of one kind (or of every kind, for kindless queries) in key order."""
+        if kind is not None:
+            table = self.tables.get((*partition, kind))
+            return table.in_key_order() if table else []
+        found: list[_StoredObject] = []
+        for table_key in sorted(self.tables):
+            if table_key[:3] == partition:
+                found.extend(self.tables[table_key].in_key_order())
+        return found
+
+    def table_seq(self, table_key: TableKey) -> int:
+        table = self.tables.get(table_key)
+        return table.changed_seq if table else 0
+
+    # -- ids -----------------------------------------------------------------------------
+
+    def allocate_ids(self, count: int, persist: bool) -> list[int]:
+        """Hand out ``count`` fresh ids; ``persist`` writes the counter before returning."""
+        ids = list(range(self.next_id, self.next_id + count))
+        self.next_id += count
+        if persist:
+            self._save([], self.seq)
+        return ids
+
+    def reserve_ids(self, ids: Iterable[int]) -> None:
+        """Never hand out any of ``ids`` from now on."""
+        highest = max(ids, default=0)
+        if highest >= self.next_id:
+            self.next_id = highest + 1
+            self._save([], self.seq)
+
+    # -- transactions --------------------------------------------------------------------
+
+    def begin(self, read_only: bool) -> bytes:
+        self._expire_idle_transactions()
+        transaction_id = uuid.uuid4().bytes
+        self.transactions[transaction_id] = Transaction(
+            read_only=read_only, start_seq=self.seq, last_used=time.monotonic()
+        )
+        return transaction_id
+
+    def transaction(self, transaction_id: bytes) -> Transaction | None:
+        transaction = self.transactions.get(transaction_id)
+        if transaction is not None:
+            transaction.last_used = time.monotonic()
+        return transaction
+
+    def end(self, transaction_id: bytes) -> None:
+        if self.transactions.pop(transaction_id, None) is not None:
+            self._ended[transaction_id] = None
+            if len(self._ended) > ENDED_TRANSACTIONS_KEPT:
+                self._ended.popitem(last=False)
+        self._prune_tombstones()
+
+    def recently_ended(self, transaction_id: bytes) -> bool:
+        """Whether the transaction was committed, aborted or rolled back a short while ago."""
+        return transaction_id in self._ended
+
+    def conflicts(self, transaction: Transaction, writes: list[Write]) -> list[str]:
+        """Why ``transaction`` may not commit ``writes`` (empty when it may)."""
+        reasons = []
+        for kb, observed in transaction.reads.items():
+            key = _KeyPb.FromString(kb)
+            if self.change_seq(key) > observed:
+                reasons.append(describe_key(key))
+        for table_key, observed in transaction.queried.items():
+            if self.table_seq(table_key) > observed:
+                reasons.append(f"query on kind {table_key[3]!r}")
+        for write in writes:
+            if write.kb not in transaction.reads and (
+                self.change_seq(write.key) > transaction.start_seq
+            ):
+                reasons.append(describe_key(write.key))
+        return reasons
+
+    def _expire_idle_transactions(self) -> None:
+        deadline = time.monotonic() - TRANSACTION_IDLE_SECONDS
+        for transaction_id in [
+            t for t, txn in self.transactions.items() if txn.last_used < deadline
+        ]:
+            del self.transactions[transaction_id]
+
+    def _prune_tombstones(self) -> None:
+        # A tombstone older than every live transaction's start cannot make any of them
+        # conflict (they compare with "changed after I read/began"), so it can go.
+        if not self.transactions:
+            self._tombstones.clear()
+            return
+        if len(self._tombstones) > 4 * len(self.transactions) + 1024:
+            oldest = min(t.start_seq for t in self.transactions.values())
+            self._tombstones = {k: s for k, s in self._tombstones.items() if s >= oldest}
+
+    # -- writes --------------------------------------------------------------------------
+
+    def apply(self, writes: list[Write]) -> int:
+        """Make ``writes`` durable, then visible; returns the commit's version."""
+        version = self.seq + 1
+        self._save(writes, version)
+        self.seq = version
+        for write in writes:
+            table_key = table_of(write.key)
+            if write.entity is None:
+                table = self.tables.get(table_key)
+                if table is not None:
+                    table.delete(write.kb, version)
+                if self.transactions:
+                    self._tombstones[write.kb] = version
+            else:
+                table = self.tables.setdefault(table_key, KindTable())
+                table.put(write.kb, self._stored(write.entity, version), version)
+        return version
+
+    def _save(self, writes: list[Write], version: int) -> None:
+        if self._sqlite is not None:
+            self._sqlite.save(writes, version, {"seq": version, "next_id": self.next_id})
+
+
+def _entity_pb(stored: _StoredObject) -> _EntityPb:
+    return entity_types.Entity.pb(stored.entity)
+
+
+def describe_key(key: _KeyPb) -> str:
+    """A short readable form of a key, for error messages: ``Parent:1/Child:name``."""
+    return "/".join(f"{e.kind}:{e.name or e.id}" for e in key.path)

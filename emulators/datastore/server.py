@@ -1,0 +1,234 @@
+"""The gRPC server: ``google.datastore.v1.Datastore`` on a local port.
+
+Start it in-process (tests, benchmarks)::
+
+    from emulators.datastore import DatastoreEmulator
+
+    emu = DatastoreEmulator(host="127.0.0.1", port=0, data_dir=".local/datastore")
+    emu.start()                       # emu.port is the bound port
+    os.environ["DATASTORE_EMULATOR_HOST"] = emu.address
+    ...                               # any google-cloud-ndb / google-cloud-datastore client
+    emu.rpc_counts["Commit"]          # calls received so far, per RPC
+    emu.stop()
+
+or from a shell: ``python -m emulators.datastore --port 8081 --data-dir .local/datastore``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import yaml
+from google.cloud.datastore_v1 import types
+from inmemory_datastore_stub import LimitExceededError, NoMatchingIndexError, _indexes
+from inmemory_datastore_stub._proto import _pb
+
+from ._errors import IndexYamlError, RpcError
+from ._service import DatastoreService
+from ._store import EntityStore
+
+SERVICE_NAME = "google.datastore.v1.Datastore"
+#: Well above the 10 MiB Commit limit, so that limit answers with its own clear error.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+RPCS: dict[str, type] = {
+    "Lookup": types.LookupRequest,
+    "RunQuery": types.RunQueryRequest,
+    "RunAggregationQuery": types.RunAggregationQueryRequest,
+    "BeginTransaction": types.BeginTransactionRequest,
+    "Commit": types.CommitRequest,
+    "Rollback": types.RollbackRequest,
+    "AllocateIds": types.AllocateIdsRequest,
+    "ReserveIds": types.ReserveIdsRequest,
+}
+
+log = logging.getLogger(__name__)
+
+
+class PortInUseError(OSError):
+    """The emulator could not bind its port."""
+
+
+def load_index_yaml(path: str | os.PathLike) -> list[_indexes.Index]:
+    """Read and validate an ``index.yaml``; raise IndexYamlError saying what is wrong.
+
+    >>> load_index_yaml("index.yaml")  # doctest: +SKIP
+    [Index(kind='Task', ancestor=False, properties=(('done', 'asc'), ('due', 'desc')))]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IndexYamlError(f"index.yaml not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise IndexYamlError(f"{path} is not valid YAML: {exc}") from exc
+    if document is None:
+        return []
+    if not isinstance(document, dict) or not isinstance(document.get("indexes", []), list):
+        raise IndexYamlError(f"{path}: expected a mapping with an 'indexes' list")
+    for position, entry in enumerate(document.get("indexes") or []):
+        where = f"{path}: index #{position + 1}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
+            raise IndexYamlError(f"{where} needs a 'kind' string")
+        if not isinstance(entry.get("ancestor", False), bool):
+            raise IndexYamlError(f"{where}: 'ancestor' must be yes or no")
+        properties = entry.get("properties")
+        if not isinstance(properties, list) or not properties:
+            raise IndexYamlError(f"{where} ({entry['kind']}) needs a non-empty 'properties' list")
+        for prop in properties:
+            if not isinstance(prop, dict) or not isinstance(prop.get("name"), str):
+                raise IndexYamlError(f"{where} ({entry['kind']}): each property needs a 'name'")
+            if prop.get("direction", "asc") not in ("asc", "desc"):
+                raise IndexYamlError(
+                    f"{where} ({entry['kind']}): direction of {prop['name']!r} must be asc or desc"
+                )
+    return _indexes.load_index_yaml(path)
+
+
+class DatastoreEmulator:
+    """A Datastore emulator serving gRPC on ``host:port``; see the module docstring.
+
+    ``data_dir`` None keeps everything in memory; otherwise each commit is durable there
+    before the RPC returns and a restart (even after ``kill -9``) reloads it.
+    ``index_yaml`` enables composite-index checks (queries needing an undeclared index
+    fail with FAILED_PRECONDITION); it is read, and errors raised, in the constructor.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: str | os.PathLike | None = None,
+        index_yaml: str | os.PathLike | None = None,
+        enforce_limits: bool = True,
+        max_workers: int = 16,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.data_dir = data_dir
+        self.enforce_limits = enforce_limits
+        self.max_workers = max_workers
+        self.indexes = load_index_yaml(index_yaml) if index_yaml is not None else None
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._counts_lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self._state: EntityStore | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port``, the value for ``DATASTORE_EMULATOR_HOST``."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def rpc_counts(self) -> collections.Counter[str]:
+        """A snapshot of how many calls each RPC received, e.g. ``{"Commit": 2}``."""
+        with self._counts_lock:
+            return collections.Counter(self._counts)
+
+    def reset_counts(self) -> None:
+        """Zero every RPC count."""
+        with self._counts_lock:
+            self._counts.clear()
+
+    def start(self) -> DatastoreEmulator:
+        """Load the data dir, bind and serve; raises PortInUseError if the port is taken."""
+        if self._server is not None:
+            raise RuntimeError("the emulator is already running")
+        state = EntityStore(self.data_dir)
+        service = DatastoreService(state, self.indexes, self.enforce_limits)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.max_workers),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # gRPC shares ports by default on Linux; a second emulator on the same
+                # port must fail instead of silently splitting the traffic.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        handlers = {
+            name: self._method_handler(name, request_type, service, state)
+            for name, request_type in RPCS.items()
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        try:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError as exc:
+            state.close()
+            raise PortInUseError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        if not bound:
+            state.close()
+            raise PortInUseError(f"cannot listen on {self.host}:{self.port}")
+        self.port = bound
+        server.start()
+        self._server, self._state = server, state
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving (letting calls in flight finish within ``grace`` s) and close storage."""
+        if self._server is None:
+            return
+        self._server.stop(grace).wait()
+        with self._state.lock:
+            self._state.close()
+        self._server = self._state = None
+
+    def __enter__(self) -> DatastoreEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _method_handler(
+        self, name: str, request_type: type, service: DatastoreService, state: EntityStore
+    ) -> grpc.RpcMethodHandler:
+        method: Callable = getattr(service, name)
+
+        def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            with self._counts_lock:
+                self._counts[name] += 1
+            # Deserializing here rather than in gRPC: gRPC answers INTERNAL to bytes its
+            # deserializer rejects, Datastore answers INVALID_ARGUMENT.
+            try:
+                request = request_type.deserialize(raw)
+            except Exception as exc:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{name}: cannot parse the request: {exc}"
+                )
+            code, message = _call(method, request, state, name)
+            if code is not None:
+                context.abort(code, message)
+            return message
+
+        # No (de)serializers: the handler receives and returns bytes.
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+
+def _call(
+    method: Callable, request: object, state: EntityStore, name: str
+) -> tuple[grpc.StatusCode | None, bytes | str]:
+    """Run one RPC under the store lock: (None, response bytes) or (status code, message)."""
+    try:
+        with state.lock:
+            response = method(request)
+        return None, _pb(response).SerializeToString()
+    except RpcError as exc:
+        return exc.code, exc.message
+    except NoMatchingIndexError as exc:
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    except LimitExceededError as exc:
+        return grpc.StatusCode.INVALID_ARGUMENT, exc.message
+    except (AssertionError, ValueError, TypeError, KeyError, IndexError) as exc:
+        # The stub's query engine asserts on request shapes it does not understand.
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name} request: {exc!r}"
+    except Exception as exc:
+        log.exception("%s failed", name)
+        return grpc.StatusCode.INTERNAL, f"{name} failed in the emulator: {exc!r}"
