@@ -8,7 +8,8 @@ An app usually needs nothing but the environment::
 and code may override any field once at start-up::
 
     import gae_deferred
-    gae_deferred.configure(signing_key_provider=load_key_from_secret_manager, spill_threshold=50_000)
+    gae_deferred.configure(signing_key_provider=load_key_from_secret_manager,
+                           spill_threshold=50_000)
 """
 
 from __future__ import annotations
@@ -86,9 +87,13 @@ def _from_environment() -> Settings:
             with open(path, encoding="ascii") as key_file:
                 key = _decode_key(key_file.read().strip(), path)
         except OSError as exc:
-            raise ConfigurationError(f"cannot read GAE_DEFERRED_SIGNING_KEY_FILE {path}: {exc}") from exc
+            raise ConfigurationError(
+                f"cannot read GAE_DEFERRED_SIGNING_KEY_FILE {path}: {exc}"
+            ) from exc
     return Settings(
-        project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GAE_APPLICATION", "").partition("~")[2] or None,
+        project=env.get("GOOGLE_CLOUD_PROJECT")
+        or env.get("GAE_APPLICATION", "").partition("~")[2]
+        or None,
         location=env.get("GAE_DEFERRED_LOCATION", "us-central1"),
         signing_key=key,
         app_version=env.get("GAE_VERSION", "unknown"),
@@ -152,7 +157,9 @@ def _validate(current: Settings) -> None:
     if not 0 <= current.compression_level <= 9:
         raise ConfigurationError("compression_level must be 0..9")
     if current.chunk_bytes <= 0 or current.chunk_bytes > 1_040_000:
-        raise ConfigurationError("chunk_bytes must be between 1 and 1,040,000 (Datastore's 1 MiB limit)")
+        raise ConfigurationError(
+            "chunk_bytes must be between 1 and 1,040,000 (Datastore's 1 MiB limit)"
+        )
     if current.spill_threshold <= 0 or current.max_payload_bytes <= 0:
         raise ConfigurationError("spill_threshold and max_payload_bytes must be positive")
     if current.commit_bytes < current.chunk_bytes:

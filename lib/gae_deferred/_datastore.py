@@ -36,12 +36,12 @@ def client() -> ndb.Client:
 def ndb_context() -> Iterator[ndb.Context]:
     """Use the caller's ndb context if there is one, else open one on our client.
 
-    Caching is off in a context we open: task handlers and the dashboard read each entity once,
-    and a process-wide cache would serve stale failure records.
+    gae_deferred's own models opt out of ndb's caches (each is read once per request), so the
+    context's cache settings only matter to the task's own code.
     """
     existing = ndb.get_context(raise_context_error=False)
     if existing is not None:
         yield existing
         return
-    with client().context(cache_policy=False, global_cache_policy=False) as context:
+    with client().context() as context:
         yield context

@@ -1,15 +1,15 @@
 """defer(): turn a call into a Cloud Tasks App Engine task, spilling big payloads to Datastore.
 
-    from gae_deferred import defer
+from gae_deferred import defer
 
-    defer(report.build, account_id, _queue="reports", _countdown=30)
-    defer(lambda: cleanup(tmp_path))                 # closures work: cloudpickle
-    defer(index_all, big_list)                       # > 100 KB: spilled, the task carries a reference
+defer(report.build, account_id, _queue="reports", _countdown=30)
+defer(lambda: cleanup(tmp_path))                 # closures work: cloudpickle
+defer(index_all, big_list)                       # > 100 KB: spilled, the task carries a reference
 
-    @ndb.transactional()
-    def pay(order):
-        order.put()
-        defer(send_receipt, order.key.id(), _transactional=True)   # only if the transaction commits
+@ndb.transactional()
+def pay(order):
+    order.put()
+    defer(send_receipt, order.key.id(), _transactional=True)   # only if the transaction commits
 """
 
 from __future__ import annotations
@@ -107,9 +107,7 @@ class TaskSpec:
 def queue_path(queue: str) -> str:
     current = settings()
     if not current.project:
-        raise ConfigurationError(
-            "no project: set GOOGLE_CLOUD_PROJECT or configure(project=...)"
-        )
+        raise ConfigurationError("no project: set GOOGLE_CLOUD_PROJECT or configure(project=...)")
     return f"projects/{current.project}/locations/{current.location}/queues/{queue}"
 
 
@@ -140,7 +138,13 @@ def defer(
     enqueue only if the surrounding ndb transaction commits.
     """
     spec = _task_spec(
-        obj, _countdown, _eta, _name, _queue, _url, _headers,
+        obj,
+        _countdown,
+        _eta,
+        _name,
+        _queue,
+        _url,
+        _headers,
         _routing(_target, _service, _version, _instance),
     )
     extra = {}
@@ -336,7 +340,12 @@ def _defer_spilled(data: bytes, header: dict[str, Any], spec: TaskSpec) -> Defer
     payload_id = spillover.new_payload_id()
     spec = _spill_spec(spec, payload_id)
     record, chunks = spillover.build_record(
-        payload_id, data, header, queue=spec.queue, task_name=spec.name or "", eta=spec.eta,
+        payload_id,
+        data,
+        header,
+        queue=spec.queue,
+        task_name=spec.name or "",
+        eta=spec.eta,
         task=spec.to_json(),
     )
     reference = _reference(record)
@@ -375,8 +384,14 @@ def _defer_transactional(data: bytes, header: dict[str, Any], spec: TaskSpec) ->
     payload_id = spillover.new_payload_id()
     spec = _spill_spec(spec, payload_id)
     record, chunks = spillover.build_record(
-        payload_id, data, header, queue=spec.queue, task_name=spec.name or "", eta=spec.eta,
-        task=spec.to_json(), transactional=True,
+        payload_id,
+        data,
+        header,
+        queue=spec.queue,
+        task_name=spec.name or "",
+        eta=spec.eta,
+        task=spec.to_json(),
+        transactional=True,
     )
     if record.stored_bytes > settings().commit_bytes:
         raise DeferError(

@@ -179,9 +179,7 @@ def build(
 
 def build_reference(header: dict[str, Any], ref: dict[str, Any]) -> bytes:
     """A small envelope that points at a payload spilled to Datastore."""
-    reference_header = {
-        key: value for key, value in header.items() if key not in ("kid", "ref")
-    }
+    reference_header = {key: value for key, value in header.items() if key not in ("kid", "ref")}
     reference_header["ref"] = ref
     return _seal(reference_header, b"", FLAG_REFERENCE)
 

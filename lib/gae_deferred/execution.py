@@ -199,7 +199,9 @@ def _record(
     else:
         state, payload_state = failures.RETRYING, spillover.RETRYING
     record_id = attempt.failure_id
-    existing, kept = ndb.get_multi([failures.failure_key(record_id), failures.payload_key(record_id)])
+    existing, kept = ndb.get_multi(
+        [failures.failure_key(record_id), failures.payload_key(record_id)]
+    )
     header = attempt.header
     entities: list[ndb.Model] = []
     payload_id = None
