@@ -221,7 +221,8 @@ class CloudTasksEmulator:
             raise PortInUseError(f"cannot bind {self.host}:{self._requested_port}")
         self.port = port
         self._store = Store(self.data_dir)
-        self._restore(definitions)
+        with self._lock:
+            self._restore(definitions)
         self._server = server
         server.start()
         self._scheduler = threading.Thread(

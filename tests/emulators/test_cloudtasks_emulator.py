@@ -1,0 +1,552 @@
+"""The Cloud Tasks emulator through the real google-cloud-tasks client and a real HTTP app."""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.api_core import exceptions
+from google.cloud import tasks_v2
+from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+
+from emulators.cloudtasks import CloudTasksEmulator, PortInUseError
+
+ROOT = Path(__file__).resolve().parents[2]
+QUEUE_YAML = """\
+queue:
+- name: default
+  rate: 100/s
+  retry_parameters:
+    min_backoff_seconds: 0.1
+    max_backoff_seconds: 0.4
+- name: limited
+  rate: 100/s
+  retry_parameters:
+    task_retry_limit: 2
+    min_backoff_seconds: 0.1
+    max_backoff_seconds: 0.2
+- name: slow
+  rate: 5/s
+  bucket_size: 1
+- name: narrow
+  rate: 100/s
+  bucket_size: 20
+  max_concurrent_requests: 2
+- name: worker
+  rate: 10/s
+  target: worker-svc
+"""
+
+
+class App:
+    """A tiny HTTP app: records requests, answers with programmed statuses."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.statuses: dict[str, list[int]] = {}
+        self.delay = 0.0
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
+        app = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                name = self.headers.get("X-AppEngine-TaskName", "")
+                with app.lock:
+                    app.active += 1
+                    app.max_active = max(app.max_active, app.active)
+                    app.requests.append(
+                        {
+                            "method": self.command,
+                            "path": self.path,
+                            "headers": dict(self.headers),
+                            "body": body,
+                            "time": time.time(),
+                            "task": name,
+                        }
+                    )
+                    queue = app.statuses.get(name) or []
+                    status = queue.pop(0) if queue else 200
+                time.sleep(app.delay)
+                with app.lock:
+                    app.active -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET = do_PUT = _handle
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def for_task(self, short_name: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["task"] == short_name]
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met within %.1fs" % timeout)
+
+
+def client_for(port: int) -> tasks_v2.CloudTasksClient:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    app = App()
+    yield app
+    app.server.shutdown()
+    app.server.server_close()
+
+
+@pytest.fixture
+def queue_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "queue.yaml"
+    path.write_text(QUEUE_YAML)
+    return path
+
+
+@pytest.fixture
+def emu(app: App, queue_yaml: Path, tmp_path: Path) -> Iterator[CloudTasksEmulator]:
+    emulator = CloudTasksEmulator(
+        port=0,
+        data_dir=tmp_path / "data",
+        queue_yaml=queue_yaml,
+        project="test-project",
+        location="us-central1",
+        app_url=app.url,
+    ).start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def client(emu: CloudTasksEmulator) -> tasks_v2.CloudTasksClient:
+    return client_for(emu.port)
+
+
+def qname(emu: CloudTasksEmulator, queue: str) -> str:
+    return f"{emu.parent}/queues/{queue}"
+
+
+def create(client, emu, queue="default", name=None, body=b"payload", **request):
+    task = {"app_engine_http_request": {"relative_uri": "/work", "body": body, **request}}
+    if name:
+        task["name"] = f"{qname(emu, queue)}/tasks/{name}"
+    return client.create_task(parent=qname(emu, queue), task=task)
+
+
+def short(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def test_queues_loaded_from_queue_yaml_and_mapped(client, emu):
+    queues = {short(q.name): q for q in client.list_queues(parent=emu.parent)}
+    assert set(queues) == {"default", "limited", "slow", "narrow", "worker"}
+    limited = queues["limited"]
+    assert limited.retry_config.max_attempts == 3
+    assert limited.retry_config.min_backoff == datetime.timedelta(seconds=0.1)
+    assert queues["slow"].rate_limits.max_dispatches_per_second == 5
+    assert queues["slow"].rate_limits.max_burst_size == 1
+    assert queues["narrow"].rate_limits.max_concurrent_dispatches == 2
+    assert queues["worker"].app_engine_routing_override.service == "worker-svc"
+    assert queues["default"].state == tasks_v2.Queue.State.RUNNING
+    with pytest.raises(exceptions.NotFound):
+        client.get_queue(name=qname(emu, "nope"))
+
+
+def test_create_get_list_delete_tasks(client, emu, app):
+    client.pause_queue(name=qname(emu, "default"))
+    created = [create(client, emu, body=f"b{i}".encode()) for i in range(3)]
+    assert all(short(t.name).isdigit() for t in created)
+    assert created[0].app_engine_http_request.body == b""  # BASIC view
+    full = client.get_task(
+        request={"name": created[0].name, "response_view": tasks_v2.Task.View.FULL}
+    )
+    assert full.app_engine_http_request.body == b"b0"
+    assert full.view == tasks_v2.Task.View.FULL
+    assert full.create_time and full.schedule_time
+    pager = client.list_tasks(request={"parent": qname(emu, "default"), "page_size": 2})
+    pages = list(pager.pages)
+    assert [len(p.tasks) for p in pages] == [2, 1]
+    client.delete_task(name=created[1].name)
+    with pytest.raises(exceptions.NotFound):
+        client.get_task(name=created[1].name)
+    with pytest.raises(exceptions.NotFound):
+        client.delete_task(name=created[1].name)
+    listed = {t.name for t in client.list_tasks(parent=qname(emu, "default"))}
+    assert listed == {created[0].name, created[2].name}
+    assert emu.rpc_counts["CreateTask"] == 3
+    emu.reset_counts()
+    assert emu.rpc_counts["CreateTask"] == 0
+    assert app.requests == []
+
+
+def test_dispatch_sends_app_engine_headers(client, emu, app):
+    task = create(
+        client,
+        emu,
+        queue="worker",
+        name="hello-1",
+        headers={"Content-Type": "application/json", "X-Custom": "yes", "X-AppEngine-Fake": "1"},
+        app_engine_routing={"service": "other", "version": "v2"},
+    )
+    wait_for(lambda: app.for_task("hello-1"))
+    request = app.for_task("hello-1")[0]
+    headers = request["headers"]
+    assert request["method"] == "POST" and request["path"] == "/work"
+    assert request["body"] == b"payload"
+    assert headers["X-AppEngine-QueueName"] == "worker"
+    assert headers["X-AppEngine-TaskName"] == "hello-1"
+    assert headers["X-AppEngine-TaskRetryCount"] == "0"
+    assert headers["X-AppEngine-TaskExecutionCount"] == "0"
+    assert float(headers["X-AppEngine-TaskETA"]) == pytest.approx(
+        task.schedule_time.timestamp(), abs=1e-5
+    )
+    assert "X-AppEngine-TaskPreviousResponse" not in headers
+    assert "X-AppEngine-TaskRetryReason" not in headers
+    assert "X-AppEngine-Fake" not in headers
+    assert headers["User-Agent"] == "AppEngine-Google; (+http://code.google.com/appengine)"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Custom"] == "yes"
+    wait_for(lambda: not list(client.list_tasks(parent=qname(emu, "worker"))))
+    assert emu.dispatch_log[-1]["status"] == 200 and emu.dispatch_log[-1]["task"] == "hello-1"
+
+
+def test_schedule_time_is_honoured(client, emu, app):
+    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=0.6)
+    task = {
+        "name": f"{qname(emu, 'default')}/tasks/later",
+        "schedule_time": eta,
+        "app_engine_http_request": {"relative_uri": "/later"},
+    }
+    client.create_task(parent=qname(emu, "default"), task=task)
+    time.sleep(0.3)
+    assert app.for_task("later") == []
+    wait_for(lambda: app.for_task("later"))
+    assert app.for_task("later")[0]["time"] >= eta.timestamp() - 0.01
+
+
+def test_retry_with_backoff_then_success(client, emu, app):
+    app.statuses["flaky"] = [500, 503]
+    create(client, emu, name="flaky")
+    wait_for(lambda: len(app.for_task("flaky")) == 3)
+    attempts = app.for_task("flaky")
+    assert [a["headers"]["X-AppEngine-TaskRetryCount"] for a in attempts] == ["0", "1", "2"]
+    assert [a["headers"]["X-AppEngine-TaskExecutionCount"] for a in attempts] == ["0", "1", "2"]
+    assert attempts[1]["headers"]["X-AppEngine-TaskPreviousResponse"] == "500"
+    assert attempts[2]["headers"]["X-AppEngine-TaskPreviousResponse"] == "503"
+    assert attempts[2]["headers"]["X-AppEngine-TaskRetryReason"] == "HTTP 503"
+    gaps = [b["time"] - a["time"] for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[0] >= 0.09 and gaps[1] >= 0.19  # 0.1 s, then doubled
+    wait_for(lambda: [e["status"] for e in emu.dispatch_log if e["task"] == "flaky"][-1:] == [200])
+    with pytest.raises(exceptions.NotFound):
+        client.get_task(name=f"{qname(emu, 'default')}/tasks/flaky")
+
+
+def test_task_state_fields_track_attempts(client, emu, app):
+    app.statuses["tracked"] = [500, 500, 500, 500, 500, 500]
+    client.pause_queue(name=qname(emu, "default"))
+    name = create(client, emu, name="tracked").name
+    client.run_task(name=name)
+    wait_for(lambda: client.get_task(name=name).response_count == 1)
+    task = client.get_task(name=name)
+    assert task.dispatch_count == 1
+    assert task.first_attempt.dispatch_time
+    assert task.last_attempt.response_time >= task.last_attempt.dispatch_time
+    assert task.last_attempt.response_status.code == 13
+    assert task.schedule_time > task.last_attempt.dispatch_time  # rescheduled with backoff
+
+
+def test_retry_limit_exhausted_deletes_task(client, emu, app):
+    app.statuses["doomed"] = [500] * 10
+    name = create(client, emu, queue="limited", name="doomed").name
+    wait_for(lambda: len(app.for_task("doomed")) == 3)
+    wait_for(lambda: not list(client.list_tasks(parent=qname(emu, "limited"))))
+    time.sleep(0.5)
+    assert len(app.for_task("doomed")) == 3  # max_attempts = task_retry_limit + 1
+    with pytest.raises(exceptions.NotFound):
+        client.get_task(name=name)
+
+
+def test_connection_error_is_retried(client, emu, app, queue_yaml, tmp_path):
+    dead_port = socket.socket()
+    dead_port.bind(("127.0.0.1", 0))
+    port = dead_port.getsockname()[1]
+    dead_port.close()
+    with CloudTasksEmulator(
+        port=0, queue_yaml=queue_yaml, project="p", location="l", app_url=f"http://127.0.0.1:{port}"
+    ) as other:
+        c = client_for(other.port)
+        c.create_task(
+            parent=f"{other.parent}/queues/default",
+            task={"app_engine_http_request": {"relative_uri": "/x"}},
+        )
+        wait_for(lambda: len(other.dispatch_log) >= 2)
+        assert other.dispatch_log[0]["status"] is None
+        assert other.dispatch_log[0]["error"].startswith("connection error")
+        assert other.dispatch_log[1]["retry_count"] == 1
+
+
+def test_dispatch_deadline_exceeded_is_a_retry(app, queue_yaml):
+    app.delay = 0.6
+    with CloudTasksEmulator(
+        port=0, queue_yaml=queue_yaml, app_url=app.url, default_dispatch_deadline=0.2
+    ) as other:
+        client_for(other.port).create_task(
+            parent=f"{other.parent}/queues/default",
+            task={"app_engine_http_request": {"relative_uri": "/slow"}},
+        )
+        wait_for(lambda: other.dispatch_log)
+        assert other.dispatch_log[0]["status"] is None
+        assert other.dispatch_log[0]["error"] == "deadline exceeded"
+
+
+def test_named_task_dedup_and_tombstone(client, emu, app):
+    client.pause_queue(name=qname(emu, "default"))
+    create(client, emu, name="once")
+    with pytest.raises(exceptions.AlreadyExists):
+        create(client, emu, name="once")
+    client.resume_queue(name=qname(emu, "default"))
+    wait_for(lambda: app.for_task("once"))
+    wait_for(lambda: not list(client.list_tasks(parent=qname(emu, "default"))))
+    with pytest.raises(exceptions.AlreadyExists):  # completed within the hour
+        create(client, emu, name="once")
+    client.pause_queue(name=qname(emu, "default"))
+    name = create(client, emu, name="deleted").name
+    client.delete_task(name=name)
+    with pytest.raises(exceptions.AlreadyExists):
+        create(client, emu, name="deleted")
+
+
+def test_invalid_requests_are_rejected_and_server_keeps_serving(client, emu):
+    parent = qname(emu, "default")
+    bad = [
+        {"name": f"{parent}/tasks/bad name", "app_engine_http_request": {}},
+        {"name": f"{qname(emu, 'slow')}/tasks/wrong-queue", "app_engine_http_request": {}},
+        {"app_engine_http_request": {"relative_uri": "no-slash"}},
+        {"app_engine_http_request": {"http_method": "GET", "body": b"x"}},
+        {"http_request": {"url": "https://example.com/"}},
+        {},
+    ]
+    for task in bad:
+        with pytest.raises(exceptions.InvalidArgument):
+            client.create_task(parent=parent, task=task)
+    with pytest.raises(exceptions.InvalidArgument):
+        client.list_tasks(request={"parent": parent, "page_token": "garbage"}).pages.__next__()
+    with pytest.raises(exceptions.InvalidArgument):
+        client.list_queues(parent="not-a-parent").pages.__next__()
+    with pytest.raises(exceptions.NotFound):
+        client.create_task(parent=qname(emu, "missing"), task={"app_engine_http_request": {}})
+    assert client.get_queue(name=parent).name == parent
+
+
+def test_http_target_tasks_are_rejected(client, emu):
+    with pytest.raises(exceptions.InvalidArgument, match="only App Engine tasks"):
+        client.create_task(
+            parent=qname(emu, "default"), task={"http_request": {"url": "http://x/"}}
+        )
+
+
+def test_oversize_task_rejected(client, emu):
+    with pytest.raises(exceptions.InvalidArgument, match="Task size too large"):
+        create(client, emu, body=b"x" * 102400)
+    # headers and the URI count towards the limit too
+    with pytest.raises(exceptions.InvalidArgument, match="Task size too large"):
+        create(client, emu, body=b"x" * 102000, headers={"X-Big": "y" * 500})
+    assert create(client, emu, body=b"x" * 102000).name
+
+
+def test_pause_resume_purge(client, emu, app):
+    name = qname(emu, "default")
+    paused = client.pause_queue(name=name)
+    assert paused.state == tasks_v2.Queue.State.PAUSED
+    tasks = [create(client, emu, name=f"p{i}") for i in range(3)]
+    time.sleep(0.3)
+    assert app.requests == []
+    resumed = client.resume_queue(name=name)
+    assert resumed.state == tasks_v2.Queue.State.RUNNING
+    wait_for(lambda: len(app.requests) == 3)
+    client.pause_queue(name=name)
+    for i in range(4):
+        create(client, emu, name=f"q{i}")
+    purged = client.purge_queue(name=name)
+    assert purged.purge_time
+    assert list(client.list_tasks(parent=name)) == []
+    client.resume_queue(name=name)
+    time.sleep(0.3)
+    assert len(app.requests) == 3
+    assert tasks[0].name.endswith("/p0")
+
+
+def test_rate_limit_is_observable(client, emu, app):
+    for i in range(5):
+        create(client, emu, queue="slow", name=f"r{i}")
+    wait_for(lambda: len(app.requests) == 5, timeout=4)
+    times = sorted(r["time"] for r in app.requests)
+    # 5/s with a bucket of 1: one dispatch every 0.2 s
+    assert times[-1] - times[0] >= 0.7
+
+
+def test_max_concurrent_honoured(client, emu, app):
+    app.delay = 0.25
+    for i in range(6):
+        create(client, emu, queue="narrow", name=f"c{i}")
+    wait_for(lambda: len(app.requests) == 6, timeout=5)
+    assert app.max_active == 2
+
+
+def test_run_task_dispatches_now_even_when_paused(client, emu, app):
+    name = qname(emu, "default")
+    client.pause_queue(name=name)
+    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    task = client.create_task(
+        parent=name,
+        task={"name": f"{name}/tasks/manual", "schedule_time": eta, "app_engine_http_request": {}},
+    )
+    ran = client.run_task(name=task.name)
+    assert ran.dispatch_count == 1
+    wait_for(lambda: app.for_task("manual"))
+    wait_for(lambda: not list(client.list_tasks(parent=name)))
+    with pytest.raises(exceptions.NotFound):
+        client.run_task(name=task.name)
+
+
+def test_queue_admin_rpcs(client, emu):
+    created = client.create_queue(
+        parent=emu.parent,
+        queue={"name": qname(emu, "made"), "rate_limits": {"max_dispatches_per_second": 3}},
+    )
+    assert created.rate_limits.max_concurrent_dispatches == 1000
+    assert created.retry_config.max_attempts == 100
+    with pytest.raises(exceptions.AlreadyExists):
+        client.create_queue(parent=emu.parent, queue={"name": qname(emu, "made")})
+    updated = client.update_queue(
+        queue={"name": qname(emu, "made"), "retry_config": {"max_attempts": 7}},
+        update_mask={"paths": ["retry_config.max_attempts"]},
+    )
+    assert updated.retry_config.max_attempts == 7
+    assert updated.rate_limits.max_dispatches_per_second == 3
+    with pytest.raises(exceptions.InvalidArgument):
+        client.update_queue(queue={"name": qname(emu, "made")}, update_mask={"paths": ["state"]})
+    paused = client.list_queues(request={"parent": emu.parent, "filter": "state: PAUSED"})
+    assert list(paused) == []
+    client.delete_queue(name=qname(emu, "made"))
+    with pytest.raises(exceptions.NotFound):
+        client.get_queue(name=qname(emu, "made"))
+
+
+def test_state_survives_in_process_restart(app, queue_yaml, tmp_path):
+    data = tmp_path / "persist"
+    first = CloudTasksEmulator(port=0, data_dir=data, queue_yaml=queue_yaml, app_url=app.url)
+    first.start()
+    c = client_for(first.port)
+    c.pause_queue(name=f"{first.parent}/queues/slow")
+    c.pause_queue(name=f"{first.parent}/queues/default")
+    c.create_task(
+        parent=f"{first.parent}/queues/default",
+        task={"name": f"{first.parent}/queues/default/tasks/kept", "app_engine_http_request": {}},
+    )
+    first.stop()
+    second = CloudTasksEmulator(port=0, data_dir=data, queue_yaml=queue_yaml, app_url=app.url)
+    second.start()
+    try:
+        c = client_for(second.port)
+        assert c.get_queue(name=f"{second.parent}/queues/slow").state.name == "PAUSED"
+        names = [short(t.name) for t in c.list_tasks(parent=f"{second.parent}/queues/default")]
+        assert names == ["kept"]
+        c.resume_queue(name=f"{second.parent}/queues/default")
+        wait_for(lambda: app.for_task("kept"))
+    finally:
+        second.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'lib'}{os.pathsep}{ROOT}"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "emulators.cloudtasks", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_cli_survives_kill_9_and_exits_cleanly(app, queue_yaml, tmp_path):
+    port = free_port()
+    args = [
+        "--port", str(port), "--data-dir", str(tmp_path / "cli"), "--queue-yaml", str(queue_yaml),
+        "--project", "cli-project", "--location", "europe-west1", "--app-url", app.url,
+    ]  # fmt: skip
+    parent = "projects/cli-project/locations/europe-west1/queues/default"
+    proc = start_cli(args)
+    try:
+        assert (
+            proc.stdout.readline().strip() == f"cloud tasks emulator listening on 127.0.0.1:{port}"
+        )
+        c = client_for(port)
+        c.pause_queue(name=parent)
+        c.create_task(
+            parent=parent, task={"name": f"{parent}/tasks/survivor", "app_engine_http_request": {}}
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+    busy = start_cli(args)
+    try:
+        assert busy.stdout.readline().startswith("cloud tasks emulator listening")
+        clash = start_cli(args)
+        _, err = clash.communicate(timeout=20)
+        assert clash.returncode == 2 and str(port) in err
+        c = client_for(port)
+        assert c.get_queue(name=parent).state == tasks_v2.Queue.State.PAUSED
+        assert [short(t.name) for t in c.list_tasks(parent=parent)] == ["survivor"]
+    finally:
+        busy.send_signal(signal.SIGTERM)
+        busy.communicate(timeout=20)
+    assert busy.returncode == 0
+
+
+def test_cli_rejects_invalid_queue_yaml(tmp_path):
+    bad = tmp_path / "queue.yaml"
+    bad.write_text("queue:\n- name: x\n  rate: 5/x\n")
+    proc = start_cli(["--port", str(free_port()), "--queue-yaml", str(bad)])
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert f"{bad}:3: invalid rate '5/x'" in err
+
+
+def test_port_in_use_in_process(emu, queue_yaml):
+    with pytest.raises(PortInUseError):
+        CloudTasksEmulator(port=emu.port, queue_yaml=queue_yaml).start()
