@@ -41,6 +41,8 @@ MAX_COMMIT_BYTES = 10 * 1024 * 1024
 #: A query batch stops after this many results or bytes (then NOT_FINISHED), like Datastore's.
 BATCH_MAX_RESULTS = 1000
 BATCH_MAX_BYTES = 4 * 1024 * 1024
+#: A Lookup response stops growing past this size; the remaining keys come back `deferred`.
+LOOKUP_MAX_BYTES = 32 * 1024 * 1024
 
 _Op = types.PropertyFilter.Operator
 _MoreResults = types.QueryResultBatch.MoreResultsType
@@ -100,8 +102,13 @@ class DatastoreService(LocalDatastoreStub):
             raise invalid("Lookup needs at least one key")
         transaction, new_transaction = self._read_transaction(req.read_options)
         response = types.LookupResponse.pb()(transaction=new_transaction, read_time=_now())
+        found_bytes = 0
         for raw_key in req.keys:
             key = self._key(raw_key, req.project_id, req.database_id, allow_incomplete=False)
+            if found_bytes > LOOKUP_MAX_BYTES:
+                # Like Datastore, hand back the rest as `deferred`; clients look them up again.
+                response.deferred.append(key)
+                continue
             if transaction is not None:
                 transaction.reads.setdefault(key_bytes(key), self.state.change_seq(key))
             stored = self.state.get(key)
@@ -109,6 +116,7 @@ class DatastoreService(LocalDatastoreStub):
                 response.missing.add(entity=_EntityPb(key=key), version=self.state.seq)
             else:
                 response.found.add(entity=_pb(stored.entity), version=stored.version)
+                found_bytes += _pb(stored.entity).ByteSize()
         return response
 
     def RunQuery(self, request: types.RunQueryRequest) -> types.RunQueryResponse:
