@@ -296,7 +296,10 @@ class DatastoreService(LocalDatastoreStub):
             if transaction is not None:
                 if transaction.read_only and writes:
                     raise invalid("a read-only transaction cannot write")
-                conflicts = self.state.conflicts(transaction, writes)
+                # Read-only transactions never abort in Datastore; only read-write ones do.
+                conflicts = (
+                    [] if transaction.read_only else self.state.conflicts(transaction, writes)
+                )
                 if conflicts:
                     raise RpcError(
                         grpc.StatusCode.ABORTED,

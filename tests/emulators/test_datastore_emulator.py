@@ -356,6 +356,16 @@ def test_big_lookups_come_back_in_parts_through_deferred(emulator, client, monke
     assert emulator.rpc_counts["Lookup"] > 1
 
 
+def test_long_queries_come_back_in_batches(emulator, client, monkeypatch):
+    monkeypatch.setattr(emulators.datastore._service, "BATCH_MAX_RESULTS", 5)
+    with client.context():
+        _seed(12)
+        emulator.reset_counts()
+        assert [e.n for e in DsEmuThing.query().order(DsEmuThing.n)] == list(range(12))
+        assert [e.n for e in DsEmuThing.query().order(DsEmuThing.n).fetch(7)] == list(range(7))
+    assert emulator.rpc_counts["RunQuery"] >= 4
+
+
 def test_rpc_counts(emulator, client):
     with client.context():
         key = DsEmuThing(n=1).put()
