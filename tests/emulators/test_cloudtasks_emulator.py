@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import itertools
 import os
 import signal
 import socket
@@ -107,7 +108,7 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
         if predicate():
             return
         time.sleep(0.02)
-    raise AssertionError("condition not met within %.1fs" % timeout)
+    raise AssertionError(f"condition not met within {timeout:.1f}s")
 
 
 def client_for(port: int) -> tasks_v2.CloudTasksClient:
@@ -238,7 +239,7 @@ def test_dispatch_sends_app_engine_headers(client, emu, app):
 
 
 def test_schedule_time_is_honoured(client, emu, app):
-    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=0.6)
+    eta = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=0.6)
     task = {
         "name": f"{qname(emu, 'default')}/tasks/later",
         "schedule_time": eta,
@@ -261,7 +262,7 @@ def test_retry_with_backoff_then_success(client, emu, app):
     assert attempts[1]["headers"]["X-AppEngine-TaskPreviousResponse"] == "500"
     assert attempts[2]["headers"]["X-AppEngine-TaskPreviousResponse"] == "503"
     assert attempts[2]["headers"]["X-AppEngine-TaskRetryReason"] == "HTTP 503"
-    gaps = [b["time"] - a["time"] for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.09 and gaps[1] >= 0.19  # 0.1 s, then doubled
     wait_for(lambda: [e["status"] for e in emu.dispatch_log if e["task"] == "flaky"][-1:] == [200])
     with pytest.raises(exceptions.NotFound):
@@ -423,7 +424,7 @@ def test_max_concurrent_honoured(client, emu, app):
 def test_run_task_dispatches_now_even_when_paused(client, emu, app):
     name = qname(emu, "default")
     client.pause_queue(name=name)
-    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    eta = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
     task = client.create_task(
         parent=name,
         task={"name": f"{name}/tasks/manual", "schedule_time": eta, "app_engine_http_request": {}},
