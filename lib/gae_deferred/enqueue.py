@@ -186,10 +186,13 @@ def _routing(
 def _retry_dict(options: Any) -> dict[str, float]:
     if options is None:
         return {}
-    source = options if isinstance(options, Mapping) else vars(options)
-    unknown = set(source) - set(_RETRY_FIELDS)
-    if unknown:
-        raise DeferError(f"_retry_options has unknown field(s): {', '.join(sorted(unknown))}")
+    if isinstance(options, Mapping):
+        source = options
+        unknown = set(source) - set(_RETRY_FIELDS)
+        if unknown:
+            raise DeferError(f"_retry_options has unknown field(s): {', '.join(sorted(unknown))}")
+    else:  # the legacy TaskRetryOptions object, or anything with the same attributes
+        source = {field: getattr(options, field, None) for field in _RETRY_FIELDS}
     retry = {}
     for field in _RETRY_FIELDS:
         value = source.get(field)

@@ -1,0 +1,391 @@
+"""defer() through the real CloudTasksClient and gRPC, against the local Cloud Tasks emulator.
+
+Queues are paused so created tasks stay put for inspection; Datastore is the in-memory stub.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+
+import pytest
+import webapp2
+import webtest
+from google.cloud import ndb, tasks_v2
+
+import gae_deferred
+from gae_deferred import (
+    DeferError,
+    EnqueueError,
+    PayloadTooLargeError,
+    QueueNotFoundError,
+    SerializationError,
+    TaskAlreadyExistsError,
+    defer,
+    envelope,
+    spillover,
+)
+from gae_deferred._tasks_client import tasks_client
+from handlers import deferred_routes
+from tests.callables import add
+from tests.conftest import ROOT
+
+RESULTS: list = []
+
+
+def collect(*args):
+    RESULTS.append(args)
+
+
+@pytest.fixture(scope="module")
+def tasks_emulator():
+    from emulators.cloudtasks import CloudTasksEmulator
+
+    emulator = CloudTasksEmulator(
+        host="127.0.0.1",
+        port=0,
+        data_dir=None,
+        queue_yaml=str(ROOT / "queue.yaml"),
+        project="test-project",
+        location="us-central1",
+        app_url="http://127.0.0.1:9",
+    ).start()
+    previous = os.environ.get("CLOUD_TASKS_EMULATOR_HOST")
+    os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{emulator.port}"
+    tasks_client.cache_clear()
+    yield emulator
+    emulator.stop()
+    if previous is None:
+        os.environ.pop("CLOUD_TASKS_EMULATOR_HOST")
+    else:
+        os.environ["CLOUD_TASKS_EMULATOR_HOST"] = previous
+    tasks_client.cache_clear()
+
+
+QUEUES = ("default", "reports")
+
+
+@pytest.fixture
+def paused(tasks_emulator, ndb_stub):
+    """Both queues paused and empty; yields a helper returning a queue's tasks in full."""
+    client = tasks_client()
+    for queue in QUEUES:
+        path = gae_deferred.enqueue.queue_path(queue)
+        client.pause_queue(name=path)
+        client.purge_queue(name=path)
+    RESULTS.clear()
+
+    def tasks(queue="default"):
+        return list(
+            client.list_tasks(
+                request={
+                    "parent": gae_deferred.enqueue.queue_path(queue),
+                    "response_view": tasks_v2.Task.View.FULL,
+                }
+            )
+        )
+
+    yield tasks
+    for queue in QUEUES:
+        client.purge_queue(name=gae_deferred.enqueue.queue_path(queue))
+
+
+def body_of(task):
+    return task.app_engine_http_request.body
+
+
+def test_defer_creates_a_signed_app_engine_task(paused):
+    result = defer(add, 2, b=3)
+    (task,) = paused()
+    request = task.app_engine_http_request
+    assert request.http_method == tasks_v2.HttpMethod.POST
+    assert request.relative_uri == "/_ah/queue/deferred/tests.callables.add"
+    assert request.headers["Content-Type"] == "application/octet-stream"
+    assert gae_deferred.run(request.body) == 5
+    assert result.name == task.name.rsplit("/", 1)[-1]
+    assert result.queue == "default" and not result.spilled
+    assert result.function == "tests.callables.add"
+    assert result.task_bytes == len(request.body)
+
+
+def test_lambda_url_is_made_safe(paused):
+    defer(lambda: None)
+    (task,) = paused()
+    uri = task.app_engine_http_request.relative_uri
+    assert uri.endswith("test_defer.test_lambda_url_is_made_safe._locals_._lambda_")
+    assert "<" not in uri
+
+
+def test_countdown_and_eta(paused):
+    before = datetime.datetime.now(datetime.UTC)
+    defer(add, 1, _countdown=3600, _queue="reports")
+    eta = (before + datetime.timedelta(days=10)).replace(microsecond=0, tzinfo=None)
+    defer(add, 2, _eta=eta, _queue="reports")
+    times = sorted(t.schedule_time.timestamp() for t in paused("reports"))
+    assert abs(times[0] - (before.timestamp() + 3600)) < 5
+    assert times[1] == eta.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def test_named_task_dedup(paused):
+    defer(add, 1, _name="nightly-2026-11-28")
+    with pytest.raises(TaskAlreadyExistsError, match="nightly-2026-11-28"):
+        defer(add, 1, _name="nightly-2026-11-28")
+    tasks_client().delete_task(name=paused()[0].name)
+    with pytest.raises(TaskAlreadyExistsError):
+        defer(add, 1, _name="nightly-2026-11-28")
+
+
+def test_routing_and_headers(paused):
+    defer(add, 1, _target="v7.worker", _headers={"X-Trace": "abc"}, _url="/custom/path")
+    defer(add, 2, _service="svc", _version="v2", _instance="3")
+    first, second = sorted(
+        paused(), key=lambda t: t.app_engine_http_request.app_engine_routing.service != "worker"
+    )
+    routing = first.app_engine_http_request.app_engine_routing
+    assert (routing.service, routing.version) == ("worker", "v7")
+    assert first.app_engine_http_request.headers["X-Trace"] == "abc"
+    assert first.app_engine_http_request.relative_uri == "/custom/path"
+    routing = second.app_engine_http_request.app_engine_routing
+    assert (routing.service, routing.version, routing.instance) == ("svc", "v2", "3")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"_queue": "no such queue"}, "not a valid queue name"),
+        ({"_name": "bad/name"}, "not a valid task name"),
+        ({"_countdown": -1}, "_countdown"),
+        ({"_countdown": "10"}, "_countdown"),
+        ({"_countdown": 1, "_eta": datetime.datetime(2030, 1, 1)}, "not both"),
+        ({"_eta": "tomorrow"}, "_eta must be a datetime"),
+        ({"_headers": {"X-AppEngine-QueueName": "x"}}, "Cloud Tasks sets it"),
+        ({"_headers": {"X": 1}}, "str to str"),
+        ({"_url": "http://evil/"}, "_url must be a path"),
+        ({"_target": "a.b.c"}, "_target"),
+        ({"_retry_options": {"task_retry_limit": -1}}, "task_retry_limit"),
+        ({"_retry_options": {"retries": 1}}, "unknown field"),
+    ],
+)
+def test_bad_options_are_clear_errors_and_enqueue_nothing(paused, options, message):
+    with pytest.raises(DeferError, match=message):
+        defer(add, 1, **options)
+    assert paused() == []
+
+
+def test_retry_options_travel_in_the_envelope(paused):
+    class Options:
+        task_retry_limit = 2
+        task_age_limit = 60
+        min_backoff_seconds = None
+        max_backoff_seconds = None
+        max_doublings = None
+
+    defer(add, 1, _retry_options=Options())
+    (task,) = paused()
+    header = envelope.read_header(body_of(task))
+    assert header["retry"] == {"task_retry_limit": 2, "task_age_limit": 60}
+
+
+def test_unknown_queue(paused):
+    with pytest.raises(QueueNotFoundError, match="queues sync"):
+        defer(add, 1, _queue="missing")
+
+
+def test_unpicklable_argument_fails_at_defer_time(paused):
+    with pytest.raises(SerializationError, match="positional argument 0"):
+        defer(add, threading.Lock())
+    assert paused() == []
+
+
+# --- spillover boundaries ---------------------------------------------------------------------
+
+
+def _payload_for_envelope_size(target):
+    """An argument whose envelope (with the default URL and headers) is exactly ``target`` bytes."""
+    gae_deferred.configure(compression_level=0)
+    spec = gae_deferred.enqueue._task_spec(collect, None, None, None, None, None, None, {})
+    size = spec.size(envelope.serialize(collect, b"\0" * target))
+    return b"\0" * (target - (size - target))
+
+
+@pytest.mark.parametrize(("delta", "spilled"), [(-1, False), (0, False), (1, True)])
+def test_spill_threshold_boundary(paused, delta, spilled):
+    limit = gae_deferred.settings().spill_threshold
+    arg = _payload_for_envelope_size(limit + delta)
+    result = defer(collect, arg)
+    assert result.spilled is spilled
+    assert len(spillover.DeferredPayload.query().fetch()) == int(spilled)
+
+
+def test_spilled_task_keeps_name_schedule_queue_headers_and_routing(paused):
+    eta = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=3)
+    result = defer(
+        collect,
+        os.urandom(200_000),
+        _name="big-one",
+        _eta=eta,
+        _queue="reports",
+        _headers={"X-Trace": "t1"},
+        _target="v3.worker",
+        _countdown=None,
+    )
+    assert result.spilled and result.name == "big-one"
+    (task,) = paused("reports")
+    request = task.app_engine_http_request
+    assert task.name.endswith("/tasks/big-one")
+    assert task.schedule_time.timestamp() == eta.timestamp()
+    assert request.headers["X-Trace"] == "t1"
+    assert (request.app_engine_routing.service, request.app_engine_routing.version) == (
+        "worker",
+        "v3",
+    )
+    assert len(request.body) < 2_000
+    record = spillover.get(result.payload_id)
+    assert (record.queue, record.task_name, record.state) == ("reports", "big-one", "pending")
+    assert record.eta == eta
+    assert record.function.endswith("test_defer.collect")
+    assert record.meta["function"] == record.function
+    assert record.task["headers"]["X-Trace"] == "t1"
+
+
+def test_unnamed_spilled_task_is_named_after_its_record(paused):
+    result = defer(collect, os.urandom(300_000))
+    assert result.name == f"d-{result.payload_id}"
+
+
+@pytest.mark.parametrize(("size", "chunks"), [(1_000_000 - 400, 1), (1_048_576, 2), (5_000_000, 6)])
+def test_chunk_boundaries(paused, size, chunks):
+    gae_deferred.configure(compression_level=0)
+    result = defer(collect, b"\1" * size)
+    assert result.chunks == chunks
+    record = spillover.get(result.payload_id)
+    assert record.stored_bytes == result.stored_bytes
+    assert record.payload_bytes >= size
+
+
+def test_hard_cap(paused):
+    gae_deferred.configure(compression_level=0)
+    cap = gae_deferred.settings().max_payload_bytes
+    result = defer(collect, os.urandom(cap - 1024))
+    assert result.chunks == 34
+    with pytest.raises(PayloadTooLargeError, match="over the 33,554,432 byte cap"):
+        defer(collect, b"\0" * cap)
+    assert len(spillover.DeferredPayload.query().fetch()) == 1
+
+
+def test_large_spill_is_written_in_commits_under_datastore_limit(paused, ndb_stub):
+    gae_deferred.configure(compression_level=0)
+    commits = []
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+
+    def counted(request, *args, **kwargs):
+        commits.append(
+            sum(
+                len(m.upsert.properties["data"].blob_value)
+                for m in request.mutations
+                if "data" in m.upsert.properties
+            )
+        )
+        return original(request, *args, **kwargs)
+
+    wrapper.func = counted
+    defer(collect, b"\2" * 20_000_000)
+    wrapper.func = original
+    assert len(commits) == 3
+    assert max(commits) <= 10 * 1024 * 1024
+
+
+def test_cloud_tasks_too_large_under_threshold_spills(paused):
+    gae_deferred.configure(spill_threshold=500_000, compression_level=0)
+    result = defer(collect, b"\0" * 200_000)
+    assert result.spilled
+    (task,) = paused()
+    assert len(body_of(task)) < 2_000
+
+
+def test_closure_with_600kb_argument_round_trips_through_spill_and_run(paused):
+    blob = os.urandom(600_000)
+
+    def closure():
+        collect(blob)
+
+    result = defer(closure)
+    assert result.spilled
+    (task,) = paused()
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    response = app.post(
+        task.app_engine_http_request.relative_uri,
+        body_of(task),
+        headers={"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": result.name},
+    )
+    assert response.status_int == 200
+    assert [(blob,)] == RESULTS
+    assert spillover.get(result.payload_id) is None
+
+
+def test_spill_rpcs_one_commit_and_one_create_task(paused, tasks_emulator, ndb_stub):
+    calls = []
+    for name in ("lookup", "commit", "run_query"):
+        wrapper = getattr(ndb_stub.stub, name)
+        original = wrapper.func
+        wrapper.func = lambda req, *a, _n=name, _o=original, **k: (
+            calls.append(_n),
+            _o(req, *a, **k),
+        )[1]
+    tasks_emulator.reset_counts()
+    defer(collect, os.urandom(3_000_000))
+    assert calls == ["commit"]
+    assert tasks_emulator.rpc_counts["CreateTask"] == 1
+
+
+# --- transactional ----------------------------------------------------------------------------
+
+
+class Order(ndb.Model):
+    total = ndb.IntegerProperty()
+
+
+def test_transactional_defer_enqueues_on_commit(paused):
+    @ndb.transactional()
+    def place():
+        Order(id="o1", total=3).put()
+        result = defer(add, 1, _transactional=True)
+        assert paused() == []
+        return result
+
+    result = place()
+    (task,) = paused()
+    assert task.name.endswith("/tasks/" + result.name)
+    assert spillover.get(result.payload_id).transactional
+
+
+def test_transactional_defer_rolled_back_leaves_nothing(paused):
+    @ndb.transactional()
+    def place():
+        Order(id="o2", total=3).put()
+        defer(add, 1, _transactional=True)
+        raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError):
+        place()
+    assert paused() == []
+    assert spillover.DeferredPayload.query().fetch() == []
+    assert Order.get_by_id("o2") is None
+
+
+def test_transactional_outside_a_transaction_is_refused(paused):
+    with pytest.raises(DeferError, match="needs an active ndb transaction"):
+        defer(add, 1, _transactional=True)
+
+
+def test_cloud_tasks_unavailable_is_a_clear_error_and_leaves_no_spill(ndb_stub, monkeypatch):
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
+    tasks_client.cache_clear()
+    try:
+        with pytest.raises(EnqueueError, match="Cloud Tasks could not create the task"):
+            defer(collect, os.urandom(300_000))
+        assert spillover.DeferredPayload.query().fetch() == []
+    finally:
+        tasks_client.cache_clear()
