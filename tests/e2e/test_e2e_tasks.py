@@ -1,0 +1,154 @@
+"""defer() from this process into the real stack: every task outcome, observed end to end."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+import uuid
+
+import e2e_tasks
+import pytest
+import requests
+from e2e_helpers import failure_state, payload_exists, wait_for, wait_for_runs
+
+import gae_deferred
+from emulators.stack import LocalStack
+from gae_deferred import defer, serialize
+
+
+def test_small_task_runs_inline_in_the_app(e2e: LocalStack, run_dir: pathlib.Path) -> None:
+    task = defer(e2e_tasks.record, str(run_dir), "small")
+
+    assert not task.spilled
+    [run] = wait_for_runs(run_dir, "small", 1)
+    assert run["task_name"] == task.name
+    assert run["queue"] == "default"
+    assert run["pid"] != os.getpid()
+
+
+def test_closure_capturing_a_local_runs(e2e: LocalStack, run_dir: pathlib.Path) -> None:
+    label = f"closure-{uuid.uuid4().hex[:8]}"
+    directory = str(run_dir)
+
+    defer(lambda: e2e_tasks.record(directory, label))
+
+    wait_for_runs(run_dir, label, 1)
+
+
+def test_600kb_argument_spills_and_its_record_goes_after_success(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    # Random bytes: the envelope compresses, and a repetitive payload would not spill.
+    payload = os.urandom(600 * 1024)
+
+    task = defer(e2e_tasks.record, str(run_dir), "spill", payload)
+
+    assert task.spilled and task.chunks == 1 and task.payload_id
+    [run] = wait_for_runs(run_dir, "spill", 1)
+    assert run["arg_bytes"] == len(payload)
+    wait_for(lambda: not payload_exists(task.payload_id), "the spilled record to be deleted")
+
+
+def test_3mb_argument_is_chunked_and_runs(e2e: LocalStack, run_dir: pathlib.Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+
+    task = defer(e2e_tasks.record, str(run_dir), "chunked", payload)
+
+    assert task.spilled and task.chunks >= 3
+    [run] = wait_for_runs(run_dir, "chunked", 1, timeout=40)
+    assert run["arg_bytes"] == len(payload)
+    wait_for(lambda: not payload_exists(task.payload_id), "the chunked record to be deleted")
+
+
+def test_failing_task_is_retried_with_backoff_then_resolved(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    task = defer(e2e_tasks.fail_until, str(run_dir), "flaky", 2)
+
+    runs = wait_for_runs(run_dir, "flaky", 3)
+    assert [run["retry_count"] for run in runs] == [0, 1, 2]
+    # tests/e2e/queue.yaml: min_backoff 0.2 s, doubling.
+    assert runs[1]["time"] - runs[0]["time"] >= 0.15
+    assert runs[2]["time"] - runs[1]["time"] >= 0.3
+    wait_for(lambda: failure_state("default", task.name) == "resolved", "failure resolved")
+
+
+def test_retry_limit_exhausted_leaves_a_dead_failure(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    # The per-task limit matches tests/e2e/queue.yaml's (3): the app decides "dead" from it,
+    # because main.py configures the repository's queue.yaml (limit 5) for the app.
+    task = defer(
+        e2e_tasks.always_fail, str(run_dir), "doomed", _retry_options={"task_retry_limit": 3}
+    )
+
+    runs = wait_for_runs(run_dir, "doomed", 4)
+    assert [run["retry_count"] for run in runs] == [0, 1, 2, 3]
+    wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
+    time.sleep(1.5)
+    assert len(e2e_tasks.runs(run_dir, "doomed")) == 4, "retried beyond task_retry_limit"
+
+
+def test_permanent_failure_answers_200_and_is_not_retried(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    task = defer(e2e_tasks.give_up, str(run_dir), "permanent")
+
+    wait_for_runs(run_dir, "permanent", 1)
+    wait_for(lambda: failure_state("default", task.name) == "permanent", "permanent failure")
+    access_line = '/_ah/queue/deferred/e2e_tasks.give_up HTTP/1.1" 200'
+    wait_for(lambda: access_line in e2e.log_file("app").read_text(), "a 200 in the access log")
+    time.sleep(1)
+    assert len(e2e_tasks.runs(run_dir, "permanent")) == 1
+
+
+def test_named_task_is_deduplicated(e2e: LocalStack, run_dir: pathlib.Path) -> None:
+    name = f"e2e-named-{uuid.uuid4().hex}"
+
+    task = defer(e2e_tasks.record, str(run_dir), "named", _name=name)
+    with pytest.raises(gae_deferred.TaskAlreadyExistsError):
+        defer(e2e_tasks.record, str(run_dir), "named", _name=name)
+
+    assert task.name == name
+    [run] = wait_for_runs(run_dir, "named", 1)
+    assert run["task_name"] == name
+    # Still refused after it ran: Cloud Tasks keeps names for about an hour.
+    with pytest.raises(gae_deferred.TaskAlreadyExistsError):
+        defer(e2e_tasks.record, str(run_dir), "named", _name=name)
+
+
+def test_countdown_task_does_not_run_before_its_time(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    started = time.time()
+
+    defer(e2e_tasks.record, str(run_dir), "countdown", _countdown=3)
+
+    time.sleep(2)
+    assert e2e_tasks.runs(run_dir, "countdown") == []
+    [run] = wait_for_runs(run_dir, "countdown", 1)
+    assert run["time"] >= started + 3 - 0.05
+
+
+def _task_headers(name: str) -> dict[str, str]:
+    return {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": name}
+
+
+def test_forged_task_posts_get_403_and_run_nothing(e2e: LocalStack, run_dir: pathlib.Path) -> None:
+    url = e2e.app_url + "/_ah/queue/deferred"
+    genuine = serialize(e2e_tasks.record, str(run_dir), "forged")
+    gae_deferred.configure(signing_key="ab" * 32)
+    other_key = serialize(e2e_tasks.record, str(run_dir), "forged")
+    tampered = genuine[:-40] + bytes([genuine[-40] ^ 1]) + genuine[-39:]
+
+    answers = [
+        requests.post(url, data=genuine, timeout=10),  # signed, but no task headers
+        requests.post(url, data=other_key, headers=_task_headers("forged-1"), timeout=10),
+        requests.post(url, data=tampered, headers=_task_headers("forged-2"), timeout=10),
+        requests.post(url, data=b"not an envelope", headers=_task_headers("forged-3"), timeout=10),
+    ]
+
+    assert [answer.status_code for answer in answers] == [403, 403, 403, 403]
+    time.sleep(0.5)
+    assert e2e_tasks.runs(run_dir, "forged") == []
