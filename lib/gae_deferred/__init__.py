@@ -34,6 +34,8 @@ from .errors import (
     TaskAlreadyExistsError,
 )
 from .execution import TaskOutcome, execute_task, run, set_log_level
+from .idempotency import idempotent
+from .sweeper import SweepReport, sweep
 
 __all__ = [
     "ConfigurationError",
@@ -48,6 +50,7 @@ __all__ = [
     "SerializationError",
     "Settings",
     "SingularTaskFailure",
+    "SweepReport",
     "TaskAlreadyExistsError",
     "TaskInfo",
     "TaskOutcome",
@@ -55,11 +58,13 @@ __all__ = [
     "current_task",
     "defer",
     "execute_task",
+    "idempotent",
     "queue_name",
     "run",
     "serialize",
     "set_log_level",
     "settings",
+    "sweep",
     "task_execution_count",
     "task_name",
     "task_retry_count",

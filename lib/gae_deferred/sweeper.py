@@ -1,0 +1,101 @@
+"""The sweeper: finishes what a crash left half done, and purges what has expired.
+
+It runs from cron.yaml (``/_ah/deferred-admin/cron/sweep``), from the dashboard, and on a timer
+on the local stack::
+
+    from gae_deferred.sweeper import sweep
+    report = sweep()        # SweepReport(reenqueued=1, already_queued=0, purged_payloads=0, ...)
+
+1. A spilled or outboxed payload still ``pending`` well past its ETA never had its task
+   created (the process died between the Datastore commit and CreateTask, or CreateTask
+   failed): the sweeper creates the task under the record's own name. ALREADY_EXISTS means the
+   task is there after all (a paused or backlogged queue); the record is checked again later.
+2. Dead letters and permanent failures older than the retention period are deleted, with
+   their payloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+
+from google.cloud import ndb
+
+from . import enqueue, failures, spillover
+from ._config import settings
+from ._datastore import ndb_context
+from .errors import DeferError, TaskAlreadyExistsError
+
+logger = logging.getLogger("gae_deferred")
+
+_FINISHED_FAILURES = (failures.PERMANENT, failures.DEAD, failures.RESOLVED, failures.DISMISSED)
+
+
+@dataclasses.dataclass
+class SweepReport:
+    """What one sweep did."""
+
+    reenqueued: int = 0
+    already_queued: int = 0
+    purged_payloads: int = 0
+    purged_failures: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+
+def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport:
+    """One pass: re-enqueue stuck payloads, purge expired dead letters. Reads at most 3 batches."""
+    now = now or spillover.now()
+    report = SweepReport()
+    with ndb_context():
+        _reenqueue_stuck(now, batch, report)
+        _purge_expired(now, batch, report)
+    if report.reenqueued or report.errors:
+        logger.warning("sweeper: %s", report)
+    return report
+
+
+def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) -> None:
+    cutoff = now - datetime.timedelta(seconds=settings().sweep_grace_seconds)
+    query = spillover.DeferredPayload.query(
+        spillover.DeferredPayload.state == spillover.PENDING,
+        spillover.DeferredPayload.eta < cutoff,
+    )
+    touched = []
+    for record in query.fetch(batch):
+        try:
+            enqueue.enqueue_record(record, eta=now)
+        except TaskAlreadyExistsError:
+            report.already_queued += 1
+        except DeferError as exc:
+            report.errors.append(f"{record.key.id()}: {exc}")
+            continue
+        else:
+            report.reenqueued += 1
+        # Look again only after another grace period, not on every sweep.
+        record.eta = now
+        record.updated = now
+        touched.append(record)
+    if touched:
+        ndb.put_multi(touched)
+
+
+def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> None:
+    cutoff = now - datetime.timedelta(seconds=settings().dead_letter_retention_seconds)
+    records = spillover.DeferredPayload.query(
+        spillover.DeferredPayload.state.IN([spillover.FAILED, spillover.DEAD]),
+        spillover.DeferredPayload.updated < cutoff,
+    ).fetch(batch)
+    doomed: list[ndb.Key] = []
+    for record in records:
+        doomed += [record.key, *spillover.chunk_keys(record.key.id(), record.chunks or 0)]
+    report.purged_payloads = len(records)
+    failure_keys = failures.DeferredFailure.query(
+        failures.DeferredFailure.state.IN(list(_FINISHED_FAILURES)),
+        failures.DeferredFailure.last_seen < cutoff,
+    ).fetch(batch, keys_only=True)
+    for key in failure_keys:
+        doomed += [key, failures.payload_key(key.id())]
+    report.purged_failures = len(failure_keys)
+    if doomed:
+        ndb.delete_multi(doomed)

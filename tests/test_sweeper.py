@@ -1,0 +1,150 @@
+"""The sweeper repairs a crash between commit and enqueue, and purges expired dead letters."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import webapp2
+import webtest
+from google.cloud import ndb
+
+import gae_deferred
+from gae_deferred import defer, failures, idempotent, serialize, spillover, sweep
+from gae_deferred._tasks_client import tasks_client
+from handlers import deferred_routes
+from tests.test_defer import collect, paused, tasks_emulator  # noqa: F401 - shared fixtures
+
+CALLS: list = []
+
+
+def later(days=0, seconds=0):
+    return spillover.now() + datetime.timedelta(days=days, seconds=seconds)
+
+
+def test_crash_between_commit_and_enqueue_is_repaired(paused, monkeypatch):  # noqa: F811
+    # Cloud Tasks unreachable at commit time: the transaction commits, the enqueue fails.
+    real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
+    tasks_client.cache_clear()
+
+    result = ndb.transaction(lambda: defer(collect, "paid", _transactional=True))
+
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
+    tasks_client.cache_clear()
+    assert paused() == []
+    assert spillover.get(result.payload_id).state == spillover.PENDING
+
+    assert sweep().reenqueued == 0  # still inside the grace period
+    report = sweep(now=later(seconds=gae_deferred.settings().sweep_grace_seconds + 1))
+    assert report.reenqueued == 1 and report.errors == []
+    (task,) = paused()
+    assert task.name.endswith("/tasks/" + result.name)
+
+    # The repaired task runs the original payload.
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": result.name}
+    assert app.post("/_ah/queue/deferred", task.app_engine_http_request.body, headers=headers)
+    assert spillover.get(result.payload_id) is None
+
+
+def test_task_that_exists_is_not_duplicated(paused):  # noqa: F811
+    result = defer(collect, os.urandom(200_000))
+    report = sweep(now=later(days=1))
+    assert (report.reenqueued, report.already_queued) == (0, 1)
+    assert len(paused()) == 1
+    # Checked again only after another grace period.
+    assert spillover.get(result.payload_id).eta > spillover.now() + datetime.timedelta(hours=23)
+
+
+def test_enqueue_failure_is_reported_and_retried_later(paused, monkeypatch):  # noqa: F811
+    result = defer(collect, os.urandom(200_000))
+    tasks_client().delete_task(name=paused()[0].name)
+    record = spillover.get(result.payload_id)
+    record.queue = "missing-queue"
+    record.put()
+    report = sweep(now=later(days=1))
+    assert report.reenqueued == 0 and "missing-queue" in report.errors[0]
+    assert spillover.get(result.payload_id).state == spillover.PENDING
+
+
+def test_dead_letters_are_purged_after_retention(ndb_stub):
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "t"}
+    app.post("/_ah/queue/deferred", serialize(_fail), headers=headers, status=200)
+    (record,) = failures.DeferredFailure.query().fetch()
+    assert record.state == failures.PERMANENT
+    assert sweep(now=later(days=29)).purged_failures == 0
+    assert sweep(now=later(days=31)).purged_failures == 1
+    assert failures.DeferredFailure.query().fetch() == []
+    assert failures.get_payload(record.id) is None
+
+
+def test_failed_spilled_payloads_are_purged_after_retention(ndb_stub):
+    record, chunks = spillover.build_record(
+        "p1",
+        b"x" * 10,
+        {"function": "f"},
+        queue="default",
+        task_name="t",
+        eta=spillover.now(),
+        task={},
+    )
+    record.state = spillover.DEAD
+    spillover.write(record, chunks)
+    assert sweep(now=later(days=31)).purged_payloads == 1
+    assert spillover.get("p1") is None
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+
+
+def _fail():
+    raise gae_deferred.PermanentTaskFailure("no")
+
+
+@idempotent
+def charge(amount):
+    CALLS.append(amount)
+    return amount
+
+
+@idempotent(key=lambda order_id: order_id, transactional=True)
+def ship(order_id):
+    CALLS.append(order_id)
+
+
+def test_idempotent_runs_once_per_task(ndb_stub):
+    CALLS.clear()
+    task = gae_deferred.TaskInfo(name="t1", queue="default")
+    with gae_deferred.context.running(task):
+        assert charge(5) == 5
+        assert charge(5) is None
+    with gae_deferred.context.running(gae_deferred.TaskInfo(name="t2", queue="default")):
+        charge(6)
+    assert CALLS == [5, 6]
+
+
+def test_idempotent_outside_a_task_just_runs(ndb_stub):
+    CALLS.clear()
+    charge(1)
+    charge(1)
+    assert CALLS == [1, 1]
+
+
+def test_idempotent_with_a_key_in_a_transaction(ndb_stub):
+    CALLS.clear()
+    ship("o-1")
+    ship("o-1")
+    ship("o-2")
+    assert CALLS == ["o-1", "o-2"]
+
+
+@pytest.mark.parametrize("attempts", [2])
+def test_task_delivered_twice_runs_once(ndb_stub, attempts):
+    CALLS.clear()
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    data = serialize(charge, 9)
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "dup"}
+    for _ in range(attempts):
+        app.post("/_ah/queue/deferred", data, headers=headers, status=200)
+    assert CALLS == [9]
