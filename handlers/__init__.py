@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import webapp2
 
+from .deferred_admin import admin_routes
 from .deferred_task import task_routes
 
 
 def deferred_routes() -> list[webapp2.Route]:
     """The task endpoint and the admin dashboard, as a list of routes."""
-    return task_routes()
+    return task_routes() + admin_routes()

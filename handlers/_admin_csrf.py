@@ -1,0 +1,69 @@
+"""CSRF protection for the dashboard: a random secret in a cookie, an HMAC of it in forms.
+
+The cookie (HttpOnly, SameSite=Strict, Secure on https) holds a random secret; the token
+is HMAC(server key, secret), so a page of another origin can neither read nor compute it::
+
+    secret, fresh = csrf.cookie_secret(request)
+    token = csrf.token_for(secret)            # put in forms / send as X-CSRF-Token
+    csrf.valid(request)                       # on every POST
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+import webob
+
+from gae_deferred import ConfigurationError
+from gae_deferred._signing import signing_key
+
+COOKIE = "deferred_admin_csrf"
+HEADER = "X-CSRF-Token"
+FIELD = "csrf_token"
+COOKIE_PATH = "/_ah/deferred-admin"
+_SECRET = re.compile(r"^[0-9a-f]{64}$")
+_fallback_key = secrets.token_bytes(32)
+
+
+def _server_key() -> bytes:
+    # Tied to the app's signing key (shared by all instances) so a token works on any of them;
+    # an attacker who can plant a cookie still cannot compute its token.
+    try:
+        return hashlib.sha256(b"gae_deferred admin csrf\0" + signing_key()[1]).digest()
+    except ConfigurationError:
+        return _fallback_key
+
+
+def cookie_secret(request: webob.Request) -> tuple[str, bool]:
+    """The request's secret, or a new one; the bool says the cookie must be (re)set."""
+    secret = request.cookies.get(COOKIE, "")
+    if _SECRET.match(secret):
+        return secret, False
+    return secrets.token_hex(32), True
+
+
+def set_cookie(response: webob.Response, request: webob.Request, secret: str) -> None:
+    response.set_cookie(
+        COOKIE,
+        secret,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=request.scheme == "https",
+    )
+
+
+def token_for(secret: str) -> str:
+    return hmac.new(_server_key(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def valid(request: webob.Request) -> bool:
+    """True when the POST carries the token of its own cookie (form field or header)."""
+    secret = request.cookies.get(COOKIE, "")
+    if not _SECRET.match(secret):
+        return False
+    sent = request.headers.get(HEADER) or request.POST.get(FIELD) or ""
+    return hmac.compare_digest(sent.encode(), token_for(secret).encode())
