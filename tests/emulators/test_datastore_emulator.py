@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import select
 import signal
@@ -113,6 +114,32 @@ def test_query_filters_and_orders(client):
         assert [e.n for e in window] == [3, 4, 5]
         assert sorted(e.n for e in DsEmuThing.query(DsEmuThing.n.IN([2, 7, 40]))) == [2, 7]
         assert DsEmuThing.query(DsEmuThing.tag == "none").fetch() == []
+
+
+def test_filters_on_dates_booleans_and_list_properties(client):
+    class DsEmuEvent(ndb.Model):
+        when = ndb.DateTimeProperty()
+        done = ndb.BooleanProperty()
+        labels = ndb.StringProperty(repeated=True)
+
+    start = datetime.datetime(2024, 1, 1)
+    with client.context():
+        ndb.put_multi(
+            [
+                DsEmuEvent(
+                    id=i,
+                    when=start + datetime.timedelta(days=i),
+                    done=i % 2 == 0,
+                    labels=["all", f"n{i}"],
+                )
+                for i in range(1, 6)
+            ]
+        )
+        later = DsEmuEvent.query(DsEmuEvent.when > start + datetime.timedelta(days=3))
+        assert sorted(e.key.id() for e in later) == [4, 5]
+        assert sorted(e.key.id() for e in DsEmuEvent.query(DsEmuEvent.done == True)) == [2, 4]  # noqa: E712
+        assert DsEmuEvent.query(DsEmuEvent.labels == "all").count() == 5
+        assert [e.key.id() for e in DsEmuEvent.query(DsEmuEvent.labels == "n3")] == [3]
 
 
 def test_fetch_page_walks_every_result_once(client):
