@@ -164,8 +164,10 @@ def test_payload_that_cannot_be_unpickled_is_200_and_recorded(app):
     response = post(app, data)
     assert response.status_int == 200
     (record,) = all_failures()
-    assert record.state == failures.PERMANENT
+    assert record.state == failures.DEAD
     assert "cannot load payload of gone.module.fn" in record.message
+    assert "written by Python 3.11" in record.message
+    assert failures.get_payload(record.id) == data
 
 
 def test_other_exception_is_500_with_traceback_then_resolved(app):

@@ -60,7 +60,7 @@ class Envelope:
     """A verified envelope: its metadata header and its (decompressed) body."""
 
     header: dict[str, Any]
-    body: bytes
+    body: bytes | memoryview
     flags: int
     size: int
 
@@ -235,7 +235,8 @@ def open_envelope(data: bytes) -> Envelope:
     expected = hmac.new(key, memoryview(data)[: size - _MAC_BYTES], hashlib.sha256).digest()
     if not hmac.compare_digest(expected, data[size - _MAC_BYTES :]):
         raise PermanentTaskFailure("envelope signature does not match: tampered or truncated")
-    body = data[header_end : size - _MAC_BYTES]
+    # A view, not a copy: a spilled payload can be 32 MiB and pickle reads views directly.
+    body: bytes | memoryview = memoryview(data)[header_end : size - _MAC_BYTES]
     if flags & FLAG_ZLIB:
         try:
             body = zlib.decompress(body)
@@ -244,17 +245,21 @@ def open_envelope(data: bytes) -> Envelope:
     return Envelope(header=header, body=body, flags=flags, size=size)
 
 
+class PayloadLoadError(PermanentTaskFailure):
+    """A verified payload does not load in this runtime: version skew, renamed code."""
+
+
 def load_call(envelope: Envelope) -> tuple[Callable, tuple, dict]:
     """Unpickle a verified envelope into (callable, args, kwargs).
 
     A payload that cannot load in this runtime (a function renamed since, a newer pickle
-    protocol, a missing module) raises PermanentTaskFailure naming both runtimes' versions.
+    protocol, a missing module) raises PayloadLoadError naming both runtimes' versions.
     """
     try:
         obj, args, kwargs = pickle.loads(envelope.body)
     except Exception as exc:
         header = envelope.header
-        raise PermanentTaskFailure(
+        raise PayloadLoadError(
             f"cannot load payload of {envelope.function}: {type(exc).__name__}: {exc}; "
             f"it was written by Python {header.get('python')} / cloudpickle "
             f"{header.get('cloudpickle')} / app version {header.get('app_version')}, this runtime "

@@ -162,6 +162,10 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
     except SingularTaskFailure:
         logger.debug("task %s asked to be retried", task.name)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
+    except envelope.PayloadLoadError as exc:
+        # Kept as a dead letter: the dashboard can retrigger it onto a version that loads it.
+        logger.error("task %s cannot load here: %s", task.name, exc)
+        return _record(attempt, exc, dead=True)
     except PermanentTaskFailure as exc:
         logger.warning("task %s failed permanently: %s", task.name, exc)
         return _record(attempt, exc, permanent=True)
