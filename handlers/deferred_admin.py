@@ -199,7 +199,14 @@ class _Base(webapp2.RequestHandler):
         if self.json_api:
             self.send_json({"ok": True, "message": message, **(data or {})})
             return
-        self.render("done.html", title="Done", message=message, back=back, result=data or {})
+        errors = (data or {}).get("errors")
+        self.render(
+            "done.html",
+            title="Done",
+            message=message,
+            back=back,
+            errors=errors if isinstance(errors, dict) else {},
+        )
 
     def needs_confirmation(self, question: str, cancel: str, **fields: Any) -> bool:
         """For HTML forms without confirm=yes, render the confirmation page and say so."""
@@ -605,7 +612,8 @@ class AuditPage(_Base):
 class SweepNow(_Base):
     def post(self) -> None:
         report = admin.run_sweeper(self.actor)
-        self.done(f"Sweeper ran: {report}", PREFIX, {"report": report})
+        summary = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in report.items())
+        self.done(f"Sweeper ran. {summary}", PREFIX, {"report": report})
 
 
 class CronSweep(_Base):
@@ -679,6 +687,7 @@ def admin_routes() -> list[webapp2.Route]:
         (f"/failures/{_ID.format(name='failure_id')}/delete", FailureDelete),
         ("/queues", QueueList),
         (f"/queues/{_ID.format(name='queue')}", QueueTasks),
+        (f"/queues/{_ID.format(name='queue')}/tasks", QueueTasks),
         (f"/queues/{_ID.format(name='queue')}/pause", QueuePause),
         (f"/queues/{_ID.format(name='queue')}/resume", QueueResume),
         (f"/queues/{_ID.format(name='queue')}/purge", QueuePurge),
@@ -691,6 +700,8 @@ def admin_routes() -> list[webapp2.Route]:
         ("/sweep", SweepNow),
     ]
     routes = [webapp2.Route(f"{PREFIX}/", OverviewPage)]
+    # DESIGN.md: GET api/failures lists failures; the HTML page of that path shows groups.
+    routes.append(webapp2.Route(f"{PREFIX}/api/failures", _api(FailureList)))
     for path, handler in pages:
         routes.append(webapp2.Route(f"{PREFIX}{path}", handler))
         routes.append(webapp2.Route(f"{PREFIX}/api{path or '/overview'}", _api(handler)))

@@ -858,14 +858,16 @@ def audit_json(entry: audit.DeferredAudit) -> dict[str, Any]:
     }
 
 
-def run_sweeper(actor: str | None) -> str:
-    """Run ``gae_deferred.sweeper.sweep()`` once; returns its report as text."""
+def run_sweeper(actor: str | None) -> dict[str, Any]:
+    """Run ``gae_deferred.sweeper.sweep()`` once; returns its report as a dict."""
     from . import sweeper
 
-    result = sweeper.sweep()
+    report = sweeper.sweep()
+    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else {"report": report}
     if actor:
-        audit.record(actor, "sweep", "sweeper", str(result))
-    return str(result)
+        summary = ", ".join(f"{key} {value}" for key, value in data.items() if value)
+        audit.record(actor, "sweep", "sweeper", summary or "nothing to do")
+    return data
 
 
 def _iso(value: datetime.datetime | None) -> str | None:
