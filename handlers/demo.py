@@ -106,6 +106,10 @@ KINDS: dict[str, DemoKind] = {
 }
 
 
+_FLASH_KEYS = frozenset({"kind", "label", "task", "queue", "spilled", "payload_bytes"})
+_ERROR_KEYS = frozenset({"kind", "error"})
+
+
 def _encode_flash(data: dict[str, str]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
 
@@ -118,7 +122,7 @@ def _decode_flash(value: str | None) -> dict[str, str] | None:
         data = json.loads(base64.urlsafe_b64decode(value.encode()))
     except (ValueError, binascii.Error):
         return None
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not (_FLASH_KEYS.issubset(data) or _ERROR_KEYS.issubset(data)):
         return None
     return {str(k): str(v) for k, v in data.items()}
 

@@ -1,0 +1,42 @@
+# Everything a fresh clone needs, with only Python 3.11 and make installed:
+#   make run    the app + Datastore and Cloud Tasks emulators (Ctrl-C stops them)
+#   make test   every test, end-to-end and browser ones included
+#   make lint   ruff check + ruff format --check
+#   make bench  the benchmarks
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-installs when a requirements file is newer than the last install.
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv run test lint bench clean distclean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/python -m emulators.stack
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+# Local state (emulator data, signing key, logs) and caches; the venv stays.
+clean:
+	rm -rf .local test-output .pytest_cache .ruff_cache .hypothesis benchmarks/output
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
