@@ -71,8 +71,34 @@ def _bytes(value: int | None) -> str:
     return f"{value} B"
 
 
-def _timestamp(value: datetime.datetime | None) -> str:
+def _timestamp(value: datetime.datetime | str | None) -> str:
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if not seconds:
+        return "0s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _retry(policy: dict[str, Any]) -> str:
+    """'6 attempts, backoff 1s-60s (4 doublings), for at most 1d' from a queue's retry dict."""
+    if not policy:
+        return "-"
+    attempts = policy.get("max_attempts")
+    parts = ["unlimited attempts" if attempts in (None, -1) else f"{attempts} attempts"]
+    parts.append(
+        f"backoff {_duration(policy.get('min_backoff'))}-{_duration(policy.get('max_backoff'))}"
+        f" ({policy.get('max_doublings')} doublings)"
+    )
+    if policy.get("max_retry_duration"):
+        parts.append(f"for at most {_duration(policy['max_retry_duration'])}")
+    return ", ".join(parts)
 
 
 _jinja = jinja2.Environment(
@@ -82,7 +108,7 @@ _jinja = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_jinja.filters.update(age=_age, bytes=_bytes, ts=_timestamp)
+_jinja.filters.update(age=_age, bytes=_bytes, ts=_timestamp, retry=_retry)
 _jinja.globals.update(prefix=PREFIX, refresh_choices=_REFRESH_CHOICES)
 
 
@@ -403,13 +429,20 @@ class FailureList(_Base):
             return
         self.render(
             "failure_list.html",
-            title="Failures" + (f" of {group}" if group else ""),
+            title=_group_title(group),
             page=page,
             state=state or "all",
             group=group or "",
             states=("all", *admin.failures.STATES),
             retriggerable=admin.failures.RETRIGGERABLE,
         )
+
+
+def _group_title(group: str | None) -> str:
+    if not group:
+        return "Failures"
+    function, _, exception_type = group.rpartition("|")
+    return f"{function} raised {exception_type.rsplit('.', 1)[-1]}"
 
 
 class FailureDetail(_Base):
@@ -461,14 +494,15 @@ class FailureRetryGroup(_Base):
     def post(self) -> None:
         group = self.param("group")
         if self.needs_confirmation(
-            f"Retry up to {admin.MAX_BULK} failures of {group}?",
+            f"Retry up to {admin.MAX_BULK} failures where {_group_title(group)}?",
             f"{PREFIX}/failures",
             group=group,
         ):
             return
         result = admin.retry_group(group, self.actor)
         self.done(
-            f"Retried {len(result.done)} failure(s) of {group}; {len(result.errors)} failed.",
+            f"Retried {len(result.done)} failure(s) where {_group_title(group)}; "
+            f"{len(result.errors)} could not be retried.",
             f"{PREFIX}/failures",
             {"done": result.done, "errors": result.errors},
         )

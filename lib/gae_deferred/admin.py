@@ -671,6 +671,7 @@ def _parent() -> str:
 
 
 def _retry_json(definition: QueueDefinition | None, queue: tasks_v2.Queue | None) -> dict:
+    """The retry policy in Cloud Tasks' terms (queue.yaml's when Cloud Tasks has no queue)."""
     if queue is not None and "retry_config" in queue:
         config = queue.retry_config
         return {
@@ -681,7 +682,16 @@ def _retry_json(definition: QueueDefinition | None, queue: tasks_v2.Queue | None
             "max_doublings": config.max_doublings,
         }
     if definition is not None:
-        return dataclasses.asdict(definition.retry)
+        retry = definition.retry
+        return {
+            "max_attempts": (
+                retry.task_retry_limit + 1 if retry.task_retry_limit is not None else -1
+            ),
+            "max_retry_duration": retry.task_age_limit or 0.0,
+            "min_backoff": retry.min_backoff_seconds,
+            "max_backoff": retry.max_backoff_seconds,
+            "max_doublings": retry.max_doublings,
+        }
     return {}
 
 

@@ -1,0 +1,114 @@
+"""Browser fixtures: the real local stack (both emulators + gunicorn) and headless chromium.
+
+Chromium is the system one (``/usr/bin/chromium``); Playwright never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from emulators.stack import LocalStack
+
+BROWSER_DIR = pathlib.Path(__file__).resolve().parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+# The tests defer browser_tasks functions; the app imports the same module by this name.
+sys.path.insert(0, str(BROWSER_DIR))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if pathlib.Path(str(item.fspath)).parent == BROWSER_DIR:
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    local = LocalStack(
+        tmp_path_factory.mktemp("browser-stack"),
+        app_port=0,
+        datastore_port=0,
+        tasks_port=0,
+        extra_pythonpath=[BROWSER_DIR],
+        workers=1,
+    )
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def _clear_clients() -> None:
+    from gae_deferred import _config, _datastore, _tasks_client
+
+    _config.reset()
+    _tasks_client.tasks_client.cache_clear()
+    _datastore._default_client.cache_clear()
+
+
+@pytest.fixture
+def live(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalStack]:
+    """The stack, with this process's gae_deferred pointed at it (as after `. .local/env`)."""
+    monkeypatch.delenv("GAE_DEFERRED_SIGNING_KEY", raising=False)
+    for name, value in stack.env.items():
+        if name != "PYTHONPATH":
+            monkeypatch.setenv(name, value)
+    _clear_clients()
+    yield stack
+    _clear_clients()
+
+
+def _system_chromium_version() -> str:
+    import subprocess
+
+    return subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    if not pathlib.Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (as .ci/run does)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # The system chromium, not a Playwright download.
+        assert chromium.version.split(".")[0] in _system_chromium_version()
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, live):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    tab = context.new_page()
+    errors: list[str] = []
+    # A CSP violation or script error shows up as a console error: the pages must have none.
+    tab.on(
+        "console",
+        lambda message: (
+            errors.append(f"{message.text} {message.location.get('url')}")
+            if message.type == "error"
+            else None
+        ),
+    )
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    yield tab
+    context.close()
+    assert errors == [], errors
