@@ -418,6 +418,8 @@ class LocalStack:
             "120",
             "--graceful-timeout",
             "5",
+            # gunicorn's control socket is one path per user: two stacks would fight over it.
+            "--no-control-socket",
             "--access-logfile",
             "-",
             "--error-logfile",
@@ -518,7 +520,9 @@ class LocalStack:
 
     def describe(self) -> str:
         """The lines `make run` prints once everything is up."""
-        rel = os.path.relpath(self.base_dir)
+        rel = str(self.base_dir)
+        with contextlib.suppress(ValueError):
+            rel = str(self.base_dir.relative_to(pathlib.Path.cwd()))
         return "\n".join(
             [
                 "",
@@ -537,7 +541,7 @@ class LocalStack:
 
 
 class _Stop(Exception):
-    """Raised by the SIGTERM/SIGHUP handler so the main loop unwinds through stop()."""
+    """Raised by the signal handler so the main loop unwinds through stop()."""
 
 
 @contextlib.contextmanager
@@ -545,7 +549,10 @@ def _stop_on_signals() -> Iterator[None]:
     def handler(signum: int, _frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt.
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield
     finally:
@@ -566,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--project", default=DEFAULT_PROJECT)
     parser.add_argument("--location", default=DEFAULT_LOCATION)
     parser.add_argument("--queue-yaml", default=str(ROOT / "queue.yaml"))
+    parser.add_argument("--index-yaml", default=str(ROOT / "index.yaml"))
     parser.add_argument("--no-reload", action="store_true", help="no gunicorn --reload")
     parser.add_argument("--quiet", action="store_true", help="child output to logs only")
     args = parser.parse_args(argv)
@@ -578,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         project=args.project,
         location=args.location,
         queue_yaml=args.queue_yaml,
+        index_yaml=args.index_yaml,
         reload=not args.no_reload,
         echo=None if args.quiet else sys.stdout,
     )
