@@ -339,20 +339,20 @@ def _described(record: spillover.DeferredPayload, spec: TaskSpec, task_bytes: in
 
 
 def _defer_spilled(data: bytes, header: dict[str, Any], spec: TaskSpec) -> DeferredTask:
-
     payload_id = spillover.new_payload_id()
     spec = _spill_spec(spec, payload_id)
-    record, chunks = spillover.build_record(
-        payload_id,
-        data,
-        header,
-        queue=spec.queue,
-        task_name=spec.name or "",
-        eta=spec.eta,
-        task=spec.to_json(),
-    )
-    reference = _reference(record)
+    # Inside the context: ndb builds keys (of the record and its chunks) from the client's project.
     with ndb_context():
+        record, chunks = spillover.build_record(
+            payload_id,
+            data,
+            header,
+            queue=spec.queue,
+            task_name=spec.name or "",
+            eta=spec.eta,
+            task=spec.to_json(),
+        )
+        reference = _reference(record)
         try:
             spillover.write(record, chunks)
         except api_exceptions.GoogleAPIError as exc:
