@@ -64,7 +64,9 @@ def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) ->
     touched = []
     for record in query.fetch(batch):
         try:
-            enqueue.enqueue_record(record, eta=now)
+            # Due right away: ``now`` is the sweep's clock for what is stuck, and a clock set
+            # ahead (a test, a late cron) must not push the repaired task into the future.
+            enqueue.enqueue_record(record)
         except TaskAlreadyExistsError:
             report.already_queued += 1
         except DeferError as exc:
