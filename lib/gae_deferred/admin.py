@@ -448,6 +448,7 @@ def failure_groups(view: str = "active") -> list[FailureGroup]:
 
 
 def get_failure(record_id: str) -> failures.DeferredFailure:
+    """The failure record (one Lookup); NotFound when there is none."""
     record = failures.get(_check_id(record_id, "failure"))
     if record is None:
         raise NotFound(f"no failure with id {record_id!r}")
@@ -831,12 +832,14 @@ def delete_task(queue: str, task: str, actor: str) -> None:
 
 
 def pause_queue(queue: str, actor: str) -> None:
+    """Stop dispatching (PauseQueue); tasks stay queued and can still be added."""
     path = enqueue.queue_path(check_queue_name(queue))
     _cloud_tasks(lambda: tasks_client().pause_queue(name=path, timeout=10))
     audit.record(actor, "pause", f"queue/{queue}")
 
 
 def resume_queue(queue: str, actor: str) -> None:
+    """Dispatch again (ResumeQueue)."""
     path = enqueue.queue_path(check_queue_name(queue))
     _cloud_tasks(lambda: tasks_client().resume_queue(name=path, timeout=10))
     audit.record(actor, "resume", f"queue/{queue}")
@@ -859,6 +862,7 @@ def list_audit(*, cursor: str | None = None, limit: int = PAGE_SIZE) -> Page:
 
 
 def audit_json(entry: audit.DeferredAudit) -> dict[str, Any]:
+    """The API view of an audit entry."""
     return {
         "actor": entry.actor,
         "action": entry.action,
