@@ -65,11 +65,10 @@ SPILL_SORTS: dict[str, Any] = {
 FAILURE_VIEWS = ("active", *failures.STATES)
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,500}$")
-_QUEUE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
-_TASK = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
+_QUEUE = enqueue.QUEUE_NAME
+_TASK = enqueue.TASK_NAME
 _VERSION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PAGE_TOKEN = re.compile(r"^[A-Za-z0-9_=+/.-]{1,2000}$")
-_URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.]+")
 _HISTOGRAM_BOUNDS = (1 << 17, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
 _T = TypeVar("_T")
 
@@ -494,7 +493,7 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
         function = (record.meta or {}).get("function") or record.function or "unknown"
         spec = enqueue.TaskSpec(
             queue=record.queue or settings().default_queue,
-            url=f"{settings().task_url}/{_URL_UNSAFE.sub('_', function)}",
+            url=enqueue.task_url(function),
             headers={"Content-Type": "application/octet-stream", **headers},
             eta=_now(),
             name=_fresh_task_name(),

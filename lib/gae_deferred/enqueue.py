@@ -39,8 +39,8 @@ from .errors import (
 
 logger = logging.getLogger("gae_deferred")
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
+TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.]+")
 _RETRY_FIELDS = (
     "task_retry_limit",
@@ -216,9 +216,9 @@ def _task_spec(
 ) -> TaskSpec:
     current = settings()
     queue = queue or current.default_queue
-    if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
         raise DeferError(f"_queue {queue!r} is not a valid queue name (letters, digits, hyphens)")
-    if name is not None and (not isinstance(name, str) or not _TASK_NAME.match(name)):
+    if name is not None and (not isinstance(name, str) or not TASK_NAME.match(name)):
         raise DeferError(
             f"_name {name!r} is not a valid task name (1-500 letters, digits, '_' or '-')"
         )
@@ -242,7 +242,7 @@ def _task_spec(
         if key.lower().startswith("x-appengine-") or key.lower().startswith("x-cloudtasks-"):
             raise DeferError(f"_headers may not set {key}: Cloud Tasks sets it")
     if url is None:
-        url = f"{current.task_url}/{_URL_UNSAFE.sub('_', envelope.function_name(obj))}"
+        url = task_url(envelope.function_name(obj))
     elif not isinstance(url, str) or not url.startswith("/"):
         raise DeferError(f"_url must be a path starting with '/', not {url!r}")
     return TaskSpec(
@@ -253,6 +253,11 @@ def _task_spec(
         name=name,
         routing=routing,
     )
+
+
+def task_url(function: str) -> str:
+    """The default task URL: the handler's path plus the function name, so logs show what ran."""
+    return f"{settings().task_url}/{_URL_UNSAFE.sub('_', function)}"
 
 
 def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
