@@ -1,0 +1,35 @@
+"""Process set-up shared by every benchmark: import paths and a fixed test signing key.
+
+``python -m benchmarks`` calls :func:`prepare` before importing the benchmark modules, because
+gae_deferred reads its environment on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH_SIGNING_KEY = "b3" * 32
+BENCH_PROJECT = "bench-project"
+#: Variables a developer's shell may carry from `. .local/env`: they would point the in-process
+#: benchmarks at a running stack instead of their own emulators.
+_STACK_ENV = (
+    "DATASTORE_EMULATOR_HOST",
+    "CLOUD_TASKS_EMULATOR_HOST",
+    "GAE_DEFERRED_SIGNING_KEY_FILE",
+    "GAE_DEFERRED_QUEUE_YAML",
+    "GAE_DEFERRED_LOCAL",
+)
+
+
+def prepare() -> None:
+    """lib/ and the repo root on sys.path (as main.py does), and a benchmark-only key."""
+    for path in (str(ROOT), str(ROOT / "lib")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    for name in _STACK_ENV:
+        os.environ.pop(name, None)
+    os.environ["GAE_DEFERRED_SIGNING_KEY"] = BENCH_SIGNING_KEY
+    os.environ["GOOGLE_CLOUD_PROJECT"] = BENCH_PROJECT

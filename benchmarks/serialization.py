@@ -1,0 +1,291 @@
+"""Benchmarks 2 and 4: defer() CPU without the network, and compression of realistic payloads.
+
+defer() cost is ``envelope.build`` (pickle or cloudpickle, compression, header, HMAC) plus
+``enqueue.build_task`` (the Cloud Tasks request), compared with ``pickle.dumps`` and
+``cloudpickle.dumps`` of the same ``(callable, args, kwargs)`` tuple.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import random
+import string
+import zlib
+from collections.abc import Callable
+
+import cloudpickle
+
+import gae_deferred
+from gae_deferred import envelope
+from gae_deferred._config import settings
+from gae_deferred.enqueue import TaskSpec, build_task
+
+from . import tasks, timing
+from .report import Section, Target
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def _spec() -> TaskSpec:
+    return TaskSpec(
+        queue="default",
+        url=f"{settings().task_url}/benchmarks.tasks.add",
+        headers={"Content-Type": "application/octet-stream"},
+        eta=datetime.datetime.now(datetime.UTC),
+    )
+
+
+def _closure(base: int) -> Callable[[], int]:
+    offset = base * 2
+    return lambda: tasks.add(base, offset)
+
+
+def _text(rng: random.Random, size: int) -> str:
+    """English-like text: a 2,000-word vocabulary drawn with a Zipf-like skew."""
+    vocabulary = [
+        "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 10)))
+        for _ in range(2000)
+    ]
+    weights = [1 / (rank + 1) for rank in range(len(vocabulary))]
+    words: list[str] = []
+    length = 0
+    while length < size:
+        chunk = rng.choices(vocabulary, weights, k=200)
+        words += chunk
+        length += sum(len(word) + 1 for word in chunk)
+    return " ".join(words)[:size]
+
+
+def _records(rng: random.Random, count: int) -> list[dict]:
+    return [
+        {
+            "id": rng.randrange(1 << 52),
+            "name": f"user-{rng.randrange(10**6)}",
+            "email": f"u{rng.randrange(10**6)}@example.com",
+            "created": 1_700_000_000 + rng.randrange(10**7),
+            "score": round(rng.random() * 100, 2),
+            "active": rng.random() < 0.8,
+            "tags": rng.sample(["a", "b", "vip", "beta", "eu", "us", "trial"], 2),
+        }
+        for _ in range(count)
+    ]
+
+
+def corpus(quick: bool) -> list[tuple[str, tuple]]:
+    """(label, args) pairs of realistic payloads; deterministic (seeded)."""
+    rng = random.Random(6)
+    items: list[tuple[str, tuple]] = [
+        ("ids x1k", ([rng.randrange(1 << 52) for _ in range(1000)],)),
+        ("ids x20k", ([rng.randrange(1 << 52) for _ in range(20_000)],)),
+        ("records x100", (_records(rng, 100),)),
+        ("records x2k", (_records(rng, 2000),)),
+        ("text 5 KB", (_text(rng, 5_000),)),
+        ("text 150 KB", (_text(rng, 150_000),)),
+        ("random 2 KB", (rng.randbytes(2_000),)),
+        ("random 150 KB", (rng.randbytes(150_000),)),
+    ]
+    if not quick:
+        items += [
+            ("ids x100k", ([rng.randrange(1 << 52) for _ in range(100_000)],)),
+            ("records x10k", (_records(rng, 10_000),)),
+            ("text 1 MB", (_text(rng, 1_000_000),)),
+            ("random 1 MB", (rng.randbytes(1_000_000),)),
+        ]
+    return items
+
+
+def run_defer_cost(*, quick: bool) -> Section:
+    """CPU of envelope.build + build_task vs pickle.dumps / cloudpickle.dumps."""
+    rounds, inner = (5, 50) if quick else (21, 200)
+    big = _text(random.Random(2), 50_000)
+    cases: list[tuple[str, Callable, tuple]] = [
+        ("module function, 2 ints", tasks.add, (1, 2)),
+        ("closure (lambda over locals)", _closure(3), ()),
+        ("module function, 50 KB str", tasks.consume, (big,)),
+    ]
+    section = Section(
+        key="defer",
+        title="defer() CPU without the network",
+        what=(
+            "CPU us per call of `envelope.build(fn, args)` + `enqueue.build_task(spec, body)` "
+            "(what defer() does before CreateTask) vs `pickle.dumps` and `cloudpickle.dumps` "
+            "of the same `(fn, args, kwargs)` tuple; default settings (zlib level 6 from "
+            f"1,024 bytes). {rounds} interleaved rounds of {inner} calls; medians."
+        ),
+        columns=[
+            "case",
+            "serializer",
+            "pickle.dumps us",
+            "cloudpickle.dumps us",
+            "defer build us",
+            "x pickle",
+            "x cloudpickle",
+        ],
+    )
+    spec = _spec()
+    for label, fn, args in cases:
+        call = (fn, args, {})
+        variants: dict[str, Callable[[], object]] = {
+            "cloudpickle": lambda call=call: cloudpickle.dumps(call, protocol=PROTOCOL),
+            "ours": lambda fn=fn, args=args: build_task(spec, envelope.build(fn, args)),
+        }
+        try:
+            pickle.dumps(call, protocol=PROTOCOL)
+        except Exception:  # closures: plain pickle cannot, which is why cloudpickle exists
+            pickleable = False
+        else:
+            pickleable = True
+            variants["pickle"] = lambda call=call: pickle.dumps(call, protocol=PROTOCOL)
+        result = timing.compare(variants, rounds=rounds, inner=inner, warmup=20)
+        per_call = result.per_call
+        serializer = envelope.read_header(envelope.build(fn, args))["serializer"]
+        to_pickle = result.ratio("ours", "pickle") if pickleable else None
+        to_cloud = result.ratio("ours", "cloudpickle")
+        section.rows.append(
+            [
+                label,
+                serializer,
+                f"{per_call['pickle'] * 1e6:.1f}" if pickleable else "n/a (unpicklable)",
+                f"{per_call['cloudpickle'] * 1e6:.1f}",
+                f"{per_call['ours'] * 1e6:.1f}",
+                f"{to_pickle:.2f}" if to_pickle is not None else "—",
+                f"{to_cloud:.2f}",
+            ]
+        )
+        section.data[label] = result.to_json()
+        if to_pickle is not None:
+            section.targets.append(
+                Target(
+                    f"defer build vs pickle.dumps, {label} (report only)",
+                    f"{to_pickle:.2f}x",
+                    "—",
+                    True,
+                )
+            )
+        section.targets.append(
+            Target(
+                f"defer build vs cloudpickle.dumps, {label} (report only)",
+                f"{to_cloud:.2f}x",
+                "—",
+                True,
+            )
+        )
+    section.notes.append(
+        "the 50 KB case includes zlib level 6 on the body (the default); the compression "
+        "section below gives that part's cost per level."
+    )
+    return section
+
+
+LEVELS = (0, 1, 6, 9)
+
+
+def run_compression(*, quick: bool) -> Section:
+    """Envelope bytes, spill rate and zlib CPU per level over the corpus."""
+    items = corpus(quick)
+    spec = _spec()
+    threshold = settings().spill_threshold
+    section = Section(
+        key="compression",
+        title="Compression",
+        what=(
+            "Envelope bytes (what goes to Cloud Tasks, or to Datastore when spilled) and whether "
+            f"the task spills (envelope + URL + headers > {threshold:,} bytes) for a corpus of "
+            "seeded, realistic payloads passed to a module function, per zlib level "
+            "(`configure(compression_level=...)`; 0 = off; `compress_min_bytes` 1,024). CPU is "
+            "`zlib.compress` of the pickled body at that level and `zlib.decompress` when "
+            "running, medians of interleaved rounds."
+        ),
+        columns=["payload", "raw bytes", *[f"L{level} bytes" for level in LEVELS]],
+    )
+    totals = {
+        level: {"bytes": 0, "spills": 0, "compress": 0.0, "decompress": 0.0} for level in LEVELS
+    }
+    for label, args in items:
+        raw = pickle.dumps((tasks.consume, args, {}), protocol=PROTOCOL)
+        row = [label, f"{len(raw):,}"]
+        for level in LEVELS:
+            gae_deferred.configure(compression_level=level)
+            data = envelope.build(tasks.consume, args)
+            spilled = spec.size(data) > threshold
+            totals[level]["bytes"] += len(data)
+            totals[level]["spills"] += spilled
+            row.append(f"{len(data):,}{' (spill)' if spilled else ''}")
+        section.rows.append(row)
+        cpu = _zlib_cpu(raw, quick)
+        for level in LEVELS:
+            totals[level]["compress"] += cpu[level][0]
+            totals[level]["decompress"] += cpu[level][1]
+    gae_deferred.configure(compression_level=6)
+    section.rows.append(["**total**", "", *[f"{totals[lv]['bytes']:,}" for lv in LEVELS]])
+    section.rows.append(
+        ["spilled tasks", "", *[f"{totals[lv]['spills']}/{len(items)}" for lv in LEVELS]]
+    )
+    section.rows.append(
+        ["compress CPU ms (all)", "", *[f"{totals[lv]['compress'] * 1e3:.1f}" for lv in LEVELS]]
+    )
+    section.rows.append(
+        ["decompress CPU ms (all)", "", *[f"{totals[lv]['decompress'] * 1e3:.1f}" for lv in LEVELS]]
+    )
+    section.data = {str(level): totals[level] for level in LEVELS}
+    recommended, reason = _recommend(totals)
+    section.notes.append(f"recommended default: compression_level={recommended} — {reason}")
+    section.targets.append(
+        Target(
+            "recommended compression_level (current default 6)",
+            str(recommended),
+            "data-driven",
+            True,
+        )
+    )
+    return section
+
+
+def _zlib_cpu(raw: bytes, quick: bool) -> dict[int, tuple[float, float]]:
+    """CPU seconds of compress and decompress per level (level 0: no compression, 0 s)."""
+    packed = {level: zlib.compress(raw, level) for level in LEVELS if level}
+    inner = max(1, min(50, 2_000_000 // max(len(raw), 1)))
+    rounds = 3 if quick else 7
+    compress = timing.compare(
+        {level: (lambda level=level: zlib.compress(raw, level)) for level in LEVELS if level},
+        rounds=rounds,
+        inner=inner,
+        warmup=1,
+    ).per_call
+    decompress = timing.compare(
+        {level: (lambda level=level: zlib.decompress(packed[level])) for level in LEVELS if level},
+        rounds=rounds,
+        inner=inner,
+        warmup=1,
+    ).per_call
+    result = {0: (0.0, 0.0)}
+    result.update({level: (compress[level], decompress[level]) for level in LEVELS if level})
+    return result
+
+
+def _recommend(totals: dict[int, dict[str, float]]) -> tuple[int, str]:
+    """Fewest spills first (a spill costs Datastore RPCs), then the least compress CPU among
+    levels whose bytes are within 5% of the smallest (a few KB more on the wire cost nothing
+    billable, CPU does)."""
+    best_bytes = min(t["bytes"] for t in totals.values())
+    fewest_spills = min(t["spills"] for t in totals.values())
+    candidates = [
+        level
+        for level in LEVELS
+        if totals[level]["spills"] == fewest_spills and totals[level]["bytes"] <= best_bytes * 1.05
+    ]
+    choice = min(candidates, key=lambda level: totals[level]["compress"])
+    t = totals[choice]
+    others = ", ".join(
+        f"L{lv} {totals[lv]['compress'] * 1e3:.1f} ms / {totals[lv]['bytes']:,} B / "
+        f"{int(totals[lv]['spills'])} spills"
+        for lv in LEVELS
+        if lv != choice
+    )
+    reason = (
+        f"fewest spills ({int(t['spills'])}), {t['bytes']:,} bytes "
+        f"({t['bytes'] / best_bytes * 100 - 100:+.1f}% vs the smallest), least compress CPU "
+        f"among such levels ({t['compress'] * 1e3:.1f} ms for the corpus; {others})"
+    )
+    return choice, reason

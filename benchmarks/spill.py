@@ -1,0 +1,155 @@
+"""Benchmark 3: Datastore and Cloud Tasks RPCs of a spilled task, defer and run.
+
+Both emulators run in-process (real gRPC servers); gae_deferred uses the real ndb client and
+CloudTasksClient through ``DATASTORE_EMULATOR_HOST`` / ``CLOUD_TASKS_EMULATOR_HOST``. The queue
+is paused, so the emulator never dispatches: the benchmark fetches the task body with GetTask
+and runs it through the webapp2 handler in-process, counting RPCs at the emulators.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import time
+
+import webapp2
+
+from emulators.cloudtasks import CloudTasksEmulator
+from emulators.datastore import DatastoreEmulator
+from gae_deferred import _config, _datastore, _tasks_client, defer
+from gae_deferred._config import settings
+from handlers import deferred_routes
+
+from . import floor, tasks
+from ._setup import BENCH_PROJECT
+from .report import Section, count_target
+
+MB = 1_000_000
+QUEUE_YAML = """\
+queue:
+- name: bench-paused
+  rate: 0/s
+"""
+
+
+def _expected_writes(chunks: int) -> int:
+    per_commit = settings().commit_bytes // settings().chunk_bytes
+    return -(-chunks // per_commit)
+
+
+def _clients_reset() -> None:
+    _config.reset()
+    _datastore._default_client.cache_clear()
+    _tasks_client.tasks_client.cache_clear()
+
+
+def run(*, quick: bool) -> Section:
+    """Defer and run spilled payloads of 600 KB, 5 MB and 20 MB (quick: 600 KB, 5 MB)."""
+    sizes = [600_000, 5 * MB] if quick else [600_000, 5 * MB, 20 * MB]
+    section = Section(
+        key="spill",
+        title="Spill path RPCs",
+        what=(
+            "RPCs counted at the in-process emulators (real ndb and CloudTasksClient) for one "
+            "spilled task per size: incompressible payloads (random bytes) passed to a module "
+            "function; `defer()` into a paused queue, then the task body from GetTask run "
+            "through the webapp2 handler in-process. Datastore chunks are 1,000,000 bytes; a "
+            "commit carries at most 9 MiB (Datastore refuses commits over 10 MiB)."
+        ),
+        columns=[
+            "payload",
+            "chunks",
+            "defer: DS commits",
+            "defer: CreateTask",
+            "defer: other RPCs",
+            "run: Lookup",
+            "run: Commit",
+            "run: other",
+            "defer ms",
+            "run ms",
+        ],
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-spill-") as tmp:
+        queue_yaml = pathlib.Path(tmp) / "queue.yaml"
+        queue_yaml.write_text(QUEUE_YAML, encoding="utf-8")
+        datastore = DatastoreEmulator(port=0).start()
+        cloudtasks = CloudTasksEmulator(
+            port=0,
+            queue_yaml=str(queue_yaml),
+            project=BENCH_PROJECT,
+            location="us-central1",
+            app_url="http://127.0.0.1:9",
+        ).start()
+        os.environ["DATASTORE_EMULATOR_HOST"] = datastore.address
+        os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{cloudtasks.port}"
+        _clients_reset()
+        try:
+            app = webapp2.WSGIApplication(deferred_routes())
+            defer(tasks.consume, b"warm-up", _queue="bench-paused")
+            for size in sizes:
+                _one(section, app, datastore, cloudtasks, size)
+        finally:
+            cloudtasks.stop()
+            datastore.stop()
+            os.environ.pop("DATASTORE_EMULATOR_HOST", None)
+            os.environ.pop("CLOUD_TASKS_EMULATOR_HOST", None)
+            _clients_reset()
+    return section
+
+
+def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
+    payload = os.urandom(size)
+    datastore.reset_counts()
+    cloudtasks.reset_counts()
+    started = time.perf_counter()
+    task = defer(tasks.consume, payload, _queue="bench-paused")
+    defer_ms = (time.perf_counter() - started) * 1e3
+    ds_defer, ct_defer = dict(datastore.rpc_counts), dict(cloudtasks.rpc_counts)
+    body = (
+        _tasks_client.tasks_client()
+        .get_task(request={"name": task.path, "response_view": "FULL"})
+        .app_engine_http_request.body
+    )
+    datastore.reset_counts()
+    environ = floor.environ_factory(
+        body,
+        HTTP_X_APPENGINE_QUEUENAME=task.queue,
+        HTTP_X_APPENGINE_TASKNAME=task.name,
+    )()
+    started = time.perf_counter()
+    status = floor.call_wsgi(app, environ)
+    run_ms = (time.perf_counter() - started) * 1e3
+    if not status.startswith("200"):
+        raise RuntimeError(f"spilled task of {size:,} bytes answered {status}")
+    ds_run = dict(datastore.rpc_counts)
+    commits = ds_defer.pop("Commit", 0)
+    creates = ct_defer.pop("CreateTask", 0)
+    lookups, deletes = ds_run.pop("Lookup", 0), ds_run.pop("Commit", 0)
+    other_defer = sum(ds_defer.values()) + sum(ct_defer.values())
+    label = f"{size / MB:g} MB"
+    section.rows.append(
+        [
+            label,
+            str(task.chunks),
+            str(commits),
+            str(creates),
+            str(other_defer),
+            str(lookups),
+            str(deletes),
+            str(sum(ds_run.values())),
+            f"{defer_ms:.0f}",
+            f"{run_ms:.0f}",
+        ]
+    )
+    expected = _expected_writes(task.chunks)
+    note = "" if expected == 1 else f" ({task.chunks} chunks: 1 commit per 9 MiB)"
+    section.targets.append(
+        count_target(f"{label} defer: Datastore commits{note}", commits, expected)
+    )
+    section.targets.append(count_target(f"{label} defer: CreateTask", creates, 1))
+    section.targets.append(count_target(f"{label} defer: other RPCs", other_defer, 0))
+    section.targets.append(count_target(f"{label} run: Lookup", lookups, 1))
+    section.targets.append(count_target(f"{label} run: Commit (delete)", deletes, 1))
+    section.targets.append(count_target(f"{label} run: other RPCs", sum(ds_run.values()), 0))
+    section.data[label] = {"defer": ds_defer | ct_defer, "run": ds_run, "chunks": task.chunks}
