@@ -21,13 +21,6 @@ E2E_DIR = pathlib.Path(__file__).resolve().parent
 QUEUE_YAML = E2E_DIR / "queue.yaml"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test in this folder runs real processes: mark them e2e."""
-    for item in items:
-        if pathlib.Path(str(item.fspath)).parent == E2E_DIR:
-            item.add_marker(pytest.mark.e2e)
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """The stack on free ports, state in a tmp dir, test queues, tests/e2e importable by the app."""

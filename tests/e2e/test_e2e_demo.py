@@ -15,6 +15,9 @@ from handlers import demo, demo_tasks
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 FLASH_TASK = re.compile(r'<code id="flash-task">([^<]+)</code>')
 
+# Real processes: both emulators and gunicorn (the session stack in conftest.py).
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def session(e2e: LocalStack) -> requests.Session:

@@ -20,6 +20,9 @@ from gae_deferred import defer
 from gae_deferred._tasks_client import tasks_client
 from gae_deferred.enqueue import queue_path
 
+# Real processes: both emulators and gunicorn (the session stack in conftest.py).
+pytestmark = pytest.mark.e2e
+
 
 def _alive(pid: int) -> bool:
     try:

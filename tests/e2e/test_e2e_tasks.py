@@ -16,6 +16,9 @@ import gae_deferred
 from emulators.stack import LocalStack
 from gae_deferred import defer, serialize
 
+# Real processes: both emulators and gunicorn (the session stack in conftest.py).
+pytestmark = pytest.mark.e2e
+
 
 def test_small_task_runs_inline_in_the_app(e2e: LocalStack, run_dir: pathlib.Path) -> None:
     task = defer(e2e_tasks.record, str(run_dir), "small")
