@@ -350,6 +350,7 @@ class LocalStack:
         return child is not None and child.alive()
 
     def start_datastore(self) -> None:
+        """Start the Datastore emulator (data in base/datastore) and wait for its listening line."""
         check_port_free(self.host, self.datastore_port, "datastore emulator")
         self._spawn(
             "datastore",
@@ -372,6 +373,7 @@ class LocalStack:
         )
 
     def start_tasks(self) -> None:
+        """Start the Cloud Tasks emulator (queues from queue_yaml, dispatching to app_url)."""
         check_port_free(self.host, self.tasks_port, "tasks emulator")
         self._spawn(
             "cloudtasks",
@@ -487,6 +489,7 @@ class LocalStack:
         self.start_tasks()
 
     def stop_app(self) -> None:
+        """Stop gunicorn gracefully (SIGTERM); start_app() brings it back."""
         self._stop_child("app")
 
     def kill_app(self) -> None:
@@ -505,6 +508,7 @@ class LocalStack:
         return [name for name, child in self._children.items() if not child.alive()]
 
     def child_output(self, name: str) -> str:
+        """The last lines a running child printed ("" when it is not running)."""
         child = self._children.get(name)
         return child.output() if child else ""
 
