@@ -196,7 +196,7 @@ def read_header(data: bytes) -> dict[str, Any]:
     _, _, _, header_len = _PREFIX.unpack_from(data)
     try:
         return json.loads(data[_PREFIX.size : _PREFIX.size + header_len])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deeply nested JSON overflows the parser
         raise PermanentTaskFailure(f"envelope header is not valid JSON: {exc}") from exc
 
 
@@ -223,7 +223,7 @@ def open_envelope(data: bytes) -> Envelope:
         raise PermanentTaskFailure("payload truncated or corrupt: header runs past the end")
     try:
         header = json.loads(data[_PREFIX.size : header_end])
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[..." 64 KB deep overflows the parser: forged
         header = None
     if not isinstance(header, dict):
         raise PermanentTaskFailure("envelope header is not a JSON object")
