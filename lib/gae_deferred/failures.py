@@ -127,7 +127,8 @@ def update(
         state=state,
         last_seen=when,
         task_name=task_name[:_MAX_INDEXED_CHARS],
-        queue=queue,
+        # Both come from request headers; the record id hashes the full values.
+        queue=queue[:_MAX_INDEXED_CHARS],
         meta=meta,
         payload_id=payload_id,
     )
