@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import os
 import pathlib
@@ -54,7 +53,6 @@ _OWNED_ENV = (
     "GAE_DEFERRED_LOCAL",
     "GAE_DEFERRED_QUEUE_YAML",
 )
-_PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
@@ -97,10 +95,22 @@ def _port_message(host: str, port: int, what: str) -> str:
     )
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: Linux sends it SIGTERM if the stack dies, even by kill -9."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# Run before the child's own program: Linux then sends it SIGTERM when the stack dies, even by
+# kill -9. A launcher rather than preexec_fn: preexec_fn forces fork() in a process that may
+# have gRPC threads, and gRPC's fork handlers can abort the child before it execs.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('the local stack exited while starting this process')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    if sys.platform != "linux":
+        return list(argv)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class _Child:
@@ -126,7 +136,7 @@ class _Child:
         self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n")
         self._log.flush()
         self.process = subprocess.Popen(
-            list(argv),
+            _with_parent_death_signal(argv),
             cwd=ROOT,
             env=dict(env),
             stdin=subprocess.DEVNULL,
@@ -139,7 +149,6 @@ class _Child:
             # Own process group: Ctrl-C reaches only the stack, which stops children in order,
             # and kill_app() can kill gunicorn's master and workers together.
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self._pump = threading.Thread(target=self._copy_output, name=f"{name}-output", daemon=True)
         self._pump.start()

@@ -103,7 +103,7 @@ def test_emulator_restarts_mid_run_lose_nothing(e2e: LocalStack, run_dir: pathli
 def test_killed_app_is_retried_once_it_is_back(e2e: LocalStack, run_dir: pathlib.Path) -> None:
     e2e.kill_app()
     try:
-        defer(e2e_tasks.record, str(run_dir), "while-app-down")
+        defer(e2e_tasks.record, str(run_dir), "while-app-down", _queue="e2e-patient")
         time.sleep(1)
         assert e2e_tasks.runs(run_dir, "while-app-down") == []
     finally:
