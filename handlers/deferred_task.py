@@ -19,7 +19,7 @@ class DeferredTaskHandler(webapp2.RequestHandler):
     """Executes one task; the optional path suffix only names the function for the logs."""
 
     def post(self, function: str | None = None) -> None:
-        task = TaskInfo.from_headers(self.request.headers)
+        task = TaskInfo.from_environ(self.request.environ)
         length = self.request.content_length
         if task is not None and length is not None and length > MAX_BODY_BYTES:
             self._answer(413, f"body of {length} bytes is larger than any task")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
 import pytest
 import webapp2
 import webtest
+from google.cloud import ndb
 
 import gae_deferred
 from gae_deferred import PermanentTaskFailure, SingularTaskFailure, failures, serialize, spillover
@@ -323,3 +325,34 @@ def test_failure_records_are_per_task(app):
 def test_run_legacy_reads_spilled_payloads(ndb_stub):
     _, reference = spill(sum, [1, 2, 3])
     assert gae_deferred.run(reference) == 6
+
+
+class Counter(ndb.Model):
+    value = ndb.IntegerProperty()
+
+
+def bump_counter():
+    counter = Counter.get_by_id("c") or Counter(id="c", value=0)
+    counter.value += 1
+    counter.put()
+    RUNS.append(counter.value)
+
+
+def bump_then_fail():
+    bump_counter()
+    raise ValueError("after the write")
+
+
+def test_handler_threads_reuse_a_clean_ndb_context(app, ndb_stub):
+    """Without an outer context each worker thread keeps one ndb context, cache cleared per task."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
+
+        def run_task(obj, expected_status):
+            return worker.submit(lambda: post(app, serialize(obj)).status_int).result()
+
+        assert run_task(bump_counter, 200) == 200
+        Counter(id="c", value=10).put()  # changed behind the worker's context cache
+        assert run_task(bump_counter, 200) == 200
+        assert run_task(bump_then_fail, 500) == 500
+        assert run_task(bump_counter, 200) == 200
+    assert RUNS == [1, 11, 12, 13]

@@ -16,6 +16,7 @@ from google.cloud import ndb
 from ._config import settings
 
 _lock = threading.Lock()
+_thread_contexts = threading.local()
 
 
 @functools.cache
@@ -34,14 +35,27 @@ def client() -> ndb.Client:
 
 @contextlib.contextmanager
 def ndb_context() -> Iterator[ndb.Context]:
-    """Use the caller's ndb context if there is one, else open one on our client.
+    """Use the caller's ndb context if there is one, else one of ours.
 
-    gae_deferred's own models opt out of ndb's caches (each is read once per request), so the
-    context's cache settings only matter to the task's own code.
+    Ours is made once per thread and reused with its cache cleared: building an ndb context
+    (event loop, queues, locks) is the largest fixed cost of a task, and a task handler
+    thread runs one task at a time. After an exception the context is dropped, in case work
+    was left on its event loop. gae_deferred's own models opt out of ndb's caches.
     """
     existing = ndb.get_context(raise_context_error=False)
     if existing is not None:
         yield existing
         return
-    with client().context() as context:
-        yield context
+    current_client = client()
+    context = getattr(_thread_contexts, "context", None)
+    if context is None or context.client is not current_client:
+        context = ndb.context.Context(current_client)
+        _thread_contexts.context = context
+    context.clear_cache()
+    try:
+        with context.use():
+            yield context
+            context.eventloop.run()
+    except BaseException:
+        _thread_contexts.context = None
+        raise

@@ -14,10 +14,10 @@ Outside a task, ``current_task()`` returns None and the helpers return None / 0.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +41,50 @@ class TaskInfo:
         App Engine strips ``X-AppEngine-*`` headers from requests that come from outside, so
         their presence means the request came from the task queue.
         """
-        queue = headers.get("X-AppEngine-QueueName") or headers.get("X-CloudTasks-QueueName")
-        name = headers.get("X-AppEngine-TaskName") or headers.get("X-CloudTasks-TaskName")
+        return cls._read(headers.get)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, Any]) -> TaskInfo | None:
+        """Same as from_headers, straight from a WSGI environ (the handler's fast path)."""
+        return cls._read(lambda name: environ.get(_ENVIRON_KEYS[name]))
+
+    @classmethod
+    def _read(cls, header: Callable[[str], str | None]) -> TaskInfo | None:
+        prefix = "X-AppEngine-"
+        queue = header("X-AppEngine-QueueName")
+        if not queue:
+            prefix = "X-CloudTasks-"
+            queue = header("X-CloudTasks-QueueName")
+        name = header(prefix + "TaskName")
         if not queue or not name:
             return None
-        prefix = "X-AppEngine-" if headers.get("X-AppEngine-QueueName") else "X-CloudTasks-"
         return cls(
             name=name,
             queue=queue,
-            retry_count=_int(headers.get(prefix + "TaskRetryCount")),
-            execution_count=_int(headers.get(prefix + "TaskExecutionCount")),
-            eta=_float(headers.get(prefix + "TaskETA")),
-            previous_response=_int(headers.get(prefix + "TaskPreviousResponse")) or None,
-            retry_reason=headers.get(prefix + "TaskRetryReason"),
-            failure_id=headers.get("X-Deferred-Failure-Id") or None,
+            retry_count=_int(header(prefix + "TaskRetryCount")),
+            execution_count=_int(header(prefix + "TaskExecutionCount")),
+            eta=_float(header(prefix + "TaskETA")),
+            previous_response=_int(header(prefix + "TaskPreviousResponse")) or None,
+            retry_reason=header(prefix + "TaskRetryReason"),
+            failure_id=header("X-Deferred-Failure-Id") or None,
         )
+
+
+_HEADER_NAMES = [
+    f"{prefix}{field}"
+    for prefix in ("X-AppEngine-", "X-CloudTasks-")
+    for field in (
+        "QueueName",
+        "TaskName",
+        "TaskRetryCount",
+        "TaskExecutionCount",
+        "TaskETA",
+        "TaskPreviousResponse",
+        "TaskRetryReason",
+    )
+] + ["X-Deferred-Failure-Id"]
+#: WSGI environ keys of the task headers, computed once.
+_ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in _HEADER_NAMES}
 
 
 def _int(value: str | None) -> int:
@@ -77,14 +106,23 @@ _current: contextvars.ContextVar[TaskInfo | None] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def running(task: TaskInfo) -> Iterator[TaskInfo]:
-    """Make ``task`` the current task for the duration of the block."""
-    token = _current.set(task)
-    try:
-        yield task
-    finally:
-        _current.reset(token)
+class running:
+    """Make ``task`` the current task for the duration of the block.
+
+    A plain class rather than ``@contextmanager``: it is on every task's path.
+    """
+
+    __slots__ = ("_task", "_token")
+
+    def __init__(self, task: TaskInfo) -> None:
+        self._task = task
+
+    def __enter__(self) -> TaskInfo:
+        self._token = _current.set(self._task)
+        return self._task
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
 
 
 def current_task() -> TaskInfo | None:
