@@ -122,6 +122,13 @@ class _Base(webapp2.RequestHandler):
 
     def dispatch(self) -> None:
         self.response.headers.update(SECURITY_HEADERS)
+        try:
+            self.request.params  # noqa: B018 - parse query string and form once, here
+        except UnicodeDecodeError:
+            # The error page reads the query string too: drop what cannot be decoded.
+            self.request.environ["QUERY_STRING"] = ""
+            self.fail(400, "The query string or form is not valid UTF-8.")
+            return
         self.admin_user = self._authenticate()
         if self.admin_user is None:
             self.fail(403, "Admins only: this dashboard needs an administrator login.")

@@ -188,12 +188,6 @@ def test_absurd_cursors_and_ids_are_rejected(rel: LocalStack) -> None:
     assert rel.dead_children() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="handlers/deferred_admin.py: webob's request.GET raises UnicodeDecodeError on a "
-    "query string that is not UTF-8; handle_exception's error page reads request.GET again, "
-    "so the answer is a bare 500 (reported to the dashboard owner)",
-)
 def test_query_string_that_is_not_utf8_is_400(rel: LocalStack) -> None:
     for page in ("/spillover", "/api/spillover", "/failures/list"):
         answer = requests.get(f"{rel.app_url}{P}{page}?cursor=%ff", timeout=30)
