@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 
 import pytest
@@ -389,3 +390,72 @@ def test_cloud_tasks_unavailable_is_a_clear_error_and_leaves_no_spill(ndb_stub, 
         assert spillover.DeferredPayload.query().fetch() == []
     finally:
         tasks_client.cache_clear()
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections and never answers: CreateTask's fate is unknown."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def test_unanswered_create_task_keeps_the_spill_for_the_sweeper(paused, silent_server, monkeypatch):
+    real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", silent_server)
+    tasks_client.cache_clear()
+    gae_deferred.configure(enqueue_timeout_seconds=0.5)
+    try:
+        with pytest.raises(gae_deferred.EnqueueOutcomeUnknown, match="do not defer it again"):
+            defer(collect, os.urandom(300_000))
+    finally:
+        monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
+        tasks_client.cache_clear()
+    (record,) = spillover.DeferredPayload.query().fetch()
+    assert record.state == spillover.PENDING
+    later = spillover.now() + datetime.timedelta(days=1)
+    assert gae_deferred.sweep(now=later).reenqueued == 1
+    (task,) = paused()
+    assert task.name.endswith("/tasks/" + record.task_name)
+
+
+def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, ndb_stub):
+    from google.api_core import exceptions as api_exceptions
+
+    gae_deferred.configure(compression_level=0)
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+    calls = []
+
+    def second_commit_fails(request, *args, **kwargs):
+        calls.append(len(request.mutations))
+        if len(calls) == 2:
+            raise api_exceptions.PermissionDenied("datastore went away")
+        return original(request, *args, **kwargs)
+
+    wrapper.func = second_commit_fails
+    try:
+        with pytest.raises(gae_deferred.DatastoreUnavailableError, match="datastore went away"):
+            defer(collect, b"\3" * 12_000_000)
+    finally:
+        wrapper.func = original
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+    assert spillover.DeferredPayload.query().fetch() == []
+    assert paused() == []

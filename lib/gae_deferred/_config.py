@@ -59,6 +59,8 @@ class Settings:
     queue_yaml: str | None = None
     #: An ndb client to use instead of ``ndb.Client(project=...)`` (tests pass a stub).
     ndb_client: Any = None
+    #: How long defer() waits for Cloud Tasks' answer to CreateTask.
+    enqueue_timeout_seconds: float = 30
     #: How long dead letters and permanent failures keep their payloads.
     dead_letter_retention_seconds: float = 30 * 24 * 3600
     #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.

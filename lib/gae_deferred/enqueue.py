@@ -33,6 +33,7 @@ from .errors import (
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
+    EnqueueOutcomeUnknown,
     QueueNotFoundError,
     TaskAlreadyExistsError,
 )
@@ -280,7 +281,9 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     """CreateTask, with Cloud Tasks' errors turned into gae_deferred's."""
     task = build_task(spec, body)
     try:
-        return tasks_client().create_task(parent=queue_path(spec.queue), task=task, timeout=30)
+        return tasks_client().create_task(
+            parent=queue_path(spec.queue), task=task, timeout=settings().enqueue_timeout_seconds
+        )
     except api_exceptions.AlreadyExists as exc:
         raise TaskAlreadyExistsError(
             f"task {spec.name!r} already exists in queue {spec.queue!r} (or ran within the hour)"
@@ -292,6 +295,11 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
         ) from exc
     except api_exceptions.InvalidArgument:
         raise
+    except api_exceptions.DeadlineExceeded as exc:
+        raise EnqueueOutcomeUnknown(
+            f"Cloud Tasks did not answer within {settings().enqueue_timeout_seconds}s: "
+            f"task {spec.name or '(unnamed)'} may or may not exist"
+        ) from exc
     except api_exceptions.GoogleAPIError as exc:
         raise EnqueueError(f"Cloud Tasks could not create the task: {exc}") from exc
 
@@ -366,6 +374,12 @@ def _defer_spilled(data: bytes, header: dict[str, Any], spec: TaskSpec) -> Defer
             ) from exc
         try:
             create_task(spec, reference)
+        except EnqueueOutcomeUnknown as exc:
+            # The task may exist: keep the payload; the sweeper creates the task if it does not.
+            raise EnqueueOutcomeUnknown(
+                f"{exc}; its payload {payload_id} is kept and the sweeper creates the task if it "
+                "is missing: do not defer it again"
+            ) from exc
         except Exception as exc:
             _forget_spill(record, exc)
             raise

@@ -57,5 +57,13 @@ class EnqueueError(DeferError):
     """Cloud Tasks refused or could not be reached while creating the task."""
 
 
+class EnqueueOutcomeUnknown(EnqueueError):
+    """Cloud Tasks did not answer in time: the task may or may not exist.
+
+    A spilled payload is kept in that case and the sweeper creates the task under the same name
+    if it is missing, so the call must not be repeated.
+    """
+
+
 class DatastoreUnavailableError(DeferError):
     """A spilled payload could not be written to Datastore."""

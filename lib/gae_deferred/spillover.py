@@ -14,6 +14,7 @@ retriggered; records still ``pending`` long after their ETA are re-enqueued by t
 from __future__ import annotations
 
 import datetime
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ RETRYING = "retrying"
 FAILED = "failed"
 DEAD = "dead"
 STATES = (PENDING, RETRYING, FAILED, DEAD)
+logger = logging.getLogger("gae_deferred")
 #: Indexed strings are capped at 1500 bytes by Datastore; function names are cut well before.
 _MAX_INDEXED_CHARS = 500
 
@@ -159,14 +161,28 @@ def write(record: DeferredPayload, chunks: list[DeferredPayloadChunk]) -> None:
     """
     batch: list[ndb.Model] = []
     batch_bytes = 0
+    written: list[ndb.Key] = []
     limit = settings().commit_bytes
-    for chunk in chunks:
-        if batch and batch_bytes + len(chunk.data) > limit:
-            ndb.put_multi(batch)
-            batch, batch_bytes = [], 0
-        batch.append(chunk)
-        batch_bytes += len(chunk.data)
-    ndb.put_multi([*batch, record])
+    try:
+        for chunk in chunks:
+            if batch and batch_bytes + len(chunk.data) > limit:
+                written += ndb.put_multi(batch)
+                batch, batch_bytes = [], 0
+            batch.append(chunk)
+            batch_bytes += len(chunk.data)
+        ndb.put_multi([*batch, record])
+    except Exception:
+        if written:
+            _delete_orphans(written)
+        raise
+
+
+def _delete_orphans(keys: list[ndb.Key]) -> None:
+    """Chunks of a spill whose record was never written: nothing else would ever find them."""
+    try:
+        ndb.delete_multi(keys)
+    except Exception:  # the original error matters more; these chunks are only wasted space
+        logger.exception("could not delete %d orphaned payload chunks", len(keys))
 
 
 def load(payload_id: str, chunks: int) -> tuple[DeferredPayload, bytes]:
