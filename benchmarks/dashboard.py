@@ -76,22 +76,21 @@ def _populate(total: int, have: int) -> None:
             task={"url": "/_ah/queue/deferred", "headers": {}, "routing": {}},
         )
         batch += [*chunks, record]
-        batch.append(
-            failures.update(
-                None,
-                failures.failure_id("default", f"task-{number}"),
-                function="benchmarks.tasks.add",
-                exception_type="ValueError",
-                message=f"bad value {number}",
-                traceback="Traceback (most recent call last):\n  ...\nValueError\n" * 20,
-                state=failures.RETRYING,
-                task_name=f"task-{number}",
-                queue="default",
-                meta=header,
-                payload_id=payload_id,
-                when=now,
-            )
+        failure = failures.update(
+            None,
+            failures.failure_id("default", f"task-{number}"),
+            function="benchmarks.tasks.add",
+            exception_type="ValueError",
+            message=f"bad value {number}",
+            traceback="Traceback (most recent call last):\n  ...\nValueError\n" * 20,
+            state=failures.RETRYING,
+            task_name=f"task-{number}",
+            queue="default",
+            meta=header,
+            payload_id=payload_id,
+            when=now,
         )
+        batch += [failure, failures.group_entity(failure)]
         if len(batch) >= 600:
             ndb.put_multi(batch)
             batch = []

@@ -1,9 +1,9 @@
 """webapp2 routes for gae_deferred, to add to an existing app::
 
-    import webapp2
-    from handlers import deferred_routes
+import webapp2
+from handlers import deferred_routes
 
-    app = webapp2.WSGIApplication(MY_ROUTES + deferred_routes())
+app = webapp2.WSGIApplication(MY_ROUTES + deferred_routes())
 """
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ class SpilloverBulk(_Base):
 class FailureGroups(_Base):
     def get(self) -> None:
         view = self.request.GET.get("view") or "active"
-        groups = admin.failure_groups(view)
+        page = admin.failure_groups(view, cursor=self.request.GET.get("cursor"))
         if self.json_api:
             self.send_json(
                 {
@@ -403,19 +403,20 @@ class FailureGroups(_Base):
                             "last_seen": g.last_seen.isoformat(),
                             "partial": g.partial,
                         }
-                        for g in groups
+                        for g in page.items
                     ],
-                    "scan_cap": admin.SCAN_CAP,
+                    "next_cursor": page.next_cursor,
+                    "count_cap": admin.COUNT_CAP,
                 }
             )
             return
         self.render(
             "failures.html",
             title="Failures",
-            groups=groups,
+            page=page,
             view=view,
             views=admin.FAILURE_VIEWS,
-            scan_cap=admin.SCAN_CAP,
+            count_cap=admin.COUNT_CAP,
         )
 
 

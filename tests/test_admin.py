@@ -139,7 +139,7 @@ def make_failure(
         payload_id=payload_id,
         when=spillover.now(),
     )
-    entities: list[ndb.Model] = [record]
+    entities: list[ndb.Model] = [record, failures.group_entity(record)]
     if payload_id is None:
         entities.append(failures.kept_payload(record_id, data))
     ndb.put_multi(entities)

@@ -79,6 +79,7 @@ def test_dead_letters_are_purged_after_retention(ndb_stub):
     assert sweep(now=later(days=31)).purged_failures == 1
     assert failures.DeferredFailure.query().fetch() == []
     assert failures.get_payload(record.id) is None
+    assert failures.DeferredFailureGroup.query().fetch() == []
 
 
 def test_failed_spilled_payloads_are_purged_after_retention(ndb_stub):

@@ -50,6 +50,9 @@ MAX_PAGE_SIZE = 200
 COUNT_CAP = 10_000
 #: Projection queries for totals and charts read at most this many index entries.
 SCAN_CAP = 5_000
+#: Groups per page of the failures page, and the cap on each group's count.
+GROUP_PAGE_SIZE = 20
+COUNT_CAP = 1_000
 #: Bulk actions act on at most this many records per request.
 MAX_BULK = 100
 #: Tasks listed to count a queue's backlog and find its oldest task (one ListTasks page).
@@ -115,14 +118,14 @@ class BulkResult:
 
 @dataclasses.dataclass
 class FailureGroup:
-    """Failures sharing function and exception type, among the newest scanned records."""
+    """Failures sharing function and exception type, counted in one view (state)."""
 
     group: str
     function: str
     exception_type: str
     count: int
     last_seen: datetime.datetime
-    #: True when the scan hit SCAN_CAP: the group may have more failures than ``count``.
+    #: True when the count hit COUNT_CAP: the group may have more failures than ``count``.
     partial: bool
 
 
@@ -412,38 +415,37 @@ def list_failures(
     return _fetch_page(query, f"failures|{state or ''}|{group or ''}", cursor, limit)
 
 
-def failure_groups(view: str = "active") -> list[FailureGroup]:
-    """Failures grouped by function + exception type, most recently seen group first.
+def failure_groups(
+    view: str = "active", cursor: str | None = None, limit: int = GROUP_PAGE_SIZE
+) -> Page:
+    """One page of failure groups (function + exception type), most recently failing first.
 
-    A bounded projection query per state (``group``, ``last_seen`` of at most SCAN_CAP newest
-    records, index (state, -last_seen, group)): counts cover that window and say so.
+    Reads one page of ``_DeferredFailureGroup`` markers and, per group, one count of its
+    failures in ``view`` bounded by COUNT_CAP (index (group, active) or (group, state)): the
+    cost does not grow with the number of failures. Groups with none in ``view`` are left out.
     """
     if view not in FAILURE_VIEWS:
         raise BadRequest(f"view must be one of {', '.join(FAILURE_VIEWS)}")
-    states = failures.RETRIGGERABLE if view == "active" else (view,)
+    marker = failures.DeferredFailureGroup
+    page = _fetch_page(marker.query().order(-marker.last_seen), f"groups|{view}", cursor, limit)
     model = failures.DeferredFailure
-    futures = [
-        model.query(model.state == state, projection=[model.group, model.last_seen])
-        .order(-model.last_seen)
-        .fetch_async(SCAN_CAP)
-        for state in states
+    in_view = model.active == True if view == "active" else model.state == view  # noqa: E712
+    counts = [
+        model.query(model.group == group.group, in_view).count_async(limit=COUNT_CAP)
+        for group in page.items
     ]
-    groups: dict[str, FailureGroup] = {}
-    for future in futures:
-        rows = future.result()
-        partial = len(rows) >= SCAN_CAP
-        for row in rows:
-            found = groups.get(row.group)
-            if found is None:
-                function, _, exception_type = row.group.rpartition("|")
-                groups[row.group] = FailureGroup(
-                    row.group, function, exception_type, 1, row.last_seen, partial
-                )
-            else:
-                found.count += 1
-                found.last_seen = max(found.last_seen, row.last_seen)
-                found.partial = found.partial or partial
-    return sorted(groups.values(), key=lambda item: item.last_seen, reverse=True)
+    groups = [
+        FailureGroup(
+            group.group,
+            group.function,
+            group.exception_type,
+            count.result(),
+            group.last_seen,
+            count.result() >= COUNT_CAP,
+        )
+        for group, count in zip(page.items, counts, strict=True)
+    ]
+    return Page([group for group in groups if group.count], page.next_cursor)
 
 
 def get_failure(record_id: str) -> failures.DeferredFailure:

@@ -217,23 +217,21 @@ def _record(
         entities.append(attempt.record)
     elif kept is None and attempt.body:
         entities.append(failures.kept_payload(record_id, attempt.body))
-    entities.append(
-        failures.update(
-            existing,
-            record_id,
-            function=str(header.get("function") or "?"),
-            exception_type=_qualified_name(type(exc)),
-            message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
-            state=state,
-            task_name=task.name,
-            queue=task.queue,
-            meta=header or None,
-            payload_id=payload_id or (existing.payload_id if existing else None),
-            when=now,
-        )
+    record = failures.update(
+        existing,
+        record_id,
+        function=str(header.get("function") or "?"),
+        exception_type=_qualified_name(type(exc)),
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        state=state,
+        task_name=task.name,
+        queue=task.queue,
+        meta=header or None,
+        payload_id=payload_id or (existing.payload_id if existing else None),
+        when=now,
     )
-    ndb.put_multi(entities)
+    ndb.put_multi([*entities, record, failures.group_entity(record)])
     # Retryable errors answer 500 even on the last attempt: Cloud Tasks then drops the task,
     # while a mismatch between queue.yaml and the real queue errs on the side of retrying.
     status = OK if isinstance(exc, PermanentTaskFailure) else ERROR

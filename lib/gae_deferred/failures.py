@@ -52,6 +52,8 @@ class DeferredFailure(ndb.Model):
     retriggered = ndb.IntegerProperty(default=0)
     #: The envelope header, for display: function, args preview, versions.
     meta = ndb.JsonProperty(indexed=False)
+    #: Retrying, permanent or dead: what the dashboard's "active" view counts per group.
+    active = ndb.ComputedProperty(lambda record: record.state in RETRIGGERABLE)
 
     @classmethod
     def _get_kind(cls) -> str:
@@ -73,6 +75,35 @@ class DeferredFailurePayload(ndb.Model):
     @classmethod
     def _get_kind(cls) -> str:
         return "_DeferredFailurePayload"
+
+
+class DeferredFailureGroup(ndb.Model):
+    """One per function + exception type: when it last failed. Rewritten with every failure,
+    so the dashboard lists groups a page at a time instead of scanning failures."""
+
+    _use_cache = False
+    _use_global_cache = False
+
+    group = ndb.StringProperty()
+    function = ndb.TextProperty()
+    exception_type = ndb.TextProperty()
+    last_seen = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+
+    @classmethod
+    def _get_kind(cls) -> str:
+        return "_DeferredFailureGroup"
+
+
+def group_entity(record: DeferredFailure) -> DeferredFailureGroup:
+    """The group marker for a failure record, to write in the same batch."""
+    digest = hashlib.sha256(record.group.encode()).hexdigest()[:32]
+    return DeferredFailureGroup(
+        id=f"g-{digest}",
+        group=record.group,
+        function=record.function,
+        exception_type=record.exception_type,
+        last_seen=record.last_seen,
+    )
 
 
 def failure_id(queue: str, task_name: str) -> str:

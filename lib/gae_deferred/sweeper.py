@@ -99,5 +99,9 @@ def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> N
     for key in failure_keys:
         doomed += [key, failures.payload_key(key.id())]
     report.purged_failures = len(failure_keys)
+    # A group that has not failed for the whole retention period has no failures left to list.
+    doomed += failures.DeferredFailureGroup.query(
+        failures.DeferredFailureGroup.last_seen < cutoff
+    ).fetch(batch, keys_only=True)
     if doomed:
         ndb.delete_multi(doomed)

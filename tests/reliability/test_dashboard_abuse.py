@@ -17,6 +17,7 @@ import pytest
 import requests
 import webapp2
 import webtest
+from google.cloud import ndb
 from rel_helpers import datastore
 
 import gae_deferred
@@ -74,7 +75,7 @@ def xss_records(rel: LocalStack) -> Iterator[dict[str, str]]:
             payload_id, b"x" * 10, meta, queue=XSS, task_name=XSS, eta=now, task={"url": XSS}
         )
         spillover.write(record, chunks)
-        failures.update(
+        failure = failures.update(
             None,
             failure_id,
             function=XSS,
@@ -87,8 +88,14 @@ def xss_records(rel: LocalStack) -> Iterator[dict[str, str]]:
             meta=meta,
             payload_id=None,
             when=now,
-        ).put()
-        failures.kept_payload(failure_id, b"not an envelope").put()
+        )
+        ndb.put_multi(
+            [
+                failure,
+                failures.group_entity(failure),
+                failures.kept_payload(failure_id, b"not an envelope"),
+            ]
+        )
     yield {"payload": payload_id, "failure": failure_id}
     with datastore():
         spillover.delete(payload_id, 1)
