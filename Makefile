@@ -1,6 +1,7 @@
 # Everything a fresh clone needs, with only Python 3.11 and make installed:
 #   make run    the app + Datastore and Cloud Tasks emulators (Ctrl-C stops them)
-#   make test   every test, end-to-end and browser ones included
+#   make test   every test, end-to-end, browser and slow (load, fault) ones included
+#   make test-fast  the in-process tests only, for the edit-test loop
 #   make lint   ruff check + ruff format --check
 #   make bench  the benchmarks
 PYTHON ?= python3.11
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 # Re-installs when a requirements file is newer than the last install.
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv run test lint bench clean distclean
+.PHONY: all venv run test test-fast lint bench clean distclean
 
 all: test
 
@@ -26,6 +27,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e and not browser and not slow" --ignore=tests/reliability
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,4 +43,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-bench-legacy

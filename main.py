@@ -17,7 +17,8 @@ import webapp2  # noqa: E402
 import gae_deferred  # noqa: E402
 from handlers import deferred_routes  # noqa: E402
 
-gae_deferred.configure(queue_yaml=os.path.join(ROOT, "queue.yaml"))
+if not gae_deferred.settings().queue_yaml:  # GAE_DEFERRED_QUEUE_YAML wins, e.g. in tests
+    gae_deferred.configure(queue_yaml=os.path.join(ROOT, "queue.yaml"))
 
 
 def _routes() -> list:
