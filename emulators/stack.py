@@ -35,6 +35,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
+import yaml
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 DEFAULT_APP_PORT = 8080
@@ -573,6 +575,35 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(signum, old)
 
 
+class _Cron:
+    """Calls cron.yaml's URLs on the app every ``every`` seconds, like App Engine cron.
+
+    Locally the schedule is compressed to one interval so the sweeper repairs lost tasks
+    within a minute; the request comes from loopback, which the dashboard treats as admin.
+    """
+
+    def __init__(self, app_url: str, cron_yaml: pathlib.Path, every: float) -> None:
+        self.app_url = app_url
+        self.every = every
+        jobs = (yaml.safe_load(cron_yaml.read_text()) or {}).get("cron") or []
+        self.urls = [job["url"] for job in jobs if isinstance(job, dict) and job.get("url")]
+        self.next_run = time.monotonic() + every
+
+    def tick(self) -> None:
+        if not self.every or time.monotonic() < self.next_run:
+            return
+        self.next_run = time.monotonic() + self.every
+        for url in self.urls:
+            request = urllib.request.Request(
+                self.app_url + url, headers={"X-Appengine-Cron": "true"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    answer.read()
+            except OSError as exc:  # the app may be reloading; the next tick tries again
+                print(f"cron {url}: {exc}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m emulators.stack``: run the stack until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
@@ -589,6 +620,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--index-yaml", default=str(ROOT / "index.yaml"))
     parser.add_argument("--no-reload", action="store_true", help="no gunicorn --reload")
     parser.add_argument("--quiet", action="store_true", help="child output to logs only")
+    parser.add_argument(
+        "--cron-every",
+        type=float,
+        default=60.0,
+        help="seconds between calls of cron.yaml's URLs, as App Engine cron would (0: never)",
+    )
     args = parser.parse_args(argv)
 
     stack = LocalStack(
@@ -607,7 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _stop_on_signals():
             stack.start()
             print(stack.describe(), flush=True)
+            cron = _Cron(stack.app_url, ROOT / "cron.yaml", args.cron_every)
             while True:
+                cron.tick()
                 dead = stack.dead_children()
                 if dead:
                     print(

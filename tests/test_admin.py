@@ -18,7 +18,7 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import envelope, failures, spillover
+from gae_deferred import audit, envelope, failures, spillover
 from gae_deferred._tasks_client import tasks_client
 from handlers import deferred_routes
 
@@ -691,6 +691,14 @@ def test_cron_sweep_accepts_only_cron_or_admin(app, ndb_stub, monkeypatch):
     result = app.get(f"{P}/cron/sweep", headers=cron).json
     assert result["ok"] is True and "reenqueued" in result["report"]
     assert app.get(f"{P}/cron/sweep", expect_errors=True).status_int == 403
+    # A scheduled sweep with nothing to do leaves the audit log alone; one that acts is audited.
+    assert audit.recent()[0] == []
+    stale = make_spilled("stale", state=spillover.DEAD)
+    stale.updated = spillover.now() - datetime.timedelta(days=60)
+    stale.put()
+    assert app.get(f"{P}/cron/sweep", headers=cron).json["report"]["purged_payloads"] == 1
+    (entry,) = audit.recent()[0]
+    assert (entry.actor, entry.action, entry.detail) == ("cron", "sweep", "purged_payloads 1")
 
 
 def test_run_sweeper_button(app, ndb_stub):

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import audit, enqueue, failures, spillover
+from . import audit, enqueue, failures, spillover, sweeper
 from ._config import settings
 from ._signing import signing_key
 from ._tasks_client import tasks_client
@@ -873,14 +873,11 @@ def audit_json(entry: audit.DeferredAudit) -> dict[str, Any]:
     }
 
 
-def run_sweeper(actor: str | None) -> dict[str, Any]:
-    """Run ``gae_deferred.sweeper.sweep()`` once; returns its report as a dict."""
-    from . import sweeper
-
-    report = sweeper.sweep()
-    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else {"report": report}
-    if actor:
-        summary = ", ".join(f"{key} {value}" for key, value in data.items() if value)
+def run_sweeper(actor: str, *, audit_idle: bool = True) -> dict[str, Any]:
+    """Run the sweeper once and audit it; a scheduled run that did nothing is not audited."""
+    data = dataclasses.asdict(sweeper.sweep())
+    summary = ", ".join(f"{key} {value}" for key, value in data.items() if value)
+    if summary or audit_idle:
         audit.record(actor, "sweep", "sweeper", summary or "nothing to do")
     return data
 
