@@ -331,3 +331,22 @@ def test_zlib_body_round_trip_exact_bytes():
     env = envelope.open_envelope(serialize(_identity, payload))
     assert zlib.compress(pickle.dumps((_identity, (payload,), {}), protocol=5))
     assert pickle.loads(env.body)[1] == (payload,)
+
+
+def test_incompressible_big_body_is_probed_not_compressed(monkeypatch):
+    import os
+
+    calls = []
+    real = zlib.compress
+
+    def spy(data, level=-1):
+        calls.append(len(data))
+        return real(data, level)
+
+    monkeypatch.setattr(envelope.zlib, "compress", spy)
+    data = serialize(add, os.urandom(2_000_000), b"")
+    assert not envelope.open_envelope(data).flags & envelope.FLAG_ZLIB
+    assert calls == [64 * 1024]
+    calls.clear()
+    assert envelope.open_envelope(serialize(add, b"a" * 2_000_000, b"")).flags
+    assert calls[0] == 64 * 1024 and calls[1] > 2_000_000

@@ -46,8 +46,9 @@ class Settings:
     max_payload_bytes: int = 32 * MIB
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     commit_bytes: int = DEFAULT_COMMIT_BYTES
-    #: zlib level for bodies of at least compress_min_bytes; 0 turns compression off.
-    compression_level: int = 6
+    #: zlib level for bodies of at least compress_min_bytes; 0 turns compression off. Level 1
+    #: spills as rarely as 6 or 9 on our corpus at a third of the CPU (docs/performance.md).
+    compression_level: int = 1
     compress_min_bytes: int = 1024
     signing_key: bytes | None = None
     #: Older keys still accepted when verifying, for key rotation.

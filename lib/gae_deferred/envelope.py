@@ -53,6 +53,9 @@ _args_repr.maxstring = 40
 _args_repr.maxother = 40
 _args_repr.maxlist = _args_repr.maxtuple = _args_repr.maxdict = _args_repr.maxset = 5
 _ARGS_PREVIEW_CHARS = 200
+#: Compression is kept only if it saves at least 10%.
+_WORTH_IT = 0.9
+_PROBE_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,15 @@ def _name_unpicklable(obj: Callable, args: tuple, kwargs: dict, exc: Exception) 
     return f"cannot defer {function_name(obj)}: {exc}"
 
 
+def _compressible(raw: bytes, level: int) -> bool:
+    """Big bodies are probed on a sample first: compressing megabytes of already-compressed or
+    random bytes would cost milliseconds and save nothing."""
+    if len(raw) <= _PROBE_BYTES:
+        return True
+    sample = memoryview(raw)[:_PROBE_BYTES]
+    return len(zlib.compress(sample, level)) < _PROBE_BYTES * _WORTH_IT
+
+
 def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     kid, key = _signing.signing_key()
     header["kid"] = kid
@@ -158,9 +170,13 @@ def build(
     current = settings()
     raw, serializer = _pickle_call(obj, args, kwargs)
     body, flags = raw, 0
-    if current.compression_level and len(raw) >= current.compress_min_bytes:
+    if (
+        current.compression_level
+        and len(raw) >= current.compress_min_bytes
+        and _compressible(raw, current.compression_level)
+    ):
         packed = zlib.compress(raw, current.compression_level)
-        if len(packed) < len(raw) * 0.9:
+        if len(packed) < len(raw) * _WORTH_IT:
             body, flags = packed, FLAG_ZLIB
     header = {
         "function": function_name(obj),
