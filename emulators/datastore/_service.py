@@ -26,7 +26,9 @@ from inmemory_datastore_stub._proto import _pb
 from inmemory_datastore_stub._stored_object import _StoredObject
 from inmemory_datastore_stub.datastore_stub import LocalDatastoreStub, _has_ancestor_filter
 
+from . import _query
 from ._errors import RpcError, invalid
+from ._index import path_sort_key
 from ._store import (
     EntityStore,
     Partition,
@@ -34,7 +36,6 @@ from ._store import (
     Write,
     describe_key,
     key_bytes,
-    path_sort_key,
 )
 
 #: The real service refuses a Commit request larger than this.
@@ -92,6 +93,10 @@ class DatastoreService(LocalDatastoreStub):
         self.enforce_limits = enforce_limits
         self.eventual_consistency = False
         self.store = _QueryView([], 0)
+        #: False sends every query down the scan path (tests compare both paths).
+        self.use_indexes = True
+        #: Index entries (index path) or entities (scan path) queries have read so far.
+        self.examined = 0
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -186,12 +191,77 @@ class DatastoreService(LocalDatastoreStub):
         if self.indexes is not None:
             wrapped = types.Query.wrap(query)
             _indexes.check(wrapped, _has_ancestor_filter(wrapped.filter), self.indexes)
+        query_plan = _query.plan(query) if self.use_indexes else None
+        if query_plan is not None:
+            limit = run.limit.value if run.HasField("limit") else None
+            response = self._execute_indexed(partition, query, query_plan, limit)
+        else:
+            response = self._execute_scan(partition, kind, query, run)
+        batch = response.batch
+        if capped and batch.more_results == _MoreResults.MORE_RESULTS_AFTER_LIMIT:
+            batch.more_results = _MoreResults.NOT_FINISHED
+        if batched:
+            _cap_batch_bytes(batch)
+        return response
+
+    def _execute_indexed(
+        self, partition: Partition, query: _QueryPb, query_plan: _query.Plan, limit: int | None
+    ) -> _RunQueryResponsePb:
+        """Serve ``query`` from one sorted index: the cost follows the page, not the kind."""
+        response = _RunQueryResponsePb()
+        batch = response.batch
+        batch.snapshot_version = self.state.seq
+        fields = [p.property.name for p in query.projection]
+        if fields == ["__key__"]:
+            batch.entity_result_type = types.EntityResult.ResultType.KEY_ONLY
+        elif fields:
+            batch.entity_result_type = types.EntityResult.ResultType.PROJECTION
+        else:
+            batch.entity_result_type = types.EntityResult.ResultType.FULL
+        table = self.state.tables.get((*partition, query.kind[0].name))
+        if table is None:
+            batch.more_results = _MoreResults.NO_MORE_RESULTS
+            batch.end_cursor = query.start_cursor
+            return response
+
+        key_filters = [types.PropertyFilter.wrap(f) for f in query_plan.key_filters]
+        residual = (
+            (lambda stored: all(self._matches_property_filter(stored, f) for f in key_filters))
+            if key_filters
+            else None
+        )
+        page = _query.run(table, query_plan, query, limit, residual)
+        self.examined += page.examined
+        for stored, cursor in page.results:
+            entity = _pb(stored.entity)
+            result = batch.entity_results.add(version=stored.version, cursor=cursor)
+            if not fields:
+                result.entity.CopyFrom(entity)
+                continue
+            # Like the scan path: projected values come from the entity (see README).
+            result.entity.key.CopyFrom(entity.key)
+            for name in fields:
+                if name in entity.properties:
+                    result.entity.properties[name].CopyFrom(entity.properties[name])
+        batch.skipped_results = page.skipped
+        batch.more_results = (
+            _MoreResults.MORE_RESULTS_AFTER_LIMIT if page.more else _MoreResults.NO_MORE_RESULTS
+        )
+        batch.end_cursor = page.end_cursor
+        return response
+
+    def _execute_scan(
+        self, partition: Partition, kind: str | None, query: _QueryPb, run: _QueryPb
+    ) -> _RunQueryResponsePb:
+        """Filter every entity of the kind, then let the stub's engine sort and page them."""
         # Filtering here on the raw protobufs is ~50x faster than the stub's proto-plus
         # matcher; the stub then orders, pages and projects the survivors only. The
         # filter is cleared so the stub does not test every survivor again, and the
         # index check (which needs the filter) is done above instead of in the stub.
         matches = _compile_filter(query.filter, self)
-        survivors = [s for s in self.state.scan(partition, kind) if matches(s)]
+        candidates = self.state.scan(partition, kind)
+        self.examined += len(candidates)
+        survivors = [s for s in candidates if matches(s)]
         run.ClearField("filter")
         self.store = _QueryView(survivors, self.state.seq)
         indexes, self.indexes = self.indexes, None
@@ -202,12 +272,6 @@ class DatastoreService(LocalDatastoreStub):
         finally:
             self.store = _QueryView([], 0)
             self.indexes = indexes
-
-        batch = response.batch
-        if capped and batch.more_results == _MoreResults.MORE_RESULTS_AFTER_LIMIT:
-            batch.more_results = _MoreResults.NOT_FINISHED
-        if batched:
-            _cap_batch_bytes(batch)
         return response
 
     def _record_query(
@@ -533,9 +597,14 @@ def _compile_filter(query_filter, service: DatastoreService) -> _Matcher:
 
 
 def _values(value: _ValuePb) -> list[_ValuePb]:
-    """The values a filter tests: the elements of a list property, else the value itself."""
+    """The values a filter tests: the indexed elements of a list property, else the value.
+
+    Values excluded from indexes never match a filter, as in Datastore (no index entry).
+    """
+    if value.exclude_from_indexes:
+        return []
     if value.WhichOneof("value_type") == "array_value":
-        return list(value.array_value.values)
+        return [v for v in value.array_value.values if not v.exclude_from_indexes]
     return [value]
 
 

@@ -31,6 +31,7 @@ from google.cloud.datastore_v1.types import entity as entity_types
 from inmemory_datastore_stub._stored_object import _StoredObject
 
 from ._errors import DataDirInUseError
+from ._index import IndexSpec, SortedIndex
 
 #: (project, database, namespace): what the key's partition id names.
 Partition = tuple[str, str, str]
@@ -63,39 +64,48 @@ def key_bytes(key: _KeyPb) -> bytes:
     return key.SerializeToString(deterministic=True)
 
 
-def path_sort_key(path: Iterable) -> tuple:
-    """Datastore's key order: element by element, kind, then ids before names."""
-    return tuple((e.kind, 1, e.name, 0) if e.name else (e.kind, 0, "", e.id) for e in path)
-
-
 @dataclass
 class KindTable:
-    """The entities of one kind in one partition, plus what queries need to scan them."""
+    """The entities of one kind in one partition, and the sorted indexes queries read.
+
+    The key index (spec ``()``) always exists; property and composite indexes are added
+    with :meth:`index` (declared ones when the table is created, the others on the first
+    query that needs them) and kept up to date by every put and delete from then on.
+    """
 
     entities: dict[bytes, _StoredObject] = field(default_factory=dict)
     #: Commit sequence of the last write or delete in this table (for transactional queries).
     changed_seq: int = 0
-    # Key bytes in key order; only inserts and deletes change it, updates do not.
-    _order: list[bytes] | None = None
+    indexes: dict[IndexSpec, SortedIndex] = field(default_factory=lambda: {(): SortedIndex(())})
 
     def put(self, kb: bytes, stored: _StoredObject, seq: int) -> None:
-        if kb not in self.entities:
-            self._order = None
+        previous = self.entities.get(kb)
+        for index in self.indexes.values():
+            if previous is not None:
+                index.remove(_entity_pb(previous), kb)
+            index.add(_entity_pb(stored), kb)
         self.entities[kb] = stored
         self.changed_seq = seq
 
     def delete(self, kb: bytes, seq: int) -> None:
-        if self.entities.pop(kb, None) is not None:
-            self._order = None
+        previous = self.entities.pop(kb, None)
+        if previous is not None:
+            for index in self.indexes.values():
+                index.remove(_entity_pb(previous), kb)
         self.changed_seq = seq
 
+    def index(self, spec: IndexSpec) -> SortedIndex:
+        """The index of shape ``spec``, built from the current entities if it is new."""
+        found = self.indexes.get(spec)
+        if found is None:
+            found = SortedIndex(spec)
+            found.build({kb: _entity_pb(stored) for kb, stored in self.entities.items()})
+            self.indexes[spec] = found
+        return found
+
     def in_key_order(self) -> list[_StoredObject]:
-        """Entities sorted by key; the order is cached until a key is added or removed."""
-        if self._order is None:
-            self._order = sorted(
-                self.entities, key=lambda kb: path_sort_key(_entity_pb(self.entities[kb]).key.path)
-            )
-        return [self.entities[kb] for kb in self._order]
+        """Entities sorted by key (the key index)."""
+        return [self.entities[entry[-1]] for entry in self.indexes[()].entries]
 
 
 @dataclass
@@ -207,6 +217,8 @@ class EntityStore:
         # Ids of recently ended transactions: ndb rolls back after a failed commit, and
         # that rollback must succeed for the commit's own error (e.g. ABORTED) to surface.
         self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        # kind -> index shapes every table of that kind maintains from its creation on.
+        self._declared: dict[str, set[IndexSpec]] = {}
         self._sqlite = _Sqlite(Path(data_dir)) if data_dir is not None else None
         if self._sqlite is not None:
             self._load()
@@ -216,9 +228,28 @@ class EntityStore:
         for raw, version in rows:
             entity = _EntityPb.FromString(raw)
             table = self.tables.setdefault(table_of(entity.key), KindTable())
-            table.put(key_bytes(entity.key), self._stored(entity, version), version)
+            table.entities[key_bytes(entity.key)] = self._stored(entity, version)
+            table.changed_seq = max(table.changed_seq, version)
+        # Indexes are not stored: sorting once per index is cheaper than inserting one by one.
+        for table in self.tables.values():
+            table.indexes[()].build({kb: _entity_pb(s) for kb, s in table.entities.items()})
         self.seq = meta.get("seq", 0)
         self.next_id = meta.get("next_id", 1)
+
+    def declare_index(self, kind: str, spec: IndexSpec) -> None:
+        """Maintain an index of shape ``spec`` on every table of ``kind``, present and future."""
+        self._declared.setdefault(kind, set()).add(spec)
+        for table_key, table in self.tables.items():
+            if table_key[3] == kind:
+                table.index(spec)
+
+    def _table(self, table_key: TableKey) -> KindTable:
+        table = self.tables.get(table_key)
+        if table is None:
+            table = self.tables[table_key] = KindTable()
+            for spec in self._declared.get(table_key[3], ()):
+                table.index(spec)
+        return table
 
     @staticmethod
     def _stored(entity: _EntityPb, version: int) -> _StoredObject:
@@ -351,7 +382,7 @@ class EntityStore:
                 if self.transactions:
                     self._tombstones[write.kb] = version
             else:
-                table = self.tables.setdefault(table_key, KindTable())
+                table = self._table(table_key)
                 table.put(write.kb, self._stored(write.entity, version), version)
         return version
 
