@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 
 import pytest
 import webapp2
@@ -14,6 +15,7 @@ import gae_deferred
 from gae_deferred import PermanentTaskFailure, SingularTaskFailure, failures, serialize, spillover
 from gae_deferred.enqueue import TaskSpec, _reference
 from handlers import deferred_routes
+from tests.conftest import ROOT
 
 RUNS: list = []
 TASK = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "task-1"}
@@ -356,3 +358,32 @@ def test_handler_threads_reuse_a_clean_ndb_context(app, ndb_stub):
         assert run_task(bump_then_fail, 500) == 500
         assert run_task(bump_counter, 200) == 200
     assert RUNS == [1, 11, 12, 13]
+
+
+def test_unreadable_queue_yaml_costs_only_dead_letter_detection(app, tmp_path, caplog):
+    from gae_deferred import execution
+
+    broken = tmp_path / "queue.yaml"
+    broken.write_text("queue:\n- name: default\n  rate: 5/x\n")
+    gae_deferred.configure(queue_yaml=str(broken))
+    execution._queue_retry_limits.cache_clear()
+    headers = {**TASK, "X-AppEngine-TaskRetryCount": "50"}
+    with caplog.at_level(logging.ERROR, logger="gae_deferred"):
+        assert post(app, serialize(fail_with, ValueError("x")), headers=headers).status_int == 500
+    assert "queue.yaml:3" in caplog.text
+    assert all_failures()[0].state == failures.RETRYING
+    execution._queue_retry_limits.cache_clear()
+
+
+def test_app_refuses_to_start_with_a_broken_queue_yaml(tmp_path):
+    import subprocess
+    import sys
+
+    broken = tmp_path / "queue.yaml"
+    broken.write_text("queue:\n- name: default\n  rate: 5/x\n")
+    env = {**os.environ, "GAE_DEFERRED_QUEUE_YAML": str(broken)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import main"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert f"{broken}:3" in result.stderr

@@ -26,6 +26,7 @@ from ._config import settings
 from ._datastore import ndb_context
 from .context import TaskInfo, running
 from .errors import PermanentTaskFailure, SingularTaskFailure
+from .queue_config import QueueYamlError, load_queue_yaml
 
 logger = logging.getLogger("gae_deferred")
 
@@ -77,13 +78,18 @@ def run(data: bytes) -> Any:
 
 @functools.cache
 def _queue_retry_limits(queue_yaml: str | None) -> dict[str, tuple[int | None, float | None]]:
+    """Retry limits per queue, read once per process. main.py loads queue.yaml at start-up, so
+    a broken file stops the app there; here it only costs the dead-letter detection."""
     if not queue_yaml:
         return {}
-    from .queue_config import load_queue_yaml
-
+    try:
+        queues = load_queue_yaml(queue_yaml)
+    except (OSError, QueueYamlError) as exc:
+        logger.error("cannot read retry limits from %s: %s", queue_yaml, exc)
+        return {}
     return {
         name: (queue.retry.task_retry_limit, queue.retry.task_age_limit)
-        for name, queue in load_queue_yaml(queue_yaml).items()
+        for name, queue in queues.items()
     }
 
 
