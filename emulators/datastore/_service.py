@@ -1,9 +1,10 @@
 """Request handling for each ``google.datastore.v1.Datastore`` RPC.
 
 :class:`DatastoreService` extends the in-memory stub's ``LocalDatastoreStub`` and keeps its
-query engine (filters, orders, offset cursors, projections, index.yaml validation) and size
-limits, but replaces its storage and transactions with :class:`._store.EntityStore`:
-entities grouped per (partition, kind), optimistic per-key concurrency, sqlite durability.
+index.yaml validation, size limits and, for query shapes no single index serves, its query
+engine; it replaces its storage and transactions with :class:`._store.EntityStore`
+(entities and sorted indexes per (partition, kind), optimistic per-key concurrency, sqlite
+durability) and serves the other queries from those indexes (:mod:`._query`).
 
 Every method takes the request message and returns the response message; failures raise
 :class:`._errors.RpcError` (or the stub's ``NoMatchingIndexError`` / ``LimitExceededError``)
