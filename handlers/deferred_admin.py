@@ -406,7 +406,7 @@ class FailureGroups(_Base):
                         for g in page.items
                     ],
                     "next_cursor": page.next_cursor,
-                    "count_cap": admin.COUNT_CAP,
+                    "count_cap": admin.GROUP_COUNT_CAP,
                 }
             )
             return
@@ -416,7 +416,7 @@ class FailureGroups(_Base):
             page=page,
             view=view,
             views=admin.FAILURE_VIEWS,
-            count_cap=admin.COUNT_CAP,
+            count_cap=admin.GROUP_COUNT_CAP,
         )
 
 

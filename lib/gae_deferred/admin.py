@@ -50,9 +50,10 @@ MAX_PAGE_SIZE = 200
 COUNT_CAP = 10_000
 #: Projection queries for totals and charts read at most this many index entries.
 SCAN_CAP = 5_000
-#: Groups per page of the failures page, and the cap on each group's count.
+#: Groups per page of the failures page, and the cap on each group's count: a count reads (on
+#: the emulator) or skips (on Datastore) up to this many index entries per group shown.
 GROUP_PAGE_SIZE = 20
-COUNT_CAP = 1_000
+GROUP_COUNT_CAP = 100
 #: Bulk actions act on at most this many records per request.
 MAX_BULK = 100
 #: Tasks listed to count a queue's backlog and find its oldest task (one ListTasks page).
@@ -125,7 +126,7 @@ class FailureGroup:
     exception_type: str
     count: int
     last_seen: datetime.datetime
-    #: True when the count hit COUNT_CAP: the group may have more failures than ``count``.
+    #: True when the count hit GROUP_COUNT_CAP: the group may have more failures than ``count``.
     partial: bool
 
 
@@ -421,7 +422,7 @@ def failure_groups(
     """One page of failure groups (function + exception type), most recently failing first.
 
     Reads one page of ``_DeferredFailureGroup`` markers and, per group, one count of its
-    failures in ``view`` bounded by COUNT_CAP (index (group, active) or (group, state)): the
+    failures in ``view`` bounded by GROUP_COUNT_CAP (index (group, active) or (group, state)): the
     cost does not grow with the number of failures. Groups with none in ``view`` are left out.
     """
     if view not in FAILURE_VIEWS:
@@ -431,7 +432,7 @@ def failure_groups(
     model = failures.DeferredFailure
     in_view = model.active == True if view == "active" else model.state == view  # noqa: E712
     counts = [
-        model.query(model.group == group.group, in_view).count_async(limit=COUNT_CAP)
+        model.query(model.group == group.group, in_view).count_async(limit=GROUP_COUNT_CAP)
         for group in page.items
     ]
     groups = [
@@ -441,7 +442,7 @@ def failure_groups(
             group.exception_type,
             count.result(),
             group.last_seen,
-            count.result() >= COUNT_CAP,
+            count.result() >= GROUP_COUNT_CAP,
         )
         for group, count in zip(page.items, counts, strict=True)
     ]
