@@ -70,7 +70,8 @@ def load_index_yaml(path: str | os.PathLike) -> list[_indexes.Index]:
         raise IndexYamlError(f"{path} is not valid YAML: {exc}") from exc
     if document is None:
         return []
-    if not isinstance(document, dict) or not isinstance(document.get("indexes", []), list):
+    # `indexes:` with nothing under it (a fresh app's index.yaml) is YAML null: no indexes.
+    if not isinstance(document, dict) or not isinstance(document.get("indexes") or [], list):
         raise IndexYamlError(f"{path}: expected a mapping with an 'indexes' list")
     for position, entry in enumerate(document.get("indexes") or []):
         where = f"{path}: index #{position + 1}"

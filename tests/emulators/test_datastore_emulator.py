@@ -792,3 +792,11 @@ def test_a_page_reads_index_entries_not_the_whole_kind(emulator, client):
         both = DsEmuThing.query(DsEmuThing.n > 9990, DsEmuThing.tag > "even").fetch()
         assert sorted(e.n for e in both) == [9991, 9993, 9995, 9997, 9999]
         assert emulator.entities_examined >= 10_000
+
+
+def test_index_yaml_with_an_empty_indexes_key_declares_nothing(tmp_path):
+    from emulators.datastore.server import load_index_yaml
+
+    empty = tmp_path / "index.yaml"
+    empty.write_text("indexes:\n# none yet\n")
+    assert load_index_yaml(empty) == []
