@@ -322,9 +322,27 @@ def _create_inline(data: bytes, header: dict[str, Any], spec: TaskSpec) -> Defer
     )
 
 
-def _spill_spec(spec: TaskSpec, payload_id: str) -> TaskSpec:
-    """Spilled tasks are always named, so the sweeper can re-create exactly this task."""
-    return dataclasses.replace(spec, name=spec.name or f"d-{payload_id}")
+def _spill(
+    data: bytes, header: dict[str, Any], spec: TaskSpec, *, transactional: bool
+) -> tuple[TaskSpec, spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]:
+    """The record and chunks for a payload, and its task spec.
+
+    Spilled tasks are always named (after the record unless the caller named them), so the
+    sweeper can re-create exactly this task.
+    """
+    payload_id = spillover.new_payload_id()
+    spec = dataclasses.replace(spec, name=spec.name or f"d-{payload_id}")
+    record, chunks = spillover.build_record(
+        payload_id,
+        data,
+        header,
+        queue=spec.queue,
+        task_name=spec.name or "",
+        eta=spec.eta,
+        task=spec.to_json(),
+        transactional=transactional,
+    )
+    return spec, record, chunks
 
 
 def _reference(record: spillover.DeferredPayload) -> bytes:
@@ -352,19 +370,10 @@ def _described(record: spillover.DeferredPayload, spec: TaskSpec, task_bytes: in
 
 
 def _defer_spilled(data: bytes, header: dict[str, Any], spec: TaskSpec) -> DeferredTask:
-    payload_id = spillover.new_payload_id()
-    spec = _spill_spec(spec, payload_id)
     # Inside the context: ndb builds keys (of the record and its chunks) from the client's project.
     with ndb_context():
-        record, chunks = spillover.build_record(
-            payload_id,
-            data,
-            header,
-            queue=spec.queue,
-            task_name=spec.name or "",
-            eta=spec.eta,
-            task=spec.to_json(),
-        )
+        spec, record, chunks = _spill(data, header, spec, transactional=False)
+        payload_id = record.key.id()
         reference = _reference(record)
         try:
             spillover.write(record, chunks)
@@ -403,18 +412,7 @@ def _defer_transactional(data: bytes, header: dict[str, Any], spec: TaskSpec) ->
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise DeferError("_transactional=True needs an active ndb transaction")
-    payload_id = spillover.new_payload_id()
-    spec = _spill_spec(spec, payload_id)
-    record, chunks = spillover.build_record(
-        payload_id,
-        data,
-        header,
-        queue=spec.queue,
-        task_name=spec.name or "",
-        eta=spec.eta,
-        task=spec.to_json(),
-        transactional=True,
-    )
+    spec, record, chunks = _spill(data, header, spec, transactional=True)
     if record.stored_bytes > settings().commit_bytes:
         raise DeferError(
             f"a transactional defer carries at most {settings().commit_bytes:,} bytes "
