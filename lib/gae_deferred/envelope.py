@@ -156,8 +156,13 @@ def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     kid, key = _signing.signing_key()
     header["kid"] = kid
     header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    unsigned = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes)) + header_bytes + body
-    return unsigned + hmac.new(key, unsigned, hashlib.sha256).digest()
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
+    # The MAC runs over the parts and they are joined once: a body can be 32 MiB, and building
+    # the unsigned envelope first would copy it twice.
+    mac = hmac.new(key, prefix, hashlib.sha256)
+    mac.update(header_bytes)
+    mac.update(body)
+    return b"".join((prefix, header_bytes, body, mac.digest()))
 
 
 def build(
@@ -216,8 +221,11 @@ def read_header(data: bytes) -> dict[str, Any]:
         raise PermanentTaskFailure(f"envelope header is not valid JSON: {exc}") from exc
 
 
-def open_envelope(data: bytes) -> Envelope:
+def open_envelope(data: bytes | bytearray) -> Envelope:
     """Verify an envelope and return its header and decompressed body.
+
+    ``data`` may be the ``bytearray`` spillover.load assembles: it is verified in place and an
+    uncompressed body is a view into it, never a copy.
 
     Raises PermanentTaskFailure, saying what is wrong, for anything that is not an intact
     envelope signed with a known key; nothing in the body is unpickled here.
