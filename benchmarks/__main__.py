@@ -1,6 +1,6 @@
 """``python -m benchmarks [--quick] [--only NAME ...] [--output FILE] [--plots-dir DIR]``.
 
-Runs every benchmark (handler, defer, compression, spill, throughput, dashboard), prints a
+Runs every benchmark (handler, defer, compression, spill, memory, throughput, dashboard), prints a
 table, and writes the Markdown report (default docs/performance.md) and SVG plots (default
 docs/). ``--legacy install|existing|skip`` controls the appengine-python-standard venv
 (default: install for a full run, existing for --quick).
@@ -17,7 +17,7 @@ import time
 
 from . import _setup
 
-NAMES = ("handler", "defer", "compression", "spill", "throughput", "dashboard")
+NAMES = ("handler", "defer", "compression", "spill", "memory", "throughput", "dashboard")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--legacy", choices=("install", "existing", "skip"), default=None)
     args = parser.parse_args(argv)
     _setup.prepare()
-    from . import dashboard, handler, report, serialization, spill, throughput, timing
+    from . import dashboard, handler, memory, report, serialization, spill, throughput, timing
 
     legacy_mode = args.legacy or ("existing" if args.quick else "install")
     runners = {
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "defer": lambda: serialization.run_defer_cost(quick=args.quick),
         "compression": lambda: serialization.run_compression(quick=args.quick),
         "spill": lambda: spill.run(quick=args.quick),
+        "memory": lambda: memory.run(quick=args.quick),
         "throughput": lambda: throughput.run(quick=args.quick),
         "dashboard": lambda: dashboard.run(quick=args.quick),
     }

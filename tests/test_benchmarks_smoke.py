@@ -26,6 +26,7 @@ def test_quick_benchmarks_write_the_table(tmp_path: pathlib.Path) -> None:
             "defer",
             "compression",
             "spill",
+            "memory",
             "dashboard",
             "--output",
             str(output),
@@ -46,10 +47,13 @@ def test_quick_benchmarks_write_the_table(tmp_path: pathlib.Path) -> None:
         "## defer() CPU without the network",
         "## Compression",
         "## Spill path RPCs",
+        "## Memory of a spilled payload",
         "## Dashboard scaling",
     ):
         assert heading in text
     assert "| gae_deferred handler |" in text
+    # The memory section measured the run side of the quick 8 MiB payload in its children.
+    assert "| 8 MiB run: peak RSS increase |" in text
     assert (tmp_path / "performance-handler.svg").read_text().startswith("<svg")
     assert (tmp_path / "performance-dashboard.svg").read_text().startswith("<svg")
     assert output.with_suffix(".json").exists()

@@ -1,0 +1,336 @@
+"""Benchmark 7: peak memory of a big spilled payload, run (the budget) and defer (information).
+
+Both emulators run as their own processes (``python -m emulators.datastore --port 0`` and
+``python -m emulators.cloudtasks``, the queue paused), so the payload they hold does not count.
+Every measurement is a fresh interpreter, so nothing allocated earlier hides the peak::
+
+    python -m benchmarks.memory defer --datastore H:P --tasks H:P --size N --body-dir DIR
+    python -m benchmarks.memory run --datastore H:P --body-dir DIR
+
+``defer`` defers a small spilled warm-up task, then ``tasks.consume(os.urandom(N))`` (random
+bytes: compression would hide the size), and writes both task bodies (reference envelopes,
+fetched with GetTask) to DIR. ``run`` posts the warm-up body, then the big one, through the
+webapp2 handler in-process (one WSGI call, App Engine task headers). Each prints one JSON line:
+the resident set just before the measured call (``/proc/self/statm``) and the peak during it
+(``ru_maxrss``, after resetting the high-water mark through ``/proc/self/clear_refs`` so the
+warm-up's peak cannot count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+
+from . import _setup
+from .report import Section, Target, ratio_target
+
+MIB = 1024 * 1024
+BUDGET = 3.0
+QUEUE = "bench-paused"
+QUEUE_YAML = f"queue:\n- name: {QUEUE}\n  rate: 0/s\n"
+#: Room for the pickle framing, the envelope header and the HMAC: the envelope of the biggest
+#: payload stays within max_payload_bytes (32 MiB), the cap defer() enforces.
+_ENVELOPE_OVERHEAD = 4096
+_WARM_UP_BYTES = 600_000
+_CHILD_TIMEOUT = 300
+
+
+def run(*, quick: bool) -> Section:
+    """Measure payloads of 8 and 32 MiB (quick: 8 MiB); the budget applies to the run side."""
+    sizes = [8 * MIB] if quick else [8 * MIB, 32 * MIB]
+    section = Section(
+        key="memory",
+        title="Memory of a spilled payload",
+        what=(
+            "Peak resident memory added by one spilled task of random bytes, each measurement "
+            "in a fresh interpreter; the Datastore and Cloud Tasks emulators run as separate "
+            "processes (queue paused). **run**: the reference envelope posted to the webapp2 "
+            "handler in-process (Lookup of the chunks, verify, unpickle, call "
+            "`benchmarks.tasks.consume(payload)`, delete); the increase includes the "
+            "unpickled argument itself (1x). **raw gRPC Lookup**: the same one Lookup of the "
+            "record and chunks over a bare gRPC channel, returning the response bytes unparsed: "
+            "the floor any single-Lookup read sits on. **defer**: `defer(consume, payload)` "
+            "from the moment before `os.urandom` made the payload, so it includes the payload "
+            "(1x); reported for information. Baseline: `/proc/self/statm` right before, after a "
+            "warm-up task of 600 KB and `gc.collect()`; peak: `ru_maxrss` after resetting the "
+            "high-water mark (`/proc/self/clear_refs`). Payload = envelope size (≤ 32 MiB, "
+            "`max_payload_bytes`)."
+        ),
+        columns=["payload", "chunks", "side", "baseline RSS MiB", "peak increase MiB", "x payload"],
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        base = pathlib.Path(tmp)
+        with _emulators(base) as (datastore, tasks):
+            for size in sizes:
+                _measure(section, base, datastore, tasks, size)
+    return section
+
+
+def _measure(section: Section, base: pathlib.Path, datastore: str, tasks: str, size: int) -> None:
+    body_dir = base / f"bodies-{size}"
+    body_dir.mkdir()
+    address = ["--datastore", datastore]
+    wrote = _child(["defer", *address, "--tasks", tasks, "--size", str(size)], body_dir)
+    looked_up = _child(["lookup", *address], body_dir)
+    ran = _child(["run", *address], body_dir)
+    if not ran["status"].startswith("200"):
+        raise RuntimeError(f"the {size:,} byte spilled task answered {ran['status']}")
+    label = f"{size / MIB:g} MiB"
+    payload = wrote["envelope_bytes"]
+    data = {
+        "envelope_bytes": payload,
+        "chunks": wrote["chunks"],
+        "defer": wrote,
+        "lookup": looked_up,
+        "run": ran,
+    }
+    for side, result in (("run", ran), ("raw gRPC Lookup", looked_up), ("defer", wrote)):
+        increase = result["peak"] - result["baseline"]
+        ratio = increase / payload
+        section.rows.append(
+            [
+                label,
+                str(wrote["chunks"]),
+                side,
+                f"{result['baseline'] / MIB:.0f}",
+                f"{increase / MIB:.1f}",
+                f"{ratio:.2f}",
+            ]
+        )
+        if side == "run":
+            section.targets.append(ratio_target(f"{label} run: peak RSS increase", ratio, BUDGET))
+        elif side == "defer":
+            section.targets.append(
+                Target(
+                    f"{label} defer: peak RSS increase (report only)", f"{ratio:.2f}x", "—", True
+                )
+            )
+    if not all(result["hwm_reset"] for result in (wrote, looked_up, ran)):
+        section.notes.append(
+            "the kernel refused to reset the peak RSS (/proc/self/clear_refs): the warm-up's "
+            "peak may count, so the increases are upper bounds"
+        )
+    section.data[label] = data
+
+
+def _child(argv: list[str], body_dir: pathlib.Path) -> dict:
+    """Run one measurement in a fresh interpreter and return its JSON line."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", *argv, "--body-dir", str(body_dir)],
+        cwd=_setup.ROOT,
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory child {argv[0]} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def _emulators(base: pathlib.Path) -> Iterator[tuple[str, str]]:
+    """Both emulators as child processes on free ports; yields their host:port addresses."""
+    queue_yaml = base / "queue.yaml"
+    queue_yaml.write_text(QUEUE_YAML, encoding="utf-8")
+    children: list[subprocess.Popen] = []
+    try:
+        datastore = _spawn(children, ["emulators.datastore", "--port", "0"], base / "datastore.log")
+        tasks = _spawn(
+            children,
+            [
+                "emulators.cloudtasks",
+                "--port",
+                "0",
+                "--data-dir",
+                str(base / "cloudtasks"),
+                "--queue-yaml",
+                str(queue_yaml),
+                "--project",
+                _setup.BENCH_PROJECT,
+                "--location",
+                "us-central1",
+                "--app-url",
+                "http://127.0.0.1:9",
+            ],
+            base / "cloudtasks.log",
+        )
+        yield datastore, tasks
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _child_env() -> dict[str, str]:
+    """The emulators import gae_deferred (queue.yaml parsing), as main.py would find it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(_setup.ROOT / "lib"), str(_setup.ROOT)])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _spawn(children: list[subprocess.Popen], argv: list[str], log: pathlib.Path) -> str:
+    """Start ``python -m <argv>`` and return the address from its ``listening on`` line."""
+    with open(log, "wb") as errors:
+        child = subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            cwd=_setup.ROOT,
+            env=_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    children.append(child)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if "listening on" in line:
+            return line.rsplit(" ", 1)[-1].strip()
+    tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+    raise RuntimeError(f"{argv[0]} exited ({child.wait()}) without listening:\n{tail}")
+
+
+# --- the measuring children -------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _start_measuring() -> tuple[int, bool]:
+    """Collect garbage, reset the peak to the current RSS if allowed; return (baseline, reset)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    return _resident_bytes(), reset
+
+
+def _child_defer(args: argparse.Namespace) -> dict:
+    from gae_deferred import _tasks_client, defer
+
+    from . import tasks
+
+    def deferred_body(task_path: str) -> bytes:
+        request = {"name": task_path, "response_view": "FULL"}
+        return _tasks_client.tasks_client().get_task(request=request).app_engine_http_request.body
+
+    warm = defer(tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE)
+    (args.body_dir / "warm").write_bytes(deferred_body(warm.path))
+    baseline, reset = _start_measuring()
+    payload = os.urandom(args.size - _ENVELOPE_OVERHEAD)
+    task = defer(tasks.consume, payload, _queue=QUEUE)
+    peak = _peak_bytes()
+    del payload
+    (args.body_dir / "big").write_bytes(deferred_body(task.path))
+    return {
+        "baseline": baseline,
+        "peak": peak,
+        "hwm_reset": reset,
+        "envelope_bytes": task.stored_bytes,
+        "chunks": task.chunks,
+    }
+
+
+def _child_run(args: argparse.Namespace) -> dict:
+    import webapp2
+
+    from handlers import deferred_routes
+
+    from . import floor
+
+    app = webapp2.WSGIApplication(deferred_routes())
+
+    def post(name: str) -> str:
+        body = (args.body_dir / name).read_bytes()
+        environ = floor.environ_factory(
+            body, HTTP_X_APPENGINE_QUEUENAME=QUEUE, HTTP_X_APPENGINE_TASKNAME=f"memory-{name}"
+        )()
+        return floor.call_wsgi(app, environ)
+
+    warm_status = post("warm")
+    if not warm_status.startswith("200"):
+        raise RuntimeError(f"the warm-up task answered {warm_status}")
+    baseline, reset = _start_measuring()
+    status = post("big")
+    return {"baseline": baseline, "peak": _peak_bytes(), "hwm_reset": reset, "status": status}
+
+
+def _child_lookup(args: argparse.Namespace) -> dict:
+    """The floor under ``run``: the same one Lookup as raw gRPC bytes, parsed by nobody."""
+    import grpc
+    from google.cloud.datastore_v1.types import datastore
+
+    from gae_deferred import envelope
+
+    channel = grpc.insecure_channel(
+        args.datastore, options=[("grpc.max_receive_message_length", -1)]
+    )
+    lookup = channel.unary_unary("/google.datastore.v1.Datastore/Lookup")
+
+    def request(name: str) -> bytes:
+        ref = envelope.open_envelope((args.body_dir / name).read_bytes()).header["ref"]
+        message = datastore.LookupRequest(project_id=_setup.BENCH_PROJECT)._pb
+        for number in range(ref["chunks"] + 1):
+            key = message.keys.add()
+            key.partition_id.project_id = _setup.BENCH_PROJECT
+            key.path.add(kind="_DeferredPayload", name=ref["id"])
+            if number:
+                key.path.add(kind="_DeferredPayloadChunk", id=number)
+        return message.SerializeToString()
+
+    lookup(request("warm"))
+    big = request("big")
+    baseline, reset = _start_measuring()
+    response = lookup(big)
+    peak = _peak_bytes()
+    channel.close()
+    return {"baseline": baseline, "peak": peak, "hwm_reset": reset, "bytes": len(response)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of one measuring child; prints its JSON result as the last line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
+    parser.add_argument("side", choices=("defer", "lookup", "run"))
+    parser.add_argument("--datastore", required=True, help="Datastore emulator host:port")
+    parser.add_argument("--tasks", help="Cloud Tasks emulator host:port (defer only)")
+    parser.add_argument("--size", type=int, help="envelope bytes to defer (defer only)")
+    parser.add_argument("--body-dir", type=pathlib.Path, required=True)
+    args = parser.parse_args(argv)
+    if args.side == "defer" and (args.tasks is None or args.size is None):
+        parser.error("defer needs --tasks and --size")
+    _setup.prepare()
+    os.environ["DATASTORE_EMULATOR_HOST"] = args.datastore
+    if args.tasks:
+        os.environ["CLOUD_TASKS_EMULATOR_HOST"] = args.tasks
+    children = {"defer": _child_defer, "lookup": _child_lookup, "run": _child_run}
+    result = children[args.side](args)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
