@@ -387,3 +387,29 @@ def test_app_refuses_to_start_with_a_broken_queue_yaml(tmp_path):
     )
     assert result.returncode != 0
     assert f"{broken}:3" in result.stderr
+
+
+def test_per_task_age_limit_is_enforced_before_running(app, monkeypatch):
+    import time
+
+    from gae_deferred import execution
+
+    data = gae_deferred.envelope.build(record_run, (), {}, retry={"task_age_limit": 60})
+    assert post(app, data).status_int == 200
+    later = time.time() + 61
+    monkeypatch.setattr(execution.time, "time", lambda: later)
+    assert post(app, data, headers={**TASK, "X-AppEngine-TaskRetryCount": "3"}).status_int == 200
+    assert len(RUNS) == 1
+    (record,) = all_failures()
+    assert record.state == failures.DEAD and "age limit 60" in record.message
+
+
+def test_mixed_task_header_prefixes_still_name_the_task():
+    info = gae_deferred.TaskInfo.from_headers(
+        {
+            "X-AppEngine-QueueName": "q",
+            "X-CloudTasks-TaskName": "t",
+            "X-AppEngine-TaskRetryCount": "2",
+        }
+    )
+    assert (info.queue, info.name, info.retry_count) == ("q", "t", 2)

@@ -50,14 +50,11 @@ class TaskInfo:
 
     @classmethod
     def _read(cls, header: Callable[[str], str | None]) -> TaskInfo | None:
-        prefix = "X-AppEngine-"
-        queue = header("X-AppEngine-QueueName")
-        if not queue:
-            prefix = "X-CloudTasks-"
-            queue = header("X-CloudTasks-QueueName")
-        name = header(prefix + "TaskName")
+        queue = header("X-AppEngine-QueueName") or header("X-CloudTasks-QueueName")
+        name = header("X-AppEngine-TaskName") or header("X-CloudTasks-TaskName")
         if not queue or not name:
             return None
+        prefix = "X-AppEngine-" if header("X-AppEngine-QueueName") else "X-CloudTasks-"
         return cls(
             name=name,
             queue=queue,

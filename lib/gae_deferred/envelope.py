@@ -192,7 +192,8 @@ def build(
         "serializer": serializer,
         "raw_bytes": len(raw),
         "body_bytes": len(body),
-        "created": round(time.time(), 3),
+        # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
+        "created_ms": int(time.time() * 1000),
         **extra_header,
     }
     return _seal(header, body, flags)

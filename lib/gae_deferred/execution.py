@@ -93,6 +93,11 @@ def _queue_retry_limits(queue_yaml: str | None) -> dict[str, tuple[int | None, f
     }
 
 
+def _age_seconds(header: dict[str, Any]) -> float | None:
+    created_ms = header.get("created_ms")
+    return time.time() - created_ms / 1000 if isinstance(created_ms, int) else None
+
+
 def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
     """Whether Cloud Tasks will drop this task if this attempt fails (a dead letter)."""
     limit, age_limit = _queue_retry_limits(settings().queue_yaml).get(task.queue, (None, None))
@@ -101,8 +106,8 @@ def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
     age_limit = retry.get("task_age_limit", age_limit)
     if limit is not None and task.retry_count >= limit:
         return True
-    created = header.get("created")
-    return bool(age_limit is not None and created and time.time() - created >= age_limit)
+    age = _age_seconds(header)
+    return bool(age_limit is not None and age is not None and age >= age_limit)
 
 
 def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
@@ -112,8 +117,8 @@ def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
     if limit is not None and task.retry_count > limit:
         return f"retry limit {limit} reached ({task.retry_count} retries)"
     age_limit = retry.get("task_age_limit")
-    created = header.get("created")
-    if age_limit is not None and created and time.time() - created > age_limit:
+    age = _age_seconds(header)
+    if age_limit is not None and age is not None and age > age_limit:
         return f"task age limit {age_limit}s exceeded"
     return None
 
