@@ -15,15 +15,14 @@ import datetime
 
 from google.cloud import ndb
 
+from ._model import DeferredModel
+
 _MAX_INDEXED_CHARS = 500
 _MAX_DETAIL_CHARS = 2000
 
 
-class DeferredAudit(ndb.Model):
+class DeferredAudit(DeferredModel):
     """One dashboard action: ``actor`` did ``action`` to ``target`` at ``when``."""
-
-    _use_cache = False
-    _use_global_cache = False
 
     actor = ndb.StringProperty()
     action = ndb.StringProperty()
@@ -31,10 +30,6 @@ class DeferredAudit(ndb.Model):
     when = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     #: Free text for humans, e.g. the name of the task a retrigger created.
     detail = ndb.TextProperty()
-
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredAudit"
 
 
 def record(actor: str, action: str, target: str, detail: str = "") -> DeferredAudit:

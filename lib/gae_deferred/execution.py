@@ -128,7 +128,7 @@ class _Attempt:
     """One execution of one task, and the state failure recording needs."""
 
     task: TaskInfo
-    body: bytes
+    body: bytes | bytearray
     env: envelope.Envelope | None = None
     record: spillover.DeferredPayload | None = None
 

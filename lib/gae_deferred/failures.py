@@ -16,6 +16,8 @@ import hashlib
 
 from google.cloud import ndb
 
+from ._model import DeferredModel
+
 RETRYING = "retrying"
 PERMANENT = "permanent"
 DEAD = "dead"
@@ -29,11 +31,8 @@ _MAX_TRACEBACK_CHARS = 64_000
 _MAX_INDEXED_CHARS = 500
 
 
-class DeferredFailure(ndb.Model):
+class DeferredFailure(DeferredModel):
     """Failures of one task: what raised, how often, and where its payload is kept."""
-
-    _use_cache = False
-    _use_global_cache = False
 
     function = ndb.StringProperty()
     exception_type = ndb.StringProperty()
@@ -55,43 +54,25 @@ class DeferredFailure(ndb.Model):
     #: Retrying, permanent or dead: what the dashboard's "active" view counts per group.
     active = ndb.ComputedProperty(lambda record: record.state in RETRIGGERABLE)
 
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredFailure"
-
     @property
     def id(self) -> str:
         return self.key.id()
 
 
-class DeferredFailurePayload(ndb.Model):
+class DeferredFailurePayload(DeferredModel):
     """The inline envelope of a failed task, kept so the task can be retriggered."""
-
-    _use_cache = False
-    _use_global_cache = False
 
     data = ndb.BlobProperty(indexed=False)
 
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredFailurePayload"
 
-
-class DeferredFailureGroup(ndb.Model):
+class DeferredFailureGroup(DeferredModel):
     """One per function + exception type: when it last failed. Rewritten with every failure,
     so the dashboard lists groups a page at a time instead of scanning failures."""
-
-    _use_cache = False
-    _use_global_cache = False
 
     group = ndb.StringProperty()
     function = ndb.TextProperty()
     exception_type = ndb.TextProperty()
     last_seen = ndb.DateTimeProperty(tzinfo=datetime.UTC)
-
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredFailureGroup"
 
 
 def group_entity(record: DeferredFailure) -> DeferredFailureGroup:

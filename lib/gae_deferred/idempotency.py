@@ -27,23 +27,17 @@ from typing import Any, TypeVar
 from google.cloud import ndb
 
 from ._datastore import ndb_context
+from ._model import DeferredModel
 from .context import current_task
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class DeferredDone(ndb.Model):
+class DeferredDone(DeferredModel):
     """Marks one idempotency key as done."""
-
-    _use_cache = False
-    _use_global_cache = False
 
     done = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
     function = ndb.TextProperty()
-
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredDone"
 
 
 def _marker_key(func: Callable, key: str | None) -> ndb.Key | None:

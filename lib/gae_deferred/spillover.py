@@ -22,6 +22,7 @@ from typing import Any
 from google.cloud import ndb
 
 from ._config import settings
+from ._model import DeferredModel
 from .errors import PayloadTooLargeError, PermanentTaskFailure
 
 PENDING = "pending"
@@ -38,11 +39,8 @@ class SpilledPayloadMissing(PermanentTaskFailure):
     """The task references a spilled payload that is no longer in Datastore."""
 
 
-class DeferredPayload(ndb.Model):
+class DeferredPayload(DeferredModel):
     """One spilled payload's listed fields; the bytes are in DeferredPayloadChunk children."""
-
-    _use_cache = False
-    _use_global_cache = False
 
     state = ndb.StringProperty(choices=STATES, default=PENDING)
     created = ndb.DateTimeProperty(tzinfo=datetime.UTC)
@@ -61,26 +59,15 @@ class DeferredPayload(ndb.Model):
     #: What recreates the same task: url, headers, routing.
     task = ndb.JsonProperty(indexed=False)
 
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredPayload"
-
     @property
     def id(self) -> str:
         return self.key.id()
 
 
-class DeferredPayloadChunk(ndb.Model):
+class DeferredPayloadChunk(DeferredModel):
     """Up to chunk_bytes of a spilled envelope; chunk n has integer id n (1-based)."""
 
-    _use_cache = False
-    _use_global_cache = False
-
     data = ndb.BlobProperty(indexed=False)
-
-    @classmethod
-    def _get_kind(cls) -> str:
-        return "_DeferredPayloadChunk"
 
 
 def new_payload_id() -> str:
