@@ -21,6 +21,7 @@ import gae_deferred
 from gae_deferred import audit, envelope, failures, spillover
 from gae_deferred._tasks_client import tasks_client
 from handlers import deferred_routes
+from tests.stack_support import cloud_tasks_emulator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 P = "/_ah/deferred-admin"
@@ -33,26 +34,10 @@ def _sample(*args: object) -> None:
 
 
 @pytest.fixture
-def tasks_emulator(tmp_path, monkeypatch):
+def tasks_emulator():
     """The Cloud Tasks emulator with queue.yaml's queues; the app's client points at it."""
-    from emulators.cloudtasks import CloudTasksEmulator
-
-    emulator = CloudTasksEmulator(
-        host="127.0.0.1",
-        port=0,
-        data_dir=None,
-        queue_yaml=str(ROOT / "queue.yaml"),
-        project="test-project",
-        location="us-central1",
-        # Nothing listens there: tests pause queues when they need tasks to stay put.
-        app_url="http://127.0.0.1:9",
-    )
-    emulator.start()
-    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", f"127.0.0.1:{emulator.port}")
-    tasks_client.cache_clear()
-    yield emulator
-    tasks_client.cache_clear()
-    emulator.stop()
+    with cloud_tasks_emulator() as emulator:
+        yield emulator
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from gae_deferred import (
 from gae_deferred._tasks_client import tasks_client
 from handlers import deferred_routes
 from tests.callables import add
-from tests.conftest import ROOT
+from tests.stack_support import cloud_tasks_emulator
 
 RESULTS: list = []
 
@@ -41,27 +41,9 @@ def collect(*args):
 
 @pytest.fixture(scope="module")
 def tasks_emulator():
-    from emulators.cloudtasks import CloudTasksEmulator
-
-    emulator = CloudTasksEmulator(
-        host="127.0.0.1",
-        port=0,
-        data_dir=None,
-        queue_yaml=str(ROOT / "queue.yaml"),
-        project="test-project",
-        location="us-central1",
-        app_url="http://127.0.0.1:9",
-    ).start()
-    previous = os.environ.get("CLOUD_TASKS_EMULATOR_HOST")
-    os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{emulator.port}"
-    tasks_client.cache_clear()
-    yield emulator
-    emulator.stop()
-    if previous is None:
-        os.environ.pop("CLOUD_TASKS_EMULATOR_HOST")
-    else:
-        os.environ["CLOUD_TASKS_EMULATOR_HOST"] = previous
-    tasks_client.cache_clear()
+    """The Cloud Tasks emulator with queue.yaml's queues, shared by this module's tests."""
+    with cloud_tasks_emulator() as emulator:
+        yield emulator
 
 
 QUEUES = ("default", "reports")

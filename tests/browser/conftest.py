@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from emulators.stack import LocalStack
+from tests.stack_support import pointed_at, stack_fixture
 
 BROWSER_DIR = pathlib.Path(__file__).resolve().parent
 CHROMIUM = "/usr/bin/chromium"
@@ -35,41 +36,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = LocalStack(
-        tmp_path_factory.mktemp("browser-stack"),
-        app_port=0,
-        datastore_port=0,
-        tasks_port=0,
-        extra_pythonpath=[BROWSER_DIR],
-        workers=1,
-    )
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-
-
-def _clear_clients() -> None:
-    from gae_deferred import _config, _datastore, _tasks_client
-
-    _config.reset()
-    _tasks_client.tasks_client.cache_clear()
-    _datastore._default_client.cache_clear()
+stack = stack_fixture("browser-stack", extra_pythonpath=[BROWSER_DIR], workers=1)
 
 
 @pytest.fixture
 def live(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalStack]:
     """The stack, with this process's gae_deferred pointed at it (as after `. .local/env`)."""
-    monkeypatch.delenv("GAE_DEFERRED_SIGNING_KEY", raising=False)
-    for name, value in stack.env.items():
-        if name != "PYTHONPATH":
-            monkeypatch.setenv(name, value)
-    _clear_clients()
-    yield stack
-    _clear_clients()
+    with pointed_at(stack, monkeypatch):
+        yield stack
 
 
 def _system_chromium_version() -> str:

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import e2e_tasks
 
-T = TypeVar("T")
-
-
-def wait_for(
-    predicate: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.1
-) -> T:
-    """Poll until ``predicate()`` is truthy and return it; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+from tests.stack_support import datastore, wait_for
 
 
 def wait_for_runs(
@@ -37,15 +20,6 @@ def wait_for_runs(
         return found if len(found) >= count else None
 
     return wait_for(enough, f"{count} run(s) of {label!r}", timeout)
-
-
-@contextlib.contextmanager
-def datastore() -> Iterator[None]:
-    """An ndb context on gae_deferred's client (the stack's Datastore emulator)."""
-    from gae_deferred._datastore import client
-
-    with client().context(cache_policy=False, global_cache_policy=False):
-        yield
 
 
 def failure_state(queue: str, task_name: str) -> str | None:
@@ -62,11 +36,3 @@ def payload_exists(payload_id: str) -> bool:
 
     with datastore():
         return spillover.get(payload_id) is not None
-
-
-def queued_tasks(queue: str) -> list[Any]:
-    """Tasks Cloud Tasks still holds in a queue."""
-    from gae_deferred._tasks_client import tasks_client
-    from gae_deferred.enqueue import queue_path
-
-    return list(tasks_client().list_tasks(parent=queue_path(queue)))

@@ -7,10 +7,11 @@ import re
 
 import pytest
 import requests
-from e2e_helpers import datastore, failure_state, queued_tasks, wait_for
+from e2e_helpers import failure_state
 
 from emulators.stack import LocalStack
 from handlers import demo, demo_tasks
+from tests.stack_support import datastore, queued_tasks, wait_for
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 FLASH_TASK = re.compile(r'<code id="flash-task">([^<]+)</code>')

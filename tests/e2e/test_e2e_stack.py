@@ -13,12 +13,13 @@ import time
 
 import e2e_tasks
 import pytest
-from e2e_helpers import payload_exists, queued_tasks, wait_for, wait_for_runs
+from e2e_helpers import payload_exists, wait_for_runs
 
 from emulators.stack import ROOT, LocalStack, PortInUseError
 from gae_deferred import defer
 from gae_deferred._tasks_client import tasks_client
 from gae_deferred.enqueue import queue_path
+from tests.stack_support import queued_tasks, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e

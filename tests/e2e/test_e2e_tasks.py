@@ -10,11 +10,12 @@ import uuid
 import e2e_tasks
 import pytest
 import requests
-from e2e_helpers import failure_state, payload_exists, wait_for, wait_for_runs
+from e2e_helpers import failure_state, payload_exists, wait_for_runs
 
 import gae_deferred
 from emulators.stack import LocalStack
 from gae_deferred import defer, serialize
+from tests.stack_support import wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e

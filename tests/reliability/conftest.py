@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from emulators.stack import LocalStack
+from tests.stack_support import pointed_at, stack_fixture
 
 REL_DIR = pathlib.Path(__file__).resolve().parent
 QUEUE_YAML = REL_DIR / "queue.yaml"
@@ -29,30 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture(scope="session")
-def rel_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """The stack on free ports with state in a tmp dir; stopped at the end of the session."""
-    local = LocalStack(
-        tmp_path_factory.mktemp("reliability-stack"),
-        app_port=0,
-        datastore_port=0,
-        tasks_port=0,
-        queue_yaml=QUEUE_YAML,
-        extra_pythonpath=[REL_DIR],
-    )
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-
-
-def _clear_clients() -> None:
-    from gae_deferred import _config, _datastore, _tasks_client
-
-    _config.reset()
-    _tasks_client.tasks_client.cache_clear()
-    _datastore._default_client.cache_clear()
+rel_stack = stack_fixture("reliability-stack", queue_yaml=QUEUE_YAML, extra_pythonpath=[REL_DIR])
 
 
 @pytest.fixture
@@ -62,14 +40,8 @@ def rel(rel_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loca
     A test that stops a child brings it back itself; this fixture only checks, afterwards,
     that every child is up again so one test's fault never leaks into the next.
     """
-    # tests/conftest.py sets a key for unit tests; it would win over the stack's key file.
-    monkeypatch.delenv("GAE_DEFERRED_SIGNING_KEY", raising=False)
-    for name, value in rel_stack.env.items():
-        if name != "PYTHONPATH":
-            monkeypatch.setenv(name, value)
-    _clear_clients()
-    yield rel_stack
-    _clear_clients()
+    with pointed_at(rel_stack, monkeypatch):
+        yield rel_stack
     assert rel_stack.dead_children() == [], "a test left a stack child dead"
     assert set(rel_stack.pids()) == {"app", "cloudtasks", "datastore"}
 

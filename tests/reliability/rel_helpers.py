@@ -8,17 +8,18 @@ assert report.lost == set() and report.unexpected == set()
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import rel_tasks
 
 from emulators.stack import LocalStack, StackError
+from tests import stack_support
+from tests.stack_support import datastore
 
 T = TypeVar("T")
 
@@ -26,15 +27,8 @@ T = TypeVar("T")
 def wait_for(
     predicate: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.1
 ) -> T:
-    """Poll until ``predicate()`` is truthy and return it; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """``stack_support.wait_for`` with a longer default: these suites restart and load the stack."""
+    return stack_support.wait_for(predicate, what, timeout, interval)
 
 
 def retry_until_ok(call: Callable[[], T], what: str, timeout: float = 30.0) -> T:
@@ -64,15 +58,6 @@ def wait_for_ids(log: str, ids: Iterable[str], timeout: float = 60.0, event: str
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
-def datastore() -> Iterator[None]:
-    """An ndb context on gae_deferred's client (the stack's Datastore emulator)."""
-    from gae_deferred._datastore import client
-
-    with client().context(cache_policy=False, global_cache_policy=False):
-        yield
-
-
 def payload_records(queue: str) -> list[Any]:
     """The ``_DeferredPayload`` records of a queue (spilled or outboxed, not yet finished)."""
     from gae_deferred import spillover
@@ -89,14 +74,6 @@ def failure_records(queue: str) -> list[Any]:
     with datastore():
         model = failures.DeferredFailure
         return model.query(model.queue == queue).fetch()
-
-
-def queued_tasks(queue: str) -> list[Any]:
-    """Tasks Cloud Tasks still holds in a queue."""
-    from gae_deferred._tasks_client import tasks_client
-    from gae_deferred.enqueue import queue_path
-
-    return list(tasks_client().list_tasks(parent=queue_path(queue)))
 
 
 def crash_child(stack: LocalStack, name: str) -> None:

@@ -18,12 +18,12 @@ import requests
 import webapp2
 import webtest
 from google.cloud import ndb
-from rel_helpers import datastore
 
 import gae_deferred
 from emulators.stack import LocalStack
 from gae_deferred import failures, spillover
 from handlers import deferred_routes
+from tests.stack_support import datastore
 
 P = "/_ah/deferred-admin"
 XSS = '"><script>alert(1)</script><img src=x onerror=alert(2)>'

@@ -20,9 +20,7 @@ import rel_tasks
 from google.cloud import ndb
 from rel_helpers import (
     crash_child,
-    datastore,
     payload_records,
-    queued_tasks,
     reconcile,
     reset_clients,
     restart_child,
@@ -44,6 +42,7 @@ from gae_deferred import (
 )
 from gae_deferred._tasks_client import tasks_client
 from gae_deferred.enqueue import queue_path
+from tests.stack_support import datastore, queued_tasks
 
 #: Random bytes do not compress, so this always spills (the task limit is 100 KB).
 SPILL_BYTES = 150 * 1024

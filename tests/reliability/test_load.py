@@ -19,10 +19,11 @@ import time
 
 import pytest
 import rel_tasks
-from rel_helpers import failure_records, payload_records, queued_tasks, reconcile, wait_for
+from rel_helpers import failure_records, payload_records, reconcile, wait_for
 
 from emulators.stack import LocalStack
 from gae_deferred import defer
+from tests.stack_support import queued_tasks
 
 QUEUE = "load"
 THREADS = 4

@@ -1,0 +1,168 @@
+"""What the suites that run real emulators share: the stack, pointing this process at it, polling.
+
+The e2e, browser and reliability conftests build their fixtures from these::
+
+    stack = stack_fixture("stack", queue_yaml=QUEUE_YAML)
+
+    @pytest.fixture
+    def e2e(stack, monkeypatch):
+        with pointed_at(stack, monkeypatch):
+            yield stack
+
+Unit tests that only need Cloud Tasks use the in-process emulator instead::
+
+    @pytest.fixture
+    def tasks_emulator():
+        with cloud_tasks_emulator() as emulator:
+            yield emulator
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+
+from emulators.stack import LocalStack
+
+if TYPE_CHECKING:
+    from emulators.cloudtasks import CloudTasksEmulator
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def started_stack(base_dir: pathlib.Path, **options: Any) -> Iterator[LocalStack]:
+    """A LocalStack on free ports with its state under ``base_dir``; stopped on exit.
+
+    ``options`` go to LocalStack as they are (``queue_yaml``, ``extra_pythonpath``, ``workers``).
+    """
+    local = LocalStack(base_dir, app_port=0, datastore_port=0, tasks_port=0, **options)
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def stack_fixture(dir_name: str, **options: Any) -> Any:
+    """A session fixture yielding ``started_stack`` on a fresh tmp dir named ``dir_name``.
+
+    The fixture takes the name it is assigned to in a conftest::
+
+        rel_stack = stack_fixture("reliability-stack", queue_yaml=QUEUE_YAML)
+    """
+
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+        with started_stack(tmp_path_factory.mktemp(dir_name), **options) as local:
+            yield local
+
+    return fixture
+
+
+def clear_clients() -> None:
+    """Forget gae_deferred's cached settings and clients, so the next use reads the environment."""
+    from gae_deferred import _config, _datastore, _tasks_client
+
+    _config.reset()
+    _tasks_client.tasks_client.cache_clear()
+    _datastore._default_client.cache_clear()
+
+
+@contextlib.contextmanager
+def pointed_at(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalStack]:
+    """This process's gae_deferred talks to ``stack`` (as after ``. .local/env``) while open.
+
+    The environment goes back when ``monkeypatch`` undoes its changes, after the test.
+    """
+    # tests/conftest.py sets a key for unit tests; it would win over the stack's key file.
+    monkeypatch.delenv("GAE_DEFERRED_SIGNING_KEY", raising=False)
+    for name, value in stack.env.items():
+        # The stack's PYTHONPATH is for its children; this process already has its own.
+        if name != "PYTHONPATH":
+            monkeypatch.setenv(name, value)
+    clear_clients()
+    try:
+        yield stack
+    finally:
+        clear_clients()
+
+
+@contextlib.contextmanager
+def cloud_tasks_emulator(
+    queue_yaml: pathlib.Path = ROOT / "queue.yaml",
+) -> Iterator[CloudTasksEmulator]:
+    """An in-process Cloud Tasks emulator on a free port with ``queue_yaml``'s queues.
+
+    While open, CLOUD_TASKS_EMULATOR_HOST points at it and gae_deferred's client is fresh;
+    on exit the emulator stops and the variable gets its previous value back.
+    """
+    from emulators.cloudtasks import CloudTasksEmulator
+    from gae_deferred._tasks_client import tasks_client
+
+    emulator = CloudTasksEmulator(
+        host="127.0.0.1",
+        port=0,
+        data_dir=None,
+        queue_yaml=str(queue_yaml),
+        project="test-project",
+        location="us-central1",
+        # Nothing listens there: tests pause queues when they need tasks to stay put.
+        app_url="http://127.0.0.1:9",
+    ).start()
+    previous = os.environ.get("CLOUD_TASKS_EMULATOR_HOST")
+    os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{emulator.port}"
+    tasks_client.cache_clear()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+        if previous is None:
+            os.environ.pop("CLOUD_TASKS_EMULATOR_HOST")
+        else:
+            os.environ["CLOUD_TASKS_EMULATOR_HOST"] = previous
+        tasks_client.cache_clear()
+
+
+def wait_for(
+    predicate: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.1
+) -> T:
+    """Poll until ``predicate()`` is truthy and return it; fail naming ``what`` on timeout.
+
+    ``wait_for(lambda: queued_tasks("default"), "a queued task")`` returns the task list.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def datastore() -> Iterator[None]:
+    """An ndb context on gae_deferred's client (the stack's Datastore emulator).
+
+    ``with datastore(): record = spillover.get(payload_id)``
+    """
+    from gae_deferred._datastore import client
+
+    with client().context(cache_policy=False, global_cache_policy=False):
+        yield
+
+
+def queued_tasks(queue: str) -> list[Any]:
+    """Tasks Cloud Tasks still holds in a queue (``queued_tasks("default") == []``)."""
+    from gae_deferred._tasks_client import tasks_client
+    from gae_deferred.enqueue import queue_path
+
+    return list(tasks_client().list_tasks(parent=queue_path(queue)))
