@@ -12,7 +12,7 @@ bytes: compression would hide the size), and writes both task bodies (reference 
 fetched with GetTask) to DIR. ``run`` posts the warm-up body, then the big one, through the
 webapp2 handler in-process (one WSGI call, App Engine task headers). Each prints one JSON line:
 the resident set just before the measured call (``/proc/self/statm``) and the peak during it
-(``ru_maxrss``, after resetting the high-water mark through ``/proc/self/clear_refs`` so the
+(``VmHWM``, after resetting the high-water mark through ``/proc/self/clear_refs`` so the
 warm-up's peak cannot count).
 """
 
@@ -61,7 +61,7 @@ def run(*, quick: bool) -> Section:
             "the floor any single-Lookup read sits on. **defer**: `defer(consume, payload)` "
             "from the moment before `os.urandom` made the payload, so it includes the payload "
             "(1x); reported for information. Baseline: `/proc/self/statm` right before, after a "
-            "warm-up task of 600 KB and `gc.collect()`; peak: `ru_maxrss` after resetting the "
+            "warm-up task of 600 KB and `gc.collect()`; peak: `VmHWM` after resetting the "
             "high-water mark (`/proc/self/clear_refs`). Payload = envelope size (≤ 32 MiB, "
             "`max_payload_bytes`)."
         ),
@@ -214,6 +214,16 @@ def _resident_bytes() -> int:
 
 
 def _peak_bytes() -> int:
+    """This process's resident high-water mark (VmHWM).
+
+    Not ``ru_maxrss``: the kernel carries the parent's peak into a child across exec, so a
+    child of a big benchmark runner would report the runner's peak, and clear_refs does not
+    reset it. VmHWM belongs to this process's own memory map.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
