@@ -35,6 +35,8 @@ from .report import Section, Target, ratio_target
 
 MIB = 1024 * 1024
 BUDGET = 3.0
+#: DESIGN.md: "running a 32 MiB chunked payload raises peak RSS by at most 3x the payload".
+BUDGET_SIZE = 32 * MIB
 QUEUE = "bench-paused"
 QUEUE_YAML = f"queue:\n- name: {QUEUE}\n  rate: 0/s\n"
 #: Room for the pickle framing, the envelope header and the HMAC: the envelope of the biggest
@@ -106,8 +108,13 @@ def _measure(section: Section, base: pathlib.Path, datastore: str, tasks: str, s
                 f"{ratio:.2f}",
             ]
         )
-        if side == "run":
+        if side == "run" and size == BUDGET_SIZE:
             section.targets.append(ratio_target(f"{label} run: peak RSS increase", ratio, BUDGET))
+        elif side == "run":
+            # DESIGN.md's budget is for 32 MiB; smaller payloads carry gRPC's fixed buffers.
+            section.targets.append(
+                Target(f"{label} run: peak RSS increase (report only)", f"{ratio:.2f}x", "—", True)
+            )
         elif side == "defer":
             section.targets.append(
                 Target(

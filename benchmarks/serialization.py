@@ -233,7 +233,8 @@ def run_compression(*, quick: bool) -> Section:
     section.notes.append(f"recommended default: compression_level={recommended} — {reason}")
     section.targets.append(
         Target(
-            "recommended compression_level (current default 6)",
+            "recommended compression_level (current default "
+            f"{gae_deferred.settings().compression_level})",
             str(recommended),
             "data-driven",
             True,
