@@ -110,8 +110,9 @@ def run_defer_cost(*, quick: bool) -> Section:
         what=(
             "CPU us per call of `envelope.build(fn, args)` + `enqueue.build_task(spec, body)` "
             "(what defer() does before CreateTask) vs `pickle.dumps` and `cloudpickle.dumps` "
-            "of the same `(fn, args, kwargs)` tuple; default settings (zlib level 6 from "
-            f"1,024 bytes). {rounds} interleaved rounds of {inner} calls; medians."
+            "of the same `(fn, args, kwargs)` tuple; default settings (zlib level "
+            f"{gae_deferred.Settings().compression_level} from 1,024 bytes). {rounds} "
+            f"interleaved rounds of {inner} calls; medians."
         ),
         columns=[
             "case",
@@ -172,8 +173,8 @@ def run_defer_cost(*, quick: bool) -> Section:
             )
         )
     section.notes.append(
-        "the 50 KB case includes zlib level 6 on the body (the default); the compression "
-        "section below gives that part's cost per level."
+        f"the 50 KB case includes zlib level {gae_deferred.Settings().compression_level} on "
+        "the body (the default); the compression section below gives that part's cost per level."
     )
     return section
 
@@ -217,7 +218,8 @@ def run_compression(*, quick: bool) -> Section:
         for level in LEVELS:
             totals[level]["compress"] += cpu[level][0]
             totals[level]["decompress"] += cpu[level][1]
-    gae_deferred.configure(compression_level=6)
+    default_level = gae_deferred.Settings().compression_level
+    gae_deferred.configure(compression_level=default_level)
     section.rows.append(["**total**", "", *[f"{totals[lv]['bytes']:,}" for lv in LEVELS]])
     section.rows.append(
         ["spilled tasks", "", *[f"{totals[lv]['spills']}/{len(items)}" for lv in LEVELS]]
@@ -233,8 +235,7 @@ def run_compression(*, quick: bool) -> Section:
     section.notes.append(f"recommended default: compression_level={recommended} — {reason}")
     section.targets.append(
         Target(
-            "recommended compression_level (current default "
-            f"{gae_deferred.settings().compression_level})",
+            f"recommended compression_level (current default {default_level})",
             str(recommended),
             "data-driven",
             True,
