@@ -6,10 +6,9 @@ Tests hand in a stub client with ``configure(ndb_client=...)``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Iterator
+from typing import Any
 
 from google.cloud import ndb
 
@@ -33,29 +32,44 @@ def client() -> ndb.Client:
         return _default_client(current.project)
 
 
-@contextlib.contextmanager
-def ndb_context() -> Iterator[ndb.Context]:
+class ndb_context:
     """Use the caller's ndb context if there is one, else one of ours.
 
     Ours is made once per thread and reused with its cache cleared: building an ndb context
     (event loop, queues, locks) is the largest fixed cost of a task, and a task handler
     thread runs one task at a time. After an exception the context is dropped, in case work
-    was left on its event loop. gae_deferred's own models opt out of ndb's caches.
+    was left on its event loop. gae_deferred's own models opt out of ndb's caches. A class,
+    not ``@contextmanager``: it is on every task's path.
     """
-    existing = ndb.get_context(raise_context_error=False)
-    if existing is not None:
-        yield existing
-        return
-    current_client = client()
-    context = getattr(_thread_contexts, "context", None)
-    if context is None or context.client is not current_client:
-        context = ndb.context.Context(current_client)
-        _thread_contexts.context = context
-    context.clear_cache()
-    try:
-        with context.use():
-            yield context
-            context.eventloop.run()
-    except BaseException:
-        _thread_contexts.context = None
-        raise
+
+    __slots__ = ("_context", "_use")
+
+    def __enter__(self) -> ndb.Context:
+        existing = ndb.get_context(raise_context_error=False)
+        if existing is not None:
+            self._use = None
+            return existing
+        current_client = client()
+        context = getattr(_thread_contexts, "context", None)
+        if context is None or context.client is not current_client:
+            context = ndb.context.Context(current_client)
+            _thread_contexts.context = context
+        context.clear_cache()
+        self._context = context
+        self._use = context.use()
+        return self._use.__enter__()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        if self._use is None:
+            return
+        clean = exc_type is None
+        try:
+            if clean:
+                self._context.eventloop.run()
+        except BaseException:
+            clean = False
+            raise
+        finally:
+            if not clean:
+                _thread_contexts.context = None
+            self._use.__exit__(exc_type, exc, tb)

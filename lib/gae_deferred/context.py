@@ -41,29 +41,31 @@ class TaskInfo:
         App Engine strips ``X-AppEngine-*`` headers from requests that come from outside, so
         their presence means the request came from the task queue.
         """
-        return cls._read(headers.get)
+        return cls._read(headers.get, _HEADER_KEYS)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, Any]) -> TaskInfo | None:
         """Same as from_headers, straight from a WSGI environ (the handler's fast path)."""
-        return cls._read(lambda name: environ.get(_ENVIRON_KEYS[name]))
+        return cls._read(environ.get, _ENVIRON_KEYS)
 
     @classmethod
-    def _read(cls, header: Callable[[str], str | None]) -> TaskInfo | None:
-        queue = header("X-AppEngine-QueueName") or header("X-CloudTasks-QueueName")
-        name = header("X-AppEngine-TaskName") or header("X-CloudTasks-TaskName")
+    def _read(cls, get: Callable[[str], str | None], keys: Mapping[str, str]) -> TaskInfo | None:
+        """``keys`` maps each header name to how ``get`` spells it (itself, or a WSGI key)."""
+        app_engine_queue = get(keys["X-AppEngine-QueueName"])
+        queue = app_engine_queue or get(keys["X-CloudTasks-QueueName"])
+        name = get(keys["X-AppEngine-TaskName"]) or get(keys["X-CloudTasks-TaskName"])
         if not queue or not name:
             return None
-        prefix = "X-AppEngine-" if header("X-AppEngine-QueueName") else "X-CloudTasks-"
+        prefix = "X-AppEngine-" if app_engine_queue else "X-CloudTasks-"
         return cls(
             name=name,
             queue=queue,
-            retry_count=_int(header(prefix + "TaskRetryCount")),
-            execution_count=_int(header(prefix + "TaskExecutionCount")),
-            eta=_float(header(prefix + "TaskETA")),
-            previous_response=_int(header(prefix + "TaskPreviousResponse")) or None,
-            retry_reason=header(prefix + "TaskRetryReason"),
-            failure_id=header("X-Deferred-Failure-Id") or None,
+            retry_count=_int(get(keys[prefix + "TaskRetryCount"])),
+            execution_count=_int(get(keys[prefix + "TaskExecutionCount"])),
+            eta=_float(get(keys[prefix + "TaskETA"])),
+            previous_response=_int(get(keys[prefix + "TaskPreviousResponse"])) or None,
+            retry_reason=get(keys[prefix + "TaskRetryReason"]),
+            failure_id=get(keys["X-Deferred-Failure-Id"]) or None,
         )
 
 
@@ -80,6 +82,7 @@ _HEADER_NAMES = [
         "TaskRetryReason",
     )
 ] + ["X-Deferred-Failure-Id"]
+_HEADER_KEYS = {name: name for name in _HEADER_NAMES}
 #: WSGI environ keys of the task headers, computed once.
 _ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in _HEADER_NAMES}
 

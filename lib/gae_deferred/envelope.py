@@ -56,6 +56,8 @@ _ARGS_PREVIEW_CHARS = 200
 #: Compression is kept only if it saves at least 10%.
 _WORTH_IT = 0.9
 _PROBE_BYTES = 64 * 1024
+#: One decoder for every header: json.loads would re-detect the encoding on each task.
+_HEADER_DECODER = json.JSONDecoder()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +249,7 @@ def open_envelope(data: bytes | bytearray) -> Envelope:
     if header_len > _MAX_HEADER_BYTES or header_end > size - _MAC_BYTES:
         raise PermanentTaskFailure("payload truncated or corrupt: header runs past the end")
     try:
-        header = json.loads(data[_PREFIX.size : header_end])
+        header = _HEADER_DECODER.decode(data[_PREFIX.size : header_end].decode())
     except (ValueError, RecursionError):  # "[[[[..." 64 KB deep overflows the parser: forged
         header = None
     if not isinstance(header, dict):

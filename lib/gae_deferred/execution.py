@@ -112,13 +112,17 @@ def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
 
 def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
     """Per-task retry options (Cloud Tasks has none) are enforced here, before running."""
-    retry = header.get("retry") or {}
+    retry = header.get("retry")
+    if not retry:
+        return None
     limit = retry.get("task_retry_limit")
     if limit is not None and task.retry_count > limit:
         return f"retry limit {limit} reached ({task.retry_count} retries)"
     age_limit = retry.get("task_age_limit")
+    if age_limit is None:
+        return None
     age = _age_seconds(header)
-    if age_limit is not None and age is not None and age > age_limit:
+    if age is not None and age > age_limit:
         return f"task age limit {age_limit}s exceeded"
     return None
 
