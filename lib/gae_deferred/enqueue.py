@@ -152,8 +152,7 @@ def defer(
     retry = _retry_dict(_retry_options)
     if retry:
         extra["retry"] = retry
-    data = envelope.build(obj, args, kwargs, **extra)
-    header = envelope.read_header(data)
+    data, header = envelope.build_with_header(obj, args, kwargs, **extra)
     if _transactional:
         return _defer_transactional(data, header, spec)
     if spec.size(data) <= settings().spill_threshold:

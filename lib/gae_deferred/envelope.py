@@ -171,6 +171,13 @@ def build(
     obj: Callable, args: tuple = (), kwargs: dict | None = None, **extra_header: Any
 ) -> bytes:
     """Serialize a call into a signed envelope; ``extra_header`` adds metadata (e.g. ``retry``)."""
+    return build_with_header(obj, args, kwargs, **extra_header)[0]
+
+
+def build_with_header(
+    obj: Callable, args: tuple = (), kwargs: dict | None = None, **extra_header: Any
+) -> tuple[bytes, dict[str, Any]]:
+    """Like build(), also returning the header it wrote, so defer() need not parse it back."""
     if not callable(obj):
         raise SerializationError(f"cannot defer {obj!r}: it is not callable")
     kwargs = kwargs or {}
@@ -198,7 +205,7 @@ def build(
         "created_ms": int(time.time() * 1000),
         **extra_header,
     }
-    return _seal(header, body, flags)
+    return _seal(header, body, flags), header
 
 
 def build_reference(header: dict[str, Any], ref: dict[str, Any]) -> bytes:
