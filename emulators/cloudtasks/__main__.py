@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
+from emulators._serve import serve_until_signalled
 from emulators.cloudtasks.server import CloudTasksEmulator, PortInUseError
 from gae_deferred.queue_config import QueueYamlError
 
@@ -61,11 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PortInUseError:
         print(f"error: port {args.port} on {args.host} is already in use", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    print(f"cloud tasks emulator listening on {args.host}:{emulator.port}", flush=True)
-    stop.wait()
+    serve_until_signalled(f"cloud tasks emulator listening on {args.host}:{emulator.port}")
     emulator.stop()
     print("cloud tasks emulator stopped", flush=True)
     return 0

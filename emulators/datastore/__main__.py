@@ -10,10 +10,9 @@ clean stop, 2 when it cannot start (port in use, bad index.yaml, data dir locked
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
+from .._serve import serve_until_signalled
 from ._errors import DataDirInUseError, IndexYamlError
 from .server import DatastoreEmulator, PortInUseError
 
@@ -44,14 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"datastore emulator: {exc}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    print(f"datastore emulator listening on {emulator.address}", flush=True)
-    # A timed wait keeps the main thread returning to the interpreter, where the signal
-    # handlers run.
-    while not stop.wait(0.5):
-        pass
+    serve_until_signalled(f"datastore emulator listening on {emulator.address}")
     emulator.stop()
     return 0
 
