@@ -133,12 +133,12 @@ class _Attempt:
 
     task: TaskInfo
     body: bytes | bytearray
-    env: envelope.Envelope | None = None
+    env: envelope.Envelope
     record: spillover.DeferredPayload | None = None
 
     @property
     def header(self) -> dict[str, Any]:
-        return self.env.header if self.env else {}
+        return self.env.header
 
     @property
     def failure_id(self) -> str:
@@ -163,7 +163,7 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
     task = attempt.task
     started = time.perf_counter()
     try:
-        if attempt.env is not None and attempt.env.is_reference:
+        if attempt.env.is_reference:
             ref = attempt.env.header["ref"]
             attempt.record, inner = spillover.load(ref["id"], ref["chunks"])
             attempt.body = inner
@@ -218,9 +218,7 @@ def _record(
     else:
         state, payload_state = failures.RETRYING, spillover.RETRYING
     record_id = attempt.failure_id
-    existing, kept = ndb.get_multi(
-        [failures.failure_key(record_id), failures.payload_key(record_id)]
-    )
+    existing = failures.get(record_id)
     header = attempt.header
     entities: list[ndb.Model] = []
     payload_id = None
@@ -230,7 +228,8 @@ def _record(
             state=payload_state, updated=now, attempts=(attempt.record.attempts or 0) + 1
         )
         entities.append(attempt.record)
-    elif kept is None and attempt.body:
+    elif existing is None:
+        # The first failure keeps the inline payload; it is the same on every later attempt.
         entities.append(failures.kept_payload(record_id, attempt.body))
     record = failures.update(
         existing,
