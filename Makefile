@@ -16,13 +16,16 @@ all: test
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	# This checkout as the installed package: gae_deferred, gae_deferred.webapp2 (handlers/) and
+	# gae_deferred.local (emulators/) import from the working tree.
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/python -m emulators.stack
+	$(BIN)/python -m gae_deferred.local.stack
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -6,17 +6,14 @@ An existing webapp2 app adds ``deferred_routes()`` to its own routes instead of 
 from __future__ import annotations
 
 import os
-import sys
+
+import webapp2
+
+import gae_deferred
+from gae_deferred.queue_config import load_queue_yaml
+from gae_deferred.webapp2 import deferred_routes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Vendored code lives in lib/, as App Engine apps always did.
-sys.path.insert(0, os.path.join(ROOT, "lib"))
-
-import webapp2  # noqa: E402
-
-import gae_deferred  # noqa: E402
-from gae_deferred.queue_config import load_queue_yaml  # noqa: E402
-from handlers import deferred_routes  # noqa: E402
 
 if not gae_deferred.settings().queue_yaml:  # GAE_DEFERRED_QUEUE_YAML wins, e.g. in tests
     gae_deferred.configure(queue_yaml=os.path.join(ROOT, "queue.yaml"))
@@ -27,7 +24,7 @@ load_queue_yaml(gae_deferred.settings().queue_yaml)
 def _routes() -> list:
     routes = deferred_routes()
     if gae_deferred.settings().local_mode:
-        from handlers.demo import demo_routes
+        from demo import demo_routes
 
         routes += demo_routes()
     return routes

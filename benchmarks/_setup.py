@@ -25,10 +25,11 @@ _STACK_ENV = (
 
 
 def prepare() -> None:
-    """lib/ and the repo root on sys.path (as main.py does), and a benchmark-only key."""
-    for path in (str(ROOT), str(ROOT / "lib")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    """The repo root on sys.path (main.py, tests' task modules), and a benchmark-only key.
+
+    gae_deferred itself is the editable install of this checkout that `make` puts in .venv."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     for name in _STACK_ENV:
         os.environ.pop(name, None)
     os.environ["GAE_DEFERRED_SIGNING_KEY"] = BENCH_SIGNING_KEY

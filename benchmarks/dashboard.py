@@ -18,9 +18,9 @@ import webapp2
 from google.cloud import ndb
 
 import gae_deferred
-from emulators.datastore import DatastoreEmulator
 from gae_deferred import _config, _datastore, failures, spillover
-from handlers import deferred_routes
+from gae_deferred.local.datastore import DatastoreEmulator
+from gae_deferred.webapp2 import deferred_routes
 
 from . import floor
 from .report import Section, count_target, ratio_target

@@ -19,9 +19,9 @@ import tempfile
 import webapp2
 
 import gae_deferred
-from emulators.datastore import DatastoreEmulator
 from gae_deferred import _config, _datastore
-from handlers import deferred_routes
+from gae_deferred.local.datastore import DatastoreEmulator
+from gae_deferred.webapp2 import deferred_routes
 
 from . import floor, legacy, tasks, timing
 from .report import Section, Target, count_target, ratio_target

@@ -1,7 +1,8 @@
 """Benchmark 7: peak memory of a big spilled payload, run (the budget) and defer (information).
 
-Both emulators run as their own processes (``python -m emulators.datastore --port 0`` and
-``python -m emulators.cloudtasks``, the queue paused), so the payload they hold does not count.
+Both emulators run as their own processes (``python -m gae_deferred.local.datastore --port 0``
+and ``python -m gae_deferred.local.cloudtasks``, the queue paused), so the payload they hold does
+not count.
 Every measurement is a fresh interpreter, so nothing allocated earlier hides the peak::
 
     python -m benchmarks.memory defer --datastore H:P --tasks H:P --size N --body-dir DIR
@@ -152,11 +153,13 @@ def _emulators(base: pathlib.Path) -> Iterator[tuple[str, str]]:
     queue_yaml.write_text(QUEUE_YAML, encoding="utf-8")
     children: list[subprocess.Popen] = []
     try:
-        datastore = _spawn(children, ["emulators.datastore", "--port", "0"], base / "datastore.log")
+        datastore = _spawn(
+            children, ["gae_deferred.local.datastore", "--port", "0"], base / "datastore.log"
+        )
         tasks = _spawn(
             children,
             [
-                "emulators.cloudtasks",
+                "gae_deferred.local.cloudtasks",
                 "--port",
                 "0",
                 "--data-dir",
@@ -185,9 +188,9 @@ def _emulators(base: pathlib.Path) -> Iterator[tuple[str, str]]:
 
 
 def _child_env() -> dict[str, str]:
-    """The emulators import gae_deferred (queue.yaml parsing), as main.py would find it."""
+    """The repo root on the path, for the benchmark's own task modules."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(_setup.ROOT / "lib"), str(_setup.ROOT)])
+    env["PYTHONPATH"] = str(_setup.ROOT)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -275,7 +278,7 @@ def _child_defer(args: argparse.Namespace) -> dict:
 def _child_run(args: argparse.Namespace) -> dict:
     import webapp2
 
-    from handlers import deferred_routes
+    from gae_deferred.webapp2 import deferred_routes
 
     from . import floor
 

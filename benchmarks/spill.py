@@ -15,11 +15,11 @@ import time
 
 import webapp2
 
-from emulators.cloudtasks import CloudTasksEmulator
-from emulators.datastore import DatastoreEmulator
 from gae_deferred import _config, _datastore, _tasks_client, defer
 from gae_deferred._config import settings
-from handlers import deferred_routes
+from gae_deferred.local.cloudtasks import CloudTasksEmulator
+from gae_deferred.local.datastore import DatastoreEmulator
+from gae_deferred.webapp2 import deferred_routes
 
 from . import floor, tasks
 from ._setup import BENCH_PROJECT

@@ -22,9 +22,9 @@ import time
 import urllib.error
 import urllib.request
 
-from emulators.stack import LocalStack, free_port
 from gae_deferred import _config, _datastore, _tasks_client, defer, serialize
 from gae_deferred.enqueue import queue_path
+from gae_deferred.local.stack import LocalStack, free_port
 
 from . import tasks
 from ._setup import ROOT

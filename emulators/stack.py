@@ -1,8 +1,8 @@
 """The local stack: Datastore emulator, Cloud Tasks emulator and the app, as real processes.
 
-``make run`` runs ``python -m emulators.stack``; tests use the same class on free ports::
+``make run`` runs ``python -m gae_deferred.local.stack``; tests use the same class on free ports::
 
-    from emulators.stack import LocalStack
+    from gae_deferred.local.stack import LocalStack
 
     with LocalStack(base_dir=tmp_path, app_port=0, datastore_port=0, tasks_port=0) as stack:
         requests.get(stack.app_url)          # gunicorn main:app, like app.yaml's entrypoint
@@ -93,7 +93,7 @@ def _port_message(host: str, port: int, what: str) -> str:
     return (
         f"port {port} on {host} (the {what}) is already in use: stop the other process "
         f"(`lsof -i :{port}` or `ss -ltnp 'sport = :{port}'` shows it), or pick another port, "
-        f"e.g. `python -m emulators.stack --{what.split()[0]}-port 0`"
+        f"e.g. `python -m gae_deferred.local.stack --{what.split()[0]}-port 0`"
     )
 
 
@@ -284,7 +284,7 @@ class LocalStack:
             "GAE_DEFERRED_SIGNING_KEY_FILE": str(self.signing_key_file),
             "GAE_DEFERRED_LOCAL": "1",
             "GAE_DEFERRED_QUEUE_YAML": str(self.queue_yaml),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), str(ROOT), *self.extra_pythonpath]),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *self.extra_pythonpath]),
         }
 
     def _child_env(self) -> dict[str, str]:
@@ -296,7 +296,7 @@ class LocalStack:
     def write_env_file(self) -> pathlib.Path:
         """Write ``base/env``: shell exports for ``. .local/env`` in another shell."""
         lines = [
-            "# Written by `make run` (python -m emulators.stack). Use: . .local/env",
+            "# Written by `make run` (python -m gae_deferred.local.stack). Use: . .local/env",
             # A key in the environment would win over the file and fail every signature check.
             "unset GAE_DEFERRED_SIGNING_KEY",
         ]
@@ -368,7 +368,7 @@ class LocalStack:
             [
                 sys.executable,
                 "-m",
-                "emulators.datastore",
+                "gae_deferred.local.datastore",
                 "--host",
                 self.host,
                 "--port",
@@ -391,7 +391,7 @@ class LocalStack:
             [
                 sys.executable,
                 "-m",
-                "emulators.cloudtasks",
+                "gae_deferred.local.cloudtasks",
                 "--host",
                 self.host,
                 "--port",
@@ -605,9 +605,9 @@ class _Cron:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m emulators.stack``: run the stack until Ctrl-C or SIGTERM."""
+    """``python -m gae_deferred.local.stack``: run the stack until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m emulators.stack",
+        prog="python -m gae_deferred.local.stack",
         description="Run the Datastore emulator, the Cloud Tasks emulator and the app (gunicorn).",
     )
     parser.add_argument("--base-dir", default=str(ROOT / ".local"), help="state (default .local)")

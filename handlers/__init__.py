@@ -1,9 +1,14 @@
-"""webapp2 routes for gae_deferred, to add to an existing app::
+"""gae_deferred.webapp2: the task handler and the admin dashboard as webapp2 routes.
 
-import webapp2
-from handlers import deferred_routes
+Add them to an existing app::
 
-app = webapp2.WSGIApplication(MY_ROUTES + deferred_routes())
+    import webapp2
+    from gae_deferred.webapp2 import deferred_routes
+
+    app = webapp2.WSGIApplication(MY_ROUTES + deferred_routes())
+
+In this repository the package is the ``handlers/`` folder; the wheel installs it as
+``gae_deferred.webapp2``, with the dashboard's templates and static files as package data.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import webapp2
 
 from .deferred_admin import admin_routes
-from .deferred_task import task_routes
+from .deferred_task import DeferredTaskHandler, task_routes
+
+__all__ = ["DeferredTaskHandler", "admin_routes", "deferred_routes", "task_routes"]
 
 
 def deferred_routes() -> list[webapp2.Route]:

@@ -8,7 +8,7 @@
 
 Tests (or apps behind another proxy) can swap how IAP certificates are fetched::
 
-    from handlers import _admin_auth
+    from gae_deferred.webapp2 import _admin_auth
     _admin_auth.iap_transport = lambda: MyRequest()   # a google.auth.transport.Request
 """
 

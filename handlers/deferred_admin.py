@@ -31,9 +31,21 @@ from . import _admin_auth, _admin_csrf
 logger = logging.getLogger("gae_deferred.admin")
 
 PREFIX = "/_ah/deferred-admin"
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE_DIR = os.path.join(_ROOT, "templates")
-STATIC_DIR = os.path.join(_ROOT, "static", "deferred_admin")
+
+
+def _data_dir(name: str) -> str:
+    """``templates`` or ``static``: package data beside this module in an installed wheel, the
+    repo's top-level folder of that name in a checkout (where this module is ``handlers/``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (here, os.path.dirname(here)):
+        candidate = os.path.join(base, name)
+        if os.path.isdir(os.path.join(candidate, "deferred_admin")):
+            return candidate
+    raise RuntimeError(f"gae_deferred.webapp2: no {name}/deferred_admin beside {here}")
+
+
+TEMPLATE_DIR = _data_dir("templates")
+STATIC_DIR = os.path.join(_data_dir("static"), "deferred_admin")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
 _REFRESH_CHOICES = (0, 10, 30, 60)
 

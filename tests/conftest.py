@@ -1,4 +1,4 @@
-"""Shared test setup: lib/ on the path (pyproject), a signing key, and a fresh configuration."""
+"""Shared test setup: a signing key and a fresh configuration per test."""
 
 from __future__ import annotations
 

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from emulators.stack import LocalStack
+from gae_deferred.local.stack import LocalStack
 
 if TYPE_CHECKING:
-    from emulators.cloudtasks import CloudTasksEmulator
+    from gae_deferred.local.cloudtasks import CloudTasksEmulator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -104,8 +104,8 @@ def cloud_tasks_emulator(
     While open, CLOUD_TASKS_EMULATOR_HOST points at it and gae_deferred's client is fresh;
     on exit the emulator stops and the variable gets its previous value back.
     """
-    from emulators.cloudtasks import CloudTasksEmulator
     from gae_deferred._tasks_client import tasks_client
+    from gae_deferred.local.cloudtasks import CloudTasksEmulator
 
     emulator = CloudTasksEmulator(
         host="127.0.0.1",

@@ -20,7 +20,7 @@ from google.cloud import ndb
 import gae_deferred
 from gae_deferred import audit, envelope, failures, spillover
 from gae_deferred._tasks_client import tasks_client
-from handlers import deferred_routes
+from gae_deferred.webapp2 import deferred_routes
 from tests.stack_support import cloud_tasks_emulator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -741,7 +741,7 @@ def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypa
 
     from google.auth import jwt
 
-    from handlers import _admin_auth
+    from gae_deferred.webapp2 import _admin_auth
 
     audience = "/projects/123/apps/test-project"
     signer, public_pem = _iap_signer("key-1")

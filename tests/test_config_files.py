@@ -8,9 +8,9 @@ import webapp2
 import webtest
 import yaml
 
-from emulators.datastore.server import load_index_yaml
+from gae_deferred.local.datastore.server import load_index_yaml
 from gae_deferred.queue_config import load_queue_yaml
-from handlers import deferred_routes
+from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
 
 

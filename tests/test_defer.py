@@ -28,7 +28,7 @@ from gae_deferred import (
     spillover,
 )
 from gae_deferred._tasks_client import tasks_client
-from handlers import deferred_routes
+from gae_deferred.webapp2 import deferred_routes
 from tests.callables import add
 from tests.stack_support import cloud_tasks_emulator
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from google.cloud import tasks_v2
 
-from emulators.cloudtasks import CloudTasksEmulator
 from gae_deferred import queues
 from gae_deferred._tasks_client import tasks_client
+from gae_deferred.local.cloudtasks import CloudTasksEmulator
 from gae_deferred.queue_config import (
     QueueDefinition,
     QueueYamlError,
@@ -284,7 +284,7 @@ def test_cli_connection_error_and_missing_project(tmp_path, monkeypatch):
 def test_cli_as_module(tmp_path):
     path = tmp_path / "queue.yaml"
     path.write_text("queue:\n- name: x\n  rate: 1/s\n  max_doublings: 2\n")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'lib'}{os.pathsep}{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "gae_deferred.queues", "validate", str(path)],
         capture_output=True,

@@ -11,7 +11,7 @@ from google.cloud import tasks_v2
 import gae_deferred
 from gae_deferred._tasks_client import tasks_client
 from gae_deferred.enqueue import queue_path
-from handlers import deferred_routes
+from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
 from tests.test_defer import paused, tasks_emulator  # noqa: F401 - shared fixtures
 

@@ -6,7 +6,7 @@ import http.server
 import threading
 import time
 
-from emulators.stack import _Cron
+from gae_deferred.local.stack import _Cron
 
 
 def test_cron_calls_every_url_of_cron_yaml_on_schedule(tmp_path):

@@ -13,7 +13,7 @@ from google.cloud import ndb
 import gae_deferred
 from gae_deferred import defer, failures, idempotent, serialize, spillover, sweep
 from gae_deferred._tasks_client import tasks_client
-from handlers import deferred_routes
+from gae_deferred.webapp2 import deferred_routes
 from tests.test_defer import collect, paused, tasks_emulator  # noqa: F401 - shared fixtures
 
 CALLS: list = []

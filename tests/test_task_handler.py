@@ -14,7 +14,7 @@ from google.cloud import ndb
 import gae_deferred
 from gae_deferred import PermanentTaskFailure, SingularTaskFailure, failures, serialize, spillover
 from gae_deferred.enqueue import TaskSpec, _reference
-from handlers import deferred_routes
+from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
 
 RUNS: list = []

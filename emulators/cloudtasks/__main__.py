@@ -1,7 +1,7 @@
-"""``python -m emulators.cloudtasks``: serve the Cloud Tasks emulator until SIGINT/SIGTERM.
+"""``python -m gae_deferred.local.cloudtasks``: serve the Cloud Tasks emulator until SIGINT/SIGTERM.
 
-    python -m emulators.cloudtasks --host 127.0.0.1 --port 8123 --data-dir .local/cloudtasks \
-        --queue-yaml queue.yaml --project P --location L --app-url http://127.0.0.1:8080
+    python -m gae_deferred.local.cloudtasks --host 127.0.0.1 --port 8123 \
+        --data-dir .local/cloudtasks --queue-yaml queue.yaml --project P --location L --app-url http://127.0.0.1:8080
 
 Prints ``cloud tasks emulator listening on HOST:PORT`` once ready. Exit code 2 when the
 port is taken or queue.yaml is invalid.
@@ -15,13 +15,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from emulators._serve import serve_until_signalled
-from emulators.cloudtasks.server import CloudTasksEmulator, PortInUseError
-from gae_deferred.queue_config import QueueYamlError
+from ...queue_config import QueueYamlError
+from .._serve import serve_until_signalled
+from .server import CloudTasksEmulator, PortInUseError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m emulators.cloudtasks", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m gae_deferred.local.cloudtasks", description=__doc__
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--data-dir", default=".local/cloudtasks", help="SQLite state lives here")

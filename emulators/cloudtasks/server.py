@@ -34,11 +34,11 @@ import grpc
 from google.cloud import tasks_v2
 from google.protobuf import empty_pb2
 
-from emulators.cloudtasks import dispatch
-from emulators.cloudtasks.store import Store
-from gae_deferred import queue_config
+from ... import queue_config
+from . import dispatch
+from .store import Store
 
-log = logging.getLogger("emulators.cloudtasks")
+log = logging.getLogger("gae_deferred.local.cloudtasks")
 
 SERVICE = "google.cloud.tasks.v2.CloudTasks"
 MAX_TASK_BYTES = 102400

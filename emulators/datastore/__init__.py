@@ -1,6 +1,6 @@
 """A local Datastore emulator: gRPC ``google.datastore.v1.Datastore`` for the real clients.
 
->>> from emulators.datastore import DatastoreEmulator
+>>> from gae_deferred.local.datastore import DatastoreEmulator
 >>> emu = DatastoreEmulator(port=0).start()   # then DATASTORE_EMULATOR_HOST=emu.address
 >>> emu.stop()
 

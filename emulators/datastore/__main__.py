@@ -1,6 +1,6 @@
-"""``python -m emulators.datastore``: run the Datastore emulator until SIGINT/SIGTERM.
+"""``python -m gae_deferred.local.datastore``: run the Datastore emulator until SIGINT/SIGTERM.
 
-    python -m emulators.datastore --host 127.0.0.1 --port 8081 \\
+    python -m gae_deferred.local.datastore --host 127.0.0.1 --port 8081 \\
         --data-dir .local/datastore --index-yaml index.yaml
 
 Prints ``datastore emulator listening on HOST:PORT`` once serving. Exit codes: 0 after a
@@ -20,7 +20,8 @@ from .server import DatastoreEmulator, PortInUseError
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, serve until a signal arrives, return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m emulators.datastore", description="Local Cloud Datastore emulator (gRPC)."
+        prog="python -m gae_deferred.local.datastore",
+        description="Local Cloud Datastore emulator (gRPC).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8081, help="port (default 8081; 0 = any)")

@@ -2,7 +2,7 @@
 
 Start it in-process (tests, benchmarks)::
 
-    from emulators.datastore import DatastoreEmulator
+    from gae_deferred.local.datastore import DatastoreEmulator
 
     emu = DatastoreEmulator(host="127.0.0.1", port=0, data_dir=".local/datastore")
     emu.start()                       # emu.port is the bound port
@@ -11,7 +11,7 @@ Start it in-process (tests, benchmarks)::
     emu.rpc_counts["Commit"]          # calls received so far, per RPC
     emu.stop()
 
-or from a shell: ``python -m emulators.datastore --port 8081 --data-dir .local/datastore``.
+or from a shell: ``python -m gae_deferred.local.datastore --port 8081 --data-dir .local/datastore``.
 """
 
 from __future__ import annotations

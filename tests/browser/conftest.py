@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from emulators.stack import LocalStack
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import pointed_at, stack_fixture
 
 BROWSER_DIR = pathlib.Path(__file__).resolve().parent

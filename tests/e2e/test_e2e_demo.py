@@ -9,8 +9,9 @@ import pytest
 import requests
 from e2e_helpers import failure_state
 
-from emulators.stack import LocalStack
-from handlers import demo, demo_tasks
+import demo
+from demo import tasks as demo_tasks
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import datastore, queued_tasks, wait_for
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -15,10 +15,10 @@ import e2e_tasks
 import pytest
 from e2e_helpers import payload_exists, wait_for_runs
 
-from emulators.stack import ROOT, LocalStack, PortInUseError
 from gae_deferred import defer
 from gae_deferred._tasks_client import tasks_client
 from gae_deferred.enqueue import queue_path
+from gae_deferred.local.stack import ROOT, LocalStack, PortInUseError
 from tests.stack_support import queued_tasks, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
@@ -182,7 +182,7 @@ def test_port_in_use_is_named(tmp_path: pathlib.Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "emulators.stack",
+                "gae_deferred.local.stack",
                 "--base-dir",
                 str(tmp_path / "cli"),
                 "--app-port",

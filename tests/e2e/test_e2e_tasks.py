@@ -13,8 +13,8 @@ import requests
 from e2e_helpers import failure_state, payload_exists, wait_for_runs
 
 import gae_deferred
-from emulators.stack import LocalStack
 from gae_deferred import defer, serialize
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).

@@ -21,7 +21,7 @@ from google.api_core import exceptions
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
-from emulators.cloudtasks import CloudTasksEmulator, PortInUseError
+from gae_deferred.local.cloudtasks import CloudTasksEmulator, PortInUseError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE_YAML = """\
@@ -493,9 +493,9 @@ def free_port() -> int:
 
 
 def start_cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'lib'}{os.pathsep}{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "emulators.cloudtasks", *args],
+        [sys.executable, "-m", "gae_deferred.local.cloudtasks", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

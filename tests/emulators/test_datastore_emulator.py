@@ -22,8 +22,8 @@ from google.cloud.datastore_v1 import types
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import emulators.datastore._service
-from emulators.datastore import DatastoreEmulator, IndexYamlError
+import gae_deferred.local.datastore._service
+from gae_deferred.local.datastore import DatastoreEmulator, IndexYamlError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "emu-test"
@@ -377,7 +377,7 @@ def test_garbage_requests_are_invalid_argument_and_the_server_survives(emulator,
 
 
 def test_big_lookups_come_back_in_parts_through_deferred(emulator, client, monkeypatch):
-    monkeypatch.setattr(emulators.datastore._service, "LOOKUP_MAX_BYTES", 2_500)
+    monkeypatch.setattr(gae_deferred.local.datastore._service, "LOOKUP_MAX_BYTES", 2_500)
     with client.context():
         keys = ndb.put_multi([DsEmuThing(n=i, blob=b"z" * 1_000) for i in range(6)])
         emulator.reset_counts()
@@ -386,7 +386,7 @@ def test_big_lookups_come_back_in_parts_through_deferred(emulator, client, monke
 
 
 def test_long_queries_come_back_in_batches(emulator, client, monkeypatch):
-    monkeypatch.setattr(emulators.datastore._service, "BATCH_MAX_RESULTS", 5)
+    monkeypatch.setattr(gae_deferred.local.datastore._service, "BATCH_MAX_RESULTS", 5)
     with client.context():
         _seed(12)
         emulator.reset_counts()
@@ -437,7 +437,15 @@ def test_stop_and_start_keeps_entities_and_never_reuses_ids(tmp_path, monkeypatc
 
 def _start_cli(data_dir: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "emulators.datastore", "--port", "0", "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "gae_deferred.local.datastore",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -481,7 +489,7 @@ def test_cli_port_in_use_exits_2(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "emulators.datastore", "--port", str(port)],
+            [sys.executable, "-m", "gae_deferred.local.datastore", "--port", str(port)],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -494,7 +502,13 @@ def test_cli_port_in_use_exits_2(tmp_path):
 def test_cli_bad_index_yaml_exits_2(tmp_path):
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "emulators.datastore", "--index-yaml", str(tmp_path / "nope.yaml")],
+        [
+            sys.executable,
+            "-m",
+            "gae_deferred.local.datastore",
+            "--index-yaml",
+            str(tmp_path / "nope.yaml"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -652,8 +666,8 @@ def _query_pb(equal: dict, ranged, orders: list, **extra) -> types.Query:
 
 
 def _service_with(entities: list[dict]):
-    from emulators.datastore._service import DatastoreService
-    from emulators.datastore._store import EntityStore
+    from gae_deferred.local.datastore._service import DatastoreService
+    from gae_deferred.local.datastore._store import EntityStore
 
     service = DatastoreService(EntityStore(data_dir=None))
     mutations = []
@@ -754,7 +768,7 @@ def test_paging_with_cursors_is_stable_under_writes(client):
 
 
 def test_a_page_reads_index_entries_not_the_whole_kind(emulator, client):
-    from emulators.datastore._store import Write, key_bytes
+    from gae_deferred.local.datastore._store import Write, key_bytes
 
     state = emulator._state
     writes = []
@@ -795,7 +809,7 @@ def test_a_page_reads_index_entries_not_the_whole_kind(emulator, client):
 
 
 def test_index_yaml_with_an_empty_indexes_key_declares_nothing(tmp_path):
-    from emulators.datastore.server import load_index_yaml
+    from gae_deferred.local.datastore.server import load_index_yaml
 
     empty = tmp_path / "index.yaml"
     empty.write_text("indexes:\n# none yet\n")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from emulators.stack import LocalStack
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import pointed_at, stack_fixture
 
 REL_DIR = pathlib.Path(__file__).resolve().parent

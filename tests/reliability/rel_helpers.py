@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import rel_tasks
 
-from emulators.stack import LocalStack, StackError
+from gae_deferred.local.stack import LocalStack, StackError
 from tests import stack_support
 from tests.stack_support import datastore
 

@@ -20,9 +20,9 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from emulators.stack import LocalStack
 from gae_deferred import failures, spillover
-from handlers import deferred_routes
+from gae_deferred.local.stack import LocalStack
+from gae_deferred.webapp2 import deferred_routes
 from tests.stack_support import datastore
 
 P = "/_ah/deferred-admin"

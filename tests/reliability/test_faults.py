@@ -32,7 +32,6 @@ from rel_helpers import (
 )
 
 import gae_deferred
-from emulators.stack import LocalStack
 from gae_deferred import (
     DatastoreUnavailableError,
     EnqueueError,
@@ -42,6 +41,7 @@ from gae_deferred import (
 )
 from gae_deferred._tasks_client import tasks_client
 from gae_deferred.enqueue import queue_path
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import datastore, queued_tasks
 
 #: Random bytes do not compress, so this always spills (the task limit is 100 KB).

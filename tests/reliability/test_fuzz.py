@@ -23,9 +23,9 @@ import webtest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulators.stack import LocalStack
 from gae_deferred import envelope, failures
-from handlers import deferred_routes
+from gae_deferred.local.stack import LocalStack
+from gae_deferred.webapp2 import deferred_routes
 
 TASK_HEADERS = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "fuzz-task"}
 FUZZ = settings(

@@ -21,8 +21,8 @@ import pytest
 import rel_tasks
 from rel_helpers import failure_records, payload_records, reconcile, wait_for
 
-from emulators.stack import LocalStack
 from gae_deferred import defer
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import queued_tasks
 
 QUEUE = "load"

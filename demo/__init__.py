@@ -28,8 +28,8 @@ import jinja2
 import webapp2
 
 import gae_deferred
+from demo import tasks as demo_tasks
 from gae_deferred._datastore import ndb_context
-from handlers import demo_tasks
 
 logger = logging.getLogger("gae_deferred.demo")
 

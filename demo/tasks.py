@@ -3,7 +3,7 @@
 Each run is logged and recorded as a ``DemoRun`` entity, which the demo page lists::
 
     from gae_deferred import defer
-    from handlers import demo_tasks
+    from demo import tasks as demo_tasks
 
     defer(demo_tasks.quick, "hello")
 """
