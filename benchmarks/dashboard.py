@@ -18,7 +18,7 @@ import webapp2
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import _config, _datastore, failures, spillover
+from gae_deferred import FailureState, _datastore, failures, spillover
 from gae_deferred.local.datastore import DatastoreEmulator
 from gae_deferred.webapp2 import deferred_routes
 
@@ -83,7 +83,7 @@ def _populate(total: int, have: int) -> None:
             exception_type="ValueError",
             message=f"bad value {number}",
             traceback="Traceback (most recent call last):\n  ...\nValueError\n" * 20,
-            state=failures.RETRYING,
+            state=FailureState.RETRYING,
             task_name=f"task-{number}",
             queue="default",
             meta=header,
@@ -103,8 +103,7 @@ def run(*, quick: bool) -> Section:
     repeats = 3 if quick else 7
     emulator = CountingEmulator(port=0).start()
     os.environ["DATASTORE_EMULATOR_HOST"] = emulator.address
-    _config.reset()
-    _datastore._default_client.cache_clear()
+    gae_deferred.reset_clients()
     gae_deferred.configure(local_mode=True)
     app = webapp2.WSGIApplication(deferred_routes())
     section = Section(
@@ -149,8 +148,7 @@ def run(*, quick: bool) -> Section:
     finally:
         emulator.stop()
         os.environ.pop("DATASTORE_EMULATOR_HOST", None)
-        _config.reset()
-        _datastore._default_client.cache_clear()
+        gae_deferred.reset_clients()
     for page in PAGES:
         row = [page.removeprefix("/_ah/deferred-admin")]
         row += [f"{results[page][n][0] * 1e3:.1f}" for n in sizes]

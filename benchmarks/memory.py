@@ -250,13 +250,13 @@ def _start_measuring() -> tuple[int, bool]:
 
 
 def _child_defer(args: argparse.Namespace) -> dict:
-    from gae_deferred import _tasks_client, defer
+    from gae_deferred import cloud_tasks, defer
 
     from . import tasks
 
     def deferred_body(task_path: str) -> bytes:
         request = {"name": task_path, "response_view": "FULL"}
-        return _tasks_client.tasks_client().get_task(request=request).app_engine_http_request.body
+        return cloud_tasks.client().get_task(request=request).app_engine_http_request.body
 
     warm = defer(tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE)
     (args.body_dir / "warm").write_bytes(deferred_body(warm.path))

@@ -1,7 +1,7 @@
 """Benchmarks 2 and 4: defer() CPU without the network, and compression of realistic payloads.
 
 defer() cost is ``envelope.build`` (pickle or cloudpickle, compression, header, HMAC) plus
-``enqueue.build_task`` (the Cloud Tasks request), compared with ``pickle.dumps`` and
+``cloud_tasks.build_task`` (the Cloud Tasks request), compared with ``pickle.dumps`` and
 ``cloudpickle.dumps`` of the same ``(callable, args, kwargs)`` tuple.
 """
 
@@ -19,7 +19,7 @@ import cloudpickle
 import gae_deferred
 from gae_deferred import envelope
 from gae_deferred._config import settings
-from gae_deferred.enqueue import TaskSpec, build_task
+from gae_deferred.cloud_tasks import TaskSpec, build_task
 
 from . import tasks, timing
 from .report import Section, Target
@@ -108,7 +108,7 @@ def run_defer_cost(*, quick: bool) -> Section:
         key="defer",
         title="defer() CPU without the network",
         what=(
-            "CPU us per call of `envelope.build(fn, args)` + `enqueue.build_task(spec, body)` "
+            "CPU us per call of `envelope.build(fn, args)` + `cloud_tasks.build_task(spec, body)` "
             "(what defer() does before CreateTask) vs `pickle.dumps` and `cloudpickle.dumps` "
             "of the same `(fn, args, kwargs)` tuple; default settings (zlib level "
             f"{gae_deferred.Settings().compression_level} from 1,024 bytes). {rounds} "

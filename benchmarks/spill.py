@@ -15,7 +15,7 @@ import time
 
 import webapp2
 
-from gae_deferred import _config, _datastore, _tasks_client, defer
+from gae_deferred import cloud_tasks, defer, reset_clients
 from gae_deferred._config import settings
 from gae_deferred.local.cloudtasks import CloudTasksEmulator
 from gae_deferred.local.datastore import DatastoreEmulator
@@ -39,9 +39,7 @@ def _expected_writes(chunks: int) -> int:
 
 
 def _clients_reset() -> None:
-    _config.reset()
-    _datastore._default_client.cache_clear()
-    _tasks_client.tasks_client.cache_clear()
+    reset_clients()
 
 
 def run(*, quick: bool) -> Section:
@@ -107,7 +105,7 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     defer_ms = (time.perf_counter() - started) * 1e3
     ds_defer, ct_defer = dict(datastore.rpc_counts), dict(cloudtasks.rpc_counts)
     body = (
-        _tasks_client.tasks_client()
+        cloud_tasks.client()
         .get_task(request={"name": task.path, "response_view": "FULL"})
         .app_engine_http_request.body
     )

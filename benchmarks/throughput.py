@@ -22,8 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
-from gae_deferred import _config, _datastore, _tasks_client, defer, serialize
-from gae_deferred.enqueue import queue_path
+from gae_deferred import cloud_tasks, defer, reset_clients, serialize
+from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.local.stack import LocalStack, free_port
 
 from . import tasks
@@ -166,7 +166,7 @@ def _stack_rate(base: pathlib.Path, count: int) -> tuple[float, float]:
         os.environ.pop("GAE_DEFERRED_SIGNING_KEY", None)
         os.environ.update({k: v for k, v in stack.env.items() if k != "PYTHONPATH"})
         _reset_clients()
-        client = _tasks_client.tasks_client()
+        client = cloud_tasks.client()
         client.pause_queue(name=queue_path(QUEUE))
         for number in range(20):
             defer(tasks.mark_done, -1 - number, _queue=QUEUE)
@@ -209,6 +209,4 @@ def _lines(path: pathlib.Path) -> int:
 
 
 def _reset_clients() -> None:
-    _config.reset()
-    _datastore._default_client.cache_clear()
-    _tasks_client.tasks_client.cache_clear()
+    reset_clients()

@@ -29,7 +29,7 @@ import webapp2
 
 import gae_deferred
 from demo import tasks as demo_tasks
-from gae_deferred._datastore import ndb_context
+from gae_deferred import ndb_context
 
 logger = logging.getLogger("gae_deferred.demo")
 

@@ -10,31 +10,19 @@ is HMAC(server key, secret), so a page of another origin can neither read nor co
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
 
 import webob
 
-from gae_deferred import ConfigurationError
-from gae_deferred._signing import signing_key
+from gae_deferred import admin
 
 COOKIE = "deferred_admin_csrf"
 HEADER = "X-CSRF-Token"
 FIELD = "csrf_token"
 COOKIE_PATH = "/_ah/deferred-admin"
 _SECRET = re.compile(r"^[0-9a-f]{64}$")
-_fallback_key = secrets.token_bytes(32)
-
-
-def _server_key() -> bytes:
-    # Tied to the app's signing key (shared by all instances) so a token works on any of them;
-    # an attacker who can plant a cookie still cannot compute its token.
-    try:
-        return hashlib.sha256(b"gae_deferred admin csrf\0" + signing_key()[1]).digest()
-    except ConfigurationError:
-        return _fallback_key
 
 
 def cookie_secret(request: webob.Request) -> tuple[str, bool]:
@@ -57,7 +45,8 @@ def set_cookie(response: webob.Response, request: webob.Request, secret: str) ->
 
 
 def token_for(secret: str) -> str:
-    return hmac.new(_server_key(), secret.encode(), hashlib.sha256).hexdigest()
+    # An attacker who can plant a cookie still cannot compute its token (admin.csrf_token).
+    return admin.csrf_token(secret)
 
 
 def valid(request: webob.Request) -> bool:

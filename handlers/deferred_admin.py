@@ -23,8 +23,7 @@ from urllib.parse import urlencode
 import jinja2
 import webapp2
 
-from gae_deferred import Error, admin
-from gae_deferred._datastore import ndb_context
+from gae_deferred import Error, admin, ndb_context
 
 from . import _admin_auth, _admin_csrf
 
@@ -74,15 +73,6 @@ def _age(value: datetime.datetime | float | None) -> str:
     return f"{seconds // 60}m {seconds % 60}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _bytes(value: int | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value} B"
-
-
 def _timestamp(value: datetime.datetime | str | None) -> str:
     if isinstance(value, str):
         value = datetime.datetime.fromisoformat(value)
@@ -120,7 +110,7 @@ _jinja = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_jinja.filters.update(age=_age, bytes=_bytes, ts=_timestamp, retry=_retry)
+_jinja.filters.update(age=_age, bytes=admin.format_bytes, ts=_timestamp, retry=_retry)
 _jinja.globals.update(prefix=PREFIX, refresh_choices=_REFRESH_CHOICES)
 
 
@@ -330,7 +320,7 @@ class SpilloverList(_Base):
             title="Spilled payloads",
             page=page,
             filters=filters,
-            states=admin.spillover.STATES,
+            states=list(admin.PayloadState),
             sorts=list(admin.SPILL_SORTS),
         )
 
@@ -365,8 +355,8 @@ class SpilloverDelete(_Base):
     def post(self, payload_id: str) -> None:
         record = admin.get_spillover(payload_id)
         if self.needs_confirmation(
-            f"Delete the spilled payload of {record.function} ({_bytes(record.stored_bytes)}) "
-            "and its queued task?",
+            f"Delete the spilled payload of {record.function} "
+            f"({admin.format_bytes(record.stored_bytes)}) and its queued task?",
             f"{PREFIX}/spillover/{payload_id}",
         ):
             return
@@ -453,7 +443,7 @@ class FailureList(_Base):
             page=page,
             state=state or "all",
             group=group or "",
-            states=("all", *admin.failures.STATES),
+            states=("all", *admin.FailureState),
             retriggerable=admin.failures.RETRIGGERABLE,
         )
 

@@ -69,11 +69,9 @@ def stack_fixture(dir_name: str, **options: Any) -> Any:
 
 def clear_clients() -> None:
     """Forget gae_deferred's cached settings and clients, so the next use reads the environment."""
-    from gae_deferred import _config, _datastore, _tasks_client
+    import gae_deferred
 
-    _config.reset()
-    _tasks_client.tasks_client.cache_clear()
-    _datastore._default_client.cache_clear()
+    gae_deferred.reset_clients()
 
 
 @contextlib.contextmanager
@@ -104,7 +102,7 @@ def cloud_tasks_emulator(
     While open, CLOUD_TASKS_EMULATOR_HOST points at it and gae_deferred's client is fresh;
     on exit the emulator stops and the variable gets its previous value back.
     """
-    from gae_deferred._tasks_client import tasks_client
+    from gae_deferred import cloud_tasks
     from gae_deferred.local.cloudtasks import CloudTasksEmulator
 
     emulator = CloudTasksEmulator(
@@ -119,7 +117,7 @@ def cloud_tasks_emulator(
     ).start()
     previous = os.environ.get("CLOUD_TASKS_EMULATOR_HOST")
     os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{emulator.port}"
-    tasks_client.cache_clear()
+    cloud_tasks.reset_client()
     try:
         yield emulator
     finally:
@@ -128,7 +126,7 @@ def cloud_tasks_emulator(
             os.environ.pop("CLOUD_TASKS_EMULATOR_HOST")
         else:
             os.environ["CLOUD_TASKS_EMULATOR_HOST"] = previous
-        tasks_client.cache_clear()
+        cloud_tasks.reset_client()
 
 
 def wait_for(
@@ -162,7 +160,7 @@ def datastore() -> Iterator[None]:
 
 def queued_tasks(queue: str) -> list[Any]:
     """Tasks Cloud Tasks still holds in a queue (``queued_tasks("default") == []``)."""
-    from gae_deferred._tasks_client import tasks_client
-    from gae_deferred.enqueue import queue_path
+    from gae_deferred.cloud_tasks import client as tasks_client
+    from gae_deferred.cloud_tasks import queue_path
 
     return list(tasks_client().list_tasks(parent=queue_path(queue)))

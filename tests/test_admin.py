@@ -18,8 +18,8 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import audit, envelope, failures, spillover
-from gae_deferred._tasks_client import tasks_client
+from gae_deferred import FailureState, PayloadState, audit, envelope, failures, spillover
+from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
 from tests.stack_support import cloud_tasks_emulator
 
@@ -64,7 +64,7 @@ def make_spilled(
     function: str | None = None,
     args: tuple = (1, 2),
     queue: str = "default",
-    state: str = spillover.PENDING,
+    state: str = PayloadState.PENDING,
     size: int = 0,
     created: datetime.datetime | None = None,
 ) -> spillover.DeferredPayload:
@@ -101,7 +101,7 @@ def make_failure(
     exception_type: str = "ValueError",
     message: str = "boom",
     traceback: str = "Traceback (most recent call last):\nValueError: boom",
-    state: str = failures.DEAD,
+    state: str = FailureState.DEAD,
     queue: str = "default",
     payload_id: str | None = None,
     args_preview: str = "(1, 2)",
@@ -132,7 +132,7 @@ def make_failure(
 
 
 def pause(queue: str) -> None:
-    tasks_client().pause_queue(name=gae_deferred.enqueue.queue_path(queue))
+    tasks_client().pause_queue(name=gae_deferred.cloud_tasks.queue_path(queue))
 
 
 def queued_tasks(queue: str) -> list:
@@ -141,7 +141,7 @@ def queued_tasks(queue: str) -> list:
     return list(
         tasks_client().list_tasks(
             request={
-                "parent": gae_deferred.enqueue.queue_path(queue),
+                "parent": gae_deferred.cloud_tasks.queue_path(queue),
                 "response_view": tasks_v2.Task.View.FULL,
             }
         )
@@ -179,7 +179,7 @@ def chunk_reads(stub_client) -> list:
 
 def test_overview_shows_queues_counts_and_svg_charts(app, ndb_stub):
     make_spilled("a1", size=150_000)
-    make_spilled("a2", state=spillover.DEAD)
+    make_spilled("a2", state=PayloadState.DEAD)
     make_failure("t1")
     page = app.get(P)
     assert page.status_int == 200
@@ -189,7 +189,7 @@ def test_overview_shows_queues_counts_and_svg_charts(app, ndb_stub):
     assert "running" in page.text and "20/s" in page.text
     assert page.text.count("<svg") == 2 and "<script" not in page.text
     data = app.get(f"{P}/api/overview").json
-    assert data["spill_counts"] == {"pending": 1, "retrying": 0, "failed": 0, "dead": 1}
+    assert data["spill_counts"] == {"pending": 1, "retrying": 0, "permanent": 0, "dead": 1}
     assert data["stored_bytes"] > 150_000 and data["failures_hour"] == 1
     assert sum(n for _, n in data["size_histogram"]) == 2
     assert sum(n for _, n in data["failures_by_hour"]) == 1
@@ -235,7 +235,7 @@ def test_spillover_paging_sorting_and_filters(app, ndb_stub):
             queue="reports" if number % 2 else "default",
             created=base + datetime.timedelta(minutes=number),
         )
-    make_spilled("gone", state=spillover.DEAD, function="other.fn")
+    make_spilled("gone", state=PayloadState.DEAD, function="other.fn")
     seen, cursor = [], None
     while True:
         url = f"{P}/api/spillover?limit=2" + (f"&cursor={cursor}" if cursor else "")
@@ -309,14 +309,14 @@ def test_bad_ids_are_404(app, ndb_stub, url):
 
 def test_retrigger_spilled_payload_creates_a_fresh_task(app, ndb_stub):
     pause("default")
-    make_spilled("r1", state=spillover.DEAD)
+    make_spilled("r1", state=PayloadState.DEAD)
     detail = app.get(f"{P}/spillover/r1")
     form = detail.forms[0]
     form["version"] = "v2"
     done = form.submit()
     assert "Retriggered" in done.text
     record = spillover.get("r1")
-    assert record.state == spillover.PENDING and record.task_name.startswith("r-")
+    assert record.state == PayloadState.PENDING and record.task_name.startswith("r-")
     (task,) = queued_tasks("default")
     assert task.name.endswith("/" + record.task_name)
     assert task.app_engine_http_request.relative_uri == "/_ah/queue/deferred/test_admin._sample"
@@ -363,7 +363,7 @@ def test_delete_spilled_payload_asks_then_deletes_record_chunks_and_task(app, nd
 def test_bulk_retrigger_and_delete_with_confirmation(app, ndb_stub):
     pause("default")
     for number in range(3):
-        make_spilled(f"b{number}", state=spillover.DEAD)
+        make_spilled(f"b{number}", state=PayloadState.DEAD)
     page = app.get(f"{P}/spillover?state=dead")
     form = page.forms[1]
     form.get("ids", index=0).checked = True
@@ -403,8 +403,8 @@ def test_bulk_retrigger_and_delete_with_confirmation(app, ndb_stub):
 def test_failure_groups_list_and_detail_render_inert(app, ndb_stub):
     make_failure("t1", function=XSS, message=XSS, traceback=f"Traceback\n  {XSS}")
     make_failure("t2", function=XSS, message="second")
-    make_failure("t3", exception_type="KeyError", state=failures.RETRYING)
-    make_failure("t4", state=failures.RESOLVED)
+    make_failure("t3", exception_type="KeyError", state=FailureState.RETRYING)
+    make_failure("t4", state=FailureState.RESOLVED)
     groups = app.get(f"{P}/failures")
     assert_inert(groups)
     assert "KeyError" in groups.text
@@ -459,12 +459,12 @@ def test_retry_now_inline_failure_enqueues_its_kept_envelope(app, ndb_stub):
     assert request.relative_uri == "/_ah/queue/deferred/test_admin._sample"
     assert request.body == failures.get_payload(record.id)
     again = failures.get(record.id)
-    assert again.state == failures.RETRYING and again.retriggered == 1
+    assert again.state == FailureState.RETRYING and again.retriggered == 1
 
 
 def test_retry_now_spilled_failure_points_at_the_stored_payload(app, ndb_stub):
     pause("default")
-    make_spilled("sp1", state=spillover.DEAD)
+    make_spilled("sp1", state=PayloadState.DEAD)
     record = make_failure("spilled1", payload_id="sp1")
     token = csrf_token(app)
     result = app.post_json(
@@ -477,7 +477,7 @@ def test_retry_now_spilled_failure_points_at_the_stored_payload(app, ndb_stub):
     assert task.app_engine_http_request.headers["X-Deferred-Failure-Id"] == record.id
     assert task.app_engine_http_request.app_engine_routing.version == "v7"
     assert envelope.read_header(task.app_engine_http_request.body)["ref"]["id"] == "sp1"
-    assert spillover.get("sp1").state == spillover.PENDING
+    assert spillover.get("sp1").state == PayloadState.PENDING
 
 
 def test_dismiss_then_retry_is_refused_and_delete_removes(app, ndb_stub):
@@ -485,7 +485,7 @@ def test_dismiss_then_retry_is_refused_and_delete_removes(app, ndb_stub):
     token = csrf_token(app)
     headers = {"X-CSRF-Token": token}
     app.post_json(f"{P}/api/failures/{record.id}/dismiss", {}, headers=headers)
-    assert failures.get(record.id).state == failures.DISMISSED
+    assert failures.get(record.id).state == FailureState.DISMISSED
     refused = app.post_json(
         f"{P}/api/failures/{record.id}/retrigger", {}, headers=headers, expect_errors=True
     )
@@ -633,7 +633,7 @@ def test_admin_hook_decides_and_names_the_actor(app, ndb_stub):
 
 
 def test_posts_without_a_valid_csrf_token_change_nothing(app, ndb_stub):
-    make_spilled("v1", state=spillover.DEAD)
+    make_spilled("v1", state=PayloadState.DEAD)
     page = app.get(f"{P}/spillover/v1")
     token = form_token(page)
     cookie = app.cookies["deferred_admin_csrf"]
@@ -652,20 +652,20 @@ def test_posts_without_a_valid_csrf_token_change_nothing(app, ndb_stub):
     app.set_cookie("deferred_admin_csrf", "f" * 64)
     stale = app.post(f"{P}/spillover/v1/retrigger", {"csrf_token": token}, expect_errors=True)
     assert stale.status_int == 403
-    assert spillover.get("v1").state == spillover.DEAD
+    assert spillover.get("v1").state == PayloadState.DEAD
     assert app.get(f"{P}/api/audit").json["items"] == []
 
 
 def test_csrf_cookie_flags_and_get_never_changes_state(ndb_stub, tasks_emulator):
     gae_deferred.configure(local_mode=True)
     fresh = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()), extra_environ=LOOPBACK)
-    make_spilled("g1", state=spillover.DEAD)
+    make_spilled("g1", state=PayloadState.DEAD)
     header = fresh.get(P).headers["Set-Cookie"].lower()
     assert "httponly" in header and "samesite=strict" in header
     assert "path=/_ah/deferred-admin" in header
     for url in ("/spillover/g1/retrigger", "/spillover/g1/delete", "/queues/default/purge"):
         assert fresh.get(P + url, expect_errors=True).status_int == 405
-    assert spillover.get("g1").state == spillover.DEAD
+    assert spillover.get("g1").state == PayloadState.DEAD
 
 
 def test_cron_sweep_accepts_only_cron_or_admin(app, ndb_stub, monkeypatch):
@@ -678,7 +678,7 @@ def test_cron_sweep_accepts_only_cron_or_admin(app, ndb_stub, monkeypatch):
     assert app.get(f"{P}/cron/sweep", expect_errors=True).status_int == 403
     # A scheduled sweep with nothing to do leaves the audit log alone; one that acts is audited.
     assert audit.recent()[0] == []
-    stale = make_spilled("stale", state=spillover.DEAD)
+    stale = make_spilled("stale", state=PayloadState.DEAD)
     stale.updated = spillover.now() - datetime.timedelta(days=60)
     stale.put()
     assert app.get(f"{P}/cron/sweep", headers=cron).json["report"]["purged_payloads"] == 1

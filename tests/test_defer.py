@@ -19,6 +19,7 @@ import gae_deferred
 from gae_deferred import (
     DeferError,
     EnqueueError,
+    PayloadState,
     PayloadTooLargeError,
     QueueNotFoundError,
     SerializationError,
@@ -27,7 +28,7 @@ from gae_deferred import (
     envelope,
     spillover,
 )
-from gae_deferred._tasks_client import tasks_client
+from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
 from tests.callables import add
 from tests.stack_support import cloud_tasks_emulator
@@ -54,7 +55,7 @@ def paused(tasks_emulator, ndb_stub):
     """Both queues paused and empty; yields a helper returning a queue's tasks in full."""
     client = tasks_client()
     for queue in QUEUES:
-        path = gae_deferred.enqueue.queue_path(queue)
+        path = gae_deferred.cloud_tasks.queue_path(queue)
         client.pause_queue(name=path)
         client.purge_queue(name=path)
     RESULTS.clear()
@@ -63,7 +64,7 @@ def paused(tasks_emulator, ndb_stub):
         return list(
             client.list_tasks(
                 request={
-                    "parent": gae_deferred.enqueue.queue_path(queue),
+                    "parent": gae_deferred.cloud_tasks.queue_path(queue),
                     "response_view": tasks_v2.Task.View.FULL,
                 }
             )
@@ -71,7 +72,7 @@ def paused(tasks_emulator, ndb_stub):
 
     yield tasks
     for queue in QUEUES:
-        client.purge_queue(name=gae_deferred.enqueue.queue_path(queue))
+        client.purge_queue(name=gae_deferred.cloud_tasks.queue_path(queue))
 
 
 def body_of(task):
@@ -365,13 +366,13 @@ def test_transactional_outside_a_transaction_is_refused(paused):
 
 def test_cloud_tasks_unavailable_is_a_clear_error_and_leaves_no_spill(ndb_stub, monkeypatch):
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
-    tasks_client.cache_clear()
+    gae_deferred.cloud_tasks.reset_client()
     try:
         with pytest.raises(EnqueueError, match="Cloud Tasks could not create the task"):
             defer(collect, os.urandom(300_000))
         assert spillover.DeferredPayload.query().fetch() == []
     finally:
-        tasks_client.cache_clear()
+        gae_deferred.cloud_tasks.reset_client()
 
 
 @pytest.fixture
@@ -402,16 +403,16 @@ def silent_server():
 def test_unanswered_create_task_keeps_the_spill_for_the_sweeper(paused, silent_server, monkeypatch):
     real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", silent_server)
-    tasks_client.cache_clear()
-    gae_deferred.configure(enqueue_timeout_seconds=0.5)
+    gae_deferred.cloud_tasks.reset_client()
+    gae_deferred.configure(cloud_tasks_timeout_seconds=0.5)
     try:
         with pytest.raises(gae_deferred.EnqueueOutcomeUnknown, match="do not defer it again"):
             defer(collect, os.urandom(300_000))
     finally:
         monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
-        tasks_client.cache_clear()
+        gae_deferred.cloud_tasks.reset_client()
     (record,) = spillover.DeferredPayload.query().fetch()
-    assert record.state == spillover.PENDING
+    assert record.state == PayloadState.PENDING
     later = spillover.now() + datetime.timedelta(days=1)
     assert gae_deferred.sweep(now=later).reenqueued == 1
     (task,) = paused()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from google.cloud import tasks_v2
 
-from gae_deferred import queues
-from gae_deferred._tasks_client import tasks_client
+from gae_deferred import cloud_tasks, queues
+from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.local.cloudtasks import CloudTasksEmulator
 from gae_deferred.queue_config import (
     QueueDefinition,
@@ -220,9 +220,9 @@ def emulator(tmp_path, monkeypatch) -> Iterator[CloudTasksEmulator]:
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", f"127.0.0.1:{emu.port}")
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "cli-p")
     monkeypatch.delenv("GAE_DEFERRED_LOCATION", raising=False)
-    tasks_client.cache_clear()
+    cloud_tasks.reset_client()
     yield emu
-    tasks_client.cache_clear()
+    cloud_tasks.reset_client()
     emu.stop()
 
 
@@ -270,7 +270,7 @@ def test_cli_connection_error_and_missing_project(tmp_path, monkeypatch):
     path = tmp_path / "queue.yaml"
     path.write_text(GOOD_YAML)
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:1")
-    tasks_client.cache_clear()
+    cloud_tasks.reset_client()
     try:
         code, _, err = run_cli("diff", str(path), "--project", "p", "--timeout", "5")
         assert code == 2 and "Cloud Tasks call failed (127.0.0.1:1)" in err
@@ -278,7 +278,7 @@ def test_cli_connection_error_and_missing_project(tmp_path, monkeypatch):
         code, _, err = run_cli("sync", str(path))
         assert code == 2 and "no project" in err
     finally:
-        tasks_client.cache_clear()
+        cloud_tasks.reset_client()
 
 
 def test_cli_as_module(tmp_path):

@@ -9,8 +9,8 @@ import webtest
 from google.cloud import tasks_v2
 
 import gae_deferred
-from gae_deferred._tasks_client import tasks_client
-from gae_deferred.enqueue import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client
+from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
 from tests.test_defer import paused, tasks_emulator  # noqa: F401 - shared fixtures

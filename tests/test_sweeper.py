@@ -11,8 +11,17 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import defer, failures, idempotent, serialize, spillover, sweep
-from gae_deferred._tasks_client import tasks_client
+from gae_deferred import (
+    FailureState,
+    PayloadState,
+    defer,
+    failures,
+    idempotent,
+    serialize,
+    spillover,
+    sweep,
+)
+from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
 from tests.test_defer import collect, paused, tasks_emulator  # noqa: F401 - shared fixtures
 
@@ -27,14 +36,14 @@ def test_crash_between_commit_and_enqueue_is_repaired(paused, monkeypatch):  # n
     # Cloud Tasks unreachable at commit time: the transaction commits, the enqueue fails.
     real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
-    tasks_client.cache_clear()
+    gae_deferred.cloud_tasks.reset_client()
 
     result = ndb.transaction(lambda: defer(collect, "paid", _transactional=True))
 
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
-    tasks_client.cache_clear()
+    gae_deferred.cloud_tasks.reset_client()
     assert paused() == []
-    assert spillover.get(result.payload_id).state == spillover.PENDING
+    assert spillover.get(result.payload_id).state == PayloadState.PENDING
 
     assert sweep().reenqueued == 0  # still inside the grace period
     report = sweep(now=later(seconds=gae_deferred.settings().sweep_grace_seconds + 1))
@@ -66,7 +75,7 @@ def test_enqueue_failure_is_reported_and_retried_later(paused, monkeypatch):  # 
     record.put()
     report = sweep(now=later(days=1))
     assert report.reenqueued == 0 and "missing-queue" in report.errors[0]
-    assert spillover.get(result.payload_id).state == spillover.PENDING
+    assert spillover.get(result.payload_id).state == PayloadState.PENDING
 
 
 def test_dead_letters_are_purged_after_retention(ndb_stub):
@@ -74,7 +83,7 @@ def test_dead_letters_are_purged_after_retention(ndb_stub):
     headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "t"}
     app.post("/_ah/queue/deferred", serialize(_fail), headers=headers, status=200)
     (record,) = failures.DeferredFailure.query().fetch()
-    assert record.state == failures.PERMANENT
+    assert record.state == FailureState.PERMANENT
     assert sweep(now=later(days=29)).purged_failures == 0
     assert sweep(now=later(days=31)).purged_failures == 1
     assert failures.DeferredFailure.query().fetch() == []
@@ -92,7 +101,7 @@ def test_failed_spilled_payloads_are_purged_after_retention(ndb_stub):
         eta=spillover.now(),
         task={},
     )
-    record.state = spillover.DEAD
+    record.state = PayloadState.DEAD
     spillover.write(record, chunks)
     assert sweep(now=later(days=31)).purged_payloads == 1
     assert spillover.get("p1") is None

@@ -12,7 +12,15 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import PermanentTaskFailure, SingularTaskFailure, failures, serialize, spillover
+from gae_deferred import (
+    FailureState,
+    PayloadState,
+    PermanentTaskFailure,
+    SingularTaskFailure,
+    failures,
+    serialize,
+    spillover,
+)
 from gae_deferred.enqueue import TaskSpec, _reference
 from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
@@ -153,7 +161,7 @@ def test_permanent_failure_is_200_and_recorded(app):
     response = post(app, serialize(fail_with, PermanentTaskFailure("order <b>gone</b>")))
     assert response.status_int == 200
     (record,) = all_failures()
-    assert record.state == failures.PERMANENT
+    assert record.state == FailureState.PERMANENT
     assert record.exception_type == "gae_deferred.errors.PermanentTaskFailure"
     assert record.message == "order <b>gone</b>"
     assert record.function.endswith("test_task_handler.fail_with")
@@ -168,7 +176,7 @@ def test_payload_that_cannot_be_unpickled_is_200_and_recorded(app):
     response = post(app, data)
     assert response.status_int == 200
     (record,) = all_failures()
-    assert record.state == failures.DEAD
+    assert record.state == FailureState.DEAD
     assert "cannot load payload of gone.module.fn" in record.message
     assert "written by Python 3.11" in record.message
     assert failures.get_payload(record.id) == data
@@ -178,14 +186,14 @@ def test_other_exception_is_500_with_traceback_then_resolved(app):
     data = serialize(fail_until, 2)
     assert post(app, data).status_int == 500
     (record,) = all_failures()
-    assert record.state == failures.RETRYING and record.attempts == 1
+    assert record.state == FailureState.RETRYING and record.attempts == 1
     assert "RuntimeError: not yet (0)" in record.traceback
     assert "in fail_until" in record.traceback
 
     assert post(app, data, headers={**TASK, "X-AppEngine-TaskRetryCount": "1"}).status_int == 500
     assert post(app, data, headers={**TASK, "X-AppEngine-TaskRetryCount": "2"}).status_int == 200
     (record,) = all_failures()
-    assert record.state == failures.RESOLVED
+    assert record.state == FailureState.RESOLVED
     assert record.attempts == 2
     assert record.first_seen <= record.last_seen
 
@@ -195,7 +203,7 @@ def test_last_allowed_attempt_becomes_a_dead_letter(app):
     headers = {**TASK, "X-AppEngine-TaskRetryCount": "5"}
     assert post(app, serialize(fail_with, ValueError("x")), headers=headers).status_int == 500
     (record,) = all_failures()
-    assert record.state == failures.DEAD
+    assert record.state == FailureState.DEAD
     assert failures.get_payload(record.id)
 
 
@@ -207,7 +215,7 @@ def test_per_task_retry_limit_is_enforced_before_running(app):
     assert response.status_int == 200
     assert len(RUNS) == 1
     (record,) = all_failures()
-    assert record.state == failures.DEAD and "retry limit 1" in record.message
+    assert record.state == FailureState.DEAD and "retry limit 1" in record.message
 
 
 def test_failure_record_text_is_bounded(app):
@@ -271,7 +279,7 @@ def test_spilled_permanent_failure_keeps_the_record(app):
     record, reference = spill(fail_with, PermanentTaskFailure("no"))
     assert post(app, reference).status_int == 200
     kept = spillover.get(record.id)
-    assert kept.state == spillover.FAILED and kept.attempts == 1
+    assert kept.state == PayloadState.PERMANENT and kept.attempts == 1
     (failure,) = all_failures()
     assert failure.payload_id == record.id
     assert failures.get_payload(failure.id) is None
@@ -280,7 +288,7 @@ def test_spilled_permanent_failure_keeps_the_record(app):
 def test_spilled_retryable_failure_keeps_the_record_retrying(app):
     record, reference = spill(fail_with, ValueError("later"))
     assert post(app, reference).status_int == 500
-    assert spillover.get(record.id).state == spillover.RETRYING
+    assert spillover.get(record.id).state == PayloadState.RETRYING
 
 
 def test_spilled_payload_missing_is_200_and_permanent(app):
@@ -289,7 +297,7 @@ def test_spilled_payload_missing_is_200_and_permanent(app):
     assert post(app, reference).status_int == 200
     assert RUNS == []
     (failure,) = all_failures()
-    assert failure.state == failures.PERMANENT
+    assert failure.state == FailureState.PERMANENT
     assert "gone from Datastore" in failure.message
 
 
@@ -311,7 +319,7 @@ def test_retriggered_failure_updates_the_same_record(app):
     }
     assert post(app, serialize(record_run), headers=headers).status_int == 200
     (record,) = all_failures()
-    assert record.state == failures.RESOLVED
+    assert record.state == FailureState.RESOLVED
 
 
 def test_failure_records_are_per_task(app):
@@ -371,7 +379,7 @@ def test_unreadable_queue_yaml_costs_only_dead_letter_detection(app, tmp_path, c
     with caplog.at_level(logging.ERROR, logger="gae_deferred"):
         assert post(app, serialize(fail_with, ValueError("x")), headers=headers).status_int == 500
     assert "queue.yaml:3" in caplog.text
-    assert all_failures()[0].state == failures.RETRYING
+    assert all_failures()[0].state == FailureState.RETRYING
     execution._queue_retry_limits.cache_clear()
 
 
@@ -401,7 +409,7 @@ def test_per_task_age_limit_is_enforced_before_running(app, monkeypatch):
     assert post(app, data, headers={**TASK, "X-AppEngine-TaskRetryCount": "3"}).status_int == 200
     assert len(RUNS) == 1
     (record,) = all_failures()
-    assert record.state == failures.DEAD and "age limit 60" in record.message
+    assert record.state == FailureState.DEAD and "age limit 60" in record.message
 
 
 def test_mixed_task_header_prefixes_still_name_the_task():

@@ -56,17 +56,17 @@ class Settings:
     #: Called once per process when no signing_key is set, e.g. to read Secret Manager.
     signing_key_provider: Callable[[], bytes] | None = None
     app_version: str = "unknown"
-    service: str | None = None
     queue_yaml: str | None = None
     #: An ndb client to use instead of ``ndb.Client(project=...)`` (tests pass a stub).
     ndb_client: Any = None
-    #: How long defer() waits for Cloud Tasks' answer to CreateTask.
-    enqueue_timeout_seconds: float = 30
+    #: How long any Cloud Tasks call waits for its answer (CreateTask, the dashboard's calls).
+    cloud_tasks_timeout_seconds: float = 30
     #: How long dead letters and permanent failures keep their payloads.
     dead_letter_retention_seconds: float = 30 * 24 * 3600
     #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.
     sweep_grace_seconds: float = 600
-    #: Loopback requests are admin, and the demo page is routed. Never set in production.
+    #: Loopback requests are admin, and the demo page is routed. Set by the local stack
+    #: (GAE_DEFERRED_LOCAL=1), refused on App Engine (GAE_ENV set).
     local_mode: bool = False
     #: Expected audience of IAP JWTs for the dashboard ("/projects/NUM/apps/PROJECT").
     iap_audience: str | None = None
@@ -80,7 +80,9 @@ _settings: Settings | None = None
 
 def _from_environment() -> Settings:
     env = os.environ
-    local = bool(env.get("GAE_DEFERRED_LOCAL")) or bool(env.get("DATASTORE_EMULATOR_HOST"))
+    local_flag = env.get("GAE_DEFERRED_LOCAL", "")
+    if local_flag not in ("", "0", "1"):
+        raise ConfigurationError(f"GAE_DEFERRED_LOCAL must be 1 or 0, not {local_flag!r}")
     key: bytes | None = None
     if env.get("GAE_DEFERRED_SIGNING_KEY"):
         key = _decode_key(env["GAE_DEFERRED_SIGNING_KEY"], "GAE_DEFERRED_SIGNING_KEY")
@@ -93,18 +95,19 @@ def _from_environment() -> Settings:
             raise ConfigurationError(
                 f"cannot read GAE_DEFERRED_SIGNING_KEY_FILE {path}: {exc}"
             ) from exc
-    return Settings(
+    current = Settings(
         project=env.get("GOOGLE_CLOUD_PROJECT")
         or env.get("GAE_APPLICATION", "").partition("~")[2]
         or None,
         location=env.get("GAE_DEFERRED_LOCATION", "us-central1"),
         signing_key=key,
         app_version=env.get("GAE_VERSION", "unknown"),
-        service=env.get("GAE_SERVICE"),
         queue_yaml=env.get("GAE_DEFERRED_QUEUE_YAML"),
-        local_mode=local,
+        local_mode=local_flag == "1",
         iap_audience=env.get("GAE_DEFERRED_IAP_AUDIENCE"),
     )
+    _validate(current)
+    return current
 
 
 def _decode_key(text: str, source: str) -> bytes:
@@ -157,6 +160,11 @@ def reset() -> None:
 
 
 def _validate(current: Settings) -> None:
+    if current.local_mode and os.environ.get("GAE_ENV"):
+        raise ConfigurationError(
+            "local mode (GAE_DEFERRED_LOCAL=1) makes loopback requests admin and is refused where "
+            "GAE_ENV is set (App Engine): unset one of them"
+        )
     if not 0 <= current.compression_level <= 9:
         raise ConfigurationError("compression_level must be 0..9")
     if current.chunk_bytes <= 0 or current.chunk_bytes > 1_040_000:

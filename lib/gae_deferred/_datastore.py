@@ -23,6 +23,11 @@ def _default_client(project: str | None) -> ndb.Client:
     return ndb.Client(project=project)
 
 
+def reset_client() -> None:
+    """Forget the cached client, so the next one reads DATASTORE_EMULATOR_HOST again."""
+    _default_client.cache_clear()
+
+
 def client() -> ndb.Client:
     """The configured ndb client, created once per process."""
     current = settings()

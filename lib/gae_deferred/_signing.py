@@ -10,6 +10,7 @@ handler refuse to work rather than run unsigned code.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 
 from ._config import Settings, settings
@@ -17,6 +18,8 @@ from .errors import ConfigurationError
 
 _lock = threading.Lock()
 _cache: tuple[Settings, bytes, dict[str, bytes]] | None = None
+#: Stands in for the signing key in derive_key() while none is configured (one process only).
+_fallback_secret = secrets.token_bytes(32)
 
 
 def key_id(key: bytes) -> str:
@@ -61,3 +64,16 @@ def _keys() -> tuple[bytes, dict[str, bytes]]:
         key, keys = _resolve(current)
         _cache = (current, key, keys)
     return key, keys
+
+
+def derive_key(purpose: str) -> bytes:
+    """A key for one purpose (``"admin csrf"``, ``"admin cursor"``) derived from the signing key.
+
+    Every instance shares the signing key, so a derived token made by one verifies on all; without
+    a signing key the process uses a random secret of its own.
+    """
+    try:
+        secret = signing_key()[1]
+    except ConfigurationError:
+        secret = _fallback_secret
+    return hashlib.sha256(b"gae_deferred " + purpose.encode() + b"\0" + secret).digest()

@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import os
 import re
-import secrets
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -36,12 +35,22 @@ from typing import Any, TypeVar
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import audit, enqueue, failures, spillover, sweeper
+from . import audit, cloud_tasks, enqueue, failures, spillover, sweeper
 from ._config import settings
-from ._signing import signing_key
-from ._tasks_client import tasks_client
-from .errors import ConfigurationError, Error, QueueNotFoundError
+from ._model import MAX_INDEXED_CHARS
+from ._signing import derive_key
+from .errors import (
+    AdminError,
+    BadRequest,
+    Conflict,
+    Error,
+    NotFound,
+    QueueNotFoundError,
+    Unavailable,
+)
+from .failures import FailureState
 from .queue_config import QueueDefinition, load_queue_yaml
+from .spillover import PayloadState
 
 #: Records per list page unless the caller asks for fewer (or more, up to MAX_PAGE_SIZE).
 PAGE_SIZE = 50
@@ -66,7 +75,7 @@ SPILL_SORTS: dict[str, Any] = {
     "smallest": spillover.DeferredPayload.stored_bytes,
 }
 #: "active" is every state a failure can still be retried from.
-FAILURE_VIEWS = ("active", *failures.STATES)
+FAILURE_VIEWS = ("active", *FailureState)
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,500}$")
 _QUEUE = enqueue.QUEUE_NAME
@@ -75,30 +84,6 @@ _VERSION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PAGE_TOKEN = re.compile(r"^[A-Za-z0-9_=+/.-]{1,2000}$")
 _HISTOGRAM_BOUNDS = (1 << 17, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
 _T = TypeVar("_T")
-
-
-class AdminError(Error):
-    """A request the dashboard refuses; ``status`` is the HTTP status to answer with."""
-
-    status = 400
-
-
-class BadRequest(AdminError):
-    status = 400
-
-
-class NotFound(AdminError):
-    status = 404
-
-
-class Conflict(AdminError):
-    status = 409
-
-
-class Unavailable(AdminError):
-    """Cloud Tasks or Datastore could not be reached; the page says so instead of a 500."""
-
-    status = 503
 
 
 @dataclasses.dataclass
@@ -190,19 +175,16 @@ def page_size(value: int | str | None) -> int:
     return size
 
 
-_fallback_cursor_key = secrets.token_bytes(32)
-
-
-def _cursor_key() -> bytes:
-    # The signing key is shared by every instance, so a cursor works on any of them.
-    try:
-        return hashlib.sha256(b"gae_deferred admin cursor\0" + signing_key()[1]).digest()
-    except ConfigurationError:
-        return _fallback_cursor_key
+def csrf_token(secret: str) -> str:
+    """The CSRF token for a browser's cookie secret: HMAC with a key derived from the signing
+    key, so a page of another origin can neither read nor compute it, and any instance checks it.
+    """
+    return hmac.new(derive_key("admin csrf"), secret.encode(), hashlib.sha256).hexdigest()
 
 
 def _cursor_mac(scope: str, raw: bytes) -> str:
-    digest = hmac.new(_cursor_key(), scope.encode() + b"\0" + raw, hashlib.sha256).digest()
+    message = scope.encode() + b"\0" + raw
+    digest = hmac.new(derive_key("admin cursor"), message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 
@@ -246,7 +228,7 @@ def _fetch_page(query: ndb.Query, scope: str, cursor: str | None, limit: int) ->
 
 def list_spillover(
     *,
-    state: str = spillover.PENDING,
+    state: str = PayloadState.PENDING,
     function: str | None = None,
     queue: str | None = None,
     sort: str = "oldest",
@@ -258,14 +240,14 @@ def list_spillover(
     ``state`` is always a filter (index.yaml has a composite index for every state + optional
     function/queue filter + sort combination); ``sort`` is one of :data:`SPILL_SORTS`.
     """
-    if state not in spillover.STATES:
-        raise BadRequest(f"state must be one of {', '.join(spillover.STATES)}")
+    if state not in list(PayloadState):
+        raise BadRequest(f"state must be one of {', '.join(PayloadState)}")
     if sort not in SPILL_SORTS:
         raise BadRequest(f"sort must be one of {', '.join(SPILL_SORTS)}")
     model = spillover.DeferredPayload
     filters = [model.state == state]
     if function:
-        filters.append(model.function == function[:500])
+        filters.append(model.function == function[:MAX_INDEXED_CHARS])
     if queue:
         filters.append(model.queue == check_queue_name(queue))
     query = model.query(*filters).order(SPILL_SORTS[sort])
@@ -311,7 +293,7 @@ def _reenqueue_spilled(
     now = _now()
     # Name and ETA follow the new task, so the sweeper sees a fresh pending record, not a
     # lost one, and recreates this task (not the old one) if the enqueue below fails.
-    record.populate(state=spillover.PENDING, updated=now, eta=now, task_name=name)
+    record.populate(state=PayloadState.PENDING, updated=now, eta=now, task_name=name)
     record.put()
     stored = record.task or {}
     overrides: dict[str, Any] = {"eta": now}
@@ -338,9 +320,8 @@ def delete_spillover(payload_id: str, actor: str) -> None:
     spillover.delete(record.key.id(), record.chunks or 0)
     if record.task_name and record.queue:
         # Without the payload the task could only fail as "spilled payload missing".
-        path = f"{enqueue.queue_path(record.queue)}/tasks/{record.task_name}"
         try:
-            tasks_client().delete_task(name=path, timeout=10)
+            cloud_tasks.delete_task(record.queue, record.task_name)
         except (api_exceptions.NotFound, api_exceptions.InvalidArgument):
             pass
         except api_exceptions.GoogleAPIError:
@@ -392,8 +373,8 @@ def _bulk(ids: Iterable[str], one: Callable[[str], object]) -> BulkResult:
 def _failure_state_filter(state: str | None) -> str | None:
     if state in (None, "", "all"):
         return None
-    if state not in failures.STATES:
-        raise BadRequest(f"state must be all or one of {', '.join(failures.STATES)}")
+    if state not in list(FailureState):
+        raise BadRequest(f"state must be all or one of {', '.join(FailureState)}")
     return state
 
 
@@ -411,7 +392,7 @@ def list_failures(
     if state:
         filters.append(model.state == state)
     if group:
-        filters.append(model.group == group[:500])
+        filters.append(model.group == group[:MAX_INDEXED_CHARS])
     query = model.query(*filters).order(-model.last_seen)
     return _fetch_page(query, f"failures|{state or ''}|{group or ''}", cursor, limit)
 
@@ -494,17 +475,18 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
         if body is None:
             raise Conflict(f"failure {record_id} kept no payload to retry")
         function = (record.meta or {}).get("function") or record.function or "unknown"
-        spec = enqueue.TaskSpec(
-            queue=record.queue or settings().default_queue,
-            url=enqueue.task_url(function),
-            headers={"Content-Type": "application/octet-stream", **headers},
-            eta=_now(),
-            name=_fresh_task_name(),
-            routing=routing,
+        name = _fresh_task_name()
+        _cloud_tasks(
+            lambda: enqueue.enqueue_envelope(
+                body,
+                queue=record.queue or settings().default_queue,
+                function=function,
+                name=name,
+                headers=headers,
+                routing=routing,
+            )
         )
-        task = _cloud_tasks(lambda: enqueue.create_task(spec, body))
-        name = task.name.rsplit("/", 1)[-1]
-    record.state = failures.RETRYING
+    record.state = FailureState.RETRYING
     record.retriggered = (record.retriggered or 0) + 1
     record.put()
     audit.record(actor, "retrigger", f"failure/{record_id}", f"task {name} on {record.queue}")
@@ -514,7 +496,7 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
 def dismiss_failure(record_id: str, actor: str) -> None:
     """Mark a failure dismissed: it leaves the active view; its payload is kept until swept."""
     record = get_failure(record_id)
-    record.state = failures.DISMISSED
+    record.state = FailureState.DISMISSED
     record.put()
     audit.record(actor, "dismiss", f"failure/{record_id}", record.group or "")
 
@@ -545,7 +527,7 @@ def retry_group(group: str, actor: str) -> BulkResult:
         raise BadRequest("no group given")
     model = failures.DeferredFailure
     futures = [
-        model.query(model.group == group[:500], model.state == state)
+        model.query(model.group == group[:MAX_INDEXED_CHARS], model.state == state)
         .order(-model.last_seen)
         .fetch_async(MAX_BULK, keys_only=True)
         for state in failures.RETRIGGERABLE
@@ -583,16 +565,19 @@ class Overview:
 def _histogram_label(index: int) -> str:
     bounds = _HISTOGRAM_BOUNDS
     if index == 0:
-        return f"< {_human(bounds[0])}"
+        return f"< {format_bytes(bounds[0])}"
     if index == len(bounds):
-        return f">= {_human(bounds[-1])}"
-    return f"{_human(bounds[index - 1])}-{_human(bounds[index])}"
+        return f">= {format_bytes(bounds[-1])}"
+    return f"{format_bytes(bounds[index - 1])}-{format_bytes(bounds[index])}"
 
 
-def _human(size: int) -> str:
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+def format_bytes(size: int | None) -> str:
+    """``"1.5 MiB"``, ``"128 KiB"``, ``"12 B"``; ``"-"`` for None."""
+    if size is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale:
-            return f"{size / scale:g} {unit}"
+            return f"{size / scale:.1f}".removesuffix(".0") + f" {unit}"
     return f"{size} B"
 
 
@@ -609,7 +594,7 @@ def overview() -> Overview:
     day_ago = now - datetime.timedelta(days=1)
     counts = {
         state: payload.query(payload.state == state).count_async(limit=COUNT_CAP)
-        for state in spillover.STATES
+        for state in PayloadState
     }
     sizes = payload.query(projection=[payload.stored_bytes]).fetch_async(SCAN_CAP)
     hour = failure.query(failure.last_seen >= now - datetime.timedelta(hours=1)).count_async(
@@ -669,10 +654,6 @@ def _queue_definitions() -> dict[str, QueueDefinition]:
     return load_queue_yaml(path)
 
 
-def _parent() -> str:
-    return enqueue.queue_path("x").rsplit("/queues/", 1)[0]
-
-
 def _retry_json(definition: QueueDefinition | None, queue: tasks_v2.Queue | None) -> dict:
     """The retry policy in Cloud Tasks' terms (queue.yaml's when Cloud Tasks has no queue)."""
     if queue is not None and "retry_config" in queue:
@@ -702,21 +683,12 @@ def _seconds(value: Any) -> float | None:
     return value.total_seconds() if isinstance(value, datetime.timedelta) else None
 
 
-def _backlog(path: str) -> tuple[int, bool, float | None]:
-    response = tasks_client().list_tasks(
-        request={
-            "parent": path,
-            "response_view": tasks_v2.Task.View.BASIC,
-            "page_size": TASK_SCAN,
-        },
-        timeout=10,
-    )
-    page = next(iter(response.pages), None)
-    tasks = list(page.tasks) if page is not None else []
+def _backlog(queue: str) -> tuple[int, bool, float | None]:
+    tasks, next_token = cloud_tasks.list_tasks_page(queue, page_size=TASK_SCAN)
     now = _now()
     created = [task.create_time for task in tasks if task.create_time]
     oldest = (now - min(created)).total_seconds() if created else None
-    return len(tasks), bool(page is not None and page.next_page_token), oldest
+    return len(tasks), next_token is not None, oldest
 
 
 def queue_overview() -> list[QueueInfo]:
@@ -729,8 +701,8 @@ def queue_overview() -> list[QueueInfo]:
     live: dict[str, tasks_v2.Queue] = {}
     error = None
     try:
-        for queue in tasks_client().list_queues(parent=_parent(), timeout=10):
-            live[queue.name.rsplit("/", 1)[-1]] = queue
+        for queue in cloud_tasks.list_queues():
+            live[cloud_tasks.short_name(queue.name)] = queue
     except api_exceptions.GoogleAPIError as exc:
         error = f"Cloud Tasks: {exc}"
     infos = []
@@ -758,7 +730,7 @@ def queue_overview() -> list[QueueInfo]:
         )
         if queue is not None:
             try:
-                info.tasks, info.tasks_capped, info.oldest_task_age = _backlog(queue.name)
+                info.tasks, info.tasks_capped, info.oldest_task_age = _backlog(name)
             except api_exceptions.GoogleAPIError as exc:
                 info.error = f"Cloud Tasks: {exc}"
         elif error is None:
@@ -769,8 +741,8 @@ def queue_overview() -> list[QueueInfo]:
 
 def get_queue(queue: str) -> tasks_v2.Queue:
     """The Cloud Tasks queue; NotFound for a name that is not a queue."""
-    path = enqueue.queue_path(check_queue_name(queue))
-    return _cloud_tasks(lambda: tasks_client().get_queue(name=path, timeout=10))
+    check_queue_name(queue)
+    return _cloud_tasks(lambda: cloud_tasks.get_queue(queue))
 
 
 def list_tasks(queue: str, *, page_token: str | None = None, limit: int = PAGE_SIZE) -> Page:
@@ -778,17 +750,10 @@ def list_tasks(queue: str, *, page_token: str | None = None, limit: int = PAGE_S
     get_queue(queue)
     if page_token and not _PAGE_TOKEN.match(page_token):
         raise BadRequest("the cursor is malformed")
-    request = {
-        "parent": enqueue.queue_path(queue),
-        "response_view": tasks_v2.Task.View.BASIC,
-        "page_size": limit,
-        "page_token": page_token or "",
-    }
-    response = _cloud_tasks(lambda: tasks_client().list_tasks(request=request, timeout=10))
-    page = _cloud_tasks(lambda: next(iter(response.pages), None))
-    if page is None:
-        return Page([], None)
-    return Page(list(page.tasks), page.next_page_token or None)
+    tasks, next_token = _cloud_tasks(
+        lambda: cloud_tasks.list_tasks_page(queue, page_size=limit, page_token=page_token or "")
+    )
+    return Page(tasks, next_token)
 
 
 def task_json(task: tasks_v2.Task) -> dict[str, Any]:
@@ -813,44 +778,44 @@ def task_json(task: tasks_v2.Task) -> dict[str, Any]:
     }
 
 
-def _task_path(queue: str, task: str) -> str:
+def _check_task(queue: str, task: str) -> None:
+    check_queue_name(queue)
     if not isinstance(task, str) or not _TASK.match(task):
         raise NotFound(f"no task named {task!r}")
-    return f"{enqueue.queue_path(check_queue_name(queue))}/tasks/{task}"
 
 
 def run_task(queue: str, task: str, actor: str) -> None:
     """Dispatch a queued task now (RunTask)."""
-    path = _task_path(queue, task)
-    _cloud_tasks(lambda: tasks_client().run_task(name=path, timeout=10))
+    _check_task(queue, task)
+    _cloud_tasks(lambda: cloud_tasks.run_task(queue, task))
     audit.record(actor, "run", f"task/{queue}/{task}")
 
 
 def delete_task(queue: str, task: str, actor: str) -> None:
     """Delete a queued task."""
-    path = _task_path(queue, task)
-    _cloud_tasks(lambda: tasks_client().delete_task(name=path, timeout=10))
+    _check_task(queue, task)
+    _cloud_tasks(lambda: cloud_tasks.delete_task(queue, task))
     audit.record(actor, "delete", f"task/{queue}/{task}")
 
 
 def pause_queue(queue: str, actor: str) -> None:
     """Stop dispatching (PauseQueue); tasks stay queued and can still be added."""
-    path = enqueue.queue_path(check_queue_name(queue))
-    _cloud_tasks(lambda: tasks_client().pause_queue(name=path, timeout=10))
+    check_queue_name(queue)
+    _cloud_tasks(lambda: cloud_tasks.pause_queue(queue))
     audit.record(actor, "pause", f"queue/{queue}")
 
 
 def resume_queue(queue: str, actor: str) -> None:
     """Dispatch again (ResumeQueue)."""
-    path = enqueue.queue_path(check_queue_name(queue))
-    _cloud_tasks(lambda: tasks_client().resume_queue(name=path, timeout=10))
+    check_queue_name(queue)
+    _cloud_tasks(lambda: cloud_tasks.resume_queue(queue))
     audit.record(actor, "resume", f"queue/{queue}")
 
 
 def purge_queue(queue: str, actor: str) -> None:
     """Delete every task of the queue (spilled records stay: the sweeper re-enqueues them)."""
-    path = enqueue.queue_path(check_queue_name(queue))
-    _cloud_tasks(lambda: tasks_client().purge_queue(name=path, timeout=10))
+    check_queue_name(queue)
+    _cloud_tasks(lambda: cloud_tasks.purge_queue(queue))
     audit.record(actor, "purge", f"queue/{queue}")
 
 

@@ -27,14 +27,12 @@ from google.cloud import ndb, tasks_v2
 from . import envelope, spillover
 from ._config import settings
 from ._datastore import ndb_context
-from ._tasks_client import tasks_client
+from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
-    ConfigurationError,
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
     EnqueueOutcomeUnknown,
-    QueueNotFoundError,
     TaskAlreadyExistsError,
 )
 
@@ -69,47 +67,6 @@ class DeferredTask:
     chunks: int = 0
     payload_id: str | None = None
     transactional: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """Where and how a task is delivered: everything but its body."""
-
-    queue: str
-    url: str
-    headers: dict[str, str]
-    eta: datetime.datetime
-    name: str | None = None
-    routing: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "headers": self.headers, "routing": self.routing}
-
-    @classmethod
-    def from_record(cls, record: spillover.DeferredPayload, **overrides: Any) -> TaskSpec:
-        stored = record.task or {}
-        values: dict[str, Any] = {
-            "queue": record.queue,
-            "url": stored.get("url") or settings().task_url,
-            "headers": dict(stored.get("headers") or {}),
-            "eta": spillover.now(),
-            "name": record.task_name,
-            "routing": dict(stored.get("routing") or {}),
-        }
-        values.update(overrides)
-        return cls(**values)
-
-    def size(self, body: bytes) -> int:
-        """Bytes Cloud Tasks counts against its task size limit."""
-        header_bytes = sum(len(k) + len(v) for k, v in self.headers.items())
-        return len(body) + len(self.url) + header_bytes
-
-
-def queue_path(queue: str) -> str:
-    current = settings()
-    if not current.project:
-        raise ConfigurationError("no project: set GOOGLE_CLOUD_PROJECT or configure(project=...)")
-    return f"projects/{current.project}/locations/{current.location}/queues/{queue}"
 
 
 def defer(
@@ -260,57 +217,10 @@ def task_url(function: str) -> str:
     return f"{settings().task_url}/{_URL_UNSAFE.sub('_', function)}"
 
 
-def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
-    """The Cloud Tasks request body for a task (exposed for tests and tooling)."""
-    request = tasks_v2.AppEngineHttpRequest(
-        http_method=tasks_v2.HttpMethod.POST,
-        relative_uri=spec.url,
-        headers=spec.headers,
-        body=body,
-    )
-    if spec.routing:
-        request.app_engine_routing = tasks_v2.AppEngineRouting(**spec.routing)
-    task = tasks_v2.Task(app_engine_http_request=request, schedule_time=spec.eta)
-    if spec.name:
-        task.name = f"{queue_path(spec.queue)}/tasks/{spec.name}"
-    return task
-
-
-def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
-    """CreateTask, with Cloud Tasks' errors turned into gae_deferred's."""
-    task = build_task(spec, body)
-    try:
-        return tasks_client().create_task(
-            parent=queue_path(spec.queue), task=task, timeout=settings().enqueue_timeout_seconds
-        )
-    except api_exceptions.AlreadyExists as exc:
-        raise TaskAlreadyExistsError(
-            f"task {spec.name!r} already exists in queue {spec.queue!r} (or ran within the hour)"
-        ) from exc
-    except api_exceptions.NotFound as exc:
-        raise QueueNotFoundError(
-            f"queue {spec.queue!r} does not exist: add it to queue.yaml and run "
-            "`python -m gae_deferred.queues sync`"
-        ) from exc
-    except api_exceptions.InvalidArgument:
-        raise
-    except api_exceptions.DeadlineExceeded as exc:
-        raise EnqueueOutcomeUnknown(
-            f"Cloud Tasks did not answer within {settings().enqueue_timeout_seconds}s: "
-            f"task {spec.name or '(unnamed)'} may or may not exist"
-        ) from exc
-    except api_exceptions.GoogleAPIError as exc:
-        raise EnqueueError(f"Cloud Tasks could not create the task: {exc}") from exc
-
-
-def _short_name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
 def _create_inline(data: bytes, header: dict[str, Any], spec: TaskSpec) -> DeferredTask:
     created = create_task(spec, data)
     return DeferredTask(
-        name=_short_name(created.name),
+        name=short_name(created.name),
         path=created.name,
         queue=spec.queue,
         eta=spec.eta,
@@ -354,7 +264,7 @@ def _reference(record: spillover.DeferredPayload) -> bytes:
 def _described(record: spillover.DeferredPayload, spec: TaskSpec, task_bytes: int) -> DeferredTask:
     return DeferredTask(
         name=spec.name or "",
-        path=f"{queue_path(spec.queue)}/tasks/{spec.name}",
+        path=task_path(spec.queue, spec.name or ""),
         queue=spec.queue,
         eta=spec.eta,
         function=record.function,
@@ -446,7 +356,43 @@ def enqueue_record(
     ``name=None`` reuses the record's task name (the sweeper: ALREADY_EXISTS means it is there);
     a retrigger passes a fresh name because Cloud Tasks refuses a name used within the hour.
     """
-    spec = TaskSpec.from_record(record, **overrides)
+    spec = record_spec(record, **overrides)
     if name is not None:
         spec = dataclasses.replace(spec, name=name)
     return create_task(spec, _reference(record))
+
+
+def enqueue_envelope(
+    data: bytes,
+    *,
+    queue: str,
+    function: str,
+    name: str,
+    headers: Mapping[str, str],
+    routing: dict[str, str],
+) -> tasks_v2.Task:
+    """Create a task for an envelope kept inline (a failure's payload), due now."""
+    spec = TaskSpec(
+        queue=queue,
+        url=task_url(function),
+        headers={**_CONTENT_TYPE, **headers},
+        eta=spillover.now(),
+        name=name,
+        routing=routing,
+    )
+    return create_task(spec, data)
+
+
+def record_spec(record: spillover.DeferredPayload, **overrides: Any) -> TaskSpec:
+    """The task a spilled record was created for (URL, headers, routing), due now."""
+    stored = record.task or {}
+    values: dict[str, Any] = {
+        "queue": record.queue,
+        "url": stored.get("url") or settings().task_url,
+        "headers": dict(stored.get("headers") or {}),
+        "eta": spillover.now(),
+        "name": record.task_name,
+        "routing": dict(stored.get("routing") or {}),
+    }
+    values.update(overrides)
+    return TaskSpec(**values)

@@ -35,7 +35,7 @@ import cloudpickle
 
 from . import _signing
 from ._config import settings
-from .errors import PermanentTaskFailure, SerializationError
+from .errors import PayloadLoadError, PermanentTaskFailure, SerializationError, UnverifiedEnvelope
 
 MAGIC = b"GAEDEF"
 FORMAT_VERSION = 1
@@ -237,39 +237,40 @@ def open_envelope(data: bytes | bytearray) -> Envelope:
     ``data`` may be the ``bytearray`` spillover.load assembles: it is verified in place and an
     uncompressed body is a view into it, never a copy.
 
-    Raises PermanentTaskFailure, saying what is wrong, for anything that is not an intact
-    envelope signed with a known key; nothing in the body is unpickled here.
+    Raises UnverifiedEnvelope, saying what is wrong, for anything that is not an intact
+    envelope signed with a known key, and PermanentTaskFailure for a signed body that does not
+    decompress; nothing in the body is unpickled here.
     """
     size = len(data)
     if size < _PREFIX.size + _MAC_BYTES:
-        raise PermanentTaskFailure(f"payload truncated: {size} bytes is shorter than any envelope")
+        raise UnverifiedEnvelope(f"payload truncated: {size} bytes is shorter than any envelope")
     magic, version, flags, header_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise PermanentTaskFailure("not a gae_deferred envelope (foreign or legacy payload)")
+        raise UnverifiedEnvelope("not a gae_deferred envelope (foreign or legacy payload)")
     if version > FORMAT_VERSION:
-        raise PermanentTaskFailure(
+        raise UnverifiedEnvelope(
             f"envelope format version {version} is newer than this runtime reads ({FORMAT_VERSION})"
         )
     if version < 1 or flags & ~_KNOWN_FLAGS:
-        raise PermanentTaskFailure(f"envelope format version {version} / flags {flags:#x} unknown")
+        raise UnverifiedEnvelope(f"envelope format version {version} / flags {flags:#x} unknown")
     header_end = _PREFIX.size + header_len
     if header_len > _MAX_HEADER_BYTES or header_end > size - _MAC_BYTES:
-        raise PermanentTaskFailure("payload truncated or corrupt: header runs past the end")
+        raise UnverifiedEnvelope("payload truncated or corrupt: header runs past the end")
     try:
         header = _HEADER_DECODER.decode(data[_PREFIX.size : header_end].decode())
     except (ValueError, RecursionError):  # "[[[[..." 64 KB deep overflows the parser: forged
         header = None
     if not isinstance(header, dict):
-        raise PermanentTaskFailure("envelope header is not a JSON object")
+        raise UnverifiedEnvelope("envelope header is not a JSON object")
     key = _signing.verification_key(str(header.get("kid", "")))
     if key is None:
-        raise PermanentTaskFailure(
+        raise UnverifiedEnvelope(
             f"envelope signed with unknown key id {header.get('kid')!r}: not executing it"
         )
     # hmac.digest is OpenSSL's one-shot HMAC: no Python-level HMAC object on every task.
     expected = hmac.digest(key, memoryview(data)[: size - _MAC_BYTES], "sha256")
     if not hmac.compare_digest(expected, data[size - _MAC_BYTES :]):
-        raise PermanentTaskFailure("envelope signature does not match: tampered or truncated")
+        raise UnverifiedEnvelope("envelope signature does not match: tampered or truncated")
     # A view, not a copy: a spilled payload can be 32 MiB and pickle reads views directly.
     body: bytes | memoryview = memoryview(data)[header_end : size - _MAC_BYTES]
     if flags & FLAG_ZLIB:
@@ -278,10 +279,6 @@ def open_envelope(data: bytes | bytearray) -> Envelope:
         except zlib.error as exc:
             raise PermanentTaskFailure(f"envelope body does not decompress: {exc}") from exc
     return Envelope(header=header, body=body, flags=flags, size=size)
-
-
-class PayloadLoadError(PermanentTaskFailure):
-    """A verified payload does not load in this runtime: version skew, renamed code."""
 
 
 def load_call(envelope: Envelope) -> tuple[Callable, tuple, dict]:

@@ -11,7 +11,9 @@ The first two keep the meaning they had in ``google.appengine.ext.deferred``::
         if gateway_busy():
             raise SingularTaskFailure()  # retried, without an error in the logs
 
-The rest are raised by :func:`gae_deferred.defer` on the write path, each naming its cause.
+The ``DeferError`` family is raised by :func:`gae_deferred.defer` on the write path, each naming
+its cause; the task path records the ``PermanentTaskFailure`` subclasses; the dashboard answers
+an ``AdminError`` with its ``status``.
 """
 
 from __future__ import annotations
@@ -67,3 +69,39 @@ class EnqueueOutcomeUnknown(EnqueueError):
 
 class DatastoreUnavailableError(DeferError):
     """A spilled payload could not be written to Datastore."""
+
+
+class UnverifiedEnvelope(PermanentTaskFailure):
+    """The body is not an intact envelope signed with a known key: nothing was executed."""
+
+
+class PayloadLoadError(PermanentTaskFailure):
+    """A verified payload does not load in this runtime: version skew, renamed code."""
+
+
+class SpilledPayloadMissing(PermanentTaskFailure):
+    """The task references a spilled payload that is no longer in Datastore."""
+
+
+class AdminError(Error):
+    """A request the dashboard refuses; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+
+class BadRequest(AdminError):
+    status = 400
+
+
+class NotFound(AdminError):
+    status = 404
+
+
+class Conflict(AdminError):
+    status = 409
+
+
+class Unavailable(AdminError):
+    """Cloud Tasks or Datastore could not be reached; the page says so instead of a 500."""
+
+    status = 503

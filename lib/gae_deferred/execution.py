@@ -25,8 +25,15 @@ from . import envelope, failures, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .context import TaskInfo, running
-from .errors import PermanentTaskFailure, SingularTaskFailure
+from .errors import (
+    PayloadLoadError,
+    PermanentTaskFailure,
+    SingularTaskFailure,
+    UnverifiedEnvelope,
+)
+from .failures import FailureState
 from .queue_config import QueueYamlError, load_queue_yaml
+from .spillover import PayloadState
 
 logger = logging.getLogger("gae_deferred")
 
@@ -46,20 +53,9 @@ class TaskOutcome:
     message: str = ""
 
 
-class UnverifiedEnvelope(PermanentTaskFailure):
-    """The body is not an intact envelope signed with a known key: nothing was executed."""
-
-
 def set_log_level(level: int | str) -> None:
     """Legacy helper: the level of gae_deferred's log messages (``logging.DEBUG`` etc.)."""
     logger.setLevel(level)
-
-
-def _verify(data: bytes) -> envelope.Envelope:
-    try:
-        return envelope.open_envelope(data)
-    except PermanentTaskFailure as exc:
-        raise UnverifiedEnvelope(str(exc)) from exc
 
 
 def run(data: bytes) -> Any:
@@ -67,11 +63,11 @@ def run(data: bytes) -> Any:
 
     Spilled payloads are read from Datastore (inside an ndb context); inline ones need nothing.
     """
-    env = _verify(data)
+    env = envelope.open_envelope(data)
     if env.is_reference:
         with ndb_context():
             _, inner = spillover.load(env.header["ref"]["id"], env.header["ref"]["chunks"])
-        env = _verify(inner)
+        env = envelope.open_envelope(inner)
     obj, args, kwargs = envelope.load_call(env)
     return obj(*args, **kwargs)
 
@@ -150,7 +146,7 @@ def execute_task(body: bytes, task: TaskInfo | None) -> TaskOutcome:
     if task is None:
         return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
     try:
-        outer = _verify(body)
+        outer = envelope.open_envelope(body)
     except UnverifiedEnvelope as exc:
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
@@ -167,26 +163,27 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
             ref = attempt.env.header["ref"]
             attempt.record, inner = spillover.load(ref["id"], ref["chunks"])
             attempt.body = inner
-            attempt.env = _verify(inner)
+            attempt.env = envelope.open_envelope(inner)
         over = _over_task_limits(task, attempt.header)
         if over:
-            return _record(attempt, PermanentTaskFailure(over), dead=True)
+            return _record(attempt, PermanentTaskFailure(over), FailureState.DEAD)
         obj, args, kwargs = envelope.load_call(attempt.env)
         with running(task):
             obj(*args, **kwargs)
     except SingularTaskFailure:
         logger.debug("task %s asked to be retried", task.name)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
-    except envelope.PayloadLoadError as exc:
+    except PayloadLoadError as exc:
         # Kept as a dead letter: the dashboard can retrigger it onto a version that loads it.
         logger.error("task %s cannot load here: %s", task.name, exc)
-        return _record(attempt, exc, dead=True)
+        return _record(attempt, exc, FailureState.DEAD)
     except PermanentTaskFailure as exc:
         logger.warning("task %s failed permanently: %s", task.name, exc)
-        return _record(attempt, exc, permanent=True)
+        return _record(attempt, exc, FailureState.PERMANENT)
     except Exception as exc:
         logger.exception("task %s (%s) failed", task.name, attempt.header.get("function"))
-        return _record(attempt, exc, dead=is_last_attempt(task, attempt.header))
+        last = is_last_attempt(task, attempt.header)
+        return _record(attempt, exc, FailureState.DEAD if last else FailureState.RETRYING)
     _succeeded(attempt)
     logger.info(
         "task %s ran %s in %.1f ms",
@@ -205,18 +202,13 @@ def _succeeded(attempt: _Attempt) -> None:
         failures.resolve(attempt.failure_id)
 
 
-def _record(
-    attempt: _Attempt, exc: BaseException, *, permanent: bool = False, dead: bool = False
-) -> TaskOutcome:
-    """Update the failure record (and the spilled record) after a failed attempt."""
+def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskOutcome:
+    """Update the failure record (and the spilled record) after a failed attempt.
+
+    ``state`` is retrying, permanent or dead; a spilled payload takes the same state.
+    """
     task = attempt.task
     now = datetime.datetime.now(datetime.UTC)
-    if dead:
-        state, payload_state = failures.DEAD, spillover.DEAD
-    elif permanent:
-        state, payload_state = failures.PERMANENT, spillover.FAILED
-    else:
-        state, payload_state = failures.RETRYING, spillover.RETRYING
     record_id = attempt.failure_id
     existing = failures.get(record_id)
     header = attempt.header
@@ -225,7 +217,9 @@ def _record(
     if attempt.record is not None:
         payload_id = attempt.record.key.id()
         attempt.record.populate(
-            state=payload_state, updated=now, attempts=(attempt.record.attempts or 0) + 1
+            state=PayloadState(state.value),
+            updated=now,
+            attempts=(attempt.record.attempts or 0) + 1,
         )
         entities.append(attempt.record)
     elif existing is None:

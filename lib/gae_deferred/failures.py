@@ -12,23 +12,28 @@ inline payload in a ``_DeferredFailurePayload`` child, a spilled one in its spil
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 
 from google.cloud import ndb
 
-from ._model import DeferredModel
+from ._model import MAX_INDEXED_CHARS, DeferredModel
 
-RETRYING = "retrying"
-PERMANENT = "permanent"
-DEAD = "dead"
-RESOLVED = "resolved"
-DISMISSED = "dismissed"
-STATES = (RETRYING, PERMANENT, DEAD, RESOLVED, DISMISSED)
+
+class FailureState(enum.StrEnum):
+    """Where a failed task stands; a spilled payload's state uses the same words."""
+
+    RETRYING = "retrying"
+    PERMANENT = "permanent"
+    DEAD = "dead"
+    RESOLVED = "resolved"
+    DISMISSED = "dismissed"
+
+
 #: States whose payload an admin may retrigger.
-RETRIGGERABLE = (RETRYING, PERMANENT, DEAD)
+RETRIGGERABLE = (FailureState.RETRYING, FailureState.PERMANENT, FailureState.DEAD)
 _MAX_MESSAGE_CHARS = 4000
 _MAX_TRACEBACK_CHARS = 64_000
-_MAX_INDEXED_CHARS = 500
 
 
 class DeferredFailure(DeferredModel):
@@ -41,7 +46,7 @@ class DeferredFailure(DeferredModel):
     message = ndb.TextProperty()
     traceback = ndb.TextProperty()
     attempts = ndb.IntegerProperty(default=0)
-    state = ndb.StringProperty(choices=STATES)
+    state = ndb.StringProperty(choices=list(FailureState))
     first_seen = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     last_seen = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     task_name = ndb.StringProperty()
@@ -118,7 +123,7 @@ def update(
     exception_type: str,
     message: str,
     traceback: str,
-    state: str,
+    state: FailureState,
     task_name: str,
     queue: str,
     meta: dict | None,
@@ -127,20 +132,20 @@ def update(
 ) -> DeferredFailure:
     """The failure record after one more failed attempt (not written: the caller batches puts)."""
     record = existing or DeferredFailure(key=failure_key(record_id), first_seen=when, attempts=0)
-    function = function[:_MAX_INDEXED_CHARS]
-    exception_type = exception_type[:_MAX_INDEXED_CHARS]
+    function = function[:MAX_INDEXED_CHARS]
+    exception_type = exception_type[:MAX_INDEXED_CHARS]
     record.populate(
         function=function,
         exception_type=exception_type,
-        group=f"{function}|{exception_type}"[:_MAX_INDEXED_CHARS],
+        group=f"{function}|{exception_type}"[:MAX_INDEXED_CHARS],
         message=message[:_MAX_MESSAGE_CHARS],
         traceback=traceback[-_MAX_TRACEBACK_CHARS:],
         attempts=(record.attempts or 0) + 1,
         state=state,
         last_seen=when,
-        task_name=task_name[:_MAX_INDEXED_CHARS],
+        task_name=task_name[:MAX_INDEXED_CHARS],
         # Both come from request headers; the record id hashes the full values.
-        queue=queue[:_MAX_INDEXED_CHARS],
+        queue=queue[:MAX_INDEXED_CHARS],
         meta=meta,
         payload_id=payload_id,
     )
@@ -154,9 +159,9 @@ def kept_payload(record_id: str, envelope: bytes) -> DeferredFailurePayload:
 def resolve(record_id: str) -> bool:
     """Mark a task's failure record resolved after a successful run; False if there is none."""
     record = get(record_id)
-    if record is None or record.state == RESOLVED:
+    if record is None or record.state == FailureState.RESOLVED:
         return False
-    record.state = RESOLVED
+    record.state = FailureState.RESOLVED
     record.last_seen = datetime.datetime.now(datetime.UTC)
     record.put()
     return True

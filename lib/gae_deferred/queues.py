@@ -26,8 +26,7 @@ from google.auth import exceptions as auth_exceptions
 from google.cloud import tasks_v2
 from google.protobuf import field_mask_pb2
 
-from gae_deferred import queue_config
-from gae_deferred._tasks_client import tasks_client
+from gae_deferred import cloud_tasks, queue_config
 
 DEFAULT_LOCATION = "us-central1"
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
@@ -122,7 +121,7 @@ def _remote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not args.project:
         raise _CliError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
     parent = f"projects/{args.project}/locations/{args.location}"
-    client = tasks_client()
+    client = cloud_tasks.client()
     actual = _actual_queues(client, parent, args.timeout)
     missing, changed, extra = _plan(definitions, actual, parent)
     if args.command == "diff":

@@ -7,13 +7,15 @@ sorts by — plus ``_DeferredPayloadChunk`` children holding the envelope bytes:
     data = load(record.key.id(), record.chunks)   # one Lookup, however many chunks
     delete(record.key.id(), record.chunks)        # one Commit
 
-Records of tasks that failed for good stay (state ``failed`` or ``dead``) so they can be
-retriggered; records still ``pending`` long after their ETA are re-enqueued by the sweeper.
+Records of tasks that failed for good stay (state ``permanent`` or ``dead``, the words of the
+failure registry) so they can be retriggered; records still ``pending`` long after their ETA are
+re-enqueued by the sweeper.
 """
 
 from __future__ import annotations
 
 import datetime
+import enum
 import logging
 import uuid
 from collections.abc import Iterator
@@ -22,27 +24,29 @@ from typing import Any
 from google.cloud import ndb
 
 from ._config import settings
-from ._model import DeferredModel
-from .errors import PayloadTooLargeError, PermanentTaskFailure
+from ._model import MAX_INDEXED_CHARS, DeferredModel
+from .errors import PayloadTooLargeError, SpilledPayloadMissing
 
-PENDING = "pending"
-RETRYING = "retrying"
-FAILED = "failed"
-DEAD = "dead"
-STATES = (PENDING, RETRYING, FAILED, DEAD)
 logger = logging.getLogger("gae_deferred")
-#: Indexed strings are capped at 1500 bytes by Datastore; function names are cut well before.
-_MAX_INDEXED_CHARS = 500
 
 
-class SpilledPayloadMissing(PermanentTaskFailure):
-    """The task references a spilled payload that is no longer in Datastore."""
+class PayloadState(enum.StrEnum):
+    """Where a spilled payload's task stands; the failure states use the same words."""
+
+    #: Its task is queued (or about to be): nothing has failed.
+    PENDING = "pending"
+    #: An attempt failed; Cloud Tasks retries it.
+    RETRYING = "retrying"
+    #: PermanentTaskFailure, or a payload that cannot load: kept for a retrigger.
+    PERMANENT = "permanent"
+    #: The last allowed attempt failed: kept for a retrigger.
+    DEAD = "dead"
 
 
 class DeferredPayload(DeferredModel):
     """One spilled payload's listed fields; the bytes are in DeferredPayloadChunk children."""
 
-    state = ndb.StringProperty(choices=STATES, default=PENDING)
+    state = ndb.StringProperty(choices=list(PayloadState), default=PayloadState.PENDING)
     created = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     updated = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     eta = ndb.DateTimeProperty(tzinfo=datetime.UTC)
@@ -123,11 +127,11 @@ def build_record(
     created = now()
     record = DeferredPayload(
         key=payload_key(payload_id),
-        state=PENDING,
+        state=PayloadState.PENDING,
         created=created,
         updated=created,
         eta=eta,
-        function=str(header.get("function", "?"))[:_MAX_INDEXED_CHARS],
+        function=str(header.get("function", "?"))[:MAX_INDEXED_CHARS],
         queue=queue,
         task_name=task_name,
         payload_bytes=int(header.get("raw_bytes", len(envelope))),

@@ -26,10 +26,17 @@ from . import enqueue, failures, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .errors import DeferError, TaskAlreadyExistsError
+from .failures import FailureState
+from .spillover import PayloadState
 
 logger = logging.getLogger("gae_deferred")
 
-_FINISHED_FAILURES = (failures.PERMANENT, failures.DEAD, failures.RESOLVED, failures.DISMISSED)
+_FINISHED_FAILURES = (
+    FailureState.PERMANENT,
+    FailureState.DEAD,
+    FailureState.RESOLVED,
+    FailureState.DISMISSED,
+)
 
 
 @dataclasses.dataclass
@@ -58,7 +65,7 @@ def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport
 def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) -> None:
     cutoff = now - datetime.timedelta(seconds=settings().sweep_grace_seconds)
     query = spillover.DeferredPayload.query(
-        spillover.DeferredPayload.state == spillover.PENDING,
+        spillover.DeferredPayload.state == PayloadState.PENDING,
         spillover.DeferredPayload.eta < cutoff,
     )
     touched = []
@@ -85,7 +92,7 @@ def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) ->
 def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> None:
     cutoff = now - datetime.timedelta(seconds=settings().dead_letter_retention_seconds)
     records = spillover.DeferredPayload.query(
-        spillover.DeferredPayload.state.IN([spillover.FAILED, spillover.DEAD]),
+        spillover.DeferredPayload.state.IN([PayloadState.PERMANENT, PayloadState.DEAD]),
         spillover.DeferredPayload.updated < cutoff,
     ).fetch(batch)
     doomed: list[ndb.Key] = []

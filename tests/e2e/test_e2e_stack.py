@@ -16,8 +16,8 @@ import pytest
 from e2e_helpers import payload_exists, wait_for_runs
 
 from gae_deferred import defer
-from gae_deferred._tasks_client import tasks_client
-from gae_deferred.enqueue import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client
+from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.local.stack import ROOT, LocalStack, PortInUseError
 from tests.stack_support import queued_tasks, wait_for
 

@@ -117,10 +117,9 @@ def restart_child(stack: LocalStack, name: str) -> None:
 
 def reset_clients() -> None:
     """Fresh gRPC channels: a channel to a dead server backs off before it reconnects."""
-    from gae_deferred import _datastore, _tasks_client
+    import gae_deferred
 
-    _tasks_client.tasks_client.cache_clear()
-    _datastore._default_client.cache_clear()
+    gae_deferred.reset_clients()
 
 
 def wait_until_datastore_answers() -> None:
@@ -134,8 +133,8 @@ def wait_until_datastore_answers() -> None:
 
 
 def wait_until_tasks_answer() -> None:
-    from gae_deferred._tasks_client import tasks_client
-    from gae_deferred.enqueue import queue_path
+    from gae_deferred.cloud_tasks import client as tasks_client
+    from gae_deferred.cloud_tasks import queue_path
 
     retry_until_ok(lambda: tasks_client().get_queue(name=queue_path("default")), "GetQueue")
 

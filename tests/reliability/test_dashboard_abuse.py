@@ -20,7 +20,7 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import failures, spillover
+from gae_deferred import FailureState, failures, spillover
 from gae_deferred.local.stack import LocalStack
 from gae_deferred.webapp2 import deferred_routes
 from tests.stack_support import datastore
@@ -82,7 +82,7 @@ def xss_records(rel: LocalStack) -> Iterator[dict[str, str]]:
             exception_type=XSS,
             message=XSS,
             traceback=f"Traceback:\n  {XSS}\n",
-            state=failures.PERMANENT,
+            state=FailureState.PERMANENT,
             task_name=XSS,
             queue=XSS,
             meta=meta,

@@ -35,12 +35,13 @@ import gae_deferred
 from gae_deferred import (
     DatastoreUnavailableError,
     EnqueueError,
+    PayloadState,
     defer,
     spillover,
     sweep,
 )
-from gae_deferred._tasks_client import tasks_client
-from gae_deferred.enqueue import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client
+from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.local.stack import LocalStack
 from tests.stack_support import datastore, queued_tasks
 
@@ -184,7 +185,7 @@ def test_tasks_down_transactional_defer_is_finished_by_the_sweeper(
     reset_clients()
     wait_until_tasks_answer()
     [record] = [r for r in payload_records("outbox") if r.key.id() == result.payload_id]
-    assert record.state == spillover.PENDING
+    assert record.state == PayloadState.PENDING
 
     _sweep_and_check_exactly_once(log, task_id)
 
@@ -203,7 +204,7 @@ def test_crash_between_commit_and_enqueue_is_repaired_by_the_sweeper(
     assert child.returncode == 17, child.stderr
 
     [record] = [r for r in payload_records("outbox") if task_id in (r.meta or {}).get("args", "")]
-    assert record.state == spillover.PENDING and record.transactional
+    assert record.state == PayloadState.PENDING and record.transactional
     assert queued_tasks("outbox") == [], "the child died before CreateTask"
     time.sleep(0.5)
     assert rel_tasks.read_log(log)[task_id] == 0

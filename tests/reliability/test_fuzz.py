@@ -23,7 +23,7 @@ import webtest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gae_deferred import envelope, failures
+from gae_deferred import FailureState, envelope, failures
 from gae_deferred.local.stack import LocalStack
 from gae_deferred.webapp2 import deferred_routes
 
@@ -235,7 +235,7 @@ def test_huge_queue_and_task_names_on_a_failing_task_are_recorded(fuzz_app, tmp_
     response = app.post("/_ah/queue/deferred", data, headers=headers, expect_errors=True)
     assert response.status_int == 200, response.body[:300]
     [record] = failures.DeferredFailure.query().fetch()
-    assert record.state == failures.PERMANENT
+    assert record.state == FailureState.PERMANENT
 
 
 def test_sample_against_the_real_app(rel: LocalStack, tmp_path: pathlib.Path) -> None:
