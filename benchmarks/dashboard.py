@@ -1,8 +1,8 @@
 """Benchmark 6: dashboard list pages at 100, 1,000 and 10,000 records.
 
-Records are written directly with ndb (``spillover.build_record`` + ``spillover.write`` with one
-chunk each, ``failures.update`` + put) into an in-process Datastore emulator whose RPC handlers
-are wrapped to count response bytes of Lookup/RunQuery and whether any response carries a
+Records are written directly with ndb (``spillover.build_record`` + ``spillover.write_many``
+with one chunk each, ``failures.update`` + put) into an in-process Datastore emulator whose RPC
+handlers are wrapped to count response bytes of Lookup/RunQuery and whether any response carries a
 ``_DeferredPayloadChunk`` entity. Pages are in-process WSGI GETs from loopback in local mode.
 """
 

@@ -82,7 +82,8 @@ def run(*, quick: bool, legacy_mode: str) -> Section:
     try:
         ours = webapp2.WSGIApplication(deferred_routes())
         floor_app = floor.floor_app()
-        ours_env = floor.environ_factory(gae_deferred.serialize(tasks.add, 1, 2))
+        body = gae_deferred.envelope.build(tasks.add, (1, 2), task="bench-task-1", queue="default")
+        ours_env = floor.environ_factory(body)
         floor_env = floor.environ_factory(
             pickle.dumps((tasks.add, (1, 2), {}), protocol=pickle.HIGHEST_PROTOCOL)
         )

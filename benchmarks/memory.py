@@ -258,11 +258,11 @@ def _child_defer(args: argparse.Namespace) -> dict:
         request = {"name": task_path, "response_view": "FULL"}
         return cloud_tasks.client().get_task(request=request).app_engine_http_request.body
 
-    warm = defer(tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE)
+    warm = defer(tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE, _name="memory-warm")
     (args.body_dir / "warm").write_bytes(deferred_body(warm.path))
     baseline, reset = _start_measuring()
     payload = os.urandom(args.size - _ENVELOPE_OVERHEAD)
-    task = defer(tasks.consume, payload, _queue=QUEUE)
+    task = defer(tasks.consume, payload, _queue=QUEUE, _name="memory-big")
     peak = _peak_bytes()
     del payload
     (args.body_dir / "big").write_bytes(deferred_body(task.path))

@@ -1,8 +1,12 @@
 """POST /_ah/queue/deferred[/<dotted.function>]: runs deferred tasks.
 
 The handler only parses the request; gae_deferred.execute_task decides everything else and
-returns the status from DESIGN.md's table (403 forged or not from the queue, 200 done or failed
-for good, 408 SingularTaskFailure, 500 retry).
+returns the status from docs/design.md's table (403 forged, replayed or not from the queue, 200
+done or failed for good, 408 SingularTaskFailure, 500 or 503 retry).
+
+It checks the task headers before reading any of the body, and reads at most MAX_BODY_BYTES
+straight from ``wsgi.input``: a request without task headers costs nothing, a large or
+chunked body is refused with 413 after at most the cap, and WebOb never copies the body.
 """
 
 from __future__ import annotations
@@ -13,18 +17,82 @@ from gae_deferred import TaskInfo, execute_task
 
 #: Cloud Tasks caps App Engine tasks at 100 KB (HTTP targets at 1 MB); anything bigger is forged.
 MAX_BODY_BYTES = 1024 * 1024
+#: Sent with every answer, errors included: the body is plain text and never framed.
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+)
+
+
+class _TooLarge(Exception):
+    """The body is larger than MAX_BODY_BYTES."""
+
+
+class _Short(Exception):
+    """The body ended before its Content-Length."""
+
+
+def read_body(environ: dict, cap: int = MAX_BODY_BYTES) -> bytes:
+    """At most ``cap`` bytes of the request body, straight from ``wsgi.input``.
+
+    With a Content-Length over the cap nothing is read; without one (chunked) at most cap + 1
+    bytes are read. Raises _TooLarge or _Short.
+    """
+    stream = environ["wsgi.input"]
+    declared = environ.get("CONTENT_LENGTH")
+    if declared:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise _Short(f"Content-Length {declared[:20]!r} is not a number") from None
+        if length > cap:
+            raise _TooLarge(f"body of {length} bytes is larger than any task")
+        body = stream.read(length) if length else b""
+        # A server may hand back less than asked per read(); keep reading until EOF.
+        while len(body) < length:
+            more = stream.read(length - len(body))
+            if not more:
+                raise _Short(f"body ended after {len(body)} of {length} bytes")
+            body += more
+        return body
+    body = stream.read(cap + 1)
+    if len(body) > cap:
+        raise _TooLarge(f"body is larger than any task ({cap} bytes)")
+    return body
 
 
 class DeferredTaskHandler(webapp2.RequestHandler):
-    """Executes one task; the optional path suffix only names the function for the logs."""
+    """Executes one task; the optional path suffix only names the function for the logs.
+
+    Legacy apps routed to (or subclassed) ``deferred.TaskHandler``; this is that class.
+    """
+
+    def dispatch(self) -> None:
+        for name, value in SECURITY_HEADERS:
+            self.response.headers[name] = value
+        if self.request.method != "POST":
+            self.response.headers["Allow"] = "POST"
+            self._answer(405, f"{self.request.method} is not allowed; tasks are POSTed")
+            return
+        super().dispatch()
 
     def post(self, function: str | None = None) -> None:
-        task = TaskInfo.from_environ(self.request.environ)
-        length = self.request.content_length
-        if task is not None and length is not None and length > MAX_BODY_BYTES:
-            self._answer(413, f"body of {length} bytes is larger than any task")
+        environ = self.request.environ
+        task = TaskInfo.from_environ(environ)
+        if task is None:
+            # No task headers: nothing of the body is read.
+            self._answer(403, "forbidden")
             return
-        outcome = execute_task(self.request.body, task)
+        try:
+            body = read_body(environ)
+        except _TooLarge as exc:
+            self._answer(413, str(exc))
+            return
+        except _Short as exc:
+            self._answer(400, str(exc))
+            return
+        outcome = execute_task(body, task)
         self._answer(outcome.status, outcome.result)
 
     def _answer(self, status: int, text: str) -> None:
@@ -34,9 +102,9 @@ class DeferredTaskHandler(webapp2.RequestHandler):
 
 
 def task_routes() -> list[webapp2.Route]:
+    """The task URL, bare and with a function name appended (any method: the handler answers
+    405 itself, with its headers, instead of webapp2's bare error page)."""
     return [
-        webapp2.Route("/_ah/queue/deferred", DeferredTaskHandler, methods=["POST"]),
-        webapp2.Route(
-            r"/_ah/queue/deferred/<function:[^/]+>", DeferredTaskHandler, methods=["POST"]
-        ),
+        webapp2.Route("/_ah/queue/deferred", DeferredTaskHandler),
+        webapp2.Route(r"/_ah/queue/deferred/<function:[^/]+>", DeferredTaskHandler),
     ]

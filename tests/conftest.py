@@ -39,3 +39,23 @@ def ndb_stub():
     gae_deferred.configure(ndb_client=client, queue_yaml=str(ROOT / "queue.yaml"))
     with client.context():
         yield client
+
+
+@pytest.fixture
+def ndb_emulator(monkeypatch):
+    """Like ``ndb_stub``, on the local Datastore emulator (gRPC, in this process).
+
+    Use it where the stub falls short: the stub fails any transaction during which anything
+    else was written, the emulator checks conflicts per entity as Datastore does.
+    """
+    from google.cloud import ndb
+
+    import gae_deferred
+    from gae_deferred.local.datastore import DatastoreEmulator
+
+    with DatastoreEmulator(port=0, index_yaml=ROOT / "index.yaml") as emulator:
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{emulator.port}")
+        client = ndb.Client(project="test-project")
+        gae_deferred.configure(ndb_client=client, queue_yaml=str(ROOT / "queue.yaml"))
+        with client.context(cache_policy=False, global_cache_policy=False):
+            yield client

@@ -90,7 +90,7 @@ def make_spilled(
     record.state = state
     if created is not None:
         record.created = created
-    spillover.write(record, chunks)
+    spillover.write_many([(record, chunks)])
     return record
 
 
@@ -455,9 +455,14 @@ def test_retry_now_inline_failure_enqueues_its_kept_envelope(app, ndb_stub):
     assert "Retrying failure" in done.text
     (task,) = queued_tasks("reports")
     request = task.app_engine_http_request
-    assert request.headers["X-Deferred-Failure-Id"] == record.id
+    header = envelope.read_header(request.body)
+    # Re-signed for the new task, carrying the record it updates; the call itself unchanged.
+    assert (header["task"], header["queue"]) == (task.name.rsplit("/", 1)[1], "reports")
+    assert header["failure_id"] == record.id
+    assert "X-Deferred-Failure-Id" not in request.headers
     assert request.relative_uri == "/_ah/queue/deferred/test_admin._sample"
-    assert request.body == failures.get_payload(record.id)
+    kept = failures.get_payload(record.id)
+    assert envelope.open_envelope(request.body).body == envelope.open_envelope(kept).body
     again = failures.get(record.id)
     assert again.state == FailureState.RETRYING and again.retriggered == 1
 
@@ -474,9 +479,10 @@ def test_retry_now_spilled_failure_points_at_the_stored_payload(app, ndb_stub):
     ).json
     (task,) = queued_tasks("default")
     assert task.name.endswith(result["task_name"])
-    assert task.app_engine_http_request.headers["X-Deferred-Failure-Id"] == record.id
+    header = envelope.read_header(task.app_engine_http_request.body)
+    assert header["failure_id"] == record.id and header["task"] == result["task_name"]
     assert task.app_engine_http_request.app_engine_routing.version == "v7"
-    assert envelope.read_header(task.app_engine_http_request.body)["ref"]["id"] == "sp1"
+    assert header["ref"]["id"] == "sp1"
     assert spillover.get("sp1").state == PayloadState.PENDING
 
 

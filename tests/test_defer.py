@@ -53,6 +53,16 @@ QUEUES = ("default", "reports")
 @pytest.fixture
 def paused(tasks_emulator, ndb_stub):
     """Both queues paused and empty; yields a helper returning a queue's tasks in full."""
+    yield from _paused_queues()
+
+
+@pytest.fixture
+def paused_on_emulator(tasks_emulator, ndb_emulator):
+    """``paused``, with Datastore on the local emulator (per-entity transaction conflicts)."""
+    yield from _paused_queues()
+
+
+def _paused_queues():
     client = tasks_client()
     for queue in QUEUES:
         path = gae_deferred.cloud_tasks.queue_path(queue)
@@ -188,8 +198,8 @@ def test_unpicklable_argument_fails_at_defer_time(paused):
 def _payload_for_envelope_size(target):
     """An argument whose envelope (with the default URL and headers) is exactly ``target`` bytes."""
     gae_deferred.configure(compression_level=0)
-    spec = gae_deferred.enqueue._task_spec(collect, None, None, None, None, None, None, {})
-    size = spec.size(envelope.serialize(collect, b"\0" * target))
+    call = gae_deferred.enqueue.prepare_call(collect, (b"\0" * target,), {})
+    size = call.spec.size(call.data)
     return b"\0" * (target - (size - target))
 
 
@@ -233,12 +243,15 @@ def test_spilled_task_keeps_name_schedule_queue_headers_and_routing(paused):
     assert record.task["headers"]["X-Trace"] == "t1"
 
 
-def test_unnamed_spilled_task_is_named_after_its_record(paused):
-    result = defer(collect, os.urandom(300_000))
-    assert result.name == f"d-{result.payload_id}"
+def test_unnamed_tasks_get_random_names_their_records_follow(paused):
+    spilled = defer(collect, os.urandom(300_000))
+    inline = defer(collect, 1)
+    assert spilled.name.startswith("d-") and inline.name.startswith("d-")
+    assert spilled.name != inline.name and len(spilled.name) == 34
+    assert spillover.get(spilled.payload_id).task_name == spilled.name
 
 
-@pytest.mark.parametrize(("size", "chunks"), [(1_000_000 - 400, 1), (1_048_576, 2), (5_000_000, 6)])
+@pytest.mark.parametrize(("size", "chunks"), [(1_000_000 - 600, 1), (1_048_576, 2), (5_000_000, 6)])
 def test_chunk_boundaries(paused, size, chunks):
     gae_deferred.configure(compression_level=0)
     result = defer(collect, b"\1" * size)
@@ -442,3 +455,138 @@ def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, ndb_stub):
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
     assert spillover.DeferredPayload.query().fetch() == []
     assert paused() == []
+
+
+# --- legacy parity: transactions, names, headers -----------------------------------------------
+
+
+def run_queued(task):
+    """Deliver a queued task to the handler as Cloud Tasks would; returns the HTTP status."""
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    request = task.app_engine_http_request
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": task.name.split("/")[-1]}
+    return app.post(request.relative_uri, request.body, headers=headers, expect_errors=True)
+
+
+@pytest.mark.parametrize("commits", [True, False])
+def test_spilled_defer_inside_a_transaction_is_independent_of_it(paused_on_emulator, commits):
+    """Legacy semantics: only _transactional=True ties a task to the transaction."""
+    big = os.urandom(300_000)
+
+    @ndb.transactional()
+    def place():
+        Order(id="o3", total=1).put()
+        result = defer(collect, big)
+        # Committed already, in a commit of its own: visible outside the caller's transaction.
+        assert ndb.non_transactional()(spillover.get)(result.payload_id) is not None
+        if not commits:
+            raise RuntimeError("roll back")
+        return result
+
+    if commits:
+        place()
+    else:
+        with pytest.raises(RuntimeError):
+            place()
+    assert (Order.get_by_id("o3") is not None) is commits
+    (task,) = paused_on_emulator()
+    assert run_queued(task).status_int == 200
+    assert [(big,)] == RESULTS
+    # Run once: the payload is gone and a duplicate delivery is recognised, not run again.
+    assert run_queued(task).status_int == 200
+    assert [(big,)] == RESULTS
+
+
+def test_transactional_spill_runs_only_on_commit(paused):
+    @ndb.transactional()
+    def place(fail):
+        defer(collect, b"\5" * 300_000, _transactional=True)
+        if fail:
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        place(True)
+    assert paused() == []
+    place(False)
+    (task,) = paused()
+    assert run_queued(task).status_int == 200
+    assert RESULTS == [(b"\5" * 300_000,)]
+
+
+def test_deferred_task_has_the_legacy_task_attributes(paused):
+    inline = defer(add, 1, _headers={"X-Trace": "t"})
+    (task,) = paused()
+    request = task.app_engine_http_request
+    assert inline.queue_name == "default" and inline.was_enqueued
+    assert inline.url == request.relative_uri
+    assert inline.headers["X-Trace"] == "t"
+    assert inline.payload == request.body
+    assert inline.eta.timestamp() == pytest.approx(task.schedule_time.timestamp(), abs=1)
+
+
+def test_fail_fast_header_is_dropped_with_one_warning(paused, caplog):
+    gae_deferred.enqueue._warn_fail_fast.cache_clear()
+    with caplog.at_level("WARNING", logger="gae_deferred"):
+        defer(add, 1, _headers={"X-AppEngine-Fail-Fast": "true"})
+        defer(add, 2, _headers={"X-AppEngine-Fail-Fast": "true"})
+    assert caplog.text.count("X-AppEngine-Fail-Fast") == 1
+    assert all("X-AppEngine-Fail-Fast" not in t.app_engine_http_request.headers for t in paused())
+    with pytest.raises(DeferError, match="may not set X-AppEngine-QueueName"):
+        defer(add, 1, _headers={"X-AppEngine-QueueName": "other"})
+
+
+def test_queue_missing_as_failed_precondition_is_queue_not_found(ndb_stub, monkeypatch):
+    from google.api_core import exceptions as api_exceptions
+
+    class Refusing:
+        def __init__(self, error):
+            self.error = error
+
+        def create_task(self, parent, task):
+            raise self.error
+
+    monkeypatch.setattr(
+        gae_deferred.cloud_tasks,
+        "_sink",
+        Refusing(api_exceptions.FailedPrecondition("Queue does not exist.")),
+    )
+    with pytest.raises(QueueNotFoundError, match="queues sync"):
+        defer(add, 1)
+    monkeypatch.setattr(
+        gae_deferred.cloud_tasks,
+        "_sink",
+        Refusing(api_exceptions.FailedPrecondition("Queue is disabled.")),
+    )
+    with pytest.raises(EnqueueError, match="disabled"):
+        defer(add, 1)
+
+
+def test_spill_that_cannot_be_undone_is_outcome_unknown(paused, ndb_stub, monkeypatch):
+    """CreateTask failed and deleting the spill failed too: the sweeper will run it, so the
+    caller must not defer again (EnqueueOutcomeUnknown, not a plain EnqueueError)."""
+    from google.api_core import exceptions as api_exceptions
+
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+
+    def deletes_fail(request, *args, **kwargs):
+        if any("delete" in mutation for mutation in request.mutations):
+            raise api_exceptions.ServiceUnavailable("datastore went away")
+        return original(request, *args, **kwargs)
+
+    real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
+    gae_deferred.cloud_tasks.reset_client()
+    wrapper.func = deletes_fail
+    try:
+        with pytest.raises(gae_deferred.EnqueueOutcomeUnknown, match="do not defer it again"):
+            defer(collect, os.urandom(300_000))
+    finally:
+        wrapper.func = original
+        monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
+        gae_deferred.cloud_tasks.reset_client()
+    (record,) = spillover.DeferredPayload.query().fetch()
+    later = spillover.now() + datetime.timedelta(days=1)
+    assert gae_deferred.sweep(now=later).reenqueued == 1
+    (task,) = paused()
+    assert task.name.endswith("/tasks/" + record.task_name)

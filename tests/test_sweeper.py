@@ -15,9 +15,9 @@ from gae_deferred import (
     FailureState,
     PayloadState,
     defer,
+    envelope,
     failures,
     idempotent,
-    serialize,
     spillover,
     sweep,
 )
@@ -81,7 +81,8 @@ def test_enqueue_failure_is_reported_and_retried_later(paused, monkeypatch):  # 
 def test_dead_letters_are_purged_after_retention(ndb_stub):
     app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
     headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "t"}
-    app.post("/_ah/queue/deferred", serialize(_fail), headers=headers, status=200)
+    body = envelope.build(_fail, task="t", queue="default")
+    app.post("/_ah/queue/deferred", body, headers=headers, status=200)
     (record,) = failures.DeferredFailure.query().fetch()
     assert record.state == FailureState.PERMANENT
     assert sweep(now=later(days=29)).purged_failures == 0
@@ -102,7 +103,7 @@ def test_failed_spilled_payloads_are_purged_after_retention(ndb_stub):
         task={},
     )
     record.state = PayloadState.DEAD
-    spillover.write(record, chunks)
+    spillover.write_many([(record, chunks)])
     assert sweep(now=later(days=31)).purged_payloads == 1
     assert spillover.get("p1") is None
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
@@ -153,7 +154,7 @@ def test_idempotent_with_a_key_in_a_transaction(ndb_stub):
 def test_task_delivered_twice_runs_once(ndb_stub, attempts):
     CALLS.clear()
     app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
-    data = serialize(charge, 9)
+    data = envelope.build(charge, (9,), task="dup", queue="default")
     headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "dup"}
     for _ in range(attempts):
         app.post("/_ah/queue/deferred", data, headers=headers, status=200)

@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -281,27 +280,23 @@ def spillover_json(record: spillover.DeferredPayload) -> dict[str, Any]:
     }
 
 
-def _fresh_task_name() -> str:
-    # Cloud Tasks refuses a task name used within the last hour, so a retrigger gets a new one.
-    return "r-" + uuid.uuid4().hex
-
-
 def _reenqueue_spilled(
-    record: spillover.DeferredPayload, routing: dict[str, str], headers: dict[str, str]
+    record: spillover.DeferredPayload, routing: dict[str, str], failure_id: str | None = None
 ) -> str:
-    name = _fresh_task_name()
+    # A new name: Cloud Tasks refuses a name used within the last hour (9 days for queues
+    # created from queue.yaml), and the old task, if still queued, must see it was superseded.
+    name = enqueue.new_task_name("r")
     now = _now()
     # Name and ETA follow the new task, so the sweeper sees a fresh pending record, not a
     # lost one, and recreates this task (not the old one) if the enqueue below fails.
     record.populate(state=PayloadState.PENDING, updated=now, eta=now, task_name=name)
     record.put()
-    stored = record.task or {}
     overrides: dict[str, Any] = {"eta": now}
-    if headers:
-        overrides["headers"] = {**(stored.get("headers") or {}), **headers}
     if routing:
-        overrides["routing"] = {**(stored.get("routing") or {}), **routing}
-    _cloud_tasks(lambda: enqueue.enqueue_record(record, name=name, **overrides))
+        overrides["routing"] = {**((record.task or {}).get("routing") or {}), **routing}
+    _cloud_tasks(
+        lambda: enqueue.enqueue_record(record, name=name, failure_id=failure_id, **overrides)
+    )
     return name
 
 
@@ -309,7 +304,7 @@ def retrigger_spillover(payload_id: str, actor: str, *, version: str | None = No
     """Enqueue a new task pointing at the stored payload; returns the new task's name."""
     routing = _check_version(version)
     record = get_spillover(payload_id)
-    name = _reenqueue_spilled(record, routing, {})
+    name = _reenqueue_spilled(record, routing)
     audit.record(actor, "retrigger", f"spillover/{payload_id}", f"task {name} on {record.queue}")
     return name
 
@@ -464,26 +459,24 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
     record = get_failure(record_id)
     if record.state not in failures.RETRIGGERABLE:
         raise Conflict(f"failure {record_id} is {record.state}; nothing to retry")
-    headers = {"X-Deferred-Failure-Id": record_id}
+    # The run updates this record: its id travels in the re-signed envelope.
     if record.payload_id:
         payload = spillover.get(record.payload_id)
         if payload is None:
             raise Conflict(f"the spilled payload {record.payload_id} of this failure is gone")
-        name = _reenqueue_spilled(payload, routing, headers)
+        name = _reenqueue_spilled(payload, routing, record_id)
     else:
         body = failures.get_payload(record_id)
         if body is None:
             raise Conflict(f"failure {record_id} kept no payload to retry")
-        function = (record.meta or {}).get("function") or record.function or "unknown"
-        name = _fresh_task_name()
+        name = enqueue.new_task_name("r")
         _cloud_tasks(
             lambda: enqueue.enqueue_envelope(
                 body,
                 queue=record.queue or settings().default_queue,
-                function=function,
                 name=name,
-                headers=headers,
                 routing=routing,
+                failure_id=record_id,
             )
         )
     record.state = FailureState.RETRYING

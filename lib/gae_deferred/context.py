@@ -31,8 +31,6 @@ class TaskInfo:
     eta: float | None = None
     previous_response: int | None = None
     retry_reason: str | None = None
-    #: Set when the dashboard retriggered a recorded failure: that record tracks this run.
-    failure_id: str | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> TaskInfo | None:
@@ -65,7 +63,6 @@ class TaskInfo:
             eta=_float(get(keys[prefix + "TaskETA"])),
             previous_response=_int(get(keys[prefix + "TaskPreviousResponse"])) or None,
             retry_reason=get(keys[prefix + "TaskRetryReason"]),
-            failure_id=get(keys["X-Deferred-Failure-Id"]) or None,
         )
 
 
@@ -81,7 +78,7 @@ _HEADER_NAMES = [
         "TaskPreviousResponse",
         "TaskRetryReason",
     )
-] + ["X-Deferred-Failure-Id"]
+]
 _HEADER_KEYS = {name: name for name in _HEADER_NAMES}
 #: WSGI environ keys of the task headers, computed once.
 _ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in _HEADER_NAMES}

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,7 +55,12 @@ _CONTENT_TYPE = {"Content-Type": "application/octet-stream"}
 
 @dataclasses.dataclass(frozen=True)
 class DeferredTask:
-    """What defer() created. ``name`` is the short task name; ``path`` the full resource name."""
+    """What defer() created. ``name`` is the short task name; ``path`` the full resource name.
+
+    The attributes legacy code read from the ``taskqueue.Task`` that ``deferred.defer`` returned
+    are here too: ``queue_name``, ``url``, ``headers``, ``eta``, ``payload`` (the task's body),
+    ``was_enqueued`` (False for a transactional defer until its transaction commits).
+    """
 
     name: str
     path: str
@@ -67,6 +74,27 @@ class DeferredTask:
     chunks: int = 0
     payload_id: str | None = None
     transactional: bool = False
+    url: str = ""
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    payload: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+
+    @property
+    def queue_name(self) -> str:
+        return self.queue
+
+    @property
+    def was_enqueued(self) -> bool:
+        return not self.transactional
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedCall:
+    """A call serialized into its envelope and bound to the task it will be sent as."""
+
+    spec: TaskSpec
+    data: bytes
+    header: dict[str, Any]
+    transactional: bool
 
 
 def defer(
@@ -93,33 +121,68 @@ def defer(
     ``_headers``, ``_target`` ("service" or "version.service") or ``_service``/``_version``/
     ``_instance`` routing, ``_retry_options`` (task_retry_limit and task_age_limit are enforced
     per task by the handler; Cloud Tasks applies backoffs per queue), and ``_transactional`` to
-    enqueue only if the surrounding ndb transaction commits.
+    enqueue only if the surrounding ndb transaction commits. Any other defer is independent of a
+    surrounding transaction: its spilled payload is written outside it, and the task runs whether
+    the transaction commits or not, as in the legacy library.
     """
-    spec = _task_spec(
+    call = prepare_call(
         obj,
-        _countdown,
-        _eta,
-        _name,
-        _queue,
-        _url,
-        _headers,
-        _routing(_target, _service, _version, _instance),
+        args,
+        kwargs,
+        countdown=_countdown,
+        eta=_eta,
+        name=_name,
+        queue=_queue,
+        url=_url,
+        headers=_headers,
+        routing=_routing(_target, _service, _version, _instance),
+        retry_options=_retry_options,
+        transactional=_transactional,
     )
-    extra = {}
-    retry = _retry_dict(_retry_options)
-    if retry:
-        extra["retry"] = retry
-    data, header = envelope.build_with_header(obj, args, kwargs, **extra)
-    if _transactional:
-        return _defer_transactional(data, header, spec)
-    if spec.size(data) <= settings().spill_threshold:
+    if call.transactional:
+        return defer_transactional([call])[0]
+    if call.spec.size(call.data) <= settings().spill_threshold:
         try:
-            return _create_inline(data, header, spec)
+            return _create_inline(call)
         except api_exceptions.InvalidArgument as exc:
             if "too large" not in str(exc).lower():
                 raise EnqueueError(f"Cloud Tasks refused the task: {exc.message}") from exc
-            logger.info("Cloud Tasks says %s is too large; spilling it", header["function"])
-    return _defer_spilled(data, header, spec)
+            logger.info("Cloud Tasks says %s is too large; spilling it", call.header["function"])
+    return _defer_spilled(call)
+
+
+def prepare_call(
+    obj: Callable,
+    args: tuple,
+    kwargs: dict[str, Any],
+    *,
+    countdown: float | None = None,
+    eta: datetime.datetime | None = None,
+    name: str | None = None,
+    queue: str | None = None,
+    url: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    routing: dict[str, str] | None = None,
+    retry_options: Any = None,
+    transactional: bool = False,
+) -> PreparedCall:
+    """Check the options and serialize the call; nothing is sent yet (defer() and batch()).
+
+    Every task gets a name (``d-<random hex>`` unless the caller names it) and its envelope is
+    signed together with that name and queue: the handler runs an envelope only as the task it
+    was made for, so a body replayed as another task is refused.
+    """
+    spec = _task_spec(obj, countdown, eta, name, queue, url, headers, routing or {})
+    extra: dict[str, Any] = {
+        "task": spec.name,
+        "queue": spec.queue,
+        "eta_ms": int(spec.eta.timestamp() * 1000),
+    }
+    retry = _retry_dict(retry_options)
+    if retry:
+        extra["retry"] = retry
+    data, header = envelope.build_with_header(obj, args, kwargs, **extra)
+    return PreparedCall(spec, data, header, bool(transactional))
 
 
 def _routing(
@@ -192,12 +255,7 @@ def _task_spec(
         when = eta if eta.tzinfo else eta.replace(tzinfo=datetime.UTC)
     else:
         when = now
-    extra_headers = dict(headers or {})
-    for key, value in extra_headers.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise DeferError(f"_headers must map str to str; got {key!r}: {value!r}")
-        if key.lower().startswith("x-appengine-") or key.lower().startswith("x-cloudtasks-"):
-            raise DeferError(f"_headers may not set {key}: Cloud Tasks sets it")
+    extra_headers = _checked_headers(headers)
     if url is None:
         url = task_url(envelope.function_name(obj))
     elif not isinstance(url, str) or not url.startswith("/"):
@@ -207,8 +265,37 @@ def _task_spec(
         url=url,
         headers={**_CONTENT_TYPE, **extra_headers},
         eta=when,
-        name=name,
+        name=name or new_task_name(),
         routing=routing,
+    )
+
+
+def new_task_name(prefix: str = "d") -> str:
+    """A random task name: Cloud Tasks spreads random names best, and a name is never reused."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    checked = {}
+    for key, value in (headers or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise DeferError(f"_headers must map str to str; got {key!r}: {value!r}")
+        lowered = key.lower()
+        if lowered == "x-appengine-fail-fast":
+            _warn_fail_fast()
+            continue
+        if lowered.startswith(("x-appengine-", "x-cloudtasks-")):
+            raise DeferError(f"_headers may not set {key}: Cloud Tasks sets it")
+        checked[key] = value
+    return checked
+
+
+@functools.cache
+def _warn_fail_fast() -> None:
+    """Logged once per process: legacy apps set the header on every call."""
+    logger.warning(
+        "_headers: X-AppEngine-Fail-Fast has no Cloud Tasks equivalent and is dropped; the "
+        "queue's retry settings apply"
     )
 
 
@@ -217,51 +304,54 @@ def task_url(function: str) -> str:
     return f"{settings().task_url}/{_URL_UNSAFE.sub('_', function)}"
 
 
-def _create_inline(data: bytes, header: dict[str, Any], spec: TaskSpec) -> DeferredTask:
-    created = create_task(spec, data)
+def _create_inline(call: PreparedCall) -> DeferredTask:
+    created = create_task(call.spec, call.data)
     return DeferredTask(
         name=short_name(created.name),
         path=created.name,
-        queue=spec.queue,
-        eta=spec.eta,
-        function=header["function"],
+        queue=call.spec.queue,
+        eta=call.spec.eta,
+        function=call.header["function"],
         spilled=False,
-        payload_bytes=header["raw_bytes"],
-        task_bytes=len(data),
+        payload_bytes=call.header["raw_bytes"],
+        task_bytes=len(call.data),
+        url=call.spec.url,
+        headers=call.spec.headers,
+        payload=call.data,
     )
 
 
-def _spill(
-    data: bytes, header: dict[str, Any], spec: TaskSpec, *, transactional: bool
-) -> tuple[TaskSpec, spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]:
-    """The record and chunks for a payload, and its task spec.
-
-    Spilled tasks are always named (after the record unless the caller named them), so the
-    sweeper can re-create exactly this task.
-    """
-    payload_id = spillover.new_payload_id()
-    spec = dataclasses.replace(spec, name=spec.name or f"d-{payload_id}")
-    record, chunks = spillover.build_record(
-        payload_id,
-        data,
-        header,
-        queue=spec.queue,
-        task_name=spec.name or "",
-        eta=spec.eta,
-        task=spec.to_json(),
-        transactional=transactional,
+def spill_entities(
+    call: PreparedCall,
+) -> tuple[spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]:
+    """The record and chunks for a call's payload, not written yet (inside an ndb context:
+    keys take the client's project)."""
+    return spillover.build_record(
+        spillover.new_payload_id(),
+        call.data,
+        call.header,
+        queue=call.spec.queue,
+        task_name=call.spec.name or "",
+        eta=call.spec.eta,
+        task=call.spec.to_json(),
+        transactional=call.transactional,
     )
-    return spec, record, chunks
 
 
-def _reference(record: spillover.DeferredPayload) -> bytes:
+def reference(record: spillover.DeferredPayload, **changes: Any) -> bytes:
+    """The task body of a spilled record: its header and where the payload is, bound to the
+    record's task (``changes`` override, e.g. a retrigger's ``failure_id``)."""
     return envelope.build_reference(
         record.meta or {},
         {"id": record.key.id(), "chunks": record.chunks, "stored_bytes": record.stored_bytes},
+        task=record.task_name,
+        queue=record.queue,
+        **changes,
     )
 
 
-def _described(record: spillover.DeferredPayload, spec: TaskSpec, task_bytes: int) -> DeferredTask:
+def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: bytes) -> DeferredTask:
+    """The DeferredTask of a spilled call."""
     return DeferredTask(
         name=spec.name or "",
         path=task_path(spec.queue, spec.name or ""),
@@ -270,117 +360,150 @@ def _described(record: spillover.DeferredPayload, spec: TaskSpec, task_bytes: in
         function=record.function,
         spilled=True,
         payload_bytes=record.payload_bytes,
-        task_bytes=task_bytes,
+        task_bytes=len(task_body),
         stored_bytes=record.stored_bytes,
         chunks=record.chunks,
         payload_id=record.key.id(),
         transactional=record.transactional,
+        url=spec.url,
+        headers=spec.headers,
+        payload=task_body,
     )
 
 
-def _defer_spilled(data: bytes, header: dict[str, Any], spec: TaskSpec) -> DeferredTask:
-    # Inside the context: ndb builds keys (of the record and its chunks) from the client's project.
-    with ndb_context():
-        spec, record, chunks = _spill(data, header, spec, transactional=False)
-        payload_id = record.key.id()
-        reference = _reference(record)
-        try:
-            spillover.write(record, chunks)
-        except api_exceptions.GoogleAPIError as exc:
-            raise DatastoreUnavailableError(
-                f"could not store the {len(data):,} byte payload of {header['function']}: {exc}"
-            ) from exc
-        try:
-            create_task(spec, reference)
-        except EnqueueOutcomeUnknown as exc:
-            # The task may exist: keep the payload; the sweeper creates the task if it does not.
-            raise EnqueueOutcomeUnknown(
-                f"{exc}; its payload {payload_id} is kept and the sweeper creates the task if it "
-                "is missing: do not defer it again"
-            ) from exc
-        except Exception as exc:
-            _forget_spill(record, exc)
-            raise
-    return _described(record, spec, len(reference))
-
-
-def _forget_spill(record: spillover.DeferredPayload, cause: Exception) -> None:
-    """Undo a spill whose task was not created; if even that fails, the sweeper enqueues it."""
+def write_outside_transaction(
+    entities: list[tuple[spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]],
+) -> None:
+    """Write spilled records and chunks in commits of their own, never in the caller's
+    transaction: a defer that is not transactional must not depend on that transaction."""
     try:
-        spillover.delete(record.key.id(), record.chunks)
-    except api_exceptions.GoogleAPIError:
-        logger.error(
-            "task for spilled payload %s was not created (%s) and the payload could not be "
-            "deleted; the sweeper will enqueue it",
-            record.key.id(),
-            cause,
-        )
+        ndb.non_transactional()(spillover.write_many)(entities)
+    except api_exceptions.GoogleAPIError as exc:
+        size = sum(record.stored_bytes or 0 for record, _ in entities)
+        raise DatastoreUnavailableError(
+            f"could not store {len(entities)} spilled payload(s) of {size:,} bytes: {exc}"
+        ) from exc
 
 
-def _defer_transactional(data: bytes, header: dict[str, Any], spec: TaskSpec) -> DeferredTask:
+def _defer_spilled(call: PreparedCall) -> DeferredTask:
+    with ndb_context():
+        record, chunks = spill_entities(call)
+        body = reference(record)
+        write_outside_transaction([(record, chunks)])
+        try:
+            create_task(call.spec, body)
+        except Exception as exc:
+            raise_unless_forgotten(record, exc)
+            raise
+    return described(record, call.spec, body)
+
+
+def raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) -> None:
+    """After CreateTask failed for a spilled payload: delete the payload, or, if the task may
+    exist or the payload cannot be deleted, raise EnqueueOutcomeUnknown (the sweeper creates the
+    task from the record if it is missing, so the caller must not defer again)."""
+    payload_id = record.key.id()
+    if isinstance(cause, EnqueueOutcomeUnknown):
+        raise EnqueueOutcomeUnknown(
+            f"{cause}; its payload {payload_id} is kept and the sweeper creates the task if it "
+            "is missing: do not defer it again"
+        ) from cause
+    try:
+        ndb.non_transactional()(spillover.delete)(payload_id, record.chunks)
+    except api_exceptions.GoogleAPIError as exc:
+        raise EnqueueOutcomeUnknown(
+            f"the task was not created ({cause}) and its spilled payload {payload_id} could not "
+            f"be deleted ({exc}): the sweeper will create the task, so do not defer it again"
+        ) from cause
+
+
+def defer_transactional(calls: list[PreparedCall]) -> list[DeferredTask]:
+    """Write the payloads in the caller's transaction; create the tasks once it commits."""
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise DeferError("_transactional=True needs an active ndb transaction")
-    spec, record, chunks = _spill(data, header, spec, transactional=True)
-    if record.stored_bytes > settings().commit_bytes:
+    limit = settings().commit_bytes
+    spilled = [spill_entities(call) for call in calls]
+    total = sum(record.stored_bytes for record, _ in spilled)
+    if total > limit:
         raise DeferError(
-            f"a transactional defer carries at most {settings().commit_bytes:,} bytes "
-            f"(one Datastore commit); this payload is {record.stored_bytes:,}"
+            f"transactional defers carry at most {limit:,} bytes (one Datastore commit); "
+            f"these payloads are {total:,}"
         )
-    reference = _reference(record)
-    ndb.put_multi([*chunks, record])
-    context.call_on_commit(lambda: _enqueue_after_commit(record, spec, reference))
-    return _described(record, spec, len(reference))
+    bodies = [reference(record) for record, _ in spilled]
+    ndb.put_multi([entity for record, chunks in spilled for entity in (*chunks, record)])
+    work = [
+        (record, call.spec, body)
+        for (record, _), call, body in zip(spilled, calls, bodies, strict=True)
+    ]
+    context.call_on_commit(lambda: _enqueue_after_commit(work))
+    return [described(record, spec, body) for record, spec, body in work]
 
 
-def _enqueue_after_commit(
-    record: spillover.DeferredPayload, spec: TaskSpec, reference: bytes
-) -> None:
-    """After the commit the payload is safe; a failed enqueue is repaired by the sweeper."""
-    try:
-        create_task(spec, reference)
-    except TaskAlreadyExistsError:
-        pass
-    except Exception:
-        logger.exception(
-            "transaction committed but the task for %s was not created; the sweeper will",
-            record.key.id(),
-        )
+def _enqueue_after_commit(work: list[tuple[spillover.DeferredPayload, TaskSpec, bytes]]) -> None:
+    """After the commit the payloads are safe; a failed enqueue is repaired by the sweeper."""
+    for record, spec, body in work:
+        try:
+            create_task(spec, body)
+        except TaskAlreadyExistsError:
+            pass
+        except Exception:
+            logger.exception(
+                "transaction committed but the task for %s was not created; the sweeper will",
+                record.key.id(),
+            )
 
 
 def enqueue_record(
-    record: spillover.DeferredPayload, *, name: str | None = None, **overrides: Any
+    record: spillover.DeferredPayload,
+    *,
+    name: str | None = None,
+    failure_id: str | None = None,
+    **overrides: Any,
 ) -> tasks_v2.Task:
     """(Re-)create the task of a spilled record, e.g. a retrigger or a sweep.
 
-    ``name=None`` reuses the record's task name (the sweeper: ALREADY_EXISTS means it is there);
-    a retrigger passes a fresh name because Cloud Tasks refuses a name used within the hour.
+    ``name=None`` reuses the record's task name (the sweeper: ALREADY_EXISTS means it is
+    there); a retrigger passes a fresh name, which becomes the record's (Cloud Tasks refuses a
+    name used within the last hour, up to 9 days for queues created from queue.yaml), and the
+    ``failure_id`` of the failure record the run should update.
     """
-    spec = record_spec(record, **overrides)
+    changes: dict[str, Any] = {"failure_id": failure_id} if failure_id else {}
     if name is not None:
-        spec = dataclasses.replace(spec, name=name)
-    return create_task(spec, _reference(record))
+        # A new task starts its age (task_age_limit) afresh.
+        record.task_name = name
+        changes["eta_ms"] = _now_ms()
+    spec = record_spec(record, **overrides)
+    return create_task(spec, reference(record, **changes))
 
 
 def enqueue_envelope(
     data: bytes,
     *,
     queue: str,
-    function: str,
     name: str,
-    headers: Mapping[str, str],
     routing: dict[str, str],
+    failure_id: str | None = None,
 ) -> tasks_v2.Task:
-    """Create a task for an envelope kept inline (a failure's payload), due now."""
+    """Create a task, due now, for an envelope kept inline (a failure's payload), re-signed for
+    the new task (and the ``failure_id`` its run should update)."""
+    changes: dict[str, Any] = {"task": name, "queue": queue, "eta_ms": _now_ms()}
+    if failure_id:
+        changes["failure_id"] = failure_id
+    function = str(envelope.read_header(data).get("function") or "unknown")
     spec = TaskSpec(
         queue=queue,
         url=task_url(function),
-        headers={**_CONTENT_TYPE, **headers},
+        headers=dict(_CONTENT_TYPE),
         eta=spillover.now(),
         name=name,
         routing=routing,
     )
-    return create_task(spec, data)
+    return create_task(spec, envelope.rebind(data, **changes))
+
+
+def _now_ms() -> int:
+    return int(spillover.now().timestamp() * 1000)
 
 
 def record_spec(record: spillover.DeferredPayload, **overrides: Any) -> TaskSpec:

@@ -208,11 +208,32 @@ def build_with_header(
     return _seal(header, body, flags), header
 
 
-def build_reference(header: dict[str, Any], ref: dict[str, Any]) -> bytes:
-    """A small envelope that points at a payload spilled to Datastore."""
+def build_reference(header: dict[str, Any], ref: dict[str, Any], **changes: Any) -> bytes:
+    """A small envelope that points at a payload spilled to Datastore.
+
+    It repeats the payload's header (the dashboard shows it); ``changes`` override fields, e.g.
+    the ``task`` a retrigger binds it to.
+    """
     reference_header = {key: value for key, value in header.items() if key not in ("kid", "ref")}
-    reference_header["ref"] = ref
+    # "at": when this reference was made, so a task can tell a payload whose commit is not
+    # visible yet from one that is gone.
+    reference_header.update(changes, ref={**ref, "at": int(time.time() * 1000)})
     return _seal(reference_header, b"", FLAG_REFERENCE)
+
+
+def rebind(data: bytes, **changes: Any) -> bytes:
+    """The same envelope, verified and re-signed with header fields changed.
+
+    A retrigger binds a kept envelope to its new task: ``rebind(kept, task="r-1f2e...")``. The
+    body is copied as it is (still compressed), never unpickled.
+    """
+    size = len(data)
+    _, _, flags, header_len = _PREFIX.unpack_from(data)
+    header = dict(open_envelope(data, decompress=False).header)
+    header.pop("kid", None)
+    header.update(changes)
+    body = memoryview(data)[_PREFIX.size + header_len : size - _MAC_BYTES]
+    return _seal(header, bytes(body), flags)
 
 
 def serialize(obj: Callable, *args: Any, **kwargs: Any) -> bytes:
@@ -231,7 +252,7 @@ def read_header(data: bytes) -> dict[str, Any]:
         raise PermanentTaskFailure(f"envelope header is not valid JSON: {exc}") from exc
 
 
-def open_envelope(data: bytes | bytearray) -> Envelope:
+def open_envelope(data: bytes | bytearray, *, decompress: bool = True) -> Envelope:
     """Verify an envelope and return its header and decompressed body.
 
     ``data`` may be the ``bytearray`` spillover.load assembles: it is verified in place and an
@@ -239,7 +260,8 @@ def open_envelope(data: bytes | bytearray) -> Envelope:
 
     Raises UnverifiedEnvelope, saying what is wrong, for anything that is not an intact
     envelope signed with a known key, and PermanentTaskFailure for a signed body that does not
-    decompress; nothing in the body is unpickled here.
+    decompress or inflates past its declared size; nothing in the body is unpickled here.
+    ``decompress=False`` leaves a compressed body as it is (``rebind``).
     """
     size = len(data)
     if size < _PREFIX.size + _MAC_BYTES:
@@ -273,12 +295,42 @@ def open_envelope(data: bytes | bytearray) -> Envelope:
         raise UnverifiedEnvelope("envelope signature does not match: tampered or truncated")
     # A view, not a copy: a spilled payload can be 32 MiB and pickle reads views directly.
     body: bytes | memoryview = memoryview(data)[header_end : size - _MAC_BYTES]
-    if flags & FLAG_ZLIB:
-        try:
-            body = zlib.decompress(body)
-        except zlib.error as exc:
-            raise PermanentTaskFailure(f"envelope body does not decompress: {exc}") from exc
+    if decompress and flags & FLAG_ZLIB:
+        body = _inflate(body, header)
     return Envelope(header=header, body=body, flags=flags, size=size)
+
+
+def decompressed(env: Envelope) -> Envelope:
+    """The envelope with its body inflated (see ``open_envelope(decompress=False)``)."""
+    if not env.flags & FLAG_ZLIB:
+        return env
+    body = _inflate(memoryview(env.body), env.header)
+    return dataclasses.replace(env, body=body, flags=env.flags & ~FLAG_ZLIB)
+
+
+def _inflate(body: memoryview, header: dict[str, Any]) -> bytes:
+    """zlib-decompress, never past the size the header declares nor max_payload_bytes.
+
+    A body that would inflate further is refused before the excess is allocated: a signed
+    megabyte of zeros must not become a gigabyte in the worker.
+    """
+    limit = settings().max_payload_bytes
+    declared = header.get("raw_bytes")
+    if isinstance(declared, int) and not isinstance(declared, bool) and 0 <= declared < limit:
+        limit = declared
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise PermanentTaskFailure(f"envelope body does not decompress: {exc}") from exc
+    if len(raw) > limit or inflater.unconsumed_tail:
+        raise PermanentTaskFailure(
+            f"envelope body inflates past {limit:,} bytes (its declared size, at most "
+            "max_payload_bytes): refused"
+        )
+    if not inflater.eof:
+        raise PermanentTaskFailure("envelope body does not decompress: truncated zlib stream")
+    return raw
 
 
 def load_call(envelope: Envelope) -> tuple[Callable, tuple, dict]:

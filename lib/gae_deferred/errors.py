@@ -80,7 +80,19 @@ class PayloadLoadError(PermanentTaskFailure):
 
 
 class SpilledPayloadMissing(PermanentTaskFailure):
-    """The task references a spilled payload that is no longer in Datastore."""
+    """The task references a spilled payload that is no longer in Datastore.
+
+    ``already_ran`` is True when the payload's done marker is there: the task succeeded before
+    and this is a duplicate delivery; ``record_found`` when the record is there but chunks are
+    not (never a commit in flight: they are written before it).
+    """
+
+    def __init__(
+        self, message: str, *, already_ran: bool = False, record_found: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.already_ran = already_ran
+        self.record_found = record_found
 
 
 class AdminError(Error):

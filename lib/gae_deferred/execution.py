@@ -2,8 +2,8 @@
 
 The webapp2 handler is a thin shell around :func:`execute_task`::
 
-    task = TaskInfo.from_headers(request.headers)       # None: not from the task queue
-    outcome = execute_task(request.body, task)
+    task = TaskInfo.from_environ(environ)                # None: not from the task queue
+    outcome = execute_task(body, task)
     response.status = outcome.status
 
 ``run(data)`` keeps the legacy meaning: verify and call in-process, return the result.
@@ -29,6 +29,7 @@ from .errors import (
     PayloadLoadError,
     PermanentTaskFailure,
     SingularTaskFailure,
+    SpilledPayloadMissing,
     UnverifiedEnvelope,
 )
 from .failures import FailureState
@@ -42,6 +43,8 @@ FORBIDDEN = 403
 #: Legacy deferred answered SingularTaskFailure with 408: retried, but not logged as an error.
 RETRY_QUIETLY = 408
 ERROR = 500
+#: Retried by Cloud Tasks, recorded nowhere: the spilled payload is not visible yet.
+UNAVAILABLE = 503
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,7 @@ def run(data: bytes) -> Any:
     env = envelope.open_envelope(data)
     if env.is_reference:
         with ndb_context():
-            _, inner = spillover.load(env.header["ref"]["id"], env.header["ref"]["chunks"])
+            _, inner = spillover.load(*spillover.parse_ref(env.header))
         env = envelope.open_envelope(inner)
     obj, args, kwargs = envelope.load_call(env)
     return obj(*args, **kwargs)
@@ -90,20 +93,36 @@ def _queue_retry_limits(queue_yaml: str | None) -> dict[str, tuple[int | None, f
 
 
 def _age_seconds(header: dict[str, Any]) -> float | None:
-    created_ms = header.get("created_ms")
-    return time.time() - created_ms / 1000 if isinstance(created_ms, int) else None
+    """Seconds since the task was first due (its ETA), or since the envelope was made."""
+    since_ms = header.get("eta_ms", header.get("created_ms"))
+    if isinstance(since_ms, bool) or not isinstance(since_ms, int):
+        return None
+    return max(0.0, time.time() - since_ms / 1000)
+
+
+def _all_reached(
+    retries: int, age: float | None, limit: Any, age_limit: Any, *, inclusive: bool
+) -> bool:
+    """Cloud Tasks (and queue.yaml) stop retrying once every limit that is set is reached:
+    with both a retry count and an age limit, both must be reached."""
+    reached = []
+    if limit is not None:
+        reached.append(retries >= limit if inclusive else retries > limit)
+    if age_limit is not None:
+        reached.append(age is not None and (age >= age_limit if inclusive else age > age_limit))
+    return bool(reached) and all(reached)
 
 
 def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
-    """Whether Cloud Tasks will drop this task if this attempt fails (a dead letter)."""
+    """Whether Cloud Tasks will drop this task if this attempt fails (a dead letter).
+
+    The task's own ``_retry_options`` override its queue's queue.yaml limits, field by field.
+    """
     limit, age_limit = _queue_retry_limits(settings().queue_yaml).get(task.queue, (None, None))
     retry = header.get("retry") or {}
     limit = retry.get("task_retry_limit", limit)
     age_limit = retry.get("task_age_limit", age_limit)
-    if limit is not None and task.retry_count >= limit:
-        return True
-    age = _age_seconds(header)
-    return bool(age_limit is not None and age is not None and age >= age_limit)
+    return _all_reached(task.retry_count, _age_seconds(header), limit, age_limit, inclusive=True)
 
 
 def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
@@ -111,16 +130,21 @@ def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
     retry = header.get("retry")
     if not retry:
         return None
-    limit = retry.get("task_retry_limit")
-    if limit is not None and task.retry_count > limit:
-        return f"retry limit {limit} reached ({task.retry_count} retries)"
-    age_limit = retry.get("task_age_limit")
-    if age_limit is None:
-        return None
+    limit, age_limit = retry.get("task_retry_limit"), retry.get("task_age_limit")
     age = _age_seconds(header)
-    if age is not None and age > age_limit:
-        return f"task age limit {age_limit}s exceeded"
-    return None
+    if not _all_reached(task.retry_count, age, limit, age_limit, inclusive=False):
+        return None
+    reached = []
+    if limit is not None:
+        reached.append(f"retry limit {limit} reached ({task.retry_count} retries)")
+    if age_limit is not None:
+        reached.append(f"task age limit {age_limit}s exceeded")
+    return " and ".join(reached)
+
+
+#: A spilled payload missing for a reference younger than this may still be committing (its
+#: writer's commit not yet visible): the task is retried rather than failed for good.
+SPILL_VISIBILITY_GRACE_SECONDS = 60
 
 
 @dataclasses.dataclass
@@ -138,19 +162,43 @@ class _Attempt:
 
     @property
     def failure_id(self) -> str:
-        return self.task.failure_id or failures.failure_id(self.task.queue, self.task.name)
+        """The failure record this task updates: its own, or the one a retrigger names in the
+        signed envelope. Never a request header: those are not signed."""
+        named = self.outer_failure_id
+        return named or failures.failure_id(self.task.queue, self.task.name)
+
+    outer_failure_id: str | None = None
 
 
-def execute_task(body: bytes, task: TaskInfo | None) -> TaskOutcome:
-    """Run one task request and say what the handler must answer (see DESIGN.md's table)."""
+def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
+    """Run one task request and say what the handler must answer (docs/design.md's table).
+
+    Nothing runs unless ``task`` carries the queue's task headers and ``body`` is an envelope
+    signed with a known key for exactly this task (name and queue): a body replayed as another
+    task is refused like a forged one.
+    """
     if task is None:
         return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
     try:
-        outer = envelope.open_envelope(body)
+        outer = envelope.open_envelope(body, decompress=False)
     except UnverifiedEnvelope as exc:
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
-    attempt = _Attempt(task=task, body=body, env=outer)
+    header = outer.header
+    if header.get("task") != task.name or header.get("queue") != task.queue:
+        message = (
+            f"envelope was made for task {header.get('task')!r} on queue {header.get('queue')!r}"
+            f", not {task.name!r} on {task.queue!r}: not executing it"
+        )
+        logger.error("rejected task %s on %s: %s", task.name, task.queue, message)
+        return TaskOutcome(FORBIDDEN, "forbidden", message)
+    failure_id = header.get("failure_id")
+    attempt = _Attempt(
+        task=task,
+        body=body,
+        env=outer,
+        outer_failure_id=failure_id if isinstance(failure_id, str) and failure_id else None,
+    )
     with ndb_context():
         return _execute(attempt)
 
@@ -160,10 +208,11 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
     started = time.perf_counter()
     try:
         if attempt.env.is_reference:
-            ref = attempt.env.header["ref"]
-            attempt.record, inner = spillover.load(ref["id"], ref["chunks"])
-            attempt.body = inner
-            attempt.env = envelope.open_envelope(inner)
+            superseded = _load_spilled(attempt)
+            if superseded is not None:
+                return superseded
+        else:
+            attempt.env = envelope.decompressed(attempt.env)
         over = _over_task_limits(task, attempt.header)
         if over:
             return _record(attempt, PermanentTaskFailure(over), FailureState.DEAD)
@@ -173,6 +222,8 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
     except SingularTaskFailure:
         logger.debug("task %s asked to be retried", task.name)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
+    except SpilledPayloadMissing as exc:
+        return _missing(attempt, exc)
     except PayloadLoadError as exc:
         # Kept as a dead letter: the dashboard can retrigger it onto a version that loads it.
         logger.error("task %s cannot load here: %s", task.name, exc)
@@ -194,11 +245,44 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
     return TaskOutcome(OK, "ok")
 
 
+def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
+    """Read and verify the spilled payload; an outcome when this task must not run it."""
+    payload_id, chunks = spillover.parse_ref(attempt.header)
+    record, inner = spillover.load(payload_id, chunks)
+    if record.task_name and record.task_name != attempt.task.name:
+        # A retrigger or the sweeper moved the payload to another task; that one runs it.
+        logger.warning(
+            "task %s: payload %s now belongs to task %s; not running it here",
+            attempt.task.name,
+            payload_id,
+            record.task_name,
+        )
+        return TaskOutcome(OK, "superseded", f"payload moved to task {record.task_name}")
+    attempt.record, attempt.body = record, inner
+    attempt.env = envelope.open_envelope(inner)
+    return None
+
+
+def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:
+    """A reference whose payload is not in Datastore: already ran, not visible yet, or gone."""
+    task = attempt.task
+    if exc.already_ran:
+        logger.info("task %s already ran (duplicate delivery): %s", task.name, exc)
+        return TaskOutcome(OK, "duplicate", str(exc))
+    ref_ms = (attempt.header.get("ref") or {}).get("at")
+    young = isinstance(ref_ms, int) and time.time() - ref_ms / 1000 < SPILL_VISIBILITY_GRACE_SECONDS
+    if young and not exc.record_found:
+        logger.warning("task %s: %s; retrying, its commit may not be visible yet", task.name, exc)
+        return TaskOutcome(UNAVAILABLE, "retry", str(exc))
+    logger.warning("task %s failed permanently: %s", task.name, exc)
+    return _record(attempt, exc, FailureState.PERMANENT)
+
+
 def _succeeded(attempt: _Attempt) -> None:
     """Clean up after success: no Datastore RPC at all for an inline first attempt."""
     if attempt.record is not None:
-        spillover.delete(attempt.record.key.id(), attempt.record.chunks)
-    if attempt.task.retry_count or attempt.task.failure_id:
+        spillover.finish(attempt.record.key.id(), attempt.record.chunks)
+    if attempt.task.retry_count or attempt.outer_failure_id:
         failures.resolve(attempt.failure_id)
 
 

@@ -3,9 +3,15 @@
 A spilled payload is one ``_DeferredPayload`` record — only the fields the dashboard lists and
 sorts by — plus ``_DeferredPayloadChunk`` children holding the envelope bytes::
 
-    record = store(envelope_bytes, header, queue="reports", task_name="d-1f2e...", eta=eta)
-    data = load(record.key.id(), record.chunks)   # one Lookup, however many chunks
-    delete(record.key.id(), record.chunks)        # one Commit
+    record, chunks = build_record(payload_id, envelope_bytes, header, queue="reports",
+                                  task_name="d-1f2e...", eta=eta, task=spec.to_json())
+    write_many([(record, chunks)])                # one commit up to commit_bytes
+    record, data = load(payload_id, record.chunks)  # one Lookup, however many chunks
+    finish(payload_id, record.chunks)             # one Commit: gone, and marked as done
+
+A task whose payload is gone asks ``load`` why: a done marker means the task already ran (a
+duplicate delivery); otherwise the payload was deleted or expired, or, for a reference younger
+than a grace period, its commit is not visible yet (see execution.py).
 
 Records of tasks that failed for good stay (state ``permanent`` or ``dead``, the words of the
 failure registry) so they can be retriggered; records still ``pending`` long after their ETA are
@@ -25,7 +31,12 @@ from google.cloud import ndb
 
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
-from .errors import PayloadTooLargeError, SpilledPayloadMissing
+from .errors import (
+    EnqueueOutcomeUnknown,
+    PayloadTooLargeError,
+    PermanentTaskFailure,
+    SpilledPayloadMissing,
+)
 
 logger = logging.getLogger("gae_deferred")
 
@@ -74,6 +85,17 @@ class DeferredPayloadChunk(DeferredModel):
     data = ndb.BlobProperty(indexed=False)
 
 
+class DeferredPayloadDone(DeferredModel):
+    """Left behind by a spilled task that succeeded (same id as its record), so a duplicate
+    delivery is recognised as one; the sweeper purges markers after DONE_MARKER_DAYS."""
+
+    done = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+
+
+#: How long done markers are kept: Cloud Tasks redelivers within its retry backoff (hours).
+DONE_MARKER_DAYS = 7
+
+
 def new_payload_id() -> str:
     """A client-made id, so the task name and chunk keys are known before any RPC."""
     return uuid.uuid4().hex
@@ -81,6 +103,35 @@ def new_payload_id() -> str:
 
 def payload_key(payload_id: str) -> ndb.Key:
     return ndb.Key(DeferredPayload, payload_id)
+
+
+def done_key(payload_id: str) -> ndb.Key:
+    return ndb.Key(DeferredPayloadDone, payload_id)
+
+
+def parse_ref(header: dict[str, Any]) -> tuple[str, int]:
+    """``(payload id, chunk count)`` from a reference envelope's header.
+
+    The header is signed, so a malformed ``ref`` is a bug or a key leak, never a transient
+    state: PermanentTaskFailure, answered 200 and recorded.
+    """
+    ref = header.get("ref")
+    payload_id = ref.get("id") if isinstance(ref, dict) else None
+    chunks = ref.get("chunks") if isinstance(ref, dict) else None
+    if (
+        not isinstance(payload_id, str)
+        or not 0 < len(payload_id) <= MAX_INDEXED_CHARS
+        or isinstance(chunks, bool)
+        or not isinstance(chunks, int)
+        or not 0 < chunks <= _max_chunks()
+    ):
+        raise PermanentTaskFailure(f"malformed spilled-payload reference: {str(ref)[:200]}")
+    return payload_id, chunks
+
+
+def _max_chunks() -> int:
+    current = settings()
+    return -(-current.max_payload_bytes // current.chunk_bytes)
 
 
 def chunk_keys(payload_id: str, chunks: int) -> list[ndb.Key]:
@@ -144,35 +195,61 @@ def build_record(
     return record, chunks
 
 
-def write(record: DeferredPayload, chunks: list[DeferredPayloadChunk]) -> None:
-    """Write chunks and record: one commit unless the payload exceeds Datastore's commit size.
+def write_many(payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]]) -> None:
+    """Write records and their chunks in as few commits as Datastore allows.
 
-    Datastore refuses commits over 10 MiB, so a larger payload goes out in several commits of
-    chunks first and the record last: a record never points at chunks that were not written.
+    Commits hold at most 500 entities and ``commit_bytes`` of chunk data (Datastore refuses 10
+    MiB); each record goes in the same commit as its last chunk or a later one, so a record
+    never points at chunks that were not written. If a commit fails, what was written is
+    deleted again; when even that fails for a record, EnqueueOutcomeUnknown says the sweeper
+    will enqueue it.
     """
-    batch: list[ndb.Model] = []
-    batch_bytes = 0
     written: list[ndb.Key] = []
-    limit = settings().commit_bytes
     try:
-        for chunk in chunks:
-            if batch and batch_bytes + len(chunk.data) > limit:
-                written += ndb.put_multi(batch)
-                batch, batch_bytes = [], 0
-            batch.append(chunk)
-            batch_bytes += len(chunk.data)
-        ndb.put_multi([*batch, record])
-    except Exception:
+        for batch in _commits(payloads):
+            ndb.put_multi(batch)
+            written += [entity.key for entity in batch]
+    except Exception as exc:
         if written:
-            _delete_orphans(written)
+            _delete_written(written, exc)
         raise
 
 
-def _delete_orphans(keys: list[ndb.Key]) -> None:
-    """Chunks of a spill whose record was never written: nothing else would ever find them."""
+def _commits(
+    payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]],
+) -> Iterator[list[ndb.Model]]:
+    limit = settings().commit_bytes
+    batch: list[ndb.Model] = []
+    batch_bytes = 0
+    for record, chunks in payloads:
+        for entity in (*chunks, record):
+            size = len(entity.data) if isinstance(entity, DeferredPayloadChunk) else 0
+            if batch and (len(batch) >= _COMMIT_ENTITIES or batch_bytes + size > limit):
+                yield batch
+                batch, batch_bytes = [], 0
+            batch.append(entity)
+            batch_bytes += size
+    if batch:
+        yield batch
+
+
+#: Datastore's cap on mutations per commit.
+_COMMIT_ENTITIES = 500
+
+
+def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
+    """Undo the commits of a failed write_many."""
     try:
         ndb.delete_multi(keys)
-    except Exception:  # the original error matters more; these chunks are only wasted space
+    except Exception as exc:
+        records = [key.id() for key in keys if key.kind() == DeferredPayload._get_kind()]
+        if records:
+            raise EnqueueOutcomeUnknown(
+                f"storing spilled payloads failed ({cause}) after payload(s) {records} were "
+                f"written, and they could not be deleted ({exc}): the sweeper will enqueue "
+                "them, so do not defer them again"
+            ) from cause
+        # Chunks without a record are only wasted space: nothing would ever run them.
         logger.exception("could not delete %d orphaned payload chunks", len(keys))
 
 
@@ -184,23 +261,43 @@ def load(payload_id: str, chunks: int) -> tuple[DeferredPayload, bytearray]:
 
         record, data = load(payload_id, record.chunks)
         envelope.open_envelope(data)   # verifies in place; the body is a view into ``data``
+
+    Raises SpilledPayloadMissing, with ``already_ran`` set when a done marker says the task
+    succeeded before (the same Lookup reads the marker).
     """
-    entities: list[Any] = ndb.get_multi([payload_key(payload_id), *chunk_keys(payload_id, chunks)])
-    record = entities[0]
+    keys = [payload_key(payload_id), done_key(payload_id), *chunk_keys(payload_id, chunks)]
+    entities: list[Any] = ndb.get_multi(keys)
+    record, done = entities[0], entities[1]
     if record is None:
-        raise SpilledPayloadMissing(f"spilled payload {payload_id} is gone from Datastore")
-    missing = [number for number in range(1, len(entities)) if entities[number] is None]
+        raise SpilledPayloadMissing(
+            f"spilled payload {payload_id} is gone from Datastore", already_ran=done is not None
+        )
+    missing = [number - 1 for number in range(2, len(entities)) if entities[number] is None]
     if missing:
-        raise SpilledPayloadMissing(f"spilled payload {payload_id} lacks chunk(s) {missing}")
-    data = bytearray(sum(len(piece.data or b"") for piece in entities[1:]))
+        raise SpilledPayloadMissing(
+            f"spilled payload {payload_id} lacks chunk(s) {missing}", record_found=True
+        )
+    data = bytearray(sum(len(piece.data or b"") for piece in entities[2:]))
     offset = 0
     with memoryview(data) as view:
-        for number in range(1, len(entities)):
+        for number in range(2, len(entities)):
             piece = entities[number].data or b""
             entities[number] = None  # this chunk's only reference: its bytes go now
             view[offset : offset + len(piece)] = piece
             offset += len(piece)
     return record, data
+
+
+def finish(payload_id: str, chunks: int) -> None:
+    """After success: delete record and chunks and leave a done marker, in one commit (ndb
+    batches the put and the deletes issued together into one Commit)."""
+    marker = DeferredPayloadDone(key=done_key(payload_id), done=now())
+    futures = [
+        *ndb.put_multi_async([marker]),
+        *ndb.delete_multi_async([payload_key(payload_id), *chunk_keys(payload_id, chunks)]),
+    ]
+    for future in futures:
+        future.result()
 
 
 def delete(payload_id: str, chunks: int) -> None:

@@ -11,7 +11,7 @@ on the local stack::
    failed): the sweeper creates the task under the record's own name. ALREADY_EXISTS means the
    task is there after all (a paused or backlogged queue); the record is checked again later.
 2. Dead letters and permanent failures older than the retention period are deleted, with
-   their payloads.
+   their payloads, and so are the done markers of spilled tasks older than a week.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ class SweepReport:
     already_queued: int = 0
     purged_payloads: int = 0
     purged_failures: int = 0
+    purged_done_markers: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
 def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport:
-    """One pass: re-enqueue stuck payloads, purge expired dead letters. Reads at most 3 batches."""
+    """One pass: re-enqueue stuck payloads, purge expired dead letters and done markers; reads at
+    most 4 batches."""
     now = now or spillover.now()
     report = SweepReport()
     with ndb_context():
@@ -110,5 +112,11 @@ def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> N
     doomed += failures.DeferredFailureGroup.query(
         failures.DeferredFailureGroup.last_seen < cutoff
     ).fetch(batch, keys_only=True)
+    done_cutoff = now - datetime.timedelta(days=spillover.DONE_MARKER_DAYS)
+    done_markers = spillover.DeferredPayloadDone.query(
+        spillover.DeferredPayloadDone.done < done_cutoff
+    ).fetch(batch, keys_only=True)
+    report.purged_done_markers = len(done_markers)
+    doomed += done_markers
     if doomed:
         ndb.delete_multi(doomed)

@@ -74,7 +74,7 @@ def xss_records(rel: LocalStack) -> Iterator[dict[str, str]]:
         record, chunks = spillover.build_record(
             payload_id, b"x" * 10, meta, queue=XSS, task_name=XSS, eta=now, task={"url": XSS}
         )
-        spillover.write(record, chunks)
+        spillover.write_many([(record, chunks)])
         failure = failures.update(
             None,
             failure_id,

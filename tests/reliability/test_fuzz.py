@@ -23,7 +23,7 @@ import webtest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gae_deferred import FailureState, envelope, failures
+from gae_deferred import FailureState, TaskInfo, envelope, failures
 from gae_deferred.local.stack import LocalStack
 from gae_deferred.webapp2 import deferred_routes
 
@@ -52,13 +52,16 @@ class Trigger:
 
 def seed_envelopes(canary: str) -> list[bytes]:
     """Valid, signed envelopes whose execution (or unpickling) creates ``canary``."""
+    bound = {"task": "fuzz-task", "queue": "default"}  # made for TASK_HEADERS' task
     return [
-        envelope.build(rel_tasks.canary, (canary,)),
-        envelope.build(rel_tasks.mark, (canary + ".log", "x", Trigger(canary))),
+        envelope.build(rel_tasks.canary, (canary,), **bound),
+        envelope.build(rel_tasks.mark, (canary + ".log", "x", Trigger(canary)), **bound),
         # Compressible: a zlib body.
-        envelope.build(rel_tasks.canary, (canary,), {}, padding="a" * 4000),
-        envelope.build(lambda: rel_tasks.canary(canary)),
-        envelope.build_reference({"function": "rel_tasks.canary"}, {"id": "x", "chunks": 1}),
+        envelope.build(rel_tasks.canary, (canary,), {}, padding="a" * 4000, **bound),
+        envelope.build(lambda: rel_tasks.canary(canary), **bound),
+        envelope.build_reference(
+            {"function": "rel_tasks.canary"}, {"id": "x", "chunks": 1}, **bound
+        ),
     ]
 
 
@@ -211,9 +214,10 @@ def test_odd_task_headers_never_give_5xx(fuzz_app, tmp_path, headers, outcome) -
     log = str(tmp_path / "headers.log")
     function = getattr(rel_tasks, outcome)
     args = (log, "h", 1) if outcome == "flaky" else (log, "h")
-    response = app.post(
-        "/_ah/queue/deferred", envelope.build(function, args), headers=headers, expect_errors=True
-    )
+    task = TaskInfo.from_headers(headers)
+    bound = {"task": task.name, "queue": task.queue} if task else {}
+    body = envelope.build(function, args, **bound)
+    response = app.post("/_ah/queue/deferred", body, headers=headers, expect_errors=True)
     # Either prefix may name the queue and the task (TaskInfo.from_headers reads both).
     has_task = bool(
         (headers.get("X-AppEngine-QueueName") or headers.get("X-CloudTasks-QueueName"))
@@ -231,7 +235,9 @@ def test_odd_task_headers_never_give_5xx(fuzz_app, tmp_path, headers, outcome) -
 def test_huge_queue_and_task_names_on_a_failing_task_are_recorded(fuzz_app, tmp_path) -> None:
     app, _, _ = fuzz_app
     headers = {"X-AppEngine-QueueName": "q" * 3000, "X-AppEngine-TaskName": "t" * 3000}
-    data = envelope.build(rel_tasks.give_up, (str(tmp_path / "log"), "huge"))
+    data = envelope.build(
+        rel_tasks.give_up, (str(tmp_path / "log"), "huge"), task="t" * 3000, queue="q" * 3000
+    )
     response = app.post("/_ah/queue/deferred", data, headers=headers, expect_errors=True)
     assert response.status_int == 200, response.body[:300]
     [record] = failures.DeferredFailure.query().fetch()
