@@ -59,3 +59,51 @@ def ndb_emulator(monkeypatch):
         gae_deferred.configure(ndb_client=client, queue_yaml=str(ROOT / "queue.yaml"))
         with client.context(cache_policy=False, global_cache_policy=False):
             yield client
+
+
+@pytest.fixture(scope="session")
+def tasks_emulator():
+    """One in-process Cloud Tasks emulator with queue.yaml's queues for the whole session.
+
+    CLOUD_TASKS_EMULATOR_HOST points at it while it runs; tests pause the queues they use
+    (``paused``), since nothing listens at its app URL.
+    """
+    from tests.stack_support import cloud_tasks_emulator
+
+    with cloud_tasks_emulator() as emulator:
+        yield emulator
+
+
+PAUSED_QUEUES = ("default", "reports")
+
+
+@pytest.fixture
+def paused(tasks_emulator, ndb_stub):
+    """queue.yaml's queues paused and empty; yields ``tasks(queue="default")``, which returns
+    a queue's tasks in full (bodies included)."""
+    yield from _paused_queues()
+
+
+@pytest.fixture
+def paused_on_emulator(tasks_emulator, ndb_emulator):
+    """``paused``, with Datastore on the local emulator (per-entity transaction conflicts)."""
+    yield from _paused_queues()
+
+
+def _paused_queues():
+    import gae_deferred
+    from gae_deferred import cloud_tasks
+
+    for queue in PAUSED_QUEUES:
+        cloud_tasks.pause_queue(queue)
+        cloud_tasks.purge_queue(queue)
+    # A test that changed CLOUD_TASKS_EMULATOR_HOST may have left another client cached.
+    gae_deferred.cloud_tasks.reset_client()
+
+    def tasks(queue="default"):
+        tasks_page, _ = cloud_tasks.list_tasks_page(queue, page_size=1000, full=True)
+        return tasks_page
+
+    yield tasks
+    for queue in PAUSED_QUEUES:
+        cloud_tasks.purge_queue(queue)

@@ -31,7 +31,6 @@ from gae_deferred import (
 from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
 from tests.callables import add
-from tests.stack_support import cloud_tasks_emulator
 
 RESULTS: list = []
 
@@ -40,49 +39,9 @@ def collect(*args):
     RESULTS.append(args)
 
 
-@pytest.fixture(scope="module")
-def tasks_emulator():
-    """The Cloud Tasks emulator with queue.yaml's queues, shared by this module's tests."""
-    with cloud_tasks_emulator() as emulator:
-        yield emulator
-
-
-QUEUES = ("default", "reports")
-
-
-@pytest.fixture
-def paused(tasks_emulator, ndb_stub):
-    """Both queues paused and empty; yields a helper returning a queue's tasks in full."""
-    yield from _paused_queues()
-
-
-@pytest.fixture
-def paused_on_emulator(tasks_emulator, ndb_emulator):
-    """``paused``, with Datastore on the local emulator (per-entity transaction conflicts)."""
-    yield from _paused_queues()
-
-
-def _paused_queues():
-    client = tasks_client()
-    for queue in QUEUES:
-        path = gae_deferred.cloud_tasks.queue_path(queue)
-        client.pause_queue(name=path)
-        client.purge_queue(name=path)
+@pytest.fixture(autouse=True)
+def _fresh_results():
     RESULTS.clear()
-
-    def tasks(queue="default"):
-        return list(
-            client.list_tasks(
-                request={
-                    "parent": gae_deferred.cloud_tasks.queue_path(queue),
-                    "response_view": tasks_v2.Task.View.FULL,
-                }
-            )
-        )
-
-    yield tasks
-    for queue in QUEUES:
-        client.purge_queue(name=gae_deferred.cloud_tasks.queue_path(queue))
 
 
 def body_of(task):

@@ -10,10 +10,9 @@ from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.webapp2 import deferred_routes
 from tests.mounted_app import app_handlers
-from tests.test_defer import paused, tasks_emulator  # noqa: F401 - shared fixtures
 
 
-def test_mounted_app_keeps_its_routes_and_runs_deferred_tasks(paused):  # noqa: F811
+def test_mounted_app_keeps_its_routes_and_runs_deferred_tasks(paused):
     app = webtest.TestApp(webapp2.WSGIApplication(app_handlers.ROUTES + deferred_routes()))
     assert app.get("/").text == "my app"
     assert app.post("/signup", {"email": "a@example.com"}).text == "welcome queued"

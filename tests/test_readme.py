@@ -13,14 +13,13 @@ from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
-from tests.test_defer import paused, tasks_emulator  # noqa: F401 - shared fixtures
 
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_defer_examples_run_as_written(paused, capsys):  # noqa: F811
+def test_readme_defer_examples_run_as_written(paused, capsys):
     mount, examples, configure = python_blocks()
     assert "deferred_routes()" in mount
     namespace = {"__name__": "readme_example"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 
-import pytest
 import webapp2
 import webtest
 from google.cloud import ndb
@@ -17,13 +16,12 @@ from gae_deferred import (
     defer,
     envelope,
     failures,
-    idempotent,
     spillover,
     sweep,
 )
 from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
-from tests.test_defer import collect, paused, tasks_emulator  # noqa: F401 - shared fixtures
+from tests.test_defer import collect
 
 CALLS: list = []
 
@@ -32,7 +30,7 @@ def later(days=0, seconds=0):
     return spillover.now() + datetime.timedelta(days=days, seconds=seconds)
 
 
-def test_crash_between_commit_and_enqueue_is_repaired(paused, monkeypatch):  # noqa: F811
+def test_crash_between_commit_and_enqueue_is_repaired(paused, monkeypatch):
     # Cloud Tasks unreachable at commit time: the transaction commits, the enqueue fails.
     real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
@@ -58,7 +56,7 @@ def test_crash_between_commit_and_enqueue_is_repaired(paused, monkeypatch):  # n
     assert spillover.get(result.payload_id) is None
 
 
-def test_task_that_exists_is_not_duplicated(paused):  # noqa: F811
+def test_task_that_exists_is_not_duplicated(paused):
     result = defer(collect, os.urandom(200_000))
     report = sweep(now=later(days=1))
     assert (report.reenqueued, report.already_queued) == (0, 1)
@@ -67,7 +65,7 @@ def test_task_that_exists_is_not_duplicated(paused):  # noqa: F811
     assert spillover.get(result.payload_id).eta > spillover.now() + datetime.timedelta(hours=23)
 
 
-def test_enqueue_failure_is_reported_and_retried_later(paused, monkeypatch):  # noqa: F811
+def test_enqueue_failure_is_reported_and_retried_later(paused, monkeypatch):
     result = defer(collect, os.urandom(200_000))
     tasks_client().delete_task(name=paused()[0].name)
     record = spillover.get(result.payload_id)
@@ -111,51 +109,3 @@ def test_failed_spilled_payloads_are_purged_after_retention(ndb_stub):
 
 def _fail():
     raise gae_deferred.PermanentTaskFailure("no")
-
-
-@idempotent
-def charge(amount):
-    CALLS.append(amount)
-    return amount
-
-
-@idempotent(key=lambda order_id: order_id, transactional=True)
-def ship(order_id):
-    CALLS.append(order_id)
-
-
-def test_idempotent_runs_once_per_task(ndb_stub):
-    CALLS.clear()
-    task = gae_deferred.TaskInfo(name="t1", queue="default")
-    with gae_deferred.context.running(task):
-        assert charge(5) == 5
-        assert charge(5) is None
-    with gae_deferred.context.running(gae_deferred.TaskInfo(name="t2", queue="default")):
-        charge(6)
-    assert CALLS == [5, 6]
-
-
-def test_idempotent_outside_a_task_just_runs(ndb_stub):
-    CALLS.clear()
-    charge(1)
-    charge(1)
-    assert CALLS == [1, 1]
-
-
-def test_idempotent_with_a_key_in_a_transaction(ndb_stub):
-    CALLS.clear()
-    ship("o-1")
-    ship("o-1")
-    ship("o-2")
-    assert CALLS == ["o-1", "o-2"]
-
-
-@pytest.mark.parametrize("attempts", [2])
-def test_task_delivered_twice_runs_once(ndb_stub, attempts):
-    CALLS.clear()
-    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
-    data = envelope.build(charge, (9,), task="dup", queue="default")
-    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "dup"}
-    for _ in range(attempts):
-        app.post("/_ah/queue/deferred", data, headers=headers, status=200)
-    assert CALLS == [9]

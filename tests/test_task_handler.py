@@ -398,23 +398,15 @@ def test_handler_threads_reuse_a_clean_ndb_context(app, ndb_stub):
 
 
 def test_unreadable_queue_yaml_costs_only_dead_letter_detection(app, tmp_path, caplog):
-    from gae_deferred import execution
-
     broken = tmp_path / "queue.yaml"
     broken.write_text("queue:\n- name: default\n  rate: 5/x\n")
     gae_deferred.configure(queue_yaml=str(broken))
-    execution._queue_retry_limits.cache_clear()
     headers = {**TASK, "X-AppEngine-TaskRetryCount": "50"}
+    body = task_body(fail_with, ValueError("x"), headers=headers)
     with caplog.at_level(logging.ERROR, logger="gae_deferred"):
-        assert (
-            post(
-                app, task_body(fail_with, ValueError("x"), headers=headers), headers=headers
-            ).status_int
-            == 500
-        )
+        assert post(app, body, headers=headers).status_int == 500
     assert "queue.yaml:3" in caplog.text
     assert all_failures()[0].state == FailureState.RETRYING
-    execution._queue_retry_limits.cache_clear()
 
 
 def test_app_refuses_to_start_with_a_broken_queue_yaml(tmp_path):
@@ -692,10 +684,9 @@ def limit_queues(tmp_path):
 
     path = tmp_path / "queue.yaml"
     path.write_text(LIMITS_YAML)
+    # A fresh path per test: the limits cached for another file never apply.
     gae_deferred.configure(queue_yaml=str(path))
-    execution._queue_retry_limits.cache_clear()
-    yield execution
-    execution._queue_retry_limits.cache_clear()
+    return execution
 
 
 def _due(seconds_ago):
