@@ -65,6 +65,22 @@ def test_task_that_exists_is_not_duplicated(paused):
     assert spillover.get(result.payload_id).eta > spillover.now() + datetime.timedelta(hours=23)
 
 
+def test_a_deleted_tasks_held_name_does_not_block_the_repair(paused):
+    """Cloud Tasks keeps the name of a deleted (or purged) task for an hour or more: the
+    sweeper creates the task under a fresh name instead of waiting for it to come free."""
+    result = defer(collect, os.urandom(200_000))
+    tasks_client().delete_task(name=paused()[0].name)
+    report = sweep(now=later(days=1))
+    assert (report.reenqueued, report.already_queued, report.errors) == (1, 0, [])
+    (task,) = paused()
+    record = spillover.get(result.payload_id)
+    assert record.task_name.startswith("s-") and task.name.endswith("/tasks/" + record.task_name)
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": record.task_name}
+    app.post("/_ah/queue/deferred", task.app_engine_http_request.body, headers=headers, status=200)
+    assert spillover.get(result.payload_id) is None
+
+
 def test_enqueue_failure_is_reported_and_retried_later(paused, monkeypatch):
     result = defer(collect, os.urandom(200_000))
     tasks_client().delete_task(name=paused()[0].name)

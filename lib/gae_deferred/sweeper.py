@@ -9,7 +9,11 @@ on the local stack::
 1. A spilled or outboxed payload still ``pending`` well past its ETA never had its task
    created (the process died between the Datastore commit and CreateTask, or CreateTask
    failed): the sweeper creates the task under the record's own name. ALREADY_EXISTS means the
-   task is there after all (a paused or backlogged queue); the record is checked again later.
+   task is there after all (a paused or backlogged queue; the record is checked again later),
+   unless GetTask says it is not: then the name is only held (Cloud Tasks keeps the name of a
+   deleted or purged task about an hour, 9 days for queues created from queue.yaml), and the
+   task is created under a fresh name, which the record follows. Nothing waits for a name to
+   come free.
 2. Dead letters and permanent failures older than the retention period are deleted, with
    their payloads, and so are the done markers of spilled tasks older than a week.
 """
@@ -20,9 +24,10 @@ import dataclasses
 import datetime
 import logging
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from . import enqueue, failures, spillover
+from . import cloud_tasks, enqueue, failures, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .errors import DeferError, TaskAlreadyExistsError
@@ -77,7 +82,17 @@ def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) ->
             # ahead (a test, a late cron) must not push the repaired task into the future.
             enqueue.enqueue_record(record)
         except TaskAlreadyExistsError:
-            report.already_queued += 1
+            try:
+                if _task_exists(record):
+                    report.already_queued += 1
+                else:
+                    # The name is held by a task that was deleted or purged: Cloud Tasks keeps
+                    # a name about an hour (9 days for queue.yaml queues). A fresh name now.
+                    enqueue.enqueue_record(record, name=enqueue.new_task_name("s"))
+                    report.reenqueued += 1
+            except (DeferError, api_exceptions.GoogleAPIError) as exc:
+                report.errors.append(f"{record.key.id()}: {exc}")
+                continue
         except DeferError as exc:
             report.errors.append(f"{record.key.id()}: {exc}")
             continue
@@ -89,6 +104,14 @@ def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) ->
         touched.append(record)
     if touched:
         ndb.put_multi(touched)
+
+
+def _task_exists(record: spillover.DeferredPayload) -> bool:
+    try:
+        cloud_tasks.get_task(record.queue, record.task_name)
+    except api_exceptions.NotFound:
+        return False
+    return True
 
 
 def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> None:
