@@ -45,3 +45,15 @@ def test_the_app_refuses_to_start_in_local_mode_on_app_engine():
     )
     assert result.returncode != 0
     assert "refused where GAE_ENV is set" in result.stderr
+
+
+def test_queue_yaml_beside_the_app_is_found(monkeypatch, tmp_path):
+    monkeypatch.delenv("GAE_DEFERRED_QUEUE_YAML", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert gae_deferred.settings().queue_yaml is None
+    (tmp_path / "queue.yaml").write_text("queue:\n- name: default\n  rate: 1/s\n")
+    gae_deferred.reset_clients()
+    assert gae_deferred.settings().queue_yaml == str(tmp_path / "queue.yaml")
+    monkeypatch.setenv("GAE_DEFERRED_QUEUE_YAML", "/elsewhere/queue.yaml")
+    gae_deferred.reset_clients()
+    assert gae_deferred.settings().queue_yaml == "/elsewhere/queue.yaml"

@@ -56,6 +56,7 @@ class Settings:
     #: Called once per process when no signing_key is set, e.g. to read Secret Manager.
     signing_key_provider: Callable[[], bytes] | None = None
     app_version: str = "unknown"
+    #: Retry limits per queue (dead letters): GAE_DEFERRED_QUEUE_YAML, else ./queue.yaml.
     queue_yaml: str | None = None
     #: An ndb client to use instead of ``ndb.Client(project=...)`` (tests pass a stub).
     ndb_client: Any = None
@@ -102,12 +103,18 @@ def _from_environment() -> Settings:
         location=env.get("GAE_DEFERRED_LOCATION", "us-central1"),
         signing_key=key,
         app_version=env.get("GAE_VERSION", "unknown"),
-        queue_yaml=env.get("GAE_DEFERRED_QUEUE_YAML"),
+        queue_yaml=env.get("GAE_DEFERRED_QUEUE_YAML") or _queue_yaml_beside_app(),
         local_mode=local_flag == "1",
         iap_audience=env.get("GAE_DEFERRED_IAP_AUDIENCE"),
     )
     _validate(current)
     return current
+
+
+def _queue_yaml_beside_app() -> str | None:
+    """App Engine runs an app from its folder, where queue.yaml sits beside app.yaml."""
+    path = os.path.abspath("queue.yaml")
+    return path if os.path.isfile(path) else None
 
 
 def _decode_key(text: str, source: str) -> bytes:

@@ -11,6 +11,7 @@ import e2e_tasks
 import pytest
 import requests
 from e2e_helpers import failure_state, payload_exists, wait_for_runs
+from google.cloud import ndb
 
 import gae_deferred
 from gae_deferred import defer, serialize
@@ -156,3 +157,39 @@ def test_forged_task_posts_get_403_and_run_nothing(e2e: LocalStack, run_dir: pat
     assert [answer.status_code for answer in answers] == [403, 403, 403, 403]
     time.sleep(0.5)
     assert e2e_tasks.runs(run_dir, "forged") == []
+
+
+class E2eOrder(ndb.Model):
+    total = ndb.IntegerProperty()
+
+
+@pytest.mark.parametrize("commits", [True, False])
+def test_spilled_defers_inside_a_transaction_on_the_stack(
+    e2e: LocalStack, run_dir: pathlib.Path, commits: bool
+) -> None:
+    """Inside @ndb.transactional(): a spilled defer without _transactional runs once whether the
+    transaction commits or rolls back; with _transactional=True it runs only on commit."""
+    label = f"txn-{commits}"
+    payload = os.urandom(300_000)
+
+    @ndb.transactional()
+    def place() -> None:
+        E2eOrder(id=label, total=1).put()
+        defer(e2e_tasks.record, str(run_dir), f"{label}-plain", payload)
+        defer(e2e_tasks.record, str(run_dir), f"{label}-outbox", payload, _transactional=True)
+        if not commits:
+            raise RuntimeError("roll back")
+
+    with gae_deferred.ndb_context():
+        if commits:
+            place()
+        else:
+            with pytest.raises(RuntimeError):
+                place()
+    [run] = wait_for_runs(run_dir, f"{label}-plain", 1)
+    assert run["arg_bytes"] == len(payload)
+    if commits:
+        wait_for_runs(run_dir, f"{label}-outbox", 1)
+    time.sleep(1.0)
+    assert len(e2e_tasks.runs(run_dir, f"{label}-plain")) == 1
+    assert len(e2e_tasks.runs(run_dir, f"{label}-outbox")) == int(commits)
