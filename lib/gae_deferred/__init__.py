@@ -7,45 +7,116 @@
 
 Payloads over the task size limit spill into Datastore; the webapp2 task handler
 (``gae_deferred.webapp2``) runs them; ``/_ah/deferred-admin`` shows what is pending or failed.
-This module imports no web framework.
+
+Every name is imported on first use: ``import gae_deferred`` costs nothing until code touches
+``defer`` or the like (the pytest plugin relies on that); none brings in a web framework.
 """
 
-from . import _config, _datastore, cloud_tasks
-from ._config import Settings, configure, settings
-from ._datastore import ndb_context
-from .context import (
-    TaskInfo,
-    current_task,
-    queue_name,
-    task_execution_count,
-    task_name,
-    task_retry_count,
-)
-from .enqueue import DeferredTask, defer
-from .envelope import serialize
-from .errors import (
-    AdminError,
-    ConfigurationError,
-    DatastoreUnavailableError,
-    DeferError,
-    EnqueueError,
-    EnqueueOutcomeUnknown,
-    Error,
-    PayloadLoadError,
-    PayloadTooLargeError,
-    PermanentTaskFailure,
-    QueueNotFoundError,
-    SerializationError,
-    SingularTaskFailure,
-    SpilledPayloadMissing,
-    TaskAlreadyExistsError,
-    UnverifiedEnvelope,
-)
-from .execution import TaskOutcome, execute_task, run, set_log_level
-from .failures import FailureState
-from .idempotency import idempotent
-from .spillover import PayloadState
-from .sweeper import SweepReport, sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._config import Settings, configure, settings
+    from ._datastore import ndb_context
+    from .context import (
+        TaskInfo,
+        current_task,
+        queue_name,
+        task_execution_count,
+        task_name,
+        task_retry_count,
+    )
+    from .enqueue import DeferredTask, defer
+    from .envelope import serialize
+    from .errors import (
+        AdminError,
+        ConfigurationError,
+        DatastoreUnavailableError,
+        DeferError,
+        EnqueueError,
+        EnqueueOutcomeUnknown,
+        Error,
+        PayloadLoadError,
+        PayloadTooLargeError,
+        PermanentTaskFailure,
+        QueueNotFoundError,
+        SerializationError,
+        SingularTaskFailure,
+        SpilledPayloadMissing,
+        TaskAlreadyExistsError,
+        UnverifiedEnvelope,
+    )
+    from .execution import TaskOutcome, execute_task, run, set_log_level
+    from .failures import FailureState
+    from .idempotency import idempotent
+    from .spillover import PayloadState
+    from .sweeper import SweepReport, sweep
+
+#: Where each public name lives, relative to this package.
+_EXPORTS = {
+    "Settings": "._config",
+    "configure": "._config",
+    "settings": "._config",
+    "ndb_context": "._datastore",
+    "TaskInfo": ".context",
+    "current_task": ".context",
+    "queue_name": ".context",
+    "task_execution_count": ".context",
+    "task_name": ".context",
+    "task_retry_count": ".context",
+    "DeferredTask": ".enqueue",
+    "defer": ".enqueue",
+    "serialize": ".envelope",
+    "AdminError": ".errors",
+    "ConfigurationError": ".errors",
+    "DatastoreUnavailableError": ".errors",
+    "DeferError": ".errors",
+    "EnqueueError": ".errors",
+    "EnqueueOutcomeUnknown": ".errors",
+    "Error": ".errors",
+    "PayloadLoadError": ".errors",
+    "PayloadTooLargeError": ".errors",
+    "PermanentTaskFailure": ".errors",
+    "QueueNotFoundError": ".errors",
+    "SerializationError": ".errors",
+    "SingularTaskFailure": ".errors",
+    "SpilledPayloadMissing": ".errors",
+    "TaskAlreadyExistsError": ".errors",
+    "UnverifiedEnvelope": ".errors",
+    "TaskOutcome": ".execution",
+    "execute_task": ".execution",
+    "run": ".execution",
+    "set_log_level": ".execution",
+    "FailureState": ".failures",
+    "idempotent": ".idempotency",
+    "PayloadState": ".spillover",
+    "SweepReport": ".sweeper",
+    "sweep": ".sweeper",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name, or a submodule (``gae_deferred.cloud_tasks``), on first use."""
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    elif name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    else:
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 def reset_clients() -> None:
@@ -53,6 +124,8 @@ def reset_clients() -> None:
 
     For tests and tools that point one process at another emulator or project.
     """
+    from . import _config, _datastore, cloud_tasks
+
     _config.reset()
     cloud_tasks.reset_client()
     _datastore.reset_client()
