@@ -5,11 +5,19 @@
     defer(report.build, account_id, _queue="reports", _countdown=30)
     defer(lambda: self.cleanup(tmp))      # closures, lambdas, methods of local classes
 
+Legacy code keeps its names with one import swap::
+
+    import gae_deferred as deferred       # was: from google.appengine.ext import deferred
+
+    deferred.defer(fn, 1, _transactional=True)
+    app = deferred.application            # or subclass deferred.TaskHandler (webapp2)
+
 Payloads over the task size limit spill into Datastore; the webapp2 task handler
 (``gae_deferred.webapp2``) runs them; ``/_ah/deferred-admin`` shows what is pending or failed.
 
 Every name is imported on first use: ``import gae_deferred`` costs nothing until code touches
-``defer`` or the like (the pytest plugin relies on that); none brings in a web framework.
+``defer`` or the like (the pytest plugin relies on that), and only ``TaskHandler`` brings in
+webapp2.
 """
 
 from __future__ import annotations
@@ -46,13 +54,18 @@ if TYPE_CHECKING:
         SingularTaskFailure,
         SpilledPayloadMissing,
         TaskAlreadyExistsError,
+        TaskFailed,
         UnverifiedEnvelope,
     )
     from .execution import TaskOutcome, execute_task, run, set_log_level
     from .failures import FailureState
     from .idempotency import idempotent
+    from .legacy import Handler, application, invoke_member, run_from_datastore
     from .spillover import PayloadState
     from .sweeper import SweepReport, sweep
+
+    # Not in __all__: a star import must not bring in webapp2.
+    from .webapp2 import TaskHandler as TaskHandler
 
 #: Where each public name lives, relative to this package.
 _EXPORTS = {
@@ -84,6 +97,7 @@ _EXPORTS = {
     "SingularTaskFailure": ".errors",
     "SpilledPayloadMissing": ".errors",
     "TaskAlreadyExistsError": ".errors",
+    "TaskFailed": ".errors",
     "UnverifiedEnvelope": ".errors",
     "TaskOutcome": ".execution",
     "execute_task": ".execution",
@@ -91,9 +105,15 @@ _EXPORTS = {
     "set_log_level": ".execution",
     "FailureState": ".failures",
     "idempotent": ".idempotency",
+    "Handler": ".legacy",
+    "application": ".legacy",
+    "invoke_member": ".legacy",
+    "run_from_datastore": ".legacy",
     "PayloadState": ".spillover",
     "SweepReport": ".sweeper",
     "sweep": ".sweeper",
+    # The legacy webapp2 handler class: the one name that imports webapp2.
+    "TaskHandler": ".webapp2",
 }
 
 
@@ -141,6 +161,7 @@ __all__ = [
     "EnqueueOutcomeUnknown",
     "Error",
     "FailureState",
+    "Handler",
     "PayloadLoadError",
     "PayloadState",
     "PayloadTooLargeError",
@@ -152,19 +173,23 @@ __all__ = [
     "SpilledPayloadMissing",
     "SweepReport",
     "TaskAlreadyExistsError",
+    "TaskFailed",
     "TaskInfo",
     "TaskOutcome",
     "UnverifiedEnvelope",
+    "application",
     "cloud_tasks",
     "configure",
     "current_task",
     "defer",
     "execute_task",
     "idempotent",
+    "invoke_member",
     "ndb_context",
     "queue_name",
     "reset_clients",
     "run",
+    "run_from_datastore",
     "serialize",
     "set_log_level",
     "settings",
