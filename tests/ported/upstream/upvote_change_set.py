@@ -1,3 +1,12 @@
+# Ported to gae_deferred from github.com/google/upvote_py2
+#   upvote/gae/lib/bit9/change_set.py
+#   at commit 51606947641763489db31bffcb934e8112eb5a08
+#   License: Apache License 2.0 (the original notice follows).
+# Changes, all marked in the text below with '# gae_deferred port:':
+#   - imports: gae_deferred and google.cloud.ndb; Upvote's own modules (models, constants, the
+#     Bit9 REST API client, monitoring) from tests/ported/upvote_stand_ins.py.
+#   The code itself is unchanged.
+#
 # Copyright 2017 Google Inc. All Rights Reserved.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
@@ -17,18 +26,19 @@
 import datetime
 import logging
 
-from google.appengine.ext import deferred
-from google.appengine.ext import ndb
+# gae_deferred port: gae_deferred and google.cloud.ndb replace google.appengine.ext's deferred
+# and ndb; Upvote's models, constants and Bit9 REST client come from upvote_stand_ins (the
+# unused tables and user_utils imports are gone).
+from google.cloud import ndb
 
-from upvote.gae.bigquery import tables
-from upvote.gae.datastore.models import cert as cert_models
-from upvote.gae.datastore.models import rule as rule_models
-from upvote.gae.lib.bit9 import api
-from upvote.gae.lib.bit9 import constants as bit9_constants
-from upvote.gae.lib.bit9 import monitoring
-from upvote.gae.lib.bit9 import utils as bit9_utils
-from upvote.gae.utils import user_utils
-from upvote.shared import constants
+import gae_deferred as deferred
+from upvote_stand_ins import api
+from upvote_stand_ins import bit9_constants
+from upvote_stand_ins import bit9_utils
+from upvote_stand_ins import cert_models
+from upvote_stand_ins import constants
+from upvote_stand_ins import monitoring
+from upvote_stand_ins import rule_models
 
 _COMMIT_RETRIES = 3
 
