@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import unittest
 
 import pytest
 from google.cloud import ndb
@@ -409,3 +412,16 @@ def test_the_plugin_module_is_cheap_to_import():
     ).stdout.split()
     assert "gae_deferred" in loaded
     assert not {"google", "cloudpickle", "grpc", "webapp2"} & set(loaded)
+
+
+def test_the_after_example_of_docs_testing_md_passes(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "testing.md").read_text(), re.S)
+    before, after = blocks[0], blocks[1]
+    assert "testbed" in before and "capture_tasks" in after
+    (tmp_path / "resources").mkdir()
+    (tmp_path / "resources" / "queue.yaml").write_text("queue:\n- name: default\n  rate: 5/s\n")
+    namespace = {"__name__": "docs_testing_example", "__file__": str(tmp_path / "example_test.py")}
+    exec(compile(after, "docs/testing.md", "exec"), namespace)
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(namespace["TaskQueueTestCase"])
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(suite)
+    assert result.testsRun == 1 and result.wasSuccessful(), result.errors + result.failures
