@@ -36,7 +36,7 @@ from tests.conftest import ROOT
 RUNS: list = []
 
 
-class Counter(ndb.Model):
+class CaptureCounter(ndb.Model):
     count = ndb.IntegerProperty(default=0)
 
 
@@ -77,14 +77,14 @@ def forever():
 
 
 def bump(counter_id, data=b""):
-    counter = Counter.get_by_id(counter_id)
+    counter = CaptureCounter.get_by_id(counter_id)
     counter.count += 1
     counter.put()
 
 
 @ndb.transactional()
 def create_and_defer(counter_id, fail=False):
-    Counter(id=counter_id).put()
+    CaptureCounter(id=counter_id).put()
     defer(bump, counter_id, _transactional=True)
     if fail:
         raise RuntimeError("rolled back")
@@ -183,7 +183,7 @@ def test_transactional_defer_is_captured_only_if_the_transaction_commits():
         [task] = queue.tasks
         assert task.spilled  # transactional defers are written with the transaction
         queue.run_all()
-        assert Counter.get_by_id("c2").count == 1
+        assert CaptureCounter.get_by_id("c2").count == 1
         assert spillover.get(task.payload_id) is None
 
 
@@ -197,9 +197,9 @@ def test_works_without_signing_key_project_or_datastore(no_signing_key, monkeypa
         defer(bump, "big", os.urandom(300_000))  # random bytes: does not compress, spills
         [task] = queue.tasks
         assert task.spilled and spillover.get(task.payload_id) is not None
-        Counter(id="big").put()
+        CaptureCounter(id="big").put()
         queue.run_all()
-        assert Counter.get_by_id("big").count == 1
+        assert CaptureCounter.get_by_id("big").count == 1
         assert spillover.get(task.payload_id) is None
     # The test key and the in-memory Datastore were only for the block.
     with pytest.raises(ConfigurationError, match="no signing key"):
@@ -251,11 +251,11 @@ def test_captures_do_not_nest():
 
 def test_the_test_sees_what_tasks_wrote_despite_its_ndb_cache():
     with capture_tasks() as queue:
-        Counter(id="cached").put()
-        assert Counter.get_by_id("cached").count == 0  # now in the test's context cache
+        CaptureCounter(id="cached").put()
+        assert CaptureCounter.get_by_id("cached").count == 0  # now in the test's context cache
         defer(bump, "cached")
         queue.run_all()
-        assert Counter.get_by_id("cached").count == 1
+        assert CaptureCounter.get_by_id("cached").count == 1
 
 
 # --- failures -------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 import schema_update_main
 import upvote_change_set as change_set
-from google.cloud import ndb
 from test_schema_update_chain import add_v1_pictures, updated_pictures
-from upvote_stand_ins import Bit9Binary, Bit9Rule, RuleChangeSet, constants
+from test_upvote import change, remaining_changes, rule
+from upvote_stand_ins import Bit9Binary, constants
 
 import gae_deferred as deferred
 from gae_deferred import failures
@@ -69,20 +69,11 @@ def test_upvote_chain_stops_at_a_permanent_failure_inside_its_transaction(on_sta
     policy = constants.RULE_POLICY
     with datastore():
         binary = Bit9Binary(id="sha256-e2e", file_catalog_id="1234")
-        local = Bit9Rule(id="local", parent=binary.key, host_id="5678", policy=policy.WHITELIST)
-        global_ = Bit9Rule(id="global", parent=binary.key, policy=policy.WHITELIST)
-        ndb.put_multi([binary, local, global_])
-        for change_id, rules, change_type in (
-            ("c1", [global_], policy.WHITELIST),
-            ("c2", [local, global_], policy.BLACKLIST),  # mixed: can never apply
-            ("c3", [global_], policy.REMOVE),
-        ):
-            RuleChangeSet(
-                id=change_id,
-                parent=binary.key,
-                rule_keys=[r.key for r in rules],
-                change_type=change_type,
-            ).put()
+        binary.put()
+        local, global_ = rule(binary, "local", host_id="5678"), rule(binary, "global")
+        change(binary, "c1", [global_], policy.WHITELIST)
+        change(binary, "c2", [local, global_], policy.BLACKLIST)  # mixed: can never apply
+        change(binary, "c3", [global_], policy.REMOVE)
 
     change_set.DeferCommitBlockableChangeSet(binary.key)
 
@@ -99,6 +90,5 @@ def test_upvote_chain_stops_at_a_permanent_failure_inside_its_transaction(on_sta
         [record] = wait_for(permanent_failure, "the permanent failure of the second change", 30)
         assert record.queue == constants.TASK_QUEUE.BIT9_COMMIT_CHANGE
         assert record.attempts == 1  # never retried
-        remaining = RuleChangeSet.query(ancestor=binary.key).order(RuleChangeSet.recorded_dt)
-        assert [c.key.id() for c in remaining] == ["c2", "c3"]
+        assert remaining_changes(binary) == ["c2", "c3"]
         assert global_.key.get().is_committed and not local.key.get().is_committed
