@@ -9,6 +9,8 @@ Add them to an existing app::
 
 In this repository the package is the ``handlers/`` folder; the wheel installs it as
 ``gae_deferred.webapp2``, with the dashboard's templates and static files as package data.
+
+``TaskHandler`` is the legacy ``deferred.TaskHandler`` for apps that subclass it (see legacy.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import webapp2
 
 from .deferred_admin import admin_routes
 from .deferred_task import DeferredTaskHandler, task_routes
+from .legacy import TaskHandler
 
-__all__ = ["DeferredTaskHandler", "admin_routes", "deferred_routes", "task_routes"]
+__all__ = ["DeferredTaskHandler", "TaskHandler", "admin_routes", "deferred_routes", "task_routes"]
 
 
 def deferred_routes() -> list[webapp2.Route]:

@@ -95,6 +95,19 @@ class SpilledPayloadMissing(PermanentTaskFailure):
         self.record_found = record_found
 
 
+class TaskFailed(Error):
+    """The deferred function raised: its failure is recorded and Cloud Tasks retries the task.
+
+    Legacy handlers let the task's exception escape ``run_from_request()``; the legacy
+    ``Handler`` and ``TaskHandler`` raise this in its place, after the failure was recorded.
+    ``result`` is what the handler answers (``retrying``, or ``dead`` on the last attempt).
+    """
+
+    def __init__(self, message: str, result: str = "retrying") -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class AdminError(Error):
     """A request the dashboard refuses; ``status`` is the HTTP status to answer with."""
 

@@ -1,0 +1,460 @@
+"""Testing code that defers: capture tasks instead of sending them, then run them in-process.
+
+The replacement for testbed's taskqueue stub::
+
+    from gae_deferred import defer
+    from gae_deferred.testing import capture_tasks
+
+    with capture_tasks() as queue:          # no Cloud Tasks, no signing key needed
+        defer(fan_out, 3, _countdown=30)
+        assert queue.tasks[0].queue == "default"
+        assert queue.tasks[0].function.endswith("fan_out")
+        queue.run_all()                     # runs them, and the tasks they defer, until empty
+
+Tasks run through :func:`gae_deferred.execute_task`, as the task handler runs them: signatures
+are checked, spilled payloads are read from Datastore and deleted after success, failures are
+recorded, and ``current_task()`` answers inside the task. With no Datastore configured (no
+``DATASTORE_EMULATOR_HOST``, no ``configure(ndb_client=...)``) the capture keeps spilled payloads
+in an in-memory Datastore (inmemory-datastore-stub, the ``testing`` extra) and opens an ndb
+context on it for the block, as testbed's datastore stub did.
+
+Under pytest the ``deferred_tasks`` fixture is the same capture, with nothing to import.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import contextvars
+import dataclasses
+import datetime
+import itertools
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+from google.cloud import ndb, tasks_v2
+
+from . import _config, _datastore, cloud_tasks, context, envelope, execution
+from .errors import ConfigurationError, PermanentTaskFailure, SingularTaskFailure, TaskFailed
+from .queue_config import load_queue_yaml
+
+#: Signs tasks inside a capture when no signing key is configured; never leaves this process.
+_TEST_SIGNING_KEY = secrets.token_bytes(32)
+#: The project a capture uses when none is configured (testbed's default app id).
+DEFAULT_PROJECT = "testbed-test"
+_LEGACY_ETA_FORMAT = "%Y/%m/%d %H:%M:%S"
+
+#: The exception the deferred function raised in the run under way (see _WatchedCall).
+_raised: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+    "gae_deferred_testing_raised", default=None
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedTask:
+    """A task defer() created, as Cloud Tasks would have received it.
+
+    The legacy ``taskqueue.Task`` names work too: ``queue_name``, ``payload``, ``method``.
+    """
+
+    name: str
+    queue: str
+    eta: datetime.datetime
+    url: str
+    headers: dict[str, str]
+    #: The body Cloud Tasks would POST: the signed envelope, or a reference if ``spilled``.
+    payload: bytes = dataclasses.field(repr=False)
+    #: Dotted name of the deferred callable and a short preview of its arguments.
+    function: str
+    args: str
+    #: Size of the pickled call; ``size`` is what the task itself carries.
+    payload_bytes: int
+    spilled: bool
+    #: Id of the spilled Datastore record (``deferred.run_from_datastore(task.payload_id)``).
+    payload_id: str | None
+    routing: dict[str, str]
+    retry_count: int = 0
+    execution_count: int = 0
+    #: Creation order; retried tasks get a new one, so they go after the tasks already due.
+    sequence: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    @property
+    def queue_name(self) -> str:
+        return self.queue
+
+    @property
+    def method(self) -> str:
+        return "POST"
+
+    def legacy_dict(self) -> dict[str, Any]:
+        """This task as testbed's ``taskqueue_stub.GetTasks()`` described it."""
+        eta_usec = int(self.eta.timestamp() * 1_000_000)
+        headers = [
+            *self.headers.items(),
+            ("X-AppEngine-QueueName", self.queue),
+            ("X-AppEngine-TaskName", self.name),
+            ("X-AppEngine-TaskRetryCount", str(self.retry_count)),
+            ("X-AppEngine-TaskExecutionCount", str(self.execution_count)),
+            ("X-AppEngine-TaskETA", str(eta_usec / 1_000_000)),
+        ]
+        return {
+            "name": self.name,
+            "queue_name": self.queue,
+            "url": self.url,
+            "method": self.method,
+            "eta": self.eta.strftime(_LEGACY_ETA_FORMAT),
+            "eta_usec": eta_usec,
+            "body": base64.b64encode(self.payload),
+            "headers": headers,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFailure:
+    """A captured task that failed for good: it is not retried, as in production.
+
+    ``state`` is ``permanent`` (PermanentTaskFailure, a payload that cannot load) or ``dead``
+    (its last allowed attempt failed).
+    """
+
+    task: CapturedTask
+    exception: BaseException
+    state: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.task.name} ({self.task.function}) on {self.task.queue}: {self.state}, "
+            f"{type(self.exception).__name__}: {self.exception}"
+        )
+
+
+class UnexaminedTaskFailures(AssertionError):
+    """Tasks failed for good during a capture and the test never took them with
+    ``take_failures()``: a PermanentTaskFailure is an outcome a test should assert on."""
+
+
+class _WatchedCall(context.running):
+    """execute_task's ``running`` block, also keeping the exception the deferred function
+    raised: execute_task records and answers failures, while a test wants the exception itself."""
+
+    __slots__ = ()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if exc_info[1] is not None:
+            _raised.set(exc_info[1])
+        super().__exit__(*exc_info)
+
+
+class TaskQueue:
+    """The tasks of one :func:`capture_tasks` block, and the means to run them.
+
+    ``tasks`` are the queued tasks, due first; ``run(task)`` runs one, ``run_all()`` runs until
+    no task is left. A task that raises is queued again with ``retry_count + 1`` (as Cloud Tasks
+    retries it) and its exception is raised to the test; SingularTaskFailure is retried without
+    raising; a task that fails for good is dropped and kept in ``failures``, which the test must
+    take with ``take_failures()`` before the block ends.
+    """
+
+    def __init__(self, ndb_client: Any, known_queues: Iterable[str] | None) -> None:
+        #: The ndb client tasks run against (the in-memory one unless a Datastore is configured).
+        self.ndb_client = ndb_client
+        self._known_queues = set(known_queues) if known_queues is not None else None
+        self._pending: list[CapturedTask] = []
+        self._failures: list[TaskFailure] = []
+        #: Task names in use per queue: Cloud Tasks refuses a name again for about an hour.
+        self._names: dict[str, set[str]] = {}
+        self._sequence = itertools.count(1)
+        self._auto_names = itertools.count(1)
+
+    # -- what defer() created ------------------------------------------------------------
+
+    def create_task(self, parent: str, task: tasks_v2.Task) -> tasks_v2.Task:
+        """Take a task instead of Cloud Tasks (the ``cloud_tasks._sink`` hook), with Cloud Tasks'
+        refusals: an unknown queue (when queue.yaml is known) and a name used before."""
+        queue = cloud_tasks.short_name(parent)
+        if self._known_queues is not None and queue not in self._known_queues:
+            raise api_exceptions.NotFound(f"Queue does not exist: {queue}")
+        names = self._names.setdefault(queue, set())
+        name = cloud_tasks.short_name(task.name) if task.name else self._auto_name(names)
+        if name in names:
+            raise api_exceptions.AlreadyExists(f"Requested entity already exists: {name}")
+        names.add(name)
+        created = tasks_v2.Task(task)
+        created.name = f"{parent}/tasks/{name}"
+        self._pending.append(self._captured(name, queue, created))
+        return created
+
+    def _auto_name(self, names: set[str]) -> str:
+        # testbed named unnamed tasks task1, task2, ...: legacy tests assert on those names.
+        while True:
+            name = f"task{next(self._auto_names)}"
+            if name not in names:
+                return name
+
+    def _captured(self, name: str, queue: str, task: tasks_v2.Task) -> CapturedTask:
+        request = task.app_engine_http_request
+        body = bytes(request.body)
+        header = envelope.read_header(body)
+        routing = request.app_engine_routing
+        return CapturedTask(
+            name=name,
+            queue=queue,
+            eta=datetime.datetime.fromtimestamp(task.schedule_time.timestamp(), datetime.UTC),
+            url=request.relative_uri,
+            headers=dict(request.headers),
+            payload=body,
+            function=str(header.get("function", "?")),
+            args=str(header.get("args", "")),
+            payload_bytes=int(header.get("raw_bytes", len(body))),
+            spilled="ref" in header,
+            payload_id=(header.get("ref") or {}).get("id"),
+            routing={
+                field: getattr(routing, field)
+                for field in ("service", "version", "instance")
+                if getattr(routing, field)
+            },
+            sequence=next(self._sequence),
+        )
+
+    @property
+    def tasks(self) -> list[CapturedTask]:
+        """The queued tasks of every queue, in the order they would run: by ETA, then creation."""
+        return sorted(self._pending, key=lambda task: (task.eta, task.sequence))
+
+    def tasks_in(self, queue: str) -> list[CapturedTask]:
+        """The queued tasks of one queue, in the order they would run."""
+        return [task for task in self.tasks if task.queue == queue]
+
+    def clear(self, queue: str | None = None) -> None:
+        """Drop the queued tasks (of one queue) and forget their names, like testbed's
+        FlushQueue: a cleared name can be used again."""
+        if queue is None:
+            self._pending, self._names = [], {}
+            return
+        self._pending = [task for task in self._pending if task.queue != queue]
+        self._names.pop(queue, None)
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self, task: CapturedTask) -> execution.TaskOutcome:
+        """Run one queued task as the handler would; returns what the handler would answer.
+
+        Raises what the deferred function raised (the task stays queued for its retry, unless
+        that was its last attempt); a permanent failure is kept in ``failures`` instead.
+        """
+        if not any(queued is task for queued in self._pending):
+            raise ValueError(f"task {task.name} is not queued in this capture")
+        self._pending = [queued for queued in self._pending if queued is not task]
+        info = context.TaskInfo(
+            name=task.name,
+            queue=task.queue,
+            retry_count=task.retry_count,
+            execution_count=task.execution_count,
+            eta=task.eta.timestamp(),
+        )
+        outcome, raised = self._execute(task.payload, info)
+        if outcome.status == execution.OK and outcome.result == "ok":
+            return outcome
+        if outcome.status == execution.OK:
+            self._failures.append(
+                TaskFailure(task, raised or PermanentTaskFailure(outcome.message), outcome.result)
+            )
+            return outcome
+        if outcome.status == execution.RETRY_QUIETLY:
+            if execution.is_last_attempt(info, envelope.read_header(task.payload)):
+                failure = raised or SingularTaskFailure(outcome.message)
+                self._failures.append(TaskFailure(task, failure, "dead"))
+            else:
+                self._retry(task)
+            return outcome
+        if outcome.status == execution.ERROR:
+            if outcome.result != "dead":
+                self._retry(task)
+            if raised is not None:
+                raise raised
+            raise TaskFailed(outcome.message, result=outcome.result)
+        raise TaskFailed(
+            f"the task handler refused task {task.name} with {outcome.status}: {outcome.message}",
+            result=outcome.result,
+        )
+
+    def _execute(
+        self, body: bytes, info: context.TaskInfo
+    ) -> tuple[execution.TaskOutcome, BaseException | None]:
+        # A fresh contextvars context, as a request has: the task gets its own ndb context and
+        # never sees the test's (nor its cache), and the watcher's variable stays in there.
+        task_context = contextvars.Context()
+        original = execution.running
+        execution.running = _WatchedCall
+        try:
+            outcome = task_context.run(execution.execute_task, body, info)
+        finally:
+            execution.running = original
+        # The test's own ndb context may cache entities the task has since changed.
+        caller_context = ndb.get_context(raise_context_error=False)
+        if caller_context is not None:
+            caller_context.clear_cache()
+        return outcome, task_context.get(_raised)
+
+    def _retry(self, task: CapturedTask) -> None:
+        self._pending.append(
+            dataclasses.replace(
+                task,
+                retry_count=task.retry_count + 1,
+                execution_count=task.execution_count + 1,
+                eta=max(task.eta, datetime.datetime.now(datetime.UTC)),
+                sequence=next(self._sequence),
+            )
+        )
+
+    def run_all(self, queue: str | None = None, max_tasks: int = 1000) -> int:
+        """Run queued tasks (of one queue), and those they defer, until none is left; returns
+        how many ran. Stops with RuntimeError after ``max_tasks`` runs, since a task that defers
+        itself forever or keeps asking to be retried would never empty the queue."""
+        if max_tasks < 1:
+            raise ValueError(f"max_tasks must be at least 1, not {max_tasks!r}")
+        ran = 0
+        while True:
+            pending = self.tasks if queue is None else self.tasks_in(queue)
+            if not pending:
+                return ran
+            if ran >= max_tasks:
+                raise RuntimeError(
+                    f"run_all() ran {max_tasks} tasks and {len(pending)} are still queued, e.g. "
+                    f"{pending[0].name} ({pending[0].function}): does a task defer itself forever "
+                    "or keep asking to be retried?"
+                )
+            self.run(pending[0])
+            ran += 1
+
+    @property
+    def failures(self) -> tuple[TaskFailure, ...]:
+        """Tasks that failed for good, not yet taken."""
+        return tuple(self._failures)
+
+    def take_failures(self) -> list[TaskFailure]:
+        """Return the tasks that failed for good and forget them: the test has seen them."""
+        taken, self._failures = self._failures, []
+        return taken
+
+    def check_failures(self) -> None:
+        """Raise UnexaminedTaskFailures if a task failed for good and the test did not take it."""
+        if self._failures:
+            lines = "\n".join(f"  {failure}" for failure in self._failures)
+            raise UnexaminedTaskFailures(
+                f"{len(self._failures)} deferred task(s) failed for good and the test did not "
+                f"take them with take_failures():\n{lines}"
+            )
+
+    # -- testbed's taskqueue stub names --------------------------------------------------
+
+    def get_filtered_tasks(
+        self,
+        url: str | None = None,
+        name: str | None = None,
+        queue_names: str | Iterable[str] | None = None,
+    ) -> list[CapturedTask]:
+        """testbed's filter: queued tasks with this URL, name and queue(s)."""
+        if isinstance(queue_names, str):
+            queue_names = [queue_names]
+        wanted_queues = set(queue_names) if queue_names is not None else None
+        return [
+            task
+            for task in self.tasks
+            if (url is None or task.url == url)
+            and (name is None or task.name == name)
+            and (wanted_queues is None or task.queue in wanted_queues)
+        ]
+
+    def GetTasks(self, queue_name: str) -> list[dict[str, Any]]:
+        """testbed's ``GetTasks``: one queue's tasks as dicts (``body`` is base64)."""
+        return [task.legacy_dict() for task in self.tasks_in(queue_name)]
+
+    def FlushQueue(self, queue_name: str) -> None:
+        """testbed's ``FlushQueue``: :meth:`clear` for one queue."""
+        self.clear(queue_name)
+
+
+def _in_memory_client(project: str, index_yaml: str | os.PathLike[str] | None) -> Any:
+    try:
+        from inmemory_datastore_stub import Client
+    except ImportError as exc:
+        raise ConfigurationError(
+            "capture_tasks() needs a Datastore for spilled payloads and task records: install "
+            "the in-memory one with `pip install 'gae-deferred[testing]'` "
+            "(inmemory-datastore-stub), or set DATASTORE_EMULATOR_HOST, or pass ndb_client="
+        ) from exc
+    return Client(project=project, index_yaml=os.fspath(index_yaml) if index_yaml else None)
+
+
+def _restore_settings(previous: _config.Settings | None) -> None:
+    with _config._lock:
+        _config._settings = previous
+
+
+@contextlib.contextmanager
+def capture_tasks(
+    *,
+    queue_yaml: str | os.PathLike[str] | None = None,
+    index_yaml: str | os.PathLike[str] | None = None,
+    ndb_client: Any = None,
+) -> Iterator[TaskQueue]:
+    """Capture every task created in the block instead of sending it to Cloud Tasks.
+
+    Without a configured signing key the block signs with a per-process test key; without a
+    project it uses ``testbed-test``. ``queue_yaml`` (or the configured one) makes unknown queues
+    raise QueueNotFoundError as Cloud Tasks would, and gives the retry limits. The Datastore is
+    ``ndb_client``, else the configured one (``configure(ndb_client=...)`` or
+    ``DATASTORE_EMULATOR_HOST``), else an in-memory one, validated against ``index_yaml`` if
+    given. Every setting is restored on exit, and tasks that failed for good but were never
+    taken raise UnexaminedTaskFailures::
+
+        with capture_tasks(queue_yaml="queue.yaml") as queue:
+            signup("a@example.com")
+            [task] = queue.tasks_in("mail")
+            queue.run_all(queue="mail")
+    """
+    previous_settings = _config._settings
+    previous_sink = cloud_tasks._sink
+    if previous_sink is not None:
+        raise ConfigurationError("capture_tasks() blocks do not nest: one is already capturing")
+    current = _config.settings()
+    changes: dict[str, Any] = {}
+    if current.signing_key is None and current.signing_key_provider is None:
+        changes["signing_key"] = _TEST_SIGNING_KEY
+    project = current.project or DEFAULT_PROJECT
+    changes["project"] = project
+    if queue_yaml is not None:
+        changes["queue_yaml"] = os.fspath(queue_yaml)
+    in_memory = None
+    if ndb_client is None and current.ndb_client is None:
+        if os.environ.get("DATASTORE_EMULATOR_HOST"):
+            if index_yaml is not None:
+                raise ConfigurationError(
+                    "index_yaml= applies to the in-memory Datastore; DATASTORE_EMULATOR_HOST is set"
+                )
+        else:
+            in_memory = ndb_client = _in_memory_client(project, index_yaml)
+    elif index_yaml is not None:
+        raise ConfigurationError("index_yaml= applies to the in-memory Datastore, not ndb_client=")
+    if ndb_client is not None:
+        changes["ndb_client"] = ndb_client
+    updated = _config.configure(**changes)
+    try:
+        known = load_queue_yaml(updated.queue_yaml) if updated.queue_yaml else None
+        queue = TaskQueue(_datastore.client(), known)
+        cloud_tasks._sink = queue
+        opens_context = in_memory is not None and ndb.get_context(raise_context_error=False) is None
+        with in_memory.context() if opens_context else contextlib.nullcontext():
+            yield queue
+        queue.check_failures()
+    finally:
+        cloud_tasks._sink = previous_sink
+        _restore_settings(previous_settings)
