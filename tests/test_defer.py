@@ -504,6 +504,9 @@ def test_queue_missing_as_failed_precondition_is_queue_not_found(ndb_stub, monke
         def create_task(self, parent, task):
             raise self.error
 
+        def new_task_name(self, prefix):
+            return f"{prefix}-refused"
+
     monkeypatch.setattr(
         gae_deferred.cloud_tasks,
         "_sink",

@@ -460,10 +460,28 @@ def test_envelope_replayed_as_another_task_or_queue_is_403(app):
     other_queue = {**TASK, "X-AppEngine-QueueName": "reports"}
     assert post(app, body, headers=other_task).status_int == 403
     assert post(app, body, headers=other_queue).status_int == 403
-    # serialize() makes an envelope for run(), bound to no task: never run by the handler.
-    assert post(app, serialize(record_run, 1)).status_int == 403
     assert RUNS == []
     assert post(app, body).status_int == 200
+
+
+def test_unbound_envelopes_run_but_unbound_references_never_do(app):
+    """serialize() binds to no task (legacy apps post its output themselves); a reference to a
+    spilled payload is only ever made by defer(), bound, so an unbound one is refused."""
+    assert post(app, serialize(record_run, 1)).status_int == 200
+    assert (
+        post(
+            app, serialize(record_run, 2), headers={**TASK, "X-AppEngine-TaskName": "x"}
+        ).status_int
+        == 200
+    )
+    assert [args for args, _, _ in RUNS] == [(1,), (2,)]
+    _, bound = spill(record_run, "spilled")
+    header = gae_deferred.envelope.read_header(bound)
+    for field in ("task", "queue", "kid"):
+        del header[field]
+    unbound = gae_deferred.envelope._seal(header, b"", gae_deferred.envelope.FLAG_REFERENCE)
+    assert post(app, unbound).status_int == 403
+    assert len(RUNS) == 2
 
 
 def test_failure_id_header_is_ignored(app):

@@ -285,7 +285,7 @@ def _reenqueue_spilled(
 ) -> str:
     # A new name: Cloud Tasks refuses a name used within the last hour (9 days for queues
     # created from queue.yaml), and the old task, if still queued, must see it was superseded.
-    name = enqueue.new_task_name("r")
+    name = cloud_tasks.new_task_name("r")
     now = _now()
     # Name and ETA follow the new task, so the sweeper sees a fresh pending record, not a
     # lost one, and recreates this task (not the old one) if the enqueue below fails.
@@ -469,7 +469,7 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
         body = failures.get_payload(record_id)
         if body is None:
             raise Conflict(f"failure {record_id} kept no payload to retry")
-        name = enqueue.new_task_name("r")
+        name = cloud_tasks.new_task_name("r")
         _cloud_tasks(
             lambda: enqueue.enqueue_envelope(
                 body,

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import functools
 import os
+import uuid
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -65,6 +66,8 @@ class TaskSink(Protocol):
 
     def create_task(self, parent: str, task: tasks_v2.Task) -> tasks_v2.Task: ...
 
+    def new_task_name(self, prefix: str) -> str: ...
+
 
 #: Set by gae_deferred.testing.capture_tasks(): CreateTask goes there instead of Cloud Tasks.
 _sink: TaskSink | None = None
@@ -87,6 +90,17 @@ def queue_path(queue: str) -> str:
 
 def task_path(queue: str, task: str) -> str:
     return f"{queue_path(queue)}/tasks/{task}"
+
+
+def new_task_name(prefix: str = "d") -> str:
+    """A name for a task its caller did not name: ``d-<32 random hex>``.
+
+    Random names are what Cloud Tasks spreads best, and one is never reused. Under
+    ``gae_deferred.testing.capture_tasks()`` the capture names tasks as testbed did (task1...).
+    """
+    if _sink is not None:
+        return _sink.new_task_name(prefix)
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def short_name(path: str) -> str:

@@ -19,14 +19,13 @@ import datetime
 import functools
 import logging
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import envelope, spillover
+from . import cloud_tasks, envelope, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
@@ -265,14 +264,9 @@ def _task_spec(
         url=url,
         headers={**_CONTENT_TYPE, **extra_headers},
         eta=when,
-        name=name or new_task_name(),
+        name=name or cloud_tasks.new_task_name(),
         routing=routing,
     )
-
-
-def new_task_name(prefix: str = "d") -> str:
-    """A random task name: Cloud Tasks spreads random names best, and a name is never reused."""
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:

@@ -174,8 +174,11 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     """Run one task request and say what the handler must answer (docs/design.md's table).
 
     Nothing runs unless ``task`` carries the queue's task headers and ``body`` is an envelope
-    signed with a known key for exactly this task (name and queue): a body replayed as another
-    task is refused like a forged one.
+    signed with a known key. Everything defer() makes is bound to its task (name and queue), so
+    a body replayed as another task is refused like a forged one; a reference to a spilled
+    payload must always be bound. Only ``serialize()`` makes unbound envelopes, for apps that
+    post them as tasks themselves, as legacy apps did: those run under any task name, and a
+    replay of one runs that call again, as a duplicate delivery would.
     """
     if task is None:
         return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
@@ -185,7 +188,8 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
     header = outer.header
-    if header.get("task") != task.name or header.get("queue") != task.queue:
+    bound = "task" in header or "queue" in header or outer.is_reference
+    if bound and (header.get("task") != task.name or header.get("queue") != task.queue):
         message = (
             f"envelope was made for task {header.get('task')!r} on queue {header.get('queue')!r}"
             f", not {task.name!r} on {task.queue!r}: not executing it"

@@ -88,7 +88,7 @@ def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) ->
                 else:
                     # The name is held by a task that was deleted or purged: Cloud Tasks keeps
                     # a name about an hour (9 days for queue.yaml queues). A fresh name now.
-                    enqueue.enqueue_record(record, name=enqueue.new_task_name("s"))
+                    enqueue.enqueue_record(record, name=cloud_tasks.new_task_name("s"))
                     report.reenqueued += 1
             except (DeferError, api_exceptions.GoogleAPIError) as exc:
                 report.errors.append(f"{record.key.id()}: {exc}")

@@ -15,8 +15,8 @@ Tasks run through :func:`gae_deferred.execute_task`, as the task handler runs th
 are checked, spilled payloads are read from Datastore and deleted after success, failures are
 recorded, and ``current_task()`` answers inside the task. With no Datastore configured (no
 ``DATASTORE_EMULATOR_HOST``, no ``configure(ndb_client=...)``) the capture keeps spilled payloads
-in an in-memory Datastore (inmemory-datastore-stub, the ``testing`` extra) and opens an ndb
-context on it for the block, as testbed's datastore stub did.
+in memory, in gae_deferred's Datastore emulator served from the test process (the ``testing``
+extra), and opens an ndb context on it for the block, as testbed's datastore stub did.
 
 Under pytest the ``deferred_tasks`` fixture is the same capture, with nothing to import.
 """
@@ -182,7 +182,7 @@ class TaskQueue:
         if self._known_queues is not None and queue not in self._known_queues:
             raise api_exceptions.NotFound(f"Queue does not exist: {queue}")
         names = self._names.setdefault(queue, set())
-        name = cloud_tasks.short_name(task.name) if task.name else self._auto_name(names)
+        name = cloud_tasks.short_name(task.name)
         if name in names:
             raise api_exceptions.AlreadyExists(f"Requested entity already exists: {name}")
         names.add(name)
@@ -191,11 +191,12 @@ class TaskQueue:
         self._pending.append(self._captured(name, queue, created))
         return created
 
-    def _auto_name(self, names: set[str]) -> str:
-        # testbed named unnamed tasks task1, task2, ...: legacy tests assert on those names.
+    def new_task_name(self, prefix: str) -> str:
+        """testbed named unnamed tasks task1, task2, ...: legacy tests assert on those names."""
+        taken = set().union(*self._names.values())
         while True:
             name = f"task{next(self._auto_names)}"
-            if name not in names:
+            if name not in taken:
                 return name
 
     def _captured(self, name: str, queue: str, task: tasks_v2.Task) -> CapturedTask:
@@ -382,16 +383,34 @@ class TaskQueue:
         self.clear(queue_name)
 
 
-def _in_memory_client(project: str, index_yaml: str | os.PathLike[str] | None) -> Any:
+@contextlib.contextmanager
+def _in_memory_datastore(project: str, index_yaml: str | os.PathLike[str] | None) -> Iterator[Any]:
+    """An ndb client on gae_deferred's Datastore emulator, served from this process.
+
+    The emulator rather than a bare in-memory stub: it checks transaction conflicts per entity
+    as Datastore does, so a spilled defer() inside a transaction that commits works as in
+    production.
+    """
     try:
-        from inmemory_datastore_stub import Client
+        from .local.datastore import DatastoreEmulator
     except ImportError as exc:
         raise ConfigurationError(
             "capture_tasks() needs a Datastore for spilled payloads and task records: install "
-            "the in-memory one with `pip install 'gae-deferred[testing]'` "
-            "(inmemory-datastore-stub), or set DATASTORE_EMULATOR_HOST, or pass ndb_client="
+            "the in-memory one with `pip install 'gae-deferred[testing]'`, or set "
+            "DATASTORE_EMULATOR_HOST, or pass ndb_client="
         ) from exc
-    return Client(project=project, index_yaml=os.fspath(index_yaml) if index_yaml else None)
+    with DatastoreEmulator(port=0, index_yaml=index_yaml) as emulator:
+        # ndb.Client reads the emulator's address (and uses a plain channel) only when built.
+        previous = os.environ.get("DATASTORE_EMULATOR_HOST")
+        os.environ["DATASTORE_EMULATOR_HOST"] = f"127.0.0.1:{emulator.port}"
+        try:
+            client = ndb.Client(project=project)
+        finally:
+            if previous is None:
+                del os.environ["DATASTORE_EMULATOR_HOST"]
+            else:
+                os.environ["DATASTORE_EMULATOR_HOST"] = previous
+        yield client
 
 
 def _restore_settings(previous: _config.Settings | None) -> None:
@@ -433,28 +452,30 @@ def capture_tasks(
     changes["project"] = project
     if queue_yaml is not None:
         changes["queue_yaml"] = os.fspath(queue_yaml)
-    in_memory = None
-    if ndb_client is None and current.ndb_client is None:
-        if os.environ.get("DATASTORE_EMULATOR_HOST"):
-            if index_yaml is not None:
-                raise ConfigurationError(
-                    "index_yaml= applies to the in-memory Datastore; DATASTORE_EMULATOR_HOST is set"
-                )
-        else:
-            in_memory = ndb_client = _in_memory_client(project, index_yaml)
-    elif index_yaml is not None:
+    in_memory = ndb_client is None and current.ndb_client is None
+    if in_memory and os.environ.get("DATASTORE_EMULATOR_HOST"):
+        in_memory = False
+        if index_yaml is not None:
+            raise ConfigurationError(
+                "index_yaml= applies to the in-memory Datastore; DATASTORE_EMULATOR_HOST is set"
+            )
+    elif not in_memory and index_yaml is not None:
         raise ConfigurationError("index_yaml= applies to the in-memory Datastore, not ndb_client=")
-    if ndb_client is not None:
-        changes["ndb_client"] = ndb_client
-    updated = _config.configure(**changes)
-    try:
-        known = load_queue_yaml(updated.queue_yaml) if updated.queue_yaml else None
-        queue = TaskQueue(_datastore.client(), known)
-        cloud_tasks._sink = queue
-        opens_context = in_memory is not None and ndb.get_context(raise_context_error=False) is None
-        with in_memory.context() if opens_context else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if in_memory:
+            ndb_client = stack.enter_context(_in_memory_datastore(project, index_yaml))
+        if ndb_client is not None:
+            changes["ndb_client"] = ndb_client
+        updated = _config.configure(**changes)
+        try:
+            known = load_queue_yaml(updated.queue_yaml) if updated.queue_yaml else None
+            queue = TaskQueue(_datastore.client(), known)
+            cloud_tasks._sink = queue
+            if in_memory and ndb.get_context(raise_context_error=False) is None:
+                stack.enter_context(ndb_client.context(cache_policy=False))
             yield queue
-        queue.check_failures()
-    finally:
-        cloud_tasks._sink = previous_sink
-        _restore_settings(previous_settings)
+            stack.close()
+            queue.check_failures()
+        finally:
+            cloud_tasks._sink = previous_sink
+            _restore_settings(previous_settings)

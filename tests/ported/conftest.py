@@ -37,3 +37,9 @@ class Testbed:
 @pytest.fixture
 def testbed(deferred_tasks: TaskQueue) -> Testbed:
     return Testbed(taskqueue_stub=deferred_tasks)
+
+
+@pytest.fixture(autouse=True)
+def _ported_apps_queue_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ported apps' own queues, as their tests found queue.yaml beside their app.yaml."""
+    monkeypatch.setenv("GAE_DEFERRED_QUEUE_YAML", str(PORTED / "queue.yaml"))

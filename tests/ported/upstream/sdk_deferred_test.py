@@ -9,7 +9,9 @@
 #     (absltest_compat.py) for the absl-py package.
 #   - DeferredTest.setUp: one capture_tasks() replaces the stubs.
 #   - The handler helpers send X-AppEngine-QueueName with the task name: Cloud Tasks always does,
-#     and gae_deferred's handler needs both.
+#     and gae_deferred's handler needs both. They send the task's own name, not a made-up one:
+#     gae_deferred signs each task body together with its task's name, and refuses a body
+#     replayed as another task.
 #   - Where gae_deferred differs on purpose, the assertion says what it does instead:
 #     task URLs end in the function's name; _target is Cloud Tasks routing, not a Host header;
 #     X-AppEngine-* headers in _headers are dropped with a warning (Cloud Tasks sets those);
@@ -161,7 +163,7 @@ def ExecuteHandlerWithXSRF(task):
     The webapp.Response object.
   """
   wsgi_environ = {
-      "HTTP_X_APPENGINE_TASKNAME": "taskname-goes-here",
+      "HTTP_X_APPENGINE_TASKNAME": task["name"],  # gae_deferred port: the task's own name
       "HTTP_X_APPENGINE_QUEUENAME": "default",  # gae_deferred port: sent by Cloud Tasks
       "SERVER_SOFTWARE": "Development/1.0: unittest",
   }
@@ -347,7 +349,8 @@ class DeferredTest(absltest.TestCase):
     self.assertEqual(calls, [("SerializableClass", 4)])
 
 
-    extra_wsgi_environ["HTTP_X_APPENGINE_TASKNAME"] = "taskname-goes-here"
+    # gae_deferred port: the task's own name (bodies are signed with it).
+    extra_wsgi_environ["HTTP_X_APPENGINE_TASKNAME"] = tasks[0]["name"]
     # gae_deferred port: the queue name comes with the task name, as Cloud Tasks sends both.
     extra_wsgi_environ["HTTP_X_APPENGINE_QUEUENAME"] = "default"
     response = ExecuteHandler(tasks[0], extra_wsgi_environ)
