@@ -24,7 +24,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import envelope, spillover
+from . import envelope, spillover, tracing
 from ._config import settings
 from ._datastore import ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
@@ -105,7 +105,7 @@ def defer(
         _headers,
         _routing(_target, _service, _version, _instance),
     )
-    extra = {}
+    extra = tracing.envelope_fields()
     retry = _retry_dict(_retry_options)
     if retry:
         extra["retry"] = retry
@@ -205,7 +205,7 @@ def _task_spec(
     return TaskSpec(
         queue=queue,
         url=url,
-        headers={**_CONTENT_TYPE, **extra_headers},
+        headers={**_CONTENT_TYPE, **tracing.task_headers(), **extra_headers},
         eta=when,
         name=name,
         routing=routing,

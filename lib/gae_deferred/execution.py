@@ -21,7 +21,7 @@ from typing import Any
 
 from google.cloud import ndb
 
-from . import envelope, failures, spillover
+from . import envelope, failures, metrics, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .context import TaskInfo, running
@@ -151,8 +151,17 @@ def execute_task(body: bytes, task: TaskInfo | None) -> TaskOutcome:
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
     attempt = _Attempt(task=task, body=body, env=outer)
+    started = time.perf_counter()
     with ndb_context():
-        return _execute(attempt)
+        outcome = _execute(attempt)
+    metrics.observe_outcome(
+        attempt.env.function,
+        task.queue,
+        time.perf_counter() - started,
+        outcome.result,
+        task.retry_count,
+    )
+    return outcome
 
 
 def _execute(attempt: _Attempt) -> TaskOutcome:

@@ -22,7 +22,7 @@ import logging
 
 from google.cloud import ndb
 
-from . import enqueue, failures, spillover
+from . import enqueue, failures, metrics, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .errors import DeferError, TaskAlreadyExistsError
@@ -47,6 +47,9 @@ class SweepReport:
     already_queued: int = 0
     purged_payloads: int = 0
     purged_failures: int = 0
+    #: Metrics series whose window totals aged, and series quiet for 8 days (deleted).
+    refreshed_metrics: int = 0
+    purged_metrics: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -57,6 +60,7 @@ def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport
     with ndb_context():
         _reenqueue_stuck(now, batch, report)
         _purge_expired(now, batch, report)
+        report.refreshed_metrics, report.purged_metrics = metrics.maintain(now, batch)
     if report.reenqueued or report.errors:
         logger.warning("sweeper: %s", report)
     return report
