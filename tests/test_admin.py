@@ -18,9 +18,17 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import FailureState, PayloadState, audit, envelope, failures, spillover
+from gae_deferred import (
+    FailureState,
+    PayloadState,
+    audit,
+    envelope,
+    failures,
+    metrics,
+    spillover,
+)
 from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.webapp2 import deferred_routes
+from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
 from tests.stack_support import cloud_tasks_emulator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -42,9 +50,13 @@ def tasks_emulator():
 
 @pytest.fixture
 def app(ndb_stub, tasks_emulator):
-    """The dashboard in local mode, requests from loopback (so: admin)."""
+    """The dashboard in local mode, requests from loopback (so: admin), behind the middleware
+    an app wraps itself in."""
     gae_deferred.configure(local_mode=True)
-    return webtest.TestApp(webapp2.WSGIApplication(deferred_routes()), extra_environ=LOOPBACK)
+    _admin_auth.reset_iap_keys()
+    metrics.discard_pending()
+    wsgi = deferred_middleware(webapp2.WSGIApplication(deferred_routes()))
+    return webtest.TestApp(wsgi, extra_environ=LOOPBACK)
 
 
 def csrf_token(test_app: webtest.TestApp) -> str:
@@ -97,6 +109,7 @@ def make_spilled(
 def make_failure(
     task_name: str,
     *,
+    record_id: str | None = None,
     function: str = "test_admin._sample",
     exception_type: str = "ValueError",
     message: str = "boom",
@@ -106,8 +119,11 @@ def make_failure(
     payload_id: str | None = None,
     args_preview: str = "(1, 2)",
 ) -> failures.DeferredFailure:
-    """A failure record; without payload_id its inline envelope is kept as a child."""
-    record_id = failures.failure_id(queue, task_name)
+    """A failure record; without payload_id its inline envelope is kept as a child.
+
+    ``record_id`` writes it under any id, as older versions did with a header's value.
+    """
+    record_id = record_id or failures.failure_id(queue, task_name)
     data = envelope.build(_sample, (1, 2), {})
     meta = {**envelope.read_header(data), "function": function, "args": args_preview}
     record = failures.update(
@@ -187,7 +203,7 @@ def test_overview_shows_queues_counts_and_svg_charts(app, ndb_stub):
     for queue in ("default", "reports"):
         assert f'href="{P}/queues/{queue}"' in page.text
     assert "running" in page.text and "20/s" in page.text
-    assert page.text.count("<svg") == 2 and "<script" not in page.text
+    assert page.text.count("<svg") == 3 and "<script" not in page.text
     data = app.get(f"{P}/api/overview").json
     assert data["spill_counts"] == {"pending": 1, "retrying": 0, "permanent": 0, "dead": 1}
     assert data["stored_bytes"] > 150_000 and data["failures_hour"] == 1
@@ -266,7 +282,8 @@ def test_spillover_paging_sorting_and_filters(app, ndb_stub):
         "sort=sideways",
         "limit=0",
         "limit=abc",
-        "queue=bad%20queue",
+        "since=yesterday",
+        "sort=attempts&since=1h",
     ],
 )
 def test_spillover_bad_input_is_400_or_404_never_500(app, ndb_stub, query):
@@ -314,7 +331,8 @@ def test_retrigger_spilled_payload_creates_a_fresh_task(app, ndb_stub):
     form = detail.forms[0]
     form["version"] = "v2"
     done = form.submit()
-    assert "Retriggered" in done.text
+    assert done.status_int == 303 and done.location.endswith("/spillover/r1")
+    assert "Retriggered" in done.follow().text
     record = spillover.get("r1")
     assert record.state == PayloadState.PENDING and record.task_name.startswith("r-")
     (task,) = queued_tasks("default")
@@ -349,7 +367,7 @@ def test_delete_spilled_payload_asks_then_deletes_record_chunks_and_task(app, nd
     confirm = app.get(f"{P}/spillover/d1").forms[1].submit()
     assert "Delete the spilled payload" in confirm.text
     assert spillover.get("d1") is not None
-    done = confirm.forms[0].submit()
+    done = confirm.forms[0].submit().follow()
     assert "Deleted" in done.text
     assert ndb.get_multi(
         [spillover.payload_key("d1"), *spillover.chunk_keys("d1", record.chunks)]
@@ -371,7 +389,7 @@ def test_bulk_retrigger_and_delete_with_confirmation(app, ndb_stub):
     confirm = form.submit("action", value="retrigger")
     assert "Retrigger 2 spilled payload(s)?" in confirm.text
     assert len(queued_tasks("default")) == 0
-    done = confirm.forms[0].submit()
+    done = confirm.forms[0].submit().follow()
     assert "2 done, 0 failed" in done.text
     assert len(queued_tasks("default")) == 2
     token = csrf_token(app)
@@ -451,7 +469,7 @@ def test_retry_now_inline_failure_enqueues_its_kept_envelope(app, ndb_stub):
     pause("reports")
     record = make_failure("inline1", queue="reports")
     page = app.get(f"{P}/failures/{record.id}")
-    done = page.forms[0].submit()
+    done = page.forms[0].submit().follow()
     assert "Retrying failure" in done.text
     (task,) = queued_tasks("reports")
     request = task.app_engine_http_request
@@ -506,7 +524,7 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
     form = next(f for f in groups.forms.values() if "TimeoutError" in f["group"].value)
     confirm = form.submit()
     assert "Retry up to" in confirm.text
-    done = confirm.forms[0].submit()
+    done = confirm.forms[0].submit().follow()
     assert "Retried 3 failure(s)" in done.text
     assert len(queued_tasks("default")) == 3
     token = csrf_token(app)
@@ -535,10 +553,11 @@ def test_queue_tasks_run_delete_pause_resume_purge(app, ndb_stub):
     names = [t["name"] for t in app.get(f"{P}/api/queues/reports/tasks").json["items"]]
     assert len(names) == 2
     run = next(f for f in page.forms.values() if f.action.endswith(f"/{names[0]}/run"))
-    assert "dispatched" in run.submit().text
+    assert "dispatched" in run.submit().follow().text
     delete = next(f for f in page.forms.values() if f.action.endswith(f"/{names[1]}/delete"))
-    delete.submit().forms[0].submit()
-    assert names[1] not in app.get(f"{P}/queues/reports").text
+    deleted = delete.submit().forms[0].submit().follow()
+    assert f"Task {names[1]} deleted." in deleted.text
+    assert names[1] not in app.get(f"{P}/queues/reports").text  # the message shows once
     resume = app.get(f"{P}/queues/reports").forms[0]
     resume.submit()
     assert app.get(f"{P}/api/queues/reports/tasks").json["state"] == "RUNNING"
@@ -689,7 +708,7 @@ def test_cron_sweep_accepts_only_cron_or_admin(app, ndb_stub, monkeypatch):
 def test_run_sweeper_button(app, ndb_stub):
     page = app.get(P)
     form = next(f for f in page.forms.values() if f.action.endswith("/sweep"))
-    done = form.submit()
+    done = form.submit().follow()
     assert "Sweeper ran" in done.text
     assert app.get(f"{P}/api/audit").json["items"][0]["action"] == "sweep"
 
@@ -735,13 +754,11 @@ def _iap_signer(key_id: str):
 
 
 def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypatch):
-    """A real ES256 IAP token and google.oauth2.id_token.verify_token; only the HTTP fetch of
-    IAP's public keys is answered locally."""
+    """A real ES256 IAP token verified by google.auth.jwt; only the HTTP fetch of IAP's public
+    keys is answered locally."""
     import time
 
     from google.auth import jwt
-
-    from gae_deferred.webapp2 import _admin_auth
 
     audience = "/projects/123/apps/test-project"
     signer, public_pem = _iap_signer("key-1")

@@ -15,6 +15,7 @@ letters/digits/underscore, 2 to :data:`MAX_WORD_CHARS` characters).
 
 from __future__ import annotations
 
+import datetime
 import re
 
 from ._model import MAX_INDEXED_CHARS
@@ -72,3 +73,8 @@ def facets(
     if message:
         tokens += [f"w:{word}" for word in words(message)]
     return list(dict.fromkeys(tokens))
+
+
+def descending_ms(when: datetime.datetime | None) -> int | None:
+    """Minus the milliseconds since the epoch: ascending order of this is newest first."""
+    return -int(when.timestamp() * 1000) if when is not None else None

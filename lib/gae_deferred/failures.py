@@ -63,6 +63,9 @@ class DeferredFailure(DeferredModel):
     #: Search tokens (state, queue, function prefixes, exception type, message words): the
     #: dashboard's filters are equality filters on this list (see _facets).
     facets = ndb.ComputedProperty(lambda record: record.search_tokens(), repeated=True)
+    #: -last_seen in ms: "newest first within a time range" is an inequality on this alone
+    #: (an inequality is ordered by its property on every backend; see admin.FailureFilter).
+    seen_desc = ndb.ComputedProperty(lambda record: _facets.descending_ms(record.last_seen))
 
     @property
     def id(self) -> str:

@@ -70,6 +70,8 @@ class DeferredPayload(DeferredModel):
         ),
         repeated=True,
     )
+    #: -created in ms, for "newest first within a time range" (see admin.SpillFilter).
+    created_desc = ndb.ComputedProperty(lambda record: _facets.descending_ms(record.created))
 
     @property
     def id(self) -> str:
