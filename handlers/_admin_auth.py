@@ -75,19 +75,21 @@ class _IapKeys:
         self.lock = threading.Lock()
         self.certs: dict[str, str] = {}
         self.expires = 0.0
-        self.fetched = 0.0
+        #: When a token's unknown key id last made us refetch (keys rotate rarely; forged
+        #: key ids must not turn every request into a fetch).
+        self.unknown_refetch = -IAP_UNKNOWN_KID_REFETCH
 
     def for_kid(self, kid: str) -> dict[str, str]:
         with self.lock:
             now = time.monotonic()
-            if now >= self.expires or (
-                kid not in self.certs and now - self.fetched >= IAP_UNKNOWN_KID_REFETCH
-            ):
+            if now >= self.expires:
+                self._fetch(now)
+            elif kid not in self.certs and now - self.unknown_refetch >= IAP_UNKNOWN_KID_REFETCH:
+                self.unknown_refetch = now
                 self._fetch(now)
             return self.certs
 
     def _fetch(self, now: float) -> None:
-        self.fetched = now
         try:
             response = iap_transport()(url=IAP_CERTS_URL, method="GET")
             status = response.status
