@@ -429,7 +429,12 @@ class FailureFilter(_Filter):
         )
 
     def describe(self) -> str:
-        parts = [f"{name} {value}" for name, value in self.params().items() if name != "sort"]
+        labels = {"q": "message words", "since": "seen since", "until": "seen before"}
+        parts = [
+            f"{labels.get(name, name)} {value}"
+            for name, value in self.params().items()
+            if name != "sort"
+        ]
         return "every failure" if not parts else "failures with " + ", ".join(parts)
 
 
