@@ -177,7 +177,8 @@ def _flush_every(interval: float, stop: threading.Event) -> None:
 
 def _flush_at_exit() -> None:
     _recorder.stop.set()
-    flush()
+    # Totals that cannot be written now are lost whatever we log: what a crash loses anyway.
+    _flush(failure_level=logging.INFO)
 
 
 # -- stored series -------------------------------------------------------------------------
@@ -415,6 +416,10 @@ def flush() -> int:
     One transaction for up to 400 series (functions + queues + 1); on failure the totals stay
     in memory for the next flush.
     """
+    return _flush(failure_level=logging.WARNING)
+
+
+def _flush(*, failure_level: int) -> int:
     taken = _recorder.take()
     if not taken:
         return 0
@@ -426,7 +431,7 @@ def flush() -> int:
                 batch = grouped[start : start + _BATCH]
                 ndb.transaction(lambda batch=batch: _fold(batch, now), retries=3)
     except Exception as exc:  # any Datastore trouble: keep the totals for the next flush
-        logger.warning("could not write task metrics (kept for the next flush): %s", exc)
+        logger.log(failure_level, "could not write task metrics (kept for the next flush): %s", exc)
         _recorder.give_back(taken)
         return 0
     return len(grouped)
