@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 
 import webapp2
 
 import gae_deferred
-from gae_deferred import _config, _datastore, metrics
+from gae_deferred import metrics
 from gae_deferred.local.datastore import DatastoreEmulator
 from gae_deferred.webapp2 import deferred_routes
 
 from . import floor, tasks, timing
-from .handler import MEMORY_TMP
+from .dashboard import _get
 from .report import Section, count_target, ratio_target
 
 CPU_BUDGET = 1.05
@@ -84,25 +83,14 @@ def _page_times(app: webapp2.WSGIApplication, sizes: tuple[int, ...], repeats: i
     return results
 
 
-def _get(app: webapp2.WSGIApplication, path: str) -> None:
-    environ = webapp2.Request.blank(path, remote_addr="127.0.0.1").environ
-    status = floor.call_wsgi(app, environ)
-    if not status.startswith("200"):
-        raise RuntimeError(f"GET {path} answered {status}")
-
-
 def run(*, quick: bool) -> Section:
     rounds, inner = (7, 50) if quick else (31, 100)
     sizes = (10, 100) if quick else (10, 100, 1000)
     repeats = 3 if quick else 9
-    if os.path.isdir(MEMORY_TMP):
-        os.environ["TMPDIR"] = MEMORY_TMP
-        tempfile.tempdir = MEMORY_TMP
     emulator = DatastoreEmulator(port=0).start()
     os.environ["DATASTORE_EMULATOR_HOST"] = emulator.address
     gae_deferred.reset_clients()
     gae_deferred.configure(local_mode=True)
-    _datastore._default_client.cache_clear()
     try:
         app = webapp2.WSGIApplication(deferred_routes())
         if not floor.call_wsgi(
@@ -116,8 +104,7 @@ def run(*, quick: bool) -> Section:
     finally:
         emulator.stop()
         os.environ.pop("DATASTORE_EMULATOR_HOST", None)
-        _config.reset()
-        _datastore._default_client.cache_clear()
+        gae_deferred.reset_clients()
         metrics.discard_pending()
 
     ratio = cpu.ratio("on", "off")

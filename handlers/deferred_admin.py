@@ -367,13 +367,17 @@ class SpilloverBulk(_Base):
         )
 
 
-class SpilloverBulkMatching(_Base):
-    """Retrigger or delete every spilled payload a filter matches (after a count)."""
+class _BulkMatching(_Base):
+    """An action on every record a filter matches: the count is confirmed first (HTML)."""
+
+    filter_type: ClassVar[type[admin.FailureFilter] | type[admin.SpillFilter]]
+    list_path: ClassVar[str]
+    apply: ClassVar[Any]
 
     def post(self) -> None:
-        wanted = admin.SpillFilter.parse(self.posted())
+        wanted = self.filter_type.parse(self.posted())
         action, version = self.field("action"), self.field("version")
-        back = f"{PREFIX}/spillover" + _templates.query(wanted.params())
+        back = f"{PREFIX}{self.list_path}" + _templates.query(wanted.params())
         if not self.json_api:
             count = admin.count_matching(wanted)
             if self.needs_confirmation(
@@ -386,12 +390,20 @@ class SpilloverBulkMatching(_Base):
                 **wanted.params(),
             ):
                 return
-        result = admin.bulk_spillover_matching(action, wanted, self.actor, version=version)
+        result = type(self).apply(action, wanted, self.actor, version=version)
         self.finish(
             _bulk_summary(action, result, wanted.describe()),
             back,
             {"done": result.done, "errors": result.errors},
         )
+
+
+class SpilloverBulkMatching(_BulkMatching):
+    """Retrigger or delete every spilled payload a filter matches."""
+
+    filter_type = admin.SpillFilter
+    list_path = "/spillover"
+    apply = staticmethod(admin.bulk_spillover_matching)
 
 
 # -- failures -------------------------------------------------------------------------
@@ -493,31 +505,12 @@ class FailureBulk(_Base):
         )
 
 
-class FailureBulkMatching(_Base):
-    """Retrigger, dismiss or delete every failure a filter matches (after a count)."""
+class FailureBulkMatching(_BulkMatching):
+    """Retrigger, dismiss or delete every failure a filter matches."""
 
-    def post(self) -> None:
-        wanted = admin.FailureFilter.parse(self.posted())
-        action, version = self.field("action"), self.field("version")
-        back = f"{PREFIX}/failures/list" + _templates.query(wanted.params())
-        if not self.json_api:
-            count = admin.count_matching(wanted)
-            if self.needs_confirmation(
-                f"{action.capitalize()} {count}{'+' if count >= admin.MAX_MATCHING else ''} "
-                f"{wanted.describe()}? At most {admin.MAX_MATCHING:,} are done, "
-                f"{admin.MAX_BULK} at a time.",
-                back,
-                action=action,
-                version=version,
-                **wanted.params(),
-            ):
-                return
-        result = admin.bulk_failures_matching(action, wanted, self.actor, version=version)
-        self.finish(
-            _bulk_summary(action, result, wanted.describe()),
-            back,
-            {"done": result.done, "errors": result.errors},
-        )
+    filter_type = admin.FailureFilter
+    list_path = "/failures/list"
+    apply = staticmethod(admin.bulk_failures_matching)
 
 
 class FailureRetryGroup(_Base):

@@ -736,6 +736,21 @@ class _CertsResponse:
         self.headers: dict[str, str] = {}
 
 
+def iap_claims(audience: str, email: str) -> dict[str, object]:
+    """The claims of a valid IAP JWT for ``audience``, issued now, valid ten minutes."""
+    import time
+
+    now = int(time.time())
+    return {
+        "iss": "https://cloud.google.com/iap",
+        "aud": audience,
+        "sub": "accounts.google.com:1",
+        "email": email,
+        "iat": now,
+        "exp": now + 600,
+    }
+
+
 def _iap_signer(key_id: str):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -775,14 +790,7 @@ def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypa
     monkeypatch.setattr(_admin_auth, "iap_transport", local_transport)
     gae_deferred.configure(local_mode=False, iap_audience=audience)
     now = int(time.time())
-    good = {
-        "iss": "https://cloud.google.com/iap",
-        "aud": audience,
-        "sub": "accounts.google.com:1",
-        "email": "iap-user@example.com",
-        "iat": now,
-        "exp": now + 600,
-    }
+    good = iap_claims(audience, "iap-user@example.com")
 
     def token(claims, by=signer):
         return jwt.encode(by, claims).decode()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +19,15 @@ import gae_deferred
 from gae_deferred import FailureState, admin, audit, failures
 from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
 from tests import test_admin
-from tests.test_admin import LOOPBACK, P, _iap_signer, csrf_token, make_failure, queued_tasks
+from tests.test_admin import (
+    LOOPBACK,
+    P,
+    _iap_signer,
+    csrf_token,
+    iap_claims,
+    make_failure,
+    queued_tasks,
+)
 
 app = test_admin.app
 tasks_emulator = test_admin.tasks_emulator
@@ -206,16 +213,7 @@ def iap(app, monkeypatch) -> Iterator[tuple[_CertsServer, object, object]]:
 def _iap_token(signer, audience: str) -> str:
     from google.auth import jwt
 
-    now = int(time.time())
-    claims = {
-        "iss": "https://cloud.google.com/iap",
-        "aud": audience,
-        "sub": "accounts.google.com:1",
-        "email": "ops@example.com",
-        "iat": now,
-        "exp": now + 600,
-    }
-    return jwt.encode(signer, claims).decode()
+    return jwt.encode(signer, iap_claims(audience, "ops@example.com")).decode()
 
 
 def test_a_burst_of_iap_requests_fetches_the_keys_once(app, ndb_stub, iap):
