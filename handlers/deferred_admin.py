@@ -326,9 +326,10 @@ class SpilloverRetrigger(_Base):
     def post(self, payload_id: str) -> None:
         record_id = admin.id_from_url(payload_id)
         name = admin.retrigger_spillover(record_id, self.actor, version=self.field("version"))
+        # Back to the list: the task may run and delete this record before the next page loads.
         self.finish(
             f"Retriggered spilled payload {record_id} as task {name}.",
-            f"{PREFIX}/spillover/{payload_id}",
+            f"{PREFIX}/spillover",
             {"task_name": name, "id": record_id},
         )
 

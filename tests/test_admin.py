@@ -344,7 +344,7 @@ def test_retrigger_spilled_payload_creates_a_fresh_task(app, ndb_stub):
     form = detail.forms[0]
     form["version"] = "v2"
     done = form.submit()
-    assert done.status_int == 303 and done.location.endswith("/spillover/r1")
+    assert done.status_int == 303 and done.location.endswith(f"{P}/spillover")
     assert "Retriggered" in done.follow().text
     record = spillover.get("r1")
     assert record.state == PayloadState.PENDING and record.task_name.startswith("r-")
