@@ -1,6 +1,7 @@
 """The WSGI app App Engine (and `make run`) serves: ``gunicorn main:app``.
 
-An existing webapp2 app adds ``deferred_routes()`` to its own routes instead of using this file.
+An existing webapp2 app adds ``deferred_routes()`` to its own routes instead of using this file,
+and wraps itself in ``deferred_middleware`` as below.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import os
 import webapp2
 
 import gae_deferred
+from gae_deferred import tracing
 from gae_deferred.queue_config import load_queue_yaml
-from gae_deferred.webapp2 import deferred_routes
+from gae_deferred.webapp2 import deferred_middleware, deferred_routes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,4 +32,6 @@ def _routes() -> list:
     return routes
 
 
-app = webapp2.WSGIApplication(_routes())
+# Logs with the trace of the request (or task) they belong to: JSON on App Engine.
+tracing.configure_logging()
+app = deferred_middleware(webapp2.WSGIApplication(_routes()))

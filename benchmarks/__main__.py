@@ -1,9 +1,9 @@
 """``python -m benchmarks [--quick] [--only NAME ...] [--output FILE] [--plots-dir DIR]``.
 
-Runs every benchmark (handler, defer, compression, spill, memory, throughput, dashboard), prints a
-table, and writes the Markdown report (default docs/performance.md) and SVG plots (default
-docs/). ``--legacy install|existing|skip`` controls the appengine-python-standard venv
-(default: install for a full run, existing for --quick).
+Runs every benchmark (handler, defer, compression, spill, memory, throughput, dashboard,
+metrics), prints a table, and writes the Markdown report (default docs/performance.md) and SVG
+plots (default docs/). ``--legacy install|existing|skip`` controls the appengine-python-standard
+venv (default: install for a full run, existing for --quick).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 from . import _setup
 
-NAMES = ("handler", "defer", "compression", "spill", "memory", "throughput", "dashboard")
+NAMES = ("handler", "defer", "compression", "spill", "memory", "throughput", "dashboard", "metrics")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--legacy", choices=("install", "existing", "skip"), default=None)
     args = parser.parse_args(argv)
     _setup.prepare()
-    from . import dashboard, handler, memory, report, serialization, spill, throughput, timing
+    from . import (
+        dashboard,
+        handler,
+        memory,
+        metrics,
+        report,
+        serialization,
+        spill,
+        throughput,
+        timing,
+    )
 
     legacy_mode = args.legacy or ("existing" if args.quick else "install")
     runners = {
@@ -40,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": lambda: memory.run(quick=args.quick),
         "throughput": lambda: throughput.run(quick=args.quick),
         "dashboard": lambda: dashboard.run(quick=args.quick),
+        "metrics": lambda: metrics.run(quick=args.quick),
     }
     started = time.perf_counter()
     sections = []

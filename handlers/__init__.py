@@ -3,9 +3,13 @@
 Add them to an existing app::
 
     import webapp2
-    from gae_deferred.webapp2 import deferred_routes
+    from gae_deferred.webapp2 import deferred_middleware, deferred_routes
 
-    app = webapp2.WSGIApplication(MY_ROUTES + deferred_routes())
+    app = deferred_middleware(webapp2.WSGIApplication(MY_ROUTES + deferred_routes()))
+
+``deferred_middleware`` makes the request current for ``defer()`` (tasks remember which request
+deferred them and join its trace), opens an ndb context per request, and guards the dashboard's
+prefix before webapp2 routes (see ``_middleware``).
 
 In this repository the package is the ``handlers/`` folder; the wheel installs it as
 ``gae_deferred.webapp2``, with the dashboard's templates and static files as package data.
@@ -17,13 +21,25 @@ from __future__ import annotations
 
 import webapp2
 
+from ._middleware import deferred_middleware
 from .deferred_admin import admin_routes
 from .deferred_task import DeferredTaskHandler, task_routes
 from .legacy import TaskHandler
 
-__all__ = ["DeferredTaskHandler", "TaskHandler", "admin_routes", "deferred_routes", "task_routes"]
+__all__ = [
+    "DeferredTaskHandler",
+    "TaskHandler",
+    "admin_routes",
+    "deferred_middleware",
+    "deferred_routes",
+    "task_routes",
+]
 
 
 def deferred_routes() -> list[webapp2.Route]:
-    """The task endpoint and the admin dashboard, as a list of routes."""
-    return task_routes() + admin_routes()
+    """The admin dashboard and the task endpoint, as a list of routes.
+
+    The dashboard's come first: they match the raw path, so a path that is not UTF-8 under
+    /_ah/deferred-admin gets the dashboard's 400 instead of failing in a later route.
+    """
+    return admin_routes() + task_routes()

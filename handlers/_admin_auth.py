@@ -1,12 +1,16 @@
 """Who may use /_ah/deferred-admin: default deny, then the first check that says yes.
 
-1. Local mode (``settings().local_mode``) and a loopback client: admin, "local mode" badge.
-2. An IAP JWT in ``x-goog-iap-jwt-assertion`` that verifies for ``settings().iap_audience``.
+1. Local mode (``settings().local_mode``), a loopback client and a loopback ``Host``
+   (``127.0.0.1``, ``localhost``, ``[::1]``; with ``settings().local_port`` that port): admin,
+   "local mode" badge. The Host check keeps a DNS-rebinding page off the dashboard.
+2. An IAP JWT in ``x-goog-iap-jwt-assertion`` that verifies for ``settings().iap_audience``
+   against IAP's public keys, fetched once per their ``Cache-Control: max-age``.
 3. App Engine's ``X-Appengine-User-Is-Admin: 1`` (``login: admin`` in app.yaml), trusted only
    on App Engine (``GAE_ENV`` set), where the front end strips it from outside requests.
 4. ``settings().admin_hook(environ)`` returning a user name.
 
-Tests (or apps behind another proxy) can swap how IAP certificates are fetched::
+The cron URL has its own check (:func:`cron_caller`). Tests (or apps behind another proxy) can
+swap how IAP certificates are fetched::
 
     from gae_deferred.webapp2 import _admin_auth
     _admin_auth.iap_transport = lambda: MyRequest()   # a google.auth.transport.Request
@@ -14,9 +18,15 @@ Tests (or apps behind another proxy) can swap how IAP certificates are fetched::
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hmac
+import json
 import logging
 import os
+import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +36,13 @@ logger = logging.getLogger("gae_deferred.admin")
 
 IAP_HEADER = "x-goog-iap-jwt-assertion"
 IAP_CERTS_URL = "https://www.gstatic.com/iap/verify/public_key"
+#: Keys are kept this long when the certificate response says nothing about caching.
+IAP_DEFAULT_MAX_AGE = 300
+#: A token naming a key we do not have refetches the keys at most this often.
+IAP_UNKNOWN_KID_REFETCH = 30
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+_LOCAL_HOST = re.compile(r"^(127\.0\.0\.1|localhost|\[::1\])(?::(\d{1,5}))?$")
+_MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
 def _default_transport() -> Any:
@@ -39,6 +55,10 @@ def _default_transport() -> Any:
 iap_transport: Callable[[], Any] = _default_transport
 
 
+class KeysUnavailable(Exception):
+    """IAP's public keys could not be fetched: the dashboard answers 503, not 403."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Admin:
     """An authenticated dashboard user; ``actor`` is what the audit log records."""
@@ -48,14 +68,71 @@ class Admin:
     local_mode: bool = False
 
 
+class _IapKeys:
+    """IAP's public keys (kid -> PEM), fetched at most once per cache period."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.certs: dict[str, str] = {}
+        self.expires = 0.0
+        #: When a token's unknown key id last made us refetch (keys rotate rarely; forged
+        #: key ids must not turn every request into a fetch).
+        self.unknown_refetch = -IAP_UNKNOWN_KID_REFETCH
+
+    def for_kid(self, kid: str) -> dict[str, str]:
+        with self.lock:
+            now = time.monotonic()
+            if now >= self.expires:
+                self._fetch(now)
+            elif kid not in self.certs and now - self.unknown_refetch >= IAP_UNKNOWN_KID_REFETCH:
+                self.unknown_refetch = now
+                self._fetch(now)
+            return self.certs
+
+    def _fetch(self, now: float) -> None:
+        try:
+            response = iap_transport()(url=IAP_CERTS_URL, method="GET")
+            status = response.status
+            certs = json.loads(response.data) if status == 200 else None
+        except Exception as exc:  # network, TLS, JSON: all mean "no keys now"
+            raise KeysUnavailable(f"cannot fetch IAP's public keys: {exc}") from exc
+        if not isinstance(certs, dict):
+            raise KeysUnavailable(f"cannot fetch IAP's public keys: HTTP {status}")
+        control = {k.lower(): v for k, v in dict(response.headers or {}).items()}
+        match = _MAX_AGE.search(control.get("cache-control", ""))
+        max_age = int(match.group(1)) if match else IAP_DEFAULT_MAX_AGE
+        self.certs = {str(k): str(v) for k, v in certs.items()}
+        self.expires = now + max_age
+
+
+_iap_keys = _IapKeys()
+
+
+def reset_iap_keys() -> None:
+    """Forget the cached IAP keys (tests; a process that changed iap_transport)."""
+    global _iap_keys
+    _iap_keys = _IapKeys()
+
+
+def _token_kid(token: str) -> str:
+    header = token.split(".", 1)[0]
+    try:
+        data = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except ValueError as exc:
+        raise ValueError("IAP JWT header is not base64 JSON") from exc
+    if not isinstance(data, dict):
+        raise ValueError("IAP JWT header is not a JSON object")
+    return str(data.get("kid", ""))
+
+
 def verify_iap_jwt(token: str, audience: str) -> dict[str, Any]:
     """The claims of a valid IAP JWT for ``audience``; raises ValueError (or a google.auth
-    error) when the signature, audience, issuer or expiry is wrong."""
-    from google.oauth2 import id_token
+    error) when the signature, audience, issuer or expiry is wrong, KeysUnavailable when the
+    keys cannot be fetched."""
+    from google.auth import jwt
 
-    claims = id_token.verify_token(
-        token, iap_transport(), audience=audience, certs_url=IAP_CERTS_URL
-    )
+    certs = _iap_keys.for_kid(_token_kid(token))
+    claims = jwt.decode(token, certs=certs, audience=audience)
     if claims.get("iss") != "https://cloud.google.com/iap":
         raise ValueError(f"IAP JWT has issuer {claims.get('iss')!r}")
     return dict(claims)
@@ -65,15 +142,40 @@ def _on_app_engine() -> bool:
     return bool(os.environ.get("GAE_ENV"))
 
 
+def local_host_ok(environ: dict[str, Any]) -> bool:
+    """The Host header names this machine (and the local port, when one is configured)."""
+    match = _LOCAL_HOST.match((environ.get("HTTP_HOST") or "").lower())
+    if not match:
+        return False
+    port = settings().local_port
+    return port is None or int(match.group(2) or 80) == port
+
+
+def denial(environ: dict[str, Any]) -> str:
+    """Why :func:`authenticate` said no, for the 403 page."""
+    if settings().local_mode and environ.get("REMOTE_ADDR") in _LOOPBACK:
+        return (
+            "Local mode answers only requests for 127.0.0.1, localhost or [::1]"
+            + (f" on port {settings().local_port}" if settings().local_port else "")
+            + f", not for Host {environ.get('HTTP_HOST')!r}."
+        )
+    return "Admins only: this dashboard needs an administrator login."
+
+
 def authenticate(environ: dict[str, Any]) -> Admin | None:
-    """The admin making this request, or None (the caller answers 403)."""
+    """The admin making this request, or None (the caller answers 403).
+
+    Raises KeysUnavailable when an IAP token came but IAP's keys cannot be fetched.
+    """
     current = settings()
-    if current.local_mode and environ.get("REMOTE_ADDR") in _LOOPBACK:
+    if current.local_mode and environ.get("REMOTE_ADDR") in _LOOPBACK and local_host_ok(environ):
         return Admin(f"local ({environ['REMOTE_ADDR']})", "local", local_mode=True)
     token = environ.get("HTTP_X_GOOG_IAP_JWT_ASSERTION")
     if token and current.iap_audience:
         try:
             claims = verify_iap_jwt(token, current.iap_audience)
+        except KeysUnavailable:
+            raise
         except Exception as exc:  # any verification failure is a plain "not admin"
             logger.warning("rejected IAP JWT: %s", exc)
         else:
@@ -88,6 +190,13 @@ def authenticate(environ: dict[str, Any]) -> Admin | None:
     return None
 
 
-def is_cron(environ: dict[str, Any]) -> bool:
-    """App Engine cron: the header is set by App Engine and stripped from outside requests."""
-    return _on_app_engine() and environ.get("HTTP_X_APPENGINE_CRON") == "true"
+def cron_caller(environ: dict[str, Any]) -> Admin | None:
+    """App Engine cron (its header, trusted only where GAE_ENV is set and App Engine strips it
+    from outside requests) or a caller holding ``settings().cron_token`` (the local stack)."""
+    if _on_app_engine() and environ.get("HTTP_X_APPENGINE_CRON") == "true":
+        return Admin("cron", "cron")
+    expected = settings().cron_token
+    sent = environ.get("HTTP_X_DEFERRED_CRON_TOKEN") or ""
+    if expected and sent and hmac.compare_digest(sent.encode(), expected.encode()):
+        return Admin("cron (token)", "cron-token")
+    return None

@@ -1,121 +1,58 @@
 """/_ah/deferred-admin: the dashboard's HTML pages, actions and JSON API (webapp2).
 
-Handlers only parse the request, call :mod:`gae_deferred.admin` and render one template (or
-JSON under ``/_ah/deferred-admin/api/``). Every request is authenticated (see
-``_admin_auth``; default deny), every POST is CSRF-checked (see ``_admin_csrf``) and every
-response carries the security headers below. Pages work without JavaScript: confirmations
-are server-rendered forms, "expand" is ``<details>``, auto-refresh is a meta refresh::
+Handlers only parse the request, call :mod:`gae_deferred.admin` (which also shapes every
+record as JSON) and answer with :meth:`_Base.respond` (a page, or the same data as JSON under
+``/_ah/deferred-admin/api/``) or :meth:`_Base.finish` (an action: JSON, or ``303 See Other``
+back to the page with a one-time message). Every request is authenticated (``_admin_auth``;
+default deny), every POST is CSRF-checked (``_admin_csrf``) and reads its parameters from the
+body only, and every response carries the security headers of ``_admin_guard``. Pages work
+without JavaScript: confirmations are server-rendered forms, "expand" is ``<details>``,
+auto-refresh is a meta refresh::
 
-    app = webapp2.WSGIApplication(MY_ROUTES + deferred_routes())   # includes admin_routes()
+    app = deferred_middleware(webapp2.WSGIApplication(MY_ROUTES + deferred_routes()))
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import mimetypes
 import os
 import re
 from typing import Any, ClassVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlsplit
 
-import jinja2
 import webapp2
 
-from gae_deferred import Error, admin, ndb_context
+from gae_deferred import Error, admin, metrics, ndb_context
 
-from . import _admin_auth, _admin_csrf
+from . import _admin_auth, _admin_csrf, _templates
+from . import _admin_guard as guard
 
 logger = logging.getLogger("gae_deferred.admin")
 
-PREFIX = "/_ah/deferred-admin"
-
-
-def _data_dir(name: str) -> str:
-    """``templates`` or ``static``: package data beside this module in an installed wheel, the
-    repo's top-level folder of that name in a checkout (where this module is ``handlers/``)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for base in (here, os.path.dirname(here)):
-        candidate = os.path.join(base, name)
-        if os.path.isdir(os.path.join(candidate, "deferred_admin")):
-            return candidate
-    raise RuntimeError(f"gae_deferred.webapp2: no {name}/deferred_admin beside {here}")
-
-
-TEMPLATE_DIR = _data_dir("templates")
-STATIC_DIR = os.path.join(_data_dir("static"), "deferred_admin")
+PREFIX = guard.PREFIX
+SECURITY_HEADERS = guard.SECURITY_HEADERS
+FLASH_COOKIE = "deferred_admin_flash"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
-_REFRESH_CHOICES = (0, 10, 30, 60)
-
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
+#: A flash message is a cookie: keep it well under the 4 KB browsers allow.
+_FLASH_CHARS = 1500
 
 
-def _age(value: datetime.datetime | float | None) -> str:
-    """'3d 4h', '5m 2s' ... for a datetime in the past or a number of seconds."""
-    if value is None:
-        return "-"
-    if isinstance(value, datetime.datetime):
-        value = (datetime.datetime.now(datetime.UTC) - value).total_seconds()
-    seconds = max(0, int(value))
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} {seconds % size // sub_size}{sub}"
-    return f"{seconds // 60}m {seconds % 60}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _timestamp(value: datetime.datetime | str | None) -> str:
-    if isinstance(value, str):
-        value = datetime.datetime.fromisoformat(value)
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
-
-
-def _duration(seconds: float | None) -> str:
-    if not seconds:
-        return "0s"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size:g}{unit}"
-    return f"{seconds:g}s"
-
-
-def _retry(policy: dict[str, Any]) -> str:
-    """'6 attempts, backoff 1s-60s (4 doublings), for at most 1d' from a queue's retry dict."""
-    if not policy:
-        return "-"
-    attempts = policy.get("max_attempts")
-    parts = ["unlimited attempts" if attempts in (None, -1) else f"{attempts} attempts"]
-    parts.append(
-        f"backoff {_duration(policy.get('min_backoff'))}-{_duration(policy.get('max_backoff'))}"
-        f" ({policy.get('max_doublings')} doublings)"
-    )
-    if policy.get("max_retry_duration"):
-        parts.append(f"for at most {_duration(policy['max_retry_duration'])}")
-    return ", ".join(parts)
-
-
-_jinja = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_jinja.filters.update(age=_age, bytes=admin.format_bytes, ts=_timestamp, retry=_retry)
-_jinja.globals.update(prefix=PREFIX, refresh_choices=_REFRESH_CHOICES)
+def _safe_back(value: str, default: str) -> str:
+    """``value`` when it is a dashboard page of this site (a form's ``back`` field)."""
+    if not value or "\\" in value or any(ord(char) < 0x20 for char in value):
+        return default
+    parts = urlsplit(value)
+    path = parts.path
+    inside = path == PREFIX or path.startswith(PREFIX + "/")
+    if parts.scheme or parts.netloc or not inside or "/../" in path + "/" or "//" in path:
+        return default
+    return value
 
 
 class _Base(webapp2.RequestHandler):
-    """Auth, CSRF, security headers, an ndb context and error pages for every admin request."""
+    """Auth, CSRF, an ndb context, answers and error pages for every admin request."""
 
     #: True on the /api/ twin of a handler: JSON in and out, no confirmation pages.
     json_api: ClassVar[bool] = False
@@ -124,16 +61,27 @@ class _Base(webapp2.RequestHandler):
 
     def dispatch(self) -> None:
         self.response.headers.update(SECURITY_HEADERS)
+        refused = guard.refusal(self.request.environ)
+        if refused is not None:
+            self.fail(*refused)
+            return
         try:
-            self.request.params  # noqa: B018 - parse query string and form once, here
+            self.request.GET  # noqa: B018 - parse the query string once, here
+            if self.request.method == "POST":
+                self.request.POST  # noqa: B018 - and the form
         except UnicodeDecodeError:
             # The error page reads the query string too: drop what cannot be decoded.
             self.request.environ["QUERY_STRING"] = ""
             self.fail(400, "The query string or form is not valid UTF-8.")
             return
-        self.admin_user = self._authenticate()
+        try:
+            self.admin_user = self._authenticate()
+        except _admin_auth.KeysUnavailable as exc:
+            logger.error("dashboard: %s", exc)
+            self.fail(503, "Cannot check the IAP login now (its public keys did not load).")
+            return
         if self.admin_user is None:
-            self.fail(403, "Admins only: this dashboard needs an administrator login.")
+            self.fail(403, self._denial())
             return
         secret, fresh = _admin_csrf.cookie_secret(self.request)
         if fresh:
@@ -151,35 +99,50 @@ class _Base(webapp2.RequestHandler):
     def _authenticate(self) -> _admin_auth.Admin | None:
         return _admin_auth.authenticate(self.request.environ)
 
+    def _denial(self) -> str:
+        return _admin_auth.denial(self.request.environ)
+
     def handle_exception(self, exception: BaseException, debug: bool) -> None:
         if isinstance(exception, admin.AdminError):
             self.fail(exception.status, str(exception))
         elif isinstance(exception, Error):
             self.fail(400, str(exception))
         else:
-            logger.exception("dashboard error on %s", self.request.path)
+            logger.exception("dashboard error on %s", guard.raw_path(self.request.environ))
             self.fail(500, "Something went wrong; the details are in the server log.")
 
     # -- request helpers --------------------------------------------------------------
 
-    def param(self, name: str, default: str = "") -> str:
-        body = self._json_body()
-        if name in body:
-            return str(body[name])
-        return self.request.params.get(name, default)
+    @property
+    def path(self) -> str:
+        """The decoded request path ("" when it is not UTF-8: the guard refuses those)."""
+        return guard.request_path(self.request.environ) or ""
 
-    def params(self, name: str) -> list[str]:
+    def arg(self, name: str, default: str = "") -> str:
+        """A query string parameter (GET pages)."""
+        return self.request.GET.get(name, default)
+
+    def field(self, name: str, default: str = "") -> str:
+        """A POST parameter: from the JSON body on the API, the form body otherwise; never
+        from the query string, so a link cannot smuggle ``confirm`` or ``action`` in."""
         body = self._json_body()
-        if name in body:
-            values = body[name]
+        if body is not None:
+            value = body.get(name, default)
+            return "" if value is None else str(value)
+        return self.request.POST.get(name, default)
+
+    def fields(self, name: str) -> list[str]:
+        body = self._json_body()
+        if body is not None:
+            values = body.get(name, [])
             if not isinstance(values, list):
                 raise admin.BadRequest(f"{name} must be a list")
             return [str(value) for value in values]
-        return self.request.params.getall(name)
+        return self.request.POST.getall(name)
 
-    def _json_body(self) -> dict[str, Any]:
+    def _json_body(self) -> dict[str, Any] | None:
         if self.request.method != "POST" or self.request.content_type != "application/json":
-            return {}
+            return None
         try:
             body = json.loads(self.request.body or b"{}")
         except ValueError as exc:
@@ -188,32 +151,63 @@ class _Base(webapp2.RequestHandler):
             raise admin.BadRequest("the request body must be a JSON object")
         return body
 
+    def posted(self) -> dict[str, str]:
+        """Every single-valued POST parameter (filters sent with a bulk action)."""
+        body = self._json_body()
+        if body is not None:
+            return {key: str(value) for key, value in body.items() if not isinstance(value, list)}
+        return dict(self.request.POST.items())
+
     def limit(self) -> int:
-        return admin.page_size(self.request.GET.get("limit"))
+        return admin.page_size(self.arg("limit") or None)
 
     # -- responses --------------------------------------------------------------------
 
+    def respond(self, template: str, data: dict[str, Any], **page: Any) -> None:
+        """Answer a read: ``data`` as JSON on the API, else ``template`` rendered with the
+        same data (and the page-only values in ``page``)."""
+        if self.json_api:
+            self.send_json(data)
+        else:
+            self.render(template, **data, **page)
+
     def render(self, template: str, status: int = 200, **context: Any) -> None:
-        refresh = self.request.GET.get("refresh", "0")
+        refresh = self.arg("refresh", "0")
         context.setdefault("title", "Deferred tasks")
         context.update(
             admin_user=self.admin_user,
             local_mode=bool(self.admin_user and self.admin_user.local_mode),
             csrf_token=self.csrf_token,
-            refresh=int(refresh) if refresh in {str(c) for c in _REFRESH_CHOICES} else 0,
+            refresh=(
+                int(refresh) if refresh in {str(c) for c in _templates.REFRESH_CHOICES} else 0
+            ),
             page_url=self._url_with,
-            request_path=self.request.path,
+            request_path=self.path,
+            here=self._here(),
+            flash=self._take_flash() if status == 200 else None,
         )
         self.response.status_int = status
         self.response.content_type = "text/html"
         self.response.charset = "utf-8"
-        self.response.write(_jinja.get_template(f"deferred_admin/{template}").render(context))
+        self.response.write(_templates.render(template, context))
+
+    def _here(self) -> str:
+        """This page's URL (path and query), as links and ``back`` fields carry it."""
+        query = self.request.environ.get("QUERY_STRING") or ""
+        return quote(self.path) + ("?" + query if query else "")
 
     def _url_with(self, **changes: Any) -> str:
         """This page's URL with some query parameters changed (None removes one)."""
-        query = {key: value for key, value in self.request.GET.items() if key not in changes}
-        query.update({key: value for key, value in changes.items() if value not in (None, "")})
-        return self.request.path + ("?" + urlencode(query) if query else "")
+        params = {key: value for key, value in self.request.GET.items() if key not in changes}
+        params.update(changes)
+        return quote(self.path) + _templates.query(params)
+
+    def _take_flash(self) -> str | None:
+        sealed = self.request.cookies.get(FLASH_COOKIE)
+        if not sealed:
+            return None
+        self.response.delete_cookie(FLASH_COOKIE, path=PREFIX)
+        return admin.open_message(sealed)
 
     def send_json(self, data: Any, status: int = 200) -> None:
         self.response.status_int = status
@@ -224,28 +218,37 @@ class _Base(webapp2.RequestHandler):
     def fail(self, status: int, message: str) -> None:
         self.response.clear()
         self.response.headers.update(SECURITY_HEADERS)
-        if self.json_api or self.request.path.startswith(f"{PREFIX}/api/"):
+        if self.json_api or guard.raw_path(self.request.environ).startswith(f"{PREFIX}/api/"):
             self.send_json({"error": message, "status": status}, status)
             return
         self.render("error.html", status=status, title=f"Error {status}", message=message)
 
-    def done(self, message: str, back: str, data: dict[str, Any] | None = None) -> None:
-        """The answer to a finished action: JSON for the API, a result page otherwise."""
+    def finish(self, message: str, back: str, data: dict[str, Any] | None = None) -> None:
+        """The answer to a finished action: JSON on the API; otherwise 303 See Other to the
+        page the form came from (its ``back`` field) or ``back``, with ``message`` shown
+        once there, so reloading that page never repeats the action."""
         if self.json_api:
             self.send_json({"ok": True, "message": message, **(data or {})})
             return
-        errors = (data or {}).get("errors")
-        self.render(
-            "done.html",
-            title="Done",
-            message=message,
-            back=back,
-            errors=errors if isinstance(errors, dict) else {},
+        errors = (data or {}).get("errors") or {}
+        if errors:
+            listed = "; ".join(f"{key}: {value}" for key, value in list(errors.items())[:5])
+            message += f" Errors: {listed}" + (" ..." if len(errors) > 5 else "")
+        self.response.set_cookie(
+            FLASH_COOKIE,
+            admin.seal_message(message[:_FLASH_CHARS]),
+            path=PREFIX,
+            httponly=True,
+            samesite="strict",
+            secure=self.request.scheme == "https",
         )
+        self.response.status_int = 303
+        self.response.headers["Location"] = _safe_back(self.field("back"), back)
 
     def needs_confirmation(self, question: str, cancel: str, **fields: Any) -> bool:
-        """For HTML forms without confirm=yes, render the confirmation page and say so."""
-        if self.json_api or self.param("confirm") == "yes":
+        """For HTML forms without confirm=yes in the body, render the confirmation page (it
+        posts back here with the same fields) and say so."""
+        if self.json_api or self.field("confirm") == "yes":
             return False
         hidden = [(name, value) for name, value in fields.items() if not isinstance(value, list)]
         hidden += [
@@ -254,13 +257,16 @@ class _Base(webapp2.RequestHandler):
             if isinstance(value, list)
             for item in value
         ]
+        back = self.field("back")
+        if back:
+            hidden.append(("back", back))
         self.render(
             "confirm.html",
             title="Confirm",
             question=question,
-            action=self.request.path,
+            action=quote(self.path),
             hidden=hidden,
-            cancel=cancel,
+            cancel=_safe_back(back, cancel),
         )
         return True
 
@@ -274,23 +280,17 @@ def _api(handler: type[_Base]) -> type[_Base]:
     return type(f"{handler.__name__}Api", (handler,), {"json_api": True})
 
 
+def _bulk_summary(action: str, result: admin.BulkResult, what: str) -> str:
+    return f"{action.capitalize()} {what}: {result.summary}."
+
+
 # -- overview -------------------------------------------------------------------------
 
 
 class OverviewPage(_Base):
     def get(self) -> None:
-        numbers = admin.overview()
-        queues = admin.queue_overview()
-        if self.json_api:
-            self.send_json({**numbers.to_json(), "queues": [q.to_json() for q in queues]})
-            return
-        self.render(
-            "overview.html",
-            title="Overview",
-            numbers=numbers,
-            queues=queues,
-            failure_rows=[(hour.strftime("%H:00"), n) for hour, n in numbers.failures_by_hour],
-        )
+        data = admin.overview_json(admin.overview(), admin.queue_overview())
+        self.respond("overview.html", data, title="Overview")
 
 
 # -- spilled payloads -----------------------------------------------------------------
@@ -298,28 +298,18 @@ class OverviewPage(_Base):
 
 class SpilloverList(_Base):
     def get(self) -> None:
-        filters = {
-            "state": self.request.GET.get("state") or "pending",
-            "function": self.request.GET.get("function") or None,
-            "queue": self.request.GET.get("queue") or None,
-            "sort": self.request.GET.get("sort") or "oldest",
+        wanted = admin.SpillFilter.parse(self.request.GET)
+        page = admin.list_spillover(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
+        data = {
+            "items": [admin.spillover_json(record) for record in page.items],
+            "next_cursor": page.next_cursor,
+            "filters": wanted.params(),
         }
-        page = admin.list_spillover(
-            **filters, cursor=self.request.GET.get("cursor"), limit=self.limit()
-        )
-        if self.json_api:
-            self.send_json(
-                {
-                    "items": [admin.spillover_json(r) for r in page.items],
-                    "next_cursor": page.next_cursor,
-                }
-            )
-            return
-        self.render(
+        self.respond(
             "spillover.html",
+            data,
             title="Spilled payloads",
-            page=page,
-            filters=filters,
+            wanted=wanted,
             states=list(admin.PayloadState),
             sorts=list(admin.SPILL_SORTS),
         )
@@ -327,47 +317,39 @@ class SpilloverList(_Base):
 
 class SpilloverDetail(_Base):
     def get(self, payload_id: str) -> None:
-        record = admin.get_spillover(payload_id)
-        if self.json_api:
-            self.send_json({**admin.spillover_json(record), "meta": record.meta or {}})
-            return
-        self.render(
-            "spillover_detail.html",
-            title=f"Spilled payload {payload_id}",
-            record=record,
-            meta=sorted((record.meta or {}).items()),
-        )
+        record = admin.get_spillover(admin.id_from_url(payload_id))
+        data = admin.spillover_json(record, detail=True)
+        self.respond("spillover_detail.html", data, title=f"Spilled payload {data['id']}")
 
 
 class SpilloverRetrigger(_Base):
     def post(self, payload_id: str) -> None:
-        name = admin.retrigger_spillover(
-            payload_id, self.actor, version=self.param("version") or None
-        )
-        self.done(
-            f"Retriggered spilled payload {payload_id} as task {name}.",
+        record_id = admin.id_from_url(payload_id)
+        name = admin.retrigger_spillover(record_id, self.actor, version=self.field("version"))
+        # Back to the list: the task may run and delete this record before the next page loads.
+        self.finish(
+            f"Retriggered spilled payload {record_id} as task {name}.",
             f"{PREFIX}/spillover",
-            {"task_name": name, "id": payload_id},
+            {"task_name": name, "id": record_id},
         )
 
 
 class SpilloverDelete(_Base):
     def post(self, payload_id: str) -> None:
-        record = admin.get_spillover(payload_id)
+        record = admin.get_spillover(admin.id_from_url(payload_id))
         if self.needs_confirmation(
             f"Delete the spilled payload of {record.function} "
             f"({admin.format_bytes(record.stored_bytes)}) and its queued task?",
             f"{PREFIX}/spillover/{payload_id}",
         ):
             return
-        admin.delete_spillover(payload_id, self.actor)
-        self.done(f"Deleted spilled payload {payload_id}.", f"{PREFIX}/spillover")
+        admin.delete_spillover(record.key.id(), self.actor)
+        self.finish(f"Deleted spilled payload {record.key.id()}.", f"{PREFIX}/spillover")
 
 
 class SpilloverBulk(_Base):
     def post(self) -> None:
-        action, ids = self.param("action"), self.params("ids")
-        version = self.param("version") or None
+        action, ids, version = self.field("action"), self.fields("ids"), self.field("version")
         if not ids:
             raise admin.BadRequest("select at least one record")
         if self.needs_confirmation(
@@ -375,15 +357,54 @@ class SpilloverBulk(_Base):
             f"{PREFIX}/spillover",
             action=action,
             ids=ids,
-            version=version or "",
+            version=version,
         ):
             return
         result = admin.bulk_spillover(action, ids, self.actor, version=version)
-        self.done(
-            f"{action.capitalize()}: {len(result.done)} done, {len(result.errors)} failed.",
+        self.finish(
+            _bulk_summary(action, result, "spilled payloads"),
             f"{PREFIX}/spillover",
             {"done": result.done, "errors": result.errors},
         )
+
+
+class _BulkMatching(_Base):
+    """An action on every record a filter matches: the count is confirmed first (HTML)."""
+
+    filter_type: ClassVar[type[admin.FailureFilter] | type[admin.SpillFilter]]
+    list_path: ClassVar[str]
+    apply: ClassVar[Any]
+
+    def post(self) -> None:
+        wanted = self.filter_type.parse(self.posted())
+        action, version = self.field("action"), self.field("version")
+        back = f"{PREFIX}{self.list_path}" + _templates.query(wanted.params())
+        if not self.json_api:
+            count = admin.count_matching(wanted)
+            if self.needs_confirmation(
+                f"{action.capitalize()} {count}{'+' if count >= admin.MAX_MATCHING else ''} "
+                f"{wanted.describe()}? At most {admin.MAX_MATCHING:,} are done, "
+                f"{admin.MAX_BULK} at a time.",
+                back,
+                action=action,
+                version=version,
+                **wanted.params(),
+            ):
+                return
+        result = type(self).apply(action, wanted, self.actor, version=version)
+        self.finish(
+            _bulk_summary(action, result, wanted.describe()),
+            back,
+            {"done": result.done, "errors": result.errors},
+        )
+
+
+class SpilloverBulkMatching(_BulkMatching):
+    """Retrigger or delete every spilled payload a filter matches."""
+
+    filter_type = admin.SpillFilter
+    list_path = "/spillover"
+    apply = staticmethod(admin.bulk_spillover_matching)
 
 
 # -- failures -------------------------------------------------------------------------
@@ -391,60 +412,32 @@ class SpilloverBulk(_Base):
 
 class FailureGroups(_Base):
     def get(self) -> None:
-        view = self.request.GET.get("view") or "active"
-        page = admin.failure_groups(view, cursor=self.request.GET.get("cursor"))
-        if self.json_api:
-            self.send_json(
-                {
-                    "items": [
-                        {
-                            "group": g.group,
-                            "function": g.function,
-                            "exception_type": g.exception_type,
-                            "count": g.count,
-                            "last_seen": g.last_seen.isoformat(),
-                            "partial": g.partial,
-                        }
-                        for g in page.items
-                    ],
-                    "next_cursor": page.next_cursor,
-                    "count_cap": admin.GROUP_COUNT_CAP,
-                }
-            )
-            return
-        self.render(
-            "failures.html",
-            title="Failures",
-            page=page,
-            view=view,
-            views=admin.FAILURE_VIEWS,
-            count_cap=admin.GROUP_COUNT_CAP,
-        )
+        view = self.arg("view") or "active"
+        page = admin.failure_groups(view, cursor=self.arg("cursor") or None)
+        data = {
+            "items": [admin.group_json(group) for group in page.items],
+            "next_cursor": page.next_cursor,
+            "count_cap": admin.GROUP_COUNT_CAP,
+        }
+        self.respond("failures.html", data, title="Failures", view=view, views=admin.FAILURE_VIEWS)
 
 
 class FailureList(_Base):
     def get(self) -> None:
-        state = self.request.GET.get("state") or None
-        group = self.request.GET.get("group") or None
-        page = admin.list_failures(
-            state=state, group=group, cursor=self.request.GET.get("cursor"), limit=self.limit()
-        )
-        if self.json_api:
-            self.send_json(
-                {
-                    "items": [admin.failure_json(r) for r in page.items],
-                    "next_cursor": page.next_cursor,
-                }
-            )
-            return
-        self.render(
+        wanted = admin.FailureFilter.parse(self.request.GET)
+        page = admin.list_failures(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
+        data = {
+            "items": [admin.failure_json(record) for record in page.items],
+            "next_cursor": page.next_cursor,
+            "filters": wanted.params(),
+        }
+        self.respond(
             "failure_list.html",
-            title=_group_title(group),
-            page=page,
-            state=state or "all",
-            group=group or "",
-            states=("all", *admin.FailureState),
-            retriggerable=admin.failures.RETRIGGERABLE,
+            data,
+            title=_group_title(wanted.group),
+            wanted=wanted,
+            states=("all", *admin.FAILURE_VIEWS),
+            sorts=list(admin.FAILURE_SORTS),
         )
 
 
@@ -457,52 +450,73 @@ def _group_title(group: str | None) -> str:
 
 class FailureDetail(_Base):
     def get(self, failure_id: str) -> None:
-        record = admin.get_failure(failure_id)
-        if self.json_api:
-            self.send_json({**admin.failure_json(record), "meta": record.meta or {}})
-            return
-        self.render(
-            "failure_detail.html",
-            title=f"Failure {failure_id}",
-            record=record,
-            meta=sorted((record.meta or {}).items()),
-            retriggerable=admin.failures.RETRIGGERABLE,
-        )
+        record = admin.get_failure(admin.id_from_url(failure_id))
+        data = admin.failure_json(record, detail=True)
+        self.respond("failure_detail.html", data, title=f"Failure {data['id']}", failure=data)
 
 
 class FailureRetrigger(_Base):
     def post(self, failure_id: str) -> None:
-        name = admin.retrigger_failure(
-            failure_id, self.actor, version=self.param("version") or None
-        )
-        self.done(
-            f"Retrying failure {failure_id} as task {name}.",
+        record_id = admin.id_from_url(failure_id)
+        name = admin.retrigger_failure(record_id, self.actor, version=self.field("version"))
+        self.finish(
+            f"Retrying failure {record_id} as task {name}.",
             f"{PREFIX}/failures/{failure_id}",
-            {"task_name": name, "id": failure_id},
+            {"task_name": name, "id": record_id},
         )
 
 
 class FailureDismiss(_Base):
     def post(self, failure_id: str) -> None:
-        admin.dismiss_failure(failure_id, self.actor)
-        self.done(f"Dismissed failure {failure_id}.", f"{PREFIX}/failures")
+        record_id = admin.id_from_url(failure_id)
+        admin.dismiss_failure(record_id, self.actor)
+        self.finish(f"Dismissed failure {record_id}.", f"{PREFIX}/failures/{failure_id}")
 
 
 class FailureDelete(_Base):
     def post(self, failure_id: str) -> None:
-        record = admin.get_failure(failure_id)
+        record = admin.get_failure(admin.id_from_url(failure_id))
         if self.needs_confirmation(
             f"Delete the failure record of {record.function} and its kept payload?",
             f"{PREFIX}/failures/{failure_id}",
         ):
             return
-        admin.delete_failure(failure_id, self.actor)
-        self.done(f"Deleted failure {failure_id}.", f"{PREFIX}/failures")
+        admin.delete_failure(record.key.id(), self.actor)
+        self.finish(f"Deleted failure {record.key.id()}.", f"{PREFIX}/failures/list")
+
+
+class FailureBulk(_Base):
+    def post(self) -> None:
+        action, ids, version = self.field("action"), self.fields("ids"), self.field("version")
+        if not ids:
+            raise admin.BadRequest("select at least one failure")
+        if self.needs_confirmation(
+            f"{action.capitalize()} {len(ids)} failure(s)?",
+            f"{PREFIX}/failures/list",
+            action=action,
+            ids=ids,
+            version=version,
+        ):
+            return
+        result = admin.bulk_failures(action, ids, self.actor, version=version)
+        self.finish(
+            _bulk_summary(action, result, "failures"),
+            f"{PREFIX}/failures/list",
+            {"done": result.done, "errors": result.errors},
+        )
+
+
+class FailureBulkMatching(_BulkMatching):
+    """Retrigger, dismiss or delete every failure a filter matches."""
+
+    filter_type = admin.FailureFilter
+    list_path = "/failures/list"
+    apply = staticmethod(admin.bulk_failures_matching)
 
 
 class FailureRetryGroup(_Base):
     def post(self) -> None:
-        group = self.param("group")
+        group = self.field("group")
         if self.needs_confirmation(
             f"Retry up to {admin.MAX_BULK} failures where {_group_title(group)}?",
             f"{PREFIX}/failures",
@@ -510,29 +524,9 @@ class FailureRetryGroup(_Base):
         ):
             return
         result = admin.retry_group(group, self.actor)
-        self.done(
+        self.finish(
             f"Retried {len(result.done)} failure(s) where {_group_title(group)}; "
             f"{len(result.errors)} could not be retried.",
-            f"{PREFIX}/failures",
-            {"done": result.done, "errors": result.errors},
-        )
-
-
-class FailureBulk(_Base):
-    def post(self) -> None:
-        action, ids = self.param("action"), self.params("ids")
-        if not ids:
-            raise admin.BadRequest("select at least one failure")
-        if self.needs_confirmation(
-            f"{action.capitalize()} {len(ids)} failure(s)?",
-            f"{PREFIX}/failures",
-            action=action,
-            ids=ids,
-        ):
-            return
-        result = admin.bulk_failures(action, ids, self.actor)
-        self.done(
-            f"{action.capitalize()}: {len(result.done)} done, {len(result.errors)} failed.",
             f"{PREFIX}/failures",
             {"done": result.done, "errors": result.errors},
         )
@@ -543,56 +537,28 @@ class FailureBulk(_Base):
 
 class QueueList(_Base):
     def get(self) -> None:
-        queues = admin.queue_overview()
-        if self.json_api:
-            self.send_json(
-                {
-                    "items": [
-                        {
-                            "name": q.name,
-                            "state": q.state,
-                            "rate": q.rate,
-                            "max_concurrent": q.max_concurrent,
-                            "retry": q.retry,
-                            "tasks": q.tasks,
-                            "tasks_capped": q.tasks_capped,
-                            "oldest_task_age": q.oldest_task_age,
-                            "in_queue_yaml": q.in_queue_yaml,
-                            "error": q.error,
-                        }
-                        for q in queues
-                    ]
-                }
-            )
-            return
-        self.render("queues.html", title="Queues", queues=queues)
+        queues = [admin.queue_json(queue) for queue in admin.queue_overview()]
+        self.respond("queues.html", {"items": queues}, title="Queues")
 
 
 class QueueTasks(_Base):
     def get(self, queue: str) -> None:
-        info = admin.get_queue(queue)
-        page = admin.list_tasks(
-            queue, page_token=self.request.GET.get("cursor"), limit=self.limit()
-        )
-        tasks = [admin.task_json(task) for task in page.items]
-        if self.json_api:
-            self.send_json(
-                {
-                    "queue": queue,
-                    "state": info.state.name,
-                    "items": tasks,
-                    "next_cursor": page.next_cursor,
-                }
-            )
-            return
-        self.render(
-            "queue_tasks.html",
-            title=f"Queue {queue}",
-            queue=queue,
-            state=info.state.name,
-            tasks=tasks,
-            next_cursor=page.next_cursor,
-        )
+        name = admin.id_from_url(queue)
+        info = admin.get_queue(name)
+        page = admin.list_tasks(name, page_token=self.arg("cursor") or None, limit=self.limit())
+        data = {
+            "queue": name,
+            "state": info.state.name,
+            "items": [admin.task_json(task) for task in page.items],
+            "next_cursor": page.next_cursor,
+        }
+        self.respond("queue_tasks.html", data, title=f"Queue {name}")
+
+
+class TaskDetail(_Base):
+    def get(self, queue: str, task: str) -> None:
+        data = admin.task_detail(admin.id_from_url(queue), admin.id_from_url(task))
+        self.respond("task_detail.html", data, title=f"Task {data['name']}")
 
 
 class _QueueAction(_Base):
@@ -600,13 +566,12 @@ class _QueueAction(_Base):
     question: ClassVar[str | None] = None
 
     def post(self, queue: str) -> None:
-        admin.check_queue_name(queue)
-        if self.question and self.needs_confirmation(
-            self.question.format(queue=queue), f"{PREFIX}/queues/{queue}"
-        ):
+        name = admin.check_queue_name(admin.id_from_url(queue))
+        back = f"{PREFIX}/queues/{queue}"
+        if self.question and self.needs_confirmation(self.question.format(queue=name), back):
             return
-        getattr(admin, f"{self.verb}_queue")(queue, self.actor)
-        self.done(f"Queue {queue}: {self.verb} done.", f"{PREFIX}/queues/{queue}")
+        getattr(admin, f"{self.verb}_queue")(name, self.actor)
+        self.finish(f"Queue {name}: {self.verb} done.", back)
 
 
 class QueuePause(_QueueAction):
@@ -624,16 +589,44 @@ class QueuePurge(_QueueAction):
 
 class TaskRun(_Base):
     def post(self, queue: str, task: str) -> None:
-        admin.run_task(queue, task, self.actor)
-        self.done(f"Task {task} dispatched now.", f"{PREFIX}/queues/{queue}")
+        name = admin.id_from_url(task)
+        admin.run_task(admin.id_from_url(queue), name, self.actor)
+        self.finish(f"Task {name} dispatched now.", f"{PREFIX}/queues/{queue}")
 
 
 class TaskDelete(_Base):
     def post(self, queue: str, task: str) -> None:
-        if self.needs_confirmation(f"Delete task {task} from {queue}?", f"{PREFIX}/queues/{queue}"):
+        queue_name, name = admin.id_from_url(queue), admin.id_from_url(task)
+        back = f"{PREFIX}/queues/{queue}"
+        if self.needs_confirmation(f"Delete task {name} from {queue_name}?", back):
             return
-        admin.delete_task(queue, task, self.actor)
-        self.done(f"Task {task} deleted.", f"{PREFIX}/queues/{queue}")
+        admin.delete_task(queue_name, name, self.actor)
+        self.finish(f"Task {name} deleted.", back)
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+class MetricsPage(_Base):
+    """Functions sorted by runs, failures or p95 in a window; ``function=`` shows one."""
+
+    def get(self) -> None:
+        window, sort = self.arg("window") or "24h", self.arg("sort") or "runs"
+        function = self.arg("function")
+        if function:
+            data = admin.function_metrics(function, window)
+            self.respond("metrics_function.html", data, title=f"Metrics of {function}")
+            return
+        page = admin.list_metrics(
+            window, sort, cursor=self.arg("cursor") or None, limit=self.limit()
+        )
+        self.respond(
+            "metrics.html",
+            page,
+            title="Metrics",
+            windows=list(metrics.WINDOWS),
+            sorts=metrics.SORTS,
+        )
 
 
 # -- audit, sweeper, csrf, static -----------------------------------------------------
@@ -641,34 +634,37 @@ class TaskDelete(_Base):
 
 class AuditPage(_Base):
     def get(self) -> None:
-        page = admin.list_audit(cursor=self.request.GET.get("cursor"), limit=self.limit())
-        if self.json_api:
-            self.send_json(
-                {
-                    "items": [admin.audit_json(e) for e in page.items],
-                    "next_cursor": page.next_cursor,
-                }
-            )
-            return
-        self.render("audit.html", title="Audit log", page=page)
+        page = admin.list_audit(cursor=self.arg("cursor") or None, limit=self.limit())
+        data = {
+            "items": [admin.audit_json(entry) for entry in page.items],
+            "next_cursor": page.next_cursor,
+        }
+        self.respond("audit.html", data, title="Audit log")
 
 
 class SweepNow(_Base):
     def post(self) -> None:
         report = admin.run_sweeper(self.actor)
         summary = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in report.items())
-        self.done(f"Sweeper ran. {summary}", PREFIX, {"report": report})
+        self.finish(f"Sweeper ran. {summary}", PREFIX, {"report": report})
 
 
 class CronSweep(_Base):
-    """GET by App Engine cron (or an admin): runs the sweeper once."""
+    """GET by App Engine cron, or with the local stack's cron token: runs the sweeper once.
+
+    Nothing else may: a GET never changes state for a person, even an admin on loopback.
+    """
 
     json_api = True
 
     def _authenticate(self) -> _admin_auth.Admin | None:
-        if _admin_auth.is_cron(self.request.environ):
-            return _admin_auth.Admin("cron", "cron")
-        return super()._authenticate()
+        return _admin_auth.cron_caller(self.request.environ)
+
+    def _denial(self) -> str:
+        return (
+            "Cron only (App Engine's X-Appengine-Cron, or X-Deferred-Cron-Token): "
+            f"admins run the sweeper with POST {PREFIX}/sweep."
+        )
 
     def get(self) -> None:
         self.send_json({"ok": True, "report": admin.run_sweeper(self.actor, audit_idle=False)})
@@ -684,18 +680,30 @@ class CsrfToken(_Base):
 
 
 class NotFoundPage(_Base):
-    def get(self, rest: str) -> None:
+    def get(self, rest: str = "") -> None:
         self.fail(404, "No such page.")
 
     post = get
 
 
 class StaticFile(webapp2.RequestHandler):
-    """The dashboard's CSS/SVG, for stacks without app.yaml's static_dir (no secrets here)."""
+    """The dashboard's CSS/SVG, for stacks without app.yaml's static_dir (no secrets here).
+
+    Cacheable for five minutes: the only responses without ``Cache-Control: no-store``.
+    """
+
+    def dispatch(self) -> None:
+        self.response.headers.update(SECURITY_HEADERS)
+        refused = guard.refusal(self.request.environ)
+        if refused is not None:
+            self.response.status_int, message = refused
+            self.response.content_type = "text/plain"
+            self.response.write(message + "\n")
+            return
+        super().dispatch()
 
     def get(self, name: str) -> None:
-        self.response.headers.update(SECURITY_HEADERS)
-        path = os.path.join(STATIC_DIR, name)
+        path = os.path.join(_templates.STATIC_DIR, name)
         if not _STATIC_NAME.match(name) or not os.path.isfile(path):
             self.response.status_int = 404
             self.response.content_type = "text/plain"
@@ -707,51 +715,85 @@ class StaticFile(webapp2.RequestHandler):
         self.response.headers["Cache-Control"] = "public, max-age=300"
 
 
-_ID = r"<{name}:[^/]+>"
+class _Route(webapp2.BaseRoute):
+    """A dashboard route matched on the path as the server decoded it, once: a path that is
+    not UTF-8 matches no route but the catch-all (which answers 400), and ``%25`` is never
+    decoded twice (webapp2.Route unquotes the decoded path again)."""
+
+    def __init__(self, pattern: str, handler: type[webapp2.RequestHandler]) -> None:
+        super().__init__(PREFIX + pattern, handler=handler)
+        self.regex = re.compile("^" + re.escape(PREFIX) + pattern + "$")
+
+    def match(self, request: webapp2.Request) -> tuple[Any, tuple, dict[str, str]] | None:
+        path = guard.request_path(request.environ)
+        if path is None:
+            return None
+        found = self.regex.match(path)
+        return (self, (), found.groupdict()) if found else None
 
 
-def admin_routes() -> list[webapp2.Route]:
+class _CatchAll(webapp2.BaseRoute):
+    """Everything else under the prefix: 404, or 400 for a path that is not UTF-8."""
+
+    def __init__(self) -> None:
+        super().__init__(PREFIX + "/*", handler=NotFoundPage)
+
+    def match(self, request: webapp2.Request) -> tuple[Any, tuple, dict[str, str]] | None:
+        return (self, (), {}) if guard.is_dashboard(request.environ) else None
+
+
+_SEGMENT = r"[^/]+"
+
+
+def _id(name: str) -> str:
+    return f"(?P<{name}>{_SEGMENT})"
+
+
+def admin_routes() -> list[webapp2.BaseRoute]:
     """Every dashboard route: HTML under /_ah/deferred-admin, JSON under .../api/."""
+    payload, failure = _id("payload_id"), _id("failure_id")
+    queue, task = _id("queue"), _id("task")
     pages: list[tuple[str, type[_Base]]] = [
         ("", OverviewPage),
         ("/spillover", SpilloverList),
         ("/spillover/bulk", SpilloverBulk),
-        (f"/spillover/{_ID.format(name='payload_id')}", SpilloverDetail),
-        (f"/spillover/{_ID.format(name='payload_id')}/retrigger", SpilloverRetrigger),
-        (f"/spillover/{_ID.format(name='payload_id')}/delete", SpilloverDelete),
+        ("/spillover/bulk-matching", SpilloverBulkMatching),
+        (f"/spillover/{payload}", SpilloverDetail),
+        (f"/spillover/{payload}/retrigger", SpilloverRetrigger),
+        (f"/spillover/{payload}/delete", SpilloverDelete),
         ("/failures", FailureGroups),
         ("/failures/groups", FailureGroups),
         ("/failures/list", FailureList),
         ("/failures/bulk", FailureBulk),
+        ("/failures/bulk-matching", FailureBulkMatching),
         ("/failures/retry-group", FailureRetryGroup),
-        (f"/failures/{_ID.format(name='failure_id')}", FailureDetail),
-        (f"/failures/{_ID.format(name='failure_id')}/retrigger", FailureRetrigger),
-        (f"/failures/{_ID.format(name='failure_id')}/dismiss", FailureDismiss),
-        (f"/failures/{_ID.format(name='failure_id')}/delete", FailureDelete),
+        (f"/failures/{failure}", FailureDetail),
+        (f"/failures/{failure}/retrigger", FailureRetrigger),
+        (f"/failures/{failure}/dismiss", FailureDismiss),
+        (f"/failures/{failure}/delete", FailureDelete),
         ("/queues", QueueList),
-        (f"/queues/{_ID.format(name='queue')}", QueueTasks),
-        (f"/queues/{_ID.format(name='queue')}/tasks", QueueTasks),
-        (f"/queues/{_ID.format(name='queue')}/pause", QueuePause),
-        (f"/queues/{_ID.format(name='queue')}/resume", QueueResume),
-        (f"/queues/{_ID.format(name='queue')}/purge", QueuePurge),
-        (f"/queues/{_ID.format(name='queue')}/tasks/{_ID.format(name='task')}/run", TaskRun),
-        (
-            f"/queues/{_ID.format(name='queue')}/tasks/{_ID.format(name='task')}/delete",
-            TaskDelete,
-        ),
+        (f"/queues/{queue}", QueueTasks),
+        (f"/queues/{queue}/tasks", QueueTasks),
+        (f"/queues/{queue}/pause", QueuePause),
+        (f"/queues/{queue}/resume", QueueResume),
+        (f"/queues/{queue}/purge", QueuePurge),
+        (f"/queues/{queue}/tasks/{task}", TaskDetail),
+        (f"/queues/{queue}/tasks/{task}/run", TaskRun),
+        (f"/queues/{queue}/tasks/{task}/delete", TaskDelete),
+        ("/metrics", MetricsPage),
         ("/audit", AuditPage),
         ("/sweep", SweepNow),
     ]
-    routes = [webapp2.Route(f"{PREFIX}/", OverviewPage)]
+    routes: list[webapp2.BaseRoute] = [_Route("/", OverviewPage)]
     # DESIGN.md: GET api/failures lists failures; the HTML page of that path shows groups.
-    routes.append(webapp2.Route(f"{PREFIX}/api/failures", _api(FailureList)))
+    routes.append(_Route("/api/failures", _api(FailureList)))
     for path, handler in pages:
-        routes.append(webapp2.Route(f"{PREFIX}{path}", handler))
-        routes.append(webapp2.Route(f"{PREFIX}/api{path or '/overview'}", _api(handler)))
+        routes.append(_Route(path, handler))
+        routes.append(_Route(f"/api{path or '/overview'}", _api(handler)))
     routes += [
-        webapp2.Route(f"{PREFIX}/api/csrf", CsrfToken),
-        webapp2.Route(f"{PREFIX}/cron/sweep", CronSweep),
-        webapp2.Route(f"{PREFIX}/static/<name:[^/]+>", StaticFile),
-        webapp2.Route(f"{PREFIX}/<rest:.*>", NotFoundPage),
+        _Route("/api/csrf", CsrfToken),
+        _Route("/cron/sweep", CronSweep),
+        _Route(f"/static/(?P<name>{_SEGMENT})", StaticFile),
+        _CatchAll(),
     ]
     return routes

@@ -13,6 +13,9 @@ TEST_SIGNING_KEY = "5e" * 32
 # Set before gae_deferred reads the environment; tests that need other values use configure().
 os.environ.setdefault("GAE_DEFERRED_SIGNING_KEY", TEST_SIGNING_KEY)
 os.environ.setdefault("GOOGLE_CLOUD_PROJECT", "test-project")
+# Tests flush task metrics themselves (metrics.flush()); a background flush in the middle of a
+# test that counts Datastore RPCs would add its transaction to the count.
+os.environ.setdefault("GAE_DEFERRED_METRICS_FLUSH_SECONDS", "3600")
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +71,16 @@ def tasks_emulator():
     CLOUD_TASKS_EMULATOR_HOST points at it while it runs; tests pause the queues they use
     (``paused``), since nothing listens at its app URL.
     """
+    from tests.stack_support import cloud_tasks_emulator
+
+    with cloud_tasks_emulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def fresh_tasks_emulator():
+    """A Cloud Tasks emulator of this test's own: queues running and empty, as created from
+    queue.yaml (the dashboard tests pause, resume and purge them)."""
     from tests.stack_support import cloud_tasks_emulator
 
     with cloud_tasks_emulator() as emulator:

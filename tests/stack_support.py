@@ -9,12 +9,11 @@ The e2e, browser and reliability conftests build their fixtures from these::
         with pointed_at(stack, monkeypatch):
             yield stack
 
-Unit tests that only need Cloud Tasks use the in-process emulator instead::
+Unit tests that only need Cloud Tasks use the in-process emulator instead (conftest.py's
+``tasks_emulator`` and ``fresh_tasks_emulator`` fixtures are built on it)::
 
-    @pytest.fixture
-    def tasks_emulator():
-        with cloud_tasks_emulator() as emulator:
-            yield emulator
+    with cloud_tasks_emulator() as emulator:
+        defer(add, 1)
 """
 
 from __future__ import annotations

@@ -18,10 +18,17 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import FailureState, PayloadState, audit, envelope, failures, spillover
+from gae_deferred import (
+    FailureState,
+    PayloadState,
+    audit,
+    envelope,
+    failures,
+    metrics,
+    spillover,
+)
 from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.webapp2 import deferred_routes
-from tests.stack_support import cloud_tasks_emulator
+from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 P = "/_ah/deferred-admin"
@@ -34,17 +41,14 @@ def _sample(*args: object) -> None:
 
 
 @pytest.fixture
-def tasks_emulator():
-    """The Cloud Tasks emulator with queue.yaml's queues; the app's client points at it."""
-    with cloud_tasks_emulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def app(ndb_stub, tasks_emulator):
-    """The dashboard in local mode, requests from loopback (so: admin)."""
+def app(ndb_stub, fresh_tasks_emulator):
+    """The dashboard in local mode, requests from loopback (so: admin), behind the middleware
+    an app wraps itself in."""
     gae_deferred.configure(local_mode=True)
-    return webtest.TestApp(webapp2.WSGIApplication(deferred_routes()), extra_environ=LOOPBACK)
+    _admin_auth.reset_iap_keys()
+    metrics.discard_pending()
+    wsgi = deferred_middleware(webapp2.WSGIApplication(deferred_routes()))
+    return webtest.TestApp(wsgi, extra_environ=LOOPBACK)
 
 
 def csrf_token(test_app: webtest.TestApp) -> str:
@@ -97,6 +101,7 @@ def make_spilled(
 def make_failure(
     task_name: str,
     *,
+    record_id: str | None = None,
     function: str = "test_admin._sample",
     exception_type: str = "ValueError",
     message: str = "boom",
@@ -106,8 +111,11 @@ def make_failure(
     payload_id: str | None = None,
     args_preview: str = "(1, 2)",
 ) -> failures.DeferredFailure:
-    """A failure record; without payload_id its inline envelope is kept as a child."""
-    record_id = failures.failure_id(queue, task_name)
+    """A failure record; without payload_id its inline envelope is kept as a child.
+
+    ``record_id`` writes it under any id, as older versions did with a header's value.
+    """
+    record_id = record_id or failures.failure_id(queue, task_name)
     data = envelope.build(_sample, (1, 2), {})
     meta = {**envelope.read_header(data), "function": function, "args": args_preview}
     record = failures.update(
@@ -146,6 +154,19 @@ def queued_tasks(queue: str) -> list:
             }
         )
     )
+
+
+def run_as_cloud_tasks_would(test_app: webtest.TestApp, task) -> None:
+    """Deliver a queued task to the app's task handler with the headers Cloud Tasks adds."""
+    request = task.app_engine_http_request
+    queue, name = task.name.split("/")[-3], task.name.rsplit("/", 1)[-1]
+    headers = {
+        **dict(request.headers),
+        "X-AppEngine-QueueName": queue,
+        "X-AppEngine-TaskName": name,
+    }
+    answer = test_app.post(request.relative_uri, request.body, headers=headers)
+    assert answer.status_int == 200, answer.text
 
 
 def assert_inert(page: webtest.TestResponse) -> None:
@@ -187,7 +208,7 @@ def test_overview_shows_queues_counts_and_svg_charts(app, ndb_stub):
     for queue in ("default", "reports"):
         assert f'href="{P}/queues/{queue}"' in page.text
     assert "running" in page.text and "20/s" in page.text
-    assert page.text.count("<svg") == 2 and "<script" not in page.text
+    assert page.text.count("<svg") == 3 and "<script" not in page.text
     data = app.get(f"{P}/api/overview").json
     assert data["spill_counts"] == {"pending": 1, "retrying": 0, "permanent": 0, "dead": 1}
     assert data["stored_bytes"] > 150_000 and data["failures_hour"] == 1
@@ -266,7 +287,8 @@ def test_spillover_paging_sorting_and_filters(app, ndb_stub):
         "sort=sideways",
         "limit=0",
         "limit=abc",
-        "queue=bad%20queue",
+        "since=yesterday",
+        "sort=attempts&since=1h",
     ],
 )
 def test_spillover_bad_input_is_400_or_404_never_500(app, ndb_stub, query):
@@ -314,7 +336,8 @@ def test_retrigger_spilled_payload_creates_a_fresh_task(app, ndb_stub):
     form = detail.forms[0]
     form["version"] = "v2"
     done = form.submit()
-    assert "Retriggered" in done.text
+    assert done.status_int == 303 and done.location.endswith(f"{P}/spillover")
+    assert "Retriggered" in done.follow().text
     record = spillover.get("r1")
     assert record.state == PayloadState.PENDING and record.task_name.startswith("r-")
     (task,) = queued_tasks("default")
@@ -349,7 +372,7 @@ def test_delete_spilled_payload_asks_then_deletes_record_chunks_and_task(app, nd
     confirm = app.get(f"{P}/spillover/d1").forms[1].submit()
     assert "Delete the spilled payload" in confirm.text
     assert spillover.get("d1") is not None
-    done = confirm.forms[0].submit()
+    done = confirm.forms[0].submit().follow()
     assert "Deleted" in done.text
     assert ndb.get_multi(
         [spillover.payload_key("d1"), *spillover.chunk_keys("d1", record.chunks)]
@@ -371,7 +394,7 @@ def test_bulk_retrigger_and_delete_with_confirmation(app, ndb_stub):
     confirm = form.submit("action", value="retrigger")
     assert "Retrigger 2 spilled payload(s)?" in confirm.text
     assert len(queued_tasks("default")) == 0
-    done = confirm.forms[0].submit()
+    done = confirm.forms[0].submit().follow()
     assert "2 done, 0 failed" in done.text
     assert len(queued_tasks("default")) == 2
     token = csrf_token(app)
@@ -451,7 +474,7 @@ def test_retry_now_inline_failure_enqueues_its_kept_envelope(app, ndb_stub):
     pause("reports")
     record = make_failure("inline1", queue="reports")
     page = app.get(f"{P}/failures/{record.id}")
-    done = page.forms[0].submit()
+    done = page.forms[0].submit().follow()
     assert "Retrying failure" in done.text
     (task,) = queued_tasks("reports")
     request = task.app_engine_http_request
@@ -465,6 +488,8 @@ def test_retry_now_inline_failure_enqueues_its_kept_envelope(app, ndb_stub):
     assert envelope.open_envelope(request.body).body == envelope.open_envelope(kept).body
     again = failures.get(record.id)
     assert again.state == FailureState.RETRYING and again.retriggered == 1
+    run_as_cloud_tasks_would(app, task)
+    assert failures.get(record.id).state == FailureState.RESOLVED
 
 
 def test_retry_now_spilled_failure_points_at_the_stored_payload(app, ndb_stub):
@@ -484,6 +509,9 @@ def test_retry_now_spilled_failure_points_at_the_stored_payload(app, ndb_stub):
     assert task.app_engine_http_request.app_engine_routing.version == "v7"
     assert header["ref"]["id"] == "sp1"
     assert spillover.get("sp1").state == PayloadState.PENDING
+    run_as_cloud_tasks_would(app, task)
+    assert failures.get(record.id).state == FailureState.RESOLVED
+    assert spillover.get("sp1") is None
 
 
 def test_dismiss_then_retry_is_refused_and_delete_removes(app, ndb_stub):
@@ -512,7 +540,7 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
     form = next(f for f in groups.forms.values() if "TimeoutError" in f["group"].value)
     confirm = form.submit()
     assert "Retry up to" in confirm.text
-    done = confirm.forms[0].submit()
+    done = confirm.forms[0].submit().follow()
     assert "Retried 3 failure(s)" in done.text
     assert len(queued_tasks("default")) == 3
     token = csrf_token(app)
@@ -541,10 +569,11 @@ def test_queue_tasks_run_delete_pause_resume_purge(app, ndb_stub):
     names = [t["name"] for t in app.get(f"{P}/api/queues/reports/tasks").json["items"]]
     assert len(names) == 2
     run = next(f for f in page.forms.values() if f.action.endswith(f"/{names[0]}/run"))
-    assert "dispatched" in run.submit().text
+    assert "dispatched" in run.submit().follow().text
     delete = next(f for f in page.forms.values() if f.action.endswith(f"/{names[1]}/delete"))
-    delete.submit().forms[0].submit()
-    assert names[1] not in app.get(f"{P}/queues/reports").text
+    deleted = delete.submit().forms[0].submit().follow()
+    assert f"Task {names[1]} deleted." in deleted.text
+    assert names[1] not in app.get(f"{P}/queues/reports").text  # the message shows once
     resume = app.get(f"{P}/queues/reports").forms[0]
     resume.submit()
     assert app.get(f"{P}/api/queues/reports/tasks").json["state"] == "RUNNING"
@@ -662,7 +691,7 @@ def test_posts_without_a_valid_csrf_token_change_nothing(app, ndb_stub):
     assert app.get(f"{P}/api/audit").json["items"] == []
 
 
-def test_csrf_cookie_flags_and_get_never_changes_state(ndb_stub, tasks_emulator):
+def test_csrf_cookie_flags_and_get_never_changes_state(ndb_stub, fresh_tasks_emulator):
     gae_deferred.configure(local_mode=True)
     fresh = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()), extra_environ=LOOPBACK)
     make_spilled("g1", state=PayloadState.DEAD)
@@ -674,7 +703,7 @@ def test_csrf_cookie_flags_and_get_never_changes_state(ndb_stub, tasks_emulator)
     assert spillover.get("g1").state == PayloadState.DEAD
 
 
-def test_cron_sweep_accepts_only_cron_or_admin(app, ndb_stub, monkeypatch):
+def test_cron_sweep_accepts_only_app_engine_cron(app, ndb_stub, monkeypatch):
     gae_deferred.configure(local_mode=False)
     cron = {"X-Appengine-Cron": "true"}
     assert app.get(f"{P}/cron/sweep", headers=cron, expect_errors=True).status_int == 403
@@ -695,7 +724,7 @@ def test_cron_sweep_accepts_only_cron_or_admin(app, ndb_stub, monkeypatch):
 def test_run_sweeper_button(app, ndb_stub):
     page = app.get(P)
     form = next(f for f in page.forms.values() if f.action.endswith("/sweep"))
-    done = form.submit()
+    done = form.submit().follow()
     assert "Sweeper ran" in done.text
     assert app.get(f"{P}/api/audit").json["items"][0]["action"] == "sweep"
 
@@ -723,6 +752,21 @@ class _CertsResponse:
         self.headers: dict[str, str] = {}
 
 
+def iap_claims(audience: str, email: str) -> dict[str, object]:
+    """The claims of a valid IAP JWT for ``audience``, issued now, valid ten minutes."""
+    import time
+
+    now = int(time.time())
+    return {
+        "iss": "https://cloud.google.com/iap",
+        "aud": audience,
+        "sub": "accounts.google.com:1",
+        "email": email,
+        "iat": now,
+        "exp": now + 600,
+    }
+
+
 def _iap_signer(key_id: str):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -741,13 +785,11 @@ def _iap_signer(key_id: str):
 
 
 def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypatch):
-    """A real ES256 IAP token and google.oauth2.id_token.verify_token; only the HTTP fetch of
-    IAP's public keys is answered locally."""
+    """A real ES256 IAP token verified by google.auth.jwt; only the HTTP fetch of IAP's public
+    keys is answered locally."""
     import time
 
     from google.auth import jwt
-
-    from gae_deferred.webapp2 import _admin_auth
 
     audience = "/projects/123/apps/test-project"
     signer, public_pem = _iap_signer("key-1")
@@ -764,14 +806,7 @@ def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypa
     monkeypatch.setattr(_admin_auth, "iap_transport", local_transport)
     gae_deferred.configure(local_mode=False, iap_audience=audience)
     now = int(time.time())
-    good = {
-        "iss": "https://cloud.google.com/iap",
-        "aud": audience,
-        "sub": "accounts.google.com:1",
-        "email": "iap-user@example.com",
-        "iat": now,
-        "exp": now + 600,
-    }
+    good = iap_claims(audience, "iap-user@example.com")
 
     def token(claims, by=signer):
         return jwt.encode(by, claims).decode()

@@ -73,6 +73,15 @@ class Settings:
     iap_audience: str | None = None
     #: Extra admin check for the dashboard: callable(environ) -> user email or None.
     admin_hook: Callable[[dict], str | None] | None = None
+    #: Local mode: the port the dashboard's Host header must name (GAE_DEFERRED_LOCAL_PORT).
+    local_port: int | None = None
+    #: Token that lets a request to the cron URL run the sweeper off App Engine (the local
+    #: stack's cron sends it as X-Deferred-Cron-Token; GAE_DEFERRED_CRON_TOKEN).
+    cron_token: str | None = None
+    #: Count runs per function in memory (gae_deferred.metrics); GAE_DEFERRED_METRICS=0 stops it.
+    metrics_enabled: bool = True
+    #: Each process writes its metrics at most once per this many seconds.
+    metrics_flush_seconds: float = 60
 
 
 _lock = threading.Lock()
@@ -106,6 +115,10 @@ def _from_environment() -> Settings:
         queue_yaml=env.get("GAE_DEFERRED_QUEUE_YAML") or _queue_yaml_beside_app(),
         local_mode=local_flag == "1",
         iap_audience=env.get("GAE_DEFERRED_IAP_AUDIENCE"),
+        local_port=_number(env, "GAE_DEFERRED_LOCAL_PORT", int),
+        cron_token=env.get("GAE_DEFERRED_CRON_TOKEN") or None,
+        metrics_enabled=env.get("GAE_DEFERRED_METRICS", "1") != "0",
+        metrics_flush_seconds=_number(env, "GAE_DEFERRED_METRICS_FLUSH_SECONDS", float) or 60.0,
     )
     _validate(current)
     return current
@@ -115,6 +128,16 @@ def _queue_yaml_beside_app() -> str | None:
     """App Engine runs an app from its folder, where queue.yaml sits beside app.yaml."""
     path = os.path.abspath("queue.yaml")
     return path if os.path.isfile(path) else None
+
+
+def _number(env: Any, name: str, kind: type[int] | type[float]) -> Any:
+    text = env.get(name)
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be a number, not {text!r}") from exc
 
 
 def _decode_key(text: str, source: str) -> bytes:
@@ -180,5 +203,7 @@ def _validate(current: Settings) -> None:
         )
     if current.spill_threshold <= 0 or current.max_payload_bytes <= 0:
         raise ConfigurationError("spill_threshold and max_payload_bytes must be positive")
+    if current.metrics_flush_seconds <= 0:
+        raise ConfigurationError("metrics_flush_seconds must be positive")
     if current.commit_bytes < current.chunk_bytes:
         raise ConfigurationError("commit_bytes must be at least chunk_bytes")

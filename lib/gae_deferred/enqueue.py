@@ -25,7 +25,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import cloud_tasks, envelope, spillover
+from . import cloud_tasks, envelope, spillover, tracing
 from ._config import settings
 from ._datastore import ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
@@ -173,6 +173,7 @@ def prepare_call(
     """
     spec = _task_spec(obj, countdown, eta, name, queue, url, headers, routing or {})
     extra: dict[str, Any] = {
+        **tracing.envelope_fields(),
         "task": spec.name,
         "queue": spec.queue,
         "eta_ms": int(spec.eta.timestamp() * 1000),
@@ -262,7 +263,7 @@ def _task_spec(
     return TaskSpec(
         queue=queue,
         url=url,
-        headers={**_CONTENT_TYPE, **extra_headers},
+        headers={**_CONTENT_TYPE, **tracing.task_headers(), **extra_headers},
         eta=when,
         name=name or cloud_tasks.new_task_name(),
         routing=routing,

@@ -21,7 +21,7 @@ from typing import Any
 
 from google.cloud import ndb
 
-from . import envelope, failures, spillover
+from . import envelope, failures, metrics, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .context import TaskInfo, running
@@ -145,6 +145,8 @@ def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
 #: A spilled payload missing for a reference younger than this may still be committing (its
 #: writer's commit not yet visible): the task is retried rather than failed for good.
 SPILL_VISIBILITY_GRACE_SECONDS = 60
+#: Outcomes of a task whose function was not called: not counted in the metrics.
+_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible"})
 
 
 @dataclasses.dataclass
@@ -203,8 +205,18 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
         env=outer,
         outer_failure_id=failure_id if isinstance(failure_id, str) and failure_id else None,
     )
+    started = time.perf_counter()
     with ndb_context():
-        return _execute(attempt)
+        outcome = _execute(attempt)
+    if outcome.result not in _NOT_RUN:
+        metrics.observe_outcome(
+            attempt.env.function,
+            task.queue,
+            time.perf_counter() - started,
+            outcome.result,
+            task.retry_count,
+        )
+    return outcome
 
 
 def _execute(attempt: _Attempt) -> TaskOutcome:
@@ -277,7 +289,7 @@ def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:
     young = isinstance(ref_ms, int) and time.time() - ref_ms / 1000 < SPILL_VISIBILITY_GRACE_SECONDS
     if young and not exc.record_found:
         logger.warning("task %s: %s; retrying, its commit may not be visible yet", task.name, exc)
-        return TaskOutcome(UNAVAILABLE, "retry", str(exc))
+        return TaskOutcome(UNAVAILABLE, "not-visible", str(exc))
     logger.warning("task %s failed permanently: %s", task.name, exc)
     return _record(attempt, exc, FailureState.PERMANENT)
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import datetime
 import enum
 import hashlib
+import re
 
 from google.cloud import ndb
 
+from . import _facets
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 
 
@@ -58,10 +60,27 @@ class DeferredFailure(DeferredModel):
     meta = ndb.JsonProperty(indexed=False)
     #: Retrying, permanent or dead: what the dashboard's "active" view counts per group.
     active = ndb.ComputedProperty(lambda record: record.state in RETRIGGERABLE)
+    #: Search tokens (state, queue, function prefixes, exception type, message words): the
+    #: dashboard's filters are equality filters on this list (see _facets).
+    facets = ndb.ComputedProperty(lambda record: record.search_tokens(), repeated=True)
+    #: -last_seen in ms: "newest first within a time range" is an inequality on this alone
+    #: (an inequality is ordered by its property on every backend; see admin.FailureFilter).
+    seen_desc = ndb.ComputedProperty(lambda record: _facets.descending_ms(record.last_seen))
 
     @property
     def id(self) -> str:
         return self.key.id()
+
+    def search_tokens(self) -> list[str]:
+        """The ``facets`` of this record; ``state:active`` marks the retriggerable states."""
+        tokens = _facets.facets(
+            state=self.state,
+            queue=self.queue,
+            function=self.function,
+            exception_type=self.exception_type,
+            message=self.message,
+        )
+        return [*tokens, "state:active"] if self.state in RETRIGGERABLE else tokens
 
 
 class DeferredFailurePayload(DeferredModel):
@@ -96,6 +115,15 @@ def failure_id(queue: str, task_name: str) -> str:
     """Record id for a task; hashed so any task name makes a short, URL-safe key."""
     digest = hashlib.sha256(f"{queue}/{task_name}".encode()).hexdigest()[:32]
     return f"f-{digest}"
+
+
+_GENERATED_ID = re.compile(r"^f-[0-9a-f]{32}$")
+
+
+def is_generated_id(record_id: str) -> bool:
+    """Whether ``record_id`` has the form :func:`failure_id` makes (older versions took ids from
+    a request header; such records can be shown and deleted, never handed to a new task)."""
+    return bool(_GENERATED_ID.match(record_id))
 
 
 def failure_key(record_id: str) -> ndb.Key:

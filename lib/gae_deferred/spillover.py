@@ -29,6 +29,7 @@ from typing import Any
 
 from google.cloud import ndb
 
+from . import _facets
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
@@ -73,6 +74,15 @@ class DeferredPayload(DeferredModel):
     meta = ndb.JsonProperty(indexed=False)
     #: What recreates the same task: url, headers, routing.
     task = ndb.JsonProperty(indexed=False)
+    #: Search tokens (state, queue, function prefixes): the dashboard's filters (see _facets).
+    facets = ndb.ComputedProperty(
+        lambda record: _facets.facets(
+            state=record.state, queue=record.queue, function=record.function
+        ),
+        repeated=True,
+    )
+    #: -created in ms, for "newest first within a time range" (see admin.SpillFilter).
+    created_desc = ndb.ComputedProperty(lambda record: _facets.descending_ms(record.created))
 
     @property
     def id(self) -> str:

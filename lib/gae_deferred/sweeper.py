@@ -27,7 +27,7 @@ import logging
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from . import cloud_tasks, enqueue, failures, spillover
+from . import cloud_tasks, enqueue, failures, metrics, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .errors import DeferError, TaskAlreadyExistsError
@@ -53,6 +53,9 @@ class SweepReport:
     purged_payloads: int = 0
     purged_failures: int = 0
     purged_done_markers: int = 0
+    #: Metrics series whose window totals aged, and series quiet for 8 days (deleted).
+    refreshed_metrics: int = 0
+    purged_metrics: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -64,6 +67,7 @@ def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport
     with ndb_context():
         _reenqueue_stuck(now, batch, report)
         _purge_expired(now, batch, report)
+        report.refreshed_metrics, report.purged_metrics = metrics.maintain(now, batch)
     if report.reenqueued or report.errors:
         logger.warning("sweeper: %s", report)
     return report

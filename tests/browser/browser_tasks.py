@@ -23,3 +23,16 @@ def broken_until_fixed(run_dir: str) -> None:
     if not (folder / "fixed").exists():
         raise gae_deferred.PermanentTaskFailure('not fixed yet <script>alert("x")</script>')
     (folder / "repaired").write_text("ran", encoding="utf-8")
+
+
+def pause_for(run_dir: str, label: str, milliseconds: int) -> None:
+    """Take ``milliseconds``, then mark the run: a task of known duration for the metrics."""
+    import time
+
+    time.sleep(milliseconds / 1000)
+    touch(run_dir, label)
+
+
+def fails_with(message: str) -> None:
+    """Fail for good with ``message`` (searchable on the failures page)."""
+    raise gae_deferred.PermanentTaskFailure(message)

@@ -5,6 +5,7 @@ Chromium is the system one (``/usr/bin/chromium``); Playwright never downloads a
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from gae_deferred.local.stack import LocalStack
-from tests.stack_support import pointed_at, stack_fixture
+from tests.stack_support import pointed_at, started_stack
 
 BROWSER_DIR = pathlib.Path(__file__).resolve().parent
 CHROMIUM = "/usr/bin/chromium"
@@ -36,7 +37,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
 
 
-stack = stack_fixture("browser-stack", extra_pythonpath=[BROWSER_DIR], workers=1)
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The local stack, its app writing task metrics every second (the Metrics page shows a
+    run within seconds, not a minute); this process keeps its own interval."""
+    with contextlib.ExitStack() as running:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("GAE_DEFERRED_METRICS_FLUSH_SECONDS", "1")  # read by the children only
+            local = running.enter_context(
+                started_stack(
+                    tmp_path_factory.mktemp("browser-stack"),
+                    extra_pythonpath=[BROWSER_DIR],
+                    workers=1,
+                )
+            )
+        yield local
 
 
 @pytest.fixture

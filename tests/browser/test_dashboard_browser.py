@@ -116,14 +116,16 @@ def test_pause_and_resume_a_queue(page, live):
     shoot(page, "queues")
     page.click("a:has-text('reports')")
     page.click("button:has-text('Pause queue')")
-    page.click("text=Back")
+    # Post/Redirect/Get: back on the queue's page, with the result shown once.
+    assert page.url.endswith("/queues/reports")
+    assert "pause done" in page.locator(".flash").inner_text()
     assert page.locator(".toolbar .state").inner_text() == "paused"
     gae_deferred.defer(browser_tasks.touch, "/nonexistent", "queued", _queue="reports")
     page.reload()
+    assert page.locator(".flash").count() == 0
     assert page.locator("tbody tr").count() == 1
     shoot(page, "queue-tasks")
     page.click("button:has-text('Resume queue')")
-    page.click("text=Back")
     assert page.locator(".toolbar .state").inner_text() == "running"
 
 

@@ -9,6 +9,8 @@ non-loopback REMOTE_ADDR.
 from __future__ import annotations
 
 import datetime
+import re
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +22,7 @@ import webtest
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import FailureState, failures, spillover
+from gae_deferred import FailureState, admin, failures, spillover
 from gae_deferred.local.stack import LocalStack
 from gae_deferred.webapp2 import deferred_routes
 from tests.stack_support import datastore
@@ -38,6 +40,10 @@ GET_PAGES = [
     "/queues",
     "/queues/default",
     "/audit",
+    "/metrics",
+    "/metrics?window=7d&sort=p95",
+    "/failures/list?function=a&exception=b&queue=c&q=d&since=1h&until=2026-01-01",
+    "/api/metrics",
     "/api/spillover",
     "/api/failures",
     "/api/queues",
@@ -60,6 +66,8 @@ POST_ACTIONS = [
     "/queues/default/tasks/t/run",
     "/queues/default/tasks/t/delete",
     "/sweep",
+    "/spillover/bulk-matching",
+    "/failures/bulk-matching",
 ]
 
 
@@ -116,6 +124,8 @@ def test_xss_in_every_field_renders_inert(rel: LocalStack, xss_records: dict[str
         f"/api/spillover/{xss_records['payload']}",
         f"/api/failures/{xss_records['failure']}",
         "/failures/list?q=" + requests.utils.quote(XSS),
+        "/failures/list?function=" + requests.utils.quote(XSS),
+        "/metrics?function=" + requests.utils.quote(XSS),
         "/spillover?queue=" + requests.utils.quote(XSS),
         "/queues/" + requests.utils.quote(XSS, safe=""),
     ]
@@ -214,3 +224,106 @@ def test_non_admins_are_refused_everywhere(ndb_stub: Any, remote: str) -> None:
     for action in POST_ACTIONS:
         answer = app.post(P + action, {"confirm": "1"}, headers=spoofed, expect_errors=True)
         assert answer.status_int == 403, (action, answer.status)
+
+
+def _failure(record_id: str, queue: str) -> None:
+    """A failure record under ``record_id``, as older versions wrote one from a header."""
+    now = datetime.datetime.now(datetime.UTC)
+    with datastore():
+        record = failures.update(
+            None,
+            record_id,
+            function="legacy.job",
+            exception_type="ValueError",
+            message=f"crafted {record_id}",
+            traceback="Traceback",
+            state=FailureState.DEAD,
+            task_name="t",
+            queue=queue,
+            meta={"function": "legacy.job"},
+            payload_id=None,
+            when=now,
+        )
+        ndb.put_multi([record, failures.group_entity(record)])
+
+
+def _form_actions(html: str, page_url: str) -> list[str]:
+    """Where the page's forms post, resolved as a browser does (dot segments removed)."""
+    return [
+        urllib.parse.urljoin(page_url, action) for action in re.findall(r'action="([^"]+)"', html)
+    ]
+
+
+def test_crafted_failure_ids_cannot_hijack_dashboard_actions(rel: LocalStack) -> None:
+    """Before the fix, Dismiss on ``../queues/<q>/pause?y=`` paused the queue, and Delete on
+    ``../../queues/<q>/purge?confirm=yes&`` purged it without asking, with a valid token."""
+    base = rel.app_url + P
+    session = requests.Session()
+    token = session.get(base + "/api/csrf", timeout=30).json()["csrf_token"]
+    crafted = {
+        "dismiss": "../queues/fault/pause?y=",
+        "delete": "../../queues/fault/purge?confirm=yes&",
+    }
+    for record_id in crafted.values():
+        _failure(record_id, "fault")
+    listing_url = base + "/failures/list?function=legacy"
+    listing = session.get(listing_url, timeout=30)
+    actions = _form_actions(listing.text, listing_url)
+    for verb, record_id in crafted.items():
+        url = f"{base}/failures/{admin.url_id(record_id)}/{verb}"
+        assert url in actions, (verb, actions)
+        answer = session.post(url, data={"csrf_token": token, "back": listing_url}, timeout=30)
+        assert answer.status_code == 200, answer.status_code  # delete asks first; dismiss done
+    queues = {
+        q["name"]: q["state"] for q in session.get(base + "/api/queues", timeout=30).json()["items"]
+    }
+    assert queues["fault"] == "RUNNING"
+    with datastore():
+        assert failures.get(crafted["dismiss"]).state == FailureState.DISMISSED
+        assert failures.get(crafted["delete"]) is not None  # only a confirmation was shown
+        for record_id in crafted.values():
+            failures.failure_key(record_id).delete()
+    audit = session.get(base + "/api/audit", timeout=30).json()["items"]
+    assert not [e for e in audit if e["target"].startswith("queue/fault")]
+
+
+MALFORMED = [
+    ("GET", "/%ff"),
+    ("GET", "/failures/%ff%fe"),
+    ("GET", "/api/%c0%af"),
+    ("POST", "/queues/default/%ff/pause"),
+    ("GET", "/static/%ff.css"),
+    *[
+        (method, path)
+        for method in ("PATCH", "PUT", "DELETE", "OPTIONS", "TRACE")
+        for path in (
+            "",
+            "/failures/list",
+            "/api/spillover",
+            "/queues/default/purge",
+            "/static/admin.css",
+        )
+    ],
+]
+#: (inputs tried, answered 5xx) per run, printed for docs/reliability.md.
+SECURITY_HEADER_NAMES = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options")
+
+
+def test_malformed_paths_and_methods_get_4xx_with_security_headers(rel: LocalStack) -> None:
+    import http.client
+
+    tried = errors = 0
+    host, port = rel.app_url.removeprefix("http://").split(":")
+    for method, path in MALFORMED:
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request(method, P + path)
+        answer = connection.getresponse()
+        answer.read()
+        connection.close()
+        tried += 1
+        errors += answer.status >= 500
+        assert answer.status in (400, 404, 405), (method, path, answer.status)
+        for header in SECURITY_HEADER_NAMES:
+            assert answer.getheader(header), (method, path, header)
+    print(f"\nmalformed dashboard requests: {tried} tried, {errors} answered 5xx")
+    assert rel.dead_children() == []

@@ -1,0 +1,84 @@
+"""What every dashboard response carries, and the requests refused before any handler runs.
+
+Shared by the dashboard's routes and :func:`gae_deferred.webapp2.deferred_middleware`, which
+also catches what webapp2 answers before routing (a method it does not know: a bare 501)::
+
+    refusal = guard.refusal(environ)           # (status, message) or None
+    path = guard.request_path(environ)         # None when the path is not UTF-8
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+PREFIX = "/_ah/deferred-admin"
+ALLOWED_METHODS = ("GET", "POST")
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def raw_path(environ: dict[str, Any]) -> str:
+    """SCRIPT_NAME + PATH_INFO as the server gave them (PEP 3333: bytes held as latin-1)."""
+    return (environ.get("SCRIPT_NAME") or "") + (environ.get("PATH_INFO") or "")
+
+
+def request_path(environ: dict[str, Any]) -> str | None:
+    """The decoded request path, or None when its bytes are not UTF-8."""
+    try:
+        return raw_path(environ).encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return None
+
+
+def is_dashboard(environ: dict[str, Any]) -> bool:
+    path = raw_path(environ)
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def refusal(environ: dict[str, Any]) -> tuple[int, str] | None:
+    """Why a dashboard request is refused before authentication, or None."""
+    if request_path(environ) is None:
+        return 400, "The path is not valid UTF-8."
+    if environ.get("REQUEST_METHOD") not in ALLOWED_METHODS:
+        return 405, f"{environ.get('REQUEST_METHOD')} is not allowed here (GET or POST)."
+    return None
+
+
+def refuse(
+    environ: dict[str, Any], start_response: Callable[..., Any], status: int, message: str
+) -> Iterable[bytes]:
+    """A minimal error answer with the security headers (no page: nobody is authenticated)."""
+    if raw_path(environ).startswith(PREFIX + "/api/"):
+        body = json.dumps({"error": message, "status": status}).encode()
+        content_type = "application/json; charset=utf-8"
+    else:
+        body = f"Error {status}: {message}\n".encode()
+        content_type = "text/plain; charset=utf-8"
+    headers = [*SECURITY_HEADERS.items(), ("Content-Type", content_type)]
+    if status == 405:
+        headers.append(("Allow", ", ".join(ALLOWED_METHODS)))
+    reason = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+    start_response(f"{status} {reason}", [*headers, ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def with_security_headers(start_response: Callable[..., Any]) -> Callable[..., Any]:
+    """start_response that adds every security header the response does not set itself."""
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        present = {name.lower() for name, _ in headers}
+        extra = [(k, v) for k, v in SECURITY_HEADERS.items() if k.lower() not in present]
+        return start_response(status, [*headers, *extra], exc_info)
+
+    return start

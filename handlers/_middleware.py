@@ -1,0 +1,49 @@
+"""The WSGI wrapper an app puts around itself: request trace, ndb context, dashboard guard.
+
+::
+
+    import webapp2
+    from gae_deferred.webapp2 import deferred_middleware, deferred_routes
+
+    app = deferred_middleware(webapp2.WSGIApplication(MY_ROUTES + deferred_routes()))
+
+For every request it
+
+- makes the request current for :mod:`gae_deferred.tracing`, so ``defer()`` records "deferred
+  by <path>" and the request's trace, and the task request joins that trace;
+- opens an ndb context (legacy App Engine code expects one in every request);
+- under ``/_ah/deferred-admin``: answers a path that is not UTF-8 with 400 and a method other
+  than GET/POST with 405 before the app sees them (webapp2 itself answers an unknown method
+  with a bare 501 and a non-UTF-8 path with a 500), and adds the security headers to every
+  response, whatever produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gae_deferred import ndb_context, tracing
+
+from . import _admin_guard as guard
+
+
+class DeferredMiddleware:
+    """See the module docstring; ``app`` is any WSGI application."""
+
+    def __init__(self, app: tracing.WsgiApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if guard.is_dashboard(environ):
+            refused = guard.refusal(environ)
+            if refused is not None:
+                return guard.refuse(environ, start_response, *refused)
+            start_response = guard.with_security_headers(start_response)
+        with tracing.request_scope(tracing.from_environ(environ)), ndb_context():
+            return self.app(environ, start_response)
+
+
+def deferred_middleware(app: tracing.WsgiApp) -> DeferredMiddleware:
+    """Wrap a WSGI app (see the module docstring)."""
+    return DeferredMiddleware(app)
