@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/python -m gae_deferred.local.stack
+	$(BIN)/gae-deferred-dev app.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
