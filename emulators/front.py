@@ -27,9 +27,10 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._process import with_parent_death_signal
 from .app_yaml import AppYamlError, Handler, StaticHandler, load_app_yaml, match_handler
@@ -155,7 +156,8 @@ class FrontServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Request | None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
+            async with asyncio.timeout(self.header_timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
         except TimeoutError as exc:
             message = f"no complete request headers within {self.header_timeout:g}s"
             raise HttpError(408, message) from exc
@@ -182,32 +184,32 @@ class FrontServer:
         parts = bytearray()
         while len(parts) < size:
             wanted = min(65536, size - len(parts))
-            chunk = await self._read_some(reader, wanted, deadline, received + len(parts))
-            if not chunk:
-                raise ConnectionError("the client closed the connection mid-body")
-            parts += chunk
+            parts += await self._body_part(reader.read(wanted), deadline, received + len(parts))
         return bytes(parts)
 
-    async def _read_some(
-        self, reader: asyncio.StreamReader, size: int, deadline: float, received: int
+    async def _body_part(
+        self, read: Coroutine[Any, Any, bytes], deadline: float, received: int
     ) -> bytes:
+        """Await one read of the body under the idle and overall deadlines (else 408)."""
         wait = min(self.body_idle_timeout, deadline - time.monotonic())
         try:
-            if wait <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(reader.read(size), wait)
+            async with asyncio.timeout(max(wait, 0)):
+                data = await read
         except TimeoutError as exc:
             raise HttpError(
                 408,
                 f"request body too slow: {received} bytes received, then nothing for "
                 f"{self.body_idle_timeout:g}s or over {self.body_timeout:g}s in all",
             ) from exc
+        if not data:
+            raise ConnectionError("the client closed the connection mid-body")
+        return data
 
     async def _read_chunked(self, reader: asyncio.StreamReader, request: Request) -> bytes:
         deadline = time.monotonic() + self.body_timeout
         body = bytearray()
         while True:
-            size_line = await self._read_line(reader, deadline, len(body))
+            size_line = await self._body_part(reader.readline(), deadline, len(body))
             try:
                 size = int(size_line.split(b";", 1)[0].strip(), 16)
             except ValueError as exc:
@@ -215,26 +217,16 @@ class FrontServer:
             if size < 0 or len(body) + size > self.max_body_bytes:
                 raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
             if size == 0:
-                while await self._read_line(reader, deadline, len(body)) not in (b"\r\n", b"\n"):
+                while await self._body_part(reader.readline(), deadline, len(body)) not in (
+                    b"\r\n",
+                    b"\n",
+                ):
                     pass  # trailers are dropped
                 return bytes(body)
             body += await self._read_exactly(reader, size, deadline, len(body))
-            if await self._read_line(reader, deadline, len(body)) not in (b"\r\n", b"\n"):
+            end = await self._body_part(reader.readline(), deadline, len(body))
+            if end not in (b"\r\n", b"\n"):
                 raise HttpError(400, "malformed chunked request body")
-
-    async def _read_line(
-        self, reader: asyncio.StreamReader, deadline: float, received: int
-    ) -> bytes:
-        wait = min(self.body_idle_timeout, deadline - time.monotonic())
-        try:
-            if wait <= 0:
-                raise TimeoutError
-            line = await asyncio.wait_for(reader.readline(), wait)
-        except TimeoutError as exc:
-            raise HttpError(408, f"chunked request body too slow after {received} bytes") from exc
-        if not line:
-            raise ConnectionError("the client closed the connection mid-body")
-        return line
 
     async def _dispatch(self, request: Request, client: str, writer: asyncio.StreamWriter) -> None:
         path = _path_of(request.target)
@@ -275,9 +267,8 @@ class FrontServer:
 
     async def _forward(self, request: Request, client: str, writer: asyncio.StreamWriter) -> None:
         try:
-            backend_reader, backend_writer = await asyncio.wait_for(
-                asyncio.open_connection(*self.backend), BACKEND_CONNECT_TIMEOUT
-            )
+            async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
+                backend_reader, backend_writer = await asyncio.open_connection(*self.backend)
         except (OSError, TimeoutError) as exc:
             raise HttpError(
                 502,
@@ -291,8 +282,10 @@ class FrontServer:
                 head = await backend_reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 raise HttpError(502, "the app closed the connection without an answer") from exc
-            writer.write(_closing(head))
-            # The app closes after its answer (Connection: close): relay the body as it comes.
+            # One write for the head and the start of the body (usually all of it); the app
+            # closes after its answer (Connection: close): relay the rest as it comes.
+            writer.write(_closing(head) + await backend_reader.read(65536))
+            await writer.drain()
             while chunk := await backend_reader.read(65536):
                 writer.write(chunk)
                 await writer.drain()
