@@ -35,7 +35,8 @@ def test_the_installed_and_required_versions_are_the_one_the_adapter_was_written
     )
     for requirements in ("pyproject.toml", "requirements-dev.txt"):
         pins = re.findall(r"inmemory-datastore-stub==([\w.]+)", (ROOT / requirements).read_text())
-        assert pins == [PINNED_VERSION], f"{requirements} pins {pins}, not {PINNED_VERSION}"
+        # Every extra that pulls the stub in (`local`, ...) pins the same version.
+        assert pins and set(pins) == {PINNED_VERSION}, f"{requirements} pins {pins}"
 
 
 @pytest.mark.parametrize(("module", "path", "parameters"), INTERNALS, ids=lambda v: str(v))
