@@ -25,10 +25,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/python -m gae_deferred.local.stack
+	$(BIN)/gae-deferred-dev app.yaml
 
+# The browser tests need Chromium: find one (or install it) first, and stop with one line
+# saying what to install when that is not possible.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	@chromium="$$($(BIN)/python tests/browser/chromium.py --install)" || exit 1; \
+	echo "browser tests: $$chromium"; \
+	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e and not browser and not slow" --ignore=tests/reliability

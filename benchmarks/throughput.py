@@ -158,7 +158,12 @@ def _stack_rate(base: pathlib.Path, count: int) -> tuple[float, float]:
     }
     os.environ[tasks.DONE_FILE_ENV] = str(done)
     stack = LocalStack(
-        base / "stack", app_port=0, datastore_port=0, tasks_port=0, queue_yaml=queue_yaml
+        ROOT / "app.yaml",
+        base / "stack",
+        app_port=0,
+        datastore_port=0,
+        tasks_port=0,
+        queue_yaml=queue_yaml,
     )
     try:
         stack.start()

@@ -1,23 +1,26 @@
-"""The local stack: Datastore emulator, Cloud Tasks emulator and the app, as real processes.
+"""The local stack: Datastore emulator, Cloud Tasks emulator and an app, as real processes.
 
-``make run`` runs ``python -m gae_deferred.local.stack``; tests use the same class on free ports::
+``gae-deferred-dev app.yaml`` (:mod:`.dev`) runs it for any app; tests use the class on free
+ports::
 
     from gae_deferred.local.stack import LocalStack
 
-    with LocalStack(base_dir=tmp_path, app_port=0, datastore_port=0, tasks_port=0) as stack:
-        requests.get(stack.app_url)          # gunicorn main:app, like app.yaml's entrypoint
+    ports = {"app_port": 0, "datastore_port": 0, "tasks_port": 0}
+    with LocalStack("app.yaml", base_dir=tmp_path, **ports) as stack:
+        requests.get(stack.app_url)          # the front end (.front), then app.yaml's
+                                             # entrypoint (gunicorn main:app) behind it
         os.environ.update(stack.env)         # then defer() from this process into the stack
         stack.restart_datastore()            # fault tests: state lives under base_dir
         stack.kill_app(); stack.start_app()  # kill -9 the app and bring it back
 
-State lives under ``base_dir`` (``.local/`` for ``make run``) and survives restarts:
-``datastore/``, ``cloudtasks/``, ``signing.key``, ``logs/<child>.log`` and ``env`` (shell exports;
-``. .local/env`` lets any Python process in another shell defer() into the running stack).
+The app runs with its folder as working directory and first on ``PYTHONPATH``. State lives
+under ``base_dir`` (``<app dir>/.local/`` by default) and survives restarts: ``datastore/``,
+``cloudtasks/``, ``signing.key``, ``logs/<child>.log`` and ``env`` (shell exports; ``. .local/env``
+lets any Python process in another shell defer() into the running stack).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import os
@@ -32,12 +35,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-import yaml
+from ..queue_config import QueueYamlError, load_queue_yaml
+from ._process import with_parent_death_signal
+from .app_yaml import AppYaml, load_app_yaml
+from .datastore import IndexYamlError, load_index_yaml
+from .front import UNAVAILABLE_HEADER
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 DEFAULT_APP_PORT = 8080
 DEFAULT_DATASTORE_PORT = 8081
@@ -54,6 +60,12 @@ _OWNED_ENV = (
     "GAE_DEFERRED_SIGNING_KEY_FILE",
     "GAE_DEFERRED_LOCAL",
     "GAE_DEFERRED_QUEUE_YAML",
+    "GAE_DEFERRED_LOCAL_PORT",
+    "GAE_DEFERRED_CRON_TOKEN",
+)
+#: What an index.yaml-less app gets: no composite index, as in production.
+_NO_INDEXES = (
+    "# {app_dir}/index.yaml does not exist: no composite indexes, as in production.\nindexes: []\n"
 )
 
 
@@ -89,30 +101,15 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise StackError(f"cannot use {host}:{port} for the {what}: {exc}") from exc
 
 
+_OPTION = {"app": "port", "datastore emulator": "datastore-port", "tasks emulator": "tasks-port"}
+
+
 def _port_message(host: str, port: int, what: str) -> str:
     return (
         f"port {port} on {host} (the {what}) is already in use: stop the other process "
         f"(`lsof -i :{port}` or `ss -ltnp 'sport = :{port}'` shows it), or pick another port, "
-        f"e.g. `python -m gae_deferred.local.stack --{what.split()[0]}-port 0`"
+        f"e.g. `gae-deferred-dev app.yaml --{_OPTION[what]} 0`"
     )
-
-
-# Run before the child's own program: Linux then sends it SIGTERM when the stack dies, even by
-# kill -9. A launcher rather than preexec_fn: preexec_fn forces fork() in a process that may
-# have gRPC threads, and gRPC's fork handlers can abort the child before it execs.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit('the local stack exited while starting this process')\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
-    if sys.platform != "linux":
-        return list(argv)
-    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class _Child:
@@ -123,6 +120,7 @@ class _Child:
         name: str,
         argv: Sequence[str],
         env: Mapping[str, str],
+        cwd: pathlib.Path,
         log_path: pathlib.Path,
         ready_text: str | None,
         echo: IO[str] | None,
@@ -138,8 +136,8 @@ class _Child:
         self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n")
         self._log.flush()
         self.process = subprocess.Popen(
-            _with_parent_death_signal(argv),
-            cwd=ROOT,
+            with_parent_death_signal(argv),
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -194,15 +192,18 @@ class _Child:
 
 
 class LocalStack:
-    """Both emulators and the app as subprocesses; see the module docstring for usage.
+    """Both emulators and the app of ``app_yaml`` as subprocesses; see the module docstring.
 
     Ports of 0 mean "any free port", chosen once in start() and kept across restarts so the
-    clients of other processes reconnect to the same address.
+    clients of other processes reconnect to the same address. ``queue_yaml`` and
+    ``index_yaml`` default to the files next to app.yaml; without a queue.yaml there is only
+    the ``default`` queue, without an index.yaml no composite index (as in production).
     """
 
     def __init__(
         self,
-        base_dir: str | os.PathLike[str] = ROOT / ".local",
+        app_yaml: str | os.PathLike[str],
+        base_dir: str | os.PathLike[str] | None = None,
         *,
         app_port: int = DEFAULT_APP_PORT,
         datastore_port: int = DEFAULT_DATASTORE_PORT,
@@ -210,26 +211,31 @@ class LocalStack:
         host: str = HOST,
         project: str = DEFAULT_PROJECT,
         location: str = DEFAULT_LOCATION,
-        queue_yaml: str | os.PathLike[str] = ROOT / "queue.yaml",
-        index_yaml: str | os.PathLike[str] = ROOT / "index.yaml",
+        queue_yaml: str | os.PathLike[str] | None = None,
+        index_yaml: str | os.PathLike[str] | None = None,
         reload: bool = False,
         workers: int = 2,
         threads: int = 4,
         extra_pythonpath: Sequence[str | os.PathLike[str]] = (),
+        front_options: Sequence[str] = (),
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         echo: IO[str] | None = None,
     ) -> None:
-        self.base_dir = pathlib.Path(base_dir).resolve()
+        self.app: AppYaml = load_app_yaml(app_yaml)
+        self.app_dir = self.app.app_dir
+        self.base_dir = pathlib.Path(base_dir or self.app_dir / ".local").resolve()
         self.host = host
         self.project = project
         self.location = location
-        self.queue_yaml = pathlib.Path(queue_yaml).resolve()
-        self.index_yaml = pathlib.Path(index_yaml).resolve()
+        self.queue_yaml = self._beside_app(queue_yaml, "queue.yaml")
+        self.index_yaml = self._beside_app(index_yaml, "index.yaml")
         self.reload = reload
         self.workers = workers
         self.threads = threads
         self.extra_pythonpath = [str(pathlib.Path(p).resolve()) for p in extra_pythonpath]
+        #: Extra ``python -m gae_deferred.local.front`` options, e.g. shorter body timeouts.
+        self.front_options = list(front_options)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.echo = echo
@@ -237,7 +243,17 @@ class LocalStack:
         self.app_port = app_port
         self.datastore_port = datastore_port
         self.tasks_port = tasks_port
+        #: gunicorn's internal loopback port, behind the front end; new at every start_app().
+        self.backend_port = 0
+        #: Authenticates the cron timer's requests to the app; new for every stack object.
+        self.cron_token = secrets.token_urlsafe(32)
         self._children: dict[str, _Child] = {}
+
+    def _beside_app(self, given: str | os.PathLike[str] | None, name: str) -> pathlib.Path | None:
+        if given is not None:
+            return pathlib.Path(given).resolve()
+        default = self.app_dir / name
+        return default if default.is_file() else None
 
     # -- addresses and environment -------------------------------------------------------
 
@@ -269,34 +285,55 @@ class LocalStack:
     def logs_dir(self) -> pathlib.Path:
         return self.base_dir / "logs"
 
+    @property
+    def cron_yaml(self) -> pathlib.Path | None:
+        """The app's cron.yaml, if it has one."""
+        path = self.app_dir / "cron.yaml"
+        return path if path.is_file() else None
+
     def log_file(self, child: str) -> pathlib.Path:
         """``base/logs/<child>.log`` for child in ``datastore``, ``cloudtasks``, ``app``."""
         return self.logs_dir / f"{child}.log"
 
     @property
     def env(self) -> dict[str, str]:
-        """What a process needs to defer() into this stack (the same values as ``base/env``)."""
-        return {
+        """What a process needs to defer() into this stack (the same values as ``base/env``).
+
+        ``PYTHONPATH`` holds the app's folder (and ``extra_pythonpath``) only: children get it
+        in front of the inherited one, ``base/env`` in front of the shell's.
+        """
+        env = {
             "DATASTORE_EMULATOR_HOST": self.datastore_host,
             "CLOUD_TASKS_EMULATOR_HOST": self.tasks_host,
             "GOOGLE_CLOUD_PROJECT": self.project,
             "GAE_DEFERRED_LOCATION": self.location,
             "GAE_DEFERRED_SIGNING_KEY_FILE": str(self.signing_key_file),
             "GAE_DEFERRED_LOCAL": "1",
-            "GAE_DEFERRED_QUEUE_YAML": str(self.queue_yaml),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), *self.extra_pythonpath]),
+            "PYTHONPATH": os.pathsep.join([str(self.app_dir), *self.extra_pythonpath]),
         }
+        if self.queue_yaml is not None:
+            env["GAE_DEFERRED_QUEUE_YAML"] = str(self.queue_yaml)
+        return env
 
-    def _child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _OWNED_ENV}
-        env.update(self.env)
+    def _child_env(self, *, app: bool = False) -> dict[str, str]:
+        inherited = {k: v for k, v in os.environ.items() if k not in _OWNED_ENV}
+        # app.yaml's env_variables win over the shell's, as on App Engine; the stack's over both.
+        env = {**inherited, **self.app.env_variables} if app else inherited
+        own = self.env
+        if inherited.get("PYTHONPATH"):
+            own["PYTHONPATH"] += os.pathsep + inherited["PYTHONPATH"]
+        env.update(own)
+        if app:
+            # For the app only: the Host its local-mode checks accept, and the cron token.
+            env["GAE_DEFERRED_LOCAL_PORT"] = str(self.app_port)
+            env["GAE_DEFERRED_CRON_TOKEN"] = self.cron_token
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
     def write_env_file(self) -> pathlib.Path:
         """Write ``base/env``: shell exports for ``. .local/env`` in another shell."""
         lines = [
-            "# Written by `make run` (python -m gae_deferred.local.stack). Use: . .local/env",
+            "# Written by gae-deferred-dev (the local stack). Use: . .local/env",
             # A key in the environment would win over the file and fail every signature check.
             "unset GAE_DEFERRED_SIGNING_KEY",
         ]
@@ -318,10 +355,23 @@ class LocalStack:
         with os.fdopen(fd, "w", encoding="ascii") as key_file:
             key_file.write(secrets.token_hex(32) + "\n")
 
+    def _index_yaml_for_emulator(self) -> pathlib.Path:
+        if self.index_yaml is not None:
+            return self.index_yaml
+        path = self.base_dir / "no-index.yaml"
+        path.write_text(_NO_INDEXES.format(app_dir=self.app_dir), encoding="utf-8")
+        return path
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> LocalStack:
         """Start whatever is not running: datastore, then Cloud Tasks, then the app."""
+        if os.environ.get("GAE_ENV"):
+            raise StackError(
+                f"GAE_ENV is set ({os.environ['GAE_ENV']!r}): this looks like App Engine, where "
+                "the local stack (local mode, emulators) must never run; unset GAE_ENV locally"
+            )
+        self._check_config()
         try:
             self.base_dir.mkdir(parents=True, exist_ok=True)
             self._ensure_signing_key()
@@ -337,6 +387,18 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def _check_config(self) -> None:
+        """queue.yaml and index.yaml errors, with file:line, before any process starts."""
+        try:
+            if self.queue_yaml is not None:
+                load_queue_yaml(self.queue_yaml)
+            if self.index_yaml is not None:
+                load_index_yaml(self.index_yaml)
+        except QueueYamlError as exc:
+            raise StackError(exc.format()) from exc
+        except (IndexYamlError, OSError) as exc:
+            raise StackError(str(exc)) from exc
 
     def _resolve_ports(self) -> None:
         """Pick free ports for 0s, once; check the fixed ones before any child starts."""
@@ -376,7 +438,7 @@ class LocalStack:
                 "--data-dir",
                 str(self.base_dir / "datastore"),
                 "--index-yaml",
-                str(self.index_yaml),
+                str(self._index_yaml_for_emulator()),
             ],
             ready_text="datastore emulator listening on",
             what="datastore emulator",
@@ -384,44 +446,46 @@ class LocalStack:
         )
 
     def start_tasks(self) -> None:
-        """Start the Cloud Tasks emulator (queues from queue_yaml, dispatching to app_url)."""
+        """Start the Cloud Tasks emulator (the app's queues, dispatching to app_url)."""
         check_port_free(self.host, self.tasks_port, "tasks emulator")
+        argv = [
+            sys.executable,
+            "-m",
+            "gae_deferred.local.cloudtasks",
+            "--host",
+            self.host,
+            "--port",
+            str(self.tasks_port),
+            "--data-dir",
+            str(self.base_dir / "cloudtasks"),
+            "--project",
+            self.project,
+            "--location",
+            self.location,
+            "--app-url",
+            self.app_url,
+        ]
+        if self.queue_yaml is not None:
+            argv += ["--queue-yaml", str(self.queue_yaml)]
         self._spawn(
             "cloudtasks",
-            [
-                sys.executable,
-                "-m",
-                "gae_deferred.local.cloudtasks",
-                "--host",
-                self.host,
-                "--port",
-                str(self.tasks_port),
-                "--data-dir",
-                str(self.base_dir / "cloudtasks"),
-                "--queue-yaml",
-                str(self.queue_yaml),
-                "--project",
-                self.project,
-                "--location",
-                self.location,
-                "--app-url",
-                self.app_url,
-            ],
+            argv,
             ready_text="cloud tasks emulator listening on",
             what="tasks emulator",
             port=self.tasks_port,
         )
 
     def start_app(self) -> None:
-        """gunicorn main:app, as app.yaml's entrypoint, with --reload for ``make run``."""
+        """The front end on app_port, with app.yaml's entrypoint (gunicorn) behind it."""
         check_port_free(self.host, self.app_port, "app")
-        argv = [
+        self.backend_port = free_port(self.host)
+        gunicorn = [
             sys.executable,
             "-m",
             "gunicorn",
-            "main:app",
+            self.app.wsgi_app,
             "--bind",
-            f"{self.host}:{self.app_port}",
+            f"{self.host}:{self.backend_port}",
             "--workers",
             str(self.workers),
             "--threads",
@@ -439,13 +503,31 @@ class LocalStack:
             "-",
         ]
         if self.reload:
-            argv.append("--reload")
-        self._spawn("app", argv, ready_text=None, what="app", port=self.app_port)
+            gunicorn.append("--reload")
+        front = [
+            sys.executable,
+            "-m",
+            "gae_deferred.local.front",
+            "--host",
+            self.host,
+            "--port",
+            str(self.app_port),
+            "--backend-port",
+            str(self.backend_port),
+            "--app-yaml",
+            str(self.app.path),
+            *self.front_options,
+            "--",
+            *gunicorn,
+        ]
+        self._spawn("app", front, ready_text=None, what="app", port=self.app_port)
 
     def _spawn(
         self, name: str, argv: list[str], *, ready_text: str | None, what: str, port: int
     ) -> None:
-        child = _Child(name, argv, self._child_env(), self.log_file(name), ready_text, self.echo)
+        env = self._child_env(app=name == "app")
+        log = self.log_file(name)
+        child = _Child(name, argv, env, self.app_dir, log, ready_text, self.echo)
         self._children[name] = child
         try:
             self._wait_ready(child, what, port)
@@ -476,9 +558,12 @@ class LocalStack:
         )
 
     def _app_answers(self) -> bool:
+        """Whether the app itself answered (any status but the front end's own 502)."""
         try:
-            with urllib.request.urlopen(self.app_url + "/", timeout=2) as response:
-                return response.status == 200
+            with urllib.request.urlopen(self.app_url + "/", timeout=2):
+                return True
+        except urllib.error.HTTPError as answer:
+            return answer.headers.get(UNAVAILABLE_HEADER) is None
         except (urllib.error.URLError, OSError):
             return False
 
@@ -500,11 +585,11 @@ class LocalStack:
         self.start_tasks()
 
     def stop_app(self) -> None:
-        """Stop gunicorn gracefully (SIGTERM); start_app() brings it back."""
+        """Stop the app (front end and gunicorn) gracefully; start_app() brings it back."""
         self._stop_child("app")
 
     def kill_app(self) -> None:
-        """kill -9 gunicorn's master and workers (fault tests); start_app() brings it back."""
+        """kill -9 the front end and gunicorn (fault tests); start_app() brings them back."""
         child = self._children.pop("app", None)
         if child is not None:
             child.stop(self.stop_timeout, force=True)
@@ -534,16 +619,18 @@ class LocalStack:
         self.stop()
 
     def describe(self) -> str:
-        """The lines `make run` prints once everything is up."""
+        """The lines gae-deferred-dev prints once everything is up."""
         rel = str(self.base_dir)
         with contextlib.suppress(ValueError):
             rel = str(self.base_dir.relative_to(pathlib.Path.cwd()))
+        # This repository's demo app (demo/ beside app.yaml) serves its page at /.
+        demo = [f"  demo       {self.app_url}/"] if (self.app_dir / "demo").is_dir() else []
         return "\n".join(
             [
                 "",
                 "gae_deferred local stack is up:",
                 f"  app        {self.app_url}/",
-                f"  demo       {self.app_url}/",
+                *demo,
                 f"  dashboard  {self.dashboard_url}",
                 f"  datastore  {self.datastore_host} (gRPC)",
                 f"  tasks      {self.tasks_host} (gRPC)",
@@ -553,118 +640,3 @@ class LocalStack:
                 "",
             ]
         )
-
-
-class _Stop(Exception):
-    """Raised by the signal handler so the main loop unwinds through stop()."""
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    def handler(signum: int, _frame: Any) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then never
-    # raises KeyboardInterrupt.
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, handler) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-class _Cron:
-    """Calls cron.yaml's URLs on the app every ``every`` seconds, like App Engine cron.
-
-    Locally the schedule is compressed to one interval so the sweeper repairs lost tasks
-    within a minute; the request comes from loopback, which the dashboard treats as admin.
-    """
-
-    def __init__(self, app_url: str, cron_yaml: pathlib.Path, every: float) -> None:
-        self.app_url = app_url
-        self.every = every
-        jobs = (yaml.safe_load(cron_yaml.read_text()) or {}).get("cron") or []
-        self.urls = [job["url"] for job in jobs if isinstance(job, dict) and job.get("url")]
-        self.next_run = time.monotonic() + every
-
-    def tick(self) -> None:
-        if not self.every or time.monotonic() < self.next_run:
-            return
-        self.next_run = time.monotonic() + self.every
-        for url in self.urls:
-            request = urllib.request.Request(
-                self.app_url + url, headers={"X-Appengine-Cron": "true"}
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=30) as answer:
-                    answer.read()
-            except OSError as exc:  # the app may be reloading; the next tick tries again
-                print(f"cron {url}: {exc}", file=sys.stderr, flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gae_deferred.local.stack``: run the stack until Ctrl-C or SIGTERM."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gae_deferred.local.stack",
-        description="Run the Datastore emulator, the Cloud Tasks emulator and the app (gunicorn).",
-    )
-    parser.add_argument("--base-dir", default=str(ROOT / ".local"), help="state (default .local)")
-    parser.add_argument("--app-port", type=int, default=DEFAULT_APP_PORT)
-    parser.add_argument("--datastore-port", type=int, default=DEFAULT_DATASTORE_PORT)
-    parser.add_argument("--tasks-port", type=int, default=DEFAULT_TASKS_PORT)
-    parser.add_argument("--project", default=DEFAULT_PROJECT)
-    parser.add_argument("--location", default=DEFAULT_LOCATION)
-    parser.add_argument("--queue-yaml", default=str(ROOT / "queue.yaml"))
-    parser.add_argument("--index-yaml", default=str(ROOT / "index.yaml"))
-    parser.add_argument("--no-reload", action="store_true", help="no gunicorn --reload")
-    parser.add_argument("--quiet", action="store_true", help="child output to logs only")
-    parser.add_argument(
-        "--cron-every",
-        type=float,
-        default=60.0,
-        help="seconds between calls of cron.yaml's URLs, as App Engine cron would (0: never)",
-    )
-    args = parser.parse_args(argv)
-
-    stack = LocalStack(
-        args.base_dir,
-        app_port=args.app_port,
-        datastore_port=args.datastore_port,
-        tasks_port=args.tasks_port,
-        project=args.project,
-        location=args.location,
-        queue_yaml=args.queue_yaml,
-        index_yaml=args.index_yaml,
-        reload=not args.no_reload,
-        echo=None if args.quiet else sys.stdout,
-    )
-    try:
-        with _stop_on_signals():
-            stack.start()
-            print(stack.describe(), flush=True)
-            cron = _Cron(stack.app_url, ROOT / "cron.yaml", args.cron_every)
-            while True:
-                cron.tick()
-                dead = stack.dead_children()
-                if dead:
-                    print(
-                        f"{dead[0]} exited unexpectedly; see {stack.log_file(dead[0])}:\n"
-                        f"{stack.child_output(dead[0])}",
-                        file=sys.stderr,
-                    )
-                    return 1
-                time.sleep(0.5)
-    except StackError as exc:
-        print(f"make run: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, _Stop):
-        print("\nstopping the local stack...", flush=True)
-        return 0
-    finally:
-        stack.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

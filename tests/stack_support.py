@@ -38,11 +38,13 @@ T = TypeVar("T")
 
 @contextlib.contextmanager
 def started_stack(base_dir: pathlib.Path, **options: Any) -> Iterator[LocalStack]:
-    """A LocalStack on free ports with its state under ``base_dir``; stopped on exit.
+    """This repository's app (app.yaml) on free ports, state under ``base_dir``; stopped on exit.
 
     ``options`` go to LocalStack as they are (``queue_yaml``, ``extra_pythonpath``, ``workers``).
     """
-    local = LocalStack(base_dir, app_port=0, datastore_port=0, tasks_port=0, **options)
+    local = LocalStack(
+        ROOT / "app.yaml", base_dir, app_port=0, datastore_port=0, tasks_port=0, **options
+    )
     local.start()
     try:
         yield local

@@ -8,20 +8,66 @@ import webapp2
 import webtest
 import yaml
 
-from gae_deferred.local.datastore.server import load_index_yaml
+from gae_deferred.local.app_yaml import StaticHandler, deploy_problems, load_app_yaml
+from gae_deferred.local.datastore import load_index_yaml
+from gae_deferred.local.dev import missing_package_indexes, package_indexes
 from gae_deferred.queue_config import load_queue_yaml
 from gae_deferred.webapp2 import deferred_routes
 from tests.conftest import ROOT
 
 
 def test_app_yaml_targets_the_python_ci_tests_and_our_entrypoint():
-    app = yaml.safe_load((ROOT / "app.yaml").read_text())
-    assert app["runtime"] == f"python{sys.version_info.major}{sys.version_info.minor}"
-    assert "gunicorn" in app["entrypoint"] and "main:app" in app["entrypoint"]
-    static = [h for h in app["handlers"] if "static_dir" in h]
-    assert static and all((ROOT / h["static_dir"]).is_dir() for h in static)
-    admin_only = {h["url"] for h in app["handlers"] if h.get("login") == "admin"}
-    assert {"/_ah/queue/deferred.*", "/_ah/deferred-admin.*"} <= admin_only
+    app = load_app_yaml(ROOT / "app.yaml")
+    assert app.document["runtime"] == f"python{sys.version_info.major}{sys.version_info.minor}"
+    assert app.document["entrypoint"].startswith("gunicorn ") and app.wsgi_app == "main:app"
+    static = [h for h in app.handlers if isinstance(h, StaticHandler)]
+    assert static and all(h.root.is_dir() for h in static)
+
+
+def test_app_yaml_deploys_on_the_python3_runtime():
+    document = yaml.safe_load((ROOT / "app.yaml").read_text())
+    assert deploy_problems(document) == []
+    assert all("login" not in handler for handler in document["handlers"])
+
+
+def test_app_yaml_commented_alternative_is_login_admin_with_the_bundled_services():
+    text = (ROOT / "app.yaml").read_text()
+    block = text[text.index("# The alternative") :].split("\n#\n", 1)[1]
+    alternative = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    document = {**yaml.safe_load(text), **alternative}
+    admin_only = {h["url"] for h in document["handlers"] if h.get("login") == "admin"}
+    assert admin_only == {"/_ah/queue/deferred.*", "/_ah/deferred-admin.*"}
+    assert deploy_problems(document) == []
+    del document["app_engine_apis"]
+    assert [p for p in deploy_problems(document) if "'login' needs app_engine_apis" in p]
+
+
+def test_deploy_problems_refuse_python27_fields_and_login_without_bundled_services():
+    document = {
+        "runtime": "python27",
+        "api_version": 1,
+        "threadsafe": True,
+        "libraries": [{"name": "webapp2", "version": "latest"}],
+        "builtins": [{"deferred": "on"}],
+        "skip_files": ["^x$"],
+        "handlers": [
+            {"url": "/s", "static_dir": "s", "application_readable": True},
+            {"url": "/admin.*", "script": "main.app", "login": "admin"},
+        ],
+    }
+    problems = "\n".join(deploy_problems(document))
+    for field in ("api_version", "threadsafe", "libraries", "builtins", "skip_files"):
+        assert f"'{field}' is a python27 field" in problems
+    assert "'application_readable' is a python27 field" in problems
+    assert "runtime 'python27' is not a python3 runtime" in problems
+    assert "handler #2 (/admin.*): script must be 'auto'" in problems
+    assert "handler #2 (/admin.*): 'login' needs app_engine_apis: true" in problems
+    fixed = {
+        "runtime": "python312",
+        "app_engine_apis": True,
+        "handlers": [{"url": "/admin.*", "script": "auto", "login": "admin"}],
+    }
+    assert deploy_problems(fixed) == []
 
 
 def test_cron_yaml_urls_are_routed(ndb_stub):
@@ -37,3 +83,9 @@ def test_queue_yaml_and_index_yaml_load():
     assert queues["reports"].retry.task_retry_limit == 3
     kinds = {index.kind for index in load_index_yaml(ROOT / "index.yaml")}
     assert {"_DeferredPayload", "_DeferredFailure"} <= kinds
+
+
+def test_this_apps_index_yaml_holds_every_index_of_the_package():
+    packaged = package_indexes()
+    assert {index.kind for index in packaged} == {"_DeferredPayload", "_DeferredFailure"}
+    assert missing_package_indexes(ROOT / "index.yaml") == []

@@ -1,4 +1,4 @@
-"""make run calls cron.yaml's URLs (the sweeper) on a timer, with App Engine's cron header."""
+"""gae-deferred-dev calls cron.yaml's URLs (the sweeper) on a timer, with its per-run token."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import http.server
 import threading
 import time
 
-from gae_deferred.local.stack import _Cron
+import pytest
+
+from gae_deferred.local.dev import Cron, CronYamlError
 
 
 def test_cron_calls_every_url_of_cron_yaml_on_schedule(tmp_path):
@@ -14,7 +16,8 @@ def test_cron_calls_every_url_of_cron_yaml_on_schedule(tmp_path):
 
     class App(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            calls.append((self.path, self.headers.get("X-Appengine-Cron")))
+            headers = self.headers
+            calls.append((self.path, headers["X-Appengine-Cron"], headers["X-Deferred-Cron-Token"]))
             self.send_response(200)
             self.end_headers()
 
@@ -26,14 +29,27 @@ def test_cron_calls_every_url_of_cron_yaml_on_schedule(tmp_path):
     cron_yaml = tmp_path / "cron.yaml"
     cron_yaml.write_text("cron:\n- url: /sweep\n  schedule: every 10 minutes\n- url: /other\n")
     try:
-        cron = _Cron(f"http://127.0.0.1:{server.server_port}", cron_yaml, every=0.05)
+        url = f"http://127.0.0.1:{server.server_port}"
+        cron = Cron(url, cron_yaml, every=0.05, token="t0k")
         cron.tick()
         assert calls == []
         time.sleep(0.06)
         cron.tick()
-        assert calls == [("/sweep", "true"), ("/other", "true")]
+        assert calls == [("/sweep", "true", "t0k"), ("/other", "true", "t0k")]
         cron.tick()
         assert len(calls) == 2
-        assert _Cron("http://127.0.0.1:9", cron_yaml, every=0).urls == ["/sweep", "/other"]
+        off = Cron("http://127.0.0.1:9", cron_yaml, every=0, token="t")
+        assert off.urls == ["/sweep", "/other"]
+        assert Cron("http://127.0.0.1:9", None, every=60, token="t").urls == []
     finally:
         server.shutdown()
+
+
+def test_unreadable_cron_yaml_is_named(tmp_path):
+    bad = tmp_path / "cron.yaml"
+    bad.write_text("cron: [\n")
+    with pytest.raises(CronYamlError, match=f"{bad} is not valid YAML"):
+        Cron("http://127.0.0.1:9", bad, every=60, token="t")
+    bad.write_text("cron: 3\n")
+    with pytest.raises(CronYamlError, match="expected a `cron:` list"):
+        Cron("http://127.0.0.1:9", bad, every=60, token="t")

@@ -1,7 +1,8 @@
 """``python -m gae_deferred.local.cloudtasks``: serve the Cloud Tasks emulator until SIGINT/SIGTERM.
 
     python -m gae_deferred.local.cloudtasks --host 127.0.0.1 --port 8123 \
-        --data-dir .local/cloudtasks --queue-yaml queue.yaml --project P --location L --app-url http://127.0.0.1:8080
+        --data-dir .local/cloudtasks --queue-yaml queue.yaml --project P --location L \
+        --app-url http://127.0.0.1:8080 [--latency-ms 20]
 
 Prints ``cloud tasks emulator listening on HOST:PORT`` once ready. Exit code 2 when the
 port is taken or queue.yaml is invalid.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -35,7 +37,23 @@ def _parser() -> argparse.ArgumentParser:
         "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or "us-central1"
     )
     parser.add_argument("--app-url", default="http://127.0.0.1:8080")
+    parser.add_argument(
+        "--latency-ms",
+        type=_latency,
+        default=0.0,
+        help="delay every RPC by this many milliseconds, like the real service's round trip",
+    )
     return parser
+
+
+def _latency(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         project=args.project,
         location=args.location,
         app_url=args.app_url,
+        latency_ms=args.latency_ms,
     )
     try:
         emulator.start()

@@ -45,6 +45,8 @@ MAX_TASK_BYTES = 102400
 TOMBSTONE_SECONDS = 3600.0
 MAX_SCHEDULE_AHEAD = 30 * 86400.0
 POOL_CAP = 32
+RPC_WORKERS = 16
+LATENCY_RPC_WORKERS = 128
 MIN_DEADLINE, MAX_DEADLINE = 15.0, 24 * 3600.0 + 15.0
 # Cloud Tasks' defaults for fields left unspecified in CreateQueue/UpdateQueue.
 DEFAULT_RATE, DEFAULT_CONCURRENT, DEFAULT_ATTEMPTS = 500.0, 1000, 100
@@ -170,7 +172,10 @@ class CloudTasksEmulator:
         location: str = "us-central1",
         app_url: str = "http://127.0.0.1:8080",
         default_dispatch_deadline: float = 600.0,
+        latency_ms: float = 0.0,
     ) -> None:
+        if not (latency_ms >= 0 and math.isfinite(latency_ms)):
+            raise ValueError(f"latency_ms must be a finite number >= 0, not {latency_ms!r}")
         self.host = host
         self._requested_port = port
         self.port = 0
@@ -181,6 +186,9 @@ class CloudTasksEmulator:
         self.parent = f"projects/{project}/locations/{location}"
         self.app_url = app_url
         self.default_dispatch_deadline = default_dispatch_deadline
+        #: Every RPC waits this long before it is handled, like a network round trip to the
+        #: real service (benchmarks measure fan-out against it); RPCs wait in parallel.
+        self.latency_ms = latency_ms
         self.rpc_counts: collections.Counter[str] = collections.Counter()
         self.dispatch_log: list[dict[str, Any]] = []
         self._lock = threading.RLock()
@@ -206,8 +214,11 @@ class CloudTasksEmulator:
             definitions = queue_config.load_queue_yaml(self.queue_yaml)
         else:
             definitions = {"default": queue_config.implicit_default_queue()}
+        # Delayed RPCs sleep in their worker: more workers, so that the delay stays a round
+        # trip and concurrent callers do not queue behind each other.
+        workers = LATENCY_RPC_WORKERS if self.latency_ms else RPC_WORKERS
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ct-rpc"),
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ct-rpc"),
             # gRPC enables SO_REUSEPORT by default, which would let a second emulator
             # silently share the port instead of failing.
             options=[("grpc.so_reuseport", 0)],
@@ -343,6 +354,8 @@ class CloudTasksEmulator:
 
     def _wrap(self, method: str, function: Callable, request_type: Any) -> Callable:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            if self.latency_ms:
+                time.sleep(self.latency_ms / 1000)
             with self._lock:
                 self.rpc_counts[method] += 1
             try:

@@ -8,7 +8,8 @@ See README.md in this folder for what is faithful to Datastore and what is not.
 """
 
 from ._errors import DataDirInUseError, IndexYamlError, RpcError
-from .server import DatastoreEmulator, PortInUseError, load_index_yaml
+from ._index_rules import load_index_yaml
+from .server import DatastoreEmulator, PortInUseError
 
 __all__ = [
     "DataDirInUseError",

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.cloud.datastore_v1 import types
-from inmemory_datastore_stub._stored_object import _StoredObject
 
 from ._errors import invalid
 from ._index import (
@@ -37,7 +36,7 @@ from ._index import (
     encode_cursor,
     entries_for,
 )
-from ._store import KindTable
+from ._store import KindTable, StoredEntity
 
 _Op = types.PropertyFilter.Operator
 _Direction = types.PropertyOrder.Direction
@@ -175,7 +174,7 @@ def _set_bounds(result: Plan, bounds: list[tuple[int, tuple]]) -> None:
 class Page:
     """What :func:`run` read: results (entity, cursor after it), skips, whether more exist."""
 
-    results: list[tuple[_StoredObject, bytes]]
+    results: list[tuple[StoredEntity, bytes]]
     skipped: int
     more: bool
     end_cursor: bytes
@@ -201,7 +200,7 @@ def run(
     query_plan: Plan,
     query,
     limit: int | None,
-    residual: Callable[[_StoredObject], bool] | None,
+    residual: Callable[[StoredEntity], bool] | None,
 ) -> Page:
     """Read one page of ``query`` from the index that serves ``query_plan``."""
     index, fixed = choose_index(table, query_plan)
@@ -219,7 +218,7 @@ def run(
         end = min(end, _after(entries, decode_cursor(bytes(query.end_cursor), spec)))
 
     offset = query.offset
-    results: list[tuple[_StoredObject, bytes]] = []
+    results: list[tuple[StoredEntity, bytes]] = []
     seen: set[bytes] = set()
     skipped = examined = 0
     more = False
@@ -275,7 +274,7 @@ def _after(entries: list[tuple], position: tuple) -> int:
 
 
 def _listed_before(
-    stored: _StoredObject,
+    stored: StoredEntity,
     kb: bytes,
     spec: IndexSpec,
     entries: list[tuple],

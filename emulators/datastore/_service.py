@@ -1,14 +1,14 @@
 """Request handling for each ``google.datastore.v1.Datastore`` RPC.
 
-:class:`DatastoreService` extends the in-memory stub's ``LocalDatastoreStub`` and keeps its
-index.yaml validation, size limits and, for query shapes no single index serves, its query
-engine; it replaces its storage and transactions with :class:`._store.EntityStore`
-(entities and sorted indexes per (partition, kind), optimistic per-key concurrency, sqlite
-durability) and serves the other queries from those indexes (:mod:`._query`).
+:class:`DatastoreService` keeps entities in :class:`._store.EntityStore` (sorted indexes per
+(partition, kind), optimistic per-key concurrency, sqlite durability), serves queries from
+those indexes (:mod:`._query`) and checks them against index.yaml (:mod:`._index_rules`).
+Queries no single index serves are filtered here and handed to the stub's query engine
+(:mod:`._stub_adapter`) to sort, page and project.
 
 Every method takes the request message and returns the response message; failures raise
-:class:`._errors.RpcError` (or the stub's ``NoMatchingIndexError`` / ``LimitExceededError``)
-for the gRPC layer to turn into a status code::
+:class:`._errors.RpcError` (or the stub's ``LimitExceededError``) for the gRPC layer to turn
+into a status code::
 
     service = DatastoreService(EntityStore(data_dir=None))
     response = service.Lookup(types.LookupRequest(project_id="p", keys=[...]))
@@ -22,22 +22,21 @@ from collections.abc import Callable
 import grpc
 from google.cloud.datastore_v1 import types
 from google.protobuf import timestamp_pb2
-from inmemory_datastore_stub import _indexes, _limits
-from inmemory_datastore_stub._proto import _pb
-from inmemory_datastore_stub._stored_object import _StoredObject
-from inmemory_datastore_stub.datastore_stub import LocalDatastoreStub, _has_ancestor_filter
 
-from . import _query
+from . import _index_rules, _query
 from ._errors import RpcError, invalid
 from ._index import path_sort_key
+from ._proto import pb
 from ._store import (
     EntityStore,
     Partition,
+    StoredEntity,
     Transaction,
     Write,
     describe_key,
     key_bytes,
 )
+from ._stub_adapter import StubQueryEngine, check_entity, check_lookup_keys
 
 #: The real service refuses a Commit request larger than this.
 MAX_COMMIT_BYTES = 10 * 1024 * 1024
@@ -64,36 +63,20 @@ _KEY_COMPARISONS = {
 }
 
 
-class _QueryView:
-    """The slice of the store the stub's query engine iterates (it calls ``self.store``)."""
-
-    def __init__(self, entities: list[_StoredObject], seq: int) -> None:
-        self._entities = entities
-        self._seq = seq
-
-    def items(self, transaction_id: bytes, only_visible: bool = False) -> list[tuple]:
-        return [(None, stored) for stored in self._entities]
-
-    def seqid(self, transaction_id: bytes | None) -> int:
-        return self._seq
-
-
-class DatastoreService(LocalDatastoreStub):
+class DatastoreService:
     """The emulator's RPC logic; callers serialize calls with ``state.lock``."""
 
     def __init__(
         self,
         state: EntityStore,
-        indexes: list[_indexes.Index] | None = None,
+        indexes: list[_index_rules.CompositeIndex] | None = None,
         enforce_limits: bool = True,
     ) -> None:
-        # The stub's constructor builds a store and client-side wrappers this class does
-        # not use, so only the attributes its query engine reads are set here.
         self.state = state
+        #: index.yaml's indexes; None serves every query (no index.yaml given).
         self.indexes = indexes
         self.enforce_limits = enforce_limits
-        self.eventual_consistency = False
-        self.store = _QueryView([], 0)
+        self._engine = StubQueryEngine()
         #: False sends every query down the scan path (tests compare both paths).
         self.use_indexes = True
         #: Index entries (index path) or entities (scan path) queries have read so far.
@@ -102,9 +85,9 @@ class DatastoreService(LocalDatastoreStub):
     # -- reads ---------------------------------------------------------------------------
 
     def Lookup(self, request: types.LookupRequest) -> types.LookupResponse:
-        req = _pb(request)
+        req = pb(request)
         if self.enforce_limits:
-            _limits.check_lookup_keys(req.keys)
+            check_lookup_keys(req.keys)
         if not req.keys:
             raise invalid("Lookup needs at least one key")
         transaction, new_transaction = self._read_transaction(req.read_options)
@@ -122,12 +105,12 @@ class DatastoreService(LocalDatastoreStub):
             if stored is None:
                 response.missing.add(entity=_EntityPb(key=key), version=self.state.seq)
             else:
-                response.found.add(entity=_pb(stored.entity), version=stored.version)
-                found_bytes += _pb(stored.entity).ByteSize()
+                response.found.add(entity=pb(stored.entity), version=stored.version)
+                found_bytes += pb(stored.entity).ByteSize()
         return response
 
     def RunQuery(self, request: types.RunQueryRequest) -> types.RunQueryResponse:
-        req = _pb(request)
+        req = pb(request)
         if req.HasField("gql_query"):
             raise invalid("GQL queries are not supported by this emulator; send a Query")
         transaction, new_transaction = self._read_transaction(req.read_options)
@@ -139,7 +122,7 @@ class DatastoreService(LocalDatastoreStub):
     def RunAggregationQuery(
         self, request: types.RunAggregationQueryRequest
     ) -> types.RunAggregationQueryResponse:
-        req = _pb(request)
+        req = pb(request)
         if req.HasField("gql_query"):
             raise invalid("GQL queries are not supported by this emulator; send a Query")
         aggregation = req.aggregation_query
@@ -190,8 +173,7 @@ class DatastoreService(LocalDatastoreStub):
             run.limit.value = BATCH_MAX_RESULTS
 
         if self.indexes is not None:
-            wrapped = types.Query.wrap(query)
-            _indexes.check(wrapped, _has_ancestor_filter(wrapped.filter), self.indexes)
+            _index_rules.check(query, self.indexes)
         query_plan = _query.plan(query) if self.use_indexes else None
         if query_plan is not None:
             limit = run.limit.value if run.HasField("limit") else None
@@ -234,7 +216,7 @@ class DatastoreService(LocalDatastoreStub):
         page = _query.run(table, query_plan, query, limit, residual)
         self.examined += page.examined
         for stored, cursor in page.results:
-            entity = _pb(stored.entity)
+            entity = pb(stored.entity)
             result = batch.entity_results.add(version=stored.version, cursor=cursor)
             if not fields:
                 result.entity.CopyFrom(entity)
@@ -256,24 +238,15 @@ class DatastoreService(LocalDatastoreStub):
     ) -> _RunQueryResponsePb:
         """Filter every entity of the kind, then let the stub's engine sort and page them."""
         # Filtering here on the raw protobufs is ~50x faster than the stub's proto-plus
-        # matcher; the stub then orders, pages and projects the survivors only. The
-        # filter is cleared so the stub does not test every survivor again, and the
-        # index check (which needs the filter) is done above instead of in the stub.
+        # matcher; the stub's engine then orders, pages and projects the survivors only.
         matches = _compile_filter(query.filter, self)
         candidates = self.state.scan(partition, kind)
         self.examined += len(candidates)
         survivors = [s for s in candidates if matches(s)]
-        run.ClearField("filter")
-        self.store = _QueryView(survivors, self.state.seq)
-        indexes, self.indexes = self.indexes, None
         try:
-            response = _pb(self._run_query(types.RunQueryRequest.wrap(_run_request(run))))
+            return self._engine.run(run, survivors, self.state.seq)
         except TypeError as exc:
             raise invalid(f"cannot compare the values this query orders by: {exc}") from exc
-        finally:
-            self.store = _QueryView([], 0)
-            self.indexes = indexes
-        return response
 
     def _record_query(
         self, transaction: Transaction, partition: Partition, kind: str | None
@@ -287,16 +260,16 @@ class DatastoreService(LocalDatastoreStub):
             transaction.queried.setdefault(table, self.state.table_seq(table))
 
     def _matches_property_filter(
-        self, stored_obj: _StoredObject, prop_filter: types.PropertyFilter
+        self, stored_obj: StoredEntity, prop_filter: types.PropertyFilter
     ) -> bool:
         # The stub only knows single-level ancestors and no __key__ comparisons.
         if prop_filter.property.name != "__key__":
             if prop_filter.op == _Op.HAS_ANCESTOR:
                 raise invalid("HAS_ANCESTOR filters apply to __key__ only")
-            return super()._matches_property_filter(stored_obj, prop_filter)
+            return self._engine.matches_property_filter(stored_obj, prop_filter)
 
-        entity_path = list(_pb(stored_obj.entity).key.path)
-        value = _pb(prop_filter.value)
+        entity_path = list(pb(stored_obj.entity).key.path)
+        value = pb(prop_filter.value)
         if prop_filter.op in (_Op.IN, _Op.NOT_IN):
             if value.WhichOneof("value_type") != "array_value":
                 raise invalid("IN / NOT_IN on __key__ needs an array of keys")
@@ -317,13 +290,13 @@ class DatastoreService(LocalDatastoreStub):
     def BeginTransaction(
         self, request: types.BeginTransactionRequest
     ) -> types.BeginTransactionResponse:
-        req = _pb(request)
+        req = pb(request)
         self._project(req)
         read_only = req.transaction_options.WhichOneof("mode") == "read_only"
         return types.BeginTransactionResponse.pb()(transaction=self.state.begin(read_only))
 
     def Rollback(self, request: types.RollbackRequest) -> types.RollbackResponse:
-        req = _pb(request)
+        req = pb(request)
         if not self.state.recently_ended(req.transaction):
             self._transaction(req.transaction)
             self.state.end(req.transaction)
@@ -351,7 +324,7 @@ class DatastoreService(LocalDatastoreStub):
     # -- writes --------------------------------------------------------------------------
 
     def Commit(self, request: types.CommitRequest) -> types.CommitResponse:
-        req = _pb(request)
+        req = pb(request)
         size = req.ByteSize()
         if size > MAX_COMMIT_BYTES:
             raise invalid(
@@ -418,7 +391,7 @@ class DatastoreService(LocalDatastoreStub):
                     result.key.CopyFrom(key)
                 entity.key.CopyFrom(key)
                 if self.enforce_limits:
-                    _limits.check_entity(types.Entity.wrap(entity))
+                    check_entity(types.Entity.wrap(entity))
 
             kb = key_bytes(key)
             existing = self.state.get(key)
@@ -446,7 +419,7 @@ class DatastoreService(LocalDatastoreStub):
     # -- ids -----------------------------------------------------------------------------
 
     def AllocateIds(self, request: types.AllocateIdsRequest) -> types.AllocateIdsResponse:
-        req = _pb(request)
+        req = pb(request)
         keys = [self._key(k, req.project_id, req.database_id, True) for k in req.keys]
         if any(_is_complete(key) for key in keys):
             raise invalid("AllocateIds takes incomplete keys only")
@@ -455,7 +428,7 @@ class DatastoreService(LocalDatastoreStub):
         return types.AllocateIdsResponse.pb()(keys=keys)
 
     def ReserveIds(self, request: types.ReserveIdsRequest) -> types.ReserveIdsResponse:
-        req = _pb(request)
+        req = pb(request)
         keys = [self._key(k, req.project_id, req.database_id, False) for k in req.keys]
         self.state.reserve_ids(k.path[-1].id for k in keys if not k.path[-1].name)
         return types.ReserveIdsResponse.pb()()
@@ -512,7 +485,7 @@ class DatastoreService(LocalDatastoreStub):
         return key
 
 
-_Matcher = Callable[[_StoredObject], bool]
+_Matcher = Callable[[StoredEntity], bool]
 _SCALAR_COMPARISONS = {**_KEY_COMPARISONS}
 # Values of these types compare with each other; any other pairing never matches, as in the
 # stub (Python comparisons of unrelated types give NotImplemented there).
@@ -569,8 +542,8 @@ def _compile_filter(query_filter, service: DatastoreService) -> _Matcher:
             return fallback
         wanted = set(candidates)
 
-        def membership(stored: _StoredObject) -> bool:
-            props = _pb(stored.entity).properties
+        def membership(stored: StoredEntity) -> bool:
+            props = pb(stored.entity).properties
             if name not in props:
                 return False
             contained = any(_scalar(v) in wanted for v in _values(props[name]))
@@ -584,8 +557,8 @@ def _compile_filter(query_filter, service: DatastoreService) -> _Matcher:
         return fallback
     family, wanted_value = target
 
-    def comparison(stored: _StoredObject) -> bool:
-        props = _pb(stored.entity).properties
+    def comparison(stored: StoredEntity) -> bool:
+        props = pb(stored.entity).properties
         if name not in props:
             return False
         for value in _values(props[name]):
@@ -607,12 +580,6 @@ def _values(value: _ValuePb) -> list[_ValuePb]:
     if value.WhichOneof("value_type") == "array_value":
         return [v for v in value.array_value.values if not v.exclude_from_indexes]
     return [value]
-
-
-def _run_request(query: _QueryPb):
-    request = types.RunQueryRequest.pb()()
-    request.query.CopyFrom(query)
-    return request
 
 
 def _cap_batch_bytes(batch) -> None:

@@ -26,9 +26,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from google.cloud.datastore_v1.types import entity as entity_types
-from inmemory_datastore_stub._stored_object import _StoredObject
 
 from ._errors import DataDirInUseError
 from ._index import IndexSpec, SortedIndex
@@ -46,6 +46,13 @@ ENDED_TRANSACTIONS_KEPT = 10_000
 
 _KeyPb = entity_types.Key.pb()
 _EntityPb = entity_types.Entity.pb()
+
+
+class StoredEntity(NamedTuple):
+    """An entity and the commit sequence that wrote it (the shape the stub's engine reads)."""
+
+    version: int
+    entity: entity_types.Entity
 
 
 def partition_of(key: _KeyPb) -> Partition:
@@ -73,12 +80,12 @@ class KindTable:
     query that needs them) and kept up to date by every put and delete from then on.
     """
 
-    entities: dict[bytes, _StoredObject] = field(default_factory=dict)
+    entities: dict[bytes, StoredEntity] = field(default_factory=dict)
     #: Commit sequence of the last write or delete in this table (for transactional queries).
     changed_seq: int = 0
     indexes: dict[IndexSpec, SortedIndex] = field(default_factory=lambda: {(): SortedIndex(())})
 
-    def put(self, kb: bytes, stored: _StoredObject, seq: int) -> None:
+    def put(self, kb: bytes, stored: StoredEntity, seq: int) -> None:
         previous = self.entities.get(kb)
         for index in self.indexes.values():
             if previous is not None:
@@ -103,7 +110,7 @@ class KindTable:
             self.indexes[spec] = found
         return found
 
-    def in_key_order(self) -> list[_StoredObject]:
+    def in_key_order(self) -> list[StoredEntity]:
         """Entities sorted by key (the key index)."""
         return [self.entities[entry[-1]] for entry in self.indexes[()].entries]
 
@@ -252,8 +259,8 @@ class EntityStore:
         return table
 
     @staticmethod
-    def _stored(entity: _EntityPb, version: int) -> _StoredObject:
-        return _StoredObject(version=version, entity=entity_types.Entity.wrap(entity))
+    def _stored(entity: _EntityPb, version: int) -> StoredEntity:
+        return StoredEntity(version=version, entity=entity_types.Entity.wrap(entity))
 
     def close(self) -> None:
         if self._sqlite is not None:
@@ -262,7 +269,7 @@ class EntityStore:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, key: _KeyPb) -> _StoredObject | None:
+    def get(self, key: _KeyPb) -> StoredEntity | None:
         table = self.tables.get(table_of(key))
         return table.entities.get(key_bytes(key)) if table else None
 
@@ -273,12 +280,12 @@ class EntityStore:
             return found.version
         return self._tombstones.get(key_bytes(key), 0)
 
-    def scan(self, partition: Partition, kind: str | None) -> list[_StoredObject]:
+    def scan(self, partition: Partition, kind: str | None) -> list[StoredEntity]:
         """Entities of one kind (or of every kind, for kindless queries) in key order."""
         if kind is not None:
             table = self.tables.get((*partition, kind))
             return table.in_key_order() if table else []
-        found: list[_StoredObject] = []
+        found: list[StoredEntity] = []
         for table_key in sorted(self.tables):
             if table_key[:3] == partition:
                 found.extend(self.tables[table_key].in_key_order())
@@ -391,7 +398,7 @@ class EntityStore:
             self._sqlite.save(writes, version, {"seq": version, "next_id": self.next_id})
 
 
-def _entity_pb(stored: _StoredObject) -> _EntityPb:
+def _entity_pb(stored: StoredEntity) -> _EntityPb:
     return entity_types.Entity.pb(stored.entity)
 
 

@@ -22,17 +22,16 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 
 import grpc
-import yaml
 from google.cloud.datastore_v1 import types
-from inmemory_datastore_stub import LimitExceededError, NoMatchingIndexError, _indexes
-from inmemory_datastore_stub._proto import _pb
 
-from ._errors import IndexYamlError, RpcError
+from ._errors import RpcError
+from ._index_rules import DESCENDING, load_index_yaml
+from ._proto import pb
 from ._service import DatastoreService
 from ._store import EntityStore
+from ._stub_adapter import LimitExceededError
 
 SERVICE_NAME = "google.datastore.v1.Datastore"
 #: Well above the 10 MiB Commit limit, so that limit answers with its own clear error.
@@ -53,43 +52,6 @@ log = logging.getLogger(__name__)
 
 class PortInUseError(OSError):
     """The emulator could not bind its port."""
-
-
-def load_index_yaml(path: str | os.PathLike) -> list[_indexes.Index]:
-    """Read and validate an ``index.yaml``; raise IndexYamlError saying what is wrong.
-
-    >>> load_index_yaml("index.yaml")  # doctest: +SKIP
-    [Index(kind='Task', ancestor=False, properties=(('done', 'asc'), ('due', 'desc')))]
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise IndexYamlError(f"index.yaml not found: {path}")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise IndexYamlError(f"{path} is not valid YAML: {exc}") from exc
-    if document is None:
-        return []
-    # `indexes:` with nothing under it (a fresh app's index.yaml) is YAML null: no indexes.
-    if not isinstance(document, dict) or not isinstance(document.get("indexes") or [], list):
-        raise IndexYamlError(f"{path}: expected a mapping with an 'indexes' list")
-    for position, entry in enumerate(document.get("indexes") or []):
-        where = f"{path}: index #{position + 1}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
-            raise IndexYamlError(f"{where} needs a 'kind' string")
-        if not isinstance(entry.get("ancestor", False), bool):
-            raise IndexYamlError(f"{where}: 'ancestor' must be yes or no")
-        properties = entry.get("properties")
-        if not isinstance(properties, list) or not properties:
-            raise IndexYamlError(f"{where} ({entry['kind']}) needs a non-empty 'properties' list")
-        for prop in properties:
-            if not isinstance(prop, dict) or not isinstance(prop.get("name"), str):
-                raise IndexYamlError(f"{where} ({entry['kind']}): each property needs a 'name'")
-            if prop.get("direction", "asc") not in ("asc", "desc"):
-                raise IndexYamlError(
-                    f"{where} ({entry['kind']}): direction of {prop['name']!r} must be asc or desc"
-                )
-    return _indexes.load_index_yaml(path)
 
 
 class DatastoreEmulator:
@@ -162,7 +124,7 @@ class DatastoreEmulator:
         for index in self.indexes or ():
             # Ancestor indexes are not built: ancestor queries check keys per candidate.
             if not index.ancestor:
-                spec = tuple((name, way == _indexes.DESCENDING) for name, way in index.properties)
+                spec = tuple((name, way == DESCENDING) for name, way in index.properties)
                 state.declare_index(index.kind, spec)
         service = DatastoreService(state, self.indexes, self.enforce_limits)
         server = grpc.server(
@@ -242,11 +204,9 @@ def _call(
     try:
         with state.lock:
             response = method(request)
-        return None, _pb(response).SerializeToString()
+        return None, pb(response).SerializeToString()
     except RpcError as exc:
         return exc.code, exc.message
-    except NoMatchingIndexError as exc:
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     except LimitExceededError as exc:
         return grpc.StatusCode.INVALID_ARGUMENT, exc.message
     except (AssertionError, ValueError, TypeError, KeyError, IndexError) as exc:

@@ -1,6 +1,7 @@
 """Browser fixtures: the real local stack (both emulators + gunicorn) and headless chromium.
 
-Chromium is the system one (``/usr/bin/chromium``); Playwright never downloads a browser.
+The browser is the one ``make test`` found or installed (``tests/browser/chromium.py``),
+exported as ``GAE_DEFERRED_CHROMIUM``; a plain ``pytest`` looks for one itself.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections.abc import Iterator
 import pytest
 
 from gae_deferred.local.stack import LocalStack
+from tests.browser import chromium as chromium_finder
 from tests.stack_support import pointed_at, started_stack
 
 BROWSER_DIR = pathlib.Path(__file__).resolve().parent
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -61,22 +62,18 @@ def live(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalSt
         yield stack
 
 
-def _system_chromium_version() -> str:
-    import subprocess
-
-    return subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout
-
-
 @pytest.fixture(scope="session")
 def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
-    if not pathlib.Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (as .ci/run does)")
+    try:
+        path = chromium_finder.find()
+    except chromium_finder.NoChromium as exc:
+        pytest.fail(str(exc), pytrace=False)
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        # The system chromium, not a Playwright download.
-        assert chromium.version.split(".")[0] in _system_chromium_version()
+        chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        # The browser that was found, not some other one.
+        assert chromium.version.split(".")[0] in (chromium_finder.version(path) or "")
         try:
             yield chromium
         finally:

@@ -18,8 +18,8 @@ from e2e_helpers import payload_exists, wait_for_runs
 from gae_deferred import defer
 from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.cloud_tasks import queue_path
-from gae_deferred.local.stack import ROOT, LocalStack, PortInUseError
-from tests.stack_support import queued_tasks, wait_for
+from gae_deferred.local.stack import LocalStack, PortInUseError
+from tests.stack_support import ROOT, queued_tasks, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e
@@ -172,30 +172,10 @@ def test_port_in_use_is_named(tmp_path: pathlib.Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        stack = LocalStack(tmp_path / "stack", app_port=0, datastore_port=port, tasks_port=0)
+        stack = LocalStack(
+            ROOT / "app.yaml", tmp_path / "stack", app_port=0, datastore_port=port, tasks_port=0
+        )
 
         with pytest.raises(PortInUseError, match=f"port {port} .*datastore emulator"):
             stack.start()
         assert stack.pids() == {}
-
-        cli = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gae_deferred.local.stack",
-                "--base-dir",
-                str(tmp_path / "cli"),
-                "--app-port",
-                str(port),
-                "--datastore-port",
-                "0",
-                "--tasks-port",
-                "0",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert cli.returncode == 2
-    assert f"port {port} on 127.0.0.1 (the app) is already in use" in cli.stderr

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -551,3 +552,60 @@ def test_cli_rejects_invalid_queue_yaml(tmp_path):
 def test_port_in_use_in_process(emu, queue_yaml):
     with pytest.raises(PortInUseError):
         CloudTasksEmulator(port=emu.port, queue_yaml=queue_yaml).start()
+
+
+def _timed(call) -> float:
+    started = time.monotonic()
+    call()
+    return time.monotonic() - started
+
+
+def test_latency_delays_every_rpc_in_parallel(app, queue_yaml):
+    latency = 0.3
+    with CloudTasksEmulator(
+        port=0, queue_yaml=queue_yaml, app_url=app.url, latency_ms=latency * 1000
+    ) as slow:
+        c = client_for(slow.port)
+        default = qname(slow, "default")
+        c.get_queue(name=default)  # connects the channel
+        assert latency <= _timed(lambda: c.get_queue(name=default)) < latency + 0.25
+        assert latency <= _timed(lambda: create(c, slow)) < latency + 0.25
+        assert latency <= _timed(lambda: list(c.list_queues(parent=slow.parent))) < latency + 0.25
+        # The delay is a round trip, not a queue: 32 concurrent calls take about one delay.
+        with futures.ThreadPoolExecutor(32) as pool:
+            elapsed = _timed(lambda: list(pool.map(lambda _: create(c, slow), range(32))))
+        assert latency <= elapsed < 2 * latency
+        wait_for(lambda: len(app.requests) == 33)  # dispatch itself is not delayed
+    with CloudTasksEmulator(port=0, queue_yaml=queue_yaml, app_url=app.url) as fast:
+        c = client_for(fast.port)
+        c.get_queue(name=qname(fast, "default"))
+        assert _timed(lambda: c.get_queue(name=qname(fast, "default"))) < 0.1
+
+
+def test_latency_must_be_a_non_negative_number(queue_yaml):
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="latency_ms"):
+            CloudTasksEmulator(queue_yaml=queue_yaml, latency_ms=bad)
+    proc = start_cli(["--port", "0", "--queue-yaml", str(queue_yaml), "--latency-ms", "-5"])
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "--latency-ms: expected milliseconds >= 0, got '-5'" in err
+
+
+def test_cli_latency_option(app, queue_yaml, tmp_path):
+    port = free_port()
+    args = [
+        "--port", str(port), "--queue-yaml", str(queue_yaml), "--latency-ms", "250",
+        "--project", "lat", "--location", "us-central1", "--app-url", app.url,
+    ]  # fmt: skip
+    proc = start_cli(args)
+    try:
+        assert proc.stdout.readline().startswith("cloud tasks emulator listening")
+        c = client_for(port)
+        name = "projects/lat/locations/us-central1/queues/default"
+        c.get_queue(name=name)
+        assert 0.25 <= _timed(lambda: c.get_queue(name=name)) < 0.5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0

@@ -1,0 +1,167 @@
+"""The wheel as a user installs it: one top-level package, a core without web deps, and a sample
+app of its own (tests/sample_app) under the installed gae-deferred-dev."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.install.conftest import WEB_ONLY, run_python, site_packages
+from tests.stack_support import wait_for
+
+SAMPLE_APP = pathlib.Path(__file__).resolve().parents[1] / "sample_app"
+#: What ``import gae_deferred`` must work without, and must not import (the core is
+#: framework-free). Checks of further core modules go here too.
+CORE_IMPORTS = ("gae_deferred", "gae_deferred.queue_config")
+
+
+def test_the_wheel_installs_one_top_level_package(full_venv: pathlib.Path) -> None:
+    site = site_packages(full_venv)
+    (dist_info,) = site.glob("gae_deferred-*.dist-info")
+    assert (dist_info / "top_level.txt").read_text().split() == ["gae_deferred"]
+    script = full_venv / "bin" / "gae-deferred-dev"
+    allowed = [path.resolve() for path in (site / "gae_deferred", dist_info, script)]
+    for line in (dist_info / "RECORD").read_text().splitlines():
+        installed = (site / line.rsplit(",", 2)[0]).resolve()
+        assert any(installed.is_relative_to(root) for root in allowed), installed
+    for name in ("handlers", "emulators", "lib", "demo", "main.py", "templates", "static", "tests"):
+        assert not (site / name).exists(), f"{name} installed at the top of site-packages"
+    package = site / "gae_deferred"
+    assert (package / "index.yaml").is_file()
+    assert (package / "webapp2" / "static" / "deferred_admin" / "admin.css").is_file()
+    assert (package / "webapp2" / "templates" / "deferred_admin" / "base.html").is_file()
+    assert (full_venv / "bin" / "gae-deferred-dev").is_file()
+
+
+def test_the_core_imports_without_webapp2_or_jinja2(core_venv: pathlib.Path) -> None:
+    checks = f"""
+import importlib, importlib.util, sys
+web_only = {WEB_ONLY!r}
+assert all(importlib.util.find_spec(name) is None for name in web_only), "web deps installed"
+for name in {CORE_IMPORTS!r}:
+    importlib.import_module(name)
+loaded = sorted(m for m in sys.modules if m.split(".")[0].lower() in web_only)
+assert not loaded, loaded
+import gae_deferred
+print(gae_deferred.__file__)
+"""
+    where = run_python(core_venv, checks).strip()
+    assert pathlib.Path(where).is_relative_to(site_packages(core_venv))
+    # And the web half says what is missing instead of half-working.
+    failed = subprocess.run(
+        [core_venv / "bin" / "python", "-c", "import gae_deferred.webapp2"],
+        capture_output=True,
+        text=True,
+        cwd=core_venv,
+    )
+    assert failed.returncode != 0 and "webapp2" in failed.stderr
+
+
+class SampleApp:
+    """tests/sample_app copied to a tmp dir, running under the installed gae-deferred-dev."""
+
+    def __init__(self, venv: pathlib.Path, app_dir: pathlib.Path) -> None:
+        self.app_dir = app_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GAE_", "PYTHON"))}
+        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+        self.process = subprocess.Popen(
+            [
+                *("gae-deferred-dev", "app.yaml", "--port", "0", "--datastore-port", "0"),
+                *("--tasks-port", "0", "--no-reload", "--quiet"),
+            ],
+            cwd=app_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        printed = ""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            printed += line
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        else:
+            pytest.fail(f"gae-deferred-dev exited: {self.process.communicate()}")
+        self.url = re.search(r"^  app\s+(\S+)/", printed, re.M).group(1)
+
+    def get(self, path: str, **params: str) -> requests.Response:
+        answer = requests.get(self.url + path, params=params, timeout=30)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:500])
+        return answer
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, err
+        return err
+
+
+@pytest.fixture(scope="module")
+def sample_app(
+    full_venv: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SampleApp]:
+    app_dir = tmp_path_factory.mktemp("sample") / "app"
+    shutil.copytree(SAMPLE_APP, app_dir, ignore=shutil.ignore_patterns("__pycache__", ".local"))
+    # What the app's owner does: take gae_deferred's indexes into the app's index.yaml.
+    shutil.copy(site_packages(full_venv) / "gae_deferred" / "index.yaml", app_dir / "index.yaml")
+    running = SampleApp(full_venv, app_dir)
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def test_the_sample_app_imports_its_own_handlers_and_the_installed_package(
+    sample_app: SampleApp, full_venv: pathlib.Path
+) -> None:
+    where = sample_app.get("/where").json()
+    assert pathlib.Path(where["gae_deferred"]).is_relative_to(site_packages(full_venv))
+    assert where["handlers"] == str(sample_app.app_dir / "handlers" / "__init__.py")
+    assert "Hello from the sample app" in sample_app.get("/").text
+
+
+def test_the_apps_static_handler_serves_its_files(sample_app: SampleApp) -> None:
+    css = sample_app.get("/static/sample.css")
+    assert css.headers["Content-Type"] == "text/css" and "darkgreen" in css.text
+
+
+def test_the_dashboard_and_its_stylesheet_come_from_the_package(
+    sample_app: SampleApp, full_venv: pathlib.Path
+) -> None:
+    page = sample_app.get("/_ah/deferred-admin")
+    assert 'href="/_ah/deferred-admin/static/admin.css"' in page.text
+    css = sample_app.get("/_ah/deferred-admin/static/admin.css")
+    installed = site_packages(full_venv) / "gae_deferred/webapp2/static/deferred_admin/admin.css"
+    assert css.headers["Content-Type"].startswith("text/css")
+    assert css.content == installed.read_bytes()
+
+
+def test_the_apps_queue_yaml_queues_are_listed(sample_app: SampleApp) -> None:
+    listed = json.dumps(sample_app.get("/_ah/deferred-admin/api/queues").json())
+    assert "sample-reports" in listed
+
+
+def test_a_task_deferred_by_the_apps_own_module_runs(
+    sample_app: SampleApp, tmp_path: pathlib.Path
+) -> None:
+    task_name = sample_app.get("/defer", dir=str(tmp_path), label="report-1").text
+    assert task_name
+    done = tmp_path / "report-1"
+    wait_for(lambda: done.exists() and done.read_text(), "the deferred report to run", 30)
+    queue, pid = done.read_text().split()
+    assert queue == "sample-reports" and int(pid) != os.getpid()
+
+
+def test_the_sample_app_stops_cleanly(sample_app: SampleApp) -> None:
+    """Last: stops the module's app. No warning: its index.yaml has gae_deferred's indexes."""
+    err = sample_app.stop()
+    assert "warning" not in err and "Traceback" not in err
