@@ -147,7 +147,7 @@ def test_records_hostile_input_created_are_dismissed_and_deleted_by_their_button
             eta=datetime.datetime.now(datetime.UTC),
             task={"url": "/_ah/queue/deferred"},
         )
-        spillover.write(record, chunks)
+        spillover.write_many([(record, chunks)])
     page.goto(f"{live.dashboard_url}/failures/list?function=legacy")
     assert page.locator("details.failure").count() == len(HOSTILE)
     for record_id in HOSTILE:
