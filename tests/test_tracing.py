@@ -14,14 +14,14 @@ import webtest
 import gae_deferred
 from gae_deferred import envelope, tracing
 from gae_deferred.webapp2 import deferred_middleware, deferred_routes
-from tests import test_admin
+from tests.dashboard.support import sample
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def record_trace(label: str) -> None:
     """A deferred function that defers again, as chained tasks do."""
-    gae_deferred.defer(test_admin._sample, label, _countdown=3600)
+    gae_deferred.defer(sample, label, _countdown=3600)
 
 
 class Checkout(webapp2.RequestHandler):
@@ -103,7 +103,7 @@ def test_defer_in_a_request_records_it_and_the_task_joins_its_trace(paused):
 
 
 def test_defer_outside_a_request_records_nothing(paused):
-    gae_deferred.defer(test_admin._sample, 1, _countdown=3600)
+    gae_deferred.defer(sample, 1, _countdown=3600)
     (task,) = paused()
     assert "traceparent" not in task.app_engine_http_request.headers
     assert "request" not in envelope.read_header(task.app_engine_http_request.body)

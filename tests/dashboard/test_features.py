@@ -13,21 +13,17 @@ from google.cloud import ndb
 
 import gae_deferred
 from gae_deferred import FailureState, PayloadState, audit, failures, spillover, tracing
-from tests import test_admin
-from tests.test_admin import (
+from tests.dashboard.support import (
     XSS,
     P,
-    _sample,
     assert_inert,
     csrf_token,
     make_failure,
     make_spilled,
     pause,
     queued_tasks,
+    sample,
 )
-
-# The dashboard app and the Cloud Tasks emulator of test_admin, as fixtures of this module.
-app = test_admin.app
 
 
 def ids(response) -> list[str]:
@@ -222,17 +218,15 @@ def test_back_field_cannot_leave_the_dashboard(app, ndb_stub):
 def test_task_detail_shows_attempts_headers_and_the_envelope_without_unpickling(app, ndb_stub):
     pause("reports")
     with tracing.request_scope(tracing.from_environ({"PATH_INFO": "/checkout"})):
-        inline = gae_deferred.defer(_sample, XSS, _queue="reports", _countdown=3600)
-        spilled = gae_deferred.defer(
-            _sample, os.urandom(150_000), _queue="reports", _countdown=3600
-        )
+        inline = gae_deferred.defer(sample, XSS, _queue="reports", _countdown=3600)
+        spilled = gae_deferred.defer(sample, os.urandom(150_000), _queue="reports", _countdown=3600)
     page = app.get(f"{P}/queues/reports")
     detail = page.click(inline.name)
     assert_inert(detail)
-    assert "tests.test_admin._sample" in detail.text and "/checkout" in detail.text
+    assert "tests.dashboard.support.sample" in detail.text and "/checkout" in detail.text
     assert "traceparent" in detail.text and "inline:" in detail.text
     data = app.get(f"{P}/api/queues/reports/tasks/{inline.name}").json
-    assert data["envelope"]["function"] == "tests.test_admin._sample"
+    assert data["envelope"]["function"] == "tests.dashboard.support.sample"
     assert data["envelope"]["deferred_by"]["path"] == "/checkout"
     assert data["headers"]["traceparent"].startswith("00-")
     assert data["dispatch_count"] == 0 and data["first_attempt"] is None

@@ -18,18 +18,18 @@ import webtest
 import gae_deferred
 from gae_deferred import FailureState, admin, audit, failures
 from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
-from tests import test_admin
-from tests.test_admin import (
+from tests.dashboard.support import (
     LOOPBACK,
     P,
-    _iap_signer,
     csrf_token,
     iap_claims,
+    iap_signer,
     make_failure,
+    make_spilled,
+    pause,
     queued_tasks,
+    sample,
 )
-
-app = test_admin.app
 
 HOSTILE_IDS = [
     "../queues/reports/pause?y=",
@@ -89,7 +89,7 @@ def test_records_with_hostile_ids_are_viewed_dismissed_and_deleted_not_hijacked(
 
 def test_a_record_id_gae_deferred_cannot_have_made_is_not_handed_to_a_new_task(app, ndb_stub):
     record = make_failure("odd", record_id="../queues/reports/pause?y=", queue="reports")
-    test_admin.pause("reports")
+    pause("reports")
     detail = app.get(f"{P}/failures/{admin.url_id(record.id)}")
     retry = next(f for f in detail.forms.values() if f.action.endswith("/retrigger"))
     refused = retry.submit(expect_errors=True)
@@ -110,8 +110,8 @@ def test_actions_read_confirm_and_action_from_the_body_only(app, ndb_stub):
     token = csrf_token(app)
     page = app.post(f"{P}/queues/default/purge?confirm=yes", {"csrf_token": token})
     assert page.status_int == 200 and "Purge queue default?" in page.text
-    test_admin.pause("default")
-    gae_deferred.defer(test_admin._sample, 1, _countdown=3600)
+    pause("default")
+    gae_deferred.defer(sample, 1, _countdown=3600)
     app.post(f"{P}/queues/default/purge?confirm=yes", {"csrf_token": token})
     assert len(queued_tasks("default")) == 1
     record = make_failure("body-only")
@@ -196,7 +196,7 @@ class _CertsServer:
 
 @pytest.fixture
 def iap(app, monkeypatch) -> Iterator[tuple[_CertsServer, object, object]]:
-    signer, public_pem = _iap_signer("key-1")
+    signer, public_pem = iap_signer("key-1")
     server = _CertsServer({"key-1": public_pem})
     monkeypatch.setattr(_admin_auth, "IAP_CERTS_URL", server.url)
     audience = "/projects/123/apps/test-project"
@@ -226,12 +226,12 @@ def test_a_burst_of_iap_requests_fetches_the_keys_once(app, ndb_stub, iap):
 def test_an_unknown_key_id_refetches_once(app, ndb_stub, iap):
     server, signer, audience = iap
     app.get(P, headers={"x-goog-iap-jwt-assertion": _iap_token(signer, audience)})
-    rotated, rotated_pem = _iap_signer("key-2")
+    rotated, rotated_pem = iap_signer("key-2")
     server.certs = {**server.certs, "key-2": rotated_pem}
     headers = {"x-goog-iap-jwt-assertion": _iap_token(rotated, audience)}
     assert "ops@example.com" in app.get(P, headers=headers).text
     assert server.fetches == 2
-    stranger, _ = _iap_signer("key-9")
+    stranger, _ = iap_signer("key-9")
     for _ in range(5):
         forged = {"x-goog-iap-jwt-assertion": _iap_token(stranger, audience)}
         assert app.get(P, headers=forged, expect_errors=True).status_int == 403
@@ -281,7 +281,7 @@ def test_local_mode_answers_only_loopback_host_names(
 
 
 def test_cron_url_needs_app_engine_cron_or_the_token(app, ndb_stub, monkeypatch):
-    stale = test_admin.make_spilled("stale", state="dead")
+    stale = make_spilled("stale", state="dead")
     stale.updated = stale.updated.replace(year=stale.updated.year - 1)
     stale.put()
     for headers in ({}, {"X-Appengine-Cron": "true"}, {"X-Deferred-Cron-Token": "guess"}):

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import pathlib
-import random
-import re
 
 import pytest
 import webapp2
@@ -24,176 +21,27 @@ from gae_deferred import (
     audit,
     envelope,
     failures,
-    metrics,
     spillover,
 )
-from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-P = "/_ah/deferred-admin"
-XSS = '<script>alert("x")</script>'
-LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
-
-
-def _sample(*args: object) -> None:
-    """The deferred function of the records the tests build."""
-
-
-@pytest.fixture
-def app(ndb_stub, fresh_tasks_emulator):
-    """The dashboard in local mode, requests from loopback (so: admin), behind the middleware
-    an app wraps itself in."""
-    gae_deferred.configure(local_mode=True)
-    _admin_auth.reset_iap_keys()
-    metrics.discard_pending()
-    wsgi = deferred_middleware(webapp2.WSGIApplication(deferred_routes()))
-    return webtest.TestApp(wsgi, extra_environ=LOOPBACK)
-
-
-def csrf_token(test_app: webtest.TestApp) -> str:
-    """Fetch the API token (sets the cookie in the TestApp's jar)."""
-    return test_app.get(f"{P}/api/csrf").json["csrf_token"]
-
-
-def form_token(page: webtest.TestResponse) -> str:
-    match = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page.text)
-    assert match, "page carries no CSRF token"
-    return match.group(1)
-
-
-def make_spilled(
-    payload_id: str,
-    *,
-    function: str | None = None,
-    args: tuple = (1, 2),
-    queue: str = "default",
-    state: str = PayloadState.PENDING,
-    size: int = 0,
-    created: datetime.datetime | None = None,
-) -> spillover.DeferredPayload:
-    """A spilled record with real chunks, as defer() would write it."""
-    # Random bytes: compression must not shrink the payload the test sized.
-    data = envelope.build(_sample, (*args, random.Random(payload_id).randbytes(size)), {})
-    header = envelope.read_header(data)
-    if function is not None:
-        header["function"] = function
-    record, chunks = spillover.build_record(
-        payload_id,
-        data,
-        header,
-        queue=queue,
-        task_name=f"d-{payload_id}",
-        eta=spillover.now(),
-        task={
-            "url": "/_ah/queue/deferred/test_admin._sample",
-            "headers": {"Content-Type": "application/octet-stream"},
-            "routing": {},
-        },
-    )
-    record.state = state
-    if created is not None:
-        record.created = created
-    spillover.write_many([(record, chunks)])
-    return record
-
-
-def make_failure(
-    task_name: str,
-    *,
-    record_id: str | None = None,
-    function: str = "test_admin._sample",
-    exception_type: str = "ValueError",
-    message: str = "boom",
-    traceback: str = "Traceback (most recent call last):\nValueError: boom",
-    state: str = FailureState.DEAD,
-    queue: str = "default",
-    payload_id: str | None = None,
-    args_preview: str = "(1, 2)",
-) -> failures.DeferredFailure:
-    """A failure record; without payload_id its inline envelope is kept as a child.
-
-    ``record_id`` writes it under any id, as older versions did with a header's value.
-    """
-    record_id = record_id or failures.failure_id(queue, task_name)
-    data = envelope.build(_sample, (1, 2), {})
-    meta = {**envelope.read_header(data), "function": function, "args": args_preview}
-    record = failures.update(
-        None,
-        record_id,
-        function=function,
-        exception_type=exception_type,
-        message=message,
-        traceback=traceback,
-        state=state,
-        task_name=task_name,
-        queue=queue,
-        meta=meta,
-        payload_id=payload_id,
-        when=spillover.now(),
-    )
-    entities: list[ndb.Model] = [record, failures.group_entity(record)]
-    if payload_id is None:
-        entities.append(failures.kept_payload(record_id, data))
-    ndb.put_multi(entities)
-    return record
-
-
-def pause(queue: str) -> None:
-    tasks_client().pause_queue(name=gae_deferred.cloud_tasks.queue_path(queue))
-
-
-def queued_tasks(queue: str) -> list:
-    from google.cloud import tasks_v2
-
-    return list(
-        tasks_client().list_tasks(
-            request={
-                "parent": gae_deferred.cloud_tasks.queue_path(queue),
-                "response_view": tasks_v2.Task.View.FULL,
-            }
-        )
-    )
-
-
-def run_as_cloud_tasks_would(test_app: webtest.TestApp, task) -> None:
-    """Deliver a queued task to the app's task handler with the headers Cloud Tasks adds."""
-    request = task.app_engine_http_request
-    queue, name = task.name.split("/")[-3], task.name.rsplit("/", 1)[-1]
-    headers = {
-        **dict(request.headers),
-        "X-AppEngine-QueueName": queue,
-        "X-AppEngine-TaskName": name,
-    }
-    answer = test_app.post(request.relative_uri, request.body, headers=headers)
-    assert answer.status_int == 200, answer.text
-
-
-def assert_inert(page: webtest.TestResponse) -> None:
-    """The XSS string is shown escaped, never as markup."""
-    assert XSS not in page.text
-    assert "&lt;script&gt;alert(" in page.text
-
-
-def chunk_reads(stub_client) -> list:
-    """Record every Lookup/RunQuery that touches payload chunks (the budget says: none)."""
-    from inmemory_datastore_stub._request_wrapper import _RequestWrapper
-
-    seen: list = []
-    stub = stub_client.stub
-    for name in ("lookup", "run_query"):
-        original = getattr(stub, name)
-
-        def recording(request, *args, _original=original, **kwargs):
-            if "_DeferredPayloadChunk" in str(request):
-                seen.append(request)
-            return _original(request, *args, **kwargs)
-
-        wrapper = _RequestWrapper(recording)
-        setattr(stub, name, wrapper)
-        setattr(stub, name.title().replace("_", ""), wrapper)
-    return seen
-
+from gae_deferred.webapp2 import _admin_auth, deferred_routes
+from tests.dashboard.support import (
+    LOOPBACK,
+    XSS,
+    CertsResponse,
+    P,
+    assert_inert,
+    chunk_reads,
+    csrf_token,
+    form_token,
+    iap_claims,
+    iap_signer,
+    make_failure,
+    make_spilled,
+    pause,
+    queued_tasks,
+    run_as_cloud_tasks_would,
+    sample,
+)
 
 # -- pages render, escape, and never read payload bytes ------------------------------------
 
@@ -221,7 +69,7 @@ def test_spillover_list_shows_fields_and_reads_no_chunks(app, ndb_stub):
     make_spilled("s1", size=1000)
     reads = chunk_reads(ndb_stub)
     page = app.get(f"{P}/spillover")
-    assert "test_admin._sample" in page.text and "d-s1" in page.text
+    assert "tests.dashboard.support.sample" in page.text and "d-s1" in page.text
     item = app.get(f"{P}/api/spillover").json["items"][0]
     assert set(item) >= {
         "id",
@@ -342,7 +190,7 @@ def test_retrigger_spilled_payload_creates_a_fresh_task(app, ndb_stub):
     assert record.state == PayloadState.PENDING and record.task_name.startswith("r-")
     (task,) = queued_tasks("default")
     assert task.name.endswith("/" + record.task_name)
-    assert task.app_engine_http_request.relative_uri == "/_ah/queue/deferred/test_admin._sample"
+    assert task.app_engine_http_request.relative_uri == "/_ah/queue/deferred/test_admin.sample"
     assert task.app_engine_http_request.app_engine_routing.version == "v2"
     body = envelope.read_header(task.app_engine_http_request.body)
     assert body["ref"]["id"] == "r1"
@@ -433,7 +281,7 @@ def test_failure_groups_list_and_detail_render_inert(app, ndb_stub):
     assert "KeyError" in groups.text
     api = app.get(f"{P}/api/failures/groups").json["items"]
     counts = {item["group"]: item["count"] for item in api}
-    assert counts == {f"{XSS}|ValueError": 2, "test_admin._sample|KeyError": 1}
+    assert counts == {f"{XSS}|ValueError": 2, "test_admin.sample|KeyError": 1}
     listing = app.get(f"{P}/failures/list", {"group": f"{XSS}|ValueError"})
     assert_inert(listing)
     assert listing.text.count("<details") == 2
@@ -483,7 +331,7 @@ def test_retry_now_inline_failure_enqueues_its_kept_envelope(app, ndb_stub):
     assert (header["task"], header["queue"]) == (task.name.rsplit("/", 1)[1], "reports")
     assert header["failure_id"] == record.id
     assert "X-Deferred-Failure-Id" not in request.headers
-    assert request.relative_uri == "/_ah/queue/deferred/test_admin._sample"
+    assert request.relative_uri == "/_ah/queue/deferred/tests.dashboard.support.sample"
     kept = failures.get_payload(record.id)
     assert envelope.open_envelope(request.body).body == envelope.open_envelope(kept).body
     again = failures.get(record.id)
@@ -558,8 +406,8 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
 
 def test_queue_tasks_run_delete_pause_resume_purge(app, ndb_stub):
     pause("reports")
-    gae_deferred.defer(_sample, 1, _queue="reports", _countdown=3600)
-    gae_deferred.defer(_sample, 2, _queue="reports", _countdown=3600)
+    gae_deferred.defer(sample, 1, _queue="reports", _countdown=3600)
+    gae_deferred.defer(sample, 2, _queue="reports", _countdown=3600)
     queues = app.get(f"{P}/api/queues").json["items"]
     reports = next(q for q in queues if q["name"] == "reports")
     assert reports["state"] == "PAUSED" and reports["tasks"] == 2 and reports["rate"] == "2/s"
@@ -578,7 +426,7 @@ def test_queue_tasks_run_delete_pause_resume_purge(app, ndb_stub):
     resume.submit()
     assert app.get(f"{P}/api/queues/reports/tasks").json["state"] == "RUNNING"
     pause("reports")
-    gae_deferred.defer(_sample, 3, _queue="reports", _countdown=3600)
+    gae_deferred.defer(sample, 3, _queue="reports", _countdown=3600)
     purge = next(f for f in app.get(f"{P}/queues/reports").forms.values() if "purge" in f.action)
     confirm = purge.submit()
     assert "Purge queue reports?" in confirm.text
@@ -745,45 +593,6 @@ def test_auto_refresh_toggle_is_a_meta_refresh(app, ndb_stub):
     assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover?refresh=7").text
 
 
-class _CertsResponse:
-    def __init__(self, body: bytes) -> None:
-        self.status = 200
-        self.data = body
-        self.headers: dict[str, str] = {}
-
-
-def iap_claims(audience: str, email: str) -> dict[str, object]:
-    """The claims of a valid IAP JWT for ``audience``, issued now, valid ten minutes."""
-    import time
-
-    now = int(time.time())
-    return {
-        "iss": "https://cloud.google.com/iap",
-        "aud": audience,
-        "sub": "accounts.google.com:1",
-        "email": email,
-        "iat": now,
-        "exp": now + 600,
-    }
-
-
-def _iap_signer(key_id: str):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from google.auth import crypt
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return crypt.ES256Signer.from_string(private, key_id=key_id), public.decode()
-
-
 def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypatch):
     """A real ES256 IAP token verified by google.auth.jwt; only the HTTP fetch of IAP's public
     keys is answered locally."""
@@ -792,14 +601,14 @@ def test_iap_jwt_is_verified_against_locally_served_keys(app, ndb_stub, monkeypa
     from google.auth import jwt
 
     audience = "/projects/123/apps/test-project"
-    signer, public_pem = _iap_signer("key-1")
-    stranger, _ = _iap_signer("key-1")
+    signer, public_pem = iap_signer("key-1")
+    stranger, _ = iap_signer("key-1")
     fetched: list[str] = []
 
     def local_transport():
         def request(url, method="GET", **kwargs):
             fetched.append(url)
-            return _CertsResponse(json.dumps({"key-1": public_pem}).encode())
+            return CertsResponse(json.dumps({"key-1": public_pem}).encode())
 
         return request
 

@@ -14,10 +14,7 @@ import webtest
 import gae_deferred
 from gae_deferred import PermanentTaskFailure, TaskInfo, envelope, execute_task, metrics
 from gae_deferred.webapp2 import deferred_routes
-from tests import test_admin
-from tests.test_admin import LOOPBACK, P
-
-app = test_admin.app
+from tests.dashboard.support import LOOPBACK, P
 
 
 def bucket_of(ms: float) -> int:
