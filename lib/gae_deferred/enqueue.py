@@ -431,7 +431,7 @@ def defer_transactional(calls: list[PreparedCall]) -> list[DeferredTask]:
             f"these payloads are {total:,}"
         )
     bodies = [reference(record) for record, _ in spilled]
-    ndb.put_multi([entity for record, chunks in spilled for entity in (*chunks, record)])
+    spillover.write_in_transaction(spilled)
     work = [
         (record, call.spec, body)
         for (record, _), call, body in zip(spilled, calls, bodies, strict=True)

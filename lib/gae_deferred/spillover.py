@@ -29,6 +29,7 @@ from typing import Any
 
 from google.cloud import ndb
 
+from . import _ndb_rpc
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
@@ -202,17 +203,29 @@ def write_many(payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]
     MiB); each record goes in the same commit as its last chunk or a later one, so a record
     never points at chunks that were not written. If a commit fails, what was written is
     deleted again; when even that fails for a record, EnqueueOutcomeUnknown says the sweeper
-    will enqueue it.
+    will enqueue it. Always outside any transaction (see ``write_in_transaction``); the
+    commits bypass ``ndb.put_multi``, whose debug strings cost more than the write itself
+    (see _ndb_rpc).
     """
     written: list[ndb.Key] = []
     try:
         for batch in _commits(payloads):
-            ndb.put_multi(batch)
+            _ndb_rpc.commit(upserts=batch)
             written += [entity.key for entity in batch]
     except Exception as exc:
         if written:
             _delete_written(written, exc)
         raise
+
+
+def write_in_transaction(
+    payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]],
+) -> None:
+    """Add records and chunks to the current transaction's commit (one commit: the caller
+    keeps them under ``commit_bytes``)."""
+    _ndb_rpc.join_transaction(
+        upserts=[entity for record, chunks in payloads for entity in (*chunks, record)]
+    )
 
 
 def _commits(
@@ -289,15 +302,11 @@ def load(payload_id: str, chunks: int) -> tuple[DeferredPayload, bytearray]:
 
 
 def finish(payload_id: str, chunks: int) -> None:
-    """After success: delete record and chunks and leave a done marker, in one commit (ndb
-    batches the put and the deletes issued together into one Commit)."""
+    """After success: delete record and chunks and leave a done marker, in one Commit."""
     marker = DeferredPayloadDone(key=done_key(payload_id), done=now())
-    futures = [
-        *ndb.put_multi_async([marker]),
-        *ndb.delete_multi_async([payload_key(payload_id), *chunk_keys(payload_id, chunks)]),
-    ]
-    for future in futures:
-        future.result()
+    _ndb_rpc.commit(
+        upserts=[marker], deletes=[payload_key(payload_id), *chunk_keys(payload_id, chunks)]
+    )
 
 
 def delete(payload_id: str, chunks: int) -> None:
