@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 from importlib import metadata
 
 import pytest
@@ -139,3 +140,27 @@ def test_joined_mutations_roll_back_with_the_transaction(ndb_emulator):
 def test_join_transaction_outside_a_transaction_is_refused(ndb_stub):
     with pytest.raises(RuntimeError, match="active ndb transaction"):
         _ndb_rpc.join_transaction(upserts=[_chunk("p-none", 1, b"")])
+
+
+def test_enter_and_exit_context_match_context_use(ndb_stub):
+    """In a new thread (no active context), as gae_deferred's task contexts are entered."""
+    context = ndb.context.Context(ndb_stub)
+    seen = []
+
+    def use_and_leave():
+        _ndb_rpc.enter_context(context)
+        seen.append((ndb.get_context(), ndb.context.get_toplevel_context()))
+        _ndb_rpc.exit_context()
+        seen.append(
+            (
+                ndb.get_context(raise_context_error=False),
+                ndb.context.get_toplevel_context(raise_context_error=False),
+            )
+        )
+
+    thread = threading.Thread(target=use_and_leave)
+    thread.start()
+    thread.join()
+    assert seen == [(context, context), (None, None)], _upgrade_message(
+        "ndb.context._state no longer holds the current and top-level contexts"
+    )

@@ -10,6 +10,7 @@ configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retr
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
+    enter_context(context) ... exit_context()             # Context.use(), cheaper per task
 
 Entities are converted by ndb's own ``_entity_to_protobuf``, so what is written reads back
 with ``ndb.get`` exactly as if ``put()`` had written it. Only gae_deferred's kinds go through
@@ -26,6 +27,7 @@ from collections.abc import Iterable
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from google.cloud.ndb import _datastore_api, _options, model, tasklets
+from google.cloud.ndb import context as context_module
 
 #: The google-cloud-ndb version these internals were read from (requirements.txt pins it).
 PINNED_NDB_VERSION = "2.7.1"
@@ -37,6 +39,7 @@ INTERNALS = (
     ("google.cloud.ndb._options", "Options"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
     ("google.cloud.ndb.tasklets", "Future"),
+    ("google.cloud.ndb.context", "_state"),
 )
 
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
@@ -87,3 +90,21 @@ def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Ke
         done.set_result(None)
         batch.mutations.append(mutation)
         batch.futures.append(done)
+
+
+def enter_context(context: ndb.Context) -> None:
+    """Make ``context`` the current and top-level one, as ``context.use()`` does when no
+    context is active, without its generator-based context manager (every task enters one).
+    Pair with :func:`exit_context`; only for a thread with no active context."""
+    state = context_module._state
+    state._context.set(context)
+    state._toplevel_context.set(context)
+    context.rpc_time = 0
+    context.wait_time = 0
+
+
+def exit_context() -> None:
+    """Leave the context entered by :func:`enter_context` (none is current afterwards)."""
+    state = context_module._state
+    state._toplevel_context.set(None)
+    state._context.set(None)

@@ -19,6 +19,7 @@ is unpickled unless the HMAC verifies with a known key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -154,6 +155,13 @@ def _compressible(raw: bytes, level: int) -> bool:
     return len(zlib.compress(sample, level)) < _PROBE_BYTES * _WORTH_IT
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 with ``key`` already absorbed: copying it costs less than keying afresh,
+    which every task and every defer() would otherwise do."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     kid, key = _signing.signing_key()
     header["kid"] = kid
@@ -161,7 +169,8 @@ def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
     # The MAC runs over the parts and they are joined once: a body can be 32 MiB, and building
     # the unsigned envelope first would copy it twice.
-    mac = hmac.new(key, prefix, hashlib.sha256)
+    mac = _keyed(key).copy()
+    mac.update(prefix)
     mac.update(header_bytes)
     mac.update(body)
     return b"".join((prefix, header_bytes, body, mac.digest()))
@@ -289,8 +298,9 @@ def open_envelope(data: bytes | bytearray, *, decompress: bool = True) -> Envelo
         raise UnverifiedEnvelope(
             f"envelope signed with unknown key id {header.get('kid')!r}: not executing it"
         )
-    # hmac.digest is OpenSSL's one-shot HMAC: no Python-level HMAC object on every task.
-    expected = hmac.digest(key, memoryview(data)[: size - _MAC_BYTES], "sha256")
+    mac = _keyed(key).copy()
+    mac.update(memoryview(data)[: size - _MAC_BYTES])
+    expected = mac.digest()
     if not hmac.compare_digest(expected, data[size - _MAC_BYTES :]):
         raise UnverifiedEnvelope("envelope signature does not match: tampered or truncated")
     # A view, not a copy: a spilled payload can be 32 MiB and pickle reads views directly.
