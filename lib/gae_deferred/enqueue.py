@@ -19,7 +19,7 @@ import datetime
 import functools
 import logging
 import re
-import uuid
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -272,7 +272,7 @@ def _task_spec(
 
 def new_task_name(prefix: str = "d") -> str:
     """A random task name: Cloud Tasks spreads random names best, and a name is never reused."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{secrets.token_hex(16)}"
 
 
 def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -301,7 +301,13 @@ def _warn_fail_fast() -> None:
 
 def task_url(function: str) -> str:
     """The default task URL: the handler's path plus the function name, so logs show what ran."""
-    return f"{settings().task_url}/{_URL_UNSAFE.sub('_', function)}"
+    return _task_url(settings().task_url, function)
+
+
+@functools.lru_cache(maxsize=1024)
+def _task_url(base: str, function: str) -> str:
+    # A process defers a handful of functions over and over: the regex runs once for each.
+    return f"{base}/{_URL_UNSAFE.sub('_', function)}"
 
 
 def _create_inline(call: PreparedCall) -> DeferredTask:

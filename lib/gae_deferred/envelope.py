@@ -59,6 +59,8 @@ _WORTH_IT = 0.9
 _PROBE_BYTES = 64 * 1024
 #: One decoder for every header: json.loads would re-detect the encoding on each task.
 _HEADER_DECODER = json.JSONDecoder()
+#: One encoder too: json.dumps with options builds a new JSONEncoder on every call.
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,17 @@ def args_preview(args: tuple, kwargs: dict) -> str:
     return text
 
 
+#: Types whose plain repr is what reprlib gives when it fits in ``maxother`` characters.
+_PLAIN_REPR = frozenset((int, float, bool, type(None)))
+
+
 def _safe_repr(value: Any) -> str:
+    kind = type(value)
+    # The usual arguments (ids, flags, short strings) skip reprlib's dispatch: same text.
+    if kind in _PLAIN_REPR or (kind is str and len(value) <= _args_repr.maxstring):
+        text = repr(value)
+        if len(text) <= _args_repr.maxother:
+            return text
     try:
         return _args_repr.repr(value)
     except Exception:  # a user __repr__ may raise anything; the preview must not
@@ -165,7 +177,7 @@ def _keyed(key: bytes) -> hmac.HMAC:
 def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     kid, key = _signing.signing_key()
     header["kid"] = kid
-    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    header_bytes = _HEADER_ENCODER.encode(header).encode()
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
     # The MAC runs over the parts and they are joined once: a body can be 32 MiB, and building
     # the unsigned envelope first would copy it twice.
