@@ -13,6 +13,7 @@ This module imports no web framework.
 from . import _config, _datastore, cloud_tasks
 from ._config import Settings, configure, settings
 from ._datastore import ndb_context
+from .batch import batch
 from .context import (
     TaskInfo,
     current_task,
@@ -25,6 +26,7 @@ from .enqueue import DeferredTask, defer
 from .envelope import serialize
 from .errors import (
     AdminError,
+    BatchDeferError,
     ConfigurationError,
     DatastoreUnavailableError,
     DeferError,
@@ -60,6 +62,7 @@ def reset_clients() -> None:
 
 __all__ = [
     "AdminError",
+    "BatchDeferError",
     "ConfigurationError",
     "DatastoreUnavailableError",
     "DeferError",
@@ -82,6 +85,7 @@ __all__ = [
     "TaskInfo",
     "TaskOutcome",
     "UnverifiedEnvelope",
+    "batch",
     "cloud_tasks",
     "configure",
     "current_task",

@@ -150,6 +150,16 @@ def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def check_size(envelope: bytes, header: dict[str, Any]) -> None:
+    """PayloadTooLargeError for an envelope over ``max_payload_bytes``."""
+    limit = settings().max_payload_bytes
+    if len(envelope) > limit:
+        raise PayloadTooLargeError(
+            f"payload of {header.get('function')} is {len(envelope):,} bytes, over the "
+            f"{limit:,} byte cap (max_payload_bytes)"
+        )
+
+
 def build_record(
     payload_id: str,
     envelope: bytes,
@@ -163,11 +173,7 @@ def build_record(
 ) -> tuple[DeferredPayload, list[DeferredPayloadChunk]]:
     """The record and chunk entities for a payload, not yet written."""
     current = settings()
-    if len(envelope) > current.max_payload_bytes:
-        raise PayloadTooLargeError(
-            f"payload of {header.get('function')} is {len(envelope):,} bytes, over the "
-            f"{current.max_payload_bytes:,} byte cap (max_payload_bytes)"
-        )
+    check_size(envelope, header)
     chunks = [
         DeferredPayloadChunk(key=key, data=piece)
         for key, piece in zip(
