@@ -1,6 +1,7 @@
 """``python -m benchmarks [--quick] [--only NAME ...] [--output FILE] [--plots-dir DIR]``.
 
-Runs every benchmark (handler, defer, compression, spill, memory, throughput, dashboard), prints a
+Runs every benchmark (handler, defer, compression, spill, memory, throughput, fanout,
+dashboard), prints a
 table, and writes the Markdown report (default docs/performance.md) and SVG plots (default
 docs/). ``--legacy install|existing|skip`` controls the appengine-python-standard venv
 (default: install for a full run, existing for --quick).
@@ -17,7 +18,16 @@ import time
 
 from . import _setup
 
-NAMES = ("handler", "defer", "compression", "spill", "memory", "throughput", "dashboard")
+NAMES = (
+    "handler",
+    "defer",
+    "compression",
+    "spill",
+    "memory",
+    "throughput",
+    "fanout",
+    "dashboard",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--legacy", choices=("install", "existing", "skip"), default=None)
     args = parser.parse_args(argv)
     _setup.prepare()
-    from . import dashboard, handler, memory, report, serialization, spill, throughput, timing
+    from . import (
+        dashboard,
+        fanout,
+        handler,
+        memory,
+        report,
+        serialization,
+        spill,
+        throughput,
+        timing,
+    )
 
     legacy_mode = args.legacy or ("existing" if args.quick else "install")
     runners = {
@@ -39,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "spill": lambda: spill.run(quick=args.quick),
         "memory": lambda: memory.run(quick=args.quick),
         "throughput": lambda: throughput.run(quick=args.quick),
+        "fanout": lambda: fanout.run(quick=args.quick),
         "dashboard": lambda: dashboard.run(quick=args.quick),
     }
     started = time.perf_counter()

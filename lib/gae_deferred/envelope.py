@@ -49,7 +49,25 @@ _MAX_HEADER_BYTES = 64 * 1024
 PYTHON_VERSION = platform.python_version()
 CLOUDPICKLE_VERSION = cloudpickle.__version__
 
-_args_repr = reprlib.Repr()
+
+class _ArgsRepr(reprlib.Repr):
+    """reprlib, with bytes cut before they are repr'd: reprlib has no rule for bytes, so it
+    would repr a whole 32 MiB payload (a string several times its size) to keep 40 chars."""
+
+    def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
+        # reprlib's rule for str: head and tail of at most maxstring characters.
+        text = repr(value[: self.maxstring])
+        if len(text) > self.maxstring:
+            head = max(0, (self.maxstring - 3) // 2)
+            tail = max(0, self.maxstring - 3 - head)
+            text = repr(value[:head] + value[len(value) - tail :])
+            text = text[:head] + self.fillvalue + text[len(text) - tail :]
+        return text
+
+    repr_bytearray = repr_bytes
+
+
+_args_repr = _ArgsRepr()
 _args_repr.maxstring = 40
 _args_repr.maxother = 40
 _args_repr.maxlist = _args_repr.maxtuple = _args_repr.maxdict = _args_repr.maxset = 5
