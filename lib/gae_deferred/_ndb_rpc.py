@@ -12,9 +12,11 @@ configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retr
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
     enter_context(context) ... exit_context()             # Context.use(), cheaper per task
 
-Entities are converted by ndb's own ``_entity_to_protobuf``, so what is written reads back
-with ``ndb.get`` exactly as if ``put()`` had written it. Only gae_deferred's kinds go through
-here: they opt out of ndb's context and global caches, which these writes do not update.
+Entities are prepared and converted as ``Model.put()`` does (``_pre_put_hook``,
+``_prepare_for_put``, ``_entity_to_protobuf``), so what is written is what ``put()`` would
+write; post-put hooks do not run (gae_deferred's kinds define none). Only gae_deferred's
+kinds go through here: they opt out of ndb's context and global caches, which these writes
+do not update.
 
 tests/test_ndb_rpc.py checks every internal named in ``INTERNALS`` against the ndb version
 pinned in requirements.txt and fails, naming the internal, if an upgrade changes them.
@@ -38,6 +40,7 @@ INTERNALS = (
     ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
     ("google.cloud.ndb._options", "Options"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
+    ("google.cloud.ndb.model.Model", "_prepare_for_put"),
     ("google.cloud.ndb.tasklets", "Future"),
     ("google.cloud.ndb.context", "_state"),
 )
@@ -51,6 +54,10 @@ def _mutations(
     """(operation, protobuf) pairs; entities are converted one at a time, so a big payload's
     chunks are never all held twice."""
     for entity in upserts:
+        # What Model.put() does before converting: computed properties store their value
+        # (_prepare_for_put) and the pre-put hook runs.
+        entity._pre_put_hook()
+        entity._prepare_for_put()
         yield "upsert", model._entity_to_protobuf(entity)._pb
     for key in deletes:
         yield "delete", key._key.to_protobuf()._pb
