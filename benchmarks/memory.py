@@ -250,6 +250,12 @@ def _start_measuring() -> tuple[int, bool]:
     return _resident_bytes(), reset
 
 
+def _task_name(args: argparse.Namespace, which: str) -> str:
+    """One name per size (its body dir): every size defers into the same emulator, which keeps
+    a task name reserved."""
+    return f"memory-{which}-{args.body_dir.name}"
+
+
 def _child_defer(args: argparse.Namespace) -> dict:
     from gae_deferred import cloud_tasks, defer
 
@@ -259,11 +265,13 @@ def _child_defer(args: argparse.Namespace) -> dict:
         request = {"name": task_path, "response_view": "FULL"}
         return cloud_tasks.client().get_task(request=request).app_engine_http_request.body
 
-    warm = defer(tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE, _name="memory-warm")
+    warm = defer(
+        tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE, _name=_task_name(args, "warm")
+    )
     (args.body_dir / "warm").write_bytes(deferred_body(warm.path))
     baseline, reset = _start_measuring()
     payload = os.urandom(args.size - _ENVELOPE_OVERHEAD)
-    task = defer(tasks.consume, payload, _queue=QUEUE, _name="memory-big")
+    task = defer(tasks.consume, payload, _queue=QUEUE, _name=_task_name(args, "big"))
     peak = _peak_bytes()
     del payload
     (args.body_dir / "big").write_bytes(deferred_body(task.path))
@@ -288,7 +296,7 @@ def _child_run(args: argparse.Namespace) -> dict:
     def post(name: str) -> str:
         body = (args.body_dir / name).read_bytes()
         environ = floor.environ_factory(
-            body, HTTP_X_APPENGINE_QUEUENAME=QUEUE, HTTP_X_APPENGINE_TASKNAME=f"memory-{name}"
+            body, HTTP_X_APPENGINE_QUEUENAME=QUEUE, HTTP_X_APPENGINE_TASKNAME=_task_name(args, name)
         )()
         return floor.call_wsgi(app, environ)
 
