@@ -130,6 +130,10 @@ class _stack:
             location="us-central1",
             app_url="http://127.0.0.1:9",
         ).start()
+        # An earlier benchmark's stack may have left its project or location in the
+        # environment; these emulators serve the benchmark project.
+        os.environ["GOOGLE_CLOUD_PROJECT"] = BENCH_PROJECT
+        os.environ.pop("GAE_DEFERRED_LOCATION", None)
         os.environ["DATASTORE_EMULATOR_HOST"] = self.datastore.address
         os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{self.tasks.port}"
         reset_clients()
