@@ -1,9 +1,10 @@
 """``python -m benchmarks [--quick] [--only NAME ...] [--output FILE] [--plots-dir DIR]``.
 
-Runs every benchmark (handler, defer, compression, spill, memory, throughput, dashboard,
-metrics), prints a table, and writes the Markdown report (default docs/performance.md) and SVG
-plots (default docs/). ``--legacy install|existing|skip`` controls the appengine-python-standard
-venv (default: install for a full run, existing for --quick).
+Runs every benchmark (handler, defer, compression, spill, memory, throughput, fanout,
+dashboard, metrics), prints a table, and writes the Markdown report (default
+docs/performance.md) and SVG plots (default docs/). ``--legacy install|existing|skip``
+controls the appengine-python-standard venv (default: install for a full run, existing for
+--quick).
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import time
 
 from . import _setup
 
-NAMES = ("handler", "defer", "compression", "spill", "memory", "throughput", "dashboard", "metrics")
+NAMES = (
+    "handler",
+    "defer",
+    "compression",
+    "spill",
+    "memory",
+    "throughput",
+    "fanout",
+    "dashboard",
+    "metrics",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup.prepare()
     from . import (
         dashboard,
+        fanout,
         handler,
         memory,
         metrics,
@@ -49,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "spill": lambda: spill.run(quick=args.quick),
         "memory": lambda: memory.run(quick=args.quick),
         "throughput": lambda: throughput.run(quick=args.quick),
+        "fanout": lambda: fanout.run(quick=args.quick),
         "dashboard": lambda: dashboard.run(quick=args.quick),
         "metrics": lambda: metrics.run(quick=args.quick),
     }

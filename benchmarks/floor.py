@@ -39,6 +39,24 @@ class FloorHandler(webapp2.RequestHandler):
         self.response.write("ok\n")
 
 
+class InputFloorHandler(webapp2.RequestHandler):
+    """The same, reading the body straight from ``wsgi.input`` as our handler does (webob's
+    ``request.body`` spools it to a temporary file first)."""
+
+    def post(self) -> None:
+        environ = self.request.environ
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        obj, args, kwargs = pickle.loads(body)
+        obj(*args, **kwargs)
+        self.response.content_type = "text/plain"
+        self.response.write("ok\n")
+
+
+def input_floor_app() -> webapp2.WSGIApplication:
+    """A webapp2 app with only the wsgi.input floor handler, on the task route."""
+    return webapp2.WSGIApplication([webapp2.Route(TASK_URL, InputFloorHandler, methods=["POST"])])
+
+
 def floor_app() -> webapp2.WSGIApplication:
     """A webapp2 app with only the floor handler, on the task route."""
     return webapp2.WSGIApplication([webapp2.Route(TASK_URL, FloorHandler, methods=["POST"])])

@@ -1,4 +1,4 @@
-"""Benchmark 7: peak memory of a big spilled payload, run (the budget) and defer (information).
+"""Benchmark 7: peak memory of a big spilled payload, run and defer (both have budgets).
 
 Both emulators run as their own processes (``python -m gae_deferred.local.datastore --port 0``
 and ``python -m gae_deferred.local.cloudtasks``, the queue paused), so the payload they hold does
@@ -35,9 +35,11 @@ from . import _setup
 from .report import Section, Target, ratio_target
 
 MIB = 1024 * 1024
-BUDGET = 3.0
-#: DESIGN.md: "running a 32 MiB chunked payload raises peak RSS by at most 3x the payload".
+#: Running a 32 MiB chunked payload raises peak RSS by at most 2.5x the payload (was 3x).
+BUDGET = 2.5
 BUDGET_SIZE = 32 * MIB
+#: defer() of an 8 or 32 MiB payload, the payload itself included, at most 3x.
+DEFER_BUDGET = 3.0
 QUEUE = "bench-paused"
 QUEUE_YAML = f"queue:\n- name: {QUEUE}\n  rate: 0/s\n"
 #: Room for the pickle framing, the envelope header and the HMAC: the envelope of the biggest
@@ -63,7 +65,8 @@ def run(*, quick: bool) -> Section:
             "record and chunks over a bare gRPC channel, returning the response bytes unparsed: "
             "the floor any single-Lookup read sits on. **defer**: `defer(consume, payload)` "
             "from the moment before `os.urandom` made the payload, so it includes the payload "
-            "(1x); reported for information. Baseline: `/proc/self/statm` right before, after a "
+            "(1x); budget ≤ 3x at 8 and 32 MiB. Reads are one Lookup of every chunk (the RPC "
+            "budget), not Lookups of ≤ 8 MiB. Baseline: `/proc/self/statm` right before, after a "
             "warm-up task of 600 KB and `gc.collect()`; peak: `VmHWM` after resetting the "
             "high-water mark (`/proc/self/clear_refs`). Payload = envelope size (≤ 32 MiB, "
             "`max_payload_bytes`)."
@@ -118,9 +121,7 @@ def _measure(section: Section, base: pathlib.Path, datastore: str, tasks: str, s
             )
         elif side == "defer":
             section.targets.append(
-                Target(
-                    f"{label} defer: peak RSS increase (report only)", f"{ratio:.2f}x", "—", True
-                )
+                ratio_target(f"{label} defer: peak RSS increase", ratio, DEFER_BUDGET)
             )
     if not all(result["hwm_reset"] for result in (wrote, looked_up, ran)):
         section.notes.append(
@@ -249,6 +250,12 @@ def _start_measuring() -> tuple[int, bool]:
     return _resident_bytes(), reset
 
 
+def _task_name(args: argparse.Namespace, which: str) -> str:
+    """One name per size (its body dir): every size defers into the same emulator, which keeps
+    a task name reserved."""
+    return f"memory-{which}-{args.body_dir.name}"
+
+
 def _child_defer(args: argparse.Namespace) -> dict:
     from gae_deferred import cloud_tasks, defer
 
@@ -258,11 +265,13 @@ def _child_defer(args: argparse.Namespace) -> dict:
         request = {"name": task_path, "response_view": "FULL"}
         return cloud_tasks.client().get_task(request=request).app_engine_http_request.body
 
-    warm = defer(tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE, _name="memory-warm")
+    warm = defer(
+        tasks.consume, os.urandom(_WARM_UP_BYTES), _queue=QUEUE, _name=_task_name(args, "warm")
+    )
     (args.body_dir / "warm").write_bytes(deferred_body(warm.path))
     baseline, reset = _start_measuring()
     payload = os.urandom(args.size - _ENVELOPE_OVERHEAD)
-    task = defer(tasks.consume, payload, _queue=QUEUE, _name="memory-big")
+    task = defer(tasks.consume, payload, _queue=QUEUE, _name=_task_name(args, "big"))
     peak = _peak_bytes()
     del payload
     (args.body_dir / "big").write_bytes(deferred_body(task.path))
@@ -287,7 +296,7 @@ def _child_run(args: argparse.Namespace) -> dict:
     def post(name: str) -> str:
         body = (args.body_dir / name).read_bytes()
         environ = floor.environ_factory(
-            body, HTTP_X_APPENGINE_QUEUENAME=QUEUE, HTTP_X_APPENGINE_TASKNAME=f"memory-{name}"
+            body, HTTP_X_APPENGINE_QUEUENAME=QUEUE, HTTP_X_APPENGINE_TASKNAME=_task_name(args, name)
         )()
         return floor.call_wsgi(app, environ)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import webapp2
 
-from gae_deferred import TaskInfo, execute_task
+from gae_deferred import TaskInfo, execute_task, tracing
 
 #: Cloud Tasks caps App Engine tasks at 100 KB (HTTP targets at 1 MB); anything bigger is forged.
 MAX_BODY_BYTES = 1024 * 1024
@@ -23,6 +23,8 @@ SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("Cache-Control", "no-store"),
 )
+
+_HEADERS = (("Content-Type", "text/plain; charset=utf-8"), *SECURITY_HEADERS)
 
 
 class _TooLarge(Exception):
@@ -69,8 +71,9 @@ class DeferredTaskHandler(webapp2.RequestHandler):
     """
 
     def dispatch(self) -> None:
-        for name, value in SECURITY_HEADERS:
-            self.response.headers[name] = value
+        # The whole header list in one assignment: webob's header setter scans the list on
+        # every call, and these were a fifth of the handler's own CPU per task.
+        self.response.headerlist[:] = _HEADERS
         if self.request.method != "POST":
             self.response.headers["Allow"] = "POST"
             self._answer(405, f"{self.request.method} is not allowed; tasks are POSTed")
@@ -92,13 +95,18 @@ class DeferredTaskHandler(webapp2.RequestHandler):
         except _Short as exc:
             self._answer(400, str(exc))
             return
-        outcome = execute_task(body, task)
+        # The task request joins the trace of the request that deferred it (traceparent), so
+        # what the task defers in turn records it too, with or without deferred_middleware.
+        with tracing.request_scope(tracing.from_environ(environ)):
+            outcome = execute_task(body, task)
         self._answer(outcome.status, outcome.result)
 
     def _answer(self, status: int, text: str) -> None:
-        self.response.status_int = status
-        self.response.content_type = "text/plain"
-        self.response.write(text + "\n")
+        response = self.response
+        response.status_int = status
+        # Bytes straight into the body (Content-Type is in _HEADERS): Response.write and the
+        # content_type setter re-derive the charset on every call.
+        response.body = (text + "\n").encode()
 
 
 def task_routes() -> list[webapp2.Route]:

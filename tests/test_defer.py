@@ -552,3 +552,38 @@ def test_spill_that_cannot_be_undone_is_outcome_unknown(paused, ndb_stub, monkey
     assert gae_deferred.sweep(now=later).reenqueued == 1
     (task,) = paused()
     assert task.name.endswith("/tasks/" + record.task_name)
+
+
+@pytest.mark.parametrize(
+    "eta",
+    [
+        datetime.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.UTC),
+        datetime.datetime(2031, 5, 6, 7, 8, 9, 123456),  # naive: UTC, as Timestamp reads it
+        datetime.datetime(
+            2031, 5, 6, 9, 8, 9, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+        ),
+    ],
+)
+def test_build_task_matches_the_proto_plus_construction(eta):
+    from gae_deferred.cloud_tasks import TaskSpec, build_task, task_path
+
+    spec = TaskSpec(
+        queue="reports",
+        url="/_ah/queue/deferred/x",
+        headers={"Content-Type": "application/octet-stream", "X-Trace": "t"},
+        eta=eta,
+        name="n-1",
+        routing={"service": "worker", "version": "v2"},
+    )
+    expected = tasks_v2.Task(
+        name=task_path("reports", "n-1"),
+        schedule_time=eta if eta.tzinfo else eta.replace(tzinfo=datetime.UTC),
+        app_engine_http_request=tasks_v2.AppEngineHttpRequest(
+            http_method=tasks_v2.HttpMethod.POST,
+            relative_uri=spec.url,
+            headers=spec.headers,
+            body=b"body",
+            app_engine_routing=tasks_v2.AppEngineRouting(service="worker", version="v2"),
+        ),
+    )
+    assert build_task(spec, b"body") == expected

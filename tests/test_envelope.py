@@ -350,3 +350,14 @@ def test_incompressible_big_body_is_probed_not_compressed(monkeypatch):
     calls.clear()
     assert envelope.open_envelope(serialize(add, b"a" * 2_000_000, b"")).flags
     assert calls[0] == 64 * 1024 and calls[1] > 2_000_000
+
+
+def test_args_preview_of_big_bytes_reprs_only_what_it_shows():
+    from gae_deferred import envelope
+
+    big = b"\x00" * 8_000_000
+    preview = envelope.args_preview((big, [bytearray(big)], b"short"), {})
+    assert preview == (
+        "b'\\x00\\x00\\x00\\x00...00\\x00\\x00\\x00\\x00', "
+        "[bytearray(b'\\x00\\x...0\\x00\\x00\\x00\\x00')], b'short'"
+    )

@@ -25,8 +25,8 @@ def readme_block(first_line: str) -> str:
     text = (ROOT / "README.md").read_text()
     # Blocks inside list items are indented like the item's text.
     blocks = [
-        textwrap.dedent(indent + body)
-        for indent, body in re.findall(r"^( *)```python\n(.*?)^ *```", text, re.S | re.M)
+        textwrap.dedent(body)
+        for _, body in re.findall(r"^( *)```python\n(.*?)^ *```", text, re.S | re.M)
     ]
     found = [block for block in blocks if block.splitlines()[0] == first_line]
     assert len(found) == 1, f"README has {len(found)} python blocks starting {first_line!r}"

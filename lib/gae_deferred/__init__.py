@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._config import Settings, configure, settings
     from ._datastore import ndb_context
+    from .batch import batch
     from .context import (
         TaskInfo,
         current_task,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .envelope import serialize
     from .errors import (
         AdminError,
+        BatchDeferError,
         ConfigurationError,
         DatastoreUnavailableError,
         DeferError,
@@ -73,6 +75,7 @@ _EXPORTS = {
     "configure": "._config",
     "settings": "._config",
     "ndb_context": "._datastore",
+    "batch": ".batch",
     "TaskInfo": ".context",
     "current_task": ".context",
     "queue_name": ".context",
@@ -83,6 +86,7 @@ _EXPORTS = {
     "defer": ".enqueue",
     "serialize": ".envelope",
     "AdminError": ".errors",
+    "BatchDeferError": ".errors",
     "ConfigurationError": ".errors",
     "DatastoreUnavailableError": ".errors",
     "DeferError": ".errors",
@@ -153,6 +157,7 @@ def reset_clients() -> None:
 
 __all__ = [
     "AdminError",
+    "BatchDeferError",
     "ConfigurationError",
     "DatastoreUnavailableError",
     "DeferError",
@@ -178,6 +183,7 @@ __all__ = [
     "TaskOutcome",
     "UnverifiedEnvelope",
     "application",
+    "batch",
     "cloud_tasks",
     "configure",
     "current_task",

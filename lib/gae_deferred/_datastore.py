@@ -12,6 +12,7 @@ from typing import Any
 
 from google.cloud import ndb
 
+from . import _ndb_rpc
 from ._config import settings
 
 _lock = threading.Lock()
@@ -47,12 +48,12 @@ class ndb_context:
     not ``@contextmanager``: it is on every task's path.
     """
 
-    __slots__ = ("_context", "_use")
+    __slots__ = ("_context",)
 
     def __enter__(self) -> ndb.Context:
         existing = ndb.get_context(raise_context_error=False)
         if existing is not None:
-            self._use = None
+            self._context = None
             return existing
         current_client = client()
         context = getattr(_thread_contexts, "context", None)
@@ -61,20 +62,21 @@ class ndb_context:
             _thread_contexts.context = context
         context.clear_cache()
         self._context = context
-        self._use = context.use()
-        return self._use.__enter__()
+        _ndb_rpc.enter_context(context)
+        return context
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
-        if self._use is None:
+        context = self._context
+        if context is None:
             return
         clean = exc_type is None
         try:
             if clean:
-                self._context.eventloop.run()
+                context.eventloop.run()
         except BaseException:
             clean = False
             raise
         finally:
             if not clean:
                 _thread_contexts.context = None
-            self._use.__exit__(exc_type, exc, tb)
+            _ndb_rpc.exit_context()

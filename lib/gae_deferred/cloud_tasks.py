@@ -22,7 +22,7 @@ import dataclasses
 import datetime
 import functools
 import os
-import uuid
+import secrets
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -100,7 +100,7 @@ def new_task_name(prefix: str = "d") -> str:
     """
     if _sink is not None:
         return _sink.new_task_name(prefix)
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{secrets.token_hex(16)}"
 
 
 def short_name(path: str) -> str:
@@ -132,20 +132,33 @@ class TaskSpec:
         return len(body) + len(self.url) + header_bytes
 
 
+_TaskPb = tasks_v2.Task.pb()
+_POST = tasks_v2.HttpMethod.POST.value
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
 def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
-    """The Cloud Tasks request body for a task (exposed for tests and tooling)."""
-    request = tasks_v2.AppEngineHttpRequest(
-        http_method=tasks_v2.HttpMethod.POST,
-        relative_uri=spec.url,
-        headers=spec.headers,
-        body=body,
-    )
-    if spec.routing:
-        request.app_engine_routing = tasks_v2.AppEngineRouting(**spec.routing)
-    task = tasks_v2.Task(app_engine_http_request=request, schedule_time=spec.eta)
+    """The Cloud Tasks request body for a task (exposed for tests and tooling).
+
+    Built as the raw protobuf and wrapped once: proto-plus marshals every field of a nested
+    constructor through Python, which cost more than the rest of defer() together.
+    """
+    task = _TaskPb()
+    request = task.app_engine_http_request
+    request.http_method = _POST
+    request.relative_uri = spec.url
+    request.headers.update(spec.headers)
+    request.body = body
+    for field, value in spec.routing.items():
+        setattr(request.app_engine_routing, field, value)
+    # Exact integer arithmetic, without Timestamp.FromDatetime's pure-Python conversion.
+    eta = spec.eta if spec.eta.tzinfo else spec.eta.replace(tzinfo=datetime.UTC)
+    since_epoch = eta - _EPOCH
+    task.schedule_time.seconds = since_epoch.days * 86400 + since_epoch.seconds
+    task.schedule_time.nanos = since_epoch.microseconds * 1000
     if spec.name:
         task.name = task_path(spec.queue, spec.name)
-    return task
+    return tasks_v2.Task.wrap(task)
 
 
 def _queue_missing(exc: api_exceptions.GoogleAPIError) -> bool:

@@ -19,8 +19,9 @@ import datetime
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from typing import Any, TypeVar
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
@@ -38,6 +39,8 @@ from .errors import (
 )
 
 logger = logging.getLogger("gae_deferred")
+T = TypeVar("T")
+R = TypeVar("R")
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
@@ -140,13 +143,25 @@ def defer(
     )
     if call.transactional:
         return defer_transactional([call])[0]
-    if call.spec.size(call.data) <= settings().spill_threshold:
-        try:
-            return _create_inline(call)
-        except api_exceptions.InvalidArgument as exc:
-            if "too large" not in str(exc).lower():
-                raise EnqueueError(f"Cloud Tasks refused the task: {exc.message}") from exc
-            logger.info("Cloud Tasks says %s is too large; spilling it", call.header["function"])
+    if fits_inline(call):
+        return send_inline(call)
+    return _defer_spilled(call)
+
+
+def fits_inline(call: PreparedCall) -> bool:
+    """Whether the call's envelope travels in the task itself (else it spills)."""
+    return call.spec.size(call.data) <= settings().spill_threshold
+
+
+def send_inline(call: PreparedCall) -> DeferredTask:
+    """CreateTask with the envelope in the task; spilled instead if Cloud Tasks finds it too
+    large after all."""
+    try:
+        return _create_inline(call)
+    except api_exceptions.InvalidArgument as exc:
+        if "too large" not in str(exc).lower():
+            raise EnqueueError(f"Cloud Tasks refused the task: {exc.message}") from exc
+        logger.info("Cloud Tasks says %s is too large; spilling it", call.header["function"])
     return _defer_spilled(call)
 
 
@@ -296,7 +311,13 @@ def _warn_fail_fast() -> None:
 
 def task_url(function: str) -> str:
     """The default task URL: the handler's path plus the function name, so logs show what ran."""
-    return f"{settings().task_url}/{_URL_UNSAFE.sub('_', function)}"
+    return _task_url(settings().task_url, function)
+
+
+@functools.lru_cache(maxsize=1024)
+def _task_url(base: str, function: str) -> str:
+    # A process defers a handful of functions over and over: the regex runs once for each.
+    return f"{base}/{_URL_UNSAFE.sub('_', function)}"
 
 
 def _create_inline(call: PreparedCall) -> DeferredTask:
@@ -385,12 +406,19 @@ def _defer_spilled(call: PreparedCall) -> DeferredTask:
         record, chunks = spill_entities(call)
         body = reference(record)
         write_outside_transaction([(record, chunks)])
-        try:
-            create_task(call.spec, body)
-        except Exception as exc:
+        return send_spilled(record, call.spec, body)
+
+
+def send_spilled(record: spillover.DeferredPayload, spec: TaskSpec, body: bytes) -> DeferredTask:
+    """CreateTask for a payload already written; if that fails, the payload is deleted (or
+    EnqueueOutcomeUnknown says the sweeper will create the task)."""
+    try:
+        create_task(spec, body)
+    except Exception as exc:
+        with ndb_context():
             raise_unless_forgotten(record, exc)
-            raise
-    return described(record, call.spec, body)
+        raise
+    return described(record, spec, body)
 
 
 def raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) -> None:
@@ -412,8 +440,9 @@ def raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) 
         ) from cause
 
 
-def defer_transactional(calls: list[PreparedCall]) -> list[DeferredTask]:
-    """Write the payloads in the caller's transaction; create the tasks once it commits."""
+def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list[DeferredTask]:
+    """Write the payloads in the caller's transaction; create the tasks once it commits
+    (``concurrency`` CreateTask calls at a time)."""
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise DeferError("_transactional=True needs an active ndb transaction")
@@ -426,27 +455,50 @@ def defer_transactional(calls: list[PreparedCall]) -> list[DeferredTask]:
             f"these payloads are {total:,}"
         )
     bodies = [reference(record) for record, _ in spilled]
-    ndb.put_multi([entity for record, chunks in spilled for entity in (*chunks, record)])
+    spillover.write_in_transaction(spilled)
     work = [
         (record, call.spec, body)
         for (record, _), call, body in zip(spilled, calls, bodies, strict=True)
     ]
-    context.call_on_commit(lambda: _enqueue_after_commit(work))
+    context.call_on_commit(lambda: _enqueue_after_commit(work, concurrency))
     return [described(record, spec, body) for record, spec, body in work]
 
 
-def _enqueue_after_commit(work: list[tuple[spillover.DeferredPayload, TaskSpec, bytes]]) -> None:
+def _enqueue_after_commit(
+    work: list[tuple[spillover.DeferredPayload, TaskSpec, bytes]], concurrency: int
+) -> None:
     """After the commit the payloads are safe; a failed enqueue is repaired by the sweeper."""
-    for record, spec, body in work:
-        try:
-            create_task(spec, body)
-        except TaskAlreadyExistsError:
-            pass
-        except Exception:
-            logger.exception(
+    outcomes = map_concurrently(lambda item: create_task(item[1], item[2]), work, concurrency)
+    for (record, _, _), (_, error) in zip(work, outcomes, strict=True):
+        if error is not None and not isinstance(error, TaskAlreadyExistsError):
+            logger.error(
                 "transaction committed but the task for %s was not created; the sweeper will",
                 record.key.id(),
+                exc_info=error,
             )
+
+
+def map_concurrently(
+    function: Callable[[T], R], items: Sequence[T], concurrency: int
+) -> list[tuple[R | None, Exception | None]]:
+    """``function`` over ``items``, at most ``concurrency`` at a time, in the calling thread
+    when that is 1: one (result, None) or (None, exception) per item, in order.
+
+    CreateTask is a network round trip that mostly waits, so threads overlap the waits; the
+    gRPC client is thread-safe.
+    """
+
+    def attempt(item: T) -> tuple[R | None, Exception | None]:
+        try:
+            return function(item), None
+        except Exception as exc:
+            return None, exc
+
+    if concurrency <= 1 or len(items) <= 1:
+        return [attempt(item) for item in items]
+    workers = min(concurrency, len(items))
+    with futures.ThreadPoolExecutor(workers, thread_name_prefix="gae-deferred") as pool:
+        return list(pool.map(attempt, items))
 
 
 def enqueue_record(

@@ -19,6 +19,7 @@ is unpickled unless the HMAC verifies with a known key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -48,7 +49,25 @@ _MAX_HEADER_BYTES = 64 * 1024
 PYTHON_VERSION = platform.python_version()
 CLOUDPICKLE_VERSION = cloudpickle.__version__
 
-_args_repr = reprlib.Repr()
+
+class _ArgsRepr(reprlib.Repr):
+    """reprlib, with bytes cut before they are repr'd: reprlib has no rule for bytes, so it
+    would repr a whole 32 MiB payload (a string several times its size) to keep 40 chars."""
+
+    def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
+        # reprlib's rule for str: head and tail of at most maxstring characters.
+        text = repr(value[: self.maxstring])
+        if len(text) > self.maxstring:
+            head = max(0, (self.maxstring - 3) // 2)
+            tail = max(0, self.maxstring - 3 - head)
+            text = repr(value[:head] + value[len(value) - tail :])
+            text = text[:head] + self.fillvalue + text[len(text) - tail :]
+        return text
+
+    repr_bytearray = repr_bytes
+
+
+_args_repr = _ArgsRepr()
 _args_repr.maxstring = 40
 _args_repr.maxother = 40
 _args_repr.maxlist = _args_repr.maxtuple = _args_repr.maxdict = _args_repr.maxset = 5
@@ -58,6 +77,8 @@ _WORTH_IT = 0.9
 _PROBE_BYTES = 64 * 1024
 #: One decoder for every header: json.loads would re-detect the encoding on each task.
 _HEADER_DECODER = json.JSONDecoder()
+#: One encoder too: json.dumps with options builds a new JSONEncoder on every call.
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +124,17 @@ def args_preview(args: tuple, kwargs: dict) -> str:
     return text
 
 
+#: Types whose plain repr is what reprlib gives when it fits in ``maxother`` characters.
+_PLAIN_REPR = frozenset((int, float, bool, type(None)))
+
+
 def _safe_repr(value: Any) -> str:
+    kind = type(value)
+    # The usual arguments (ids, flags, short strings) skip reprlib's dispatch: same text.
+    if kind in _PLAIN_REPR or (kind is str and len(value) <= _args_repr.maxstring):
+        text = repr(value)
+        if len(text) <= _args_repr.maxother:
+            return text
     try:
         return _args_repr.repr(value)
     except Exception:  # a user __repr__ may raise anything; the preview must not
@@ -154,14 +185,22 @@ def _compressible(raw: bytes, level: int) -> bool:
     return len(zlib.compress(sample, level)) < _PROBE_BYTES * _WORTH_IT
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 with ``key`` already absorbed: copying it costs less than keying afresh,
+    which every task and every defer() would otherwise do."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     kid, key = _signing.signing_key()
     header["kid"] = kid
-    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    header_bytes = _HEADER_ENCODER.encode(header).encode()
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
     # The MAC runs over the parts and they are joined once: a body can be 32 MiB, and building
     # the unsigned envelope first would copy it twice.
-    mac = hmac.new(key, prefix, hashlib.sha256)
+    mac = _keyed(key).copy()
+    mac.update(prefix)
     mac.update(header_bytes)
     mac.update(body)
     return b"".join((prefix, header_bytes, body, mac.digest()))
@@ -289,8 +328,9 @@ def open_envelope(data: bytes | bytearray, *, decompress: bool = True) -> Envelo
         raise UnverifiedEnvelope(
             f"envelope signed with unknown key id {header.get('kid')!r}: not executing it"
         )
-    # hmac.digest is OpenSSL's one-shot HMAC: no Python-level HMAC object on every task.
-    expected = hmac.digest(key, memoryview(data)[: size - _MAC_BYTES], "sha256")
+    mac = _keyed(key).copy()
+    mac.update(memoryview(data)[: size - _MAC_BYTES])
+    expected = mac.digest()
     if not hmac.compare_digest(expected, data[size - _MAC_BYTES :]):
         raise UnverifiedEnvelope("envelope signature does not match: tampered or truncated")
     # A view, not a copy: a spilled payload can be 32 MiB and pickle reads views directly.

@@ -67,6 +67,28 @@ class EnqueueOutcomeUnknown(EnqueueError):
     """
 
 
+class BatchDeferError(DeferError):
+    """Some calls of a :func:`gae_deferred.batch` were not enqueued; the others were.
+
+    ``failures`` lists ``(index, exception)`` per failed call, in call order (the index is the
+    call's position in the batch); ``tasks`` is the batch's list of DeferredTask, with None at
+    each failed index. An exception that is EnqueueOutcomeUnknown means that call's task may
+    still be created (by the sweeper): do not defer it again.
+    """
+
+    def __init__(self, failures: list[tuple[int, BaseException]], tasks: list) -> None:
+        self.failures = failures
+        self.tasks = tasks
+        listed = "; ".join(
+            f"call {index}: {type(exc).__name__}: {exc}" for index, exc in failures[:10]
+        )
+        more = f"; and {len(failures) - 10} more" if len(failures) > 10 else ""
+        super().__init__(
+            f"{len(failures)} of {len(tasks)} deferred calls were not enqueued (the others "
+            f"were): {listed}{more}"
+        )
+
+
 class DatastoreUnavailableError(DeferError):
     """A spilled payload could not be written to Datastore."""
 

@@ -1,0 +1,117 @@
+"""Datastore writes without ndb's per-entity debug strings: the only module using ndb internals.
+
+ndb formats ``repr(entity_pb)`` of every entity it puts into a ``Future``'s debug info
+(``_datastore_api._NonTransactionalCommitBatch.put``, and the transactional batch likewise;
+googleapis/python-ndb#1034). For a 1 MB payload chunk that is ~200 ms of CPU and a string
+several times the chunk's size. gae_deferred's own kinds are written here instead, as one
+Commit built directly and sent through ndb's RPC layer, so it goes to whatever ndb client is
+configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retries::
+
+    commit(upserts=[record, *chunks])                    # one non-transactional Commit
+    commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
+    join_transaction(upserts=[record, *chunks])           # part of the caller's commit
+    enter_context(context) ... exit_context()             # Context.use(), cheaper per task
+
+Entities are prepared and converted as ``Model.put()`` does (``_pre_put_hook``,
+``_prepare_for_put``, ``_entity_to_protobuf``), so what is written is what ``put()`` would
+write; post-put hooks do not run (gae_deferred's kinds define none). Only gae_deferred's
+kinds go through here: they opt out of ndb's context and global caches, which these writes
+do not update.
+
+tests/test_ndb_rpc.py checks every internal named in ``INTERNALS`` against the ndb version
+pinned in requirements.txt and fails, naming the internal, if an upgrade changes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.cloud import ndb
+from google.cloud.datastore_v1.types import datastore as datastore_pb2
+from google.cloud.ndb import _datastore_api, _options, model, tasklets
+from google.cloud.ndb import context as context_module
+
+#: The google-cloud-ndb version these internals were read from (requirements.txt pins it).
+PINNED_NDB_VERSION = "2.7.1"
+#: (module, attribute) of every ndb internal used below.
+INTERNALS = (
+    ("google.cloud.ndb._datastore_api", "make_call"),
+    ("google.cloud.ndb._datastore_api", "_get_commit_batch"),
+    ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
+    ("google.cloud.ndb._options", "Options"),
+    ("google.cloud.ndb.model", "_entity_to_protobuf"),
+    ("google.cloud.ndb.model.Model", "_prepare_for_put"),
+    ("google.cloud.ndb.tasklets", "Future"),
+    ("google.cloud.ndb.context", "_state"),
+)
+
+_NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
+
+
+def _mutations(
+    upserts: Iterable[ndb.Model], deletes: Iterable[ndb.Key]
+) -> Iterable[tuple[str, object]]:
+    """(operation, protobuf) pairs; entities are converted one at a time, so a big payload's
+    chunks are never all held twice."""
+    for entity in upserts:
+        # What Model.put() does before converting: computed properties store their value
+        # (_prepare_for_put) and the pre-put hook runs.
+        entity._pre_put_hook()
+        entity._prepare_for_put()
+        yield "upsert", model._entity_to_protobuf(entity)._pb
+    for key in deletes:
+        yield "delete", key._key.to_protobuf()._pb
+
+
+def commit(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -> None:
+    """One non-transactional Commit of these upserts and deletes, outside any transaction.
+
+    Must run inside an ndb context; raises the Google API error of a failed Commit.
+    """
+    client = ndb.get_context().client
+    request = datastore_pb2.CommitRequest(
+        project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
+    )
+    mutations = request._pb.mutations
+    for operation, pb in _mutations(upserts, deletes):
+        # CopyFrom into the request's own mutation: one copy, and the converted pb goes now.
+        getattr(mutations.add(), operation).CopyFrom(pb)
+    _datastore_api.make_call("commit", request).result()
+
+
+def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -> None:
+    """Add these mutations to the current transaction's commit (sent when it commits).
+
+    They are appended to ndb's commit batch of the transaction, each with a finished future as
+    ndb's own transactional puts of complete keys have: the i-th future must stay the i-th
+    mutation's, since ndb pairs them with the Commit's results.
+    """
+    context = ndb.get_context()
+    if not context.in_transaction():
+        raise RuntimeError("join_transaction needs an active ndb transaction")
+    batch = _datastore_api._get_commit_batch(context.transaction, _options.Options())
+    for operation, pb in _mutations(upserts, deletes):
+        mutation = datastore_pb2.Mutation()
+        getattr(mutation._pb, operation).CopyFrom(pb)
+        done = tasklets.Future()
+        done.set_result(None)
+        batch.mutations.append(mutation)
+        batch.futures.append(done)
+
+
+def enter_context(context: ndb.Context) -> None:
+    """Make ``context`` the current and top-level one, as ``context.use()`` does when no
+    context is active, without its generator-based context manager (every task enters one).
+    Pair with :func:`exit_context`; only for a thread with no active context."""
+    state = context_module._state
+    state._context.set(context)
+    state._toplevel_context.set(context)
+    context.rpc_time = 0
+    context.wait_time = 0
+
+
+def exit_context() -> None:
+    """Leave the context entered by :func:`enter_context` (none is current afterwards)."""
+    state = context_module._state
+    state._toplevel_context.set(None)
+    state._context.set(None)

@@ -1,0 +1,197 @@
+"""gae_deferred._ndb_rpc: the ndb internals it uses are still there, and its writes read back
+through ndb exactly as ndb's own puts would."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import inspect
+import threading
+from importlib import metadata
+
+import pytest
+from google.cloud import ndb
+
+from gae_deferred import _ndb_rpc, failures, spillover
+
+
+def _upgrade_message(what: str) -> str:
+    return (
+        f"{what}: gae_deferred._ndb_rpc was written against google-cloud-ndb "
+        f"{_ndb_rpc.PINNED_NDB_VERSION} (installed: {metadata.version('google-cloud-ndb')}); "
+        "re-read that ndb version's _datastore_api before changing the pin"
+    )
+
+
+def test_installed_ndb_is_the_version_the_adapter_was_written_for():
+    installed = metadata.version("google-cloud-ndb")
+    assert installed == _ndb_rpc.PINNED_NDB_VERSION, _upgrade_message(
+        "google-cloud-ndb was upgraded; every internal in _ndb_rpc.INTERNALS needs checking"
+    )
+
+
+@pytest.mark.parametrize(("module", "name"), _ndb_rpc.INTERNALS)
+def test_every_ndb_internal_used_exists(module, name):
+    owner = module.rsplit(".", 1)
+    if owner[1][:1].isupper():  # a class: model.Model
+        found = getattr(importlib.import_module(owner[0]), owner[1])
+    else:
+        found = importlib.import_module(module)
+    assert hasattr(found, name), _upgrade_message(f"{module}.{name} is gone")
+
+
+def test_ndb_internal_signatures_and_batch_shape_are_unchanged():
+    from google.cloud.ndb import _datastore_api
+
+    params = list(inspect.signature(_datastore_api.make_call).parameters)
+    assert params[:2] == ["rpc_name", "request"], _upgrade_message(
+        f"_datastore_api.make_call takes {params}"
+    )
+    params = list(inspect.signature(_datastore_api._get_commit_batch).parameters)
+    assert params == ["transaction", "options"], _upgrade_message(
+        f"_datastore_api._get_commit_batch takes {params}"
+    )
+    batch = _datastore_api._TransactionalCommitBatch(b"tx", _ndb_rpc._options.Options())
+    assert batch.mutations == [] and batch.futures == [], _upgrade_message(
+        "_TransactionalCommitBatch no longer keeps parallel mutations/futures lists"
+    )
+
+
+def _chunk(payload_id: str, number: int, data: bytes) -> spillover.DeferredPayloadChunk:
+    return spillover.DeferredPayloadChunk(
+        key=spillover.chunk_keys(payload_id, number)[-1], data=data
+    )
+
+
+def _stored(stub_client, key: ndb.Key):
+    """The entity protobuf the stub holds for ``key``."""
+    return stub_client.stub.store.get(key._key.to_protobuf(), None).entity
+
+
+def test_commit_writes_what_ndb_put_writes(ndb_stub):
+    record, chunks = spillover.build_record(
+        "p-put",
+        b"x" * 2_500_000,
+        {"function": "f", "raw_bytes": 2_500_000},
+        queue="default",
+        task_name="t",
+        eta=spillover.now(),
+        task={"url": "/u"},
+    )
+    ndb.put_multi([record, *chunks])
+    by_ndb = [_stored(ndb_stub, entity.key) for entity in (record, *chunks)]
+    ndb.delete_multi([record.key, *(chunk.key for chunk in chunks)])
+
+    _ndb_rpc.commit(upserts=[record, *chunks])
+    assert [_stored(ndb_stub, entity.key) for entity in (record, *chunks)] == by_ndb
+    loaded, data = spillover.load("p-put", 3)
+    assert loaded == record and bytes(data) == b"x" * 2_500_000
+
+
+def test_commit_is_one_rpc_with_upserts_and_deletes(ndb_stub):
+    seen = []
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+
+    def counted(request, *args, **kwargs):
+        seen.append([mutation._pb.WhichOneof("operation") for mutation in request.mutations])
+        return original(request, *args, **kwargs)
+
+    _ndb_rpc.commit(upserts=[_chunk("p-del", 1, b"a"), _chunk("p-del", 2, b"b")])
+    wrapper.func = counted
+    try:
+        _ndb_rpc.commit(
+            upserts=[_chunk("p-del", 3, b"c")],
+            deletes=spillover.chunk_keys("p-del", 2),
+        )
+    finally:
+        wrapper.func = original
+    assert seen == [["upsert", "delete", "delete"]]
+    assert [c and c.data for c in ndb.get_multi(spillover.chunk_keys("p-del", 3))] == [
+        None,
+        None,
+        b"c",
+    ]
+
+
+class Thing(ndb.Model):
+    name = ndb.StringProperty()
+
+
+def test_joined_mutations_commit_with_the_transaction_and_keep_ndb_results_paired(ndb_emulator):
+    @ndb.transactional()
+    def work():
+        _ndb_rpc.join_transaction(upserts=[_chunk("p-tx", 1, b"joined")])
+        # A key Datastore allocates at commit: ndb pairs it with its future by position.
+        return Thing(name="allocated").put()
+
+    key = work()
+    assert key.id() and key.get().name == "allocated"
+    assert spillover.chunk_keys("p-tx", 1)[0].get().data == b"joined"
+
+
+def test_joined_mutations_roll_back_with_the_transaction(ndb_emulator):
+    @ndb.transactional()
+    def work():
+        _ndb_rpc.join_transaction(upserts=[_chunk("p-rb", 1, b"gone")])
+        raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        work()
+    assert spillover.chunk_keys("p-rb", 1)[0].get() is None
+
+
+def test_join_transaction_outside_a_transaction_is_refused(ndb_stub):
+    with pytest.raises(RuntimeError, match="active ndb transaction"):
+        _ndb_rpc.join_transaction(upserts=[_chunk("p-none", 1, b"")])
+
+
+def test_enter_and_exit_context_match_context_use(ndb_stub):
+    """In a new thread (no active context), as gae_deferred's task contexts are entered."""
+    context = ndb.context.Context(ndb_stub)
+    seen = []
+
+    def use_and_leave():
+        _ndb_rpc.enter_context(context)
+        seen.append((ndb.get_context(), ndb.context.get_toplevel_context()))
+        _ndb_rpc.exit_context()
+        seen.append(
+            (
+                ndb.get_context(raise_context_error=False),
+                ndb.context.get_toplevel_context(raise_context_error=False),
+            )
+        )
+
+    thread = threading.Thread(target=use_and_leave)
+    thread.start()
+    thread.join()
+    assert seen == [(context, context), (None, None)], _upgrade_message(
+        "ndb.context._state no longer holds the current and top-level contexts"
+    )
+
+
+def _failure(record_id: str) -> failures.DeferredFailure:
+    return failures.update(
+        None,
+        record_id,
+        function="m.f",
+        exception_type="E",
+        message="m",
+        traceback="t",
+        state=failures.FailureState.PERMANENT,
+        task_name="t",
+        queue="default",
+        meta={"a": 1},
+        payload_id=None,
+        when=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+    )
+
+
+def test_commit_stores_computed_properties_as_put_does(ndb_stub):
+    """A fresh entity, never read: its ComputedProperty is stored by the commit itself."""
+    _ndb_rpc.commit(upserts=[_failure("f-ours")])
+    _failure("f-ndb").put()
+    ours = _stored(ndb_stub, failures.failure_key("f-ours"))
+    by_ndb = _stored(ndb_stub, failures.failure_key("f-ndb"))
+    assert ours.properties["active"].boolean_value is True
+    assert ours.properties == by_ndb.properties
