@@ -785,7 +785,7 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         ("/sweep", SweepNow),
     ]
     routes: list[webapp2.BaseRoute] = [_Route("/", OverviewPage)]
-    # DESIGN.md: GET api/failures lists failures; the HTML page of that path shows groups.
+    # docs/design.md: GET api/failures lists failures; the HTML page of that path shows groups.
     routes.append(_Route("/api/failures", _api(FailureList)))
     for path, handler in pages:
         routes.append(_Route(path, handler))

@@ -89,3 +89,16 @@ def test_this_apps_index_yaml_holds_every_index_of_the_package():
     packaged = package_indexes()
     assert {index.kind for index in packaged} == {"_DeferredPayload", "_DeferredFailure"}
     assert missing_package_indexes(ROOT / "index.yaml") == []
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject.toml lists the packages explicitly (the folders map into one package): a new
+    subpackage left out would import from a checkout and be missing from the wheel."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for package, folder in tool["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join((package, *relative)) in listed, init

@@ -1,4 +1,4 @@
-"""The task handler, through WebTest: every row of DESIGN.md's status table, and what it records."""
+"""The task handler, through WebTest: every row of docs/design.md's status table and its records."""
 
 from __future__ import annotations
 

@@ -1,0 +1,192 @@
+"""What the admin dashboard reads and does, without any web framework.
+
+The webapp2 handlers in ``handlers/deferred_admin.py`` only parse requests and render; every
+query, action and JSON shape lives in this package (``spilled``, ``failed``, ``queued``,
+``overview``, ``filters``, and what they share in ``_common``) so it can be tested and scripted
+directly (inside an ndb context)::
+
+    from gae_deferred import admin
+
+    wanted = admin.SpillFilter.parse({"state": "dead", "function": "reports", "sort": "largest"})
+    page = admin.list_spillover(wanted)
+    page.items, page.next_cursor           # records, and an opaque token for the next page
+    admin.retrigger_spillover(page.items[0].id, actor="ops@example.com")
+    admin.count_matching(wanted)           # what "retrigger everything this filter matches" hits
+    admin.queue_overview()                 # queue.yaml merged with the Cloud Tasks API
+
+Cost rules (docs/design.md, "Budgets"): a list reads one page of records through a query that a
+composite index in index.yaml serves (filters are equality filters on the records' ``facets``
+list, see :mod:`gae_deferred._facets`), and never touches ``_DeferredPayloadChunk``. Overview
+numbers use ``count()`` (keys only, capped at :data:`COUNT_CAP`) and projection queries
+capped at :data:`SCAN_CAP` index entries, so their cost is bounded whatever the data size.
+Errors a user can cause (bad id, bad cursor, unknown queue) raise :class:`AdminError`
+subclasses that carry an HTTP status.
+"""
+
+from __future__ import annotations
+
+from ..errors import AdminError, BadRequest, Conflict, NotFound, Unavailable
+from ..failures import FailureState
+from ..spillover import PayloadState
+from ._common import (
+    COUNT_CAP,
+    FAILURE_SORTS,
+    FAILURE_VIEWS,
+    GROUP_COUNT_CAP,
+    GROUP_PAGE_SIZE,
+    MAX_BULK,
+    MAX_MATCHING,
+    MAX_PAGE_SIZE,
+    PAGE_SIZE,
+    SCAN_CAP,
+    SPILL_SORTS,
+    TASK_SCAN,
+    BulkResult,
+    FailureGroup,
+    Page,
+    QueueInfo,
+    check_queue_name,
+    csrf_token,
+    decode_cursor,
+    deferred_by,
+    encode_cursor,
+    format_bytes,
+    id_from_url,
+    open_message,
+    page_size,
+    seal_message,
+    url_id,
+)
+from .failed import (
+    bulk_failures,
+    bulk_failures_matching,
+    delete_failure,
+    dismiss_failure,
+    failure_groups,
+    failure_json,
+    get_failure,
+    group_json,
+    list_failures,
+    retrigger_failure,
+    retry_group,
+)
+from .filters import (
+    FailureFilter,
+    SpillFilter,
+    count_matching,
+    parse_time,
+)
+from .overview import (
+    Overview,
+    audit_json,
+    function_metrics,
+    list_audit,
+    list_metrics,
+    overview,
+    overview_json,
+    run_sweeper,
+    series_json,
+)
+from .queued import (
+    delete_task,
+    envelope_summary,
+    get_queue,
+    list_tasks,
+    pause_queue,
+    purge_queue,
+    queue_json,
+    queue_overview,
+    resume_queue,
+    run_task,
+    task_detail,
+    task_json,
+)
+from .spilled import (
+    bulk_spillover,
+    bulk_spillover_matching,
+    delete_spillover,
+    get_spillover,
+    list_spillover,
+    retrigger_spillover,
+    spillover_json,
+)
+
+__all__ = [
+    "COUNT_CAP",
+    "FAILURE_SORTS",
+    "FAILURE_VIEWS",
+    "GROUP_COUNT_CAP",
+    "GROUP_PAGE_SIZE",
+    "MAX_BULK",
+    "MAX_MATCHING",
+    "MAX_PAGE_SIZE",
+    "PAGE_SIZE",
+    "SCAN_CAP",
+    "SPILL_SORTS",
+    "TASK_SCAN",
+    "AdminError",
+    "BadRequest",
+    "BulkResult",
+    "Conflict",
+    "FailureFilter",
+    "FailureGroup",
+    "FailureState",
+    "NotFound",
+    "Overview",
+    "Page",
+    "PayloadState",
+    "QueueInfo",
+    "SpillFilter",
+    "Unavailable",
+    "audit_json",
+    "bulk_failures",
+    "bulk_failures_matching",
+    "bulk_spillover",
+    "bulk_spillover_matching",
+    "check_queue_name",
+    "count_matching",
+    "csrf_token",
+    "decode_cursor",
+    "deferred_by",
+    "delete_failure",
+    "delete_spillover",
+    "delete_task",
+    "dismiss_failure",
+    "encode_cursor",
+    "envelope_summary",
+    "failure_groups",
+    "failure_json",
+    "format_bytes",
+    "function_metrics",
+    "get_failure",
+    "get_queue",
+    "get_spillover",
+    "group_json",
+    "id_from_url",
+    "list_audit",
+    "list_failures",
+    "list_metrics",
+    "list_spillover",
+    "list_tasks",
+    "open_message",
+    "overview",
+    "overview_json",
+    "page_size",
+    "parse_time",
+    "pause_queue",
+    "purge_queue",
+    "queue_json",
+    "queue_overview",
+    "resume_queue",
+    "retrigger_failure",
+    "retrigger_spillover",
+    "retry_group",
+    "run_sweeper",
+    "run_task",
+    "seal_message",
+    "series_json",
+    "spillover_json",
+    "task_detail",
+    "task_json",
+    "url_id",
+]

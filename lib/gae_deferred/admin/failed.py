@@ -1,0 +1,224 @@
+"""Failures on the dashboard: groups, lists, detail, retry, dismiss, delete, in bulk."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.cloud import ndb
+
+from .. import audit, cloud_tasks, enqueue, failures, spillover
+from .._config import settings
+from .._model import MAX_INDEXED_CHARS
+from ..errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+)
+from ..failures import FailureState
+from ._common import (
+    FAILURE_VIEWS,
+    GROUP_COUNT_CAP,
+    GROUP_PAGE_SIZE,
+    MAX_BULK,
+    PAGE_SIZE,
+    BulkResult,
+    FailureGroup,
+    Page,
+    _bulk,
+    _check_version,
+    _cloud_tasks,
+    _fetch_page,
+    _iso,
+    _key_name,
+    deferred_by,
+)
+from .filters import (
+    FailureFilter,
+    _bulk_matching,
+)
+from .spilled import (
+    _reenqueue_spilled,
+)
+
+
+def list_failures(
+    wanted: FailureFilter | None = None, *, cursor: str | None = None, limit: int = PAGE_SIZE
+) -> Page:
+    """One page of failure records that ``wanted`` matches (default: all, newest first)."""
+    wanted = wanted or FailureFilter()
+    return _fetch_page(wanted.query(), wanted.scope(), cursor, limit)
+
+
+def failure_groups(
+    view: str = "active", cursor: str | None = None, limit: int = GROUP_PAGE_SIZE
+) -> Page:
+    """One page of failure groups (function + exception type), most recently failing first.
+
+    Reads one page of ``_DeferredFailureGroup`` markers and, per group, one count of its
+    failures in ``view`` bounded by GROUP_COUNT_CAP (index (group, active) or (group, state)): the
+    cost does not grow with the number of failures. Groups with none in ``view`` are left out.
+    """
+    if view not in FAILURE_VIEWS:
+        raise BadRequest(f"view must be one of {', '.join(FAILURE_VIEWS)}")
+    marker = failures.DeferredFailureGroup
+    page = _fetch_page(marker.query().order(-marker.last_seen), f"groups|{view}", cursor, limit)
+    model = failures.DeferredFailure
+    in_view = model.active == True if view == "active" else model.state == view  # noqa: E712
+    counts = [
+        model.query(model.group == group.group, in_view).count_async(limit=GROUP_COUNT_CAP)
+        for group in page.items
+    ]
+    groups = [
+        FailureGroup(
+            group.group,
+            group.function,
+            group.exception_type,
+            count.result(),
+            group.last_seen,
+            count.result() >= GROUP_COUNT_CAP,
+        )
+        for group, count in zip(page.items, counts, strict=True)
+    ]
+    return Page([group for group in groups if group.count], page.next_cursor)
+
+
+def group_json(group: FailureGroup) -> dict[str, Any]:
+    """The API view of a failure group."""
+    return {**dataclasses.asdict(group), "last_seen": _iso(group.last_seen)}
+
+
+def get_failure(record_id: str) -> failures.DeferredFailure:
+    """The failure record (one Lookup); NotFound when there is none."""
+    record = failures.get(_key_name(record_id, "failure"))
+    if record is None:
+        raise NotFound(f"no failure with id {record_id!r}")
+    return record
+
+
+def failure_json(record: failures.DeferredFailure, *, detail: bool = False) -> dict[str, Any]:
+    """The API view of a failure: docs/design.md's fields plus group, payload_id, retriggered
+    (and ``meta`` — the envelope header — and ``deferred_by`` in detail)."""
+    data = {
+        "id": record.key.id(),
+        "function": record.function,
+        "exception_type": record.exception_type,
+        "group": record.group,
+        "message": record.message,
+        "traceback": record.traceback,
+        "attempts": record.attempts or 0,
+        "state": record.state,
+        "first_seen": _iso(record.first_seen),
+        "last_seen": _iso(record.last_seen),
+        "task_name": record.task_name,
+        "queue": record.queue,
+        "payload_id": record.payload_id,
+        "retriggered": record.retriggered or 0,
+        "retriggerable": record.state in failures.RETRIGGERABLE,
+    }
+    if detail:
+        data["meta"] = record.meta or {}
+        data["deferred_by"] = deferred_by(record.meta)
+    return data
+
+
+def _check_retriable_id(record_id: str) -> None:
+    """Only ids gae_deferred made are handed to a retried task: its run writes under this id."""
+    if not failures.is_generated_id(record_id):
+        raise Conflict(
+            f"failure {record_id!r} has an id gae_deferred does not make (an older version "
+            "took it from a request header): it can be dismissed or deleted, not retried"
+        )
+
+
+def retrigger_failure(record_id: str, actor: str, *, version: str | None = None) -> str:
+    """ "Retry now": re-enqueue the kept payload; the run updates or resolves this record."""
+    routing = _check_version(version)
+    record = get_failure(record_id)
+    if record.state not in failures.RETRIGGERABLE:
+        raise Conflict(f"failure {record_id} is {record.state}; nothing to retry")
+    _check_retriable_id(record_id)
+    # The run updates this record: its id travels in the re-signed envelope.
+    if record.payload_id:
+        payload = spillover.get(record.payload_id)
+        if payload is None:
+            raise Conflict(f"the spilled payload {record.payload_id} of this failure is gone")
+        name = _reenqueue_spilled(payload, routing, record_id)
+    else:
+        body = failures.get_payload(record_id)
+        if body is None:
+            raise Conflict(f"failure {record_id} kept no payload to retry")
+        name = cloud_tasks.new_task_name("r")
+        _cloud_tasks(
+            lambda: enqueue.enqueue_envelope(
+                body,
+                queue=record.queue or settings().default_queue,
+                name=name,
+                routing=routing,
+                failure_id=record_id,
+            )
+        )
+    record.state = FailureState.RETRYING
+    record.retriggered = (record.retriggered or 0) + 1
+    record.put()
+    audit.record(actor, "retrigger", f"failure/{record_id}", f"task {name} on {record.queue}")
+    return name
+
+
+def dismiss_failure(record_id: str, actor: str) -> None:
+    """Mark a failure dismissed: it leaves the active view; its payload is kept until swept."""
+    record = get_failure(record_id)
+    record.state = FailureState.DISMISSED
+    record.put()
+    audit.record(actor, "dismiss", f"failure/{record_id}", record.group or "")
+
+
+def delete_failure(record_id: str, actor: str) -> None:
+    """Delete a failure record and its kept inline payload (a spilled payload stays listed)."""
+    record = get_failure(record_id)
+    ndb.delete_multi([record.key, failures.payload_key(record_id)])
+    audit.record(actor, "delete", f"failure/{record_id}", record.group or "")
+
+
+def _failure_action(action: str, actor: str, version: str | None) -> Callable[[str], object]:
+    if action == "retrigger":
+        routing = _check_version(version)
+        return lambda record_id: retrigger_failure(record_id, actor, version=routing.get("version"))
+    if action == "dismiss":
+        return lambda record_id: dismiss_failure(record_id, actor)
+    if action == "delete":
+        return lambda record_id: delete_failure(record_id, actor)
+    raise BadRequest("action must be retrigger, dismiss or delete")
+
+
+def bulk_failures(
+    action: str, ids: Iterable[str], actor: str, *, version: str | None = None
+) -> BulkResult:
+    """Retrigger, dismiss or delete several failures by id."""
+    return _bulk(ids, _failure_action(action, actor, version))
+
+
+def bulk_failures_matching(
+    action: str, wanted: FailureFilter, actor: str, *, version: str | None = None
+) -> BulkResult:
+    """Retrigger, dismiss or delete every failure ``wanted`` matches, up to MAX_MATCHING."""
+    one = _failure_action(action, actor, version)
+    return _bulk_matching(action, wanted, actor, "failures", one)
+
+
+def retry_group(group: str, actor: str) -> BulkResult:
+    """Retry up to MAX_BULK retriggerable failures of a group (newest first)."""
+    if not group:
+        raise BadRequest("no group given")
+    model = failures.DeferredFailure
+    futures = [
+        model.query(model.group == group[:MAX_INDEXED_CHARS], model.state == state)
+        .order(-model.last_seen)
+        .fetch_async(MAX_BULK, keys_only=True)
+        for state in failures.RETRIGGERABLE
+    ]
+    ids = [key.id() for future in futures for key in future.result()][:MAX_BULK]
+    if not ids:
+        raise NotFound(f"group {group!r} has no failure to retry")
+    return _bulk(ids, lambda record_id: retrigger_failure(record_id, actor))

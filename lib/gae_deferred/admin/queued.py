@@ -1,0 +1,282 @@
+"""Queues and tasks on the dashboard, through the Cloud Tasks gateway."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+from google.cloud import tasks_v2
+
+from .. import audit, cloud_tasks, envelope
+from .._config import settings
+from ..errors import (
+    BadRequest,
+    Error,
+    NotFound,
+)
+from ..queue_config import QueueDefinition, load_queue_yaml
+from ._common import (
+    _PAGE_TOKEN,
+    _TASK,
+    PAGE_SIZE,
+    TASK_SCAN,
+    Page,
+    QueueInfo,
+    _cloud_tasks,
+    _iso,
+    _now,
+    check_queue_name,
+    deferred_by,
+)
+
+
+def _queue_definitions() -> dict[str, QueueDefinition]:
+    path = settings().queue_yaml
+    if not path or not os.path.exists(path):
+        return {}
+    return load_queue_yaml(path)
+
+
+def _retry_json(definition: QueueDefinition | None, queue: tasks_v2.Queue | None) -> dict:
+    """The retry policy in Cloud Tasks' terms (queue.yaml's when Cloud Tasks has no queue)."""
+    if queue is not None and "retry_config" in queue:
+        config = queue.retry_config
+        return {
+            "max_attempts": config.max_attempts,
+            "max_retry_duration": _seconds(config.max_retry_duration),
+            "min_backoff": _seconds(config.min_backoff),
+            "max_backoff": _seconds(config.max_backoff),
+            "max_doublings": config.max_doublings,
+        }
+    if definition is not None:
+        retry = definition.retry
+        return {
+            "max_attempts": (
+                retry.task_retry_limit + 1 if retry.task_retry_limit is not None else -1
+            ),
+            "max_retry_duration": retry.task_age_limit or 0.0,
+            "min_backoff": retry.min_backoff_seconds,
+            "max_backoff": retry.max_backoff_seconds,
+            "max_doublings": retry.max_doublings,
+        }
+    return {}
+
+
+def _seconds(value: Any) -> float | None:
+    return value.total_seconds() if isinstance(value, datetime.timedelta) else None
+
+
+def _backlog(queue: str) -> tuple[int, bool, float | None]:
+    tasks, next_token = cloud_tasks.list_tasks_page(queue, page_size=TASK_SCAN)
+    now = _now()
+    created = [task.create_time for task in tasks if task.create_time]
+    oldest = (now - min(created)).total_seconds() if created else None
+    return len(tasks), next_token is not None, oldest
+
+
+def queue_overview() -> list[QueueInfo]:
+    """Every queue in queue.yaml or Cloud Tasks, with its state and backlog.
+
+    The backlog is the first ListTasks page (BASIC view, TASK_SCAN tasks): "1000+" beyond.
+    A queue Cloud Tasks cannot describe is listed with the error instead of failing the page.
+    """
+    definitions = _queue_definitions()
+    live: dict[str, tasks_v2.Queue] = {}
+    error = None
+    try:
+        for queue in cloud_tasks.list_queues():
+            live[cloud_tasks.short_name(queue.name)] = queue
+    except api_exceptions.GoogleAPIError as exc:
+        error = f"Cloud Tasks: {exc}"
+    infos = []
+    for name in sorted(set(definitions) | set(live)):
+        definition, queue = definitions.get(name), live.get(name)
+        info = QueueInfo(
+            name=name,
+            state=queue.state.name if queue is not None else ("UNKNOWN" if error else "MISSING"),
+            rate=(
+                definition.rate_text
+                if definition is not None
+                else f"{queue.rate_limits.max_dispatches_per_second:g}/s"
+            ),
+            max_concurrent=(
+                queue.rate_limits.max_concurrent_dispatches
+                if queue is not None
+                else definition.max_concurrent_requests
+            ),
+            retry=_retry_json(definition, queue),
+            tasks=None,
+            tasks_capped=False,
+            oldest_task_age=None,
+            in_queue_yaml=definition is not None,
+            error=error if queue is None else None,
+        )
+        if queue is not None:
+            try:
+                info.tasks, info.tasks_capped, info.oldest_task_age = _backlog(name)
+            except api_exceptions.GoogleAPIError as exc:
+                info.error = f"Cloud Tasks: {exc}"
+        elif error is None:
+            info.error = "not in Cloud Tasks: run `python -m gae_deferred.queues sync`"
+        infos.append(info)
+    return infos
+
+
+def queue_json(queue: QueueInfo) -> dict[str, Any]:
+    """The API view of a queue."""
+    return dataclasses.asdict(queue)
+
+
+def get_queue(queue: str) -> tasks_v2.Queue:
+    """The Cloud Tasks queue; NotFound for a name that is not a queue."""
+    check_queue_name(queue)
+    return _cloud_tasks(lambda: cloud_tasks.get_queue(queue))
+
+
+def list_tasks(queue: str, *, page_token: str | None = None, limit: int = PAGE_SIZE) -> Page:
+    """One ListTasks page (BASIC view: no bodies) and the page token of the next."""
+    get_queue(queue)
+    if page_token and not _PAGE_TOKEN.match(page_token):
+        raise BadRequest("the cursor is malformed")
+    tasks, next_token = _cloud_tasks(
+        lambda: cloud_tasks.list_tasks_page(queue, page_size=limit, page_token=page_token or "")
+    )
+    return Page(tasks, next_token)
+
+
+def _attempt_json(task: tasks_v2.Task, field: str) -> dict[str, Any] | None:
+    if field not in task:
+        return None
+    attempt = getattr(task, field)
+    response = None
+    if "response_status" in attempt:
+        status = attempt.response_status
+        response = {"code": status.code, "message": status.message}
+    return {
+        "dispatch_time": _iso(attempt.dispatch_time) if "dispatch_time" in attempt else None,
+        "response_time": _iso(attempt.response_time) if "response_time" in attempt else None,
+        "response": response,
+    }
+
+
+def task_json(task: tasks_v2.Task) -> dict[str, Any]:
+    """The API view of a Cloud Tasks task (BASIC view: no body, no headers)."""
+    last = _attempt_json(task, "last_attempt")
+    request = task.app_engine_http_request
+    return {
+        "name": task.name.rsplit("/", 1)[-1],
+        "path": task.name,
+        "schedule_time": _iso(task.schedule_time) if "schedule_time" in task else None,
+        "create_time": _iso(task.create_time) if "create_time" in task else None,
+        "dispatch_count": task.dispatch_count,
+        "response_count": task.response_count,
+        "last_response": last["response"] if last else None,
+        "last_attempt_time": last["dispatch_time"] if last else None,
+        "url": request.relative_uri if "app_engine_http_request" in task else None,
+    }
+
+
+def _check_task(queue: str, task: str) -> None:
+    check_queue_name(queue)
+    if not isinstance(task, str) or not _TASK.match(task):
+        raise NotFound(f"no task named {task!r}")
+
+
+def envelope_summary(body: bytes) -> dict[str, Any] | None:
+    """What a task body's envelope header says, unverified and never unpickled: for display.
+
+    None when the body is not a gae_deferred envelope.
+    """
+    try:
+        header = envelope.read_header(body)
+    except Error:
+        return None
+    if not isinstance(header, dict):
+        return None
+    ref = header.get("ref") if isinstance(header.get("ref"), dict) else None
+    created_ms = header.get("created_ms")
+    created = (
+        datetime.datetime.fromtimestamp(created_ms / 1000, datetime.UTC)
+        if isinstance(created_ms, int)
+        else None
+    )
+    return {
+        "function": header.get("function"),
+        "args": header.get("args"),
+        "raw_bytes": header.get("raw_bytes"),
+        "body_bytes": header.get("body_bytes"),
+        "created": _iso(created),
+        "app_version": header.get("app_version"),
+        "python": header.get("python"),
+        "cloudpickle": header.get("cloudpickle"),
+        "serializer": header.get("serializer"),
+        "retry": header.get("retry"),
+        "spilled": ref is not None,
+        "payload_id": str(ref.get("id")) if ref else None,
+        "stored_bytes": ref.get("stored_bytes") if ref else None,
+        "deferred_by": deferred_by(header),
+        "header": header,
+    }
+
+
+def task_detail(queue: str, task: str) -> dict[str, Any]:
+    """One queued task in full (GetTask, FULL view): attempts, URL, headers, routing and its
+    envelope header. The body's pickle is never loaded."""
+    _check_task(queue, task)
+    found = _cloud_tasks(lambda: cloud_tasks.get_task(queue, task, full=True))
+    request = found.app_engine_http_request
+    body = bytes(request.body) if "app_engine_http_request" in found else b""
+    routing = request.app_engine_routing if "app_engine_routing" in request else None
+    return {
+        **task_json(found),
+        "queue": queue,
+        "first_attempt": _attempt_json(found, "first_attempt"),
+        "last_attempt": _attempt_json(found, "last_attempt"),
+        "method": request.http_method.name if "app_engine_http_request" in found else None,
+        "headers": dict(request.headers) if "app_engine_http_request" in found else {},
+        "routing": (
+            {"service": routing.service, "version": routing.version, "instance": routing.instance}
+            if routing is not None
+            else {}
+        ),
+        "body_bytes": len(body),
+        "envelope": envelope_summary(body),
+    }
+
+
+def run_task(queue: str, task: str, actor: str) -> None:
+    """Dispatch a queued task now (RunTask)."""
+    _check_task(queue, task)
+    _cloud_tasks(lambda: cloud_tasks.run_task(queue, task))
+    audit.record(actor, "run", f"task/{queue}/{task}")
+
+
+def delete_task(queue: str, task: str, actor: str) -> None:
+    """Delete a queued task."""
+    _check_task(queue, task)
+    _cloud_tasks(lambda: cloud_tasks.delete_task(queue, task))
+    audit.record(actor, "delete", f"task/{queue}/{task}")
+
+
+def pause_queue(queue: str, actor: str) -> None:
+    """Stop dispatching (PauseQueue); tasks stay queued and can still be added."""
+    check_queue_name(queue)
+    _cloud_tasks(lambda: cloud_tasks.pause_queue(queue))
+    audit.record(actor, "pause", f"queue/{queue}")
+
+
+def resume_queue(queue: str, actor: str) -> None:
+    """Dispatch again (ResumeQueue)."""
+    check_queue_name(queue)
+    _cloud_tasks(lambda: cloud_tasks.resume_queue(queue))
+    audit.record(actor, "resume", f"queue/{queue}")
+
+
+def purge_queue(queue: str, actor: str) -> None:
+    """Delete every task of the queue (spilled records stay: the sweeper re-enqueues them)."""
+    check_queue_name(queue)
+    _cloud_tasks(lambda: cloud_tasks.purge_queue(queue))
+    audit.record(actor, "purge", f"queue/{queue}")

@@ -1,0 +1,142 @@
+"""Spilled payloads on the dashboard: list, detail, retrigger, delete, in bulk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+
+from .. import audit, cloud_tasks, enqueue, spillover
+from ..errors import (
+    BadRequest,
+    NotFound,
+)
+from ..spillover import PayloadState
+from ._common import (
+    PAGE_SIZE,
+    BulkResult,
+    Page,
+    _bulk,
+    _check_version,
+    _cloud_tasks,
+    _fetch_page,
+    _iso,
+    _key_name,
+    _now,
+    deferred_by,
+)
+from .filters import (
+    SpillFilter,
+    _bulk_matching,
+)
+
+
+def list_spillover(
+    wanted: SpillFilter | None = None, *, cursor: str | None = None, limit: int = PAGE_SIZE
+) -> Page:
+    """One page of spilled-payload records (never their chunks) that ``wanted`` matches."""
+    wanted = wanted or SpillFilter()
+    return _fetch_page(wanted.query(), wanted.scope(), cursor, limit)
+
+
+def get_spillover(payload_id: str) -> spillover.DeferredPayload:
+    """The record (one Lookup, no chunks); NotFound when there is none."""
+    record = spillover.get(_key_name(payload_id, "spilled payload"))
+    if record is None:
+        raise NotFound(f"no spilled payload with id {payload_id!r}")
+    return record
+
+
+def spillover_json(record: spillover.DeferredPayload, *, detail: bool = False) -> dict[str, Any]:
+    """The API view of a record: docs/design.md's fields, eta and updated (``meta`` in detail)."""
+    data = {
+        "id": record.key.id(),
+        "function": record.function,
+        "queue": record.queue,
+        "task_name": record.task_name,
+        "payload_bytes": record.payload_bytes,
+        "stored_bytes": record.stored_bytes,
+        "chunks": record.chunks,
+        "state": record.state,
+        "created": _iso(record.created),
+        "updated": _iso(record.updated),
+        "eta": _iso(record.eta),
+        "attempts": record.attempts or 0,
+    }
+    if detail:
+        data["meta"] = record.meta or {}
+        data["deferred_by"] = deferred_by(record.meta)
+    return data
+
+
+def _reenqueue_spilled(
+    record: spillover.DeferredPayload, routing: dict[str, str], failure_id: str | None = None
+) -> str:
+    # A new name: Cloud Tasks refuses a name used within the last hour (9 days for queues
+    # created from queue.yaml), and the old task, if still queued, must see it was superseded.
+    name = cloud_tasks.new_task_name("r")
+    now = _now()
+    # Name and ETA follow the new task, so the sweeper sees a fresh pending record, not a
+    # lost one, and recreates this task (not the old one) if the enqueue below fails.
+    record.populate(state=PayloadState.PENDING, updated=now, eta=now, task_name=name)
+    record.put()
+    overrides: dict[str, Any] = {"eta": now}
+    if routing:
+        overrides["routing"] = {**((record.task or {}).get("routing") or {}), **routing}
+    _cloud_tasks(
+        lambda: enqueue.enqueue_record(record, name=name, failure_id=failure_id, **overrides)
+    )
+    return name
+
+
+def retrigger_spillover(payload_id: str, actor: str, *, version: str | None = None) -> str:
+    """Enqueue a new task pointing at the stored payload; returns the new task's name."""
+    routing = _check_version(version)
+    record = get_spillover(payload_id)
+    name = _reenqueue_spilled(record, routing)
+    audit.record(actor, "retrigger", f"spillover/{payload_id}", f"task {name} on {record.queue}")
+    return name
+
+
+def delete_spillover(payload_id: str, actor: str) -> None:
+    """Delete the record, its chunks (by key, unread) and its queued task if there is one."""
+    record = get_spillover(payload_id)
+    spillover.delete(record.key.id(), record.chunks or 0)
+    if record.task_name and record.queue:
+        # Without the payload the task could only fail as "spilled payload missing".
+        try:
+            cloud_tasks.delete_task(record.queue, record.task_name)
+        except (api_exceptions.NotFound, api_exceptions.InvalidArgument):
+            pass
+        except api_exceptions.GoogleAPIError:
+            audit.record(actor, "delete", f"spillover/{payload_id}", "queued task not deleted")
+            return
+    audit.record(actor, "delete", f"spillover/{payload_id}", record.function or "")
+
+
+def _spillover_action(action: str, actor: str, version: str | None) -> Callable[[str], object]:
+    if action == "retrigger":
+        routing = _check_version(version)
+        return lambda payload_id: retrigger_spillover(
+            payload_id, actor, version=routing.get("version")
+        )
+    if action == "delete":
+        return lambda payload_id: delete_spillover(payload_id, actor)
+    raise BadRequest("action must be retrigger or delete")
+
+
+def bulk_spillover(
+    action: str, ids: Iterable[str], actor: str, *, version: str | None = None
+) -> BulkResult:
+    """Retrigger or delete several records; each id succeeds or fails on its own."""
+    return _bulk(ids, _spillover_action(action, actor, version))
+
+
+def bulk_spillover_matching(
+    action: str, wanted: SpillFilter, actor: str, *, version: str | None = None
+) -> BulkResult:
+    """Retrigger or delete every record ``wanted`` matches, up to MAX_MATCHING (audited once
+    more as a whole, with the filter)."""
+    one = _spillover_action(action, actor, version)
+    return _bulk_matching(action, wanted, actor, "spillover", one)
