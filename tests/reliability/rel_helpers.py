@@ -89,8 +89,8 @@ _RESTARTERS = {"datastore": "restart_datastore", "cloudtasks": "restart_tasks"}
 
 def _fork_crash(exc: StackError) -> bool:
     """The child aborted (SIGABRT) before exec: gRPC's fork handlers in a forked copy of this
-    process, which has live gRPC channels. LocalStack spawns with ``preexec_fn``, which forces
-    fork() instead of vfork/posix_spawn; see docs/reliability.md."""
+    process, which has live gRPC channels (Popen forks to start a new session). Rarer since
+    LocalStack stopped using ``preexec_fn``, not gone; see docs/reliability.md."""
     return "exited with code -6" in str(exc)
 
 
