@@ -334,3 +334,17 @@ def _cloud_tasks(call: Callable[[], _T]) -> _T:
         raise Conflict(exc.message) from exc
     except (api_exceptions.GoogleAPIError, Error) as exc:
         raise Unavailable(f"Cloud Tasks: {exc}") from exc
+
+
+def choose_action(
+    action: str, actions: Mapping[str, Callable[..., object]], actor: str, version: str | None
+) -> Callable[[str], object]:
+    """The one-record action a bulk request names, bound to its actor (and, for a retrigger,
+    the App Engine version to send the tasks to); BadRequest for an action not in ``actions``."""
+    if action not in actions:
+        raise BadRequest(f"action must be {', '.join(actions)}")
+    chosen = actions[action]
+    if action == "retrigger":
+        target = _check_version(version).get("version")
+        return lambda record_id: chosen(record_id, actor, version=target)
+    return lambda record_id: chosen(record_id, actor)

@@ -32,6 +32,7 @@ from ._common import (
     _fetch_page,
     _iso,
     _key_name,
+    choose_action,
     deferred_by,
 )
 from .filters import (
@@ -182,14 +183,8 @@ def delete_failure(record_id: str, actor: str) -> None:
 
 
 def _failure_action(action: str, actor: str, version: str | None) -> Callable[[str], object]:
-    if action == "retrigger":
-        routing = _check_version(version)
-        return lambda record_id: retrigger_failure(record_id, actor, version=routing.get("version"))
-    if action == "dismiss":
-        return lambda record_id: dismiss_failure(record_id, actor)
-    if action == "delete":
-        return lambda record_id: delete_failure(record_id, actor)
-    raise BadRequest("action must be retrigger, dismiss or delete")
+    actions = {"retrigger": retrigger_failure, "dismiss": dismiss_failure, "delete": delete_failure}
+    return choose_action(action, actions, actor, version)
 
 
 def bulk_failures(

@@ -9,7 +9,6 @@ from google.api_core import exceptions as api_exceptions
 
 from .. import audit, cloud_tasks, enqueue, spillover
 from ..errors import (
-    BadRequest,
     NotFound,
 )
 from ..spillover import PayloadState
@@ -24,6 +23,7 @@ from ._common import (
     _iso,
     _key_name,
     _now,
+    choose_action,
     deferred_by,
 )
 from .filters import (
@@ -116,14 +116,8 @@ def delete_spillover(payload_id: str, actor: str) -> None:
 
 
 def _spillover_action(action: str, actor: str, version: str | None) -> Callable[[str], object]:
-    if action == "retrigger":
-        routing = _check_version(version)
-        return lambda payload_id: retrigger_spillover(
-            payload_id, actor, version=routing.get("version")
-        )
-    if action == "delete":
-        return lambda payload_id: delete_spillover(payload_id, actor)
-    raise BadRequest("action must be retrigger or delete")
+    actions = {"retrigger": retrigger_spillover, "delete": delete_spillover}
+    return choose_action(action, actions, actor, version)
 
 
 def bulk_spillover(
