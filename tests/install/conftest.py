@@ -31,8 +31,6 @@ from collections.abc import Sequence
 import pytest
 import requests
 
-# The browser tests' Chromium (the one make test found), as a fixture here too.
-from tests.browser.conftest import browser  # noqa: F401
 from tests.conftest import ROOT
 
 INSTALL_DIR = pathlib.Path(__file__).resolve().parent
