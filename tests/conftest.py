@@ -1,11 +1,14 @@
-"""Shared test setup: a signing key and a fresh configuration per test."""
+"""Shared test setup: a signing key and a fresh configuration per test; the session's Chromium."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Iterator
 
 import pytest
+
+from tests.browser import chromium as chromium_finder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_SIGNING_KEY = "5e" * 32
@@ -120,3 +123,36 @@ def _paused_queues():
     yield tasks
     for queue in PAUSED_QUEUES:
         cloud_tasks.purge_queue(queue)
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless chromium for the session, the one ``make test`` found or installed
+    (``tests/browser/chromium.py``, exported as ``GAE_DEFERRED_CHROMIUM``; a plain ``pytest``
+    looks for one itself). One per session: Playwright's sync API runs one instance a thread.
+    """
+    from playwright.sync_api import sync_playwright
+
+    try:
+        path = chromium_finder.find()
+    except chromium_finder.NoChromium as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        # The browser that was found, not some other one.
+        assert chromium.version.split(".")[0] in (chromium_finder.version(path) or "")
+        try:
+            yield chromium
+        finally:
+            chromium.close()

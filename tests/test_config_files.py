@@ -85,9 +85,12 @@ def test_queue_yaml_and_index_yaml_load():
     assert {"_DeferredPayload", "_DeferredFailure"} <= kinds
 
 
-def test_this_apps_index_yaml_holds_every_index_of_the_package():
+def test_this_apps_index_yaml_and_the_packages_agree_on_gae_deferreds_indexes():
+    """The dashboard and sweeper tests run on this app's index.yaml (the emulator and the stub
+    refuse a query whose index it lacks); apps get the package's: it must hold them all."""
     packaged = package_indexes()
-    assert {index.kind for index in packaged} == {"_DeferredPayload", "_DeferredFailure"}
+    ours = [i for i in load_index_yaml(ROOT / "index.yaml") if i.kind.startswith("_Deferred")]
+    assert [index for index in ours if index not in packaged] == []
     assert missing_package_indexes(ROOT / "index.yaml") == []
 
 

@@ -1,7 +1,5 @@
-"""Browser fixtures: the real local stack (both emulators + gunicorn) and headless chromium.
-
-The browser is the one ``make test`` found or installed (``tests/browser/chromium.py``),
-exported as ``GAE_DEFERRED_CHROMIUM``; a plain ``pytest`` looks for one itself.
+"""Browser fixtures: the real local stack (both emulators + gunicorn) and a tab of the
+session's headless chromium (the ``browser`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,19 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from gae_deferred.local.stack import LocalStack
-from tests.browser import chromium as chromium_finder
 from tests.stack_support import pointed_at, started_stack
 
 BROWSER_DIR = pathlib.Path(__file__).resolve().parent
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 # The tests defer browser_tasks functions; the app imports the same module by this name.
 sys.path.insert(0, str(BROWSER_DIR))
@@ -60,24 +48,6 @@ def live(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalSt
     """The stack, with this process's gae_deferred pointed at it (as after `. .local/env`)."""
     with pointed_at(stack, monkeypatch):
         yield stack
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    try:
-        path = chromium_finder.find()
-    except chromium_finder.NoChromium as exc:
-        pytest.fail(str(exc), pytrace=False)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
-        # The browser that was found, not some other one.
-        assert chromium.version.split(".")[0] in (chromium_finder.version(path) or "")
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

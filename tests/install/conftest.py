@@ -6,6 +6,9 @@
     def test_other(core_venv):            # the wheel --no-deps + the core deps only
         run_python(core_venv, "import gae_deferred")
 
+    server = DevServer(full_venv, app_dir)  # the venv's gae-deferred-dev app.yaml, free ports
+    server.get("/")
+
 The wheel is built from a clean copy of the checkout's files (no stale build/ leftovers) and
 cached by their content in pytest's cache dir; each venv is made once per session. pip's own
 cache makes the dependency installs quick after the first run. Versions are pinned to the
@@ -15,14 +18,18 @@ requirements files CI tests.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
 from collections.abc import Sequence
 
 import pytest
+import requests
 
 from tests.conftest import ROOT
 
@@ -94,39 +101,92 @@ def _constraints(directory: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _venv(directory: pathlib.Path) -> pathlib.Path:
+def make_venv(directory: pathlib.Path) -> pathlib.Path:
     run([sys.executable, "-m", "venv", directory])
     return directory
 
 
-def _pip_install(venv: pathlib.Path, *args: str | pathlib.Path) -> None:
+def pip_install(venv: pathlib.Path, *args: str | pathlib.Path, **options) -> None:
+    """``pip install *args`` with the venv's pip, held to the versions CI tests."""
     pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    run([*pip, "-c", _constraints(venv), *args])
+    run([*pip, "-c", _constraints(venv), *args], **options)
 
 
 @pytest.fixture(scope="session")
 def full_venv(wheel: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A fresh venv with the wheel, its dependencies and the ``[local]`` extra."""
-    venv = _venv(tmp_path_factory.mktemp("full") / "venv")
-    _pip_install(venv, f"gae-deferred[local] @ {wheel.as_uri()}")
+    venv = make_venv(tmp_path_factory.mktemp("full") / "venv")
+    pip_install(venv, f"gae-deferred[local] @ {wheel.as_uri()}")
     return venv
 
 
 @pytest.fixture(scope="session")
 def core_venv(wheel: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A fresh venv with the wheel (--no-deps) and only the core's dependencies."""
-    venv = _venv(tmp_path_factory.mktemp("core") / "venv")
+    venv = make_venv(tmp_path_factory.mktemp("core") / "venv")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = [
         requirement
         for requirement in project["dependencies"]
         if not requirement.lower().startswith(WEB_ONLY)
     ]
-    _pip_install(venv, *core)
-    _pip_install(venv, "--no-deps", wheel)
+    pip_install(venv, *core)
+    pip_install(venv, "--no-deps", wheel)
     return venv
 
 
 def site_packages(venv: pathlib.Path) -> pathlib.Path:
     (found,) = (venv / "lib").glob("python3.*/site-packages")
     return found
+
+
+class DevServer:
+    """``gae-deferred-dev app.yaml`` in ``app_dir``, the command ``venv`` installed, as a user
+    runs it, on free ports; ``options`` are more of its command-line options."""
+
+    def __init__(self, venv: pathlib.Path, app_dir: pathlib.Path, *options: str) -> None:
+        self.app_dir = app_dir
+        # A user's shell: the venv's commands first, nothing of this test run's settings.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GAE_", "PYTHON"))}
+        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+        self.env = env
+        self.process = subprocess.Popen(
+            [
+                *("gae-deferred-dev", "app.yaml", "--port", "0", "--datastore-port", "0"),
+                *("--tasks-port", "0", "--no-reload", "--quiet", *options),
+            ],
+            cwd=app_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        printed = ""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            printed += line
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        else:
+            pytest.fail(f"gae-deferred-dev exited: {self.process.communicate()}")
+        self.url = re.search(r"^  app\s+(\S+)/", printed, re.M).group(1)
+
+    def get(self, path: str, **params: str) -> requests.Response:
+        answer = requests.get(self.url + path, params=params, timeout=30)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:500])
+        return answer
+
+    def shell(self, command: str) -> str:
+        """Run ``command`` in another shell of the user's, in the app's folder; its stdout."""
+        return run(["bash", "-c", command], cwd=self.app_dir, env=self.env).stdout
+
+    def log(self, child: str = "app") -> str:
+        """What a child of the stack wrote to ``.local/logs/`` (``--quiet`` sends it there)."""
+        return (self.app_dir / ".local" / "logs" / f"{child}.log").read_text()
+
+    def stop(self) -> str:
+        """Stop it as Ctrl-C would; returns what it printed on stderr (its warnings)."""
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, err
+        return err

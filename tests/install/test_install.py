@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 
 import pytest
-import requests
 
-from tests.install.conftest import WEB_ONLY, run_python, site_packages
+from tests.install.conftest import WEB_ONLY, DevServer, run_python, site_packages
 from tests.stack_support import wait_for
 
 SAMPLE_APP = pathlib.Path(__file__).resolve().parents[1] / "sample_app"
@@ -66,62 +63,22 @@ print(gae_deferred.__file__)
     assert failed.returncode != 0 and "webapp2" in failed.stderr
 
 
-class SampleApp:
-    """tests/sample_app copied to a tmp dir, running under the installed gae-deferred-dev."""
-
-    def __init__(self, venv: pathlib.Path, app_dir: pathlib.Path) -> None:
-        self.app_dir = app_dir
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GAE_", "PYTHON"))}
-        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
-        self.process = subprocess.Popen(
-            [
-                *("gae-deferred-dev", "app.yaml", "--port", "0", "--datastore-port", "0"),
-                *("--tasks-port", "0", "--no-reload", "--quiet"),
-            ],
-            cwd=app_dir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        printed = ""
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            printed += line
-            if line.startswith("Ctrl-C stops everything"):
-                break
-        else:
-            pytest.fail(f"gae-deferred-dev exited: {self.process.communicate()}")
-        self.url = re.search(r"^  app\s+(\S+)/", printed, re.M).group(1)
-
-    def get(self, path: str, **params: str) -> requests.Response:
-        answer = requests.get(self.url + path, params=params, timeout=30)
-        assert answer.status_code == 200, (path, answer.status_code, answer.text[:500])
-        return answer
-
-    def stop(self) -> str:
-        self.process.send_signal(signal.SIGTERM)
-        _, err = self.process.communicate(timeout=60)
-        assert self.process.returncode == 0, err
-        return err
-
-
 @pytest.fixture(scope="module")
 def sample_app(
     full_venv: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SampleApp]:
+) -> Iterator[DevServer]:
     app_dir = tmp_path_factory.mktemp("sample") / "app"
     shutil.copytree(SAMPLE_APP, app_dir, ignore=shutil.ignore_patterns("__pycache__", ".local"))
     # What the app's owner does: take gae_deferred's indexes into the app's index.yaml.
     shutil.copy(site_packages(full_venv) / "gae_deferred" / "index.yaml", app_dir / "index.yaml")
-    running = SampleApp(full_venv, app_dir)
+    running = DevServer(full_venv, app_dir)
     yield running
     if running.process.poll() is None:
         running.stop()
 
 
 def test_the_sample_app_imports_its_own_handlers_and_the_installed_package(
-    sample_app: SampleApp, full_venv: pathlib.Path
+    sample_app: DevServer, full_venv: pathlib.Path
 ) -> None:
     where = sample_app.get("/where").json()
     assert pathlib.Path(where["gae_deferred"]).is_relative_to(site_packages(full_venv))
@@ -129,13 +86,13 @@ def test_the_sample_app_imports_its_own_handlers_and_the_installed_package(
     assert "Hello from the sample app" in sample_app.get("/").text
 
 
-def test_the_apps_static_handler_serves_its_files(sample_app: SampleApp) -> None:
+def test_the_apps_static_handler_serves_its_files(sample_app: DevServer) -> None:
     css = sample_app.get("/static/sample.css")
     assert css.headers["Content-Type"] == "text/css" and "darkgreen" in css.text
 
 
 def test_the_dashboard_and_its_stylesheet_come_from_the_package(
-    sample_app: SampleApp, full_venv: pathlib.Path
+    sample_app: DevServer, full_venv: pathlib.Path
 ) -> None:
     page = sample_app.get("/_ah/deferred-admin")
     assert 'href="/_ah/deferred-admin/static/admin.css"' in page.text
@@ -145,13 +102,13 @@ def test_the_dashboard_and_its_stylesheet_come_from_the_package(
     assert css.content == installed.read_bytes()
 
 
-def test_the_apps_queue_yaml_queues_are_listed(sample_app: SampleApp) -> None:
+def test_the_apps_queue_yaml_queues_are_listed(sample_app: DevServer) -> None:
     listed = json.dumps(sample_app.get("/_ah/deferred-admin/api/queues").json())
     assert "sample-reports" in listed
 
 
 def test_a_task_deferred_by_the_apps_own_module_runs(
-    sample_app: SampleApp, tmp_path: pathlib.Path
+    sample_app: DevServer, tmp_path: pathlib.Path
 ) -> None:
     task_name = sample_app.get("/defer", dir=str(tmp_path), label="report-1").text
     assert task_name
@@ -161,7 +118,7 @@ def test_a_task_deferred_by_the_apps_own_module_runs(
     assert queue == "sample-reports" and int(pid) != os.getpid()
 
 
-def test_the_sample_app_stops_cleanly(sample_app: SampleApp) -> None:
+def test_the_sample_app_stops_cleanly(sample_app: DevServer) -> None:
     """Last: stops the module's app. No warning: its index.yaml has gae_deferred's indexes."""
     err = sample_app.stop()
     assert "warning" not in err and "Traceback" not in err
