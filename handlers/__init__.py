@@ -9,7 +9,9 @@ Add them to an existing app::
 
 ``deferred_middleware`` makes the request current for ``defer()`` (tasks remember which request
 deferred them and join its trace), opens an ndb context per request, and guards the dashboard's
-prefix before webapp2 routes (see ``_middleware``).
+prefix before webapp2 routes (see ``_middleware``). ``configure_logging()`` (from
+:mod:`gae_deferred.tracing`, here for the same import line) makes task logs on App Engine join
+the trace of the request that deferred them.
 
 In this repository the package is the ``handlers/`` folder; the wheel installs it as
 ``gae_deferred.webapp2``, with the dashboard's templates and static files as package data.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import webapp2
 
+from gae_deferred.tracing import configure_logging
+
 from ._middleware import deferred_middleware
 from .deferred_admin import admin_routes
 from .deferred_task import DeferredTaskHandler, task_routes
@@ -30,6 +34,7 @@ __all__ = [
     "DeferredTaskHandler",
     "TaskHandler",
     "admin_routes",
+    "configure_logging",
     "deferred_middleware",
     "deferred_routes",
     "task_routes",

@@ -86,8 +86,12 @@ def apply_readme(readme: Readme, app_dir: pathlib.Path, wheel: pathlib.Path) -> 
     # goes but the line that makes the app.
     before = (app_dir / "main.py").read_text().splitlines()
     after = readme.block(2)
-    removed = [line[2:] for line in difflib.ndiff(before, after.splitlines()) if line[0] == "-"]
+    diff = list(difflib.ndiff(before, after.splitlines()))
+    removed = [line[2:] for line in diff if line[0] == "-"]
     assert removed == ["app = webapp2.WSGIApplication(ROUTES)"], removed
+    # The promise: at most three lines of code (the block's file comment aside).
+    added = [line[2:] for line in diff if line[0] == "+" and line[2:].strip()]
+    assert len([line for line in added if not line.startswith("#")]) <= 3, added
     (app_dir / "main.py").write_text(after)
 
     # 4. The block's list items, after the app's.
