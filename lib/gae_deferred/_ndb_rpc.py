@@ -10,13 +10,16 @@ configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retr
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
+    lookup([record_key, *chunk_keys])                     # raw Entity pbs (or None), in order
     enter_context(context) ... exit_context()             # Context.use(), cheaper per task
 
 Entities are prepared and converted as ``Model.put()`` does (``_pre_put_hook``,
 ``_prepare_for_put``, ``_entity_to_protobuf``), so what is written is what ``put()`` would
 write; post-put hooks do not run (gae_deferred's kinds define none). Only gae_deferred's
 kinds go through here: they opt out of ndb's context and global caches, which these writes
-do not update.
+do not update (nor these reads consult). Reads of big payloads come here too: ndb's get_multi
+turns every chunk into a Model holding a copy of its bytes, and keeps its Lookup's response
+alive in its batch futures; ``lookup`` returns the protobufs for the caller to copy and drop.
 
 tests/test_ndb_rpc.py checks every internal named in ``INTERNALS`` against the ndb version
 pinned in requirements.txt and fails, naming the internal, if an upgrade changes them.
@@ -24,7 +27,8 @@ pinned in requirements.txt and fails, naming the internal, if an upgrade changes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
@@ -40,6 +44,7 @@ INTERNALS = (
     ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
     ("google.cloud.ndb._options", "Options"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
+    ("google.cloud.ndb.model", "_entity_from_protobuf"),
     ("google.cloud.ndb.model.Model", "_prepare_for_put"),
     ("google.cloud.ndb.tasklets", "Future"),
     ("google.cloud.ndb.context", "_state"),
@@ -97,6 +102,38 @@ def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Ke
         done.set_result(None)
         batch.mutations.append(mutation)
         batch.futures.append(done)
+
+
+def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
+    """One Lookup of ``keys`` (repeated for any the service defers, as ndb does): each key's
+    raw ``Entity`` protobuf, in order, or None where it does not exist.
+
+    Reads in the current transaction when there is one, as ndb's own get does. Must run inside
+    an ndb context; raises the Google API error of a failed Lookup.
+    """
+    context = ndb.get_context()
+    client = context.client
+    pending = [key._key.to_protobuf()._pb for key in keys]
+    index = {key.SerializeToString(): number for number, key in enumerate(pending)}
+    found: list[Any] = [None] * len(pending)
+    while pending:
+        request = datastore_pb2.LookupRequest(
+            project_id=client.project, database_id=client.database
+        )
+        request._pb.keys.extend(pending)
+        if context.in_transaction():
+            request._pb.read_options.transaction = context.transaction
+        response = _datastore_api.make_call("lookup", request).result()
+        response = getattr(response, "_pb", response)
+        for result in response.found:
+            found[index[result.entity.key.SerializeToString()]] = result.entity
+        pending = list(response.deferred)
+    return found
+
+
+def model_from_pb(entity_pb: Any) -> ndb.Model:
+    """The Model of a raw ``Entity`` protobuf from :func:`lookup`, as ndb's get makes it."""
+    return model._entity_from_protobuf(entity_pb)
 
 
 def enter_context(context: ndb.Context) -> None:
