@@ -361,3 +361,42 @@ def test_args_preview_of_big_bytes_reprs_only_what_it_shows():
         "b'\\x00\\x00\\x00\\x00...00\\x00\\x00\\x00\\x00', "
         "[bytearray(b'\\x00\\x...0\\x00\\x00\\x00\\x00')], b'short'"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "queue", "task", "app_version"),
+    [
+        ((1, 2), "default", "d-0123456789abcdef0123456789abcdef", "unknown"),
+        (('naïve "quoted" \\ text\n', None, 2.5), "q-1", "named_Task-1", "v1.2"),
+        ((b"\x00\xff" * 40, [1, {"a": 2}]), "reports", "t", "20260101t000000"),
+        (("\u2028 line sep", "\ud7ff"), "x", "y" * 500, "ünïcode"),
+    ],
+)
+def test_defer_header_json_is_what_the_generic_encoder_writes(args, queue, task, app_version):
+    gae_deferred.configure(app_version=app_version)
+    data, header = envelope.build_call(
+        add, args, {}, envelope.function_name(add), {}, task=task, queue=queue, eta_ms=1_700_000
+    )
+    _, _, _, header_len = struct.unpack_from(">6sBBI", data)
+    written = data[12 : 12 + header_len]
+    assert written == json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    assert envelope.open_envelope(data).header == header
+
+
+def test_defer_header_with_other_fields_goes_through_the_generic_encoder():
+    data, header = envelope.build_call(
+        add,
+        (1, 2),
+        {},
+        "tests.callables.add",
+        {"trace": "00-abc-01", "retry": {"task_retry_limit": 3}},
+        task="t",
+        queue="q",
+        eta_ms=5,
+    )
+    _, _, _, header_len = struct.unpack_from(">6sBBI", data)
+    assert (
+        data[12 : 12 + header_len]
+        == json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    )
+    assert header["retry"] == {"task_retry_limit": 3} and header["trace"] == "00-abc-01"

@@ -44,6 +44,8 @@ FLAG_ZLIB = 0x01
 FLAG_REFERENCE = 0x02
 _KNOWN_FLAGS = FLAG_ZLIB | FLAG_REFERENCE
 _PREFIX = struct.Struct(">6sBBI")
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_dumps = pickle.dumps
 _MAC_BYTES = 32
 _MAX_HEADER_BYTES = 64 * 1024
 PYTHON_VERSION = platform.python_version()
@@ -79,6 +81,23 @@ _PROBE_BYTES = 64 * 1024
 _HEADER_DECODER = json.JSONDecoder()
 #: One encoder too: json.dumps with options builds a new JSONEncoder on every call.
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+#: The C encoder behind it, made once: JSONEncoder.encode makes a new one per call. Same
+#: options, so the same bytes; no circular-reference check (a header is flat JSON we build).
+_C_ENCODER = (
+    json.encoder.c_make_encoder(
+        None,
+        _HEADER_ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +134,13 @@ def args_preview(args: tuple, kwargs: dict) -> str:
     """A short repr of the arguments that never raises and never grows past 200 characters."""
     parts = []
     for value in args:
+        kind = type(value)
+        # _safe_repr's shortcut inline: ids and flags are what defer() is called with most.
+        if kind in _PLAIN_REPR or (kind is str and len(value) <= _args_repr.maxstring):
+            text = repr(value)
+            if len(text) <= _args_repr.maxother:
+                parts.append(text)
+                continue
         parts.append(_safe_repr(value))
     for name, value in kwargs.items():
         parts.append(f"{name}={_safe_repr(value)}")
@@ -149,7 +175,7 @@ def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes, str]:
     """
     call = (obj, args, kwargs)
     try:
-        data = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _dumps(call, protocol=_PROTOCOL)
     except Exception:  # lambdas, closures, local classes: cloudpickle handles them by value
         pass
     else:
@@ -186,16 +212,34 @@ def _compressible(raw: bytes, level: int) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _keyed(key: bytes) -> hmac.HMAC:
+def _keyed(key: bytes) -> Any:
     """HMAC-SHA256 with ``key`` already absorbed: copying it costs less than keying afresh,
-    which every task and every defer() would otherwise do."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+    which every task and every defer() would otherwise do. OpenSSL's HMAC object itself where
+    hmac.HMAC wraps one: its copy/update/digest without a Python frame each."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+    return getattr(keyed, "_hmac", None) or keyed
 
 
-def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
-    kid, key = _signing.signing_key()
+def encode_header(header: dict[str, Any]) -> bytes:
+    """The header's JSON: sorted keys, no spaces, ASCII (what every envelope has carried)."""
+    if _C_ENCODER is None:
+        return _HEADER_ENCODER.encode(header).encode()
+    return "".join(_C_ENCODER(header, 0)).encode()
+
+
+def _seal(
+    header: dict[str, Any],
+    body: bytes,
+    flags: int,
+    header_bytes: bytes | None = None,
+    signing: tuple[str, bytes] | None = None,
+) -> bytes:
+    """Sign and join; ``header_bytes`` is the header's JSON when the caller already encoded it
+    with the ``kid`` of ``signing`` (the (kid, key) it got from _signing.signing_key())."""
+    kid, key = signing or _signing.signing_key()
     header["kid"] = kid
-    header_bytes = _HEADER_ENCODER.encode(header).encode()
+    if header_bytes is None:
+        header_bytes = encode_header(header)
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
     # The MAC runs over the parts and they are joined once: a body can be 32 MiB, and building
     # the unsigned envelope first would copy it twice.
@@ -204,6 +248,23 @@ def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     mac.update(header_bytes)
     mac.update(body)
     return b"".join((prefix, header_bytes, body, mac.digest()))
+
+
+_json_str = json.encoder.encode_basestring_ascii
+_PYTHON_JSON = _json_str(PYTHON_VERSION)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant_json(app_version: str, function: str, kid: str, queue: str) -> tuple[str, str, str]:
+    """The runs of a defer() header's JSON that are the same for every call of a function
+    into a queue (a process has a handful): up to "args", "cloudpickle", and "function" to
+    "raw_bytes"."""
+    return (
+        f'{{"app_version":{_json_str(app_version)},"args":',
+        f',"cloudpickle":{_json_str(CLOUDPICKLE_VERSION)},"created_ms":',
+        f',"function":{_json_str(function)},"kid":{_json_str(kid)},"python":{_PYTHON_JSON},'
+        f'"queue":{_json_str(queue)},"raw_bytes":',
+    )
 
 
 def build(
@@ -217,9 +278,24 @@ def build_with_header(
     obj: Callable, args: tuple = (), kwargs: dict | None = None, **extra_header: Any
 ) -> tuple[bytes, dict[str, Any]]:
     """Like build(), also returning the header it wrote, so defer() need not parse it back."""
+    return build_call(obj, args, kwargs or {}, function_name(obj), extra_header)
+
+
+def build_call(
+    obj: Callable,
+    args: tuple,
+    kwargs: dict,
+    function: str,
+    extra_header: dict[str, Any],
+    *,
+    task: str | None = None,
+    queue: str | None = None,
+    eta_ms: int | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """build_with_header() for defer(), which already has ``function_name(obj)`` and binds the
+    envelope to its ``task``, ``queue`` and ``eta_ms`` (header fields, like ``extra_header``'s)."""
     if not callable(obj):
         raise SerializationError(f"cannot defer {obj!r}: it is not callable")
-    kwargs = kwargs or {}
     current = settings()
     raw, serializer = _pickle_call(obj, args, kwargs)
     body, flags = raw, 0
@@ -231,20 +307,45 @@ def build_with_header(
         packed = zlib.compress(raw, current.compression_level)
         if len(packed) < len(raw) * _WORTH_IT:
             body, flags = packed, FLAG_ZLIB
+    args_text = args_preview(args, kwargs)
+    # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
+    created_ms = int(time.time() * 1000)
     header = {
-        "function": function_name(obj),
-        "args": args_preview(args, kwargs),
+        "function": function,
+        "args": args_text,
         "python": PYTHON_VERSION,
         "cloudpickle": CLOUDPICKLE_VERSION,
         "app_version": current.app_version,
         "serializer": serializer,
         "raw_bytes": len(raw),
         "body_bytes": len(body),
-        # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
-        "created_ms": int(time.time() * 1000),
-        **extra_header,
+        "created_ms": created_ms,
     }
-    return _seal(header, body, flags), header
+    if task is not None:
+        header["task"], header["queue"], header["eta_ms"] = task, queue, eta_ms
+    if extra_header:
+        header.update(extra_header)
+    signing = _signing.signing_key()
+    header_bytes = None
+    if (
+        not extra_header
+        and type(task) is str
+        and type(queue) is str
+        and type(eta_ms) is int
+        and type(current.app_version) is str
+    ):
+        # The header every defer() makes, written in one f-string exactly as the generic
+        # encoder writes it (sorted keys, no spaces, ASCII): that encoder was a quarter of a
+        # small defer()'s CPU. tests/test_envelope.py checks the two agree.
+        head, cloudpickle_json, call_site = _constant_json(
+            current.app_version, function, signing[0], queue
+        )
+        header_bytes = (
+            f'{head}{_json_str(args_text)},"body_bytes":{len(body)}{cloudpickle_json}'
+            f'{created_ms},"eta_ms":{eta_ms}{call_site}{len(raw)},'
+            f'"serializer":"{serializer}","task":{_json_str(task)}}}'
+        ).encode()
+    return _seal(header, body, flags, header_bytes, signing), header
 
 
 def build_reference(header: dict[str, Any], ref: dict[str, Any], **changes: Any) -> bytes:
