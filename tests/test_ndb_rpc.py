@@ -86,6 +86,13 @@ def test_commit_writes_what_ndb_put_writes(ndb_stub):
     assert [_stored(ndb_stub, entity.key) for entity in (record, *chunks)] == by_ndb
     loaded, data = spillover.load("p-put", 3)
     assert loaded == record and bytes(data) == b"x" * 2_500_000
+    ndb.delete_multi([record.key, *(chunk.key for chunk in chunks)])
+
+    # What write_many sends: each chunk's protobuf made straight from a view of the envelope.
+    blobs = list(chunks.blobs())
+    assert all(isinstance(blob.data, memoryview) for blob in blobs)
+    _ndb_rpc.commit(upserts=[record, *blobs])
+    assert [_stored(ndb_stub, entity.key) for entity in (record, *chunks)] == by_ndb
 
 
 def test_commit_is_one_rpc_with_upserts_and_deletes(ndb_stub):

@@ -8,6 +8,7 @@ Commit built directly and sent through ndb's RPC layer, so it goes to whatever n
 configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retries::
 
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
+    commit(upserts=[Blob(key, Chunk, "data", view)])      # a chunk straight from a view
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
     lookup([record_key, *chunk_keys])                     # raw Entity pbs (or None), in order
@@ -27,8 +28,9 @@ pinned in requirements.txt and fails, naming the internal, if an upgrade changes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
@@ -53,22 +55,46 @@ INTERNALS = (
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
 
 
-def _mutations(
-    upserts: Iterable[ndb.Model], deletes: Iterable[ndb.Key]
-) -> Iterable[tuple[str, object]]:
-    """(operation, protobuf) pairs; entities are converted one at a time, so a big payload's
-    chunks are never all held twice."""
-    for entity in upserts:
+class Blob(NamedTuple):
+    """An entity of ``kind`` whose one bytes property ``prop`` is ``data``, written without a
+    Model instance: its protobuf is the kind's, with ``data`` copied in straight from a view
+    (a chunk of a spilled envelope is never held as bytes of its own)."""
+
+    key: ndb.Key
+    kind: type[ndb.Model]
+    prop: str
+    data: bytes | memoryview
+
+
+@functools.lru_cache(maxsize=16)
+def _blob_template(kind: type[ndb.Model], prop: str) -> Any:
+    """What ``put()`` writes for a ``kind`` entity with only ``prop`` set, keyless."""
+    entity = kind(**{prop: b"x"})
+    entity._pre_put_hook()
+    entity._prepare_for_put()
+    return model._entity_to_protobuf(entity)._pb
+
+
+def _fill(mutation: Any, item: ndb.Model | Blob | ndb.Key) -> None:
+    """Make the Mutation protobuf ``mutation`` an upsert of ``item`` (a key: its delete)."""
+    if isinstance(item, ndb.Key):
+        mutation.delete.CopyFrom(item._key.to_protobuf()._pb)
+    elif isinstance(item, Blob):
+        upsert = mutation.upsert
+        upsert.CopyFrom(_blob_template(item.kind, item.prop))
+        upsert.key.CopyFrom(item.key._key.to_protobuf()._pb)
+        data = item.data
+        upsert.properties[item.prop].blob_value = data if type(data) is bytes else bytes(data)
+    else:
         # What Model.put() does before converting: computed properties store their value
-        # (_prepare_for_put) and the pre-put hook runs.
-        entity._pre_put_hook()
-        entity._prepare_for_put()
-        yield "upsert", model._entity_to_protobuf(entity)._pb
-    for key in deletes:
-        yield "delete", key._key.to_protobuf()._pb
+        # (_prepare_for_put) and the pre-put hook runs. Converted one at a time and copied into
+        # the request, so a big payload's chunks are never all held twice.
+        item._pre_put_hook()
+        item._prepare_for_put()
+        mutation.upsert.CopyFrom(model._entity_to_protobuf(item)._pb)
 
 
-def commit(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -> None:
+def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()) -> None:
     """One non-transactional Commit of these upserts and deletes, outside any transaction.
 
     Must run inside an ndb context; raises the Google API error of a failed Commit.
@@ -78,13 +104,14 @@ def commit(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -
         project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
     )
     mutations = request._pb.mutations
-    for operation, pb in _mutations(upserts, deletes):
-        # CopyFrom into the request's own mutation: one copy, and the converted pb goes now.
-        getattr(mutations.add(), operation).CopyFrom(pb)
+    for item in (*upserts, *deletes):
+        _fill(mutations.add(), item)
     _datastore_api.make_call("commit", request).result()
 
 
-def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -> None:
+def join_transaction(
+    upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()
+) -> None:
     """Add these mutations to the current transaction's commit (sent when it commits).
 
     They are appended to ndb's commit batch of the transaction, each with a finished future as
@@ -95,9 +122,9 @@ def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Ke
     if not context.in_transaction():
         raise RuntimeError("join_transaction needs an active ndb transaction")
     batch = _datastore_api._get_commit_batch(context.transaction, _options.Options())
-    for operation, pb in _mutations(upserts, deletes):
+    for item in (*upserts, *deletes):
         mutation = datastore_pb2.Mutation()
-        getattr(mutation._pb, operation).CopyFrom(pb)
+        _fill(mutation._pb, item)
         done = tasklets.Future()
         done.set_result(None)
         batch.mutations.append(mutation)

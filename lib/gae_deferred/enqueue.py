@@ -94,12 +94,17 @@ class PreparedCall:
     """A call serialized into its envelope and bound to the task it will be sent as."""
 
     spec: TaskSpec
-    data: bytes
+    #: The envelope: bytes, or for a call with a big argument its unjoined parts (Sealed).
+    data: bytes | envelope.Sealed
     header: dict[str, Any]
     transactional: bool
 
     def __init__(
-        self, spec: TaskSpec, data: bytes, header: dict[str, Any], transactional: bool
+        self,
+        spec: TaskSpec,
+        data: bytes | envelope.Sealed,
+        header: dict[str, Any],
+        transactional: bool,
     ) -> None:
         # Frozen all the same (no setattr): the instance dict written directly instead of
         # object.__setattr__ per field.
@@ -340,7 +345,8 @@ def _task_url(base: str, function: str) -> str:
 
 
 def _create_inline(call: PreparedCall) -> DeferredTask:
-    created = create_task(call.spec, call.data)
+    data = envelope.as_bytes(call.data)
+    created = create_task(call.spec, data)
     return DeferredTask(
         name=short_name(created.name),
         path=created.name,
@@ -349,16 +355,14 @@ def _create_inline(call: PreparedCall) -> DeferredTask:
         function=call.header["function"],
         spilled=False,
         payload_bytes=call.header["raw_bytes"],
-        task_bytes=len(call.data),
+        task_bytes=len(data),
         url=call.spec.url,
         headers=call.spec.headers,
-        payload=call.data,
+        payload=data,
     )
 
 
-def spill_entities(
-    call: PreparedCall,
-) -> tuple[spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]:
+def spill_entities(call: PreparedCall) -> tuple[spillover.DeferredPayload, spillover.PayloadChunks]:
     """The record and chunks for a call's payload, not written yet (inside an ndb context:
     keys take the client's project)."""
     return spillover.build_record(
@@ -406,9 +410,7 @@ def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: byte
     )
 
 
-def write_outside_transaction(
-    entities: list[tuple[spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]],
-) -> None:
+def write_outside_transaction(entities: spillover.Payloads) -> None:
     """Write spilled records and chunks in commits of their own, never in the caller's
     transaction: a defer that is not transactional must not depend on that transaction."""
     try:

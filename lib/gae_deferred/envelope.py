@@ -29,7 +29,7 @@ import reprlib
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -167,24 +167,74 @@ def _safe_repr(value: Any) -> str:
         return f"<{type(value).__name__} object>"
 
 
-def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes, str]:
-    """Plain pickle where it is safe and faster, cloudpickle for everything else.
+#: A call with an argument of at least this many bytes (bytes, bytearray or str) is pickled in
+#: pieces: pickle hands such an argument's bytes to its writer as they are, so the pickle never
+#: holds a copy of a big payload (defer()'s peak memory; see Sealed).
+_PIECES_BYTES = 1024 * 1024
+_BUFFER_TYPES = frozenset((bytes, bytearray, str))
+
+
+class _Pieces(list):
+    """The file pickle writes to: its frames, and a big argument's own bytes object."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        # A bytearray the caller may change before the envelope is sent is copied.
+        self.append(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+
+def _has_big_buffer(args: tuple, kwargs: dict) -> bool:
+    for value in args:
+        if type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES:
+            return True
+    return any(
+        type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES for value in kwargs.values()
+    )
+
+
+def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes | list[bytes], str]:
+    """Plain pickle where it is safe and faster, cloudpickle for everything else; the pickle's
+    pieces (a list) for a call with a big argument, else its bytes.
 
     Plain pickle stores functions by reference, so it is only used when that reference can be
     resolved in another process: the stream must not point into ``__main__``.
     """
     call = (obj, args, kwargs)
-    try:
-        data = _dumps(call, protocol=_PROTOCOL)
-    except Exception:  # lambdas, closures, local classes: cloudpickle handles them by value
-        pass
+    if _has_big_buffer(args, kwargs):
+        pieces = _Pieces()
+        try:
+            pickle.Pickler(pieces, protocol=_PROTOCOL).dump(call)
+        except Exception:  # as below: cloudpickle, which makes one bytes object
+            pass
+        else:
+            if not _mentions_main(pieces):
+                return list(pieces), "pickle"
+        del pieces
     else:
-        if b"__main__" not in data:
-            return data, "pickle"
+        try:
+            data = _dumps(call, protocol=_PROTOCOL)
+        except Exception:  # lambdas, closures, local classes: cloudpickle handles them by value
+            pass
+        else:
+            if b"__main__" not in data:
+                return data, "pickle"
     try:
-        return cloudpickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), "cloudpickle"
+        return cloudpickle.dumps(call, protocol=_PROTOCOL), "cloudpickle"
     except Exception as exc:
         raise SerializationError(_name_unpicklable(obj, args, kwargs, exc)) from exc
+
+
+_MAIN = b"__main__"
+
+
+def _mentions_main(pieces: Sequence[bytes]) -> bool:
+    """``b"__main__" in b"".join(pieces)``, without the join."""
+    tail = b""
+    for piece in pieces:
+        if _MAIN in piece or _MAIN in tail + piece[: len(_MAIN) - 1]:
+            return True
+        tail = piece[-(len(_MAIN) - 1) :]
+    return False
 
 
 def _name_unpicklable(obj: Callable, args: tuple, kwargs: dict, exc: Exception) -> str:
@@ -202,13 +252,95 @@ def _name_unpicklable(obj: Callable, args: tuple, kwargs: dict, exc: Exception) 
     return f"cannot defer {function_name(obj)}: {exc}"
 
 
-def _compressible(raw: bytes, level: int) -> bool:
+def _compressible(raw: bytes | list[bytes], level: int) -> bool:
     """Big bodies are probed on a sample first: compressing megabytes of already-compressed or
     random bytes would cost milliseconds and save nothing."""
-    if len(raw) <= _PROBE_BYTES:
+    if isinstance(raw, list):
+        sample = _head(raw, _PROBE_BYTES)
+    elif len(raw) <= _PROBE_BYTES:
         return True
-    sample = memoryview(raw)[:_PROBE_BYTES]
+    else:
+        sample = memoryview(raw)[:_PROBE_BYTES]
     return len(zlib.compress(sample, level)) < _PROBE_BYTES * _WORTH_IT
+
+
+def _head(pieces: list[bytes], size: int) -> bytes:
+    """The first ``size`` bytes of the pieces."""
+    head = []
+    for piece in pieces:
+        head.append(piece[: size - sum(map(len, head))])
+        if sum(map(len, head)) >= size:
+            break
+    return b"".join(head)
+
+
+def _compress(raw: bytes | list[bytes], level: int) -> bytes:
+    if not isinstance(raw, list):
+        return zlib.compress(raw, level)
+    compressor = zlib.compressobj(level)
+    packed = [compressor.compress(piece) for piece in raw]
+    packed.append(compressor.flush())
+    return b"".join(packed)
+
+
+class Sealed:
+    """A signed envelope kept as the parts it was signed from: prefix and header, the pickle's
+    pieces (a big argument's own bytes among them, not a copy) and the MAC. defer() makes one
+    for a call with a big argument (see ``_PIECES_BYTES``) and spills it chunk by chunk, so
+    the envelope is never joined into one more copy of the payload::
+
+        len(sealed)                          # the envelope's size
+        for chunk in sealed.slices(1_000_000): ...   # views where a chunk lies in one part
+        bytes(sealed)                        # the envelope itself (joins)
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: Sequence[bytes]) -> None:
+        self.parts = tuple(parts)
+        self.size = sum(len(part) for part in self.parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def slices(self, size: int) -> Iterator[bytes | memoryview]:
+        """The envelope cut every ``size`` bytes, in order: a view into a part when the slice
+        lies within it, else the slice's bytes joined from the parts it spans."""
+        pending: list[memoryview] = []
+        pending_bytes = 0
+        for part in self.parts:
+            view = memoryview(part)
+            while len(view):
+                take = min(size - pending_bytes, len(view))
+                piece, view = view[:take], view[take:]
+                if not pending and take == size:
+                    yield piece
+                    continue
+                pending.append(piece)
+                pending_bytes += take
+                if pending_bytes == size:
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
+        if pending:
+            yield b"".join(pending)
+
+
+def as_bytes(data: bytes | Sealed) -> bytes:
+    """The envelope's bytes, joining a Sealed one."""
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def slices(data: bytes | Sealed, size: int) -> Iterator[bytes | memoryview]:
+    """An envelope cut every ``size`` bytes: views, never copies, where that is possible."""
+    if isinstance(data, Sealed):
+        yield from data.slices(size)
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield view[start : start + size]
 
 
 @functools.lru_cache(maxsize=8)
@@ -250,6 +382,21 @@ def _seal(
     return b"".join((prefix, header_bytes, body, mac.digest()))
 
 
+def _seal_pieces(
+    header: dict[str, Any], pieces: list[bytes], flags: int, signing: tuple[str, bytes]
+) -> Sealed:
+    """_seal for a body in pieces (see _pickle_call): signed over the pieces, never joined."""
+    kid, key = signing
+    header["kid"] = kid
+    header_bytes = encode_header(header)
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes)) + header_bytes
+    mac = _keyed(key).copy()
+    mac.update(head)
+    for piece in pieces:
+        mac.update(piece)
+    return Sealed((head, *pieces, mac.digest()))
+
+
 _json_str = json.encoder.encode_basestring_ascii
 _PYTHON_JSON = _json_str(PYTHON_VERSION)
 
@@ -278,7 +425,8 @@ def build_with_header(
     obj: Callable, args: tuple = (), kwargs: dict | None = None, **extra_header: Any
 ) -> tuple[bytes, dict[str, Any]]:
     """Like build(), also returning the header it wrote, so defer() need not parse it back."""
-    return build_call(obj, args, kwargs or {}, function_name(obj), extra_header)
+    data, header = build_call(obj, args, kwargs or {}, function_name(obj), extra_header)
+    return as_bytes(data), header
 
 
 def build_call(
@@ -291,22 +439,28 @@ def build_call(
     task: str | None = None,
     queue: str | None = None,
     eta_ms: int | None = None,
-) -> tuple[bytes, dict[str, Any]]:
+) -> tuple[bytes | Sealed, dict[str, Any]]:
     """build_with_header() for defer(), which already has ``function_name(obj)`` and binds the
-    envelope to its ``task``, ``queue`` and ``eta_ms`` (header fields, like ``extra_header``'s)."""
+    envelope to its ``task``, ``queue`` and ``eta_ms`` (header fields, like ``extra_header``'s).
+
+    The envelope of a call with a big argument comes back as a :class:`Sealed`, whose parts
+    include that argument's own bytes: nothing joins a copy of it.
+    """
     if not callable(obj):
         raise SerializationError(f"cannot defer {obj!r}: it is not callable")
     current = settings()
     raw, serializer = _pickle_call(obj, args, kwargs)
+    raw_bytes = sum(map(len, raw)) if isinstance(raw, list) else len(raw)
     body, flags = raw, 0
     if (
         current.compression_level
-        and len(raw) >= current.compress_min_bytes
+        and raw_bytes >= current.compress_min_bytes
         and _compressible(raw, current.compression_level)
     ):
-        packed = zlib.compress(raw, current.compression_level)
-        if len(packed) < len(raw) * _WORTH_IT:
+        packed = _compress(raw, current.compression_level)
+        if len(packed) < raw_bytes * _WORTH_IT:
             body, flags = packed, FLAG_ZLIB
+    body_bytes = sum(map(len, body)) if isinstance(body, list) else len(body)
     args_text = args_preview(args, kwargs)
     # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
     created_ms = int(time.time() * 1000)
@@ -317,8 +471,8 @@ def build_call(
         "cloudpickle": CLOUDPICKLE_VERSION,
         "app_version": current.app_version,
         "serializer": serializer,
-        "raw_bytes": len(raw),
-        "body_bytes": len(body),
+        "raw_bytes": raw_bytes,
+        "body_bytes": body_bytes,
         "created_ms": created_ms,
     }
     if task is not None:
@@ -326,6 +480,8 @@ def build_call(
     if extra_header:
         header.update(extra_header)
     signing = _signing.signing_key()
+    if isinstance(body, list):
+        return _seal_pieces(header, body, flags, signing), header
     header_bytes = None
     if (
         not extra_header
@@ -341,8 +497,8 @@ def build_call(
             current.app_version, function, signing[0], queue
         )
         header_bytes = (
-            f'{head}{_json_str(args_text)},"body_bytes":{len(body)}{cloudpickle_json}'
-            f'{created_ms},"eta_ms":{eta_ms}{call_site}{len(raw)},'
+            f'{head}{_json_str(args_text)},"body_bytes":{body_bytes}{cloudpickle_json}'
+            f'{created_ms},"eta_ms":{eta_ms}{call_site}{raw_bytes},'
             f'"serializer":"{serializer}","task":{_json_str(task)}}}'
         ).encode()
     return _seal(header, body, flags, header_bytes, signing), header

@@ -24,14 +24,15 @@ import ctypes
 import datetime
 import enum
 import functools
+import itertools
 import logging
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 from google.cloud import ndb
 
-from . import _facets, _ndb_rpc
+from . import _facets, _ndb_rpc, envelope
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
@@ -150,29 +151,67 @@ def chunk_keys(payload_id: str, chunks: int) -> list[ndb.Key]:
     return _chunk_keys(payload_id, range(1, chunks + 1))
 
 
-def _split(data: bytes, size: int) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(data), size):
-        yield bytes(view[start : start + size])
+class PayloadChunks(Sequence[DeferredPayloadChunk]):
+    """A spilled envelope's chunk entities, made from the envelope only as they are written.
+
+    The commits build each chunk's protobuf straight from a view of the envelope
+    (``blobs()``), so no chunk is ever held as bytes of its own besides the one being copied
+    in: defer() of a 32 MiB payload holds the payload, the envelope (for a big argument, the
+    same bytes: see envelope.Sealed) and one commit's request. Indexing or iterating makes
+    DeferredPayloadChunk entities (copies), for code that wants them.
+    """
+
+    def __init__(self, payload_id: str, data: bytes | envelope.Sealed, chunk_bytes: int) -> None:
+        self.keys = chunk_keys(payload_id, -(-len(data) // chunk_bytes))
+        self._data = data
+        self._chunk_bytes = chunk_bytes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> DeferredPayloadChunk: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[DeferredPayloadChunk]: ...
+
+    def __getitem__(self, index: int | slice) -> DeferredPayloadChunk | list[DeferredPayloadChunk]:
+        entities = [
+            DeferredPayloadChunk(key=key, data=bytes(data))
+            for key, data in zip(self.keys, self._slices(), strict=True)
+        ]
+        return entities[index]
+
+    def __iter__(self) -> Iterator[DeferredPayloadChunk]:
+        for key, data in zip(self.keys, self._slices(), strict=True):
+            yield DeferredPayloadChunk(key=key, data=bytes(data))
+
+    def blobs(self) -> Iterator[_ndb_rpc.Blob]:
+        """Each chunk as what _ndb_rpc writes: its key and a view of its bytes."""
+        for key, data in zip(self.keys, self._slices(), strict=True):
+            yield _ndb_rpc.Blob(key, DeferredPayloadChunk, "data", data)
+
+    def _slices(self) -> Iterator[bytes | memoryview]:
+        return envelope.slices(self._data, self._chunk_bytes)
 
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def check_size(envelope: bytes, header: dict[str, Any]) -> None:
+def check_size(data: bytes | envelope.Sealed, header: dict[str, Any]) -> None:
     """PayloadTooLargeError for an envelope over ``max_payload_bytes``."""
     limit = settings().max_payload_bytes
-    if len(envelope) > limit:
+    if len(data) > limit:
         raise PayloadTooLargeError(
-            f"payload of {header.get('function')} is {len(envelope):,} bytes, over the "
+            f"payload of {header.get('function')} is {len(data):,} bytes, over the "
             f"{limit:,} byte cap (max_payload_bytes)"
         )
 
 
 def build_record(
     payload_id: str,
-    envelope: bytes,
+    data: bytes | envelope.Sealed,
     header: dict[str, Any],
     *,
     queue: str,
@@ -180,18 +219,11 @@ def build_record(
     eta: datetime.datetime,
     task: dict[str, Any],
     transactional: bool = False,
-) -> tuple[DeferredPayload, list[DeferredPayloadChunk]]:
-    """The record and chunk entities for a payload, not yet written."""
-    current = settings()
-    check_size(envelope, header)
-    chunks = [
-        DeferredPayloadChunk(key=key, data=piece)
-        for key, piece in zip(
-            chunk_keys(payload_id, -(-len(envelope) // current.chunk_bytes)),
-            _split(envelope, current.chunk_bytes),
-            strict=True,
-        )
-    ]
+) -> tuple[DeferredPayload, PayloadChunks]:
+    """The record and chunk entities for a payload, not yet written (the chunks are made from
+    the envelope as they are written: see PayloadChunks)."""
+    check_size(data, header)
+    chunks = PayloadChunks(payload_id, data, settings().chunk_bytes)
     created = now()
     record = DeferredPayload(
         key=payload_key(payload_id),
@@ -202,8 +234,8 @@ def build_record(
         function=str(header.get("function", "?"))[:MAX_INDEXED_CHARS],
         queue=queue,
         task_name=task_name,
-        payload_bytes=int(header.get("raw_bytes", len(envelope))),
-        stored_bytes=len(envelope),
+        payload_bytes=int(header.get("raw_bytes", len(data))),
+        stored_bytes=len(data),
         chunks=len(chunks),
         transactional=transactional,
         meta=header,
@@ -212,7 +244,11 @@ def build_record(
     return record, chunks
 
 
-def write_many(payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]]) -> None:
+#: What write_many and write_in_transaction take: records and their chunks.
+Payloads = list[tuple[DeferredPayload, Sequence[DeferredPayloadChunk]]]
+
+
+def write_many(payloads: Payloads) -> None:
     """Write records and their chunks in as few commits as Datastore allows.
 
     Commits hold at most 500 entities and ``commit_bytes`` of chunk data (Datastore refuses 10
@@ -228,31 +264,40 @@ def write_many(payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]
         for batch in _commits(payloads):
             _ndb_rpc.commit(upserts=batch)
             written += [entity.key for entity in batch]
+            del batch
+            # One commit's request, its serialization and gRPC's copy of it are gone: hand
+            # their memory back before the next commit builds its own.
+            release_freed_memory()
     except Exception as exc:
         if written:
             _delete_written(written, exc)
         raise
 
 
-def write_in_transaction(
-    payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]],
-) -> None:
+def write_in_transaction(payloads: Payloads) -> None:
     """Add records and chunks to the current transaction's commit (one commit: the caller
     keeps them under ``commit_bytes``)."""
     _ndb_rpc.join_transaction(
-        upserts=[entity for record, chunks in payloads for entity in (*chunks, record)]
+        upserts=[entity for record, chunks in payloads for entity in (*_writable(chunks), record)]
     )
 
 
-def _commits(
-    payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]],
-) -> Iterator[list[ndb.Model]]:
+def _writable(
+    chunks: Sequence[DeferredPayloadChunk],
+) -> Iterator[DeferredPayloadChunk | _ndb_rpc.Blob]:
+    """Chunks as the commits write them: views for PayloadChunks, else the entities."""
+    return chunks.blobs() if isinstance(chunks, PayloadChunks) else iter(chunks)
+
+
+def _commits(payloads: Payloads) -> Iterator[list[ndb.Model | _ndb_rpc.Blob]]:
+    """The commits' upserts, made one commit at a time (a chunk's view exists only from its
+    commit on)."""
     limit = settings().commit_bytes
-    batch: list[ndb.Model] = []
+    batch: list[ndb.Model | _ndb_rpc.Blob] = []
     batch_bytes = 0
     for record, chunks in payloads:
-        for entity in (*chunks, record):
-            size = len(entity.data) if isinstance(entity, DeferredPayloadChunk) else 0
+        for entity in itertools.chain(_writable(chunks), (record,)):
+            size = 0 if entity is record else len(entity.data or b"")
             if batch and (len(batch) >= _COMMIT_ENTITIES or batch_bytes + size > limit):
                 yield batch
                 batch, batch_bytes = [], 0
