@@ -180,8 +180,10 @@ def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     for name, value in spec.headers.items():
         headers[name] = value
     request.body = body
-    for field, value in spec.routing.items():
-        setattr(request.app_engine_routing, field, value)
+    if spec.routing:
+        routing = request.app_engine_routing
+        for field, value in spec.routing.items():
+            setattr(routing, field, value)
     # Exact integer arithmetic, without Timestamp.FromDatetime's pure-Python conversion.
     eta = spec.eta
     if eta.tzinfo is None:

@@ -203,8 +203,11 @@ def prepare_call(
     was made for, so a body replayed as another task is refused.
     """
     function = envelope.function_name(obj)
-    spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing or {})
-    extra = tracing.envelope_fields()
+    # One look at the current request: its trace goes into the task's headers and envelope
+    # (tracing.task_headers() and envelope_fields(), read once).
+    trace = tracing.current()
+    spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing or {}, trace)
+    extra = trace.header_fields() if trace is not None else {}
     if retry_options is not None:
         retry = _retry_dict(retry_options)
         if retry:
@@ -270,6 +273,7 @@ def _task_spec(
     url: str | None,
     headers: Mapping[str, str] | None,
     routing: dict[str, str],
+    trace: tracing.RequestTrace | None,
 ) -> TaskSpec:
     current = settings()
     queue = queue or current.default_queue
@@ -297,7 +301,9 @@ def _task_spec(
         url = _task_url(current.task_url, function)
     elif not isinstance(url, str) or not url.startswith("/"):
         raise DeferError(f"_url must be a path starting with '/', not {url!r}")
-    task_headers = {**_CONTENT_TYPE, **tracing.task_headers()}
+    task_headers = dict(_CONTENT_TYPE)
+    if trace is not None:
+        task_headers["traceparent"] = trace.traceparent
     if extra_headers:
         task_headers.update(extra_headers)
     return TaskSpec(queue, url, task_headers, when, name or cloud_tasks.new_task_name(), routing)

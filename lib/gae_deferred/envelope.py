@@ -28,6 +28,7 @@ import platform
 import reprlib
 import struct
 import time
+import types
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ _KNOWN_FLAGS = FLAG_ZLIB | FLAG_REFERENCE
 _PREFIX = struct.Struct(">6sBBI")
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _dumps = pickle.dumps
+_FUNCTION = types.FunctionType
 _MAC_BYTES = 32
 _MAX_HEADER_BYTES = 64 * 1024
 PYTHON_VERSION = platform.python_version()
@@ -121,6 +123,8 @@ class Envelope:
 
 def function_name(obj: Any) -> str:
     """Dotted name of a callable for logs and the dashboard: ``reports.Builder.run``."""
+    if type(obj) is _FUNCTION and obj.__module__:  # the usual case, without the getattrs
+        return f"{obj.__module__}.{obj.__qualname__}"
     target = getattr(obj, "__func__", obj)
     qualname = getattr(target, "__qualname__", None)
     if qualname is None:
@@ -187,9 +191,11 @@ def _has_big_buffer(args: tuple, kwargs: dict) -> bool:
     for value in args:
         if type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES:
             return True
-    return any(
-        type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES for value in kwargs.values()
-    )
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES:
+                return True
+    return False
 
 
 def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes | list[bytes], str]:
@@ -450,7 +456,7 @@ def build_call(
         raise SerializationError(f"cannot defer {obj!r}: it is not callable")
     current = settings()
     raw, serializer = _pickle_call(obj, args, kwargs)
-    raw_bytes = sum(map(len, raw)) if isinstance(raw, list) else len(raw)
+    raw_bytes = sum(map(len, raw)) if type(raw) is list else len(raw)
     body, flags = raw, 0
     if (
         current.compression_level
@@ -460,7 +466,7 @@ def build_call(
         packed = _compress(raw, current.compression_level)
         if len(packed) < raw_bytes * _WORTH_IT:
             body, flags = packed, FLAG_ZLIB
-    body_bytes = sum(map(len, body)) if isinstance(body, list) else len(body)
+    body_bytes = sum(map(len, body)) if type(body) is list else len(body)
     args_text = args_preview(args, kwargs)
     # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
     created_ms = int(time.time() * 1000)
@@ -480,7 +486,7 @@ def build_call(
     if extra_header:
         header.update(extra_header)
     signing = _signing.signing_key()
-    if isinstance(body, list):
+    if type(body) is list:
         return _seal_pieces(header, body, flags, signing), header
     header_bytes = None
     if (
