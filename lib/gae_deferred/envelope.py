@@ -272,10 +272,11 @@ def _compressible(raw: bytes | list[bytes], level: int) -> bool:
 
 def _head(pieces: list[bytes], size: int) -> bytes:
     """The first ``size`` bytes of the pieces."""
-    head = []
+    head, needed = [], size
     for piece in pieces:
-        head.append(piece[: size - sum(map(len, head))])
-        if sum(map(len, head)) >= size:
+        head.append(piece[:needed])
+        needed -= len(head[-1])
+        if needed <= 0:
             break
     return b"".join(head)
 

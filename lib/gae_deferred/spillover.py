@@ -176,11 +176,11 @@ class PayloadChunks(Sequence[DeferredPayloadChunk]):
     def __getitem__(self, index: slice) -> list[DeferredPayloadChunk]: ...
 
     def __getitem__(self, index: int | slice) -> DeferredPayloadChunk | list[DeferredPayloadChunk]:
-        entities = [
-            DeferredPayloadChunk(key=key, data=bytes(data))
-            for key, data in zip(self.keys, self._slices(), strict=True)
-        ]
-        return entities[index]
+        if isinstance(index, slice):
+            return list(self)[index]
+        number = range(len(self.keys))[index]  # IndexError past the end, as a list's
+        data = next(itertools.islice(self._slices(), number, None))
+        return DeferredPayloadChunk(key=self.keys[number], data=bytes(data))
 
     def __iter__(self) -> Iterator[DeferredPayloadChunk]:
         for key, data in zip(self.keys, self._slices(), strict=True):
@@ -330,7 +330,8 @@ def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
 #: Up to this many envelope bytes are read in one Lookup; bigger payloads are read in Lookups
 #: of at most this much each. One Lookup of a 32 MiB payload holds its response bytes, the
 #: parsed response and the entities' bytes at once (~3x the payload before any copy into the
-#: envelope); 8 MiB at a time keeps the run near 2x (docs/performance.md, "Memory").
+#: envelope); 8 MiB at a time keeps the run near 2x (docs/performance.md, "Memory of a
+#: spilled payload").
 LOOKUP_BYTES = 8 * 1024 * 1024
 
 
