@@ -206,7 +206,7 @@ def prepare_call(
     # One look at the current request: its trace goes into the task's headers and envelope
     # (tracing.task_headers() and envelope_fields(), read once).
     trace = tracing.current()
-    spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing or {}, trace)
+    spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing, trace)
     extra = trace.header_fields() if trace is not None else {}
     if retry_options is not None:
         retry = _retry_dict(retry_options)
@@ -272,7 +272,7 @@ def _task_spec(
     queue: str | None,
     url: str | None,
     headers: Mapping[str, str] | None,
-    routing: dict[str, str],
+    routing: dict[str, str] | None,
     trace: tracing.RequestTrace | None,
 ) -> TaskSpec:
     current = settings()
