@@ -3,9 +3,10 @@
 Both variants create the same number of inline tasks (``benchmarks.tasks.add``) through the real
 CloudTasksClient against the in-process Cloud Tasks emulator (queue paused). A local emulator
 answers in well under a millisecond, while CreateTask from App Engine typically takes tens of
-milliseconds, so every CreateTask waits ``LATENCY_MS`` first: :func:`latency_client` puts a
-gRPC client interceptor in front of the emulator's channel. It is the only place the latency
-comes from; when the emulator's own ``latency_ms`` option is available it can replace it.
+milliseconds, so the emulator runs with ``latency_ms=LATENCY_MS``: every RPC waits that long in
+the emulator's own worker before it is handled, as a round trip to the real service would, and
+concurrent RPCs wait in parallel (its latency pool has ``LATENCY_RPC_WORKERS`` threads, more
+than the batch's ``CONCURRENCY``, so the pool never caps the batch).
 """
 
 from __future__ import annotations
@@ -16,42 +17,21 @@ import tempfile
 import time
 from collections.abc import Callable
 
-import grpc
-from google.cloud import tasks_v2
-from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
-
-from gae_deferred import batch, cloud_tasks, defer, reset_clients
+from gae_deferred import batch, defer, reset_clients
 from gae_deferred.local.cloudtasks import CloudTasksEmulator
+from gae_deferred.local.cloudtasks.server import LATENCY_RPC_WORKERS
 from gae_deferred.local.datastore import DatastoreEmulator
 
 from . import tasks
 from ._setup import BENCH_PROJECT
 from .report import Section, ratio_target
 
-#: Milliseconds added to every RPC: a typical CreateTask round trip from App Engine.
+#: Milliseconds the emulator adds to every RPC: a typical CreateTask round trip from App Engine.
 LATENCY_MS = 30
 CONCURRENCY = 32
 TARGET = 15.0
 QUEUE = "bench-fanout"
 QUEUE_YAML = f"queue:\n- name: {QUEUE}\n  rate: 0/s\n"
-
-
-class _Latency(grpc.UnaryUnaryClientInterceptor):
-    """Waits ``seconds`` before each unary call, as a network round trip would."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def intercept_unary_unary(self, continuation: Callable, details: object, request: object):
-        time.sleep(self.seconds)
-        return continuation(details, request)
-
-
-def latency_client(address: str, latency_ms: float) -> tasks_v2.CloudTasksClient:
-    """A CloudTasksClient for the emulator at ``address`` whose RPCs each take ``latency_ms``
-    more."""
-    channel = grpc.intercept_channel(grpc.insecure_channel(address), _Latency(latency_ms / 1000))
-    return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
 
 
 def run(*, quick: bool) -> Section:
@@ -60,20 +40,19 @@ def run(*, quick: bool) -> Section:
         tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,
         _stack(pathlib.Path(tmp)) as emulator,
     ):
-        slow = latency_client(f"127.0.0.1:{emulator.port}", LATENCY_MS)
-        original = cloud_tasks.client
-        cloud_tasks.client = lambda: slow
-        try:
-            for number in range(5):  # warm-up: channel, connection, code paths
-                defer(tasks.add, number, 0, _queue=QUEUE)
-            emulator.reset_counts()
-            loop = _timed(lambda: [defer(tasks.add, n, 1, _queue=QUEUE) for n in range(count)])
-            loop_creates = emulator.rpc_counts["CreateTask"]
-            emulator.reset_counts()
-            batched = _timed(lambda: _batch(count))
-            batch_creates = emulator.rpc_counts["CreateTask"]
-        finally:
-            cloud_tasks.client = original
+        if LATENCY_RPC_WORKERS < CONCURRENCY:
+            raise RuntimeError(
+                f"the emulator's latency pool ({LATENCY_RPC_WORKERS}) would cap the batch's "
+                f"{CONCURRENCY} concurrent CreateTask calls"
+            )
+        for number in range(5):  # warm-up: channel, connection, code paths
+            defer(tasks.add, number, 0, _queue=QUEUE)
+        emulator.reset_counts()
+        loop = _timed(lambda: [defer(tasks.add, n, 1, _queue=QUEUE) for n in range(count)])
+        loop_creates = emulator.rpc_counts["CreateTask"]
+        emulator.reset_counts()
+        batched = _timed(lambda: _batch(count))
+        batch_creates = emulator.rpc_counts["CreateTask"]
     if loop_creates != count or batch_creates != count:
         raise RuntimeError(f"expected {count} CreateTask each, got {loop_creates}/{batch_creates}")
     speedup = loop / batched
@@ -82,11 +61,15 @@ def run(*, quick: bool) -> Section:
         title="Fan-out: defer() loop vs batch()",
         what=(
             f"Wall time to enqueue {count:,} inline tasks (`benchmarks.tasks.add`) through the "
-            "real CloudTasksClient into a paused queue of the in-process Cloud Tasks emulator, "
-            f"with {LATENCY_MS} ms added to every CreateTask by a gRPC client interceptor "
-            "(a typical CreateTask round trip from App Engine is tens of ms; a local emulator "
-            f"answers in well under 1 ms): a sequential `defer()` loop vs `batch(concurrency="
-            f"{CONCURRENCY})`. One run each, loop first; CreateTask counted at the emulator."
+            "real CloudTasksClient into a paused queue of the in-process Cloud Tasks emulator "
+            f"started with `latency_ms={LATENCY_MS}` (`--latency-ms`): every RPC waits "
+            f"{LATENCY_MS} ms in the emulator before it is handled, because a CreateTask round "
+            "trip from App Engine to Cloud Tasks takes tens of ms while a local emulator answers "
+            "in well under 1 ms, and fan-out is about overlapping those waits. Delayed RPCs "
+            f"wait in parallel in the emulator's pool of {LATENCY_RPC_WORKERS} threads (more "
+            f"than the batch's {CONCURRENCY}, so the pool does not cap it). A sequential "
+            f"`defer()` loop vs `batch(concurrency={CONCURRENCY})`. One run each, loop first; "
+            "CreateTask counted at the emulator."
         ),
         columns=["variant", "seconds", "tasks/s", "CreateTask RPCs"],
     )
@@ -129,6 +112,7 @@ class _stack:
             project=BENCH_PROJECT,
             location="us-central1",
             app_url="http://127.0.0.1:9",
+            latency_ms=LATENCY_MS,
         ).start()
         # An earlier benchmark's stack may have left its project or location in the
         # environment; these emulators serve the benchmark project.

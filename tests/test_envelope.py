@@ -348,8 +348,48 @@ def test_incompressible_big_body_is_probed_not_compressed(monkeypatch):
     assert not envelope.open_envelope(data).flags & envelope.FLAG_ZLIB
     assert calls == [64 * 1024]
     calls.clear()
+    # A big argument is pickled in pieces and compressed piece by piece after the probe.
     assert envelope.open_envelope(serialize(add, b"a" * 2_000_000, b"")).flags
-    assert calls[0] == 64 * 1024 and calls[1] > 2_000_000
+    assert calls == [64 * 1024]
+    calls.clear()
+    assert envelope.open_envelope(serialize(add, [b"a"] * 400_000)).flags
+    assert calls[0] == 64 * 1024 and calls[1] > 800_000
+
+
+def test_big_argument_is_pickled_in_pieces_holding_its_own_bytes():
+    import os
+
+    payload = os.urandom(3_000_000)
+    data, header = envelope.build_call(
+        add, (payload, b"y"), {}, "tests.callables.add", {}, task="t", queue="q", eta_ms=1
+    )
+    assert isinstance(data, envelope.Sealed)
+    assert any(part is payload for part in data.parts)
+    assert header["raw_bytes"] == len(pickle.dumps((add, (payload, b"y"), {}), protocol=5))
+    joined = bytes(data)
+    assert len(data) == len(joined)
+    assert envelope.open_envelope(joined).header == header
+    assert run(joined) == payload + b"y"
+    chunks = list(data.slices(1_000_000))
+    assert b"".join(bytes(chunk) for chunk in chunks) == joined
+    assert [len(chunk) for chunk in chunks[:-1]] == [1_000_000] * (len(chunks) - 1)
+    assert any(isinstance(chunk, memoryview) for chunk in chunks)
+
+
+def test_a_bytearray_argument_is_copied_when_pickled_in_pieces():
+    payload = bytearray(b"z" * 2_000_000)
+    data, _ = envelope.build_call(
+        add, (payload, b""), {}, "tests.callables.add", {}, task="t", queue="q", eta_ms=1
+    )
+    payload[:4] = b"gone"
+    assert run(envelope.as_bytes(data)) == b"z" * 2_000_000
+
+
+def test_main_is_found_in_pickle_pieces_even_across_two_of_them():
+    # A stream naming __main__ goes to cloudpickle, pieces or not.
+    assert envelope._mentions_main([b"xx__ma", b"in__yy"])
+    assert envelope._mentions_main([b"a", b"__main__", b"b"])
+    assert not envelope._mentions_main([b"__mai", b"x_main__"])
 
 
 def test_args_preview_of_big_bytes_reprs_only_what_it_shows():
@@ -361,3 +401,42 @@ def test_args_preview_of_big_bytes_reprs_only_what_it_shows():
         "b'\\x00\\x00\\x00\\x00...00\\x00\\x00\\x00\\x00', "
         "[bytearray(b'\\x00\\x...0\\x00\\x00\\x00\\x00')], b'short'"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "queue", "task", "app_version"),
+    [
+        ((1, 2), "default", "d-0123456789abcdef0123456789abcdef", "unknown"),
+        (('naïve "quoted" \\ text\n', None, 2.5), "q-1", "named_Task-1", "v1.2"),
+        ((b"\x00\xff" * 40, [1, {"a": 2}]), "reports", "t", "20260101t000000"),
+        (("\u2028 line sep", "\ud7ff"), "x", "y" * 500, "ünïcode"),
+    ],
+)
+def test_defer_header_json_is_what_the_generic_encoder_writes(args, queue, task, app_version):
+    gae_deferred.configure(app_version=app_version)
+    data, header = envelope.build_call(
+        add, args, {}, envelope.function_name(add), {}, task=task, queue=queue, eta_ms=1_700_000
+    )
+    _, _, _, header_len = struct.unpack_from(">6sBBI", data)
+    written = data[12 : 12 + header_len]
+    assert written == json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    assert envelope.open_envelope(data).header == header
+
+
+def test_defer_header_with_other_fields_goes_through_the_generic_encoder():
+    data, header = envelope.build_call(
+        add,
+        (1, 2),
+        {},
+        "tests.callables.add",
+        {"trace": "00-abc-01", "retry": {"task_retry_limit": 3}},
+        task="t",
+        queue="q",
+        eta_ms=5,
+    )
+    _, _, _, header_len = struct.unpack_from(">6sBBI", data)
+    assert (
+        data[12 : 12 + header_len]
+        == json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    )
+    assert header["retry"] == {"task_retry_limit": 3} and header["trace"] == "00-abc-01"

@@ -86,6 +86,13 @@ def test_commit_writes_what_ndb_put_writes(ndb_stub):
     assert [_stored(ndb_stub, entity.key) for entity in (record, *chunks)] == by_ndb
     loaded, data = spillover.load("p-put", 3)
     assert loaded == record and bytes(data) == b"x" * 2_500_000
+    ndb.delete_multi([record.key, *(chunk.key for chunk in chunks)])
+
+    # What write_many sends: each chunk's protobuf made straight from a view of the envelope.
+    blobs = list(chunks.blobs())
+    assert all(isinstance(blob.data, memoryview) for blob in blobs)
+    _ndb_rpc.commit(upserts=[record, *blobs])
+    assert [_stored(ndb_stub, entity.key) for entity in (record, *chunks)] == by_ndb
 
 
 def test_commit_is_one_rpc_with_upserts_and_deletes(ndb_stub):
@@ -195,3 +202,57 @@ def test_commit_stores_computed_properties_as_put_does(ndb_stub):
     by_ndb = _stored(ndb_stub, failures.failure_key("f-ndb"))
     assert ours.properties["active"].boolean_value is True
     assert ours.properties == by_ndb.properties
+
+
+def test_lookup_returns_raw_entities_in_key_order_and_none_for_missing(ndb_stub):
+    _ndb_rpc.commit(upserts=[_chunk("p-lk", 1, b"one"), _chunk("p-lk", 3, b"three")])
+    keys = spillover.chunk_keys("p-lk", 3)
+    found = _ndb_rpc.lookup(keys)
+    assert found[1] is None
+    assert [pb.properties["data"].blob_value for pb in (found[0], found[2])] == [b"one", b"three"]
+    assert _ndb_rpc.model_from_pb(found[2]) == ndb.get_multi(keys)[2]
+
+
+def test_lookup_asks_again_for_keys_the_service_deferred(ndb_stub):
+    _ndb_rpc.commit(upserts=[_chunk("p-df", 1, b"a"), _chunk("p-df", 2, b"b")])
+    wrapper = ndb_stub.stub.lookup
+    original = wrapper.func
+    asked = []
+
+    def deferring(request, *args, **kwargs):
+        # As Datastore does when a response would be too big: the last key comes later.
+        asked.append(len(request.keys))
+        response = original(request, *args, **kwargs)
+        if len(request.keys) > 1:
+            last = response._pb.found[-1].entity.key
+            response._pb.deferred.add().CopyFrom(last)
+            del response._pb.found[-1]
+        return response
+
+    wrapper.func = deferring
+    try:
+        found = _ndb_rpc.lookup(spillover.chunk_keys("p-df", 2))
+    finally:
+        wrapper.func = original
+    assert asked == [2, 1]
+    assert [pb.properties["data"].blob_value for pb in found] == [b"a", b"b"]
+
+
+def test_lookup_in_a_transaction_reads_in_it(ndb_emulator, monkeypatch):
+    seen = []
+
+    @ndb.transactional()
+    def work():
+        _ndb_rpc.lookup(spillover.chunk_keys("p-in-tx", 1))
+        seen.append(ndb.get_context().transaction)
+
+    original = _ndb_rpc._datastore_api.make_call
+
+    def recording(name, request, *args, **kwargs):
+        if name == "lookup":
+            seen.append(request._pb.read_options.transaction)
+        return original(name, request, *args, **kwargs)
+
+    monkeypatch.setattr(_ndb_rpc._datastore_api, "make_call", recording)
+    work()
+    assert seen[0] and seen[0] == seen[1]

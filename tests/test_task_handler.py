@@ -296,6 +296,58 @@ def test_spilled_chunked_payload_round_trips(app, rpc_counter):
     assert rpc_counter == {"lookup": 1, "commit": 1}
 
 
+def test_spilled_payload_over_lookup_bytes_is_read_in_lookups_of_at_most_that(
+    app, rpc_counter, monkeypatch
+):
+    gae_deferred.configure(compression_level=0)
+    monkeypatch.setattr(spillover, "LOOKUP_BYTES", 2_500_000)
+    blob = bytes(range(256)) * 24_000  # 6.1 MB: 7 chunks, read 2 at a time
+    record, reference = spill(record_run, blob)
+    assert record.chunks == 7
+    rpc_counter.clear()
+    assert post(app, reference).status_int == 200
+    assert RUNS[0][0] == (blob,)
+    assert rpc_counter == {"lookup": 4, "commit": 1}
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+
+
+def test_lookup_groups_one_lookup_up_to_8_mib_then_8_mib_each():
+    mib = 1024 * 1024
+    assert spillover.lookup_groups(9, 8 * mib) == [range(1, 10)]
+    assert spillover.lookup_groups(34, 32 * mib) == [
+        range(1, 9),
+        range(9, 17),
+        range(17, 25),
+        range(25, 33),
+        range(33, 35),
+    ]
+    # Without the stored size, every chunk counts as full.
+    assert spillover.lookup_groups(8) == [range(1, 9)]
+    assert spillover.lookup_groups(9) == [range(1, 9), range(9, 10)]
+
+
+def test_spilled_chunk_missing_from_a_later_lookup_is_200_and_permanent(app, monkeypatch):
+    gae_deferred.configure(compression_level=0)
+    monkeypatch.setattr(spillover, "LOOKUP_BYTES", 2_500_000)
+    record, reference = spill(record_run, b"\x01" * 4_500_000)
+    spillover.chunk_keys(record.id, record.chunks)[3].delete()
+    assert post(app, reference).status_int == 200
+    assert RUNS == []
+    assert "lacks chunk(s) [4]" in all_failures()[0].message
+
+
+def test_spilled_chunks_that_do_not_match_the_record_are_200_and_permanent(app, monkeypatch):
+    gae_deferred.configure(compression_level=0)
+    monkeypatch.setattr(spillover, "LOOKUP_BYTES", 2_500_000)
+    record, reference = spill(record_run, b"\x01" * 4_500_000)
+    last = spillover.chunk_keys(record.id, record.chunks)[-1].get()
+    last.data += b"more"
+    last.put()
+    assert post(app, reference).status_int == 200
+    assert RUNS == []
+    assert "does not add up" in all_failures()[0].message
+
+
 def test_spilled_permanent_failure_keeps_the_record(app):
     record, reference = spill(fail_with, PermanentTaskFailure("no"))
     assert post(app, reference).status_int == 200

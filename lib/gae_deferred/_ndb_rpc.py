@@ -8,15 +8,19 @@ Commit built directly and sent through ndb's RPC layer, so it goes to whatever n
 configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retries::
 
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
+    commit(upserts=[Blob(key, Chunk, "data", view)])      # a chunk straight from a view
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
+    lookup([record_key, *chunk_keys])                     # raw Entity pbs (or None), in order
     enter_context(context) ... exit_context()             # Context.use(), cheaper per task
 
 Entities are prepared and converted as ``Model.put()`` does (``_pre_put_hook``,
 ``_prepare_for_put``, ``_entity_to_protobuf``), so what is written is what ``put()`` would
 write; post-put hooks do not run (gae_deferred's kinds define none). Only gae_deferred's
 kinds go through here: they opt out of ndb's context and global caches, which these writes
-do not update.
+do not update (nor these reads consult). Reads of big payloads come here too: ndb's get_multi
+turns every chunk into a Model holding a copy of its bytes, and keeps its Lookup's response
+alive in its batch futures; ``lookup`` returns the protobufs for the caller to copy and drop.
 
 tests/test_ndb_rpc.py checks every internal named in ``INTERNALS`` against the ndb version
 pinned in requirements.txt and fails, naming the internal, if an upgrade changes them.
@@ -24,7 +28,9 @@ pinned in requirements.txt and fails, naming the internal, if an upgrade changes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
@@ -40,6 +46,7 @@ INTERNALS = (
     ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
     ("google.cloud.ndb._options", "Options"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
+    ("google.cloud.ndb.model", "_entity_from_protobuf"),
     ("google.cloud.ndb.model.Model", "_prepare_for_put"),
     ("google.cloud.ndb.tasklets", "Future"),
     ("google.cloud.ndb.context", "_state"),
@@ -48,22 +55,46 @@ INTERNALS = (
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
 
 
-def _mutations(
-    upserts: Iterable[ndb.Model], deletes: Iterable[ndb.Key]
-) -> Iterable[tuple[str, object]]:
-    """(operation, protobuf) pairs; entities are converted one at a time, so a big payload's
-    chunks are never all held twice."""
-    for entity in upserts:
+class Blob(NamedTuple):
+    """An entity of ``kind`` whose one bytes property ``prop`` is ``data``, written without a
+    Model instance: its protobuf is the kind's, with ``data`` copied in straight from a view
+    (a chunk of a spilled envelope is never held as bytes of its own)."""
+
+    key: ndb.Key
+    kind: type[ndb.Model]
+    prop: str
+    data: bytes | memoryview
+
+
+@functools.lru_cache(maxsize=16)
+def _blob_template(kind: type[ndb.Model], prop: str) -> Any:
+    """What ``put()`` writes for a ``kind`` entity with only ``prop`` set, keyless."""
+    entity = kind(**{prop: b"x"})
+    entity._pre_put_hook()
+    entity._prepare_for_put()
+    return model._entity_to_protobuf(entity)._pb
+
+
+def _fill(mutation: Any, item: ndb.Model | Blob | ndb.Key) -> None:
+    """Make the Mutation protobuf ``mutation`` an upsert of ``item`` (a key: its delete)."""
+    if isinstance(item, ndb.Key):
+        mutation.delete.CopyFrom(item._key.to_protobuf()._pb)
+    elif isinstance(item, Blob):
+        upsert = mutation.upsert
+        upsert.CopyFrom(_blob_template(item.kind, item.prop))
+        upsert.key.CopyFrom(item.key._key.to_protobuf()._pb)
+        data = item.data
+        upsert.properties[item.prop].blob_value = data if type(data) is bytes else bytes(data)
+    else:
         # What Model.put() does before converting: computed properties store their value
-        # (_prepare_for_put) and the pre-put hook runs.
-        entity._pre_put_hook()
-        entity._prepare_for_put()
-        yield "upsert", model._entity_to_protobuf(entity)._pb
-    for key in deletes:
-        yield "delete", key._key.to_protobuf()._pb
+        # (_prepare_for_put) and the pre-put hook runs. Converted one at a time and copied into
+        # the request, so a big payload's chunks are never all held twice.
+        item._pre_put_hook()
+        item._prepare_for_put()
+        mutation.upsert.CopyFrom(model._entity_to_protobuf(item)._pb)
 
 
-def commit(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -> None:
+def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()) -> None:
     """One non-transactional Commit of these upserts and deletes, outside any transaction.
 
     Must run inside an ndb context; raises the Google API error of a failed Commit.
@@ -73,13 +104,14 @@ def commit(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -
         project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
     )
     mutations = request._pb.mutations
-    for operation, pb in _mutations(upserts, deletes):
-        # CopyFrom into the request's own mutation: one copy, and the converted pb goes now.
-        getattr(mutations.add(), operation).CopyFrom(pb)
+    for item in (*upserts, *deletes):
+        _fill(mutations.add(), item)
     _datastore_api.make_call("commit", request).result()
 
 
-def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Key] = ()) -> None:
+def join_transaction(
+    upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()
+) -> None:
     """Add these mutations to the current transaction's commit (sent when it commits).
 
     They are appended to ndb's commit batch of the transaction, each with a finished future as
@@ -90,13 +122,45 @@ def join_transaction(upserts: Iterable[ndb.Model] = (), deletes: Iterable[ndb.Ke
     if not context.in_transaction():
         raise RuntimeError("join_transaction needs an active ndb transaction")
     batch = _datastore_api._get_commit_batch(context.transaction, _options.Options())
-    for operation, pb in _mutations(upserts, deletes):
+    for item in (*upserts, *deletes):
         mutation = datastore_pb2.Mutation()
-        getattr(mutation._pb, operation).CopyFrom(pb)
+        _fill(mutation._pb, item)
         done = tasklets.Future()
         done.set_result(None)
         batch.mutations.append(mutation)
         batch.futures.append(done)
+
+
+def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
+    """One Lookup of ``keys`` (repeated for any the service defers, as ndb does): each key's
+    raw ``Entity`` protobuf, in order, or None where it does not exist.
+
+    Reads in the current transaction when there is one, as ndb's own get does. Must run inside
+    an ndb context; raises the Google API error of a failed Lookup.
+    """
+    context = ndb.get_context()
+    client = context.client
+    pending = [key._key.to_protobuf()._pb for key in keys]
+    index = {key.SerializeToString(): number for number, key in enumerate(pending)}
+    found: list[Any] = [None] * len(pending)
+    while pending:
+        request = datastore_pb2.LookupRequest(
+            project_id=client.project, database_id=client.database
+        )
+        request._pb.keys.extend(pending)
+        if context.in_transaction():
+            request._pb.read_options.transaction = context.transaction
+        response = _datastore_api.make_call("lookup", request).result()
+        response = getattr(response, "_pb", response)
+        for result in response.found:
+            found[index[result.entity.key.SerializeToString()]] = result.entity
+        pending = list(response.deferred)
+    return found
+
+
+def model_from_pb(entity_pb: Any) -> ndb.Model:
+    """The Model of a raw ``Entity`` protobuf from :func:`lookup`, as ndb's get makes it."""
+    return model._entity_from_protobuf(entity_pb)
 
 
 def enter_context(context: ndb.Context) -> None:

@@ -17,7 +17,7 @@ from ._config import Settings, settings
 from .errors import ConfigurationError
 
 _lock = threading.Lock()
-_cache: tuple[Settings, bytes, dict[str, bytes]] | None = None
+_cache: tuple[Settings, bytes, dict[str, bytes], str] | None = None
 #: Stands in for the signing key in derive_key() while none is configured (one process only).
 _fallback_secret = secrets.token_bytes(32)
 
@@ -44,26 +44,29 @@ def _resolve(current: Settings) -> tuple[bytes, dict[str, bytes]]:
 
 def signing_key() -> tuple[str, bytes]:
     """The (key id, key) that signs new envelopes."""
-    key, _ = _keys()
-    return key_id(key), key
+    cached = _cache
+    if cached is None or cached[0] is not settings():
+        cached = _cached()
+    return cached[3], cached[1]
 
 
 def verification_key(kid: str) -> bytes | None:
     """The key with this id, or None when the envelope was signed with an unknown key."""
-    _, keys = _keys()
-    return keys.get(kid)
+    return _cached()[2].get(kid)
 
 
-def _keys() -> tuple[bytes, dict[str, bytes]]:
+def _cached() -> tuple[Settings, bytes, dict[str, bytes], str]:
+    """(settings, signing key, keys by id, the signing key's id) for the current settings:
+    every defer() signs, so the id's SHA-256 is computed once per key, not per envelope."""
     global _cache
     current = settings()
     cached = _cache
     if cached is not None and cached[0] is current:
-        return cached[1], cached[2]
+        return cached
     with _lock:
         key, keys = _resolve(current)
-        _cache = (current, key, keys)
-    return key, keys
+        cached = _cache = (current, key, keys, key_id(key))
+    return cached
 
 
 def derive_key(purpose: str) -> bytes:

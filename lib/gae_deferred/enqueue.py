@@ -89,14 +89,30 @@ class DeferredTask:
         return not self.transactional
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class PreparedCall:
     """A call serialized into its envelope and bound to the task it will be sent as."""
 
     spec: TaskSpec
-    data: bytes
+    #: The envelope: bytes, or for a call with a big argument its unjoined parts (Sealed).
+    data: bytes | envelope.Sealed
     header: dict[str, Any]
     transactional: bool
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        data: bytes | envelope.Sealed,
+        header: dict[str, Any],
+        transactional: bool,
+    ) -> None:
+        # Frozen all the same (no setattr): the instance dict written directly instead of
+        # object.__setattr__ per field.
+        fields = self.__dict__
+        fields["spec"] = spec
+        fields["data"] = data
+        fields["header"] = header
+        fields["transactional"] = transactional
 
 
 def defer(
@@ -186,17 +202,26 @@ def prepare_call(
     signed together with that name and queue: the handler runs an envelope only as the task it
     was made for, so a body replayed as another task is refused.
     """
-    spec = _task_spec(obj, countdown, eta, name, queue, url, headers, routing or {})
-    extra: dict[str, Any] = {
-        **tracing.envelope_fields(),
-        "task": spec.name,
-        "queue": spec.queue,
-        "eta_ms": int(spec.eta.timestamp() * 1000),
-    }
-    retry = _retry_dict(retry_options)
-    if retry:
-        extra["retry"] = retry
-    data, header = envelope.build_with_header(obj, args, kwargs, **extra)
+    function = envelope.function_name(obj)
+    # One look at the current request: its trace goes into the task's headers and envelope
+    # (tracing.task_headers() and envelope_fields(), read once).
+    trace = tracing.current()
+    spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing, trace)
+    extra = trace.header_fields() if trace is not None else {}
+    if retry_options is not None:
+        retry = _retry_dict(retry_options)
+        if retry:
+            extra = {**extra, "retry": retry}
+    data, header = envelope.build_call(
+        obj,
+        args,
+        kwargs,
+        function,
+        extra,
+        task=spec.name,
+        queue=spec.queue,
+        eta_ms=int(spec.eta.timestamp() * 1000),
+    )
     return PreparedCall(spec, data, header, bool(transactional))
 
 
@@ -240,18 +265,19 @@ def _retry_dict(options: Any) -> dict[str, float]:
 
 
 def _task_spec(
-    obj: Callable,
+    function: str,
     countdown: float | None,
     eta: datetime.datetime | None,
     name: str | None,
     queue: str | None,
     url: str | None,
     headers: Mapping[str, str] | None,
-    routing: dict[str, str],
+    routing: dict[str, str] | None,
+    trace: tracing.RequestTrace | None,
 ) -> TaskSpec:
     current = settings()
     queue = queue or current.default_queue
-    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+    if not isinstance(queue, str) or not _valid_queue(queue):
         raise DeferError(f"_queue {queue!r} is not a valid queue name (letters, digits, hyphens)")
     if name is not None and (not isinstance(name, str) or not TASK_NAME.match(name)):
         raise DeferError(
@@ -259,7 +285,7 @@ def _task_spec(
         )
     if countdown is not None and eta is not None:
         raise DeferError("pass _countdown or _eta, not both")
-    now = spillover.now()
+    now = datetime.datetime.now(datetime.UTC)  # spillover.now(), without its frame
     if countdown is not None:
         if isinstance(countdown, bool) or not isinstance(countdown, int | float) or countdown < 0:
             raise DeferError(f"_countdown must be a number of seconds >= 0, not {countdown!r}")
@@ -270,19 +296,23 @@ def _task_spec(
         when = eta if eta.tzinfo else eta.replace(tzinfo=datetime.UTC)
     else:
         when = now
-    extra_headers = _checked_headers(headers)
+    extra_headers = _checked_headers(headers) if headers else None
     if url is None:
-        url = task_url(envelope.function_name(obj))
+        url = _task_url(current.task_url, function)
     elif not isinstance(url, str) or not url.startswith("/"):
         raise DeferError(f"_url must be a path starting with '/', not {url!r}")
-    return TaskSpec(
-        queue=queue,
-        url=url,
-        headers={**_CONTENT_TYPE, **tracing.task_headers(), **extra_headers},
-        eta=when,
-        name=name or cloud_tasks.new_task_name(),
-        routing=routing,
-    )
+    task_headers = dict(_CONTENT_TYPE)
+    if trace is not None:
+        task_headers["traceparent"] = trace.traceparent
+    if extra_headers:
+        task_headers.update(extra_headers)
+    return TaskSpec(queue, url, task_headers, when, name or cloud_tasks.new_task_name(), routing)
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_queue(queue: str) -> bool:
+    # A process defers into a handful of queues, over and over.
+    return QUEUE_NAME.match(queue) is not None
 
 
 def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -321,7 +351,8 @@ def _task_url(base: str, function: str) -> str:
 
 
 def _create_inline(call: PreparedCall) -> DeferredTask:
-    created = create_task(call.spec, call.data)
+    data = envelope.as_bytes(call.data)
+    created = create_task(call.spec, data)
     return DeferredTask(
         name=short_name(created.name),
         path=created.name,
@@ -330,16 +361,14 @@ def _create_inline(call: PreparedCall) -> DeferredTask:
         function=call.header["function"],
         spilled=False,
         payload_bytes=call.header["raw_bytes"],
-        task_bytes=len(call.data),
+        task_bytes=len(data),
         url=call.spec.url,
         headers=call.spec.headers,
-        payload=call.data,
+        payload=data,
     )
 
 
-def spill_entities(
-    call: PreparedCall,
-) -> tuple[spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]:
+def spill_entities(call: PreparedCall) -> tuple[spillover.DeferredPayload, spillover.PayloadChunks]:
     """The record and chunks for a call's payload, not written yet (inside an ndb context:
     keys take the client's project)."""
     return spillover.build_record(
@@ -387,9 +416,7 @@ def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: byte
     )
 
 
-def write_outside_transaction(
-    entities: list[tuple[spillover.DeferredPayload, list[spillover.DeferredPayloadChunk]]],
-) -> None:
+def write_outside_transaction(entities: spillover.Payloads) -> None:
     """Write spilled records and chunks in commits of their own, never in the caller's
     transaction: a defer that is not transactional must not depend on that transaction."""
     try:

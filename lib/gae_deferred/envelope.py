@@ -28,8 +28,9 @@ import platform
 import reprlib
 import struct
 import time
+import types
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -44,6 +45,9 @@ FLAG_ZLIB = 0x01
 FLAG_REFERENCE = 0x02
 _KNOWN_FLAGS = FLAG_ZLIB | FLAG_REFERENCE
 _PREFIX = struct.Struct(">6sBBI")
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_dumps = pickle.dumps
+_FUNCTION = types.FunctionType
 _MAC_BYTES = 32
 _MAX_HEADER_BYTES = 64 * 1024
 PYTHON_VERSION = platform.python_version()
@@ -79,6 +83,23 @@ _PROBE_BYTES = 64 * 1024
 _HEADER_DECODER = json.JSONDecoder()
 #: One encoder too: json.dumps with options builds a new JSONEncoder on every call.
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+#: The C encoder behind it, made once: JSONEncoder.encode makes a new one per call. Same
+#: options, so the same bytes; no circular-reference check (a header is flat JSON we build).
+_C_ENCODER = (
+    json.encoder.c_make_encoder(
+        None,
+        _HEADER_ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +123,8 @@ class Envelope:
 
 def function_name(obj: Any) -> str:
     """Dotted name of a callable for logs and the dashboard: ``reports.Builder.run``."""
+    if type(obj) is _FUNCTION and obj.__module__:  # the usual case, without the getattrs
+        return f"{obj.__module__}.{obj.__qualname__}"
     target = getattr(obj, "__func__", obj)
     qualname = getattr(target, "__qualname__", None)
     if qualname is None:
@@ -115,6 +138,13 @@ def args_preview(args: tuple, kwargs: dict) -> str:
     """A short repr of the arguments that never raises and never grows past 200 characters."""
     parts = []
     for value in args:
+        kind = type(value)
+        # _safe_repr's shortcut inline: ids and flags are what defer() is called with most.
+        if kind in _PLAIN_REPR or (kind is str and len(value) <= _args_repr.maxstring):
+            text = repr(value)
+            if len(text) <= _args_repr.maxother:
+                parts.append(text)
+                continue
         parts.append(_safe_repr(value))
     for name, value in kwargs.items():
         parts.append(f"{name}={_safe_repr(value)}")
@@ -141,24 +171,76 @@ def _safe_repr(value: Any) -> str:
         return f"<{type(value).__name__} object>"
 
 
-def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes, str]:
-    """Plain pickle where it is safe and faster, cloudpickle for everything else.
+#: A call with an argument of at least this many bytes (bytes, bytearray or str) is pickled in
+#: pieces: pickle hands such an argument's bytes to its writer as they are, so the pickle never
+#: holds a copy of a big payload (defer()'s peak memory; see Sealed).
+_PIECES_BYTES = 1024 * 1024
+_BUFFER_TYPES = frozenset((bytes, bytearray, str))
+
+
+class _Pieces(list):
+    """The file pickle writes to: its frames, and a big argument's own bytes object."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        # A bytearray the caller may change before the envelope is sent is copied.
+        self.append(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+
+def _has_big_buffer(args: tuple, kwargs: dict) -> bool:
+    for value in args:
+        if type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES:
+            return True
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) in _BUFFER_TYPES and len(value) >= _PIECES_BYTES:
+                return True
+    return False
+
+
+def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes | list[bytes], str]:
+    """Plain pickle where it is safe and faster, cloudpickle for everything else; the pickle's
+    pieces (a list) for a call with a big argument, else its bytes.
 
     Plain pickle stores functions by reference, so it is only used when that reference can be
     resolved in another process: the stream must not point into ``__main__``.
     """
     call = (obj, args, kwargs)
-    try:
-        data = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # lambdas, closures, local classes: cloudpickle handles them by value
-        pass
+    if _has_big_buffer(args, kwargs):
+        pieces = _Pieces()
+        try:
+            pickle.Pickler(pieces, protocol=_PROTOCOL).dump(call)
+        except Exception:  # as below: cloudpickle, which makes one bytes object
+            pass
+        else:
+            if not _mentions_main(pieces):
+                return list(pieces), "pickle"
+        del pieces
     else:
-        if b"__main__" not in data:
-            return data, "pickle"
+        try:
+            data = _dumps(call, protocol=_PROTOCOL)
+        except Exception:  # lambdas, closures, local classes: cloudpickle handles them by value
+            pass
+        else:
+            if b"__main__" not in data:
+                return data, "pickle"
     try:
-        return cloudpickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), "cloudpickle"
+        return cloudpickle.dumps(call, protocol=_PROTOCOL), "cloudpickle"
     except Exception as exc:
         raise SerializationError(_name_unpicklable(obj, args, kwargs, exc)) from exc
+
+
+_MAIN = b"__main__"
+
+
+def _mentions_main(pieces: Sequence[bytes]) -> bool:
+    """``b"__main__" in b"".join(pieces)``, without the join."""
+    tail = b""
+    for piece in pieces:
+        if _MAIN in piece or _MAIN in tail + piece[: len(_MAIN) - 1]:
+            return True
+        tail = piece[-(len(_MAIN) - 1) :]
+    return False
 
 
 def _name_unpicklable(obj: Callable, args: tuple, kwargs: dict, exc: Exception) -> str:
@@ -176,26 +258,127 @@ def _name_unpicklable(obj: Callable, args: tuple, kwargs: dict, exc: Exception) 
     return f"cannot defer {function_name(obj)}: {exc}"
 
 
-def _compressible(raw: bytes, level: int) -> bool:
+def _compressible(raw: bytes | list[bytes], level: int) -> bool:
     """Big bodies are probed on a sample first: compressing megabytes of already-compressed or
     random bytes would cost milliseconds and save nothing."""
-    if len(raw) <= _PROBE_BYTES:
+    if isinstance(raw, list):
+        sample = _head(raw, _PROBE_BYTES)
+    elif len(raw) <= _PROBE_BYTES:
         return True
-    sample = memoryview(raw)[:_PROBE_BYTES]
+    else:
+        sample = memoryview(raw)[:_PROBE_BYTES]
     return len(zlib.compress(sample, level)) < _PROBE_BYTES * _WORTH_IT
 
 
+def _head(pieces: list[bytes], size: int) -> bytes:
+    """The first ``size`` bytes of the pieces."""
+    head, needed = [], size
+    for piece in pieces:
+        head.append(piece[:needed])
+        needed -= len(head[-1])
+        if needed <= 0:
+            break
+    return b"".join(head)
+
+
+def _compress(raw: bytes | list[bytes], level: int) -> bytes:
+    if not isinstance(raw, list):
+        return zlib.compress(raw, level)
+    compressor = zlib.compressobj(level)
+    packed = [compressor.compress(piece) for piece in raw]
+    packed.append(compressor.flush())
+    return b"".join(packed)
+
+
+class Sealed:
+    """A signed envelope kept as the parts it was signed from: prefix and header, the pickle's
+    pieces (a big argument's own bytes among them, not a copy) and the MAC. defer() makes one
+    for a call with a big argument (see ``_PIECES_BYTES``) and spills it chunk by chunk, so
+    the envelope is never joined into one more copy of the payload::
+
+        len(sealed)                          # the envelope's size
+        for chunk in sealed.slices(1_000_000): ...   # views where a chunk lies in one part
+        bytes(sealed)                        # the envelope itself (joins)
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: Sequence[bytes]) -> None:
+        self.parts = tuple(parts)
+        self.size = sum(len(part) for part in self.parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def slices(self, size: int) -> Iterator[bytes | memoryview]:
+        """The envelope cut every ``size`` bytes, in order: a view into a part when the slice
+        lies within it, else the slice's bytes joined from the parts it spans."""
+        pending: list[memoryview] = []
+        pending_bytes = 0
+        for part in self.parts:
+            view = memoryview(part)
+            while len(view):
+                take = min(size - pending_bytes, len(view))
+                piece, view = view[:take], view[take:]
+                if not pending and take == size:
+                    yield piece
+                    continue
+                pending.append(piece)
+                pending_bytes += take
+                if pending_bytes == size:
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
+        if pending:
+            yield b"".join(pending)
+
+
+def as_bytes(data: bytes | Sealed) -> bytes:
+    """The envelope's bytes, joining a Sealed one."""
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def slices(data: bytes | Sealed, size: int) -> Iterator[bytes | memoryview]:
+    """An envelope cut every ``size`` bytes: views, never copies, where that is possible."""
+    if isinstance(data, Sealed):
+        yield from data.slices(size)
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield view[start : start + size]
+
+
 @functools.lru_cache(maxsize=8)
-def _keyed(key: bytes) -> hmac.HMAC:
+def _keyed(key: bytes) -> Any:
     """HMAC-SHA256 with ``key`` already absorbed: copying it costs less than keying afresh,
-    which every task and every defer() would otherwise do."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+    which every task and every defer() would otherwise do. OpenSSL's HMAC object itself where
+    hmac.HMAC wraps one: its copy/update/digest without a Python frame each."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+    return getattr(keyed, "_hmac", None) or keyed
 
 
-def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
-    kid, key = _signing.signing_key()
+def encode_header(header: dict[str, Any]) -> bytes:
+    """The header's JSON: sorted keys, no spaces, ASCII (what every envelope has carried)."""
+    if _C_ENCODER is None:
+        return _HEADER_ENCODER.encode(header).encode()
+    return "".join(_C_ENCODER(header, 0)).encode()
+
+
+def _seal(
+    header: dict[str, Any],
+    body: bytes,
+    flags: int,
+    header_bytes: bytes | None = None,
+    signing: tuple[str, bytes] | None = None,
+) -> bytes:
+    """Sign and join; ``header_bytes`` is the header's JSON when the caller already encoded it
+    with the ``kid`` of ``signing`` (the (kid, key) it got from _signing.signing_key())."""
+    kid, key = signing or _signing.signing_key()
     header["kid"] = kid
-    header_bytes = _HEADER_ENCODER.encode(header).encode()
+    if header_bytes is None:
+        header_bytes = encode_header(header)
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
     # The MAC runs over the parts and they are joined once: a body can be 32 MiB, and building
     # the unsigned envelope first would copy it twice.
@@ -204,6 +387,38 @@ def _seal(header: dict[str, Any], body: bytes, flags: int) -> bytes:
     mac.update(header_bytes)
     mac.update(body)
     return b"".join((prefix, header_bytes, body, mac.digest()))
+
+
+def _seal_pieces(
+    header: dict[str, Any], pieces: list[bytes], flags: int, signing: tuple[str, bytes]
+) -> Sealed:
+    """_seal for a body in pieces (see _pickle_call): signed over the pieces, never joined."""
+    kid, key = signing
+    header["kid"] = kid
+    header_bytes = encode_header(header)
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes)) + header_bytes
+    mac = _keyed(key).copy()
+    mac.update(head)
+    for piece in pieces:
+        mac.update(piece)
+    return Sealed((head, *pieces, mac.digest()))
+
+
+_json_str = json.encoder.encode_basestring_ascii
+_PYTHON_JSON = _json_str(PYTHON_VERSION)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant_json(app_version: str, function: str, kid: str, queue: str) -> tuple[str, str, str]:
+    """The runs of a defer() header's JSON that are the same for every call of a function
+    into a queue (a process has a handful): up to "args", "cloudpickle", and "function" to
+    "raw_bytes"."""
+    return (
+        f'{{"app_version":{_json_str(app_version)},"args":',
+        f',"cloudpickle":{_json_str(CLOUDPICKLE_VERSION)},"created_ms":',
+        f',"function":{_json_str(function)},"kid":{_json_str(kid)},"python":{_PYTHON_JSON},'
+        f'"queue":{_json_str(queue)},"raw_bytes":',
+    )
 
 
 def build(
@@ -217,34 +432,83 @@ def build_with_header(
     obj: Callable, args: tuple = (), kwargs: dict | None = None, **extra_header: Any
 ) -> tuple[bytes, dict[str, Any]]:
     """Like build(), also returning the header it wrote, so defer() need not parse it back."""
+    data, header = build_call(obj, args, kwargs or {}, function_name(obj), extra_header)
+    return as_bytes(data), header
+
+
+def build_call(
+    obj: Callable,
+    args: tuple,
+    kwargs: dict,
+    function: str,
+    extra_header: dict[str, Any],
+    *,
+    task: str | None = None,
+    queue: str | None = None,
+    eta_ms: int | None = None,
+) -> tuple[bytes | Sealed, dict[str, Any]]:
+    """build_with_header() for defer(), which already has ``function_name(obj)`` and binds the
+    envelope to its ``task``, ``queue`` and ``eta_ms`` (header fields, like ``extra_header``'s).
+
+    The envelope of a call with a big argument comes back as a :class:`Sealed`, whose parts
+    include that argument's own bytes: nothing joins a copy of it.
+    """
     if not callable(obj):
         raise SerializationError(f"cannot defer {obj!r}: it is not callable")
-    kwargs = kwargs or {}
     current = settings()
     raw, serializer = _pickle_call(obj, args, kwargs)
+    raw_bytes = sum(map(len, raw)) if type(raw) is list else len(raw)
     body, flags = raw, 0
     if (
         current.compression_level
-        and len(raw) >= current.compress_min_bytes
+        and raw_bytes >= current.compress_min_bytes
         and _compressible(raw, current.compression_level)
     ):
-        packed = zlib.compress(raw, current.compression_level)
-        if len(packed) < len(raw) * _WORTH_IT:
+        packed = _compress(raw, current.compression_level)
+        if len(packed) < raw_bytes * _WORTH_IT:
             body, flags = packed, FLAG_ZLIB
+    body_bytes = sum(map(len, body)) if type(body) is list else len(body)
+    args_text = args_preview(args, kwargs)
+    # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
+    created_ms = int(time.time() * 1000)
     header = {
-        "function": function_name(obj),
-        "args": args_preview(args, kwargs),
+        "function": function,
+        "args": args_text,
         "python": PYTHON_VERSION,
         "cloudpickle": CLOUDPICKLE_VERSION,
         "app_version": current.app_version,
         "serializer": serializer,
-        "raw_bytes": len(raw),
-        "body_bytes": len(body),
-        # Integer milliseconds: fixed width, so equal calls make equal-sized envelopes.
-        "created_ms": int(time.time() * 1000),
-        **extra_header,
+        "raw_bytes": raw_bytes,
+        "body_bytes": body_bytes,
+        "created_ms": created_ms,
     }
-    return _seal(header, body, flags), header
+    if task is not None:
+        header["task"], header["queue"], header["eta_ms"] = task, queue, eta_ms
+    if extra_header:
+        header.update(extra_header)
+    signing = _signing.signing_key()
+    if type(body) is list:
+        return _seal_pieces(header, body, flags, signing), header
+    header_bytes = None
+    if (
+        not extra_header
+        and type(task) is str
+        and type(queue) is str
+        and type(eta_ms) is int
+        and type(current.app_version) is str
+    ):
+        # The header every defer() makes, written in one f-string exactly as the generic
+        # encoder writes it (sorted keys, no spaces, ASCII): that encoder was a quarter of a
+        # small defer()'s CPU. tests/test_envelope.py checks the two agree.
+        head, cloudpickle_json, call_site = _constant_json(
+            current.app_version, function, signing[0], queue
+        )
+        header_bytes = (
+            f'{head}{_json_str(args_text)},"body_bytes":{body_bytes}{cloudpickle_json}'
+            f'{created_ms},"eta_ms":{eta_ms}{call_site}{raw_bytes},'
+            f'"serializer":"{serializer}","task":{_json_str(task)}}}'
+        ).encode()
+    return _seal(header, body, flags, header_bytes, signing), header
 
 
 def build_reference(header: dict[str, Any], ref: dict[str, Any], **changes: Any) -> bytes:

@@ -69,7 +69,8 @@ def run(data: bytes) -> Any:
     env = envelope.open_envelope(data)
     if env.is_reference:
         with ndb_context():
-            _, inner = spillover.load(*spillover.parse_ref(env.header))
+            payload_id, chunks = spillover.parse_ref(env.header)
+            _, inner = spillover.load(payload_id, chunks, env.header["ref"].get("stored_bytes"))
         env = envelope.open_envelope(inner)
     obj, args, kwargs = envelope.load_call(env)
     return obj(*args, **kwargs)
@@ -264,7 +265,8 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
 def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     """Read and verify the spilled payload; an outcome when this task must not run it."""
     payload_id, chunks = spillover.parse_ref(attempt.header)
-    record, inner = spillover.load(payload_id, chunks)
+    stored_bytes = attempt.header["ref"].get("stored_bytes")
+    record, inner = spillover.load(payload_id, chunks, stored_bytes)
     if record.task_name and record.task_name != attempt.task.name:
         # A retrigger or the sweeper moved the payload to another task; that one runs it.
         logger.warning(

@@ -6,7 +6,7 @@ sorts by — plus ``_DeferredPayloadChunk`` children holding the envelope bytes:
     record, chunks = build_record(payload_id, envelope_bytes, header, queue="reports",
                                   task_name="d-1f2e...", eta=eta, task=spec.to_json())
     write_many([(record, chunks)])                # one commit up to commit_bytes
-    record, data = load(payload_id, record.chunks)  # one Lookup, however many chunks
+    record, data = load(payload_id, record.chunks)  # one Lookup up to 8 MiB
     finish(payload_id, record.chunks)             # one Commit: gone, and marked as done
 
 A task whose payload is gone asks ``load`` why: a done marker means the task already ran (a
@@ -20,16 +20,19 @@ re-enqueued by the sweeper.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import enum
+import functools
+import itertools
 import logging
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 from google.cloud import ndb
 
-from . import _facets, _ndb_rpc
+from . import _facets, _ndb_rpc, envelope
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
@@ -145,33 +148,70 @@ def _max_chunks() -> int:
 
 
 def chunk_keys(payload_id: str, chunks: int) -> list[ndb.Key]:
-    parent = payload_key(payload_id)
-    return [ndb.Key(DeferredPayloadChunk, number, parent=parent) for number in range(1, chunks + 1)]
+    return _chunk_keys(payload_id, range(1, chunks + 1))
 
 
-def _split(data: bytes, size: int) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(data), size):
-        yield bytes(view[start : start + size])
+class PayloadChunks(Sequence[DeferredPayloadChunk]):
+    """A spilled envelope's chunk entities, made from the envelope only as they are written.
+
+    The commits build each chunk's protobuf straight from a view of the envelope
+    (``blobs()``), so no chunk is ever held as bytes of its own besides the one being copied
+    in: defer() of a 32 MiB payload holds the payload, the envelope (for a big argument, the
+    same bytes: see envelope.Sealed) and one commit's request. Indexing or iterating makes
+    DeferredPayloadChunk entities (copies), for code that wants them.
+    """
+
+    def __init__(self, payload_id: str, data: bytes | envelope.Sealed, chunk_bytes: int) -> None:
+        self.keys = chunk_keys(payload_id, -(-len(data) // chunk_bytes))
+        self._data = data
+        self._chunk_bytes = chunk_bytes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> DeferredPayloadChunk: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[DeferredPayloadChunk]: ...
+
+    def __getitem__(self, index: int | slice) -> DeferredPayloadChunk | list[DeferredPayloadChunk]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        number = range(len(self.keys))[index]  # IndexError past the end, as a list's
+        data = next(itertools.islice(self._slices(), number, None))
+        return DeferredPayloadChunk(key=self.keys[number], data=bytes(data))
+
+    def __iter__(self) -> Iterator[DeferredPayloadChunk]:
+        for key, data in zip(self.keys, self._slices(), strict=True):
+            yield DeferredPayloadChunk(key=key, data=bytes(data))
+
+    def blobs(self) -> Iterator[_ndb_rpc.Blob]:
+        """Each chunk as what _ndb_rpc writes: its key and a view of its bytes."""
+        for key, data in zip(self.keys, self._slices(), strict=True):
+            yield _ndb_rpc.Blob(key, DeferredPayloadChunk, "data", data)
+
+    def _slices(self) -> Iterator[bytes | memoryview]:
+        return envelope.slices(self._data, self._chunk_bytes)
 
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def check_size(envelope: bytes, header: dict[str, Any]) -> None:
+def check_size(data: bytes | envelope.Sealed, header: dict[str, Any]) -> None:
     """PayloadTooLargeError for an envelope over ``max_payload_bytes``."""
     limit = settings().max_payload_bytes
-    if len(envelope) > limit:
+    if len(data) > limit:
         raise PayloadTooLargeError(
-            f"payload of {header.get('function')} is {len(envelope):,} bytes, over the "
+            f"payload of {header.get('function')} is {len(data):,} bytes, over the "
             f"{limit:,} byte cap (max_payload_bytes)"
         )
 
 
 def build_record(
     payload_id: str,
-    envelope: bytes,
+    data: bytes | envelope.Sealed,
     header: dict[str, Any],
     *,
     queue: str,
@@ -179,18 +219,11 @@ def build_record(
     eta: datetime.datetime,
     task: dict[str, Any],
     transactional: bool = False,
-) -> tuple[DeferredPayload, list[DeferredPayloadChunk]]:
-    """The record and chunk entities for a payload, not yet written."""
-    current = settings()
-    check_size(envelope, header)
-    chunks = [
-        DeferredPayloadChunk(key=key, data=piece)
-        for key, piece in zip(
-            chunk_keys(payload_id, -(-len(envelope) // current.chunk_bytes)),
-            _split(envelope, current.chunk_bytes),
-            strict=True,
-        )
-    ]
+) -> tuple[DeferredPayload, PayloadChunks]:
+    """The record and chunk entities for a payload, not yet written (the chunks are made from
+    the envelope as they are written: see PayloadChunks)."""
+    check_size(data, header)
+    chunks = PayloadChunks(payload_id, data, settings().chunk_bytes)
     created = now()
     record = DeferredPayload(
         key=payload_key(payload_id),
@@ -201,8 +234,8 @@ def build_record(
         function=str(header.get("function", "?"))[:MAX_INDEXED_CHARS],
         queue=queue,
         task_name=task_name,
-        payload_bytes=int(header.get("raw_bytes", len(envelope))),
-        stored_bytes=len(envelope),
+        payload_bytes=int(header.get("raw_bytes", len(data))),
+        stored_bytes=len(data),
         chunks=len(chunks),
         transactional=transactional,
         meta=header,
@@ -211,7 +244,11 @@ def build_record(
     return record, chunks
 
 
-def write_many(payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]]) -> None:
+#: What write_many and write_in_transaction take: records and their chunks.
+Payloads = list[tuple[DeferredPayload, Sequence[DeferredPayloadChunk]]]
+
+
+def write_many(payloads: Payloads) -> None:
     """Write records and their chunks in as few commits as Datastore allows.
 
     Commits hold at most 500 entities and ``commit_bytes`` of chunk data (Datastore refuses 10
@@ -227,31 +264,40 @@ def write_many(payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]
         for batch in _commits(payloads):
             _ndb_rpc.commit(upserts=batch)
             written += [entity.key for entity in batch]
+            del batch
+            # One commit's request, its serialization and gRPC's copy of it are gone: hand
+            # their memory back before the next commit builds its own.
+            release_freed_memory()
     except Exception as exc:
         if written:
             _delete_written(written, exc)
         raise
 
 
-def write_in_transaction(
-    payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]],
-) -> None:
+def write_in_transaction(payloads: Payloads) -> None:
     """Add records and chunks to the current transaction's commit (one commit: the caller
     keeps them under ``commit_bytes``)."""
     _ndb_rpc.join_transaction(
-        upserts=[entity for record, chunks in payloads for entity in (*chunks, record)]
+        upserts=[entity for record, chunks in payloads for entity in (*_writable(chunks), record)]
     )
 
 
-def _commits(
-    payloads: list[tuple[DeferredPayload, list[DeferredPayloadChunk]]],
-) -> Iterator[list[ndb.Model]]:
+def _writable(
+    chunks: Sequence[DeferredPayloadChunk],
+) -> Iterator[DeferredPayloadChunk | _ndb_rpc.Blob]:
+    """Chunks as the commits write them: views for PayloadChunks, else the entities."""
+    return chunks.blobs() if isinstance(chunks, PayloadChunks) else iter(chunks)
+
+
+def _commits(payloads: Payloads) -> Iterator[list[ndb.Model | _ndb_rpc.Blob]]:
+    """The commits' upserts, made one commit at a time (a chunk's view exists only from its
+    commit on)."""
     limit = settings().commit_bytes
-    batch: list[ndb.Model] = []
+    batch: list[ndb.Model | _ndb_rpc.Blob] = []
     batch_bytes = 0
     for record, chunks in payloads:
-        for entity in (*chunks, record):
-            size = len(entity.data) if isinstance(entity, DeferredPayloadChunk) else 0
+        for entity in itertools.chain(_writable(chunks), (record,)):
+            size = 0 if entity is record else len(entity.data or b"")
             if batch and (len(batch) >= _COMMIT_ENTITIES or batch_bytes + size > limit):
                 yield batch
                 batch, batch_bytes = [], 0
@@ -281,39 +327,134 @@ def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
         logger.exception("could not delete %d orphaned payload chunks", len(keys))
 
 
-def load(payload_id: str, chunks: int) -> tuple[DeferredPayload, bytearray]:
-    """The record and the envelope bytes, read in one batched Lookup.
+#: Up to this many envelope bytes are read in one Lookup; bigger payloads are read in Lookups
+#: of at most this much each. One Lookup of a 32 MiB payload holds its response bytes, the
+#: parsed response and the entities' bytes at once (~3x the payload before any copy into the
+#: envelope); 8 MiB at a time keeps the run near 2x (docs/performance.md, "Memory of a
+#: spilled payload").
+LOOKUP_BYTES = 8 * 1024 * 1024
+
+
+def lookup_groups(chunks: int, stored_bytes: int | None = None) -> list[range]:
+    """The chunk numbers each Lookup of ``load`` reads: all of them in one up to
+    ``LOOKUP_BYTES`` (``stored_bytes``, or chunks x chunk_bytes when unknown), else as many
+    full chunks as fit in ``LOOKUP_BYTES`` per Lookup."""
+    chunk_bytes = settings().chunk_bytes
+    known = isinstance(stored_bytes, int) and not isinstance(stored_bytes, bool)
+    total = stored_bytes if known else chunks * chunk_bytes
+    if total <= LOOKUP_BYTES:
+        return [range(1, chunks + 1)]
+    per = max(1, LOOKUP_BYTES // chunk_bytes)
+    return [range(first, min(first + per, chunks + 1)) for first in range(1, chunks + 1, per)]
+
+
+def load(
+    payload_id: str, chunks: int, stored_bytes: int | None = None
+) -> tuple[DeferredPayload, bytearray]:
+    """The record and the envelope bytes: one Lookup up to ``LOOKUP_BYTES``, else Lookups of
+    at most that much each (see ``lookup_groups``; ``stored_bytes`` is the reference's).
 
     The bytes come back as one preallocated ``bytearray`` that every chunk is copied into and
-    then dropped, so a 32 MiB payload is held once here instead of as chunks plus their join::
+    then dropped, Lookup by Lookup, so a 32 MiB payload is held once here plus one Lookup's
+    worth instead of as chunks plus their join::
 
-        record, data = load(payload_id, record.chunks)
+        record, data = load(payload_id, record.chunks, record.stored_bytes)
         envelope.open_envelope(data)   # verifies in place; the body is a view into ``data``
 
     Raises SpilledPayloadMissing, with ``already_ran`` set when a done marker says the task
-    succeeded before (the same Lookup reads the marker).
+    succeeded before (the first Lookup reads the marker).
     """
-    keys = [payload_key(payload_id), done_key(payload_id), *chunk_keys(payload_id, chunks)]
-    entities: list[Any] = ndb.get_multi(keys)
-    record, done = entities[0], entities[1]
-    if record is None:
+    groups = lookup_groups(chunks, stored_bytes)
+    first = groups[0]
+    found = _ndb_rpc.lookup(
+        [payload_key(payload_id), done_key(payload_id), *_chunk_keys(payload_id, first)]
+    )
+    if found[0] is None:
         raise SpilledPayloadMissing(
-            f"spilled payload {payload_id} is gone from Datastore", already_ran=done is not None
+            f"spilled payload {payload_id} is gone from Datastore", already_ran=found[1] is not None
         )
-    missing = [number - 1 for number in range(2, len(entities)) if entities[number] is None]
+    record = _ndb_rpc.model_from_pb(found[0])
+    pieces = found[2:]
+    del found
+    _check_present(payload_id, first, pieces)
+    if len(groups) == 1:
+        size = sum(len(_blob(piece)) for piece in pieces)
+    else:
+        # The record's own size: the later Lookups' chunks are not read yet.
+        size = record.stored_bytes or 0
+    data = bytearray(size)
+    offset: int | None = 0
+    with memoryview(data) as view:
+        for numbers in groups:
+            if numbers is not first:
+                pieces = _ndb_rpc.lookup(_chunk_keys(payload_id, numbers))
+                _check_present(payload_id, numbers, pieces)
+            offset = _copy_into(view, offset, pieces)
+            del pieces
+            if offset is None:
+                break
+            if len(groups) > 1:
+                release_freed_memory()
+    if offset != size:
+        raise SpilledPayloadMissing(
+            f"spilled payload {payload_id} does not add up: its chunks are not the "
+            f"{size:,} bytes its record says",
+            record_found=True,
+        )
+    return record, data
+
+
+def _blob(entity_pb: Any) -> bytes:
+    """A chunk's bytes from its raw Entity protobuf (the ``data`` property)."""
+    return entity_pb.properties["data"].blob_value
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed since the last call back to the OS, where the C library is glibc.
+
+    glibc serves the ~1 MB buffers of a Lookup (response, parsed entities, chunk bytes) from
+    its heaps once a freed buffer has raised its mmap threshold, and keeps them after they are
+    freed: without this, each 8 MiB Lookup of a 32 MiB payload leaves ~7 MiB resident that the
+    next one does not fully reuse (2.8x the payload at peak instead of 2.3x).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _copy_into(view: memoryview, offset: int, pieces: list[Any]) -> int | None:
+    """Copy each chunk's bytes into ``view`` from ``offset`` and drop the chunk; the new
+    offset, or None when the chunks run past the end."""
+    for index in range(len(pieces)):
+        piece = _blob(pieces[index])
+        pieces[index] = None  # this chunk's only reference: its response can go now
+        end = offset + len(piece)
+        if end > len(view):
+            return None
+        view[offset:end] = piece
+        offset = end
+    return offset
+
+
+def _chunk_keys(payload_id: str, numbers: range) -> list[ndb.Key]:
+    parent = payload_key(payload_id)
+    return [ndb.Key(DeferredPayloadChunk, number, parent=parent) for number in numbers]
+
+
+def _check_present(payload_id: str, numbers: range, pieces: list[Any]) -> None:
+    missing = [number for number, piece in zip(numbers, pieces, strict=True) if piece is None]
     if missing:
         raise SpilledPayloadMissing(
             f"spilled payload {payload_id} lacks chunk(s) {missing}", record_found=True
         )
-    data = bytearray(sum(len(piece.data or b"") for piece in entities[2:]))
-    offset = 0
-    with memoryview(data) as view:
-        for number in range(2, len(entities)):
-            piece = entities[number].data or b""
-            entities[number] = None  # this chunk's only reference: its bytes go now
-            view[offset : offset + len(piece)] = piece
-            offset += len(piece)
-    return record, data
 
 
 def finish(payload_id: str, chunks: int) -> None:
