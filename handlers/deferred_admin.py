@@ -716,30 +716,35 @@ class StaticFile(webapp2.RequestHandler):
 
 
 class _Route(webapp2.BaseRoute):
-    """A dashboard route matched on the path as the server decoded it, once: a path that is
-    not UTF-8 matches no route but the catch-all (which answers 400), and ``%25`` is never
-    decoded twice (webapp2.Route unquotes the decoded path again)."""
+    """One dashboard page: a pattern under the prefix and its handler (matched by _Dashboard)."""
 
     def __init__(self, pattern: str, handler: type[webapp2.RequestHandler]) -> None:
         super().__init__(PREFIX + pattern, handler=handler)
         self.regex = re.compile("^" + re.escape(PREFIX) + pattern + "$")
 
-    def match(self, request: webapp2.Request) -> tuple[Any, tuple, dict[str, str]] | None:
-        path = guard.request_path(request.environ)
-        if path is None:
-            return None
-        found = self.regex.match(path)
-        return (self, (), found.groupdict()) if found else None
 
+class _Dashboard(webapp2.BaseRoute):
+    """Every dashboard route as one webapp2 route, so routing costs a task request one prefix
+    check. The path is decoded once, as the server decoded it: a path that is not UTF-8 matches
+    no page but the catch-all (which answers 400), and ``%25`` is never decoded twice
+    (webapp2.Route unquotes the decoded path again). Anything else under the prefix is a 404.
+    """
 
-class _CatchAll(webapp2.BaseRoute):
-    """Everything else under the prefix: 404, or 400 for a path that is not UTF-8."""
-
-    def __init__(self) -> None:
+    def __init__(self, routes: list[_Route]) -> None:
         super().__init__(PREFIX + "/*", handler=NotFoundPage)
+        self.routes = routes
 
     def match(self, request: webapp2.Request) -> tuple[Any, tuple, dict[str, str]] | None:
-        return (self, (), {}) if guard.is_dashboard(request.environ) else None
+        environ = request.environ
+        if not guard.is_dashboard(environ):
+            return None
+        path = guard.request_path(environ)
+        if path is not None:
+            for route in self.routes:
+                found = route.regex.match(path)
+                if found:
+                    return route, (), found.groupdict()
+        return self, (), {}
 
 
 _SEGMENT = r"[^/]+"
@@ -750,7 +755,7 @@ def _id(name: str) -> str:
 
 
 def admin_routes() -> list[webapp2.BaseRoute]:
-    """Every dashboard route: HTML under /_ah/deferred-admin, JSON under .../api/."""
+    """The dashboard as one route: HTML under /_ah/deferred-admin, JSON under .../api/."""
     payload, failure = _id("payload_id"), _id("failure_id")
     queue, task = _id("queue"), _id("task")
     pages: list[tuple[str, type[_Base]]] = [
@@ -794,6 +799,5 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         _Route("/api/csrf", CsrfToken),
         _Route("/cron/sweep", CronSweep),
         _Route(f"/static/(?P<name>{_SEGMENT})", StaticFile),
-        _CatchAll(),
     ]
-    return routes
+    return [_Dashboard(routes)]

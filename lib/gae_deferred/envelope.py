@@ -582,7 +582,12 @@ def open_envelope(data: bytes | bytearray, *, decompress: bool = True) -> Envelo
     if header_len > _MAX_HEADER_BYTES or header_end > size - _MAC_BYTES:
         raise UnverifiedEnvelope("payload truncated or corrupt: header runs past the end")
     try:
-        header = _HEADER_DECODER.decode(data[_PREFIX.size : header_end].decode())
+        text = data[_PREFIX.size : header_end].decode()
+        # raw_decode: our headers carry no whitespace around the object, so decode()'s two
+        # whitespace scans are skipped; anything after the object is refused.
+        header, end = _HEADER_DECODER.raw_decode(text)
+        if end != len(text):
+            header = None
     except (ValueError, RecursionError):  # "[[[[..." 64 KB deep overflows the parser: forged
         header = None
     if not isinstance(header, dict):

@@ -47,13 +47,17 @@ ERROR = 500
 UNAVAILABLE = 503
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TaskOutcome:
     """What the handler answers: HTTP status and a one-line reason for the response body."""
 
     status: int
     result: str
     message: str = ""
+
+
+#: Every success answers the same: one instance, not one per task.
+_SUCCEEDED = TaskOutcome(OK, "ok")
 
 
 def set_log_level(level: int | str) -> None:
@@ -208,7 +212,7 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     )
     started = time.perf_counter()
     with ndb_context():
-        outcome = _execute(attempt)
+        outcome = _execute(attempt, started)
     if outcome.result not in _NOT_RUN:
         metrics.observe_outcome(
             attempt.env.function,
@@ -220,9 +224,8 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     return outcome
 
 
-def _execute(attempt: _Attempt) -> TaskOutcome:
+def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
     task = attempt.task
-    started = time.perf_counter()
     try:
         if attempt.env.is_reference:
             superseded = _load_spilled(attempt)
@@ -259,7 +262,7 @@ def _execute(attempt: _Attempt) -> TaskOutcome:
         attempt.header.get("function"),
         (time.perf_counter() - started) * 1000,
     )
-    return TaskOutcome(OK, "ok")
+    return _SUCCEEDED
 
 
 def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:

@@ -22,11 +22,10 @@ gets a fresh random trace id, so tasks deferred locally can still be followed.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import logging
 import os
+import random
 import re
-import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,14 +39,45 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
-@dataclasses.dataclass(frozen=True)
 class RequestTrace:
-    """The request being handled: its path and its trace (32 and 16 lowercase hex digits)."""
+    """The request being handled: its path and its trace (32 and 16 lowercase hex digits).
 
-    path: str
-    trace_id: str
-    span_id: str
-    sampled: bool = False
+    A request that brought no trace header gets random ids, made when first needed: most task
+    requests never defer, and this is built for every one of them.
+    """
+
+    __slots__ = ("_span_id", "_trace_id", "path", "sampled")
+
+    def __init__(
+        self, path: str, trace_id: str | None, span_id: str | None, sampled: bool = False
+    ) -> None:
+        self.path = path
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self.sampled = sampled
+
+    @property
+    def trace_id(self) -> str:
+        if self._trace_id is None:
+            self._trace_id = _random_hex(128)
+        return self._trace_id
+
+    @property
+    def span_id(self) -> str:
+        if self._span_id is None:
+            self._span_id = _random_hex(64)
+        return self._span_id
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestTrace):
+            return NotImplemented
+        mine = (self.path, self.trace_id, self.span_id, self.sampled)
+        return mine == (other.path, other.trace_id, other.span_id, other.sampled)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RequestTrace({self.path!r}, {self.trace_id!r}, {self.span_id!r}, {self.sampled})"
 
     @property
     def traceparent(self) -> str:
@@ -71,16 +101,24 @@ def _from_cloud_trace(value: str) -> tuple[str, str, bool] | None:
     if not match or match.group(1) == _ZERO_TRACE:
         return None
     span = int(match.group(2) or 0) % (1 << 64)
-    span_id = f"{span:016x}" if span else secrets.token_hex(8)
+    span_id = f"{span:016x}" if span else _random_hex(64)
     return match.group(1).lower(), span_id, match.group(3) == "1"
+
+
+def _random_hex(bits: int) -> str:
+    # Trace and span ids need to be unique, not secret: random's generator is several times
+    # cheaper than secrets', and every request without a trace header makes two.
+    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
 
 
 def from_environ(environ: dict[str, Any]) -> RequestTrace:
     """The trace of a WSGI request (a new random one when it carries no trace header)."""
-    found = _from_traceparent(environ.get("HTTP_TRACEPARENT") or "") or _from_cloud_trace(
-        environ.get("HTTP_X_CLOUD_TRACE_CONTEXT") or ""
+    traceparent = environ.get("HTTP_TRACEPARENT")
+    cloud_trace = environ.get("HTTP_X_CLOUD_TRACE_CONTEXT")
+    found = (traceparent and _from_traceparent(traceparent)) or (
+        cloud_trace and _from_cloud_trace(cloud_trace)
     )
-    trace_id, span_id, sampled = found or (secrets.token_hex(16), secrets.token_hex(8), False)
+    trace_id, span_id, sampled = found or (None, None, False)
     # PEP 3333: PATH_INFO holds the raw bytes as latin-1; show them as the UTF-8 they were.
     raw = (environ.get("SCRIPT_NAME") or "") + (environ.get("PATH_INFO") or "")
     path = raw.encode("latin-1", "replace").decode("utf-8", "replace")[:MAX_PATH_CHARS]
