@@ -156,3 +156,47 @@ def browser() -> Iterator[object]:
             yield chromium
         finally:
             chromium.close()
+
+
+class CommitSpy:
+    """The Commit requests the in-memory Datastore serves (``requests``), and ``fail_when``:
+    a function of a request that returns an exception to raise instead of committing it."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.fail_when = None
+
+    def kinds(self) -> list[list[str]]:
+        """Per Commit, the kinds of the entities it wrote."""
+        return [
+            [m._pb.upsert.key.path[-1].kind for m in request.mutations] for request in self.requests
+        ]
+
+    def chunk_bytes(self) -> list[int]:
+        """Per Commit, the payload-chunk bytes it carried."""
+        return [
+            sum(len(m._pb.upsert.properties["data"].blob_value) for m in request.mutations)
+            for request in self.requests
+        ]
+
+    def deletes(self, request) -> bool:
+        return any(m._pb.WhichOneof("operation") == "delete" for m in request.mutations)
+
+
+@pytest.fixture
+def datastore_commits(ndb_stub):
+    """Watch, and fail on demand, the Commit RPCs of ``ndb_stub``'s Datastore."""
+    spy = CommitSpy()
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+
+    def commit(request, *args, **kwargs):
+        spy.requests.append(request)
+        error = spy.fail_when(request) if spy.fail_when else None
+        if error is not None:
+            raise error
+        return original(request, *args, **kwargs)
+
+    wrapper.func = commit
+    yield spy
+    wrapper.func = original

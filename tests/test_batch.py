@@ -6,7 +6,6 @@ concurrency bound is observed where it matters: at the service.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -106,33 +105,6 @@ def queued(emulator, ndb_stub):
     return tasks
 
 
-@pytest.fixture
-def commits(ndb_stub):
-    """Commit RPCs at the in-memory Datastore (a CommitLog)."""
-    log = CommitLog()
-    wrapper = ndb_stub.stub.commit
-    original = wrapper.func
-
-    def counted(request, *args, **kwargs):
-        log.kinds.append([m.upsert.key.path[-1].kind for m in request.mutations])
-        log.sizes.append(
-            sum(len(m._pb.upsert.properties["data"].blob_value) for m in request.mutations)
-        )
-        return original(request, *args, **kwargs)
-
-    wrapper.func = counted
-    yield log
-    wrapper.func = original
-
-
-@dataclasses.dataclass
-class CommitLog:
-    """Per Commit RPC: the kinds of its mutations and the chunk bytes it carried."""
-
-    kinds: list[list[str]] = dataclasses.field(default_factory=list)
-    sizes: list[int] = dataclasses.field(default_factory=list)
-
-
 def _args_of(task: gae_deferred.DeferredTask) -> str:
     return envelope.read_header(task.payload)["args"]
 
@@ -157,26 +129,29 @@ def test_concurrency_bound_is_respected_at_the_service(queued, emulator, concurr
     assert emulator.in_flight.peak == concurrency
 
 
-def test_spilled_payloads_share_commits(queued, commits):
+def test_spilled_payloads_share_commits(queued, datastore_commits):
     gae_deferred.configure(compression_level=0)
     with batch() as b:
         for _ in range(5):
             b.defer(add, os.urandom(300_000), 0)
         b.defer(add, 1, 2)
     assert [task.spilled for task in b.tasks] == [True] * 5 + [False]
-    assert len(commits.kinds) == 1
-    assert commits.kinds[0].count("_DeferredPayload") == 5
+    assert len(datastore_commits.kinds()) == 1
+    assert datastore_commits.kinds()[0].count("_DeferredPayload") == 5
     assert len(queued()) == 6
 
 
-def test_spilled_commits_stay_under_the_datastore_limits(queued, commits):
+def test_spilled_commits_stay_under_the_datastore_limits(queued, datastore_commits):
     gae_deferred.configure(compression_level=0)
     with batch() as b:
         for _ in range(3):
             b.defer(add, b"\7" * 4_000_000, 0)
     # 12 MB of chunks: two commits of at most 9 MiB each, not one per payload.
-    assert len(commits.kinds) == 2
-    assert max(commits.sizes) <= 9 * 1024 * 1024 and sum(commits.sizes) > 12_000_000
+    assert len(datastore_commits.kinds()) == 2
+    assert (
+        max(datastore_commits.chunk_bytes()) <= 9 * 1024 * 1024
+        and sum(datastore_commits.chunk_bytes()) > 12_000_000
+    )
     assert len(queued()) == 3
 
 
@@ -202,23 +177,19 @@ def test_partial_failure_reports_each_failed_call_and_keeps_the_rest(queued):
     assert record.key.id() == b.tasks[3].payload_id
 
 
-def test_spill_kept_when_its_delete_fails_is_outcome_unknown(queued, ndb_stub):
+def test_spill_kept_when_its_delete_fails_is_outcome_unknown(queued, datastore_commits):
     from google.api_core import exceptions as api_exceptions
 
-    wrapper = ndb_stub.stub.commit
-    original = wrapper.func
-
-    def deletes_fail(request, *args, **kwargs):
-        if any("delete" in mutation for mutation in request.mutations):
-            raise api_exceptions.ServiceUnavailable("datastore went away")
-        return original(request, *args, **kwargs)
-
-    wrapper.func = deletes_fail
+    datastore_commits.fail_when = lambda request: (
+        api_exceptions.ServiceUnavailable("datastore went away")
+        if datastore_commits.deletes(request)
+        else None
+    )
     try:
         with pytest.raises(BatchDeferError) as raised, batch() as b:
             b.defer(add, os.urandom(300_000), 1, _queue="no-such-queue")
     finally:
-        wrapper.func = original
+        datastore_commits.fail_when = None
     ((index, error),) = raised.value.failures
     assert index == 0 and isinstance(error, gae_deferred.EnqueueOutcomeUnknown)
     assert len(spillover.DeferredPayload.query().fetch()) == 1
@@ -257,7 +228,7 @@ class Order(ndb.Model):
     total = ndb.IntegerProperty()
 
 
-def test_transactional_batch_is_one_write_set_in_the_callers_commit(queued, commits):
+def test_transactional_batch_is_one_write_set_in_the_callers_commit(queued, datastore_commits):
     @ndb.transactional()
     def place():
         Order(id="b1", total=3).put()
@@ -269,8 +240,8 @@ def test_transactional_batch_is_one_write_set_in_the_callers_commit(queued, comm
 
     tasks = place()
     # One Commit: the caller's order and the three payloads.
-    assert len(commits.kinds) == 1
-    assert sorted(commits.kinds[0]) == sorted(
+    assert len(datastore_commits.kinds()) == 1
+    assert sorted(datastore_commits.kinds()[0]) == sorted(
         ["Order"] + ["_DeferredPayload", "_DeferredPayloadChunk"] * 3
     )
     assert not any(task.was_enqueued for task in tasks)

@@ -230,25 +230,10 @@ def test_hard_cap(paused):
     assert len(spillover.DeferredPayload.query().fetch()) == 1
 
 
-def test_large_spill_is_written_in_commits_under_datastore_limit(paused, ndb_stub):
+def test_large_spill_is_written_in_commits_under_datastore_limit(paused, datastore_commits):
     gae_deferred.configure(compression_level=0)
-    commits = []
-    wrapper = ndb_stub.stub.commit
-    original = wrapper.func
-
-    def counted(request, *args, **kwargs):
-        commits.append(
-            sum(
-                len(m.upsert.properties["data"].blob_value)
-                for m in request.mutations
-                if "data" in m.upsert.properties
-            )
-        )
-        return original(request, *args, **kwargs)
-
-    wrapper.func = counted
     defer(collect, b"\2" * 20_000_000)
-    wrapper.func = original
+    commits = datastore_commits.chunk_bytes()
     assert len(commits) == 3
     assert max(commits) <= 10 * 1024 * 1024
 
@@ -391,26 +376,18 @@ def test_unanswered_create_task_keeps_the_spill_for_the_sweeper(paused, silent_s
     assert task.name.endswith("/tasks/" + record.task_name)
 
 
-def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, ndb_stub):
+def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, datastore_commits):
     from google.api_core import exceptions as api_exceptions
 
     gae_deferred.configure(compression_level=0)
-    wrapper = ndb_stub.stub.commit
-    original = wrapper.func
-    calls = []
-
-    def second_commit_fails(request, *args, **kwargs):
-        calls.append(len(request.mutations))
-        if len(calls) == 2:
-            raise api_exceptions.PermissionDenied("datastore went away")
-        return original(request, *args, **kwargs)
-
-    wrapper.func = second_commit_fails
-    try:
-        with pytest.raises(gae_deferred.DatastoreUnavailableError, match="datastore went away"):
-            defer(collect, b"\3" * 12_000_000)
-    finally:
-        wrapper.func = original
+    datastore_commits.fail_when = lambda request: (
+        api_exceptions.PermissionDenied("datastore went away")
+        if len(datastore_commits.requests) == 2
+        else None
+    )
+    with pytest.raises(gae_deferred.DatastoreUnavailableError, match="datastore went away"):
+        defer(collect, b"\3" * 12_000_000)
+    datastore_commits.fail_when = None
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
     assert spillover.DeferredPayload.query().fetch() == []
     assert paused() == []
@@ -523,28 +500,24 @@ def test_queue_missing_as_failed_precondition_is_queue_not_found(ndb_stub, monke
         defer(add, 1)
 
 
-def test_spill_that_cannot_be_undone_is_outcome_unknown(paused, ndb_stub, monkeypatch):
+def test_spill_that_cannot_be_undone_is_outcome_unknown(paused, datastore_commits, monkeypatch):
     """CreateTask failed and deleting the spill failed too: the sweeper will run it, so the
     caller must not defer again (EnqueueOutcomeUnknown, not a plain EnqueueError)."""
     from google.api_core import exceptions as api_exceptions
 
-    wrapper = ndb_stub.stub.commit
-    original = wrapper.func
-
-    def deletes_fail(request, *args, **kwargs):
-        if any("delete" in mutation for mutation in request.mutations):
-            raise api_exceptions.ServiceUnavailable("datastore went away")
-        return original(request, *args, **kwargs)
-
     real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
     gae_deferred.cloud_tasks.reset_client()
-    wrapper.func = deletes_fail
+    datastore_commits.fail_when = lambda request: (
+        api_exceptions.ServiceUnavailable("datastore went away")
+        if datastore_commits.deletes(request)
+        else None
+    )
     try:
         with pytest.raises(gae_deferred.EnqueueOutcomeUnknown, match="do not defer it again"):
             defer(collect, os.urandom(300_000))
     finally:
-        wrapper.func = original
+        datastore_commits.fail_when = None
         monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
         gae_deferred.cloud_tasks.reset_client()
     (record,) = spillover.DeferredPayload.query().fetch()

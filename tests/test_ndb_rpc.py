@@ -95,24 +95,16 @@ def test_commit_writes_what_ndb_put_writes(ndb_stub):
     assert [_stored(ndb_stub, entity.key) for entity in (record, *chunks)] == by_ndb
 
 
-def test_commit_is_one_rpc_with_upserts_and_deletes(ndb_stub):
-    seen = []
-    wrapper = ndb_stub.stub.commit
-    original = wrapper.func
-
-    def counted(request, *args, **kwargs):
-        seen.append([mutation._pb.WhichOneof("operation") for mutation in request.mutations])
-        return original(request, *args, **kwargs)
-
+def test_commit_is_one_rpc_with_upserts_and_deletes(datastore_commits):
     _ndb_rpc.commit(upserts=[_chunk("p-del", 1, b"a"), _chunk("p-del", 2, b"b")])
-    wrapper.func = counted
-    try:
-        _ndb_rpc.commit(
-            upserts=[_chunk("p-del", 3, b"c")],
-            deletes=spillover.chunk_keys("p-del", 2),
-        )
-    finally:
-        wrapper.func = original
+    _ndb_rpc.commit(
+        upserts=[_chunk("p-del", 3, b"c")],
+        deletes=spillover.chunk_keys("p-del", 2),
+    )
+    seen = [
+        [mutation._pb.WhichOneof("operation") for mutation in request.mutations]
+        for request in datastore_commits.requests[1:]
+    ]
     assert seen == [["upsert", "delete", "delete"]]
     assert [c and c.data for c in ndb.get_multi(spillover.chunk_keys("p-del", 3))] == [
         None,

@@ -69,7 +69,7 @@ def run_from_datastore(key: str | ndb.Key) -> Any:
         record = spillover.get(payload_id)
         if record is None:
             raise SpilledPayloadMissing(f"spilled payload {payload_id} is not in Datastore")
-        _, data = spillover.load(payload_id, record.chunks)
+        _, data = spillover.load(payload_id, record.chunks, record.stored_bytes)
         obj, args, kwargs = envelope.load_call(envelope.open_envelope(data))
         try:
             result = obj(*args, **kwargs)
