@@ -62,7 +62,7 @@ def run(*, quick: bool) -> Section:
             "handler in-process (Lookup of the chunks, verify, unpickle, call "
             "`benchmarks.tasks.consume(payload)`, delete); the increase includes the "
             "unpickled argument itself (1x). Reads: one Lookup up to 8 MiB (the RPC budget); "
-            "above 8 MiB, Lookups of ≤ 8 MiB each (8 chunks; the 32 MiB run makes 5), each "
+            "above 8 MiB, Lookups of ≤ 4 MiB each (4 chunks; the 32 MiB run makes 9), each "
             "copied into the envelope buffer and dropped before the next, because one Lookup of "
             "32 MiB alone costs ~3x the payload: memory wins over RPC count there. **raw gRPC "
             "Lookup**: one Lookup of the record and every chunk over a bare gRPC channel, the "

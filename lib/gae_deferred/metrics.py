@@ -114,6 +114,18 @@ class _Recorder:
 
 
 _recorder = _Recorder()
+#: This process's id, kept current across fork(): observe() compares it on every task, and
+#: os.getpid() is a system call each time.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def discard_pending() -> None:
@@ -147,7 +159,7 @@ def observe(function: str, queue: str, seconds: float, *, ok: bool, retried: boo
         if ms > slot[_MAX]:
             slot[_MAX] = ms
         slot[_HIST][bucket] += 1
-    if recorder.flusher_pid != os.getpid():
+    if recorder.flusher_pid != _pid:
         _start_flusher(current.metrics_flush_seconds)
 
 

@@ -327,24 +327,25 @@ def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
         logger.exception("could not delete %d orphaned payload chunks", len(keys))
 
 
-#: Up to this many envelope bytes are read in one Lookup; bigger payloads are read in Lookups
-#: of at most this much each. One Lookup of a 32 MiB payload holds its response bytes, the
-#: parsed response and the entities' bytes at once (~3x the payload before any copy into the
-#: envelope); 8 MiB at a time keeps the run near 2x (docs/performance.md, "Memory of a
-#: spilled payload").
+#: Up to this many envelope bytes are read in one Lookup (the RPC budget). One Lookup of a
+#: 32 MiB payload holds its response bytes, the parsed response and the entities' bytes at once
+#: (~3x the payload before any copy into the envelope), so a bigger payload is read in Lookups
+#: of at most LOOKUP_GROUP_BYTES each, which keeps the run near 2x (docs/performance.md,
+#: "Memory of a spilled payload"): above 8 MiB, memory wins over the RPC count.
 LOOKUP_BYTES = 8 * 1024 * 1024
+LOOKUP_GROUP_BYTES = 4 * 1024 * 1024
 
 
 def lookup_groups(chunks: int, stored_bytes: int | None = None) -> list[range]:
     """The chunk numbers each Lookup of ``load`` reads: all of them in one up to
     ``LOOKUP_BYTES`` (``stored_bytes``, or chunks x chunk_bytes when unknown), else as many
-    full chunks as fit in ``LOOKUP_BYTES`` per Lookup."""
+    full chunks as fit in ``LOOKUP_GROUP_BYTES`` per Lookup."""
     chunk_bytes = settings().chunk_bytes
     known = isinstance(stored_bytes, int) and not isinstance(stored_bytes, bool)
     total = stored_bytes if known else chunks * chunk_bytes
     if total <= LOOKUP_BYTES:
         return [range(1, chunks + 1)]
-    per = max(1, LOOKUP_BYTES // chunk_bytes)
+    per = max(1, min(LOOKUP_GROUP_BYTES, LOOKUP_BYTES) // chunk_bytes)
     return [range(first, min(first + per, chunks + 1)) for first in range(1, chunks + 1, per)]
 
 
