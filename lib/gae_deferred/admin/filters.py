@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import datetime
 import json
@@ -43,7 +44,7 @@ def parse_time(value: str | None, name: str) -> datetime.datetime | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Filter:
+class _Filter(abc.ABC):
     """What a list shows: parsed once from request parameters, turned back into URL params."""
 
     #: Request parameter names, in the order URLs list them.
@@ -75,8 +76,9 @@ class _Filter:
     def window(self) -> tuple[datetime.datetime | None, datetime.datetime | None]:
         return parse_time(self.since, "since"), parse_time(self.until, "until")
 
+    @abc.abstractmethod
     def tokens(self) -> list[str]:
-        raise NotImplementedError
+        """The facet tokens the index query must match, one per set filter."""
 
     def validate(self) -> None:
         self.window()
