@@ -248,3 +248,80 @@ def test_lookup_in_a_transaction_reads_in_it(ndb_emulator, monkeypatch):
     monkeypatch.setattr(_ndb_rpc._datastore_api, "make_call", recording)
     work()
     assert seen[0] and seen[0] == seen[1]
+
+
+def test_payloads_read_back_through_a_channel_with_grpcs_default_receive_limit(ndb_emulator):
+    """ndb's production channel (google.cloud._helpers.make_secure_channel) sets no message
+    size options, so gRPC's default 4 MiB receive limit applies; only its emulator channel lifts
+    it. The same limit here, on the emulator: every Lookup of a payload must come in under it."""
+    import grpc
+    from google.cloud.datastore_v1.services.datastore.transports import DatastoreGrpcTransport
+
+    host = ndb_emulator.host
+    ndb_emulator.stub = DatastoreGrpcTransport(host=host, channel=grpc.insecure_channel(host))
+    for size in (3_900_000, 8 * 1024 * 1024, 20_000_000):
+        payload_id = f"p-default-channel-{size}"
+        data = bytes(range(256)) * (size // 256)
+        record, chunks = spillover.build_record(
+            payload_id,
+            data,
+            {"function": "f", "raw_bytes": len(data)},
+            queue="default",
+            task_name="t",
+            eta=spillover.now(),
+            task={"url": "/u"},
+        )
+        spillover.write_many([(record, chunks)])
+        loaded, read = spillover.load(payload_id, record.chunks, record.stored_bytes)
+        assert loaded.key == record.key and bytes(read) == data
+
+
+def test_commit_and_lookup_send_the_routing_header_ndb_sends(monkeypatch):
+    """Datastore routes a named database's requests by ``x-goog-request-params``; a real gRPC
+    server records what ndb's own put and get send, and what ours send."""
+    from concurrent import futures
+
+    import grpc
+    from google.cloud.datastore_v1.types import datastore as datastore_pb2
+
+    seen: dict[str, list] = {"Commit": [], "Lookup": []}
+
+    def commit(request: bytes, context) -> bytes:
+        seen["Commit"].append(dict(context.invocation_metadata()))
+        mutations = datastore_pb2.CommitRequest.deserialize(request).mutations
+        results = [{"version": 1} for _ in mutations]
+        return datastore_pb2.CommitResponse.serialize({"mutation_results": results})
+
+    def lookup(request: bytes, context) -> bytes:
+        seen["Lookup"].append(dict(context.invocation_metadata()))
+        keys = datastore_pb2.LookupRequest.deserialize(request).keys
+        missing = [{"entity": {"key": key}, "version": 1} for key in keys]
+        return datastore_pb2.LookupResponse.serialize({"missing": missing})
+
+    handlers = {
+        "Commit": grpc.unary_unary_rpc_method_handler(commit),
+        "Lookup": grpc.unary_unary_rpc_method_handler(lookup),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("google.datastore.v1.Datastore", handlers)]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
+        client = ndb.Client(project="test-project", database="named-db")
+        with client.context(cache_policy=False, global_cache_policy=False):
+            chunk = _chunk("p-route", 1, b"a")
+            chunk.put()
+            chunk.key.get()
+            _ndb_rpc.commit(upserts=[chunk])
+            _ndb_rpc.lookup([chunk.key])
+    finally:
+        server.stop(None)
+    expected = "project_id=test-project&database_id=named-db"
+    for method, calls in seen.items():
+        assert len(calls) == 2, method
+        ndb_own, ours = calls
+        assert ndb_own["x-goog-request-params"] == expected
+        assert ours["x-goog-request-params"] == expected, method

@@ -311,15 +311,18 @@ def test_spilled_payload_over_lookup_bytes_is_read_in_lookups_of_at_most_that(
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
 
 
-def test_lookup_groups_one_lookup_up_to_8_mib_then_4_mib_each():
-    mib = 1024 * 1024
-    assert spillover.lookup_groups(9, 8 * mib) == [range(1, 10)]
-    groups = spillover.lookup_groups(34, 32 * mib)
-    assert groups[:2] == [range(1, 5), range(5, 9)] and groups[-1] == range(33, 35)
-    assert len(groups) == 9 and [n for group in groups for n in group] == list(range(1, 35))
+def test_lookup_groups_keep_every_response_under_grpcs_default_receive_limit():
+    # Default chunks of 1,000,000 bytes: 3 per Lookup, beside a record of up to 1 MiB.
+    assert spillover.LOOKUP_BYTES // 1_000_000 == 3
+    assert spillover.lookup_groups(3, 2_900_000) == [range(1, 4)]
+    assert spillover.lookup_groups(9, 8 * 1024 * 1024) == [range(1, 4), range(4, 7), range(7, 10)]
+    groups = spillover.lookup_groups(34, 32 * 1024 * 1024)
+    assert len(groups) == 12 and [n for group in groups for n in group] == list(range(1, 35))
     # Without the stored size, every chunk counts as full.
-    assert spillover.lookup_groups(8) == [range(1, 9)]
-    assert spillover.lookup_groups(9) == [range(1, 5), range(5, 9), range(9, 10)]
+    assert spillover.lookup_groups(3) == [range(1, 4)]
+    assert spillover.lookup_groups(4) == [range(1, 4), range(4, 5)]
+    largest = 3 * 1_000_000 + 1024 * 1024  # three full chunks and the biggest possible record
+    assert largest < spillover.GRPC_RECEIVE_LIMIT - 60 * 1024
 
 
 def test_spilled_chunk_missing_from_a_later_lookup_is_200_and_permanent(app, monkeypatch):

@@ -32,6 +32,7 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from google.api_core import gapic_v1
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from google.cloud.ndb import _datastore_api, _options, model, tasklets
@@ -106,7 +107,7 @@ def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] 
     mutations = request._pb.mutations
     for item in (*upserts, *deletes):
         _fill(mutations.add(), item)
-    _datastore_api.make_call("commit", request).result()
+    _datastore_api.make_call("commit", request, metadata=_routing(client)).result()
 
 
 def join_transaction(
@@ -150,12 +151,21 @@ def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
         request._pb.keys.extend(pending)
         if context.in_transaction():
             request._pb.read_options.transaction = context.transaction
-        response = _datastore_api.make_call("lookup", request).result()
+        response = _datastore_api.make_call("lookup", request, metadata=_routing(client)).result()
         response = getattr(response, "_pb", response)
         for result in response.found:
             found[index[result.entity.key.SerializeToString()]] = result.entity
         pending = list(response.deferred)
     return found
+
+
+def _routing(client: Any) -> tuple[tuple[str, str], ...]:
+    """The ``x-goog-request-params`` header ndb sends with its own calls: Datastore routes a
+    named database's requests by it."""
+    params = {"project_id": client.project}
+    if client.database:
+        params["database_id"] = client.database
+    return (gapic_v1.routing_header.to_grpc_metadata(params),)
 
 
 def model_from_pb(entity_pb: Any) -> ndb.Model:

@@ -6,7 +6,7 @@ sorts by — plus ``_DeferredPayloadChunk`` children holding the envelope bytes:
     record, chunks = build_record(payload_id, envelope_bytes, header, queue="reports",
                                   task_name="d-1f2e...", eta=eta, task=spec.to_json())
     write_many([(record, chunks)])                # one commit up to commit_bytes
-    record, data = load(payload_id, record.chunks)  # one Lookup up to 8 MiB
+    record, data = load(payload_id, record.chunks)  # one Lookup per ~3 MiB
     finish(payload_id, record.chunks)             # one Commit: gone, and marked as done
 
 A task whose payload is gone asks ``load`` why: a done marker means the task already ran (a
@@ -327,25 +327,27 @@ def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
         logger.exception("could not delete %d orphaned payload chunks", len(keys))
 
 
-#: Up to this many envelope bytes are read in one Lookup (the RPC budget). One Lookup of a
-#: 32 MiB payload holds its response bytes, the parsed response and the entities' bytes at once
-#: (~3x the payload before any copy into the envelope), so a bigger payload is read in Lookups
-#: of at most LOOKUP_GROUP_BYTES each, which keeps the run near 2x (docs/performance.md,
-#: "Memory of a spilled payload"): above 8 MiB, memory wins over the RPC count.
-LOOKUP_BYTES = 8 * 1024 * 1024
-LOOKUP_GROUP_BYTES = 4 * 1024 * 1024
+#: gRPC's default limit on a received message. ndb's production channel keeps it (ndb lifts it
+#: only on its emulator channel), so no Lookup response may be bigger, or the Lookup fails with
+#: RESOURCE_EXHAUSTED (tests/test_ndb_rpc.py reads payloads through such a channel).
+GRPC_RECEIVE_LIMIT = 4 * 1024 * 1024
+#: Chunk bytes one Lookup reads: what fits under that limit beside the record (an entity of up
+#: to 1 MiB, read by the first Lookup) and the protobuf framing. Smaller Lookups also keep the
+#: run's memory low: one Lookup holds its response, the parsed response and the chunks' bytes at
+#: once (docs/performance.md, "Memory of a spilled payload").
+LOOKUP_BYTES = GRPC_RECEIVE_LIMIT - 1024 * 1024 - 64 * 1024
 
 
 def lookup_groups(chunks: int, stored_bytes: int | None = None) -> list[range]:
     """The chunk numbers each Lookup of ``load`` reads: all of them in one up to
     ``LOOKUP_BYTES`` (``stored_bytes``, or chunks x chunk_bytes when unknown), else as many
-    full chunks as fit in ``LOOKUP_GROUP_BYTES`` per Lookup."""
+    full chunks as fit in ``LOOKUP_BYTES`` per Lookup."""
     chunk_bytes = settings().chunk_bytes
     known = isinstance(stored_bytes, int) and not isinstance(stored_bytes, bool)
     total = stored_bytes if known else chunks * chunk_bytes
     if total <= LOOKUP_BYTES:
         return [range(1, chunks + 1)]
-    per = max(1, min(LOOKUP_GROUP_BYTES, LOOKUP_BYTES) // chunk_bytes)
+    per = max(1, LOOKUP_BYTES // chunk_bytes)
     return [range(first, min(first + per, chunks + 1)) for first in range(1, chunks + 1, per)]
 
 
@@ -423,8 +425,8 @@ def release_freed_memory() -> None:
 
     glibc serves the ~1 MB buffers of a Lookup (response, parsed entities, chunk bytes) from
     its heaps once a freed buffer has raised its mmap threshold, and keeps them after they are
-    freed: without this, each 8 MiB Lookup of a 32 MiB payload leaves ~7 MiB resident that the
-    next one does not fully reuse (2.8x the payload at peak instead of 2.3x).
+    freed: without this, each Lookup of a big payload leaves most of its buffers resident,
+    and the next one does not fully reuse them.
     """
     trim = _malloc_trim()
     if trim is not None:
