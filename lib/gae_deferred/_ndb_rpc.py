@@ -4,8 +4,10 @@ ndb formats ``repr(entity_pb)`` of every entity it puts into a ``Future``'s debu
 (``_datastore_api._NonTransactionalCommitBatch.put``, and the transactional batch likewise;
 googleapis/python-ndb#1034). For a 1 MB payload chunk that is ~200 ms of CPU and a string
 several times the chunk's size. gae_deferred's own kinds are written here instead, as one
-Commit built directly and sent through ndb's RPC layer, so it goes to whatever ndb client is
-configured (Datastore, the emulator, or a test's in-memory stub) with ndb's retries::
+Commit built directly and sent to whatever ndb client is configured (Datastore, the emulator,
+or a test's in-memory stub), retried as ndb retries. On a gRPC client the request is sent as
+bytes joined once from its parts, a chunk's bytes straight from their view, over the client's
+own channel: no protobuf copy of a payload is held while it is sent::
 
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
     commit(upserts=[Blob(key, Chunk, "data", view)])      # a chunk straight from a view
@@ -29,13 +31,17 @@ pinned in requirements.txt and fails, naming the internal, if an upgrade changes
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+import grpc
+from google.api_core import exceptions as core_exceptions
 from google.api_core import gapic_v1
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
-from google.cloud.ndb import _datastore_api, _options, model, tasklets
+from google.cloud.datastore_v1.types import entity as entity_pb2
+from google.cloud.ndb import _datastore_api, _options, _retry, model, tasklets
 from google.cloud.ndb import context as context_module
 
 #: The google-cloud-ndb version these internals were read from (requirements.txt pins it).
@@ -46,6 +52,7 @@ INTERNALS = (
     ("google.cloud.ndb._datastore_api", "_get_commit_batch"),
     ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
     ("google.cloud.ndb._options", "Options"),
+    ("google.cloud.ndb._retry", "is_transient_error"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
     ("google.cloud.ndb.model", "_entity_from_protobuf"),
     ("google.cloud.ndb.model.Model", "_prepare_for_put"),
@@ -54,6 +61,21 @@ INTERNALS = (
 )
 
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
+#: Waits before each retry of a transient error: ndb's own schedule (1 s, doubling, 3 retries).
+RETRY_DELAYS = (1.0, 2.0, 4.0)
+
+
+def _field_number(message: Any, name: str) -> int:
+    return message.pb().DESCRIPTOR.fields_by_name[name].number
+
+
+# Field numbers of the messages a chunk's upsert is written into by hand (see _blob_parts).
+_COMMIT_MUTATIONS = _field_number(datastore_pb2.CommitRequest, "mutations")
+_MUTATION_UPSERT = _field_number(datastore_pb2.Mutation, "upsert")
+_ENTITY_KEY = _field_number(entity_pb2.Entity, "key")
+_ENTITY_PROPERTIES = _field_number(entity_pb2.Entity, "properties")
+_VALUE_BLOB = _field_number(entity_pb2.Value, "blob_value")
+_MAP_KEY, _MAP_VALUE = 1, 2  # every protobuf map entry: key = 1, value = 2
 
 
 class Blob(NamedTuple):
@@ -98,16 +120,99 @@ def _fill(mutation: Any, item: ndb.Model | Blob | ndb.Key) -> None:
 def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()) -> None:
     """One non-transactional Commit of these upserts and deletes, outside any transaction.
 
-    Must run inside an ndb context; raises the Google API error of a failed Commit.
+    On a gRPC client the request goes out as the bytes of :func:`request_parts` joined once: a
+    chunk's bytes are copied into the request and into gRPC's buffer, and nowhere else (no
+    protobuf holds them). Must run inside an ndb context; raises the Google API error of a failed
+    Commit, after ndb's retries of transient errors.
     """
     client = ndb.get_context().client
+    parts = request_parts(client, upserts, deletes)
+    channel = getattr(client.stub, "grpc_channel", None)
+    if channel is None:
+        # Not a gRPC client (inmemory-datastore-stub's): the same request, through ndb's call.
+        request = datastore_pb2.CommitRequest.deserialize(b"".join(parts))
+        _datastore_api.make_call("commit", request, metadata=_routing(client)).result()
+        return
+    body = b"".join(parts)
+    del parts
+    _send(_raw_commit(channel), body, _routing(client))
+
+
+def request_parts(
+    client: Any, upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()
+) -> list[bytes | memoryview]:
+    """The serialized CommitRequest of :func:`commit`, as parts to join: a Blob's data is one
+    part of its own, the view it came as."""
     request = datastore_pb2.CommitRequest(
         project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
     )
-    mutations = request._pb.mutations
+    parts: list[bytes | memoryview] = [request._pb.SerializeToString()]
     for item in (*upserts, *deletes):
-        _fill(mutations.add(), item)
-    _datastore_api.make_call("commit", request, metadata=_routing(client)).result()
+        if isinstance(item, Blob):
+            parts += _delimited(_COMMIT_MUTATIONS, _blob_parts(item))
+        else:
+            mutation = datastore_pb2.Mutation()._pb
+            _fill(mutation, item)
+            parts += _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return parts
+
+
+def _blob_parts(item: Blob) -> list[bytes | memoryview]:
+    """The Mutation upserting ``item``, in wire format: what _fill makes, field for field
+    (protobuf parses fields in any order; tests/test_ndb_rpc.py compares the two)."""
+    rest, value_head = _blob_wire_template(item.kind, item.prop)
+    value = [value_head, *_delimited(_VALUE_BLOB, [item.data])]
+    entry = [*_delimited(_MAP_KEY, [item.prop.encode()]), *_delimited(_MAP_VALUE, value)]
+    key = item.key._key.to_protobuf()._pb.SerializeToString()
+    entity = [*_delimited(_ENTITY_KEY, [key]), rest, *_delimited(_ENTITY_PROPERTIES, entry)]
+    return _delimited(_MUTATION_UPSERT, entity)
+
+
+@functools.lru_cache(maxsize=16)
+def _blob_wire_template(kind: type[ndb.Model], prop: str) -> tuple[bytes, bytes]:
+    """The blob template's other fields serialized, and ``prop``'s Value without its bytes."""
+    rest = type(_blob_template(kind, prop))()
+    rest.CopyFrom(_blob_template(kind, prop))
+    value = type(rest.properties[prop])()
+    value.CopyFrom(rest.properties[prop])
+    value.ClearField("blob_value")
+    del rest.properties[prop]
+    rest.ClearField("key")  # the template's incomplete key: each Blob brings its own
+    return rest.SerializeToString(), value.SerializeToString()
+
+
+def _delimited(number: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Field ``number`` holding the concatenated ``parts`` (length-delimited wire type)."""
+    size = sum(len(part) if type(part) is bytes else part.nbytes for part in parts)
+    return [_varint(number << 3 | 2) + _varint(size), *parts]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _raw_commit(channel: grpc.Channel) -> Any:
+    """Commit on ``channel`` taking the request as bytes (the response stays unparsed)."""
+    return channel.unary_unary("/google.datastore.v1.Datastore/Commit")
+
+
+def _send(call: Any, body: bytes, metadata: tuple[tuple[str, str], ...]) -> None:
+    """``call(body)``, retrying transient errors as ndb retries its own calls."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            call(body, metadata=metadata)
+            return
+        except grpc.RpcError as error:
+            exc = core_exceptions.from_grpc_error(error)
+            if delay is None or not _retry.is_transient_error(exc):
+                raise exc from None
+        time.sleep(delay)
 
 
 def join_transaction(
