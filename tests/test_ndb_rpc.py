@@ -3,6 +3,7 @@ through ndb exactly as ndb's own puts would."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import inspect
@@ -68,16 +69,45 @@ def _stored(stub_client, key: ndb.Key):
     return stub_client.stub.store.get(key._key.to_protobuf(), None).entity
 
 
-def test_commit_writes_what_ndb_put_writes(ndb_stub):
-    record, chunks = spillover.build_record(
-        "p-put",
-        b"x" * 2_500_000,
-        {"function": "f", "raw_bytes": 2_500_000},
+def _spilled(payload_id: str, data: bytes) -> tuple:
+    """A record and its chunks for ``data``, not written."""
+    return spillover.build_record(
+        payload_id,
+        data,
+        {"function": "f", "raw_bytes": len(data)},
         queue="default",
         task_name="t",
         eta=spillover.now(),
         task={"url": "/u"},
     )
+
+
+@contextlib.contextmanager
+def _datastore_server(monkeypatch, handlers: dict, **client_options):
+    """A real gRPC server answering Datastore methods with ``handlers`` (request bytes in,
+    response bytes out); yields an ndb client pointed at it, inside its context."""
+    from concurrent import futures
+
+    import grpc
+
+    methods = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in handlers.items()}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("google.datastore.v1.Datastore", methods)]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
+        client = ndb.Client(project="test-project", **client_options)
+        with client.context(cache_policy=False, global_cache_policy=False):
+            yield client
+    finally:
+        server.stop(None)
+
+
+def test_commit_writes_what_ndb_put_writes(ndb_stub):
+    record, chunks = _spilled("p-put", b"x" * 2_500_000)
     ndb.put_multi([record, *chunks])
     by_ndb = [_stored(ndb_stub, entity.key) for entity in (record, *chunks)]
     ndb.delete_multi([record.key, *(chunk.key for chunk in chunks)])
@@ -262,15 +292,7 @@ def test_payloads_read_back_through_a_channel_with_grpcs_default_receive_limit(n
     for size in (3_900_000, 8 * 1024 * 1024, 20_000_000):
         payload_id = f"p-default-channel-{size}"
         data = bytes(range(256)) * (size // 256)
-        record, chunks = spillover.build_record(
-            payload_id,
-            data,
-            {"function": "f", "raw_bytes": len(data)},
-            queue="default",
-            task_name="t",
-            eta=spillover.now(),
-            task={"url": "/u"},
-        )
+        record, chunks = _spilled(payload_id, data)
         spillover.write_many([(record, chunks)])
         loaded, read = spillover.load(payload_id, record.chunks, record.stored_bytes)
         assert loaded.key == record.key and bytes(read) == data
@@ -279,9 +301,6 @@ def test_payloads_read_back_through_a_channel_with_grpcs_default_receive_limit(n
 def test_commit_and_lookup_send_the_routing_header_ndb_sends(monkeypatch):
     """Datastore routes a named database's requests by ``x-goog-request-params``; a real gRPC
     server records what ndb's own put and get send, and what ours send."""
-    from concurrent import futures
-
-    import grpc
     from google.cloud.datastore_v1.types import datastore as datastore_pb2
 
     seen: dict[str, list] = {"Commit": [], "Lookup": []}
@@ -298,27 +317,13 @@ def test_commit_and_lookup_send_the_routing_header_ndb_sends(monkeypatch):
         missing = [{"entity": {"key": key}, "version": 1} for key in keys]
         return datastore_pb2.LookupResponse.serialize({"missing": missing})
 
-    handlers = {
-        "Commit": grpc.unary_unary_rpc_method_handler(commit),
-        "Lookup": grpc.unary_unary_rpc_method_handler(lookup),
-    }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("google.datastore.v1.Datastore", handlers)]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
-        client = ndb.Client(project="test-project", database="named-db")
-        with client.context(cache_policy=False, global_cache_policy=False):
-            chunk = _chunk("p-route", 1, b"a")
-            chunk.put()
-            chunk.key.get()
-            _ndb_rpc.commit(upserts=[chunk])
-            _ndb_rpc.lookup([chunk.key])
-    finally:
-        server.stop(None)
+    handlers = {"Commit": commit, "Lookup": lookup}
+    with _datastore_server(monkeypatch, handlers, database="named-db"):
+        chunk = _chunk("p-route", 1, b"a")
+        chunk.put()
+        chunk.key.get()
+        _ndb_rpc.commit(upserts=[chunk])
+        _ndb_rpc.lookup([chunk.key])
     expected = "project_id=test-project&database_id=named-db"
     for method, calls in seen.items():
         assert len(calls) == 2, method
@@ -333,15 +338,7 @@ def test_request_parts_are_the_request_fill_builds(ndb_stub, size):
     from google.cloud.datastore_v1.types import datastore as datastore_pb2
 
     data = bytes(range(256)) * (size // 256) + b"\x07" * (size % 256)
-    record, chunks = spillover.build_record(
-        "p-wire",
-        data + b"tail",
-        {"function": "f", "raw_bytes": size + 4},
-        queue="default",
-        task_name="t",
-        eta=spillover.now(),
-        task={"url": "/u"},
-    )
+    record, chunks = _spilled("p-wire", data + b"tail")
     blobs = list(chunks.blobs())
     items = [*blobs, record, _chunk("p-wire", 9, b"whole entity")]
     deletes = [ndb.Key("Gone", 1), ndb.Key("Gone", "two")]
@@ -361,15 +358,7 @@ def test_request_parts_are_the_request_fill_builds(ndb_stub, size):
 def test_commit_over_grpc_writes_what_ndb_put_writes(ndb_emulator):
     """On a gRPC client the request goes out as joined bytes; ndb reads back what it wrote."""
     data = bytes(range(256)) * 9_000
-    record, chunks = spillover.build_record(
-        "p-grpc",
-        data,
-        {"function": "f", "raw_bytes": len(data)},
-        queue="default",
-        task_name="t",
-        eta=spillover.now(),
-        task={"url": "/u"},
-    )
+    record, chunks = _spilled("p-grpc", data)
     _ndb_rpc.commit(upserts=[record, *chunks.blobs()])
     assert record.key.get() == record
     assert ndb.get_multi([chunk.key for chunk in chunks]) == list(chunks)
@@ -377,7 +366,6 @@ def test_commit_over_grpc_writes_what_ndb_put_writes(ndb_emulator):
 
 def test_commit_over_grpc_retries_transient_errors_as_ndb_does(monkeypatch):
     """UNAVAILABLE twice, then OK: one write; a non-transient error is raised at once."""
-    from concurrent import futures
 
     import grpc
     from google.api_core import exceptions as core_exceptions
@@ -392,22 +380,10 @@ def test_commit_over_grpc_retries_transient_errors_as_ndb_does(monkeypatch):
             context.abort(status, "try again" if answers else "bad request")
         return b""
 
-    handlers = {"Commit": grpc.unary_unary_rpc_method_handler(commit)}
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("google.datastore.v1.Datastore", handlers)]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     monkeypatch.setattr(_ndb_rpc, "RETRY_DELAYS", (0.0, 0.0, 0.0))
-    try:
-        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
-        client = ndb.Client(project="test-project")
-        with client.context(cache_policy=False, global_cache_policy=False):
-            _ndb_rpc.commit(upserts=[_chunk("p-retry", 1, b"a" * 1000)])
-            assert len(calls) == 3 and len(set(calls)) == 1
-            with pytest.raises(core_exceptions.InvalidArgument):
-                _ndb_rpc.commit(upserts=[_chunk("p-retry", 1, b"a")])
-            assert len(calls) == 4
-    finally:
-        server.stop(None)
+    with _datastore_server(monkeypatch, {"Commit": commit}):
+        _ndb_rpc.commit(upserts=[_chunk("p-retry", 1, b"a" * 1000)])
+        assert len(calls) == 3 and len(set(calls)) == 1
+        with pytest.raises(core_exceptions.InvalidArgument):
+            _ndb_rpc.commit(upserts=[_chunk("p-retry", 1, b"a")])
+        assert len(calls) == 4
