@@ -143,6 +143,38 @@ def test_cloud_tasks_http_target_headers_are_accepted(app):
     assert RUNS[0][2].name == "t9"
 
 
+def test_on_app_engine_cloud_tasks_headers_alone_never_prove_a_task(app, monkeypatch):
+    """App Engine strips only X-AppEngine-* from outside requests: X-CloudTasks-* can be forged,
+    so a captured body replayed with them from the internet must not run."""
+    monkeypatch.setenv("GAE_ENV", "standard")
+    forged = {"X-CloudTasks-QueueName": "default", "X-CloudTasks-TaskName": "t9"}
+    response = post(app, task_body(record_run, headers=forged), headers=forged)
+    assert (response.status_int, response.text) == (403, "forbidden\n")
+    mixed = {"X-AppEngine-QueueName": "default", "X-CloudTasks-TaskName": "t9"}
+    assert post(app, task_body(record_run, headers=mixed), headers=mixed).status_int == 403
+    assert RUNS == []
+    assert post(app, task_body(record_run, 7)).status_int == 200
+    assert RUNS[0][0] == (7,)
+
+
+def test_on_app_engine_task_details_come_from_app_engine_headers_only(monkeypatch):
+    monkeypatch.setenv("GAE_ENV", "standard")
+    headers = {
+        **TASK,
+        "X-CloudTasks-TaskName": "other",
+        "X-CloudTasks-TaskRetryCount": "9",
+        "X-AppEngine-TaskRetryCount": "2",
+    }
+    info = gae_deferred.TaskInfo.from_headers(headers)
+    assert (info.name, info.queue, info.retry_count) == ("task-1", "default", 2)
+    assert gae_deferred.TaskInfo.from_headers({"X-CloudTasks-QueueName": "q"}) is None
+    monkeypatch.setenv("GAE_ENV", "")
+    info = gae_deferred.TaskInfo.from_headers(
+        {"X-CloudTasks-QueueName": "q", "X-CloudTasks-TaskName": "t"}
+    )
+    assert (info.name, info.queue) == ("t", "q")
+
+
 def test_function_name_in_the_url_is_only_for_logs(app):
     response = app.post(
         "/_ah/queue/deferred/tests.test_task_handler.record_run",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,10 +35,14 @@ class TaskInfo:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> TaskInfo | None:
-        """Read App Engine (or Cloud Tasks HTTP target) task headers; None if there are none.
+        """The task a request's headers prove it runs, or None (see :func:`on_app_engine`).
 
-        App Engine strips ``X-AppEngine-*`` headers from requests that come from outside, so
-        their presence means the request came from the task queue.
+        On App Engine only ``X-AppEngine-*`` task headers count: its front end strips them from
+        requests that come from outside, so their presence means the request came from the
+        task queue. ``X-CloudTasks-*`` headers (Cloud Tasks HTTP targets) reach the app from
+        anyone, so there they never prove anything; off App Engine either family names the
+        task (the local stack, tests, other hosts: the envelope's signature and its binding
+        to the task's name and queue are what protect the app there).
         """
         return cls._read(headers.get, _HEADER_KEYS)
 
@@ -48,13 +53,20 @@ class TaskInfo:
 
     @classmethod
     def _read(cls, get: Callable[[str], str | None], keys: Mapping[str, str]) -> TaskInfo | None:
-        """``keys`` maps each header name to how ``get`` spells it (itself, or a WSGI key)."""
-        app_engine_queue = get(keys["X-AppEngine-QueueName"])
-        queue = app_engine_queue or get(keys["X-CloudTasks-QueueName"])
-        name = get(keys["X-AppEngine-TaskName"]) or get(keys["X-CloudTasks-TaskName"])
-        if not queue or not name:
-            return None
-        prefix = "X-AppEngine-" if app_engine_queue else "X-CloudTasks-"
+        """The trust decision, in one place (docs/design.md, "What proves a task came from the
+        queue"). ``keys`` maps each header name to how ``get`` spells it (itself, or a WSGI
+        key)."""
+        queue = get(keys["X-AppEngine-QueueName"])
+        name = get(keys["X-AppEngine-TaskName"])
+        prefix = "X-AppEngine-"
+        if not (queue and name):
+            if on_app_engine():
+                return None
+            prefix = "X-AppEngine-" if queue else "X-CloudTasks-"
+            queue = queue or get(keys["X-CloudTasks-QueueName"])
+            name = name or get(keys["X-CloudTasks-TaskName"])
+            if not queue or not name:
+                return None
         return cls(
             name=name,
             queue=queue,
@@ -64,6 +76,17 @@ class TaskInfo:
             previous_response=_int(get(keys[prefix + "TaskPreviousResponse"])) or None,
             retry_reason=get(keys[prefix + "TaskRetryReason"]),
         )
+
+
+def on_app_engine() -> bool:
+    """Whether this process runs on App Engine (``GAE_ENV`` set), where only App Engine's own
+    task headers prove that a request came from the task queue.
+
+    Read per request (one environment lookup), so a test can set GAE_ENV. Cloud Tasks HTTP
+    targets prove where a request came from with an OIDC token instead of headers; accepting
+    them on App Engine means verifying that token here, beside the header check.
+    """
+    return bool(os.environ.get("GAE_ENV"))
 
 
 _HEADER_NAMES = [
