@@ -250,6 +250,11 @@ class _Base(webapp2.RequestHandler):
         posts back here with the same fields) and say so."""
         if self.json_api or self.field("confirm") == "yes":
             return False
+        self.ask(question, cancel, **fields)
+        return True
+
+    def ask(self, question: str, cancel: str, **fields: Any) -> None:
+        """Render the confirmation page: it posts back here with ``fields`` and confirm=yes."""
         hidden = [(name, value) for name, value in fields.items() if not isinstance(value, list)]
         hidden += [
             (name, item)
@@ -268,7 +273,6 @@ class _Base(webapp2.RequestHandler):
             hidden=hidden,
             cancel=_safe_back(back, cancel),
         )
-        return True
 
     @property
     def actor(self) -> str:
@@ -376,26 +380,65 @@ class _BulkMatching(_Base):
     apply: ClassVar[Any]
 
     def post(self) -> None:
+        """HTML: the confirmation page carries the count it showed (``expected``), and the
+        action runs only while exactly that many records match, on the ids read then; a
+        different count asks again. The API acts on what matches, or with ``expected`` in
+        its body only on exactly that many (409 otherwise)."""
         wanted = self.filter_type.parse(self.posted())
         action, version = self.field("action"), self.field("version")
         back = f"{PREFIX}{self.list_path}" + _templates.query(wanted.params())
-        if not self.json_api:
-            count = admin.count_matching(wanted)
-            if self.needs_confirmation(
-                f"{action.capitalize()} {count}{'+' if count >= admin.MAX_MATCHING else ''} "
-                f"{wanted.describe()}? At most {admin.MAX_MATCHING:,} are done, "
-                f"{admin.MAX_BULK} at a time.",
-                back,
-                action=action,
-                version=version,
-                **wanted.params(),
-            ):
-                return
-        result = type(self).apply(action, wanted, self.actor, version=version)
+        expected = self._expected()
+        if not self.json_api and (self.field("confirm") != "yes" or expected is None):
+            self._ask_count(action, version, wanted, back, admin.count_matching(wanted))
+            return
+        try:
+            result = type(self).apply(
+                action, wanted, self.actor, version=version, expected=expected
+            )
+        except admin.CountChanged as exc:
+            if self.json_api:
+                raise
+            self._ask_count(action, version, wanted, back, exc.count, changed=exc.expected)
+            return
         self.finish(
             _bulk_summary(action, result, wanted.describe()),
             back,
             {"done": result.done, "errors": result.errors},
+        )
+
+    def _expected(self) -> int | None:
+        """The confirmed count (field ``expected``), None when absent."""
+        value = self.field("expected")
+        if not value:
+            return None
+        if not (value.isascii() and value.isdigit() and len(value) <= 5):
+            raise admin.BadRequest(f"expected must be a number of records, not {value[:20]!r}")
+        return int(value)
+
+    def _ask_count(
+        self,
+        action: str,
+        version: str,
+        wanted: admin.FailureFilter | admin.SpillFilter,
+        back: str,
+        count: int,
+        changed: int | None = None,
+    ) -> None:
+        more = "+" if count >= admin.MAX_MATCHING else ""
+        note = (
+            f"The number of matching records changed from {changed} to {count}: nothing was "
+            "done yet. "
+            if changed is not None
+            else ""
+        )
+        self.ask(
+            f"{note}{action.capitalize()} {count}{more} {wanted.describe()}? At most "
+            f"{admin.MAX_MATCHING:,} are done, {admin.MAX_BULK} at a time.",
+            back,
+            action=action,
+            version=version,
+            expected=str(count),
+            **wanted.params(),
         )
 
 

@@ -148,6 +148,18 @@ class Conflict(AdminError):
     status = 409
 
 
+class CountChanged(Conflict):
+    """A bulk action confirmed for ``expected`` records now matches ``count``: nothing was
+    done; ask again with the new count."""
+
+    def __init__(self, expected: int, count: int) -> None:
+        super().__init__(
+            f"{count} records match now, not the {expected} confirmed: nothing was done"
+        )
+        self.expected = expected
+        self.count = count
+
+
 class Unavailable(AdminError):
     """Cloud Tasks or Datastore could not be reached; the page says so instead of a 500."""
 

@@ -279,3 +279,42 @@ def test_bulk_ids_travel_in_the_form_body_only(app, ndb_stub):
     assert spillover.get("q1") is not None
     keys = ndb.get_multi([spillover.payload_key("q1")])
     assert keys[0] is not None
+
+
+def test_bulk_matching_acts_on_the_confirmed_count_or_asks_again(app, ndb_stub):
+    """Finding: the page confirmed "Dismiss 1 failures", 40 more matched by the time it was
+    confirmed, and 41 were dismissed. Now nothing is done and the question comes back."""
+    make_failure("only", function="reports.build")
+    page = app.get(f"{P}/failures/list?function=reports")
+    confirm = page.forms[len(page.forms) - 1].submit("action", value="dismiss")
+    assert "Dismiss 1 failures with function reports?" in confirm.text
+    assert confirm.forms[0]["expected"].value == "1"
+    for number in range(40):
+        make_failure(f"late-{number}", function="reports.build")
+    again = confirm.forms[0].submit()
+    assert again.status_int == 200
+    assert (
+        "The number of matching records changed from 1 to 41: nothing was done yet. "
+        "Dismiss 41 failures with function reports?" in again.text
+    )
+    assert [r for r in failures.DeferredFailure.query().fetch() if r.state == "dismissed"] == []
+    assert again.forms[0]["expected"].value == "41"
+    done = again.forms[0].submit()
+    assert done.status_int == 303 and "41 done, 0 failed" in done.follow().text
+    dismissed = [r for r in failures.DeferredFailure.query().fetch() if r.state == "dismissed"]
+    assert len(dismissed) == 41
+
+
+def test_bulk_matching_api_with_an_expected_count_is_409_when_it_changed(app, ndb_stub):
+    for number in range(3):
+        make_failure(f"api-{number}", function="jobs.resize")
+    headers = {"X-CSRF-Token": csrf_token(app)}
+    url = f"{P}/api/failures/bulk-matching"
+    wanted = {"action": "dismiss", "function": "jobs"}
+    changed = app.post_json(url, {**wanted, "expected": 2}, headers=headers, status=409)
+    assert changed.json["error"] == "3 records match now, not the 2 confirmed: nothing was done"
+    bad = app.post_json(url, {**wanted, "expected": "2x"}, headers=headers, status=400)
+    assert bad.json["error"] == "expected must be a number of records, not '2x'"
+    assert all(r.state != "dismissed" for r in failures.DeferredFailure.query().fetch())
+    done = app.post_json(url, {**wanted, "expected": 3}, headers=headers).json
+    assert len(done["done"]) == 3

@@ -25,7 +25,7 @@ subclasses that carry an HTTP status.
 
 from __future__ import annotations
 
-from ..errors import AdminError, BadRequest, Conflict, NotFound, Unavailable
+from ..errors import AdminError, BadRequest, Conflict, CountChanged, NotFound, Unavailable
 from ..failures import FailureState
 from ..spillover import PayloadState
 from ._common import (
@@ -128,6 +128,7 @@ __all__ = [
     "BadRequest",
     "BulkResult",
     "Conflict",
+    "CountChanged",
     "FailureFilter",
     "FailureGroup",
     "FailureState",

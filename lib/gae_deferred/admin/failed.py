@@ -195,11 +195,17 @@ def bulk_failures(
 
 
 def bulk_failures_matching(
-    action: str, wanted: FailureFilter, actor: str, *, version: str | None = None
+    action: str,
+    wanted: FailureFilter,
+    actor: str,
+    *,
+    version: str | None = None,
+    expected: int | None = None,
 ) -> BulkResult:
-    """Retrigger, dismiss or delete every failure ``wanted`` matches, up to MAX_MATCHING."""
+    """Retrigger, dismiss or delete every failure ``wanted`` matches, up to MAX_MATCHING; with
+    ``expected``, only if exactly that many match."""
     one = _failure_action(action, actor, version)
-    return _bulk_matching(action, wanted, actor, "failures", one)
+    return _bulk_matching(action, wanted, actor, "failures", one, expected)
 
 
 def retry_group(group: str, actor: str) -> BulkResult:

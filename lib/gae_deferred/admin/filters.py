@@ -13,7 +13,7 @@ from google.cloud import ndb
 
 from .. import _facets, audit, failures, spillover
 from .._model import MAX_INDEXED_CHARS
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, CountChanged, NotFound
 from ..spillover import PayloadState
 from ._common import (
     _RELATIVE_TIME,
@@ -246,8 +246,14 @@ def _bulk_matching(
     actor: str,
     what: str,
     one: Callable[[str], object],
+    expected: int | None = None,
 ) -> BulkResult:
+    """Act on every record ``wanted`` matches (at most MAX_MATCHING); with ``expected`` (the
+    count a person confirmed) only when exactly that many match now, else CountChanged and
+    nothing is done. The ids are read once: records matching later are never touched."""
     ids = _matching_ids(wanted)
+    if expected is not None and len(ids) != expected:
+        raise CountChanged(expected, len(ids))
     if not ids:
         raise NotFound(f"no {what} record matches {wanted.describe()}")
     result = BulkResult([], {})

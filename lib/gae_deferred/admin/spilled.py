@@ -128,9 +128,14 @@ def bulk_spillover(
 
 
 def bulk_spillover_matching(
-    action: str, wanted: SpillFilter, actor: str, *, version: str | None = None
+    action: str,
+    wanted: SpillFilter,
+    actor: str,
+    *,
+    version: str | None = None,
+    expected: int | None = None,
 ) -> BulkResult:
     """Retrigger or delete every record ``wanted`` matches, up to MAX_MATCHING (audited once
-    more as a whole, with the filter)."""
+    more as a whole, with the filter); with ``expected``, only if exactly that many match."""
     one = _spillover_action(action, actor, version)
-    return _bulk_matching(action, wanted, actor, "spillover", one)
+    return _bulk_matching(action, wanted, actor, "spillover", one, expected)
