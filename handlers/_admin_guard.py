@@ -1,9 +1,13 @@
-"""What every dashboard response carries, and the requests refused before any handler runs.
+"""What every answer under gae_deferred's paths carries, and the requests refused before any
+handler runs.
 
 Shared by the dashboard's routes and :func:`gae_deferred.webapp2.deferred_middleware`, which
-also catches what webapp2 answers before routing (a method it does not know: a bare 501)::
+also catches what webapp2 answers before routing (a method it does not know: a bare 501; a path
+that is not UTF-8: a 500) and adds the headers to whatever answers under the dashboard's prefix
+and the task path (webapp2's own 404 included)::
 
-    refusal = guard.refusal(environ)           # (status, message) or None
+    headers = guard.headers_for(environ)       # the headers every answer carries, or None
+    refusal = guard.refusal(environ)           # (status, message) or None (dashboard)
     path = guard.request_path(environ)         # None when the path is not UTF-8
 """
 
@@ -15,6 +19,8 @@ from typing import Any
 
 PREFIX = "/_ah/deferred-admin"
 ALLOWED_METHODS = ("GET", "POST")
+#: The task handler's path (bare, or with a function name after it).
+TASK_PATH = "/_ah/queue/deferred"
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -24,6 +30,13 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+#: The task handler's (its answers are plain text, never framed, never cached).
+TASK_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
 
@@ -46,6 +59,31 @@ def is_dashboard(environ: dict[str, Any]) -> bool:
     return path == PREFIX or path.startswith(PREFIX + "/")
 
 
+def is_task_path(environ: dict[str, Any]) -> bool:
+    path = raw_path(environ)
+    return path == TASK_PATH or path.startswith(TASK_PATH + "/")
+
+
+def headers_for(environ: dict[str, Any]) -> dict[str, str] | None:
+    """The security headers every answer to this request carries: the dashboard's, the task
+    handler's, or None for the app's own paths."""
+    if is_dashboard(environ):
+        return SECURITY_HEADERS
+    if is_task_path(environ):
+        return TASK_SECURITY_HEADERS
+    return None
+
+
+def task_refusal(environ: dict[str, Any]) -> tuple[int, str] | None:
+    """Why a request to the task path is refused before webapp2 routes it, or None."""
+    if request_path(environ) is None:
+        return 400, "The path is not valid UTF-8."
+    method = environ.get("REQUEST_METHOD")
+    if method != "POST":
+        return 405, f"{method} is not allowed; tasks are POSTed"
+    return None
+
+
 def refusal(environ: dict[str, Any]) -> tuple[int, str] | None:
     """Why a dashboard request is refused before authentication, or None."""
     if request_path(environ) is None:
@@ -59,26 +97,33 @@ def refuse(
     environ: dict[str, Any], start_response: Callable[..., Any], status: int, message: str
 ) -> Iterable[bytes]:
     """A minimal error answer with the security headers (no page: nobody is authenticated)."""
+    task_path = is_task_path(environ)
     if raw_path(environ).startswith(PREFIX + "/api/"):
         body = json.dumps({"error": message, "status": status}).encode()
         content_type = "application/json; charset=utf-8"
+    elif task_path:
+        body = f"{message}\n".encode()
+        content_type = "text/plain; charset=utf-8"
     else:
         body = f"Error {status}: {message}\n".encode()
         content_type = "text/plain; charset=utf-8"
-    headers = [*SECURITY_HEADERS.items(), ("Content-Type", content_type)]
+    security = TASK_SECURITY_HEADERS if task_path else SECURITY_HEADERS
+    headers = [*security.items(), ("Content-Type", content_type)]
     if status == 405:
-        headers.append(("Allow", ", ".join(ALLOWED_METHODS)))
+        headers.append(("Allow", "POST" if task_path else ", ".join(ALLOWED_METHODS)))
     reason = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
     start_response(f"{status} {reason}", [*headers, ("Content-Length", str(len(body)))])
     return [body]
 
 
-def with_security_headers(start_response: Callable[..., Any]) -> Callable[..., Any]:
+def with_security_headers(
+    start_response: Callable[..., Any], security: dict[str, str] = SECURITY_HEADERS
+) -> Callable[..., Any]:
     """start_response that adds every security header the response does not set itself."""
 
     def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         present = {name.lower() for name, _ in headers}
-        extra = [(k, v) for k, v in SECURITY_HEADERS.items() if k.lower() not in present]
+        extra = [(k, v) for k, v in security.items() if k.lower() not in present]
         return start_response(status, [*headers, *extra], exc_info)
 
     return start

@@ -12,10 +12,12 @@ For every request it
 - makes the request current for :mod:`gae_deferred.tracing`, so ``defer()`` records "deferred
   by <path>" and the request's trace, and the task request joins that trace;
 - opens an ndb context (legacy App Engine code expects one in every request);
-- under ``/_ah/deferred-admin``: answers a path that is not UTF-8 with 400 and a method other
-  than GET/POST with 405 before the app sees them (webapp2 itself answers an unknown method
+- under ``/_ah/deferred-admin`` and ``/_ah/queue/deferred``: answers a path that is not UTF-8
+  with 400 and a method the route does not take (dashboard: other than GET/POST; task path:
+  other than POST) with 405 before the app sees them (webapp2 itself answers an unknown method
   with a bare 501 and a non-UTF-8 path with a 500), and adds the security headers to every
-  response, whatever produced it.
+  response, whatever produced it;
+- anywhere else: answers a path that is not UTF-8 with 400 (webapp2 cannot route it: a 500).
 """
 
 from __future__ import annotations
@@ -35,11 +37,15 @@ class DeferredMiddleware:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if guard.is_dashboard(environ):
-            refused = guard.refusal(environ)
+        security = guard.headers_for(environ)
+        if security is not None:
+            check = guard.refusal if security is guard.SECURITY_HEADERS else guard.task_refusal
+            refused = check(environ)
             if refused is not None:
                 return guard.refuse(environ, start_response, *refused)
-            start_response = guard.with_security_headers(start_response)
+            start_response = guard.with_security_headers(start_response, security)
+        elif guard.request_path(environ) is None:
+            return guard.refuse(environ, start_response, 400, "The path is not valid UTF-8.")
         with tracing.request_scope(tracing.from_environ(environ)), ndb_context():
             return self.app(environ, start_response)
 

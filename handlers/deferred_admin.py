@@ -20,7 +20,7 @@ import mimetypes
 import os
 import re
 from typing import Any, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import webapp2
 
@@ -39,16 +39,31 @@ _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
 _FLASH_CHARS = 1500
 
 
+#: What a Location header may carry as it is: printable ASCII but space, quotes and brackets
+#: (``%`` included: escapes already in the value stay as they are).
+_LOCATION_SAFE = "!#$%&'()*+,/:;=?@~-._"
+
+
 def _safe_back(value: str, default: str) -> str:
-    """``value`` when it is a dashboard page of this site (a form's ``back`` field)."""
-    if not value or "\\" in value or any(ord(char) < 0x20 for char in value):
+    """``value`` when it is a dashboard page of this site (a form's ``back`` field), with
+    everything but printable ASCII percent-encoded; otherwise ``default``.
+
+    Checked as the browser will resolve it: percent-escapes decoded (``%2e%2e`` is ``..``),
+    then no ``.``/``..`` segment, no empty segment, no backslash, no control character.
+    """
+    if not value or len(value) > 4000:
         return default
     parts = urlsplit(value)
-    path = parts.path
-    inside = path == PREFIX or path.startswith(PREFIX + "/")
-    if parts.scheme or parts.netloc or not inside or "/../" in path + "/" or "//" in path:
+    decoded = unquote(parts.path)
+    if parts.scheme or parts.netloc or "\\" in decoded:
         return default
-    return value
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value + unquote(value)):
+        return default
+    inside = decoded == PREFIX or decoded.startswith(PREFIX + "/")
+    segments = decoded[len(PREFIX) :].split("/")[1:]
+    if not inside or any(segment in ("", ".", "..") for segment in segments):
+        return default
+    return quote(value, safe=_LOCATION_SAFE)
 
 
 class _Base(webapp2.RequestHandler):

@@ -15,14 +15,12 @@ import webapp2
 
 from gae_deferred import TaskInfo, execute_task, tracing
 
+from ._admin_guard import TASK_SECURITY_HEADERS
+
 #: Cloud Tasks caps App Engine tasks at 100 KB (HTTP targets at 1 MB); anything bigger is forged.
 MAX_BODY_BYTES = 1024 * 1024
 #: Sent with every answer, errors included: the body is plain text and never framed.
-SECURITY_HEADERS = (
-    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Cache-Control", "no-store"),
-)
+SECURITY_HEADERS = tuple(TASK_SECURITY_HEADERS.items())
 
 _HEADERS = (("Content-Type", "text/plain; charset=utf-8"), *SECURITY_HEADERS)
 
