@@ -10,8 +10,10 @@ its body, no 5xx, and the security headers.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import re
+import struct
 import urllib.parse
 
 import pytest
@@ -19,9 +21,9 @@ import webapp2
 import webtest
 
 import gae_deferred
-from gae_deferred import metrics
+from gae_deferred import cloud_tasks, metrics
 from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
-from tests.dashboard.support import LOOPBACK, form_token, make_failure
+from tests.dashboard.support import LOOPBACK, form_token, make_failure, pause
 from tests.dashboard.support import P as PREFIX
 
 METHODS = ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "PROPFIND")
@@ -183,3 +185,22 @@ def test_a_hostile_back_field_redirects_inside_the_dashboard_with_headers(dashbo
         assert answer.headers["Location"] == f"http://localhost{location or own_page}", back
         for header in REQUIRED:
             assert answer.headers.get(header), (back, header)
+
+
+@pytest.mark.parametrize(
+    "created_ms", ["1e20", "100000000000000000000", "-1" + "0" * 30, "1" + "0" * 400, "NaN"]
+)
+def test_task_detail_of_a_task_whose_unsigned_header_has_an_absurd_time(dashboard, created_ms):
+    """The header is readable without the key, so anyone who can create a task can put
+    anything there: the page and the API still answer, with no time."""
+    pause("reports")
+    header = b'{"function": "x.y", "created_ms": %s}' % created_ms.encode()
+    body = struct.pack(">6sBBI", b"GAEDEF", 1, 0, len(header)) + header + b"\0" * 32
+    eta = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    spec = cloud_tasks.TaskSpec("reports", "/_ah/queue/deferred", {}, eta, name="absurd")
+    cloud_tasks.create_task(spec, body)
+    api = dashboard.get(f"{PREFIX}/api/queues/reports/tasks/absurd")
+    assert api.json["envelope"]["created"] is None
+    assert api.json["envelope"]["function"] == "x.y"
+    page = dashboard.get(f"{PREFIX}/queues/reports/tasks/absurd")
+    assert page.status_int == 200 and "x.y" in page.text

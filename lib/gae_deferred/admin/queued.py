@@ -185,6 +185,17 @@ def _check_task(queue: str, task: str) -> None:
         raise NotFound(f"no task named {task!r}")
 
 
+def _time_from_ms(value: Any) -> datetime.datetime | None:
+    """An unsigned header's milliseconds since the epoch as a time, or None when it is not a
+    whole number or lies outside what a datetime can hold (anyone may write this header)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(value / 1000, datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
 def envelope_summary(body: bytes) -> dict[str, Any] | None:
     """What a task body's envelope header says, unverified and never unpickled: for display.
 
@@ -197,12 +208,7 @@ def envelope_summary(body: bytes) -> dict[str, Any] | None:
     if not isinstance(header, dict):
         return None
     ref = header.get("ref") if isinstance(header.get("ref"), dict) else None
-    created_ms = header.get("created_ms")
-    created = (
-        datetime.datetime.fromtimestamp(created_ms / 1000, datetime.UTC)
-        if isinstance(created_ms, int)
-        else None
-    )
+    created = _time_from_ms(header.get("created_ms"))
     return {
         "function": header.get("function"),
         "args": header.get("args"),
