@@ -294,3 +294,13 @@ def test_cli_as_module(tmp_path):
     )
     assert proc.returncode == 1
     assert f"{path}:4: unknown key 'max_doublings'" in proc.stderr
+
+
+def test_a_byte_that_is_not_utf8_is_a_queue_yaml_error_with_its_line(tmp_path):
+    path = tmp_path / "queue.yaml"
+    path.write_bytes(b"queue:\n- name: a\n  rate: 1/s\n- name: b\xff\n")
+    with pytest.raises(QueueYamlError) as raised:
+        load_queue_yaml(path)
+    assert str(raised.value) == (
+        f"{path}:4: not valid UTF-8 (byte 0xff in column 10): save the file as UTF-8"
+    )

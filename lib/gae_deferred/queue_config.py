@@ -349,8 +349,16 @@ def parse_queue_yaml(text: str, filename: str = "queue.yaml") -> dict[str, Queue
 
 def load_queue_yaml(path: str | os.PathLike[str]) -> dict[str, QueueDefinition]:
     """Read and parse a queue.yaml file; errors name the file as given."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = f"byte 0x{data[exc.start]:02x} in column {exc.start - line_start + 1}"
+        message = f"not valid UTF-8 ({where}): save the file as UTF-8"
+        raise QueueYamlError([(line, message)], filename=os.fspath(path)) from None
     return parse_queue_yaml(text, filename=os.fspath(path))
 
 

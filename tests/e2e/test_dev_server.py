@@ -262,3 +262,14 @@ def test_invalid_index_yaml(tmp_path: pathlib.Path):
     (tmp_path / "index.yaml").write_text("indexes:\n- kind: K\n  properties: []\n")
     err = _one_line_error(_run_dev(["app.yaml"], tmp_path))
     assert "needs a non-empty 'properties' list" in err and len(err.splitlines()) == 1
+
+
+def test_a_queue_yaml_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: pathlib.Path):
+    (tmp_path / "app.yaml").write_text(APP_YAML)
+    (tmp_path / "queue.yaml").write_bytes(b"# queues\nqueue:\n- name: caf\xe9\n")
+    err = _one_line_error(_run_dev(["app.yaml", "--port", "0"], tmp_path))
+    last = err.splitlines()[-1]
+    assert last == (
+        f"gae-deferred-dev: {tmp_path / 'queue.yaml'}:3: not valid UTF-8 "
+        "(byte 0xe9 in column 12): save the file as UTF-8"
+    )
