@@ -4,8 +4,9 @@
         --data-dir .local/cloudtasks --queue-yaml queue.yaml --project P --location L \
         --app-url http://127.0.0.1:8080 [--latency-ms 20]
 
-Prints ``cloud tasks emulator listening on HOST:PORT`` once ready. Exit code 2 when the
-port is taken or queue.yaml is invalid.
+Prints ``cloud tasks emulator listening on HOST:PORT`` once ready. Without ``--queue-yaml``
+there is only the ``default`` queue (an app folder without queue.yaml). Exit code 2 when the
+port is taken or the queue.yaml given is missing or invalid.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--data-dir", default=".local/cloudtasks", help="SQLite state lives here")
-    parser.add_argument("--queue-yaml", default="queue.yaml")
+    parser.add_argument(
+        "--queue-yaml",
+        default=None,
+        help="the queues to create (omitted: only the default queue, as App Engine has)",
+    )
     parser.add_argument(
         "--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-project"
     )
@@ -60,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run until a signal arrives; returns the process exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="cloudtasks: %(message)s")
-    if not os.path.exists(args.queue_yaml):
+    if args.queue_yaml is not None and not os.path.exists(args.queue_yaml):
         print(f"error: queue.yaml not found: {args.queue_yaml}", file=sys.stderr)
         return 2
     emulator = CloudTasksEmulator(

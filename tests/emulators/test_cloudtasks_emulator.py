@@ -6,6 +6,7 @@ import datetime
 import http.server
 import itertools
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -493,11 +494,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_cli(args: list[str]) -> subprocess.Popen:
+def start_cli(args: list[str], cwd: pathlib.Path = ROOT) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "gae_deferred.local.cloudtasks", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -547,6 +548,23 @@ def test_cli_rejects_invalid_queue_yaml(tmp_path):
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert f"{bad}:3: invalid rate '5/x'" in err
+
+
+def test_cli_without_queue_yaml_has_the_default_queue(tmp_path):
+    """Finding: an app folder without queue.yaml did not start ("queue.yaml not found")."""
+    port = free_port()
+    proc = start_cli(["--port", str(port), "--project", "p", "--data-dir", "state"], tmp_path)
+    try:
+        assert proc.stdout.readline() == f"cloud tasks emulator listening on 127.0.0.1:{port}\n"
+        queues = client_for(port).list_queues(parent="projects/p/locations/us-central1")
+        assert [short(queue.name) for queue in queues] == ["default"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    missing = start_cli(["--port", "0", "--queue-yaml", "nowhere.yaml"], tmp_path)
+    _, err = missing.communicate(timeout=20)
+    assert (missing.returncode, err) == (2, "error: queue.yaml not found: nowhere.yaml\n")
 
 
 def test_port_in_use_in_process(emu, queue_yaml):
