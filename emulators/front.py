@@ -39,6 +39,19 @@ from .app_yaml import static_file as resolve_static_file
 #: App Engine refuses requests larger than 32 MiB.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+#: gunicorn's own limits (limit_request_line, limit_request_field_size, limit_request_fields):
+#: the front refuses past them itself, so gunicorn's bare error pages (no security headers)
+#: never answer a client of the stack.
+MAX_REQUEST_LINE = 4094
+MAX_HEADER_FIELD = 8190
+MAX_HEADER_FIELDS = 100
+#: On every answer the front gives itself (errors; never the app's own answers).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 HEADER_TIMEOUT = 10.0
 #: A body must keep arriving (no gap longer than this) and be complete within BODY_TIMEOUT.
 BODY_IDLE_TIMEOUT = 5.0
@@ -64,6 +77,7 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",
+    414: "URI Too Long",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",
@@ -296,7 +310,11 @@ class FrontServer:
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
-        headers = {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body))}
+        headers = {
+            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Length": str(len(body)),
+            **SECURITY_HEADERS,
+        }
         if status == 502:
             headers[UNAVAILABLE_HEADER] = "app-unavailable"
         if status == 405:
@@ -329,6 +347,12 @@ def _closing(head: bytes) -> bytes:
 def _parse_head(head: bytes) -> Request:
     text = head.decode("latin-1")
     request_line, *lines = text[:-4].split("\r\n")
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HttpError(414, f"request line over {MAX_REQUEST_LINE} bytes")
+    if len(lines) > MAX_HEADER_FIELDS:
+        raise HttpError(431, f"more than {MAX_HEADER_FIELDS} header fields")
+    if any(len(line) + 2 > MAX_HEADER_FIELD for line in lines):
+        raise HttpError(431, f"a header field over {MAX_HEADER_FIELD} bytes")
     parts = request_line.split(" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
         raise HttpError(400, f"malformed request line {request_line[:100]!r}")

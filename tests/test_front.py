@@ -225,6 +225,29 @@ def test_too_big_or_malformed_requests_are_refused_at_once(front: Running) -> No
     assert time.monotonic() - started < 5
 
 
+def test_what_gunicorn_would_refuse_is_refused_here_with_the_security_headers(
+    front: Running,
+) -> None:
+    """Finding: gunicorn's own 414 for a URL over 4,094 bytes had no CSP or X-Frame-Options.
+    The front refuses at gunicorn's limits first, and all its own answers carry them."""
+    at_limit = b"GET /" + b"a" * (4094 - len("GET / HTTP/1.1") - 1) + b" HTTP/1.1\r\n\r\n"
+    assert json.loads(_raw(front, at_limit).split(b"\r\n\r\n", 1)[1])["method"] == "GET"
+    over = b"GET /" + b"a" * 4090 + b" HTTP/1.1\r\n\r\n"
+    answers = {
+        over: b"HTTP/1.1 414 URI Too Long",
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 8200 + b"\r\n\r\n": b"HTTP/1.1 431",
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n": b"HTTP/1.1 431",
+        b"GET /\r\n\r\n": b"HTTP/1.1 400",
+        b"GET / HTTP/1.1\r\nContent-Length: 1001\r\n\r\n": b"HTTP/1.1 413",
+    }
+    for request, status in answers.items():
+        head = _raw(front, request).split(b"\r\n\r\n", 1)[0]
+        assert head.startswith(status), (request[:40], head)
+        for header in (b"Content-Security-Policy: default-src 'none'", b"X-Frame-Options: DENY"):
+            assert header in head, (request[:40], header)
+        assert b"X-Content-Type-Options: nosniff" in head
+
+
 def test_incomplete_headers_are_408_after_the_header_deadline(app_dir: pathlib.Path) -> None:
     running = Running(app_dir, header_timeout=0.3)
     try:
