@@ -24,8 +24,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
+# Options after ARGS, e.g. make run ARGS="--port 9000 --datastore-port 9001 --tasks-port 9002"
 run: $(STAMP)
-	$(BIN)/gae-deferred-dev app.yaml
+	GAE_DEFERRED_DEV_COMMAND='make run ARGS="{args}"' $(BIN)/gae-deferred-dev app.yaml $(ARGS)
 
 # The browser tests need Chromium: find one (or install it) first, and stop with one line
 # saying what to install when that is not possible.

@@ -3,7 +3,8 @@
 Runs the Datastore and Cloud Tasks emulators and the app of app.yaml (its entrypoint's
 ``module:app`` under gunicorn, behind the front end that also serves app.yaml's static
 handlers), with the app's queue.yaml, index.yaml and cron.yaml. Errors are one line (exit 2);
-Ctrl-C or SIGTERM stops everything (exit 0). See docs/local-stack.md.
+a child that dies is started again (``_supervise``), and only one that keeps dying stops the
+stack (exit 1); Ctrl-C or SIGTERM stops everything (exit 0). See docs/local-stack.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import contextlib
 import importlib.resources
 import importlib.util
+import os
+import shlex
 import signal
 import sys
 import time
@@ -139,6 +142,12 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=defaults["app_port"], help="the app's port")
     parser.add_argument("--datastore-port", type=int, default=defaults["datastore_port"])
     parser.add_argument("--tasks-port", type=int, default=defaults["tasks_port"])
+    parser.add_argument(
+        "--backend-port",
+        type=int,
+        default=0,
+        help="gunicorn's internal port, where Cloud Tasks dispatches (default: any free port)",
+    )
     parser.add_argument("--project", default=defaults["project"])
     parser.add_argument("--location", default=defaults["location"])
     parser.add_argument("--no-reload", action="store_true", help="no gunicorn --reload")
@@ -150,6 +159,14 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         help="seconds between calls of cron.yaml's URLs, as App Engine cron would (0: never)",
     )
     return parser
+
+
+def _command(app_yaml: str) -> str:
+    """The command port-in-use messages suggest: how this run was started (`make run` says so
+    in GAE_DEFERRED_DEV_COMMAND), with ``{args}`` where options go."""
+    from .stack import COMMAND_ENV
+
+    return os.environ.get(COMMAND_ENV) or f"{PROG} {shlex.quote(app_yaml)} {{args}}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Imported once the extra is known to be there (the emulators need it).
     from . import stack as local_stack
+    from ._supervise import Supervisor
     from .datastore import IndexYamlError
 
     args = _parser(
@@ -181,10 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             app_port=args.port,
             datastore_port=args.datastore_port,
             tasks_port=args.tasks_port,
+            backend_port=args.backend_port,
             project=args.project,
             location=args.location,
             reload=not args.no_reload,
             echo=None if args.quiet else sys.stdout,
+            command=_command(args.app_yaml),
         )
         for problem in deploy_problems(stack.app.document):
             print(f"{PROG}: warning: {stack.app.path}: {problem}", file=sys.stderr)
@@ -200,15 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.start()
             cron.app_url = stack.app_url  # a port of 0 is chosen in start()
             print(stack.describe(), flush=True)
+            supervisor = Supervisor(stack, prog=PROG)
             while True:
                 cron.tick()
-                dead = stack.dead_children()
-                if dead:
-                    print(
-                        f"{PROG}: {dead[0]} exited unexpectedly; see {stack.log_file(dead[0])}:\n"
-                        f"{stack.child_output(dead[0])}",
-                        file=sys.stderr,
-                    )
+                try:
+                    supervisor.check()
+                except local_stack.StackError as exc:
+                    print(f"{PROG}: {exc}", file=sys.stderr)
                     return 1
                 time.sleep(0.5)
     except local_stack.StackError as exc:

@@ -33,8 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
@@ -42,7 +40,7 @@ from ..queue_config import QueueYamlError, load_queue_yaml
 from ._process import with_parent_death_signal
 from .app_yaml import AppYaml, load_app_yaml
 from .datastore import IndexYamlError, load_index_yaml
-from .front import UNAVAILABLE_HEADER
+from .front import READY_TEXT as FRONT_READY_TEXT
 
 HOST = "127.0.0.1"
 DEFAULT_APP_PORT = 8080
@@ -50,6 +48,10 @@ DEFAULT_DATASTORE_PORT = 8081
 DEFAULT_TASKS_PORT = 8123
 DEFAULT_PROJECT = "gae-deferred-local"
 DEFAULT_LOCATION = "us-central1"
+#: How a user starts the stack, with ``{args}`` where options go: port-in-use messages suggest
+#: this command (gae-deferred-dev sets it; `make run` passes its own through the environment).
+DEFAULT_COMMAND = "gae-deferred-dev app.yaml {args}"
+COMMAND_ENV = "GAE_DEFERRED_DEV_COMMAND"
 #: Variables the stack owns: inherited values would point a child at some other stack or key.
 _OWNED_ENV = (
     "DATASTORE_EMULATOR_HOST",
@@ -84,7 +86,7 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
-def check_port_free(host: str, port: int, what: str) -> None:
+def check_port_free(host: str, port: int, what: str, command: str = DEFAULT_COMMAND) -> None:
     """Raise PortInUseError naming the port when something already listens on it.
 
     SO_REUSEADDR makes the probe ignore TIME_WAIT leftovers of our own previous run, while a
@@ -97,18 +99,27 @@ def check_port_free(host: str, port: int, what: str) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(_port_message(host, port, what)) from exc
+                raise PortInUseError(_port_message(host, port, what, command)) from exc
             raise StackError(f"cannot use {host}:{port} for the {what}: {exc}") from exc
 
 
-_OPTION = {"app": "port", "datastore emulator": "datastore-port", "tasks emulator": "tasks-port"}
+_OPTION = {
+    "app": "port",
+    "datastore emulator": "datastore-port",
+    "tasks emulator": "tasks-port",
+    "app's internal port": "backend-port",
+}
+#: Every port option: the suggestion moves them all, so the next clash is not the next port's.
+_ALL_PORTS = "--port 0 --datastore-port 0 --tasks-port 0 --backend-port 0"
 
 
-def _port_message(host: str, port: int, what: str) -> str:
+def _port_message(host: str, port: int, what: str, command: str = DEFAULT_COMMAND) -> str:
+    option = _OPTION.get(what, "port")
     return (
         f"port {port} on {host} (the {what}) is already in use: stop the other process "
-        f"(`lsof -i :{port}` or `ss -ltnp 'sport = :{port}'` shows it), or pick another port, "
-        f"e.g. `gae-deferred-dev app.yaml --{_OPTION[what]} 0`"
+        f"(`lsof -i :{port}` or `ss -ltnp 'sport = :{port}'` shows it), or pick another "
+        f"--{option}, or let the stack pick every port: "
+        f"`{command.format(args=_ALL_PORTS).strip()}`"
     )
 
 
@@ -208,6 +219,7 @@ class LocalStack:
         app_port: int = DEFAULT_APP_PORT,
         datastore_port: int = DEFAULT_DATASTORE_PORT,
         tasks_port: int = DEFAULT_TASKS_PORT,
+        backend_port: int = 0,
         host: str = HOST,
         project: str = DEFAULT_PROJECT,
         location: str = DEFAULT_LOCATION,
@@ -222,6 +234,7 @@ class LocalStack:
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         echo: IO[str] | None = None,
+        command: str = DEFAULT_COMMAND,
     ) -> None:
         self.app: AppYaml = load_app_yaml(app_yaml)
         self.app_dir = self.app.app_dir
@@ -250,8 +263,10 @@ class LocalStack:
         self.datastore_port = datastore_port
         self.tasks_port = tasks_port
         #: gunicorn's internal loopback port, behind the front end and where Cloud Tasks
-        #: dispatches: chosen once in start(), kept across restarts like the other ports.
-        self.backend_port = 0
+        #: dispatches: 0 chooses one once in start(), kept across restarts like the others.
+        self.backend_port = backend_port
+        #: The command port-in-use messages suggest (``{args}``: where options go).
+        self.command = command
         #: Authenticates the cron timer's requests to the app; new for every stack object.
         self.cron_token = secrets.token_urlsafe(32)
         self._children: dict[str, _Child] = {}
@@ -429,13 +444,17 @@ class LocalStack:
                     port = free_port(self.host)
                 setattr(self, f"{key}_port", port)
             elif self._requested[key] != 0 and not self._running(key):
-                check_port_free(self.host, port, what)
+                check_port_free(self.host, port, what, self.command)
             chosen.add(port)
         if self.backend_port == 0:
             port = free_port(self.host)
             while port in chosen:
                 port = free_port(self.host)
             self.backend_port = port
+        elif self.backend_port in chosen:
+            raise StackError(f"the app's internal port {self.backend_port} is also another port")
+        elif not self._running("app"):
+            check_port_free(self.host, self.backend_port, "app's internal port", self.command)
 
     def _running(self, key: str) -> bool:
         child = self._children.get({"tasks": "cloudtasks"}.get(key, key))
@@ -443,7 +462,7 @@ class LocalStack:
 
     def start_datastore(self) -> None:
         """Start the Datastore emulator (data in base/datastore) and wait for its listening line."""
-        check_port_free(self.host, self.datastore_port, "datastore emulator")
+        check_port_free(self.host, self.datastore_port, "datastore emulator", self.command)
         self._spawn(
             "datastore",
             [
@@ -466,7 +485,7 @@ class LocalStack:
 
     def start_tasks(self) -> None:
         """Start the Cloud Tasks emulator (the app's queues, dispatching to app_url)."""
-        check_port_free(self.host, self.tasks_port, "tasks emulator")
+        check_port_free(self.host, self.tasks_port, "tasks emulator", self.command)
         argv = [
             sys.executable,
             "-m",
@@ -496,7 +515,7 @@ class LocalStack:
 
     def start_app(self) -> None:
         """The front end on app_port, with app.yaml's entrypoint (gunicorn) behind it."""
-        check_port_free(self.host, self.app_port, "app")
+        check_port_free(self.host, self.app_port, "app", self.command)
         self._wait_backend_port_free()
         gunicorn = [
             sys.executable,
@@ -539,7 +558,7 @@ class LocalStack:
             "--",
             *gunicorn,
         ]
-        self._spawn("app", front, ready_text=None, what="app", port=self.app_port)
+        self._spawn("app", front, ready_text=FRONT_READY_TEXT, what="app", port=self.app_port)
 
     def _wait_backend_port_free(self) -> None:
         """The same internal port after a restart (Cloud Tasks dispatches there): wait out a
@@ -547,7 +566,7 @@ class LocalStack:
         deadline = time.monotonic() + self.stop_timeout
         while True:
             try:
-                check_port_free(self.host, self.backend_port, "app's internal port")
+                check_port_free(self.host, self.backend_port, "app's internal port", self.command)
                 return
             except PortInUseError:
                 if time.monotonic() > deadline:
@@ -571,14 +590,16 @@ class LocalStack:
     def _wait_ready(self, child: _Child, what: str, port: int) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if child.ready.is_set() or (child.name == "app" and self._app_answers()):
+            # The app: the front end's listening line, then gunicorn bound behind it.
+            if child.ready.is_set() and (child.name != "app" or self._app_listening()):
                 return
             code = child.process.poll()
             if code is not None:
                 child.stop(self.stop_timeout)
                 text = child.output()
                 if "already in use" in text or "Connection in use" in text:
-                    raise PortInUseError(_port_message(self.host, port, what) + "\n" + text)
+                    message = _port_message(self.host, port, what, self.command)
+                    raise PortInUseError(message + "\n" + text)
                 raise StackError(
                     f"the {what} exited with code {code} while starting; its output "
                     f"({child.log_path}):\n{text}"
@@ -589,15 +610,15 @@ class LocalStack:
             f"{self.startup_timeout:.0f}s; its output ({child.log_path}):\n{child.output()}"
         )
 
-    def _app_answers(self) -> bool:
-        """Whether the app itself answered (any status but the front end's own 502)."""
+    def _app_listening(self) -> bool:
+        """Whether gunicorn listens on its internal port: nothing is sent, so no route of the
+        app runs and the front end logs nothing (a request held in gunicorn's backlog while
+        its workers import the app is answered once they have)."""
         try:
-            with urllib.request.urlopen(self.app_url + "/", timeout=2):
-                return True
-        except urllib.error.HTTPError as answer:
-            return answer.headers.get(UNAVAILABLE_HEADER) is None
-        except (urllib.error.URLError, OSError):
-            return False
+            check_port_free(self.host, self.backend_port, "app's internal port")
+        except StackError:
+            return True
+        return False
 
     def stop(self) -> None:
         """Stop the app first (no new task runs), then Cloud Tasks, then Datastore."""
@@ -630,6 +651,33 @@ class LocalStack:
         child = self._children.pop(name, None)
         if child is not None:
             child.stop(self.stop_timeout)
+
+    #: How each child is started again (restart_child).
+    _STARTERS: dict[str, str] = {
+        "datastore": "start_datastore",
+        "cloudtasks": "start_tasks",
+        "app": "start_app",
+    }
+
+    def restart_child(self, name: str) -> None:
+        """Clean up what is left of child ``name`` (its process group) and start it again, on
+        the same ports and state. Raises StackError when it does not come up."""
+        self._stop_child(name)
+        getattr(self, self._STARTERS[name])()
+
+    def exit_code(self, name: str) -> int | None:
+        """The exit code of child ``name`` (None while it runs or when there is none)."""
+        child = self._children.get(name)
+        return None if child is None else child.process.poll()
+
+    def describe_child(self, name: str) -> str:
+        """What child ``name`` is, for messages: "the datastore emulator (127.0.0.1:8081)"."""
+        what, port = {
+            "datastore": ("datastore emulator", self.datastore_port),
+            "cloudtasks": ("tasks emulator", self.tasks_port),
+            "app": ("app", self.app_port),
+        }.get(name, (name, 0))
+        return f"the {what} ({self.host}:{port})"
 
     def dead_children(self) -> list[str]:
         """Names of children that exited on their own."""

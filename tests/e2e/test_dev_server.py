@@ -247,7 +247,8 @@ def test_port_in_use(tiny_app: pathlib.Path, tmp_path: pathlib.Path):
         done = _run_dev([str(tiny_app / "app.yaml"), "--port", str(port)], tmp_path)
     err = _one_line_error(done)
     assert f"gae-deferred-dev: port {port} on 127.0.0.1 (the app) is already in use" in err
-    assert "gae-deferred-dev app.yaml --port 0" in err
+    command = f"gae-deferred-dev {tiny_app / 'app.yaml'}"
+    assert f"`{command} --port 0 --datastore-port 0 --tasks-port 0 --backend-port 0`" in err
 
 
 def test_refuses_to_run_where_gae_env_is_set(tiny_app: pathlib.Path, tmp_path: pathlib.Path):
