@@ -147,6 +147,25 @@ def wait_for(
         time.sleep(interval)
 
 
+def holds_for(
+    predicate: Callable[[], object], what: str, seconds: float, interval: float = 0.05
+) -> None:
+    """Poll ``predicate()`` until an explicit deadline ``seconds`` from now; fail naming ``what``
+    the moment it is false. For "nothing happened" assertions: a single check after a sleep
+    sees one instant; this sees the whole window, and says when it broke.
+
+    ``holds_for(lambda: runs(run_dir, "paused") == [], "the paused task not to run", 1.0)``
+    """
+    started = time.monotonic()
+    deadline = started + seconds
+    while True:
+        if not predicate():
+            raise AssertionError(f"{what}: broken after {time.monotonic() - started:.2f}s")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 @contextlib.contextmanager
 def datastore() -> Iterator[None]:
     """An ndb context on gae_deferred's client (the stack's Datastore emulator).

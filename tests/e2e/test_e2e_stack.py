@@ -19,7 +19,7 @@ from gae_deferred import defer
 from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.local.stack import LocalStack, PortInUseError
-from tests.stack_support import ROOT, queued_tasks, wait_for
+from tests.stack_support import ROOT, holds_for, queued_tasks, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e
@@ -105,8 +105,9 @@ def test_killed_app_is_retried_once_it_is_back(e2e: LocalStack, run_dir: pathlib
     e2e.kill_app()
     try:
         defer(e2e_tasks.record, str(run_dir), "while-app-down", _queue="e2e-patient")
-        time.sleep(1)
-        assert e2e_tasks.runs(run_dir, "while-app-down") == []
+        holds_for(
+            lambda: e2e_tasks.runs(run_dir, "while-app-down") == [], "no run while app down", 1
+        )
     finally:
         e2e.start_app()
 
@@ -122,8 +123,7 @@ def test_pause_resume_and_purge_through_cloud_tasks_client(
     client.pause_queue(name=queue)
     try:
         defer(e2e_tasks.record, str(run_dir), "paused", _queue="e2e-control")
-        time.sleep(1)
-        assert e2e_tasks.runs(run_dir, "paused") == []
+        holds_for(lambda: e2e_tasks.runs(run_dir, "paused") == [], "no run while paused", 1)
         client.resume_queue(name=queue)
         wait_for_runs(run_dir, "paused", 1)
 
@@ -135,8 +135,7 @@ def test_pause_resume_and_purge_through_cloud_tasks_client(
         wait_for(lambda: not queued_tasks("e2e-control"), "the queue to be purged")
     finally:
         client.resume_queue(name=queue)
-    time.sleep(1)
-    assert e2e_tasks.runs(run_dir, "purged") == []
+    holds_for(lambda: e2e_tasks.runs(run_dir, "purged") == [], "no purged task runs", 1)
 
 
 def test_whole_stack_restart_keeps_countdown_task_and_spilled_payload(

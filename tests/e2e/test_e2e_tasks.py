@@ -16,7 +16,7 @@ from google.cloud import ndb
 import gae_deferred
 from gae_deferred import defer, serialize
 from gae_deferred.local.stack import LocalStack
-from tests.stack_support import wait_for
+from tests.stack_support import holds_for, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e
@@ -91,8 +91,7 @@ def test_retry_limit_exhausted_leaves_a_dead_failure(
     runs = wait_for_runs(run_dir, "doomed", 4)
     assert [run["retry_count"] for run in runs] == [0, 1, 2, 3]
     wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
-    time.sleep(1.5)
-    assert len(e2e_tasks.runs(run_dir, "doomed")) == 4, "retried beyond task_retry_limit"
+    holds_for(lambda: len(e2e_tasks.runs(run_dir, "doomed")) == 4, "no retry beyond the limit", 1.5)
 
 
 def test_permanent_failure_answers_200_and_is_not_retried(
@@ -104,8 +103,7 @@ def test_permanent_failure_answers_200_and_is_not_retried(
     wait_for(lambda: failure_state("default", task.name) == "permanent", "permanent failure")
     access_line = '/_ah/queue/deferred/e2e_tasks.give_up HTTP/1.1" 200'
     wait_for(lambda: access_line in e2e.log_file("app").read_text(), "a 200 in the access log")
-    time.sleep(1)
-    assert len(e2e_tasks.runs(run_dir, "permanent")) == 1
+    holds_for(lambda: len(e2e_tasks.runs(run_dir, "permanent")) == 1, "no retry", 1)
 
 
 def test_named_task_is_deduplicated(e2e: LocalStack, run_dir: pathlib.Path) -> None:
@@ -130,8 +128,12 @@ def test_countdown_task_does_not_run_before_its_time(
 
     defer(e2e_tasks.record, str(run_dir), "countdown", _countdown=3)
 
-    time.sleep(2)
-    assert e2e_tasks.runs(run_dir, "countdown") == []
+    # Polled until 2.5 s of its 3 s countdown have passed.
+    holds_for(
+        lambda: e2e_tasks.runs(run_dir, "countdown") == [],
+        "the countdown task not to run early",
+        started + 2.5 - time.time(),
+    )
     [run] = wait_for_runs(run_dir, "countdown", 1)
     assert run["time"] >= started + 3 - 0.05
 
@@ -155,8 +157,7 @@ def test_forged_task_posts_get_403_and_run_nothing(e2e: LocalStack, run_dir: pat
     ]
 
     assert [answer.status_code for answer in answers] == [403, 403, 403, 403]
-    time.sleep(0.5)
-    assert e2e_tasks.runs(run_dir, "forged") == []
+    holds_for(lambda: e2e_tasks.runs(run_dir, "forged") == [], "no forged task runs", 0.5)
 
 
 class E2eOrder(ndb.Model):
@@ -190,6 +191,11 @@ def test_spilled_defers_inside_a_transaction_on_the_stack(
     assert run["arg_bytes"] == len(payload)
     if commits:
         wait_for_runs(run_dir, f"{label}-outbox", 1)
-    time.sleep(1.0)
-    assert len(e2e_tasks.runs(run_dir, f"{label}-plain")) == 1
-    assert len(e2e_tasks.runs(run_dir, f"{label}-outbox")) == int(commits)
+    holds_for(
+        lambda: (
+            len(e2e_tasks.runs(run_dir, f"{label}-plain")) == 1
+            and len(e2e_tasks.runs(run_dir, f"{label}-outbox")) == int(commits)
+        ),
+        "each task to run once (the outbox one only on commit)",
+        1.0,
+    )

@@ -113,6 +113,18 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
     raise AssertionError(f"condition not met within {timeout:.1f}s")
 
 
+def holds_for(predicate, what: str, seconds: float) -> None:
+    """Poll until an explicit deadline; fail the moment ``predicate()`` is false (for "nothing
+    happened" assertions: the whole window is watched, not one instant after a sleep)."""
+    started = time.monotonic()
+    while True:
+        if not predicate():
+            raise AssertionError(f"{what}: broken after {time.monotonic() - started:.2f}s")
+        if time.monotonic() - started >= seconds:
+            return
+        time.sleep(0.02)
+
+
 def client_for(port: int) -> tasks_v2.CloudTasksClient:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
@@ -248,8 +260,12 @@ def test_schedule_time_is_honoured(client, emu, app):
         "app_engine_http_request": {"relative_uri": "/later"},
     }
     client.create_task(parent=qname(emu, "default"), task=task)
-    time.sleep(0.3)
-    assert app.for_task("later") == []
+    # Watched until 0.1 s before its schedule time.
+    holds_for(
+        lambda: app.for_task("later") == [],
+        "no dispatch before the schedule time",
+        eta.timestamp() - 0.1 - time.time(),
+    )
     wait_for(lambda: app.for_task("later"))
     assert app.for_task("later")[0]["time"] >= eta.timestamp() - 0.01
 
@@ -290,8 +306,8 @@ def test_retry_limit_exhausted_deletes_task(client, emu, app):
     name = create(client, emu, queue="limited", name="doomed").name
     wait_for(lambda: len(app.for_task("doomed")) == 3)
     wait_for(lambda: not list(client.list_tasks(parent=qname(emu, "limited"))))
-    time.sleep(0.5)
-    assert len(app.for_task("doomed")) == 3  # max_attempts = task_retry_limit + 1
+    # max_attempts = task_retry_limit + 1
+    holds_for(lambda: len(app.for_task("doomed")) == 3, "no attempt past the limit", 0.5)
     with pytest.raises(exceptions.NotFound):
         client.get_task(name=name)
 
@@ -389,8 +405,7 @@ def test_pause_resume_purge(client, emu, app):
     paused = client.pause_queue(name=name)
     assert paused.state == tasks_v2.Queue.State.PAUSED
     tasks = [create(client, emu, name=f"p{i}") for i in range(3)]
-    time.sleep(0.3)
-    assert app.requests == []
+    holds_for(lambda: app.requests == [], "no dispatch from a paused queue", 0.3)
     resumed = client.resume_queue(name=name)
     assert resumed.state == tasks_v2.Queue.State.RUNNING
     wait_for(lambda: len(app.requests) == 3)
@@ -401,8 +416,7 @@ def test_pause_resume_purge(client, emu, app):
     assert purged.purge_time
     assert list(client.list_tasks(parent=name)) == []
     client.resume_queue(name=name)
-    time.sleep(0.3)
-    assert len(app.requests) == 3
+    holds_for(lambda: len(app.requests) == 3, "no purged task dispatched", 0.3)
     assert tasks[0].name.endswith("/p0")
 
 
