@@ -4,13 +4,14 @@
 #   make test-fast  the in-process tests only, for the edit-test loop
 #   make lint   ruff check + ruff format --check
 #   make bench  the benchmarks
+#   make mutation  mutation testing of the verification code (about 20 minutes; not in make test)
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # Re-installs when a requirements file is newer than the last install.
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv run test test-fast lint bench clean distclean
+.PHONY: all venv run test test-fast lint bench mutation clean distclean
 
 all: test
 
@@ -44,6 +45,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# One spot of _signing.py, context.py, envelope.py (verification, wire format) or the task
+# handler changed at a time, against their in-process tests; prints the score and survivors
+# (docs/reliability.md says why each survivor is equivalent). MUTATE=envelope: that one only.
+mutation: $(STAMP)
+	$(BIN)/python -m tests.mutation $(MUTATE)
 
 # Local state (emulator data, signing key, logs) and caches; the venv stays.
 clean:
