@@ -113,6 +113,9 @@ def test_a_rebound_envelope_keeps_its_body_and_flags_and_names_the_new_task():
         "task": "t2",
     }
     assert again[-32:] == hmac.new(KEY, again[:-32], hashlib.sha256).digest()
+    # Never inflated: a kept body rebinds even where it could not be inflated any more.
+    gae_deferred.configure(max_payload_bytes=10)
+    assert envelope.rebind(data, task="t3")[12 + header_len : -32] == body
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -169,7 +172,10 @@ def test_too_short_for_any_envelope():
     assert refused(b"GAEDEF" + b"\0" * 37) == (
         "payload truncated: 43 bytes is shorter than any envelope"
     )
-    assert envelope.open_envelope(sealed(b"{}".replace(b"{}", b'{"kid":"%s"}' % KID.encode()), b""))
+    # 44 bytes: as short as an envelope can be (no header, no body) is read on.
+    shortest = b"GAEDEF\x01\x00" + b"\0" * 36
+    assert refused(shortest) == "envelope header is not a JSON object"
+    assert envelope.open_envelope(sealed({"kid": KID}, b"")).body == b""
 
 
 def test_foreign_magic():
@@ -244,8 +250,11 @@ def test_read_header_shows_unverified_headers_and_refuses_the_rest():
         "function": "f",
     }
     with pytest.raises(PermanentTaskFailure) as raised:
-        envelope.read_header(b"GAEDEF\x01\x00")
+        envelope.read_header(b"GAEDEF\x01\x00\x00\x00\x00")
     assert str(raised.value) == "not a gae_deferred envelope"
+    with pytest.raises(PermanentTaskFailure) as raised:  # 12 bytes: a prefix, no header
+        envelope.read_header(b"GAEDEF\x01\x00\x00\x00\x00\x00")
+    assert str(raised.value).startswith("envelope header is not valid JSON: ")
     with pytest.raises(PermanentTaskFailure) as raised:
         envelope.read_header(b"XAEDEF" + sealed({})[6:])
     assert str(raised.value) == "not a gae_deferred envelope"
@@ -267,6 +276,11 @@ def test_a_body_inflates_to_exactly_its_declared_size_and_not_one_byte_more():
     assert bytes(envelope.open_envelope(zipped(raw, 1000)).body) == raw
     assert failed(zipped(raw, 999)) == (
         "envelope body inflates past 999 bytes (its declared size, at most max_payload_bytes): "
+        "refused"
+    )
+    assert bytes(envelope.open_envelope(zipped(b"", 0)).body) == b""
+    assert failed(zipped(b"a", 0)) == (
+        "envelope body inflates past 0 bytes (its declared size, at most max_payload_bytes): "
         "refused"
     )
     gae_deferred.configure(max_payload_bytes=1000)
