@@ -315,12 +315,13 @@ def test_decompressed_inflates_a_body_opened_without_decompressing():
 
 
 def test_load_call_names_both_runtimes_when_a_payload_cannot_load():
-    data = sealed({"kid": KID, "function": "gone.f", "python": "3.0", "cloudpickle": "0.1"}, b"x")
+    header = {"kid": KID, "function": "gone.f", "python": "3.0", "cloudpickle": "0.1"}
+    data = sealed({**header, "app_version": "v7"}, b"x")
     with pytest.raises(gae_deferred.PayloadLoadError) as raised:
         envelope.load_call(envelope.open_envelope(data))
     assert str(raised.value).startswith(
         "cannot load payload of gone.f: UnpicklingError: invalid load key, 'x'.; it was written "
-        "by Python 3.0 / cloudpickle 0.1 / app version None, this runtime is Python "
+        "by Python 3.0 / cloudpickle 0.1 / app version v7, this runtime is Python "
         f"{envelope.PYTHON_VERSION} / cloudpickle {envelope.CLOUDPICKLE_VERSION} / app version "
     )
     assert envelope.load_call(envelope.open_envelope(GOLDEN))[1:] == ((2, 3), {})
