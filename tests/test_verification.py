@@ -407,11 +407,14 @@ class Trickle(io.BytesIO):
 
 def test_read_body_reads_exactly_the_declared_length_or_refuses():
     assert read_body({"wsgi.input": Trickle(b"abcdefgh"), "CONTENT_LENGTH": "8"}) == b"abcdefgh"
+    # Never past the declared length, whatever follows it on the connection.
+    assert read_body({"wsgi.input": Trickle(b"abcdefghXYZ"), "CONTENT_LENGTH": "8"}) == b"abcdefgh"
     assert read_body({"wsgi.input": io.BytesIO(b"abc"), "CONTENT_LENGTH": "0"}) == b""
     assert read_body({"wsgi.input": io.BytesIO(b"abcd"), "CONTENT_LENGTH": "4"}, cap=4) == b"abcd"
     cases = {
         ("7", 10, b"abc"): "body ended after 3 of 7 bytes",
         ("x9", 10, b""): "Content-Length 'x9' is not a number",
+        ("y" * 30, 10, b""): f"Content-Length {'y' * 20!r} is not a number",
         ("11", 10, b""): "body of 11 bytes is larger than any task",
         ("", 10, b"a" * 11): "body is larger than any task (10 bytes)",
     }
