@@ -92,6 +92,9 @@ NOT_ON_FIRESTORE: dict[str, str] = {
     "tests/dashboard/test_security.py::test_records_with_hostile_ids_are_viewed_dismissed_and_deleted_not_hijacked[record_id5]": (  # noqa: E501
         _KEY_OVER_1500
     ),
+    "tests/reliability/test_dashboard_abuse.py::test_absurd_cursors_and_ids_are_rejected": (
+        _KEY_OVER_1500
+    ),
     "tests/test_defer.py::test_chunk_boundaries[5000000-6]": _OVER_4_MIB,
     "tests/test_defer.py::test_hard_cap": _OVER_4_MIB,
     "tests/test_ndb_rpc.py::test_payloads_read_back_through_a_channel_with_grpcs_default_receive_limit": (  # noqa: E501

@@ -25,7 +25,7 @@ DEV = str(pathlib.Path(sys.executable).parent / "gae-deferred-dev")
 E2E_DIR = pathlib.Path(__file__).resolve().parent
 
 
-class Thing(ndb.Model):
+class DevGoogleThing(ndb.Model):
     n = ndb.IntegerProperty()
 
 
@@ -174,7 +174,7 @@ def test_legacy_emulator_keeps_data_across_runs(
     try:
         _point_at(running, pointed)
         with ndb.Client(project=os.environ["GOOGLE_CLOUD_PROJECT"]).context():
-            Thing(id="kept", n=5).put()
+            DevGoogleThing(id="kept", n=5).put()
     finally:
         assert running.stop() == 0
     assert _java_serving(port) == []
@@ -182,6 +182,6 @@ def test_legacy_emulator_keeps_data_across_runs(
     try:
         _point_at(again, pointed)
         with ndb.Client(project=os.environ["GOOGLE_CLOUD_PROJECT"]).context():
-            assert Thing.get_by_id("kept").n == 5
+            assert DevGoogleThing.get_by_id("kept").n == 5
     finally:
         assert again.stop() == 0
