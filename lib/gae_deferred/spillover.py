@@ -32,7 +32,7 @@ from typing import Any, overload
 
 from google.cloud import ndb
 
-from . import _facets, _ndb_rpc, envelope
+from . import _facets, _ndb_rpc, _outcome, envelope
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
@@ -269,7 +269,9 @@ def write_many(payloads: Payloads) -> None:
             # their memory back before the next commit builds its own.
             release_freed_memory()
     except Exception as exc:
-        if written:
+        # A commit that may have landed keeps what came before it: its record may be there,
+        # and its chunks with it (the caller settles that; see _outcome).
+        if written and not _outcome.may_have_landed(exc):
             _delete_written(written, exc)
         raise
 
@@ -314,7 +316,7 @@ _COMMIT_ENTITIES = 500
 def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
     """Undo the commits of a failed write_many."""
     try:
-        ndb.delete_multi(keys)
+        ndb.delete_multi(keys, timeout=settings().datastore_timeout_seconds)
     except Exception as exc:
         records = [key.id() for key in keys if key.kind() == DeferredPayload._get_kind()]
         if records:
@@ -470,7 +472,10 @@ def finish(payload_id: str, chunks: int) -> None:
 
 def delete(payload_id: str, chunks: int) -> None:
     """Delete a record and its chunks in one commit."""
-    ndb.delete_multi([payload_key(payload_id), *chunk_keys(payload_id, chunks)])
+    ndb.delete_multi(
+        [payload_key(payload_id), *chunk_keys(payload_id, chunks)],
+        timeout=settings().datastore_timeout_seconds,
+    )
 
 
 def get(payload_id: str) -> DeferredPayload | None:
