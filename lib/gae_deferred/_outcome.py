@@ -1,10 +1,11 @@
 """Whether a failed write may still have been applied: the one place that decides.
 
-Datastore commits and Cloud Tasks' CreateTask alike: a call that fails with a definite refusal (invalid argument, permission denied,
-contention, a connection that was never made) was not applied. One that failed after its
-request was sent (the reply was lost with its connection, the deadline passed, an internal
-error) may have been: the commit can have landed all the same. defer() asks here before it
-says "not stored", and when the answer is "maybe" it reads the written key to find out::
+Datastore commits and Cloud Tasks' CreateTask alike: a call that fails with a definite
+refusal (invalid argument, permission denied, contention, a connection that was never made)
+was not applied. One that failed after its request was sent (the reply was lost with its
+connection, the deadline passed, an internal error) may have been: the write can have landed
+all the same. defer() asks here before it says "not stored", and when the answer is "maybe"
+it reads the written key to find out::
 
     try:
         write()
