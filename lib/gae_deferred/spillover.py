@@ -36,6 +36,7 @@ from . import _facets, _ndb_rpc, _outcome, envelope
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
+    DuplicateDeliveryRunning,
     EnqueueOutcomeUnknown,
     PayloadTooLargeError,
     PermanentTaskFailure,
@@ -77,6 +78,10 @@ class DeferredPayload(DeferredModel):
     meta = ndb.JsonProperty(indexed=False)
     #: What recreates the same task: url, headers, routing.
     task = ndb.JsonProperty(indexed=False)
+    #: The running delivery's claim (a random token) and when it ends: a duplicate delivery
+    #: meanwhile does not run (see ``claim``). Cleared when an attempt fails.
+    claim = ndb.TextProperty()
+    claimed_until = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
     #: Search tokens (state, queue, function prefixes): the dashboard's filters (see _facets).
     facets = ndb.ComputedProperty(
         lambda record: _facets.facets(
@@ -460,6 +465,53 @@ def _check_present(payload_id: str, numbers: range, pieces: list[Any]) -> None:
         raise SpilledPayloadMissing(
             f"spilled payload {payload_id} lacks chunk(s) {missing}", record_found=True
         )
+
+
+def claim(payload_id: str, task_name: str, token: str) -> DeferredPayload | None:
+    """Take the claim on a spilled payload for one delivery of ``task_name``, in a transaction,
+    before its call: the record, with ``claim=token`` until now + ``task_deadline_seconds``.
+
+    None when the record belongs to another task now (see execution's "superseded").
+    Raises DuplicateDeliveryRunning when another delivery's claim is still on, and
+    SpilledPayloadMissing (``already_ran`` from the done marker) when the record is gone: a
+    duplicate whose first delivery finished meanwhile.
+    """
+
+    def take() -> DeferredPayload | None:
+        record, marker = ndb.get_multi([payload_key(payload_id), done_key(payload_id)])
+        if record is None:
+            raise SpilledPayloadMissing(
+                f"spilled payload {payload_id} is gone from Datastore",
+                already_ran=marker is not None,
+            )
+        if record.task_name and record.task_name != task_name:
+            return None
+        current = now()
+        if record.claim not in (None, token) and (record.claimed_until or current) > current:
+            raise DuplicateDeliveryRunning(
+                f"another delivery of task {task_name} is running payload {payload_id} (claimed "
+                f"until {record.claimed_until:%H:%M:%S} UTC)"
+            )
+        record.claim = token
+        record.claimed_until = current + datetime.timedelta(
+            seconds=settings().task_deadline_seconds
+        )
+        record.put()
+        return record
+
+    return ndb.transaction(take)
+
+
+def release(payload_id: str, token: str) -> None:
+    """Give up a claim this delivery holds (it did not finish the task), so a retry runs now."""
+
+    def give_up() -> None:
+        record = payload_key(payload_id).get()
+        if record is not None and record.claim == token:
+            record.claim = record.claimed_until = None
+            record.put()
+
+    ndb.transaction(give_up)
 
 
 def finish(payload_id: str, chunks: int) -> None:
