@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
@@ -287,9 +288,19 @@ def _task_spec(
         raise DeferError("pass _countdown or _eta, not both")
     now = datetime.datetime.now(datetime.UTC)  # spillover.now(), without its frame
     if countdown is not None:
-        if isinstance(countdown, bool) or not isinstance(countdown, int | float) or countdown < 0:
+        if (
+            isinstance(countdown, bool)
+            or not isinstance(countdown, int | float)
+            or not math.isfinite(countdown)
+            or countdown < 0
+        ):
             raise DeferError(f"_countdown must be a number of seconds >= 0, not {countdown!r}")
-        when = now + datetime.timedelta(seconds=countdown)
+        try:
+            when = now + datetime.timedelta(seconds=countdown)
+        except OverflowError:
+            raise DeferError(
+                f"_countdown of {countdown!r} seconds is past the last date Python can hold"
+            ) from None
     elif eta is not None:
         if not isinstance(eta, datetime.datetime):
             raise DeferError(f"_eta must be a datetime, not {type(eta).__name__}")
