@@ -250,19 +250,26 @@ def join_transaction(
         batch.futures.append(done)
 
 
-def lookup(keys: Sequence[ndb.Key], *, in_transaction: bool = True) -> list[Any]:
+def lookup(
+    keys: Sequence[ndb.Key], *, in_transaction: bool = True, retries: int | None = None
+) -> list[Any]:
     """One Lookup of ``keys`` (repeated for any the service defers, as ndb does): each key's
     raw ``Entity`` protobuf, in order, or None where it does not exist.
 
     Reads in the current transaction when there is one (unless ``in_transaction`` is False), as
     ndb's own get does. Must run inside an ndb context; raises the Google API error of a failed
-    Lookup (each attempt within ``datastore_timeout_seconds``).
+    Lookup (each attempt within ``datastore_timeout_seconds``; ``retries``: ndb's default).
     """
-    return _lookup(keys, in_transaction).result()
+    return _lookup(keys, in_transaction, retries).result()
+
+
+#: Retries of the Lookup that settles a commit whose answer was lost: one, so a blackholed
+#: Datastore costs defer() about three deadlines in all (the commit's, two Lookups').
+SETTLE_RETRIES = 1
 
 
 @tasklets.tasklet
-def _lookup(keys: Sequence[ndb.Key], in_transaction: bool) -> Any:
+def _lookup(keys: Sequence[ndb.Key], in_transaction: bool, retries: int | None = None) -> Any:
     context = ndb.get_context()
     client = context.client
     pending = [key._key.to_protobuf()._pb for key in keys]
@@ -276,7 +283,7 @@ def _lookup(keys: Sequence[ndb.Key], in_transaction: bool) -> Any:
         if in_transaction and context.in_transaction():
             request._pb.read_options.transaction = context.transaction
         response = yield _datastore_api.make_call(
-            "lookup", request, timeout=_timeout(), metadata=_routing(client)
+            "lookup", request, retries=retries, timeout=_timeout(), metadata=_routing(client)
         )
         response = getattr(response, "_pb", response)
         for result in response.found:
@@ -311,7 +318,7 @@ def settle_transaction_commit(probe: ndb.Key, unknown: Callable[[Exception], Exc
             if not _outcome.may_have_landed(exc):
                 raise
             try:
-                found = yield _lookup([probe], False)
+                found = yield _lookup([probe], False, SETTLE_RETRIES)
             except Exception as lookup_error:
                 error = unknown(exc)
                 error.__cause__ = lookup_error

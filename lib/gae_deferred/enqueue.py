@@ -455,7 +455,9 @@ def _settle_spill_write(entities: spillover.Payloads, cause: Exception) -> None:
     records = [record for record, _ in entities]
     try:
         found = ndb.non_transactional()(_ndb_rpc.lookup)(
-            [record.key for record in records], in_transaction=False
+            [record.key for record in records],
+            in_transaction=False,
+            retries=_ndb_rpc.SETTLE_RETRIES,
         )
     except api_exceptions.GoogleAPIError as exc:
         found, cause = [None] * len(records), _Chained(cause, exc)
