@@ -96,7 +96,7 @@ def test_spill_whose_outcome_cannot_be_read_is_outcome_unknown_and_runs_once(pro
     """The commits land, and every reply, the read-back's too, is lost: EnqueueOutcomeUnknown
     naming the task and payload; the sweeper then creates that task once."""
     store = proxies.datastore
-    store.lose_next_reply(20)
+    store.lose_next_reply(4)  # the commit's two attempts, the read-back's two
     with pytest.raises(EnqueueOutcomeUnknown) as raised:
         defer(add, os.urandom(300_000))
     store.disarm()  # disarm what is left
@@ -142,7 +142,7 @@ def test_transactional_commit_that_cannot_be_settled_is_outcome_unknown(proxies)
     def pay() -> None:
         runs.append(1)
         defer(add, 1, 2, _transactional=True)
-        store.lose_next_reply(20)
+        store.lose_next_reply(3)  # the commit's, the read-back's two attempts
 
     with pytest.raises(EnqueueOutcomeUnknown) as raised:
         ndb.transaction(pay)
