@@ -145,3 +145,22 @@ def fails_once_spilled(label: str, payload: bytes) -> None:
         RUNS.append(f"{label}-failed")
         raise RuntimeError("first attempt fails")
     RUNS.append(label)
+
+
+def test_a_crashed_runs_claim_does_not_hold_back_the_task_that_replaced_it(paused_on_emulator):
+    """A run killed mid-task keeps its claim until the lease ends; the payload retriggered (or
+    re-created by the sweeper) under another task name runs at once all the same, while a
+    redelivery of the crashed task itself waits."""
+    body, name = _spilled_body(paused_on_emulator, plain, "moved")
+    (record,) = spillover.DeferredPayload.query().fetch()
+    payload_id = record.key.id()
+    spillover.claim(payload_id, name, "crashed-run")
+    assert _deliver(body, name, retry=1).status_int == 503
+    record = spillover.get(payload_id)
+    gae_deferred.enqueue.enqueue_record(record, name="moved-1")
+    record.put()
+    (moved,) = [t for t in paused_on_emulator() if t.name.endswith("/tasks/moved-1")]
+    _go_on.set()
+    response = _deliver(moved.app_engine_http_request.body, "moved-1")
+    assert response.status_int == 200
+    assert RUNS == ["moved"]

@@ -305,7 +305,7 @@ def _release(attempt: _Attempt) -> None:
     """Give up this attempt's claim on its spilled payload: it ends without finishing the
     task, and the retry must not wait for the claim to run out."""
     if attempt.claim is not None and attempt.record is not None:
-        spillover.release(attempt.record.key.id(), attempt.claim)
+        spillover.release(attempt.record.key.id(), attempt.task.name, attempt.claim)
 
 
 def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:

@@ -78,8 +78,8 @@ class DeferredPayload(DeferredModel):
     meta = ndb.JsonProperty(indexed=False)
     #: What recreates the same task: url, headers, routing.
     task = ndb.JsonProperty(indexed=False)
-    #: The running delivery's claim (a random token) and when it ends: a duplicate delivery
-    #: meanwhile does not run (see ``claim``). Cleared when an attempt fails.
+    #: The running delivery's claim ("<task name> <random token>") and when it ends: a
+    #: duplicate delivery meanwhile does not run (see ``claim``). Cleared when an attempt fails.
     claim = ndb.TextProperty()
     claimed_until = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
     #: Search tokens (state, queue, function prefixes): the dashboard's filters (see _facets).
@@ -487,12 +487,20 @@ def claim(payload_id: str, task_name: str, token: str) -> DeferredPayload | None
         if record.task_name and record.task_name != task_name:
             return None
         current = now()
-        if record.claim not in (None, token) and (record.claimed_until or current) > current:
+        held = record.claim
+        # A claim blocks only deliveries of the task that took it: a retrigger or the
+        # sweeper's fresh task name is not held back by a crashed run of the old task.
+        if (
+            held is not None
+            and held != f"{task_name} {token}"
+            and held.split(" ", 1)[0] == task_name
+            and (record.claimed_until or current) > current
+        ):
             raise DuplicateDeliveryRunning(
                 f"another delivery of task {task_name} is running payload {payload_id} (claimed "
                 f"until {record.claimed_until:%H:%M:%S} UTC)"
             )
-        record.claim = token
+        record.claim = f"{task_name} {token}"
         record.claimed_until = current + datetime.timedelta(
             seconds=settings().task_deadline_seconds
         )
@@ -502,12 +510,12 @@ def claim(payload_id: str, task_name: str, token: str) -> DeferredPayload | None
     return ndb.transaction(take)
 
 
-def release(payload_id: str, token: str) -> None:
+def release(payload_id: str, task_name: str, token: str) -> None:
     """Give up a claim this delivery holds (it did not finish the task), so a retry runs now."""
 
     def give_up() -> None:
         record = payload_key(payload_id).get()
-        if record is not None and record.claim == token:
+        if record is not None and record.claim == f"{task_name} {token}":
             record.claim = record.claimed_until = None
             record.put()
 
