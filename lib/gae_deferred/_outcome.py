@@ -32,9 +32,19 @@ _AMBIGUOUS = (
 _NOT_SENT = ("failed to connect", "connection refused", "dns resolution failed")
 
 
+def settled_as_not_stored(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as settled: whatever it left behind can never run (e.g. a spill's chunks
+    whose commit may have landed, while their record's commit was never sent)."""
+    exc._gae_deferred_settled = True  # type: ignore[attr-defined]
+    return exc
+
+
 def may_have_landed(exc: BaseException) -> bool:
     """True when the call that raised ``exc`` may have been applied (its outcome is unknown);
-    False for a refusal or a connection that was never made (certainly not applied)."""
+    False for a refusal, a connection that was never made, or an error settled as not stored
+    (certainly nothing that runs)."""
+    if getattr(exc, "_gae_deferred_settled", False):
+        return False
     if isinstance(exc, api_exceptions.RetryError):
         cause = exc.cause
         return cause is None or may_have_landed(cause)

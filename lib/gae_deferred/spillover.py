@@ -265,18 +265,28 @@ def write_many(payloads: Payloads) -> None:
     (see _ndb_rpc).
     """
     written: list[ndb.Key] = []
+    sending: list[ndb.Key] = []
     try:
         for batch in _commits(payloads):
+            sending = [entity.key for entity in batch]
             _ndb_rpc.commit(upserts=batch)
-            written += [entity.key for entity in batch]
+            written += sending
+            sending = []
             del batch
             # One commit's request, its serialization and gRPC's copy of it are gone: hand
             # their memory back before the next commit builds its own.
             release_freed_memory()
     except Exception as exc:
-        # A commit that may have landed keeps what came before it: its record may be there,
-        # and its chunks with it (the caller settles that; see _outcome).
-        if written and not _outcome.may_have_landed(exc):
+        landed = _outcome.may_have_landed(exc)
+        record_kind = DeferredPayload._get_kind()
+        if landed and not any(key.kind() == record_kind for key in sending):
+            # Only chunks may have landed, and no record points at them: nothing will run
+            # them. Certain, then; they are deleted with the rest.
+            _outcome.settled_as_not_stored(exc)
+            landed, written = False, written + sending
+        # A commit with a record that may have landed keeps what came before it: the caller
+        # reads the record back to settle it (see _outcome).
+        if written and not landed:
             _delete_written(written, exc)
         raise
 
