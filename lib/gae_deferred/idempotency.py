@@ -95,7 +95,10 @@ def idempotent(
                 try:
                     if transactional:
                         return ndb.transaction(lambda: _once(marker, inner, args, kwargs))
-                    return _once(marker, inner, args, kwargs)
+                    # The claim's transaction just found the key not done: call, then mark.
+                    result = inner(*args, **kwargs)
+                    _done(marker, inner)
+                    return result
                 except BaseException:
                     ndb.non_transactional()(_release)(marker, token)
                     raise
@@ -147,11 +150,15 @@ def _release(marker: ndb.Key, token: str) -> None:
 
 
 def _once(marker: ndb.Key, func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Call unless done (read again: inside the caller's transaction when transactional), and
-    mark the key done: in the same transaction as the function's writes when transactional."""
+    """In the work's transaction: call unless done (read again, inside it), and mark the key
+    done in the same transaction as the function's writes."""
     current = marker.get()
     if current is not None and current.done is not None:
         return None
     result = func(*args, **kwargs)
-    DeferredDone(key=marker, done=datetime.datetime.now(datetime.UTC), function=_name(func)).put()
+    _done(marker, func)
     return result
+
+
+def _done(marker: ndb.Key, func: Callable) -> None:
+    DeferredDone(key=marker, done=datetime.datetime.now(datetime.UTC), function=_name(func)).put()
