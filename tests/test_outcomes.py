@@ -186,10 +186,13 @@ def test_create_task_whose_reply_is_lost_creates_one_task(proxies):
     assert [t.name.rsplit("/", 1)[-1] for t in queued()] == [task.name]
 
 
-def test_create_task_unanswered_twice_is_outcome_unknown_with_the_task_name(proxies):
+def test_create_task_never_answered_is_outcome_unknown_with_the_task_name(proxies):
+    """Every attempt (the first and three more under the same name) lands and loses its
+    answer: EnqueueOutcomeUnknown naming the task, which exists, once."""
     tasks = proxies.tasks
-    tasks.lose_next_reply(2)
+    tasks.lose_next_reply(4)
     with pytest.raises(EnqueueOutcomeUnknown) as raised:
         defer(add, 1, 2)
+    tasks.disarm()
     names = [t.name.rsplit("/", 1)[-1] for t in queued()]
     assert names == [raised.value.task_name]

@@ -23,6 +23,7 @@ import datetime
 import functools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -206,13 +207,19 @@ def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     return _wrap_task(task)
 
 
+#: Pauses before asking CreateTask again after an answer was lost: a connection that was
+#: reset is often still in use for the next request (it fails too) until gRPC notices.
+_SETTLE_DELAYS = (0.05, 0.25, 1.0)
+
+
 def _create_settled(parent: str, task: tasks_v2.Task) -> tasks_v2.Task:
     """CreateTask; when it fails after the request may have reached Cloud Tasks (a reset
-    connection, an internal error), once more under the same name. Cloud Tasks creates a name
-    once, so the second answer settles the first: created, or ALREADY_EXISTS because the first
-    was (the task is there: created). A deadline is not retried (it would double the wait):
-    EnqueueOutcomeUnknown."""
+    connection, an internal error), again under the same name, a few times within
+    ``cloud_tasks_timeout_seconds``. Cloud Tasks creates a name once, so a later answer settles
+    the first: created, or ALREADY_EXISTS because an earlier attempt was (the task is there:
+    created). A deadline is not retried (it would double the wait): EnqueueOutcomeUnknown."""
     timeout = settings().cloud_tasks_timeout_seconds
+    deadline = time.monotonic() + timeout
     try:
         return client().create_task(parent=parent, task=task, timeout=timeout)
     except api_exceptions.DeadlineExceeded:
@@ -220,21 +227,33 @@ def _create_settled(parent: str, task: tasks_v2.Task) -> tasks_v2.Task:
     except api_exceptions.GoogleAPIError as exc:
         if not _outcome.may_have_landed(exc):
             raise
-        first = exc
-    try:
-        return client().create_task(parent=parent, task=task, timeout=timeout)
-    except api_exceptions.AlreadyExists:
-        logger.info("CreateTask of %s: the attempt whose answer was lost created it", task.name)
-        return task
-    except api_exceptions.GoogleAPIError as exc:
-        if _outcome.may_have_landed(exc) or _outcome.may_have_landed(first):
-            raise EnqueueOutcomeUnknown(
-                f"Cloud Tasks did not answer CreateTask ({first}; again: {exc}): task "
-                f"{short_name(task.name)} may or may not exist",
-                task_name=short_name(task.name),
-                queue=parent.rsplit("/", 1)[-1],
-            ) from exc
-        raise
+        errors: list[api_exceptions.GoogleAPIError] = [exc]
+    for delay in _SETTLE_DELAYS:
+        if time.monotonic() + delay >= deadline:
+            break
+        time.sleep(delay)
+        try:
+            return client().create_task(
+                parent=parent, task=task, timeout=max(0.001, deadline - time.monotonic())
+            )
+        except api_exceptions.AlreadyExists:
+            logger.info("CreateTask of %s: an attempt whose answer was lost created it", task.name)
+            return task
+        except api_exceptions.GoogleAPIError as exc:
+            errors.append(exc)
+            if not (_outcome.may_have_landed(exc) or _transient(exc)):
+                break
+    raise EnqueueOutcomeUnknown(
+        f"Cloud Tasks did not answer CreateTask ({'; '.join(map(str, errors))}): task "
+        f"{short_name(task.name)} may or may not exist",
+        task_name=short_name(task.name),
+        queue=parent.rsplit("/", 1)[-1],
+    ) from errors[-1]
+
+
+def _transient(exc: api_exceptions.GoogleAPIError) -> bool:
+    """Worth asking again (nothing was applied, but the next attempt may get through)."""
+    return isinstance(exc, api_exceptions.ServiceUnavailable | api_exceptions.DeadlineExceeded)
 
 
 def _queue_missing(exc: api_exceptions.GoogleAPIError) -> bool:
