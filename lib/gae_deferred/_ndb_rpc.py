@@ -266,6 +266,9 @@ def lookup(
 #: Retries of the Lookup that settles a commit whose answer was lost: one, so a blackholed
 #: Datastore costs defer() about three deadlines in all (the commit's, two Lookups').
 SETTLE_RETRIES = 1
+#: The pause before that Lookup: a connection that was just reset often fails the next
+#: request too, until gRPC notices it is gone.
+SETTLE_PAUSE_SECONDS = 0.1
 
 
 @tasklets.tasklet
@@ -318,6 +321,7 @@ def settle_transaction_commit(probe: ndb.Key, unknown: Callable[[Exception], Exc
             if not _outcome.may_have_landed(exc):
                 raise
             try:
+                yield tasklets.sleep(SETTLE_PAUSE_SECONDS)
                 found = yield _lookup([probe], False, SETTLE_RETRIES)
             except Exception as lookup_error:
                 error = unknown(exc)

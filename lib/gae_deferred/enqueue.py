@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
@@ -453,6 +454,7 @@ def _settle_spill_write(entities: spillover.Payloads, cause: Exception) -> None:
     (a record is written with or after its last chunk, so its chunks are too), else raise
     EnqueueOutcomeUnknown naming what to look up."""
     records = [record for record, _ in entities]
+    time.sleep(_ndb_rpc.SETTLE_PAUSE_SECONDS)
     try:
         found = ndb.non_transactional()(_ndb_rpc.lookup)(
             [record.key for record in records],
