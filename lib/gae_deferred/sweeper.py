@@ -12,8 +12,9 @@ on the local stack::
    task is there after all (a paused or backlogged queue; the record is checked again later),
    unless GetTask says it is not: then the name is only held (Cloud Tasks keeps the name of a
    deleted or purged task about an hour, 9 days for queues created from queue.yaml), and the
-   task is created under a fresh name, which the record follows. Nothing waits for a name to
-   come free.
+   task is created under a fresh name, which the record takes first. Nothing waits for a name
+   to come free. The repair is noted on the record in a transaction, and only if the record is
+   still the one the sweep read: a task that ran (or failed) meanwhile stays done.
 2. Dead letters and permanent failures older than the retention period are deleted, with
    their payloads, and so are the done markers of spilled tasks older than a week.
 """
