@@ -6,8 +6,8 @@ Every defer's outcome is classified by what it raised, and the runs are counted 
 token (rel_tasks' log) once the faults are off and the sweeper has run. The promises checked
 are docs/reliability.md's, "What each answer of defer() means":
 
-- returned: the task runs (exactly once for spilled, transactional and @idempotent tasks;
-  at least once for inline ones);
+- returned: the task runs (once for spilled, transactional and @idempotent tasks, as no run
+  dies here; at least once for inline ones);
 - EnqueueOutcomeUnknown: at most once, never twice (the sweeper finishes what was stored);
 - any other DeferError (DatastoreUnavailableError, EnqueueError), or an error out of the
   transaction other than EnqueueOutcomeUnknown: never runs, and a transaction's own writes
