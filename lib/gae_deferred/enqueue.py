@@ -26,11 +26,12 @@ from typing import Any, TypeVar
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import cloud_tasks, envelope, spillover, tracing
+from . import _ndb_rpc, cloud_tasks, envelope, spillover, tracing
 from ._config import settings
 from ._datastore import ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
+    DatastoreRefusedError,
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
@@ -423,9 +424,10 @@ def write_outside_transaction(entities: spillover.Payloads) -> None:
         ndb.non_transactional()(spillover.write_many)(entities)
     except api_exceptions.GoogleAPIError as exc:
         size = sum(record.stored_bytes or 0 for record, _ in entities)
-        raise DatastoreUnavailableError(
-            f"could not store {len(entities)} spilled payload(s) of {size:,} bytes: {exc}"
-        ) from exc
+        what = f"{len(entities)} spilled payload(s) of {size:,} bytes"
+        if not _ndb_rpc.is_transient(exc):
+            raise DatastoreRefusedError(f"Datastore refused to store {what}: {exc}") from exc
+        raise DatastoreUnavailableError(f"could not store {what}: {exc}") from exc
 
 
 def _defer_spilled(call: PreparedCall) -> DeferredTask:
@@ -473,14 +475,7 @@ def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise DeferError("_transactional=True needs an active ndb transaction")
-    limit = settings().commit_bytes
     spilled = [spill_entities(call) for call in calls]
-    total = sum(record.stored_bytes for record, _ in spilled)
-    if total > limit:
-        raise DeferError(
-            f"transactional defers carry at most {limit:,} bytes (one Datastore commit); "
-            f"these payloads are {total:,}"
-        )
     bodies = [reference(record) for record, _ in spilled]
     spillover.write_in_transaction(spilled)
     work = [

@@ -90,7 +90,14 @@ class BatchDeferError(DeferError):
 
 
 class DatastoreUnavailableError(DeferError):
-    """A spilled payload could not be written to Datastore."""
+    """A spilled payload could not be written to Datastore: it did not answer, or kept
+    failing with a transient error (UNAVAILABLE, ABORTED, ...) through the retries."""
+
+
+class DatastoreRefusedError(DeferError):
+    """Datastore refused to store a spilled payload (INVALID_ARGUMENT, a request over its size
+    limit, PERMISSION_DENIED, ...): not retried, since it would refuse the same request again.
+    The message carries Datastore's own; ``__cause__`` is the Google API error."""
 
 
 class UnverifiedEnvelope(PermanentTaskFailure):
