@@ -388,14 +388,16 @@ def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, datastore_c
 
     gae_deferred.configure(compression_level=0)
     datastore_commits.fail_when = lambda request: (
-        api_exceptions.ServiceUnavailable("datastore went away")
+        api_exceptions.PermissionDenied("datastore went away")
         if len(datastore_commits.requests) == 2
         else None
     )
-    with pytest.raises(gae_deferred.DatastoreUnavailableError, match="datastore went away"):
+    # Not retried, and not called "unavailable": Datastore refused it.
+    with pytest.raises(gae_deferred.DatastoreRefusedError, match="refused.*datastore went away"):
         defer(collect, b"\3" * 12_000_000)
-    assert spillover.DeferredPayloadWrite.query().fetch() == []
     datastore_commits.fail_when = None
+    # The first commit's chunks and write marker were deleted again.
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
     assert spillover.DeferredPayload.query().fetch() == []
     assert paused() == []
