@@ -68,6 +68,24 @@ def ndb_emulator(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def firestore_emulator(tmp_path_factory):
+    """Google's Firestore emulator in Datastore mode for the session (a
+    ``GoogleDatastoreEmulator``; ``.address`` is its host:port). Tests share it: use a
+    namespace or kind of your own, or ``.reset()`` it. Fails in one line naming what to install
+    when the SDK or Java is missing."""
+    from gae_deferred.local import google_datastore
+
+    reason = google_datastore.unavailable_reason("firestore")
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+    emulator = google_datastore.GoogleDatastoreEmulator(
+        "firestore", data_dir=tmp_path_factory.mktemp("firestore-emulator"), project="test-project"
+    )
+    with emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
 def tasks_emulator():
     """One in-process Cloud Tasks emulator with queue.yaml's queues for the whole session.
 
