@@ -288,8 +288,9 @@ def write_in_transaction(payloads: Payloads) -> None:
     """Add the records to the current transaction's commit, with their chunks when they fit
     in ``commit_bytes`` (the caller's own writes share that commit, and Datastore refuses a
     request over 4 MiB); else the chunks are written first, outside the transaction, in commits
-    of their own with a write marker each, and the transaction commits the records and deletes
-    the markers. Chunks of a transaction that never commits are deleted by the sweeper."""
+    of their own with a write marker each, the transaction commits the records, and the markers
+    are deleted once it has (not in it: a transaction that writes an entity changed since it
+    began may abort). Chunks of a transaction that never commits are deleted by the sweeper."""
     limit = settings().commit_bytes
     chunk_bytes = sum(record.stored_bytes or 0 for record, _ in payloads)
     overhead = sum(len(chunks) for _, chunks in payloads) * _CHUNK_OVERHEAD
@@ -302,7 +303,17 @@ def write_in_transaction(payloads: Payloads) -> None:
         )
         return
     markers = ndb.non_transactional()(_write)(payloads, records=False)
-    _ndb_rpc.join_transaction(upserts=[record for record, _ in payloads], deletes=markers)
+    _ndb_rpc.join_transaction(upserts=[record for record, _ in payloads])
+    ndb.get_context().call_on_commit(functools.partial(_forget_markers, markers))
+
+
+def _forget_markers(markers: list[ndb.Key]) -> None:
+    """After the transaction wrote the records: their write markers are done with. One left
+    behind is only deleted later by the sweeper (its record keeps the chunks)."""
+    try:
+        _ndb_rpc.commit(deletes=markers)
+    except Exception:
+        logger.exception("could not delete %d write marker(s); the sweeper will", len(markers))
 
 
 #: What a chunk's upsert adds to its bytes (key and framing), at most.
@@ -428,7 +439,7 @@ def purge_unfinished(now: datetime.datetime, batch: int) -> int:
     doomed: list[ndb.Key] = []
     for marker, record in zip(markers, stored, strict=True):
         doomed.append(marker.key)
-        if record is None:  # never the case with a marker, but a record keeps its chunks
+        if record is None:  # else a transaction wrote it, and its marker was left behind
             doomed += chunk_keys(marker.key.id(), marker.chunks or 0)
     ndb.delete_multi(doomed)
     return len(markers)

@@ -1,0 +1,365 @@
+"""Every Datastore RPC within 4 MiB, both ways, and Datastore errors that say what happened.
+
+Datastore, and Google's Firestore (Datastore mode) and legacy Datastore emulators, refuse any
+request over 4,194,304 bytes ("gRPC message exceeds maximum size"). Spills of 5, 9 and 20 MiB
+and transactional spills are stored and run here on Google's Firestore emulator and on ours,
+through a recording gRPC proxy that measures every request and response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+import webapp2
+import webtest
+from google.api_core import exceptions as api_exceptions
+from google.cloud import ndb
+
+import gae_deferred
+from gae_deferred import (
+    ConfigurationError,
+    DatastoreRefusedError,
+    DatastoreUnavailableError,
+    _ndb_rpc,
+    cloud_tasks,
+    defer,
+    spillover,
+)
+from gae_deferred._config import DATASTORE_REQUEST_LIMIT
+from gae_deferred.webapp2 import deferred_routes
+
+MIB = 1024 * 1024
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_INDEX = os.path.join(ROOT, "index.yaml")
+RESULTS: list = []
+
+
+def collect(*args):
+    RESULTS.append(args)
+
+
+class RpcOrder(ndb.Model):
+    total = ndb.IntegerProperty()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_results():
+    RESULTS.clear()
+
+
+# --- a recording proxy in front of a Datastore emulator ------------------------------------------
+
+_METHODS = (
+    "Lookup",
+    "RunQuery",
+    "RunAggregationQuery",
+    "BeginTransaction",
+    "Commit",
+    "Rollback",
+    "AllocateIds",
+    "ReserveIds",
+)
+_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class DatastoreProxy:
+    """A gRPC server forwarding Datastore calls, as bytes, to ``target`` and recording each
+    one's method and request and response sizes. It accepts any size itself, so a request too
+    big for Datastore reaches the emulator behind it and is refused there."""
+
+    def __init__(self, target: str) -> None:
+        self.calls: list[tuple[str, int, int | None]] = []
+        self._channel = grpc.insecure_channel(target, options=_UNLIMITED)
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(self._forward(name)) for name in _METHODS
+        }
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_UNLIMITED)
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("google.datastore.v1.Datastore", handlers)]
+        )
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def _forward(self, method: str):
+        upstream = self._channel.unary_unary(f"/google.datastore.v1.Datastore/{method}")
+
+        def forward(request: bytes, context: grpc.ServicerContext) -> bytes:
+            metadata = [
+                (key, value)
+                for key, value in context.invocation_metadata()
+                if key == "x-goog-request-params"
+            ]
+            try:
+                response = upstream(request, metadata=metadata)
+            except grpc.RpcError as error:
+                self.calls.append((method, len(request), None))
+                context.abort(error.code(), error.details())
+            self.calls.append((method, len(request), len(response)))
+            return response
+
+        return forward
+
+    def count(self, method: str) -> int:
+        return sum(1 for name, _, _ in self.calls if name == method)
+
+    def largest(self) -> tuple[int, int]:
+        """The largest request and the largest response seen."""
+        return (
+            max(size for _, size, _ in self.calls),
+            max(size or 0 for _, _, size in self.calls),
+        )
+
+    def close(self) -> None:
+        self._server.stop(None)
+        self._channel.close()
+
+
+@pytest.fixture(params=["ours", "google-firestore"])
+def spill_datastore(request, monkeypatch, tasks_emulator) -> Iterator[DatastoreProxy]:
+    """Datastore on our emulator or Google's Firestore emulator (Datastore mode), behind a
+    DatastoreProxy; the queues paused and empty. Yields the proxy."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "ours":
+            from gae_deferred.local.datastore import DatastoreEmulator
+
+            ours = stack.enter_context(DatastoreEmulator(port=0, index_yaml=ROOT_INDEX))
+            target = f"127.0.0.1:{ours.port}"
+        else:
+            google = request.getfixturevalue("firestore_emulator")
+            google.reset()
+            target = google.address
+        proxy = DatastoreProxy(target)
+        stack.callback(proxy.close)
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{proxy.port}")
+        client = ndb.Client(project="test-project")
+        gae_deferred.configure(
+            ndb_client=client, compression_level=0, queue_yaml=os.path.join(ROOT, "queue.yaml")
+        )
+        stack.enter_context(client.context(cache_policy=False, global_cache_policy=False))
+        cloud_tasks.reset_client()
+        cloud_tasks.pause_queue("default")
+        cloud_tasks.purge_queue("default")
+        yield proxy
+        cloud_tasks.purge_queue("default")
+
+
+def queued() -> list:
+    tasks, _ = cloud_tasks.list_tasks_page("default", page_size=100, full=True)
+    return tasks
+
+
+def run_queued(task) -> int:
+    """Deliver a queued task to the handler as Cloud Tasks would; the HTTP status."""
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    request = task.app_engine_http_request
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": task.name.split("/")[-1]}
+    return app.post(
+        request.relative_uri, request.body, headers=headers, expect_errors=True
+    ).status_int
+
+
+def _commits_for(envelope_bytes: int) -> int:
+    """Spill commits of an envelope: three 1 MB chunks a commit, the record with the last."""
+    chunks = -(-envelope_bytes // 1_000_000)
+    return -(-chunks // 3)
+
+
+@pytest.mark.parametrize("size", [5 * MIB, 9 * MIB, 20 * MIB])
+def test_spill_stores_and_runs_with_every_rpc_within_4_mib(spill_datastore, size):
+    data = os.urandom(size)
+    result = defer(collect, data)
+    assert result.spilled
+    # 5 MiB: 6 chunks, 2 commits; 9 MiB: 10 chunks, 4; 20 MiB: 21 chunks, 7.
+    assert spill_datastore.count("Commit") == _commits_for(result.stored_bytes)
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
+    (task,) = queued()
+    assert run_queued(task) == 200
+    assert [(data,)] == RESULTS
+    request, response = spill_datastore.largest()
+    assert request <= DATASTORE_REQUEST_LIMIT and response <= DATASTORE_REQUEST_LIMIT
+    assert spillover.get(result.payload_id) is None
+
+
+@pytest.mark.parametrize("size", [300_000, 5 * MIB])
+def test_transactional_spill_stores_and_runs_with_every_rpc_within_4_mib(spill_datastore, size):
+    data = os.urandom(size)
+
+    @ndb.transactional()
+    def place():
+        RpcOrder(id="o1", total=1).put()
+        return defer(collect, data, _transactional=True)
+
+    result = place()
+    if size > MIB:
+        # Over commit_bytes: the chunks went first, in commits of their own (2), the
+        # transaction's commit wrote the record, and one more deleted the write marker.
+        assert spill_datastore.count("Commit") == 4
+    else:
+        assert spill_datastore.count("Commit") == 1
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
+    (task,) = queued()
+    assert run_queued(task) == 200
+    assert [(data,)] == RESULTS
+    request, response = spill_datastore.largest()
+    assert request <= DATASTORE_REQUEST_LIMIT and response <= DATASTORE_REQUEST_LIMIT
+    assert spillover.get(result.payload_id) is None
+
+
+def test_rolled_back_transactional_spill_leaves_chunks_the_sweeper_deletes(spill_datastore):
+    @ndb.transactional()
+    def place():
+        RpcOrder(id="o2", total=1).put()
+        defer(collect, os.urandom(5 * MIB), _transactional=True)
+        raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        place()
+    assert queued() == [] and RpcOrder.get_by_id("o2") is None
+    assert spillover.DeferredPayload.query().fetch() == []
+    (marker,) = spillover.DeferredPayloadWrite.query().fetch()
+    assert len(spillover.DeferredPayloadChunk.query().fetch(keys_only=True)) == 6
+    # Within the hour the write may still be going on: nothing is deleted.
+    assert gae_deferred.sweep().purged_unfinished == 0
+    later = spillover.now() + spillover.WRITE_GRACE + datetime.timedelta(minutes=1)
+    assert gae_deferred.sweep(now=later).purged_unfinished == 1
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
+    assert marker.chunks == 6
+
+
+def test_crash_between_spill_commits_leaves_chunks_the_sweeper_deletes(paused, datastore_commits):
+    """The process dies after the first commit of a payload: its chunks and write marker stay
+    (no record, so nothing lists or runs them) until the sweeper deletes them."""
+    gae_deferred.configure(compression_level=0)
+    datastore_commits.fail_when = lambda request: (
+        api_exceptions.PermissionDenied("the process died")
+        if len(datastore_commits.requests) >= 2
+        else None
+    )
+    with pytest.raises(DatastoreRefusedError, match="the process died"):
+        defer(collect, b"\3" * 5_000_000)
+    datastore_commits.fail_when = None
+    assert spillover.DeferredPayload.query().fetch() == []
+    assert len(spillover.DeferredPayloadChunk.query().fetch(keys_only=True)) == 3
+    (marker,) = spillover.DeferredPayloadWrite.query().fetch()
+    later = marker.started + spillover.WRITE_GRACE + datetime.timedelta(seconds=1)
+    report = gae_deferred.sweep(now=later)
+    assert report.purged_unfinished == 1 and report.reenqueued == 0
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
+    assert paused() == []
+
+
+def test_every_commit_of_a_batch_stays_within_commit_bytes(paused, datastore_commits):
+    """Many payloads of odd sizes sharing commits: no request over commit_bytes, each record
+    in the commit of its last chunk or later, a payload spanning commits marked until then."""
+    gae_deferred.configure(compression_level=0)
+    sizes = [2_999_000, 1_000_001, 200_000, 3_500_000, 700_000, 4_000_000]
+    with gae_deferred.batch() as b:
+        for number, size in enumerate(sizes):
+            b.defer(collect, bytes([number]) * size)
+    assert max(datastore_commits.request_bytes()) <= gae_deferred.settings().commit_bytes
+    kinds = datastore_commits.kinds()
+    assert sum(commit.count("_DeferredPayload") for commit in kinds) == len(sizes)
+    assert sum(commit.count("_DeferredPayloadWrite") for commit in kinds) == sum(
+        commit.count("-_DeferredPayloadWrite") for commit in kinds
+    )
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
+    assert len(paused()) == len(sizes)
+
+
+# --- commit_bytes ---------------------------------------------------------------------------------
+
+
+def test_commit_bytes_over_4_mib_is_refused_with_a_clear_error():
+    with pytest.raises(ConfigurationError, match=r"at most|between .* and 4,194,304"):
+        gae_deferred.configure(commit_bytes=64 * MIB)
+    with pytest.raises(ConfigurationError, match="4,194,304"):
+        gae_deferred.configure(commit_bytes=DATASTORE_REQUEST_LIMIT + 1)
+    with pytest.raises(ConfigurationError, match="one chunk"):
+        gae_deferred.configure(commit_bytes=1_000_000)
+    with pytest.raises(ConfigurationError, match="commit_bytes"):
+        gae_deferred.configure(commit_bytes="3MiB")
+    assert gae_deferred.configure(commit_bytes=DATASTORE_REQUEST_LIMIT).commit_bytes == (
+        DATASTORE_REQUEST_LIMIT
+    )
+
+
+def test_commit_bytes_of_4_mib_fills_requests_to_the_limit(paused, datastore_commits):
+    gae_deferred.configure(compression_level=0, commit_bytes=DATASTORE_REQUEST_LIMIT)
+    defer(collect, b"\1" * 9_000_000)
+    # Four 1 MB chunks a commit: 10 chunks in 3 commits, each request under 4 MiB.
+    assert len(datastore_commits.requests) == 3
+    assert 4_000_000 < max(datastore_commits.request_bytes()) <= DATASTORE_REQUEST_LIMIT
+
+
+# --- errors that say what happened ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _answering(monkeypatch, code: grpc.StatusCode, message: str) -> Iterator[list[int]]:
+    """Datastore as a gRPC server whose Commit always fails with ``code``; yields the sizes of
+    the Commit requests it got."""
+    calls: list[int] = []
+
+    def commit(request: bytes, context) -> bytes:
+        calls.append(len(request))
+        context.abort(code, message)
+
+    handlers = {"Commit": grpc.unary_unary_rpc_method_handler(commit)}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("google.datastore.v1.Datastore", handlers)]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setattr(_ndb_rpc, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    try:
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
+        client = ndb.Client(project="test-project")
+        gae_deferred.configure(ndb_client=client, compression_level=0)
+        yield calls
+    finally:
+        server.stop(None)
+
+
+def test_size_error_is_not_retried_and_says_what_it_is(monkeypatch):
+    """What Google's emulators answer a request over 4 MiB: raised at once, as what it is."""
+    message = "gRPC message exceeds maximum size 4194304: 4194305"
+    with _answering(monkeypatch, grpc.StatusCode.RESOURCE_EXHAUSTED, message) as calls:
+        with pytest.raises(DatastoreRefusedError, match=r"refused.*exceeds maximum size") as raised:
+            defer(collect, b"\0" * 300_000)
+        assert len(calls) == 1
+        assert isinstance(raised.value.__cause__, api_exceptions.ResourceExhausted)
+        assert not isinstance(raised.value, DatastoreUnavailableError)
+
+
+def test_invalid_argument_is_not_retried(monkeypatch):
+    message = 'The value of property "data" is longer than 1048487 bytes.'
+    with _answering(monkeypatch, grpc.StatusCode.INVALID_ARGUMENT, message) as calls:
+        with pytest.raises(DatastoreRefusedError, match="longer than 1048487 bytes"):
+            defer(collect, b"\0" * 300_000)
+        assert len(calls) == 1
+
+
+def test_transient_error_is_retried_then_unavailable(monkeypatch):
+    with _answering(monkeypatch, grpc.StatusCode.UNAVAILABLE, "try again") as calls:
+        with pytest.raises(DatastoreUnavailableError, match=r"could not store.*try again"):
+            defer(collect, b"\0" * 300_000)
+        assert len(calls) == 1 + len(_ndb_rpc.RETRY_DELAYS)
+
+
+def test_quota_exhaustion_stays_transient():
+    """RESOURCE_EXHAUSTED for a quota is worth retrying; for a message's size it is not."""
+    assert _ndb_rpc.is_transient(api_exceptions.ResourceExhausted("Quota exceeded"))
+    assert not _ndb_rpc.is_transient(
+        api_exceptions.ResourceExhausted("Sent message larger than max (5000000 vs. 4194304)")
+    )
+    assert not _ndb_rpc.is_transient(api_exceptions.InvalidArgument("bad key"))
+    assert _ndb_rpc.is_transient(api_exceptions.ServiceUnavailable("down"))
