@@ -363,3 +363,12 @@ def test_quota_exhaustion_stays_transient():
     )
     assert not _ndb_rpc.is_transient(api_exceptions.InvalidArgument("bad key"))
     assert _ndb_rpc.is_transient(api_exceptions.ServiceUnavailable("down"))
+
+
+def test_payload_chunks_are_capped_so_their_delete_is_one_commit():
+    """A spilled task that ran deletes its record and every chunk in one Commit (500 mutations
+    at most): settings that would cut a payload into more chunks are refused."""
+    with pytest.raises(ConfigurationError, match=r"at most 490 chunks.*at least 68,479"):
+        gae_deferred.configure(chunk_bytes=60_000)
+    gae_deferred.configure(chunk_bytes=68_479)
+    gae_deferred.configure(chunk_bytes=10_000, max_payload_bytes=4_900_000)

@@ -39,6 +39,10 @@ DEFAULT_COMMIT_BYTES = 3 * MIB
 #: What one chunk's upsert adds to its bytes at most (key with project, database, namespace and
 #: payload id; the property's framing): a commit must hold at least one chunk.
 CHUNK_MUTATION_OVERHEAD = 2048
+#: A payload's chunks at most: a spilled task that ran deletes its record and chunks in one
+#: Commit with its done marker, and Datastore allows 500 mutations a commit (the keys of 490
+#: chunks are about 50 KB, far under DATASTORE_REQUEST_LIMIT).
+MAX_CHUNKS = 490
 
 
 @dataclasses.dataclass
@@ -217,6 +221,13 @@ def _validate(current: Settings) -> None:
     if current.metrics_flush_seconds <= 0:
         raise ConfigurationError("metrics_flush_seconds must be positive")
     _validate_commit_bytes(current.commit_bytes, current.chunk_bytes)
+    if -(-current.max_payload_bytes // current.chunk_bytes) > MAX_CHUNKS:
+        raise ConfigurationError(
+            f"max_payload_bytes / chunk_bytes must be at most {MAX_CHUNKS} chunks (a spilled "
+            f"task's record and chunks are deleted in one Datastore commit of at most 500 "
+            f"mutations): raise chunk_bytes to at least "
+            f"{-(-current.max_payload_bytes // MAX_CHUNKS):,} or lower max_payload_bytes"
+        )
 
 
 def _validate_commit_bytes(commit_bytes: Any, chunk_bytes: int) -> None:
