@@ -393,7 +393,7 @@ def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, datastore_c
         else None
     )
     # Not retried, and not called "unavailable": Datastore refused it.
-    with pytest.raises(gae_deferred.DatastoreRefusedError, match="refused.*datastore went away"):
+    with pytest.raises(gae_deferred.DatastoreRefusedError, match=r"refused.*datastore went away"):
         defer(collect, b"\3" * 12_000_000)
     datastore_commits.fail_when = None
     # The first commit's chunks and write marker were deleted again.

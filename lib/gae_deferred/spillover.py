@@ -34,7 +34,7 @@ from google.cloud import ndb
 
 from . import _facets, _ndb_rpc, envelope
 from ._config import CHUNK_MUTATION_OVERHEAD, settings
-from ._model import MAX_INDEXED_CHARS, DeferredModel
+from ._model import MAX_INDEXED_CHARS, DeferredModel, is_key_name
 from .errors import (
     EnqueueOutcomeUnknown,
     PayloadTooLargeError,
@@ -132,8 +132,8 @@ def parse_ref(header: dict[str, Any]) -> tuple[str, int]:
     payload_id = ref.get("id") if isinstance(ref, dict) else None
     chunks = ref.get("chunks") if isinstance(ref, dict) else None
     if (
-        not isinstance(payload_id, str)
-        or not 0 < len(payload_id) <= MAX_INDEXED_CHARS
+        not is_key_name(payload_id)
+        or len(payload_id) > MAX_INDEXED_CHARS
         or isinstance(chunks, bool)
         or not isinstance(chunks, int)
         or not 0 < chunks <= _max_chunks()
