@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import hypothesis
 import pytest
 import webapp2
 import webtest
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
+from hypothesis import strategies as st
 
 import gae_deferred
 from gae_deferred import (
@@ -372,3 +374,94 @@ def test_payload_chunks_are_capped_so_their_delete_is_one_commit():
         gae_deferred.configure(chunk_bytes=60_000)
     gae_deferred.configure(chunk_bytes=68_479)
     gae_deferred.configure(chunk_bytes=10_000, max_payload_bytes=4_900_000)
+
+
+# --- how commits are planned ----------------------------------------------------------------------
+
+
+def _plan(
+    sizes: list[int], *, records: bool, chunk_bytes: int, commit_bytes: int, header_chars: int
+) -> list:
+    """``spillover._commits`` of payloads of ``sizes`` bytes (records with an args preview of
+    ``header_chars``), as (kind, payload id, op) per mutation per commit, and each commit's
+    request size."""
+    gae_deferred.configure(chunk_bytes=chunk_bytes, commit_bytes=commit_bytes)
+    payloads = [
+        spillover.build_record(
+            f"p{number}",
+            bytes(size),
+            {"function": "f", "raw_bytes": size, "args": "a" * header_chars},
+            queue="default",
+            task_name=f"t{number}",
+            eta=spillover.now(),
+            task={"url": "/u"},
+        )
+        for number, size in enumerate(sizes)
+    ]
+    head = len(_ndb_rpc.request_head(ndb.get_context().client))
+    plan = []
+    for batch in spillover._commits(payloads, records=records):
+        mutations = []
+        for mutation in batch:
+            key = mutation.key
+            payload = key.parent().id() if key.parent() else key.id()
+            mutations.append((key.kind(), payload, "delete" if mutation.delete else "upsert"))
+        plan.append((mutations, head + sum(mutation.size for mutation in batch)))
+    return plan
+
+
+# Planning writes nothing: the stub only lends its client (project) and context to every input.
+@hypothesis.settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+@hypothesis.given(
+    # Each payload: whole chunks and a few bytes more or less, so that chunks and records
+    # land right at the edges of commits.
+    shapes=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(-4_000, 4_000)), min_size=1, max_size=6
+    ),
+    chunk_bytes=st.sampled_from([68_479, 100_000, 250_000]),
+    commit_bytes=st.sampled_from([None, 0, 90_000, 400_000]),
+    records=st.booleans(),
+    header_chars=st.integers(0, 3_000),
+)
+def test_commits_stay_within_commit_bytes_and_write_each_record_last(
+    ndb_stub, shapes, chunk_bytes, commit_bytes, records, header_chars
+):
+    sizes = [max(1, whole * chunk_bytes + more) for whole, more in shapes]
+    # commit_bytes: the least allowed for the chunk size, or that plus some.
+    commit_bytes = chunk_bytes + 2048 + (commit_bytes or 0)
+    plan = _plan(
+        sizes,
+        records=records,
+        chunk_bytes=chunk_bytes,
+        commit_bytes=commit_bytes,
+        header_chars=header_chars,
+    )
+    assert all(size <= commit_bytes and len(m) <= 500 for m, size in plan)
+    for number in range(len(sizes)):
+        payload = f"p{number}"
+        commits = [index for index, (m, _) in enumerate(plan) if any(p == payload for _, p, _ in m)]
+        ops = [(kind, op) for m, _ in plan for kind, p, op in m if p == payload]
+        chunks = -(-sizes[number] // chunk_bytes)
+        assert ops.count(("_DeferredPayloadChunk", "upsert")) == chunks
+        first = plan[commits[0]][0]
+        marked = ("_DeferredPayloadWrite", payload, "upsert") in first
+        if not records:
+            # The record comes later, in the caller's transaction: always marked, at once.
+            assert marked and ops.count(("_DeferredPayloadWrite", "upsert")) == 1
+            assert ("_DeferredPayload", "upsert") not in ops
+            continue
+        last = plan[commits[-1]][0]
+        # The record in the last commit of its payload, after every chunk.
+        assert ("_DeferredPayload", payload, "upsert") in last
+        assert ops.index(("_DeferredPayload", "upsert")) > max(
+            index for index, op in enumerate(ops) if op[0] == "_DeferredPayloadChunk"
+        )
+        spans = len(commits) > 1
+        # A payload spanning commits is marked from its first commit to its record's.
+        assert marked is spans
+        assert (("_DeferredPayloadWrite", payload, "delete") in last) is spans
+        assert ops.count(("_DeferredPayloadWrite", "upsert")) == int(spans)
