@@ -465,3 +465,32 @@ def test_commits_stay_within_commit_bytes_and_write_each_record_last(
         assert marked is spans
         assert (("_DeferredPayloadWrite", payload, "delete") in last) is spans
         assert ops.count(("_DeferredPayloadWrite", "upsert")) == int(spans)
+
+
+def test_marker_left_by_a_committed_transaction_goes_and_its_chunks_stay(paused_on_emulator):
+    """The write markers of a transactional spill are deleted after its commit; if that fails,
+    the sweeper deletes the marker alone: the record the transaction wrote keeps its chunks."""
+    gae_deferred.configure(compression_level=0)
+    data = os.urandom(4 * MIB)
+
+    def refused(*args, **kwargs):
+        raise api_exceptions.ServiceUnavailable("datastore went away")
+
+    @ndb.transactional()
+    def place():
+        RpcOrder(id="o3", total=1).put()
+        return defer(collect, data, _transactional=True)
+
+    with pytest.MonkeyPatch.context() as patch:
+        # The deletes after the commit fail (chunks are written by commit_mutations).
+        patch.setattr(_ndb_rpc, "commit", refused)
+        result = place()
+    (marker,) = spillover.DeferredPayloadWrite.query().fetch()
+    assert marker.key.id() == result.payload_id
+    later = spillover.now() + spillover.WRITE_GRACE + datetime.timedelta(minutes=1)
+    assert spillover.purge_unfinished(later, 10) == 1
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
+    assert spillover.get(result.payload_id) is not None
+    (task,) = paused_on_emulator()
+    assert run_queued(task) == 200
+    assert [(data,)] == RESULTS
