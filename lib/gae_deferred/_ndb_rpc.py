@@ -7,11 +7,13 @@ several times the chunk's size. gae_deferred's own kinds are written here instea
 Commit built directly and sent to whatever ndb client is configured (Datastore, the emulator,
 or a test's in-memory stub), retried as ndb retries. On a gRPC client the request is sent as
 bytes joined once from its parts, a chunk's bytes straight from their view, over the client's
-own channel: no protobuf copy of a payload is held while it is sent::
+own channel: no protobuf copy of a payload is held while it is sent. Transient errors are
+retried on ndb's schedule; a request refused for its size or content is not (``is_transient``)::
 
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
     commit(upserts=[Blob(key, Chunk, "data", view)])      # a chunk straight from a view
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
+    commit_mutations([upsert(chunk), delete(key)])        # sized first: Mutation.size
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
     lookup([record_key, *chunk_keys])                     # raw Entity pbs (or None), in order
     enter_context(context) ... exit_context()             # Context.use(), cheaper per task

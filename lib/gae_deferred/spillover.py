@@ -293,7 +293,7 @@ def write_in_transaction(payloads: Payloads) -> None:
     began may abort). Chunks of a transaction that never commits are deleted by the sweeper."""
     limit = settings().commit_bytes
     chunk_bytes = sum(record.stored_bytes or 0 for record, _ in payloads)
-    overhead = sum(len(chunks) for _, chunks in payloads) * _CHUNK_OVERHEAD
+    overhead = sum(len(chunks) for _, chunks in payloads) * CHUNK_MUTATION_OVERHEAD
     records = [_ndb_rpc.upsert(record).size for record, _ in payloads]
     if chunk_bytes + overhead + sum(records) <= limit:
         _ndb_rpc.join_transaction(
@@ -314,10 +314,6 @@ def _forget_markers(markers: list[ndb.Key]) -> None:
         _ndb_rpc.commit(deletes=markers)
     except Exception:
         logger.exception("could not delete %d write marker(s); the sweeper will", len(markers))
-
-
-#: What a chunk's upsert adds to its bytes (key and framing), at most.
-_CHUNK_OVERHEAD = CHUNK_MUTATION_OVERHEAD
 
 
 def _writable(
