@@ -23,7 +23,7 @@ import grpc
 from google.cloud.datastore_v1 import types
 from google.protobuf import timestamp_pb2
 
-from . import _index_rules, _query
+from . import _index_rules, _limits, _query
 from ._errors import RpcError, invalid
 from ._index import path_sort_key
 from ._proto import pb
@@ -373,6 +373,8 @@ class DatastoreService:
         results = []
         # Whether each key exists after the mutations planned so far in this commit.
         exists_after: dict[bytes, bool] = {}
+        transactional = req.mode == types.CommitRequest.Mode.TRANSACTIONAL
+        seen: set[bytes] = set()
         for mutation in req.mutations:
             operation = mutation.WhichOneof("operation")
             if operation is None:
@@ -380,6 +382,7 @@ class DatastoreService:
             result = types.MutationResult.pb()()
             if operation == "delete":
                 key = self._key(mutation.delete, req.project_id, req.database_id, False)
+                _limits.check_written_key(key)
                 entity = None
             else:
                 entity = _EntityPb()
@@ -390,10 +393,17 @@ class DatastoreService:
                     key.path[-1].id = self.state.allocate_ids(1, persist=False)[0]
                     result.key.CopyFrom(key)
                 entity.key.CopyFrom(key)
+                _limits.check_written_entity(entity, sizes=self.enforce_limits)
                 if self.enforce_limits:
                     check_entity(types.Entity.wrap(entity))
 
             kb = key_bytes(key)
+            if not transactional and kb in seen:
+                raise invalid(
+                    "A non-transactional commit may not contain multiple mutations affecting "
+                    f"the same entity: {describe_key(key)}"
+                )
+            seen.add(kb)
             existing = self.state.get(key)
             exists = exists_after.get(kb, existing is not None)
             if operation == "insert" and exists:
@@ -450,6 +460,7 @@ class DatastoreService:
             req.project_id,
         ):
             raise invalid("partition_id.project_id does not match the request's project_id")
+        _limits.check_partition(namespace)
         return (req.project_id, req.database_id, namespace)
 
     @staticmethod
@@ -482,6 +493,7 @@ class DatastoreService:
                 raise invalid(f"key path element {position} has an empty name")
             if id_type is None and (position < len(key.path) - 1 or not allow_incomplete):
                 raise invalid(f"key path element {position} ({element.kind}) is incomplete")
+        _limits.check_key_shape(key)
         return key
 
 

@@ -35,6 +35,11 @@ class DsEmuThing(ndb.Model):
     blob = ndb.BlobProperty()
 
 
+class DsEmuTwoBlobs(ndb.Model):
+    a = ndb.BlobProperty()
+    b = ndb.BlobProperty()
+
+
 def _client(emulator: DatastoreEmulator, monkeypatch: pytest.MonkeyPatch, **kwargs) -> ndb.Client:
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", emulator.address)
     return ndb.Client(project=PROJECT, credentials=AnonymousCredentials(), **kwargs)
@@ -242,8 +247,10 @@ def test_invalid_index_yaml_is_a_clear_error(tmp_path):
 
 def test_entity_over_one_mib_is_rejected(client):
     with client.context():
-        with pytest.raises(exceptions.InvalidArgument, match="byte limit"):
+        with pytest.raises(exceptions.InvalidArgument, match="longer than 1048487 bytes"):
             DsEmuThing(blob=b"x" * (1024 * 1024 + 10)).put()
+        with pytest.raises(exceptions.InvalidArgument, match="byte limit"):
+            DsEmuTwoBlobs(a=b"x" * 600_000, b=b"y" * 600_000).put()
         DsEmuThing(id="fits", blob=b"x" * 1_000_000).put()
         assert len(DsEmuThing.get_by_id("fits", use_cache=False).blob) == 1_000_000
 
