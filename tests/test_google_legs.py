@@ -67,3 +67,4 @@ def test_the_google_legs_leave_out_only_tests_of_datastore():
     restart = "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing"
     assert google_legs.left_out("firestore", restart, set())
     assert google_legs.left_out("datastore", restart, set()) is None
+    assert restart in google_legs.DATASTORE_PATHS

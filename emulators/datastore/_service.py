@@ -17,6 +17,7 @@ into a status code::
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import grpc
@@ -28,6 +29,7 @@ from ._errors import RpcError, invalid
 from ._index import path_sort_key
 from ._proto import pb
 from ._store import (
+    LOCK_TIMEOUT_SECONDS,
     EntityStore,
     Partition,
     StoredEntity,
@@ -36,6 +38,7 @@ from ._store import (
     describe_key,
     key_bytes,
 )
+from ._store import NON_TRANSACTIONAL_LOCK_WAIT_SECONDS as NON_TRANSACTIONAL_LOCK_WAIT
 from ._stub_adapter import StubQueryEngine, check_entity, check_lookup_keys
 
 #: The real service refuses a Commit request larger than this.
@@ -341,7 +344,7 @@ class DatastoreService:
         transaction = self._transaction(req.transaction) if selector == "transaction" else None
 
         try:
-            writes, results = self._plan_mutations(req)
+            writes, results = self._wait_for_locks(req, transaction)
             if transaction is not None:
                 if transaction.read_only and writes:
                     raise invalid("a read-only transaction cannot write")
@@ -366,6 +369,23 @@ class DatastoreService:
                 result.version = version
             response.mutation_results.append(result)
         return response
+
+    def _wait_for_locks(self, req, transaction: Transaction | None) -> tuple[list[Write], list]:
+        """The planned writes, once no other transaction holds a lock they need (pessimistic
+        mode); planned again after each wait, since the state may have changed meanwhile."""
+        wait = LOCK_TIMEOUT_SECONDS if transaction is not None else NON_TRANSACTIONAL_LOCK_WAIT
+        deadline = time.monotonic() + wait
+        while True:
+            writes, results = self._plan_mutations(req)
+            locked = self.state.lock_holders(transaction, writes)
+            if not locked:
+                return writes, results
+            if not self.state.wait_for_release(deadline):
+                raise RpcError(
+                    grpc.StatusCode.ABORTED,
+                    "Transaction lock timeout. Other transactions hold locks on: "
+                    + ", ".join(locked[:10]),
+                )
 
     def _plan_mutations(self, req) -> tuple[list[Write], list]:
         """Validate the mutations against the current state; return the writes to apply."""

@@ -26,7 +26,7 @@ E2E_DIR = pathlib.Path(__file__).resolve().parent
 MIB = 1024 * 1024
 
 
-class Thing(ndb.Model):
+class DevGoogleThing(ndb.Model):
     n = ndb.IntegerProperty()
 
 
@@ -191,7 +191,7 @@ def test_legacy_emulator_keeps_data_across_runs(
     try:
         _point_at(running, pointed)
         with ndb.Client(project=os.environ["GOOGLE_CLOUD_PROJECT"]).context():
-            Thing(id="kept", n=5).put()
+            DevGoogleThing(id="kept", n=5).put()
     finally:
         assert running.stop() == 0
     assert _java_serving(port) == []
@@ -199,6 +199,6 @@ def test_legacy_emulator_keeps_data_across_runs(
     try:
         _point_at(again, pointed)
         with ndb.Client(project=os.environ["GOOGLE_CLOUD_PROJECT"]).context():
-            assert Thing.get_by_id("kept").n == 5
+            assert DevGoogleThing.get_by_id("kept").n == 5
     finally:
         assert again.stop() == 0

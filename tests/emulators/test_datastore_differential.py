@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -232,3 +234,81 @@ def test_nan_orders_after_every_other_double(both):
         answers = {name: raw.names(query) for name, raw in both.items()}
         assert answers["ours"] == answers["google"], (what, answers)
     assert answers["google"] == ["nan"]
+
+
+# -- transactions --------------------------------------------------------------------------
+
+
+def _n(raw: Raw, name: str = "t") -> int:
+    [found] = raw.lookup(raw.key("T", name)).found
+    return found.entity.properties["n"].integer_value
+
+
+def _set(raw: Raw, n: int, transaction: bytes = b"", name: str = "t") -> None:
+    raw.put(raw.key("T", name), transaction=transaction, n=types.Value(integer_value=n))
+
+
+def test_blind_writes_of_two_transactions_both_commit(both):
+    """Neither transaction read the entity: no lock is taken before the commit, so both commit
+    and the last one wins."""
+    for name, raw in both.items():
+        _set(raw, 0)
+        first, second = raw.begin(), raw.begin()
+        assert outcome(lambda raw=raw, first=first: _set(raw, 1, first)) == "OK", name
+        assert outcome(lambda raw=raw, second=second: _set(raw, 2, second)) == "OK", name
+        assert _n(raw) == 2, name
+
+
+def test_a_write_waits_for_the_transaction_that_read_the_entity(both):
+    """Pessimistic concurrency (Firestore in Datastore mode's default): a non-transactional
+    write to an entity an open transaction has read waits until that transaction commits,
+    and the transaction commits."""
+    for name, raw in both.items():
+        _set(raw, 0)
+        transaction = raw.begin()
+        raw.lookup(raw.key("T", "t"), transaction=transaction)
+        done: dict[str, object] = {}
+
+        def write(raw=raw, done=done):
+            done["answer"] = outcome(lambda: _set(raw, 2))
+            done["at"] = time.monotonic()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive(), f"{name}: the write did not wait for the transaction"
+        committed_at = time.monotonic()
+        assert outcome(lambda raw=raw, t=transaction: _set(raw, 1, t)) == "OK", name
+        writer.join(10)
+        assert done["answer"] == "OK" and done["at"] >= committed_at, (name, done)
+        assert _n(raw) == 2, name
+
+
+def test_two_transactions_that_read_then_write_one_entity_one_aborts(both):
+    """Both hold a read lock the other's commit waits for: after the lock timeout one commit
+    is ABORTED, which releases its lock, and the other commits."""
+    for name, raw in both.items():
+        _set(raw, 0)
+        first, second = raw.begin(), raw.begin()
+        for transaction in (first, second):
+            raw.lookup(raw.key("T", "t"), transaction=transaction)
+        answers: dict[str, str] = {}
+
+        def commit(label, transaction, n, raw=raw, answers=answers):
+            answers[label] = outcome(lambda: _set(raw, n, transaction))
+
+        threads = [
+            threading.Thread(target=commit, args=("first", first, 1)),
+            threading.Thread(target=commit, args=("second", second, 2)),
+        ]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)
+        for thread in threads:
+            thread.join(30)
+        took = time.monotonic() - started
+        assert sorted(answers.values()) == ["ABORTED", "OK"], (name, answers)
+        winner = 1 if answers["first"] == "OK" else 2
+        assert _n(raw) == winner, name
+        assert 1.0 < took < 10, (name, took)

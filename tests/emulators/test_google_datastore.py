@@ -14,7 +14,7 @@ from gae_deferred.local.google_datastore import GoogleDatastoreEmulator, GoogleE
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class Thing(ndb.Model):
+class GoogleEmuThing(ndb.Model):
     n = ndb.IntegerProperty()
 
 
@@ -30,8 +30,8 @@ def _group_members(pgid: int) -> str:
 def test_firestore_fixture_serves_ndb(firestore_emulator, monkeypatch):
     client = _client(firestore_emulator.address, monkeypatch)
     with client.context():
-        Thing(id="launcher", n=7, namespace="launcher").put()
-        assert Thing.get_by_id("launcher", namespace="launcher").n == 7
+        GoogleEmuThing(id="launcher", n=7, namespace="launcher").put()
+        assert GoogleEmuThing.get_by_id("launcher", namespace="launcher").n == 7
     assert google_datastore.answers(firestore_emulator.host, firestore_emulator.port)
 
 
@@ -39,10 +39,10 @@ def test_firestore_reset_forgets_entities(tmp_path, monkeypatch):
     with GoogleDatastoreEmulator("firestore", data_dir=tmp_path, project="test-project") as emu:
         client = _client(emu.address, monkeypatch)
         with client.context():
-            Thing(id="a", n=1).put()
+            GoogleEmuThing(id="a", n=1).put()
         emu.reset()
         with client.context():
-            assert Thing.get_by_id("a") is None
+            assert GoogleEmuThing.get_by_id("a") is None
 
 
 def test_stop_ends_the_script_and_its_java_child(tmp_path):
@@ -92,15 +92,15 @@ def test_legacy_emulator_keeps_data_across_a_graceful_stop(tmp_path, monkeypatch
     with GoogleDatastoreEmulator("datastore", **options) as emulator:
         client = _client(emulator.address, monkeypatch)
         with client.context():
-            Thing(id="kept", n=3).put()
+            GoogleEmuThing(id="kept", n=3).put()
     assert (tmp_path / "data" / "WEB-INF" / "appengine-generated" / "local_db.bin").is_file()
     with GoogleDatastoreEmulator("datastore", **options) as emulator:
         client = _client(emulator.address, monkeypatch)
         with client.context():
-            assert Thing.get_by_id("kept").n == 3
+            assert GoogleEmuThing.get_by_id("kept").n == 3
             # --require_indexes with our index.yaml: a query it lacks fails as in production.
             with pytest.raises(Exception, match="index"):
-                Thing.query(Thing.n == 3).order(-Thing.key).fetch()
+                GoogleEmuThing.query(GoogleEmuThing.n == 3).order(-GoogleEmuThing.key).fetch()
 
 
 def test_missing_java_is_one_line(monkeypatch):
