@@ -1,9 +1,10 @@
 """Every Datastore RPC within 4 MiB, both ways, and Datastore errors that say what happened.
 
 Datastore, and Google's Firestore (Datastore mode) and legacy Datastore emulators, refuse any
-request over 4,194,304 bytes ("gRPC message exceeds maximum size"). Spills of 5, 9 and 20 MiB
-and transactional spills are stored and run here on Google's Firestore emulator and on ours,
-through a recording gRPC proxy that measures every request and response.
+request over 4,194,304 bytes ("gRPC message exceeds maximum size"; the legacy one resets the
+stream). Spills of 5, 9 and 20 MiB and transactional spills are stored and run here on
+Google's Firestore emulator, its legacy Datastore emulator and ours, through a recording gRPC
+proxy that measures every request and response.
 """
 
 from __future__ import annotations
@@ -122,10 +123,29 @@ class DatastoreProxy:
         self._channel.close()
 
 
-@pytest.fixture(params=["ours", "google-firestore"])
+@pytest.fixture(scope="module")
+def legacy_emulator(tmp_path_factory):
+    """Google's legacy Datastore emulator (``--require_indexes``, data in memory)."""
+    from gae_deferred.local import google_datastore
+
+    reason = google_datastore.unavailable_reason("datastore")
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+    with google_datastore.GoogleDatastoreEmulator(
+        "datastore",
+        data_dir=tmp_path_factory.mktemp("google-datastore"),
+        project="test-project",
+        index_yaml=ROOT_INDEX,
+        store_on_disk=False,
+    ) as emulator:
+        yield emulator
+
+
+@pytest.fixture(params=["ours", "google-firestore", "google-datastore"])
 def spill_datastore(request, monkeypatch, tasks_emulator) -> Iterator[DatastoreProxy]:
-    """Datastore on our emulator or Google's Firestore emulator (Datastore mode), behind a
-    DatastoreProxy; the queues paused and empty. Yields the proxy."""
+    """Datastore on our emulator, Google's Firestore emulator (Datastore mode) or Google's
+    legacy Datastore emulator, behind a DatastoreProxy; the queues paused and empty. Yields
+    the proxy."""
     with contextlib.ExitStack() as stack:
         if request.param == "ours":
             from gae_deferred.local.datastore import DatastoreEmulator
@@ -133,7 +153,8 @@ def spill_datastore(request, monkeypatch, tasks_emulator) -> Iterator[DatastoreP
             ours = stack.enter_context(DatastoreEmulator(port=0, index_yaml=ROOT_INDEX))
             target = f"127.0.0.1:{ours.port}"
         else:
-            google = request.getfixturevalue("firestore_emulator")
+            name = "firestore" if request.param == "google-firestore" else "legacy"
+            google = request.getfixturevalue(f"{name}_emulator")
             google.reset()
             target = google.address
         proxy = DatastoreProxy(target)
