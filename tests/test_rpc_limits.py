@@ -515,3 +515,68 @@ def test_marker_left_by_a_committed_transaction_goes_and_its_chunks_stay(paused_
     (task,) = paused_on_emulator()
     assert run_queued(task) == 200
     assert [(data,)] == RESULTS
+
+
+def _busy_series(name: str, now: float, rnd) -> ndb.Model:
+    """A stored function series with a full hour of minutes and 7 days of hours of big,
+    varied counts: the largest a series gets (about 39 KB)."""
+    from gae_deferred import metrics
+
+    def slot() -> list:
+        buckets = [rnd.randint(0, 10**5) for _ in range(len(metrics.BUCKETS_MS) + 1)]
+        runs, ok = rnd.randint(10**5, 10**6), rnd.randint(10**5, 10**6)
+        return [runs, ok, rnd.randint(0, 10**5), rnd.randint(0, 10**5), rnd.random() * 6e5, buckets]
+
+    minute = int(now // 60)
+    series = metrics.Series(
+        "function",
+        name,
+        ["default"],
+        None,
+        None,
+        {m: slot() for m in range(minute - 59, minute)},
+        {h: slot() for h in range(minute // 60 - 167, minute // 60)},
+    )
+    record = metrics.DeferredMetricSeries(key=metrics.series_key("function", name))
+    series.to_record(record, now)
+    return record
+
+
+def test_metrics_flush_of_many_busy_series_stays_within_4_mib(datastore_commits):
+    """A flush reads and writes its series in transactions of at most 64: each Lookup and
+    Commit under 4 MiB even when every series is as big as they get."""
+    import random
+    import time
+
+    from gae_deferred import metrics
+
+    rnd = random.Random(23)
+    now = time.time()
+    names = [f"busy.fn{number}" for number in range(110)]
+    stored = [_busy_series(name, now, rnd) for name in names]
+    for start in range(0, len(stored), 25):
+        ndb.put_multi(stored[start : start + 25])
+    responses: list[int] = []
+    # The stub's Lookup, measured as datastore_commits measures its Commit.
+    lookup = ndb.get_context().client.stub.lookup
+    original = lookup.func
+
+    def measured(request, *args, **kwargs):
+        response = original(request, *args, **kwargs)
+        responses.append(type(response).pb(response).ByteSize())
+        return response
+
+    lookup.func = measured
+    datastore_commits.requests.clear()
+    metrics.discard_pending()
+    try:
+        for name in names:
+            metrics.observe(name, "default", 0.01, ok=True, retried=False)
+        assert metrics.flush() == len(names) + 2
+    finally:
+        lookup.func = original
+    assert len(datastore_commits.requests) == 2  # 112 series, 64 a transaction
+    assert max(datastore_commits.request_bytes()) <= DATASTORE_REQUEST_LIMIT
+    assert max(responses) <= DATASTORE_REQUEST_LIMIT
+    assert sum(datastore_commits.request_bytes()) > DATASTORE_REQUEST_LIMIT
+    assert metrics.get_series("function", "busy.fn7").window("1h").runs > 10**5
