@@ -474,8 +474,8 @@ def maintain(now: datetime.datetime | None = None, batch: int = 200) -> tuple[in
         if doomed:
             ndb.delete_multi(doomed)
         stale = model.query(model.next_change <= moment).fetch(batch, keys_only=True)
-        for start in range(0, len(stale), 100):
-            keys = stale[start : start + 100]
+        for start in range(0, len(stale), _BATCH):
+            keys = stale[start : start + _BATCH]
             ndb.transaction(lambda keys=keys: _refresh(keys, moment.timestamp()), retries=3)
     return len(stale), len(doomed)
 
