@@ -120,8 +120,8 @@ class DeferredJob(DeferredModel):
 
     name = ndb.StringProperty()
     function = ndb.StringProperty()
-    kind = ndb.StringProperty()
-    query = ndb.TextProperty()
+    entity_kind = ndb.StringProperty()
+    query_text = ndb.TextProperty()
     queue = ndb.StringProperty()
     state = ndb.StringProperty(choices=list(JobState.ALL))
     batched = ndb.BooleanProperty(indexed=False, default=False)
@@ -162,6 +162,10 @@ class DeferredJobShard(DeferredModel):
     end = ndb.KeyProperty(indexed=False)
     #: The last key whose entity is done (processed or skipped): the next batch starts after it.
     last = ndb.KeyProperty(indexed=False)
+    #: Where the next batch starts: the query cursor after ``last`` (None after a batch that
+    #: stopped mid-way), and the key bound of the query that cursor belongs to.
+    cursor = ndb.BlobProperty()
+    cursor_after = ndb.KeyProperty(indexed=False)
     #: The chain number: a task carries the number it was deferred with and stops on another.
     chain = ndb.IntegerProperty(indexed=False, default=1)
     done = ndb.BooleanProperty(indexed=False, default=False)
@@ -286,8 +290,8 @@ def iterate(
         id=job_id,
         name=(name or function)[:MAX_INDEXED_CHARS],
         function=function[:MAX_INDEXED_CHARS],
-        kind=kind,
-        query=repr(query)[:2000],
+        entity_kind=kind,
+        query_text=repr(query)[:2000],
         queue=job_queue,
         state=JobState.PLANNING,
         batched=batched,
@@ -485,6 +489,9 @@ class _Progress:
     """What one task did since its last commit."""
 
     last: ndb.Key | None = None
+    #: The cursor after ``last`` when the whole batch is done, and its query's key bound.
+    cursor: bytes | None = None
+    cursor_after: ndb.Key | None = None
     processed: int = 0
     failures: list[DeferredJobFailure] = dataclasses.field(default_factory=list)
 
@@ -533,13 +540,17 @@ def _shard_loop(
     deadline: float,
     last_attempt: bool,
 ) -> None:
-    after = shard.last
+    # A cursor continues its query where it stopped (an index seek); a key bound alone makes
+    # Datastore skip to the key first.
+    after, cursor = (shard.cursor_after, shard.cursor) if shard.cursor else (shard.last, None)
     while True:
-        batch = _keyed(spec.query, after=after, start=shard.start, end=shard.end).fetch(
-            job.batch_size
-        )
+        query = _keyed(spec.query, after=after, start=shard.start, end=shard.end)
+        start_cursor = ndb.Cursor(urlsafe=cursor) if cursor else None
+        batch, next_cursor, _ = query.fetch_page(job.batch_size, start_cursor=start_cursor)
         progress = _Progress()
         error, whole = _process(job, spec, shard, batch, progress, last_attempt)
+        if whole and next_cursor is not None:
+            progress.cursor, progress.cursor_after = next_cursor.urlsafe(), after
         if error is not None:
             # The entities before the failing one stay done; Cloud Tasks retries the rest.
             if progress:
@@ -552,7 +563,10 @@ def _shard_loop(
         _commit(job, shard, queue, progress, finished=done, hand_over=hand_over)
         if done or hand_over:
             return
-        after = progress.last
+        if progress.cursor is not None:
+            cursor = progress.cursor
+        else:
+            after, cursor = progress.last, None
 
 
 def _process(
@@ -578,9 +592,14 @@ def _process(
         except Exception as exc:
             if not (last_attempt or isinstance(exc, PermanentTaskFailure)):
                 return exc, False
-            for entity in batch:
+            # Fresh copies: the failed call may have changed the entities it was given.
+            fresh = ndb.get_multi([_key_of(entity) for entity in batch], use_cache=False)
+            for entity, copy in zip(batch, fresh, strict=True):
+                if copy is None:
+                    progress.last = _key_of(entity)
+                    continue
                 try:
-                    spec.fn([entity])
+                    spec.fn([copy])
                     progress.processed += 1
                 except Exception as single:
                     progress.failures.append(_failure(job, shard, entity, single))
@@ -648,6 +667,8 @@ def _commit(
             return False
         if progress:
             current.last = progress.last
+            current.cursor = progress.cursor
+            current.cursor_after = progress.cursor_after
             current.processed += progress.processed
             current.failed += len(progress.failures)
             current.batches += 1
@@ -658,7 +679,7 @@ def _commit(
             current.done = True
             current_job.shards_done += 1
             if current_job.shards_done >= current_job.shards:
-                _end_of_shards(current_job, queue)
+                _end_of_shards(current_job, queue, current)
             writes.append(current_job)
         elif hand_over and going_on:
             current.chain += 1
@@ -681,7 +702,7 @@ def _commit(
         raise _Stop
 
 
-def _end_of_shards(job: DeferredJob, queue: str) -> None:
+def _end_of_shards(job: DeferredJob, queue: str, last: DeferredJobShard) -> None:
     """Every shard is done (inside the commit of the last one): finalize, or the job is done."""
     if job.state == JobState.CANCELLED:
         return
@@ -691,7 +712,7 @@ def _end_of_shards(job: DeferredJob, queue: str) -> None:
         return
     job.state = JobState.DONE
     job.finished = _now()
-    _store_totals(job)
+    _store_totals(job, last)
 
 
 def _shards_of(job: DeferredJob) -> list[DeferredJobShard]:
@@ -705,8 +726,13 @@ def _shards_of(job: DeferredJob) -> list[DeferredJobShard]:
     ]
 
 
-def _store_totals(job: DeferredJob) -> None:
-    shards = _shards_of(job)
+def _store_totals(job: DeferredJob, updated: DeferredJobShard | None = None) -> None:
+    """The job's totals from its shards (``updated``: a shard written in this transaction,
+    which a read inside it would see as it was)."""
+    shards = [
+        updated if updated is not None and shard.key == updated.key else shard
+        for shard in _shards_of(job)
+    ]
     job.processed = sum(shard.processed for shard in shards)
     job.failed = sum(shard.failed for shard in shards)
 
@@ -867,7 +893,7 @@ def once_per_entity(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         markers = [ndb.Key(DeferredDone, f"{job_id}:{_marker_id(key)}") for key in keys]
 
         def apply() -> Any:
-            found = ndb.get_multi([*markers, *keys])
+            found = ndb.get_multi([*markers, *keys], use_cache=False)
             done, fresh = found[: len(keys)], found[len(keys) :]
             todo = [
                 (entity, marker)

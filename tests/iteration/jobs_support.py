@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+
 from google.cloud import ndb
 
 import gae_deferred
@@ -51,6 +54,52 @@ def bump_batch(items: list[Item]) -> None:
             raise ValueError(f"poisoned item {item.key.id()}")
         item.seen += 1
     ndb.put_multi(items)
+
+
+#: The keys visit_batch saw, and how often: the test resets it.
+VISITS: collections.Counter = collections.Counter()
+
+
+def visit_batch(items: list[Item]) -> None:
+    """fn(batch) that writes nothing: its effect (the set of keys seen) is idempotent, and it
+    counts each call per key, so a test sees any repeat."""
+    VISITS.update(item.key.id() for item in items)
+
+
+class Killed(BaseException):
+    """The instance dies: nothing after this runs, nothing is committed (not an Exception, so
+    the task handler does not record it either)."""
+
+
+#: Ids of the entities at which the next call of a *_or_die function dies (once each).
+DIE_AT: set[int] = set()
+
+
+def bump_or_die(item: Item) -> None:
+    """fn(entity) that dies at an entity of DIE_AT, once."""
+    if item.key.id() in DIE_AT:
+        DIE_AT.discard(item.key.id())
+        raise Killed
+    bump(item)
+
+
+def bump_batch_then_die(items: list[Item]) -> None:
+    """fn(batch) that writes, then dies if the batch holds an entity of DIE_AT, once."""
+    bump_batch(items)
+    for item in items:
+        if item.key.id() in DIE_AT:
+            DIE_AT.discard(item.key.id())
+            raise Killed
+
+
+#: The shards of the concurrency test meet here before their last commit.
+BARRIER = threading.Barrier(8, timeout=60)
+
+
+def meet_then_bump(items: list[Item]) -> None:
+    """fn(batch) that waits for the other shards' tasks first."""
+    BARRIER.wait()
+    bump_batch(items)
 
 
 bump_once = gae_deferred.once_per_entity(bump_batch)
