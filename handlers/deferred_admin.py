@@ -629,6 +629,54 @@ class MetricsPage(_Base):
         )
 
 
+# -- iterate() jobs -------------------------------------------------------------------
+
+
+class JobList(_Base):
+    def get(self) -> None:
+        page = admin.list_jobs(cursor=self.arg("cursor") or None, limit=self.limit())
+        shards = admin.shards_of([job for job in page.items if job.state != "done"])
+        data = {
+            "items": [admin.job_json(job, shards.get(job.id)) for job in page.items],
+            "next_cursor": page.next_cursor,
+        }
+        self.respond("jobs.html", data, title="Jobs", duration=admin.format_duration)
+
+
+class JobDetail(_Base):
+    def get(self, job_id: str) -> None:
+        data = admin.job_detail(admin.id_from_url(job_id))
+        self.respond(
+            "job_detail.html", data, title=f"Job {data['name']}", duration=admin.format_duration
+        )
+
+
+class _JobAction(_Base):
+    verb: ClassVar[str] = ""
+    question: ClassVar[str | None] = None
+
+    def post(self, job_id: str) -> None:
+        record_id = admin.id_from_url(job_id)
+        back = f"{PREFIX}/jobs/{job_id}"
+        if self.question and self.needs_confirmation(self.question.format(job=record_id), back):
+            return
+        job = getattr(admin, f"{self.verb}_job")(record_id, self.actor)
+        self.finish(f"Job {job.name}: {self.verb} done.", back, {"state": job.state})
+
+
+class JobPause(_JobAction):
+    verb = "pause"
+
+
+class JobResume(_JobAction):
+    verb = "resume"
+
+
+class JobCancel(_JobAction):
+    verb = "cancel"
+    question = "Cancel job {job}? Its shards stop after their current batch; finalize never runs."
+
+
 # -- audit, sweeper, csrf, static -----------------------------------------------------
 
 
@@ -758,6 +806,7 @@ def admin_routes() -> list[webapp2.BaseRoute]:
     """The dashboard as one route: HTML under /_ah/deferred-admin, JSON under .../api/."""
     payload, failure = _id("payload_id"), _id("failure_id")
     queue, task = _id("queue"), _id("task")
+    job = _id("job_id")
     pages: list[tuple[str, type[_Base]]] = [
         ("", OverviewPage),
         ("/spillover", SpilloverList),
@@ -786,6 +835,11 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         (f"/queues/{queue}/tasks/{task}/run", TaskRun),
         (f"/queues/{queue}/tasks/{task}/delete", TaskDelete),
         ("/metrics", MetricsPage),
+        ("/jobs", JobList),
+        (f"/jobs/{job}", JobDetail),
+        (f"/jobs/{job}/pause", JobPause),
+        (f"/jobs/{job}/resume", JobResume),
+        (f"/jobs/{job}/cancel", JobCancel),
         ("/audit", AuditPage),
         ("/sweep", SweepNow),
     ]

@@ -2,8 +2,8 @@
 
 The webapp2 handlers in ``handlers/deferred_admin.py`` only parse requests and render; every
 query, action and JSON shape lives in this package (``spilled``, ``failed``, ``queued``,
-``overview``, ``filters``, and what they share in ``_common``) so it can be tested and scripted
-directly (inside an ndb context)::
+``overview``, ``filters``, ``jobs``, and what they share in ``_common``) so it can be tested
+and scripted directly (inside an ndb context)::
 
     from gae_deferred import admin
 
@@ -76,6 +76,17 @@ from .filters import (
     count_matching,
     parse_time,
 )
+from .jobs import (
+    FAILURES_SHOWN,
+    cancel_job,
+    format_duration,
+    job_detail,
+    job_json,
+    list_jobs,
+    pause_job,
+    resume_job,
+    shards_of,
+)
 from .overview import (
     Overview,
     audit_json,
@@ -113,6 +124,7 @@ from .spilled import (
 
 __all__ = [
     "COUNT_CAP",
+    "FAILURES_SHOWN",
     "FAILURE_SORTS",
     "FAILURE_VIEWS",
     "GROUP_COUNT_CAP",
@@ -143,6 +155,7 @@ __all__ = [
     "bulk_failures_matching",
     "bulk_spillover",
     "bulk_spillover_matching",
+    "cancel_job",
     "check_queue_name",
     "count_matching",
     "csrf_token",
@@ -157,14 +170,18 @@ __all__ = [
     "failure_groups",
     "failure_json",
     "format_bytes",
+    "format_duration",
     "function_metrics",
     "get_failure",
     "get_queue",
     "get_spillover",
     "group_json",
     "id_from_url",
+    "job_detail",
+    "job_json",
     "list_audit",
     "list_failures",
+    "list_jobs",
     "list_metrics",
     "list_spillover",
     "list_tasks",
@@ -173,10 +190,12 @@ __all__ = [
     "overview_json",
     "page_size",
     "parse_time",
+    "pause_job",
     "pause_queue",
     "purge_queue",
     "queue_json",
     "queue_overview",
+    "resume_job",
     "resume_queue",
     "retrigger_failure",
     "retrigger_spillover",
@@ -185,6 +204,7 @@ __all__ = [
     "run_task",
     "seal_message",
     "series_json",
+    "shards_of",
     "spillover_json",
     "task_detail",
     "task_json",
