@@ -635,7 +635,8 @@ class MetricsPage(_Base):
 class JobList(_Base):
     def get(self) -> None:
         page = admin.list_jobs(cursor=self.arg("cursor") or None, limit=self.limit())
-        shards = admin.shards_of([job for job in page.items if job.state != "done"])
+        live = [job for job in page.items if job.state not in ("done", "cancelled")]
+        shards = admin.shards_of(live)
         data = {
             "items": [admin.job_json(job, shards.get(job.id)) for job in page.items],
             "next_cursor": page.next_cursor,

@@ -8,7 +8,7 @@ and cancel (each audited).
     admin.pause_job(job_id, actor="ops@example.com")
 
 A list page reads one page of ``_DeferredJob`` records (newest first: the built-in index on
-``created``) and the shard records of the jobs still running (by key, in one Lookup); a job's
+``created``) and the shard records of the jobs not finished (by key); a job's
 own page adds up to :data:`FAILURES_SHOWN` skipped entities (the ``job``/``at`` index).
 """
 
@@ -24,6 +24,8 @@ from ._common import Page, _fetch_page, _iso, _key_name, _now, url_id
 
 #: Skipped entities a job's page lists (the newest).
 FAILURES_SHOWN = 100
+#: Datastore's limit of keys per Lookup.
+LOOKUP_KEYS = 1000
 
 
 def list_jobs(cursor: str | None = None, limit: int = 50) -> Page:
@@ -40,12 +42,13 @@ def get_job(job_id: str) -> iteration.DeferredJob:
 
 
 def shards_of(jobs: list[iteration.DeferredJob]) -> dict[str, list[iteration.DeferredJobShard]]:
-    """The shards of every job listed, read by key in one Lookup."""
+    """The shards of every job listed, read by key (one Lookup per 1,000)."""
     keys = [iteration._shard_key(job.id, index) for job in jobs for index in range(job.shards or 0)]
     found: dict[str, list[iteration.DeferredJobShard]] = {job.id: [] for job in jobs}
-    for shard in ndb.get_multi(keys) if keys else []:
-        if shard is not None:
-            found[shard.job].append(shard)
+    for start in range(0, len(keys), LOOKUP_KEYS):
+        for shard in ndb.get_multi(keys[start : start + LOOKUP_KEYS]):
+            if shard is not None:
+                found[shard.job].append(shard)
     return found
 
 
