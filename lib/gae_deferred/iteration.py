@@ -78,7 +78,7 @@ from . import envelope
 from ._datastore import ndb_context
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .context import current_task
-from .errors import DeferError, PermanentTaskFailure
+from .errors import DeferError, PermanentTaskFailure, QueueNotFoundError
 from .idempotency import DeferredDone
 
 logger = logging.getLogger("gae_deferred")
@@ -283,7 +283,15 @@ def iterate(
         )
     from ._config import settings
 
-    job_queue = queue or settings().default_queue
+    current = settings()
+    job_queue = queue or current.default_queue
+    if current.queue_yaml:
+        from .execution import _queue_retry_limits
+
+        known = _queue_retry_limits(current.queue_yaml)
+        if known and job_queue not in known:
+            # Its tasks are created after a commit, where Cloud Tasks' refusal would be lost.
+            raise QueueNotFoundError(f"queue {job_queue!r} is not in {current.queue_yaml}")
     job_id = f"j{int(time.time()):x}{secrets.token_hex(6)}"
     function = envelope.function_name(fn)
     record = DeferredJob(
@@ -376,11 +384,15 @@ def _defer(func: Callable, *args: Any, name: str) -> None:
 
 def _load(job_id: str) -> tuple[DeferredJob | None, _Spec | None]:
     job = ndb.Key(DeferredJob, job_id).get()
+    return job, _spec(job)
+
+
+def _spec(job: DeferredJob | None) -> _Spec | None:
+    """The job's query, fn and finalize, once their envelope's signature verifies."""
     if job is None:
-        return None, None
-    env = envelope.open_envelope(job.spec)
-    _, args, _ = envelope.load_call(env)
-    return job, args[0]
+        return None
+    _, args, _ = envelope.load_call(envelope.open_envelope(job.spec))
+    return args[0]
 
 
 def _shard_key(job_id: str, index: int) -> ndb.Key:
@@ -505,12 +517,12 @@ class _Stop(Exception):
 
 def _run_shard(job_id: str, queue: str, index: int, chain: int) -> None:
     """One task of a shard's chain: batches until the time budget, then the next task."""
-    job, spec = _load(job_id)
-    shard = _shard_key(job_id, index).get()
+    job, shard = ndb.get_multi([ndb.Key(DeferredJob, job_id), _shard_key(job_id, index)])
     if job is None or shard is None or shard.done or shard.chain != chain:
         return
     if job.state != JobState.RUNNING:
         return
+    spec = _spec(job)
     task = current_task()
     deadline = time.monotonic() + job.time_budget
     last_attempt = _is_last_attempt(task)

@@ -419,6 +419,14 @@ def test_bad_options_are_refused(ndb_emulator, options, error):
         assert queue.tasks == []
 
 
+def test_a_queue_missing_from_queue_yaml_is_refused_before_anything_is_written(ndb_emulator):
+    with capture_tasks() as queue:
+        with pytest.raises(gae_deferred.QueueNotFoundError, match="'nightly' is not in"):
+            gae_deferred.iterate(Item.query(), jobs_support.bump, queue="nightly")
+        assert queue.tasks == []
+    assert iteration.DeferredJob.query().fetch() == []
+
+
 def test_once_per_entity_outside_a_job_is_an_error(ndb_emulator):
     [key] = make_items(1)
     with pytest.raises(gae_deferred.DeferError, match="inside an iterate"):
