@@ -54,6 +54,14 @@ def test_pause_resume_and_cancel_a_running_job_from_the_jobs_page(page, live):
     assert row.locator("td").nth(1).inner_text() == "running"
     assert "browser backfill" in row.inner_text()
     shoot(page, "jobs-running")
+    for width, height in ((1280, 800), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        for label in ("Pause", "Cancel"):
+            box = row.locator("button", has_text=label).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (
+                f"{label} is off screen at {width} px: {box}"
+            )
+    page.set_viewport_size({"width": 1280, "height": 800})
 
     row.locator("button", has_text="Pause").click()
     assert "pause done" in page.locator(".flash").inner_text()
