@@ -69,16 +69,19 @@ import logging
 import secrets
 import time
 import traceback as traceback_module
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.cloud import ndb
 
 from . import envelope
+from ._config import settings
 from ._datastore import ndb_context
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .context import current_task
+from .enqueue import QUEUE_NAME, defer
 from .errors import DeferError, PermanentTaskFailure, QueueNotFoundError
+from .execution import _queue_retry_limits, is_last_attempt
 from .idempotency import DeferredDone
 
 logger = logging.getLogger("gae_deferred")
@@ -271,8 +274,8 @@ def iterate(
         raise ValueError(f"time_budget must be in (0, 540] seconds, not {time_budget!r}")
     if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 200):
         raise ValueError("name must be a string of 1 to 200 characters")
-    from .enqueue import QUEUE_NAME
-
+    if not isinstance(batched, bool):
+        raise TypeError("batched must be True or False")
     if queue is not None and not QUEUE_NAME.match(queue):
         raise ValueError(f"invalid queue name {queue!r}")
     spec = envelope.serialize(_spec_of, _Spec(query, fn, finalize))
@@ -281,13 +284,9 @@ def iterate(
             f"the query, fn and finalize pickle to {len(spec):,} bytes; a job keeps at most "
             f"{MAX_SPEC_BYTES:,} (pass ids, not data, in closures)"
         )
-    from ._config import settings
-
     current = settings()
     job_queue = queue or current.default_queue
     if current.queue_yaml:
-        from .execution import _queue_retry_limits
-
         known = _queue_retry_limits(current.queue_yaml)
         if known and job_queue not in known:
             # Its tasks are created after a commit, where Cloud Tasks' refusal would be lost.
@@ -377,8 +376,6 @@ def _check_filters(node: Any) -> None:
 def _defer(func: Callable, *args: Any, name: str) -> None:
     """Defer one task of a job inside the current transaction (the sweeper re-creates it if
     the process dies between the commit and CreateTask). ``args[1]`` is the queue."""
-    from .enqueue import defer
-
     defer(func, *args, _queue=args[1], _name=name, _transactional=True)
 
 
@@ -538,8 +535,6 @@ def _run_shard(job_id: str, queue: str, index: int, chain: int) -> None:
 def _is_last_attempt(task: Any) -> bool:
     if task is None:
         return False
-    from .execution import is_last_attempt
-
     header = {"eta_ms": int(task.eta * 1000)} if task.eta is not None else {}
     return is_last_attempt(task, header)
 
@@ -932,8 +927,3 @@ def once_per_entity(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def _marker_id(key: ndb.Key) -> str:
     return hashlib.sha256(key.to_legacy_urlsafe(location_prefix="s~")).hexdigest()
-
-
-def keys_of(entities: Iterable[Any]) -> list[ndb.Key]:
-    """The keys of entities (or keys) handed to fn."""
-    return [_key_of(entity) for entity in entities]

@@ -164,12 +164,7 @@ def job_detail(job_id: str) -> dict[str, Any]:
     """A job with its shards and the entities it skipped (newest first)."""
     job = get_job(job_id)
     shards = shards_of([job])[job.id]
-    failures = (
-        iteration.DeferredJobFailure.query(iteration.DeferredJobFailure.job == job.id)
-        .order(-iteration.DeferredJobFailure.at)
-        .fetch(FAILURES_SHOWN)
-    )
-    return job_json(job, shards, failures)
+    return job_json(job, shards, iteration.job_failures(job.id, FAILURES_SHOWN))
 
 
 def _control(action: str, job_id: str, actor: str) -> iteration.DeferredJob:
