@@ -20,11 +20,11 @@ How it runs (docs/backfills.md says the same for users):
 
 - **Planning.** ``iterate()`` writes a ``_DeferredJob`` record and defers one planning task (or,
   with ``_transactional=True``, both join the caller's transaction). The planning task splits
-  the query's key range into ``shards`` ranges: from a sample ordered by Datastore's
-  ``__scatter__`` property when the Datastore keeps it (production does), else from the
-  query's keys read keys-only (exact quantiles, at most :data:`PLAN_SCAN_LIMIT` keys; past that
-  the last shard takes the rest). Neither emulator keeps ``__scatter__``;
-  ``benchmarks/iteration.py`` measures both ways.
+  the query's key range into ``shards`` ranges: from a sample of the kind ordered by
+  Datastore's ``__scatter__`` property when the Datastore keeps it (production does) and the
+  query has no ancestor, else from the query's keys read keys-only (exact quantiles, at most
+  :data:`PLAN_SCAN_LIMIT` keys; past that the last shard takes the rest). Neither emulator
+  keeps ``__scatter__``; ``benchmarks/iteration.py`` measures both ways.
 - **Shards.** Each shard is a chain of tasks. A task reads ``batch_size`` entities at a time
   (the query plus ``__key__`` bounds, in key order), calls ``fn``, and commits the shard's
   progress (the last key done, counts) in a transaction; after ``time_budget`` seconds it
@@ -442,17 +442,14 @@ def plan_splits(query: ndb.Query, shards: int) -> tuple[list[ndb.Key], str, int]
     were found ("scatter" or "keys"), and how many keys were looked at."""
     if shards <= 1:
         return [], "single", 0
-    base = ndb.Query(
-        kind=query.kind,
-        ancestor=query.ancestor,
-        namespace=query.namespace,
-        project=query.project,
-    )
-    sample = base.order(ndb.query.PropertyOrder("__scatter__")).fetch(
-        shards * SCATTER_OVERSAMPLE, keys_only=True
-    )
-    if len(sample) >= shards:
-        return _quantiles(sorted(sample), shards), "scatter", len(sample)
+    if query.ancestor is None:
+        # A kind-wide sample (an ancestor's would need a composite index on __scatter__).
+        base = ndb.Query(kind=query.kind, namespace=query.namespace, project=query.project)
+        sample = base.order(ndb.query.PropertyOrder("__scatter__")).fetch(
+            shards * SCATTER_OVERSAMPLE, keys_only=True
+        )
+        if len(sample) >= shards:
+            return _quantiles(sorted(sample), shards), "scatter", len(sample)
     keys = _keyed(query).fetch(PLAN_SCAN_LIMIT, keys_only=True)
     return _quantiles(keys, shards), "keys", len(keys)
 

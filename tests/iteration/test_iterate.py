@@ -89,6 +89,20 @@ def test_each_entity_once_per_entity_and_the_equality_filter_is_kept(ndb_emulato
     assert (record.state, record.processed, record.finalize_state) == ("done", 120, None)
 
 
+def test_the_querys_namespace_and_ancestor_are_kept(ndb_emulator):
+    elsewhere = ndb.put_multi([Item(namespace="tenant-b") for _ in range(30)])
+    parent = ndb.Key("Folder", "f1")
+    children = ndb.put_multi([Item(parent=parent) for _ in range(20)])
+    make_items(25)
+    with capture_tasks() as queue:
+        gae_deferred.iterate(Item.query(namespace="tenant-b"), jobs_support.bump, shards=3)
+        gae_deferred.iterate(Item.query(ancestor=parent), jobs_support.bump, shards=2)
+        queue.run_all()
+    assert {key.get().seen for key in elsewhere + children} == {1}
+    assert set(_seen().values()) == {0, 1}
+    assert sum(_seen().values()) == 20
+
+
 def test_a_task_past_its_time_budget_hands_over_to_the_next_with_the_cursor(ndb_emulator):
     make_items(200)
     with capture_tasks() as queue:
