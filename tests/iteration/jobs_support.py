@@ -6,6 +6,7 @@ import collections
 import threading
 
 from google.cloud import ndb
+from google.cloud.datastore_v1.types import datastore as datastore_pb2
 
 import gae_deferred
 
@@ -37,6 +38,26 @@ def make_items(count: int, *, group: str = "a", poison: frozenset[int] = frozens
             ]
         )
     return keys
+
+
+def seed_items(count: int) -> list[ndb.Key]:
+    """``count`` fresh Items with ids 1..count, written by raw Commits of 500 (no ndb model
+    conversion: ten times faster than put_multi for the 10,000-entity test)."""
+    client = ndb.get_context().client
+    for start in range(0, count, 500):
+        request = datastore_pb2.CommitRequest()._pb
+        request.project_id = client.project
+        request.mode = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
+        for number in range(start + 1, min(count, start + 500) + 1):
+            entity = request.mutations.add().upsert
+            entity.key.partition_id.project_id = client.project
+            element = entity.key.path.add()
+            element.kind, element.id = "Item", number
+            entity.properties["group"].string_value = "a"
+            entity.properties["seen"].integer_value = 0
+            entity.properties["poison"].boolean_value = False
+        client.stub.commit(datastore_pb2.CommitRequest.wrap(request))
+    return [ndb.Key(Item, number) for number in range(1, count + 1)]
 
 
 def bump(item: Item) -> None:

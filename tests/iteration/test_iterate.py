@@ -37,7 +37,8 @@ def _run_until_empty(queue, expected: type[BaseException]) -> int:
 
 
 def test_10000_entities_over_8_shards_each_processed_exactly_once(ndb_emulator_process):
-    keys = make_items(10_000)
+    keys = jobs_support.seed_items(10_000)
+    assert Item.get_by_id(10_000).group == "a"
     jobs_support.VISITS.clear()
     with capture_tasks() as queue:
         job = gae_deferred.iterate(
@@ -45,7 +46,7 @@ def test_10000_entities_over_8_shards_each_processed_exactly_once(ndb_emulator_p
             jobs_support.visit_batch,
             batched=True,
             shards=8,
-            batch_size=250,
+            batch_size=500,
             finalize=jobs_support.record_totals,
             name="ten thousand",
         )
