@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
 
 import pytest
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
 import gae_deferred
@@ -164,6 +166,32 @@ def test_once_per_entity_keeps_a_killed_batch_to_one_effect_per_entity(ndb_emula
         assert gae_deferred.execute_task(task.payload, info).status == 200
     assert set(_seen().values()) == {1}
     assert iteration.get_job(job.id).processed == 60
+
+
+def test_a_chain_link_lost_after_its_commit_is_created_by_the_sweeper(ndb_emulator, monkeypatch):
+    make_items(30)
+    with capture_tasks() as queue:
+        job = gae_deferred.iterate(
+            Item.query(), jobs_support.bump, shards=1, batch_size=10, time_budget=0.001
+        )
+        _run_some(queue, 1)
+        create_task = queue.create_task
+
+        def lose_the_second_link(parent, task):
+            if task.name.endswith("-c2"):
+                raise api_exceptions.ServiceUnavailable("the instance died after the commit")
+            return create_task(parent, task)
+
+        monkeypatch.setattr(queue, "create_task", lose_the_second_link)
+        _run_some(queue, 1)  # one batch, then the hand-over is committed but never created
+        assert queue.tasks == []
+        assert iteration.job_shards(job.id)[0].chain == 2
+        monkeypatch.setattr(queue, "create_task", create_task)
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=10)
+        assert gae_deferred.sweep(now=later).reenqueued == 1
+        queue.run_all()
+    assert set(_seen().values()) == {1}
+    assert iteration.get_job(job.id).state == "done"
 
 
 def test_finalize_runs_once_when_the_last_shards_commit_at_the_same_time(ndb_emulator):
