@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 import threading
 
 import pytest
@@ -459,6 +460,18 @@ def test_bad_options_are_refused(ndb_emulator, options, error):
     with capture_tasks() as queue:
         with pytest.raises(error):
             gae_deferred.iterate(Item.query(), jobs_support.bump, **options)
+        assert queue.tasks == []
+
+
+def test_a_fn_that_pickles_too_big_is_refused(ndb_emulator):
+    table = random.Random(1).randbytes(1_000_000)  # captured by the closure; incompressible
+
+    def look_up(item):
+        return table[item.key.id() % len(table)]
+
+    with capture_tasks() as queue:
+        with pytest.raises(gae_deferred.DeferError, match="a job keeps at most 900,000"):
+            gae_deferred.iterate(Item.query(), look_up)
         assert queue.tasks == []
 
 
