@@ -679,11 +679,18 @@ def _commit(
         current.updated = _now()
         writes: list[ndb.Model] = [current, *progress.failures]
         going_on = current_job.state == JobState.RUNNING
+        job_changed = finished
+        if current_job.state == JobState.CANCELLED and progress:
+            # The job's totals were taken when it was cancelled; this batch was under way.
+            current_job.processed += progress.processed
+            current_job.failed += len(progress.failures)
+            job_changed = True
         if finished:
             current.done = True
             current_job.shards_done += 1
             if current_job.shards_done >= current_job.shards:
                 _end_of_shards(current_job, queue, current)
+        if job_changed:
             writes.append(current_job)
         elif hand_over and going_on:
             current.chain += 1

@@ -113,6 +113,18 @@ def bump_batch_then_die(items: list[Item]) -> None:
             raise Killed
 
 
+#: Ids of the entities at which bump_then_cancel cancels the job it runs in.
+CANCEL_AT: set[int] = set()
+
+
+def bump_then_cancel(item: Item) -> None:
+    """fn(entity) that cancels its own job at an entity of CANCEL_AT: the rest of its batch
+    still runs (a cancel takes effect at the next batch boundary)."""
+    if item.key.id() in CANCEL_AT:
+        gae_deferred.cancel_job(gae_deferred.current_job())
+    bump(item)
+
+
 #: The shards of the concurrency test meet here before their last commit.
 BARRIER = threading.Barrier(8, timeout=60)
 

@@ -267,6 +267,21 @@ def test_cancel_stops_every_shard_and_finalize_never_runs(ndb_emulator):
         gae_deferred.cancel_job(job.id)
 
 
+def test_a_batch_under_way_when_the_job_is_cancelled_counts_in_its_totals(ndb_emulator):
+    keys = make_items(60)
+    jobs_support.CANCEL_AT.clear()
+    jobs_support.CANCEL_AT.add(keys[12].id())  # in the second batch of ten
+    with capture_tasks() as queue:
+        job = gae_deferred.iterate(
+            Item.query(), jobs_support.bump_then_cancel, shards=1, batch_size=10
+        )
+        queue.run_all()
+    assert sum(_seen().values()) == 20
+    record = iteration.get_job(job.id)
+    assert (record.state, record.processed) == ("cancelled", 20)
+    assert iteration.job_shards(job.id)[0].processed == 20
+
+
 def test_pause_stops_the_shards_and_resume_goes_on_from_their_last_key(ndb_emulator):
     make_items(300)
     with capture_tasks() as queue:
