@@ -830,11 +830,14 @@ def resume_job(job_id: str) -> DeferredJob:
 
 
 def cancel_job(job_id: str) -> DeferredJob:
-    """Stop every shard for good; finalize does not run."""
+    """Stop every shard for good; finalize does not run. A job that is finalizing (every shard
+    done) can no longer be cancelled."""
 
     def cancel(job: DeferredJob) -> None:
         if job.state in JobState.FINAL:
             raise DeferError(f"job {job_id} is already {job.state}")
+        if job.state == JobState.FINALIZING:
+            raise DeferError(f"job {job_id} is finalizing: every shard is done")
         job.state = JobState.CANCELLED
         job.finished = _now()
         if job.finalize_state == "pending":

@@ -230,6 +230,8 @@ def test_finalize_runs_once_when_the_last_shards_commit_at_the_same_time(ndb_emu
         finalizers = [task for task in queue.tasks if task.function.endswith("_run_finalize")]
         assert len(finalizers) == 1
         [finalizer] = finalizers
+        with pytest.raises(gae_deferred.DeferError, match="is finalizing"):
+            gae_deferred.cancel_job(job.id)
         queue.run_all()
         # A second delivery of the finalize task does nothing.
         info = TaskInfo(name=finalizer.name, queue=finalizer.queue, retry_count=1)

@@ -120,7 +120,7 @@ def _actions(state: str) -> list[str]:
         return ["pause", "cancel"]
     if state == iteration.JobState.PAUSED:
         return ["resume", "cancel"]
-    if state in (iteration.JobState.PLANNING, iteration.JobState.FINALIZING):
+    if state == iteration.JobState.PLANNING:
         return ["cancel"]
     return []
 
