@@ -61,6 +61,7 @@ Queries: a kind, with equality filters, an ancestor and a namespace; inequality 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import datetime
@@ -69,7 +70,7 @@ import logging
 import secrets
 import time
 import traceback as traceback_module
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from google.cloud import ndb
@@ -99,6 +100,9 @@ SCATTER_OVERSAMPLE = 32
 PLAN_SCAN_LIMIT = 100_000
 #: A job's pickled query and functions live in its record: an entity holds at most 1 MiB.
 MAX_SPEC_BYTES = 900_000
+#: Where a job's records (and once_per_entity's markers) are kept, whatever namespace the
+#: caller's context is in: the default namespace, with gae_deferred's other records.
+RECORDS_NAMESPACE = ""
 #: Transaction retries for the commits that shards make at once (the job's counter).
 _TRANSACTION_RETRIES = 10
 
@@ -262,6 +266,7 @@ def iterate(
     if the surrounding ndb transaction commits, as for defer().
     """
     kind = _check_query(query)
+    query = _in_callers_namespace(query)
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     if finalize is not None and not callable(finalize):
@@ -294,7 +299,7 @@ def iterate(
     job_id = f"j{int(time.time()):x}{secrets.token_hex(6)}"
     function = envelope.function_name(fn)
     record = DeferredJob(
-        id=job_id,
+        key=_job_key(job_id),
         name=(name or function)[:MAX_INDEXED_CHARS],
         function=function[:MAX_INDEXED_CHARS],
         entity_kind=kind,
@@ -315,7 +320,7 @@ def iterate(
         record.put()
         _defer(_plan_job, job_id, job_queue, name=f"{job_id}-plan")
 
-    with ndb_context():
+    with ndb_context(), _in_records_namespace():
         if _transactional:
             context = ndb.get_context()
             if not context.in_transaction():
@@ -329,6 +334,35 @@ def iterate(
 
 def _spec_of(spec: _Spec) -> _Spec:
     return spec
+
+
+@contextlib.contextmanager
+def _in_records_namespace() -> Iterator[None]:
+    """The current ndb context (its transaction too) with RECORDS_NAMESPACE as its namespace:
+    the job's records, and the payloads of the tasks it defers, are written there."""
+    context = ndb.get_context()
+    if (context.get_namespace() or "") == RECORDS_NAMESPACE:
+        yield
+        return
+    with context.new(namespace=RECORDS_NAMESPACE).use():
+        yield
+
+
+def _in_callers_namespace(query: ndb.Query) -> ndb.Query:
+    """``query`` with the namespace it would run in now: the job's tasks run it later, in
+    contexts of their own."""
+    if query.namespace is not None or query.ancestor is not None:
+        return query
+    context = ndb.get_context(raise_context_error=False)
+    namespace = context.get_namespace() if context is not None else None
+    if not namespace:
+        return query
+    return ndb.Query(
+        kind=query.kind,
+        filters=query.filters,
+        namespace=namespace,
+        project=query.project,
+    )
 
 
 def _check_int(label: str, value: Any, low: int, high: int) -> None:
@@ -380,7 +414,7 @@ def _defer(func: Callable, *args: Any, name: str) -> None:
 
 
 def _load(job_id: str) -> tuple[DeferredJob | None, _Spec | None]:
-    job = ndb.Key(DeferredJob, job_id).get()
+    job = _job_key(job_id).get()
     return job, _spec(job)
 
 
@@ -392,8 +426,12 @@ def _spec(job: DeferredJob | None) -> _Spec | None:
     return args[0]
 
 
+def _job_key(job_id: str) -> ndb.Key:
+    return ndb.Key(DeferredJob, job_id, namespace=RECORDS_NAMESPACE)
+
+
 def _shard_key(job_id: str, index: int) -> ndb.Key:
-    return ndb.Key(DeferredJobShard, f"{job_id}-{index}")
+    return ndb.Key(DeferredJobShard, f"{job_id}-{index}", namespace=RECORDS_NAMESPACE)
 
 
 def _shard_task_name(job_id: str, index: int, chain: int) -> str:
@@ -410,7 +448,7 @@ def _plan_job(job_id: str, queue: str) -> None:
     count = len(bounds) - 1
 
     def start() -> None:
-        current = ndb.Key(DeferredJob, job_id).get()
+        current = _job_key(job_id).get()
         if current is None or current.state != JobState.PLANNING:
             return
         now = _now()
@@ -511,7 +549,7 @@ class _Stop(Exception):
 
 def _run_shard(job_id: str, queue: str, index: int, chain: int) -> None:
     """One task of a shard's chain: batches until the time budget, then the next task."""
-    job, shard = ndb.get_multi([ndb.Key(DeferredJob, job_id), _shard_key(job_id, index)])
+    job, shard = ndb.get_multi([_job_key(job_id), _shard_key(job_id, index)])
     if job is None or shard is None or shard.done or shard.chain != chain:
         return
     if job.state != JobState.RUNNING:
@@ -638,7 +676,7 @@ def _failure(
     task = current_task()
     logger.warning("job %s skips %r after its last attempt: %r", job.id, key, exc)
     return DeferredJobFailure(
-        id=f"{job.id}-{digest}",
+        key=ndb.Key(DeferredJobFailure, f"{job.id}-{digest}", namespace=RECORDS_NAMESPACE),
         job=job.id,
         entity=key,
         shard=shard.index,
@@ -776,7 +814,7 @@ def _run_finalize(job_id: str, queue: str) -> None:
         _current_job.reset(token)
 
     def done() -> None:
-        current = ndb.Key(DeferredJob, job_id).get()
+        current = _job_key(job_id).get()
         if current is None or current.finalize_state != "pending":
             return
         current.state = JobState.DONE
@@ -849,14 +887,14 @@ def cancel_job(job_id: str) -> DeferredJob:
 
 def _change(job_id: str, change: Callable[[DeferredJob], None]) -> DeferredJob:
     def apply() -> DeferredJob:
-        job = ndb.Key(DeferredJob, job_id).get()
+        job = _job_key(job_id).get()
         if job is None:
             raise KeyError(job_id)
         change(job)
         job.put()
         return job
 
-    with ndb_context():
+    with ndb_context(), _in_records_namespace():
         return ndb.transaction(apply, retries=_TRANSACTION_RETRIES)
 
 
@@ -865,22 +903,22 @@ def _change(job_id: str, change: Callable[[DeferredJob], None]) -> DeferredJob:
 
 def get_job(job_id: str) -> DeferredJob | None:
     with ndb_context():
-        return ndb.Key(DeferredJob, job_id).get()
+        return _job_key(job_id).get()
 
 
 def job_shards(job_id: str) -> list[DeferredJobShard]:
     """A job's shards, in order."""
     with ndb_context():
-        job = ndb.Key(DeferredJob, job_id).get()
+        job = _job_key(job_id).get()
         return _shards_of(job) if job is not None else []
 
 
 def job_failures(job_id: str, limit: int = 100) -> list[DeferredJobFailure]:
     """The entities a job skipped, newest first."""
     with ndb_context():
-        query = DeferredJobFailure.query(DeferredJobFailure.job == job_id).order(
-            -DeferredJobFailure.at
-        )
+        query = DeferredJobFailure.query(
+            DeferredJobFailure.job == job_id, namespace=RECORDS_NAMESPACE
+        ).order(-DeferredJobFailure.at)
         return query.fetch(limit)
 
 
@@ -904,7 +942,10 @@ def once_per_entity(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
             raise DeferError("once_per_entity() functions run inside an iterate() job")
         batched = isinstance(arg, list)
         keys = [_key_of(item) for item in (arg if batched else [arg])]
-        markers = [ndb.Key(DeferredDone, f"{job_id}:{_marker_id(key)}") for key in keys]
+        markers = [
+            ndb.Key(DeferredDone, f"{job_id}:{_marker_id(key)}", namespace=RECORDS_NAMESPACE)
+            for key in keys
+        ]
 
         def apply() -> Any:
             found = ndb.get_multi([*markers, *keys], use_cache=False)

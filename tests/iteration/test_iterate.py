@@ -11,7 +11,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
 import gae_deferred
-from gae_deferred import iteration
+from gae_deferred import admin, iteration
 from gae_deferred.context import TaskInfo
 from gae_deferred.testing import capture_tasks
 from tests.iteration import jobs_support
@@ -105,6 +105,48 @@ def test_the_querys_namespace_and_ancestor_are_kept(ndb_emulator):
     assert {key.get().seen for key in elsewhere + children} == {1}
     assert set(_seen().values()) == {0, 1}
     assert sum(_seen().values()) == 20
+
+
+def test_a_job_started_in_a_namespace_walks_it_and_keeps_its_records_in_the_default(
+    ndb_emulator,
+):
+    tenant = ndb.put_multi([Item(namespace="tenant-a") for _ in range(25)])
+    make_items(10)
+    with capture_tasks() as queue:
+        with ndb.get_context().new(namespace="tenant-a").use():
+            job = gae_deferred.iterate(
+                Item.query(), jobs_support.bump_once, batched=True, shards=2, batch_size=10
+            )
+        queue.run_all()
+    assert {key.get().seen for key in tenant} == {1}
+    assert set(_seen().values()) == {0}
+    assert iteration.DeferredJob.query(namespace="").fetch(keys_only=True) == [
+        iteration._job_key(job.id)
+    ]
+    assert iteration.get_job(job.id).processed == 25
+    assert len(iteration.DeferredDone.query(namespace="").fetch(keys_only=True)) == 25
+    assert [job.id] == [listed.id for listed in admin.list_jobs().items]
+
+
+def test_a_transactional_start_in_a_namespace_joins_the_callers_transaction(ndb_emulator):
+    tenant = ndb.put_multi([Item(namespace="tenant-a") for _ in range(5)])
+    with capture_tasks() as queue:
+
+        def start(fail):
+            job = gae_deferred.iterate(Item.query(), jobs_support.bump, _transactional=True)
+            if fail:
+                raise RuntimeError("rolled back")
+            return job
+
+        with ndb.get_context().new(namespace="tenant-a").use():
+            with pytest.raises(RuntimeError):
+                ndb.transaction(lambda: start(True))
+            job = ndb.transaction(lambda: start(False))
+        assert iteration.DeferredJob.query(namespace="").fetch(keys_only=True) == [
+            iteration._job_key(job.id)
+        ]
+        queue.run_all()
+    assert {key.get().seen for key in tenant} == {1}
 
 
 def test_a_task_past_its_time_budget_hands_over_to_the_next_with_the_cursor(ndb_emulator):

@@ -30,12 +30,14 @@ LOOKUP_KEYS = 1000
 
 def list_jobs(cursor: str | None = None, limit: int = 50) -> Page:
     """One page of jobs, newest first."""
-    query = iteration.DeferredJob.query().order(-iteration.DeferredJob.created)
+    query = iteration.DeferredJob.query(namespace=iteration.RECORDS_NAMESPACE).order(
+        -iteration.DeferredJob.created
+    )
     return _fetch_page(query, "jobs", cursor, limit)
 
 
 def get_job(job_id: str) -> iteration.DeferredJob:
-    job = ndb.Key(iteration.DeferredJob, _key_name(job_id, "job")).get()
+    job = iteration._job_key(_key_name(job_id, "job")).get()
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return job
