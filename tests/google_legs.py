@@ -42,6 +42,7 @@ FIRESTORE_PATHS = (
     "tests/test_idempotency.py",
     "tests/test_batch.py",
     "tests/test_pessimistic_locking.py",
+    "tests/iteration",
 )
 
 #: What the legacy emulator adds: its data survives a restart of the emulator, and it refuses
@@ -52,6 +53,7 @@ DATASTORE_PATHS = (
     "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing",
     "tests/dashboard",
     "tests/test_sweeper.py",
+    "tests/iteration/test_jobs_dashboard.py",
 )
 
 _IN_MEMORY_ONLY = (
@@ -131,6 +133,7 @@ STUB_ONLY_FIXTURES = {"datastore_commits": _STUB_SPY}
 DATASTORE_FIXTURES = {
     "ndb_stub",
     "ndb_emulator",
+    "ndb_emulator_process",
     "google_emulator",
     "deferred_tasks",
     "stack",
@@ -139,7 +142,11 @@ DATASTORE_FIXTURES = {
 }
 #: Where every test reaches Datastore (stacks, capture_tasks()), whatever its fixtures.
 DATASTORE_FOLDERS = ("tests/e2e/", "tests/reliability/", "tests/browser/", "tests/ported/")
-CAPTURE_MODULES = ("tests/test_testing.py", "tests/ported/")
+CAPTURE_MODULES = (
+    "tests/test_testing.py",
+    "tests/ported/",
+    "tests/iteration/test_backfills_doc.py",
+)
 #: Tests of Google's emulators themselves (the launcher, gae-deferred-dev --datastore, the
 #: differential test): they run in the main leg when the SDK and Java are there, and are named
 #: as left out, with what to install, when not.

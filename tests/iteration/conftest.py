@@ -8,16 +8,21 @@ import sys
 
 import pytest
 
+from tests import stack_support
 from tests.conftest import ROOT
 
 
 @pytest.fixture
-def ndb_emulator_process(monkeypatch):
-    """Like ``ndb_emulator``, with the emulator (index.yaml's rules) as a child process."""
+def ndb_emulator_process(request, monkeypatch):
+    """Like ``ndb_emulator``, with the emulator (index.yaml's rules) as a child process; on a
+    Google emulator leg (``--datastore``), that leg's emulator, as ``ndb_emulator`` gives it."""
     from google.cloud import ndb
 
     import gae_deferred
 
+    if stack_support.DATASTORE != "builtin":
+        yield request.getfixturevalue("ndb_emulator")
+        return
     child = subprocess.Popen(
         [
             sys.executable,

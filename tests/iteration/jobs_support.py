@@ -104,9 +104,10 @@ def bump_or_die(item: Item) -> None:
     bump(item)
 
 
-def bump_batch_then_die(items: list[Item]) -> None:
-    """fn(batch) that writes, then dies if the batch holds an entity of DIE_AT, once."""
-    bump_batch(items)
+def bump_once_then_die(items: list[Item]) -> None:
+    """fn(batch): bump_once (its transaction commits), then die if the batch holds an entity
+    of DIE_AT, once: the instance is lost between fn's commit and the shard's."""
+    bump_once(items)
     for item in items:
         if item.key.id() in DIE_AT:
             DIE_AT.discard(item.key.id())

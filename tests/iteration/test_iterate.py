@@ -189,14 +189,14 @@ def test_a_shard_killed_mid_batch_resumes_from_its_last_committed_key(ndb_emulat
     assert iteration.get_job(job.id).processed == 100
 
 
-def test_once_per_entity_keeps_a_killed_batch_to_one_effect_per_entity(ndb_emulator):
+def test_once_per_entity_keeps_a_batch_killed_after_its_commit_to_one_effect(ndb_emulator):
     keys = make_items(60)
     jobs_support.DIE_AT.clear()
     jobs_support.DIE_AT.add(keys[25].id())
     with capture_tasks() as queue:
         job = gae_deferred.iterate(
             Item.query(),
-            gae_deferred.once_per_entity(jobs_support.bump_batch_then_die),
+            jobs_support.bump_once_then_die,
             batched=True,
             shards=1,
             batch_size=10,
