@@ -29,14 +29,17 @@ class Outcome(ndb.Model):
 
 
 def make_items(count: int, *, group: str = "a", poison: frozenset[int] = frozenset()) -> list:
+    """``count`` new Items; their keys in key order (the order a job walks them: Google's
+    emulators scatter ids), the ones at the ``poison`` positions of that order poisoned."""
     keys = []
     for start in range(0, count, 500):
-        keys += ndb.put_multi(
-            [
-                Item(group=group, poison=index in poison)
-                for index in range(start, min(count, start + 500))
-            ]
-        )
+        keys += ndb.put_multi([Item(group=group) for _ in range(start, min(count, start + 500))])
+    keys.sort()
+    if poison:
+        poisoned = ndb.get_multi([keys[index] for index in sorted(poison)])
+        for item in poisoned:
+            item.poison = True
+        ndb.put_multi(poisoned)
     return keys
 
 

@@ -66,7 +66,7 @@ def test_10000_entities_over_8_shards_each_processed_exactly_once(ndb_emulator_p
 
 
 def test_once_per_entity_writes_each_entity_once(ndb_emulator):
-    make_items(600)
+    make_items(300)
     with capture_tasks() as queue:
         job = gae_deferred.iterate(
             Item.query(), jobs_support.bump_once, batched=True, shards=4, batch_size=50
@@ -74,7 +74,7 @@ def test_once_per_entity_writes_each_entity_once(ndb_emulator):
         queue.run_all()
     assert set(_seen().values()) == {1}
     markers = iteration.DeferredDone.query().fetch(keys_only=True)
-    assert len(markers) == 600
+    assert len(markers) == 300
     assert all(marker.id().startswith(f"{job.id}:") for marker in markers)
 
 
