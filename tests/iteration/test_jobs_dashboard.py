@@ -52,7 +52,10 @@ def test_the_jobs_page_lists_state_shards_counts_rate_and_actions(app, queue):
     assert cells[0].startswith("backfill <b>")
     assert cells[1] == "running"
     assert cells[2] == "0/3"
-    assert cells[3] == "15 of 60"
+    job_record = iteration.get_job(job.id)
+    # A count only when the planner read every key: Google's legacy emulator keeps
+    # __scatter__, so there the job is split by a sample and its total is not known.
+    assert cells[3] == ("15 of 60" if job_record.sharding == "keys" else "15")
     assert cells[4] == "0"
     assert cells[5].endswith("/s")
     assert cells[9] == "pending"
@@ -68,8 +71,15 @@ def test_the_jobs_page_lists_state_shards_counts_rate_and_actions(app, queue):
         15,
         0,
     )
-    assert data["estimated_total"] == 60
-    assert data["rate"] > 0 and data["eta_seconds"] is not None
+    if job_record.sharding == "keys":
+        assert data["estimated_total"] == 60
+        assert data["rate"] > 0 and data["eta_seconds"] is not None
+    else:
+        assert (data["sharding"], data["estimated_total"], data["eta_seconds"]) == (
+            "scatter",
+            None,
+            None,
+        )
     assert data["actions"] == ["pause", "cancel"]
 
 
