@@ -40,6 +40,7 @@ FIRESTORE_PATHS = (
     "tests/test_sweeper.py",
     "tests/test_task_handler.py",
     "tests/test_idempotency.py",
+    "tests/test_claims.py",
     "tests/test_batch.py",
     "tests/test_pessimistic_locking.py",
     "tests/iteration",

@@ -110,6 +110,9 @@ def test_routing_and_headers(paused):
         ({"_name": "bad/name"}, "not a valid task name"),
         ({"_countdown": -1}, "_countdown"),
         ({"_countdown": "10"}, "_countdown"),
+        ({"_countdown": float("nan")}, "_countdown"),
+        ({"_countdown": float("inf")}, "_countdown"),
+        ({"_countdown": 10**12}, "_countdown of 1000000000000 seconds is past the last date"),
         ({"_countdown": 1, "_eta": datetime.datetime(2030, 1, 1)}, "not both"),
         ({"_eta": "tomorrow"}, "_eta must be a datetime"),
         ({"_headers": {"X-AppEngine-QueueName": "x"}}, "Cloud Tasks sets it"),
@@ -560,3 +563,32 @@ def test_build_task_matches_the_proto_plus_construction(eta):
         ),
     )
     assert build_task(spec, b"body") == expected
+
+
+def test_spill_whose_chunk_only_commit_is_unanswered_is_certainly_not_stored(
+    paused, ndb_stub, monkeypatch
+):
+    """A 12 MB spill's first commit holds only chunks; it lands and its answers are lost.
+    Its record's commit was never sent, so nothing can run: DatastoreUnavailableError (not
+    EnqueueOutcomeUnknown), and the chunks that landed are deleted."""
+    from google.api_core import exceptions as api_exceptions
+
+    gae_deferred.configure(compression_level=0)
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+    record_kind = spillover.DeferredPayload._get_kind()
+
+    def lands_then_loses_the_answer(request, *args, **kwargs):
+        response = original(request, *args, **kwargs)
+        kinds = {m.upsert.key.path[-1].kind for m in request.mutations if m._pb.HasField("upsert")}
+        if kinds and record_kind not in kinds:
+            raise api_exceptions.ServiceUnavailable("connection reset after the commit")
+        return response
+
+    monkeypatch.setattr(wrapper, "func", lands_then_loses_the_answer)
+    with pytest.raises(gae_deferred.DatastoreUnavailableError, match="connection reset"):
+        defer(collect, b"\4" * 12_000_000)
+    monkeypatch.setattr(wrapper, "func", original)
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+    assert spillover.DeferredPayload.query().fetch() == []
+    assert paused() == []

@@ -62,6 +62,13 @@ class Settings:
     ndb_client: Any = None
     #: How long any Cloud Tasks call waits for its answer (CreateTask, the dashboard's calls).
     cloud_tasks_timeout_seconds: float = 30
+    #: The deadline of each Datastore call defer() makes (a spill's commits, the lookup that
+    #: settles an unanswered commit, the cleanup after a failure), retries included.
+    datastore_timeout_seconds: float = 10
+    #: How long a running spilled or @idempotent task holds its claim: a duplicate delivery
+    #: within it is answered "claimed" (retried later) instead of running. App Engine's
+    #: dispatch deadline for a push task (10 minutes) by default; a crashed run's claim ends then.
+    task_deadline_seconds: float = 600
     #: How long dead letters and permanent failures keep their payloads.
     dead_letter_retention_seconds: float = 30 * 24 * 3600
     #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.
@@ -203,6 +210,10 @@ def _validate(current: Settings) -> None:
         )
     if current.spill_threshold <= 0 or current.max_payload_bytes <= 0:
         raise ConfigurationError("spill_threshold and max_payload_bytes must be positive")
+    for name in ("datastore_timeout_seconds", "task_deadline_seconds"):
+        value = getattr(current, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+            raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
     if current.metrics_flush_seconds <= 0:
         raise ConfigurationError("metrics_flush_seconds must be positive")
     if current.commit_bytes < current.chunk_bytes:

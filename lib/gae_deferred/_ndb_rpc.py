@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -44,6 +44,9 @@ from google.cloud.datastore_v1.types import entity as entity_pb2
 from google.cloud.ndb import _datastore_api, _options, _retry, model, tasklets
 from google.cloud.ndb import context as context_module
 
+from . import _outcome
+from ._config import settings
+
 #: The google-cloud-ndb version these internals were read from (requirements.txt pins it).
 PINNED_NDB_VERSION = "2.7.1"
 #: (module, attribute) of every ndb internal used below.
@@ -51,6 +54,7 @@ INTERNALS = (
     ("google.cloud.ndb._datastore_api", "make_call"),
     ("google.cloud.ndb._datastore_api", "_get_commit_batch"),
     ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
+    ("google.cloud.ndb._datastore_api", "commit"),
     ("google.cloud.ndb._options", "Options"),
     ("google.cloud.ndb._retry", "is_transient_error"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
@@ -131,7 +135,9 @@ def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] 
     if channel is None:
         # Not a gRPC client (inmemory-datastore-stub's): the same request, through ndb's call.
         request = datastore_pb2.CommitRequest.deserialize(b"".join(parts))
-        _datastore_api.make_call("commit", request, metadata=_routing(client)).result()
+        _datastore_api.make_call(
+            "commit", request, timeout=_timeout(), metadata=_routing(client)
+        ).result()
         return
     body = b"".join(parts)
     del parts
@@ -202,15 +208,22 @@ def _raw_commit(channel: grpc.Channel) -> Any:
     return channel.unary_unary("/google.datastore.v1.Datastore/Commit")
 
 
+def _timeout() -> float:
+    return settings().datastore_timeout_seconds
+
+
 def _send(call: Any, body: bytes, metadata: tuple[tuple[str, str], ...]) -> None:
-    """``call(body)``, retrying transient errors as ndb retries its own calls."""
+    """``call(body)``, retrying transient errors as ndb retries its own calls, all within one
+    deadline (``datastore_timeout_seconds``): no retry starts that could not finish in it."""
+    deadline = time.monotonic() + _timeout()
     for delay in (*RETRY_DELAYS, None):
         try:
-            call(body, metadata=metadata)
+            call(body, metadata=metadata, timeout=max(0.001, deadline - time.monotonic()))
             return
         except grpc.RpcError as error:
             exc = core_exceptions.from_grpc_error(error)
-            if delay is None or not _retry.is_transient_error(exc):
+            late = delay is not None and time.monotonic() + delay >= deadline
+            if delay is None or late or not _retry.is_transient_error(exc):
                 raise exc from None
         time.sleep(delay)
 
@@ -237,13 +250,29 @@ def join_transaction(
         batch.futures.append(done)
 
 
-def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
+def lookup(
+    keys: Sequence[ndb.Key], *, in_transaction: bool = True, retries: int | None = None
+) -> list[Any]:
     """One Lookup of ``keys`` (repeated for any the service defers, as ndb does): each key's
     raw ``Entity`` protobuf, in order, or None where it does not exist.
 
-    Reads in the current transaction when there is one, as ndb's own get does. Must run inside
-    an ndb context; raises the Google API error of a failed Lookup.
+    Reads in the current transaction when there is one (unless ``in_transaction`` is False), as
+    ndb's own get does. Must run inside an ndb context; raises the Google API error of a failed
+    Lookup (each attempt within ``datastore_timeout_seconds``; ``retries``: ndb's default).
     """
+    return _lookup(keys, in_transaction, retries).result()
+
+
+#: Retries of the Lookup that settles a commit whose answer was lost: one, so a blackholed
+#: Datastore costs defer() about three deadlines in all (the commit's, two Lookups').
+SETTLE_RETRIES = 1
+#: The pause before that Lookup: a connection that was just reset often fails the next
+#: request too, until gRPC notices it is gone.
+SETTLE_PAUSE_SECONDS = 0.1
+
+
+@tasklets.tasklet
+def _lookup(keys: Sequence[ndb.Key], in_transaction: bool, retries: int | None = None) -> Any:
     context = ndb.get_context()
     client = context.client
     pending = [key._key.to_protobuf()._pb for key in keys]
@@ -254,14 +283,62 @@ def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
             project_id=client.project, database_id=client.database
         )
         request._pb.keys.extend(pending)
-        if context.in_transaction():
+        if in_transaction and context.in_transaction():
             request._pb.read_options.transaction = context.transaction
-        response = _datastore_api.make_call("lookup", request, metadata=_routing(client)).result()
+        response = yield _datastore_api.make_call(
+            "lookup", request, retries=retries, timeout=_timeout(), metadata=_routing(client)
+        )
         response = getattr(response, "_pb", response)
         for result in response.found:
             found[index[result.entity.key.SerializeToString()]] = result.entity
         pending = list(response.deferred)
-    return found
+    raise tasklets.Return(found)
+
+
+def settle_transaction_commit(probe: ndb.Key, unknown: Callable[[Exception], Exception]) -> None:
+    """Make the current transaction's Commit find out whether it landed when its answer is lost.
+
+    ndb reruns a transaction whose Commit failed with a transient error, even when the Commit
+    was applied and only its reply was lost: the caller's writes and a transactional defer then
+    happen twice. Here a Commit that fails in a way that may have landed (see _outcome) reads
+    ``probe``, a key the Commit writes, outside the transaction: there, the Commit landed and
+    the transaction completes as committed (its on-commit callbacks run, nothing reruns); not
+    there, ndb reruns it as before; the read fails too, ``unknown(error)`` is raised instead of
+    the error (even when the rollback that follows fails as well), which ndb does not retry.
+    Once per transaction, whoever calls it first.
+    """
+    context = ndb.get_context()
+    batch = _datastore_api._get_commit_batch(context.transaction, _options.Options())
+    if getattr(batch, "_gae_deferred_settled", False):
+        return
+    original = batch.commit
+
+    @tasklets.tasklet
+    def commit(retries: int | None = None, timeout: float | None = None) -> Any:
+        try:
+            yield original(retries=retries, timeout=timeout)
+        except Exception as exc:
+            if not _outcome.may_have_landed(exc):
+                raise
+            try:
+                yield tasklets.sleep(SETTLE_PAUSE_SECONDS)
+                found = yield _lookup([probe], False, SETTLE_RETRIES)
+            except Exception as lookup_error:
+                error = unknown(exc)
+                error.__cause__ = lookup_error
+
+                def outcome_unknown() -> None:
+                    raise error
+
+                # ndb rolls back next; if that fails too its error would be what the caller
+                # sees. Callbacks on completion run last, whatever happened: this one wins.
+                context.call_on_transaction_complete(outcome_unknown)
+                raise error from lookup_error
+            if found[0] is None:
+                raise exc
+
+    batch.commit = commit
+    batch._gae_deferred_settled = True
 
 
 def _routing(client: Any) -> tuple[tuple[str, str], ...]:

@@ -32,10 +32,11 @@ from typing import Any, overload
 
 from google.cloud import ndb
 
-from . import _facets, _ndb_rpc, envelope
+from . import _facets, _ndb_rpc, _outcome, envelope
 from ._config import settings
 from ._model import MAX_INDEXED_CHARS, DeferredModel
 from .errors import (
+    DuplicateDeliveryRunning,
     EnqueueOutcomeUnknown,
     PayloadTooLargeError,
     PermanentTaskFailure,
@@ -77,6 +78,10 @@ class DeferredPayload(DeferredModel):
     meta = ndb.JsonProperty(indexed=False)
     #: What recreates the same task: url, headers, routing.
     task = ndb.JsonProperty(indexed=False)
+    #: The running delivery's claim ("<task name> <random token>") and when it ends: a
+    #: duplicate delivery meanwhile does not run (see ``claim``). Cleared when an attempt fails.
+    claim = ndb.TextProperty()
+    claimed_until = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
     #: Search tokens (state, queue, function prefixes): the dashboard's filters (see _facets).
     facets = ndb.ComputedProperty(
         lambda record: _facets.facets(
@@ -260,16 +265,28 @@ def write_many(payloads: Payloads) -> None:
     (see _ndb_rpc).
     """
     written: list[ndb.Key] = []
+    sending: list[ndb.Key] = []
     try:
         for batch in _commits(payloads):
+            sending = [entity.key for entity in batch]
             _ndb_rpc.commit(upserts=batch)
-            written += [entity.key for entity in batch]
+            written += sending
+            sending = []
             del batch
             # One commit's request, its serialization and gRPC's copy of it are gone: hand
             # their memory back before the next commit builds its own.
             release_freed_memory()
     except Exception as exc:
-        if written:
+        landed = _outcome.may_have_landed(exc)
+        record_kind = DeferredPayload._get_kind()
+        if landed and not any(key.kind() == record_kind for key in sending):
+            # Only chunks may have landed, and no record points at them: nothing will run
+            # them. Certain, then; they are deleted with the rest.
+            _outcome.settled_as_not_stored(exc)
+            landed, written = False, written + sending
+        # A commit with a record that may have landed keeps what came before it: the caller
+        # reads the record back to settle it (see _outcome).
+        if written and not landed:
             _delete_written(written, exc)
         raise
 
@@ -314,7 +331,7 @@ _COMMIT_ENTITIES = 500
 def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
     """Undo the commits of a failed write_many."""
     try:
-        ndb.delete_multi(keys)
+        ndb.delete_multi(keys, timeout=settings().datastore_timeout_seconds)
     except Exception as exc:
         records = [key.id() for key in keys if key.kind() == DeferredPayload._get_kind()]
         if records:
@@ -460,6 +477,61 @@ def _check_present(payload_id: str, numbers: range, pieces: list[Any]) -> None:
         )
 
 
+def claim(payload_id: str, task_name: str, token: str) -> DeferredPayload | None:
+    """Take the claim on a spilled payload for one delivery of ``task_name``, in a transaction,
+    before its call: the record, with ``claim=token`` until now + ``task_deadline_seconds``.
+
+    None when the record belongs to another task now (see execution's "superseded").
+    Raises DuplicateDeliveryRunning when another delivery's claim is still on, and
+    SpilledPayloadMissing (``already_ran`` from the done marker) when the record is gone: a
+    duplicate whose first delivery finished meanwhile.
+    """
+
+    def take() -> DeferredPayload | None:
+        record, marker = ndb.get_multi([payload_key(payload_id), done_key(payload_id)])
+        if record is None:
+            raise SpilledPayloadMissing(
+                f"spilled payload {payload_id} is gone from Datastore",
+                already_ran=marker is not None,
+            )
+        if record.task_name and record.task_name != task_name:
+            return None
+        current = now()
+        held = record.claim
+        # A claim blocks only deliveries of the task that took it: a retrigger or the
+        # sweeper's fresh task name is not held back by a crashed run of the old task.
+        if (
+            held is not None
+            and held != f"{task_name} {token}"
+            and held.split(" ", 1)[0] == task_name
+            and (record.claimed_until or current) > current
+        ):
+            raise DuplicateDeliveryRunning(
+                f"another delivery of task {task_name} is running payload {payload_id} (claimed "
+                f"until {record.claimed_until:%H:%M:%S} UTC)"
+            )
+        record.claim = f"{task_name} {token}"
+        record.claimed_until = current + datetime.timedelta(
+            seconds=settings().task_deadline_seconds
+        )
+        record.put()
+        return record
+
+    return ndb.transaction(take)
+
+
+def release(payload_id: str, task_name: str, token: str) -> None:
+    """Give up a claim this delivery holds (it did not finish the task), so a retry runs now."""
+
+    def give_up() -> None:
+        record = payload_key(payload_id).get()
+        if record is not None and record.claim == f"{task_name} {token}":
+            record.claim = record.claimed_until = None
+            record.put()
+
+    ndb.transaction(give_up)
+
+
 def finish(payload_id: str, chunks: int) -> None:
     """After success: delete record and chunks and leave a done marker, in one Commit."""
     marker = DeferredPayloadDone(key=done_key(payload_id), done=now())
@@ -470,7 +542,10 @@ def finish(payload_id: str, chunks: int) -> None:
 
 def delete(payload_id: str, chunks: int) -> None:
     """Delete a record and its chunks in one commit."""
-    ndb.delete_multi([payload_key(payload_id), *chunk_keys(payload_id, chunks)])
+    ndb.delete_multi(
+        [payload_key(payload_id), *chunk_keys(payload_id, chunks)],
+        timeout=settings().datastore_timeout_seconds,
+    )
 
 
 def get(payload_id: str) -> DeferredPayload | None:
