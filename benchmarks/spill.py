@@ -13,19 +13,21 @@ import pathlib
 import tempfile
 import time
 
+import grpc
 import webapp2
 
 from gae_deferred import cloud_tasks, defer, envelope, idempotent, reset_clients, spillover
-from gae_deferred._config import settings
+from gae_deferred._config import CHUNK_MUTATION_OVERHEAD, DATASTORE_REQUEST_LIMIT, settings
 from gae_deferred.local.cloudtasks import CloudTasksEmulator
 from gae_deferred.local.datastore import DatastoreEmulator
 from gae_deferred.webapp2 import deferred_routes
 
 from . import floor, tasks
 from ._setup import BENCH_PROJECT
-from .report import Section, count_target, ratio_target
+from .report import Section, Target, count_target, ratio_target
 
 MB = 1_000_000
+MIB = 1024 * 1024
 QUEUE_YAML = """\
 queue:
 - name: bench-paused
@@ -33,9 +35,37 @@ queue:
 """
 
 
+def _chunks_per_commit() -> int:
+    """Whole chunks one Commit request of ``commit_bytes`` holds (3 at the defaults)."""
+    current = settings()
+    return (current.commit_bytes - CHUNK_MUTATION_OVERHEAD) // current.chunk_bytes
+
+
 def _expected_writes(chunks: int) -> int:
-    per_commit = settings().commit_bytes // settings().chunk_bytes
-    return -(-chunks // per_commit)
+    return -(-chunks // _chunks_per_commit())
+
+
+class SizingEmulator(DatastoreEmulator):
+    """The emulator, keeping the largest request and response bytes of every RPC."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.largest_request = 0
+        self.largest_response = 0
+
+    def reset_sizes(self) -> None:
+        self.largest_request = self.largest_response = 0
+
+    def _method_handler(self, name, request_type, service, state) -> grpc.RpcMethodHandler:
+        inner = super()._method_handler(name, request_type, service, state).unary_unary
+
+        def sized(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            self.largest_request = max(self.largest_request, len(raw))
+            response = inner(raw, context)
+            self.largest_response = max(self.largest_response, len(response))
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(sized)
 
 
 #: docs/design.md: no Lookup response over gRPC's default 4 MiB receive limit, which ndb's
@@ -96,8 +126,8 @@ def _clients_reset() -> None:
 
 
 def run(*, quick: bool) -> Section:
-    """Defer and run spilled payloads of 600 KB, 5 MB and 20 MB (quick: 600 KB, 5 MB)."""
-    sizes = [600_000, 5 * MB] if quick else [600_000, 5 * MB, 20 * MB]
+    """Defer and run spilled payloads of 600 KB, 5 MB, 8 MiB and 20 MB (quick: 600 KB, 5 MB)."""
+    sizes = [600_000, 5 * MB] if quick else [600_000, 5 * MB, 8 * MIB, 20 * MB]
     section = Section(
         key="spill",
         title="Spill path RPCs",
@@ -105,15 +135,20 @@ def run(*, quick: bool) -> Section:
             "RPCs counted at the in-process emulators (real ndb and CloudTasksClient) for one "
             "spilled task per size: incompressible payloads (random bytes) passed to a module "
             "function; `defer()` into a paused queue, then the task body from GetTask run "
-            "through the webapp2 handler in-process. Datastore chunks are 1,000,000 bytes; a "
-            "commit carries at most 9 MiB (Datastore refuses commits over 10 MiB). The run reads "
+            "through the webapp2 handler in-process. No Datastore RPC may exceed 4 MiB "
+            "(4,194,304 bytes) either way: Datastore and Google's emulators refuse a bigger "
+            "request, and gRPC's default receive limit, which ndb's production channel keeps, "
+            "a bigger response. Datastore chunks are 1,000,000 bytes; a Commit request carries "
+            "at most `commit_bytes` (3 MiB: 3 chunks), the record in the last. The run reads "
             "whole chunks of at most 3,080,192 bytes per Lookup (3 chunks), the record with the "
             "first: no response may exceed gRPC's default 4 MiB receive limit, which ndb's "
             "production channel keeps (it lifts it only for the emulator). Before the call the "
             "run takes its claim on the payload (a duplicate delivery meanwhile is answered 503 "
             "instead of running it twice): one transaction, BeginTransaction + Lookup of the "
             "record + Commit of the claim, counted in the run's RPCs and timed as `claim ms`; "
-            "an `@idempotent` function's claim is the same transaction on its marker."
+            "an `@idempotent` function's claim is the same transaction on its marker. Largest "
+            "request / response: bytes of the biggest Datastore RPC of the defer and the run, "
+            "measured at the emulator."
         ),
         columns=[
             "payload",
@@ -124,6 +159,8 @@ def run(*, quick: bool) -> Section:
             "run: Lookup",
             "run: Commit",
             "run: other",
+            "largest request",
+            "largest response",
             "defer ms",
             "run ms",
             "claim ms",
@@ -132,7 +169,7 @@ def run(*, quick: bool) -> Section:
     with tempfile.TemporaryDirectory(prefix="bench-spill-") as tmp:
         queue_yaml = pathlib.Path(tmp) / "queue.yaml"
         queue_yaml.write_text(QUEUE_YAML, encoding="utf-8")
-        datastore = DatastoreEmulator(port=0).start()
+        datastore = SizingEmulator(port=0).start()
         cloudtasks = CloudTasksEmulator(
             port=0,
             queue_yaml=str(queue_yaml),
@@ -162,6 +199,7 @@ def run(*, quick: bool) -> Section:
 def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     payload = os.urandom(size)
     datastore.reset_counts()
+    datastore.reset_sizes()
     cloudtasks.reset_counts()
     started = time.perf_counter()
     task = defer(tasks.consume, payload, _queue="bench-paused")
@@ -203,7 +241,7 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     lookups, deletes = ds_run.pop("Lookup", 0), ds_run.pop("Commit", 0)
     begins = ds_run.pop("BeginTransaction", 0)
     other_defer = sum(ds_defer.values()) + sum(ct_defer.values())
-    label = f"{size / MB:g} MB"
+    label = f"{size / MIB:g} MiB" if size % MIB == 0 else f"{size / MB:g} MB"
     section.rows.append(
         [
             label,
@@ -214,13 +252,16 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
             str(lookups),
             str(deletes),
             str(sum(ds_run.values()) + begins),
+            f"{datastore.largest_request:,}",
+            f"{datastore.largest_response:,}",
             f"{defer_ms:.0f}",
             f"{run_ms:.0f}",
             f"{sum(claims):.1f}",
         ]
     )
     expected = _expected_writes(task.chunks)
-    note = "" if expected == 1 else f" ({task.chunks} chunks: 1 commit per 9 MiB)"
+    per_commit = _chunks_per_commit()
+    note = "" if expected == 1 else f" ({task.chunks} chunks: 1 commit per {per_commit} chunks)"
     section.targets.append(
         count_target(f"{label} defer: Datastore commits{note}", commits, expected)
     )
@@ -237,11 +278,22 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     section.targets.append(count_target(f"{label} run: Commit (claim, delete)", deletes, 2))
     section.targets.append(count_target(f"{label} run: BeginTransaction (claim)", begins, 1))
     section.targets.append(count_target(f"{label} run: other RPCs", sum(ds_run.values()), 0))
+    largest = max(datastore.largest_request, datastore.largest_response)
+    section.targets.append(
+        Target(
+            f"{label}: largest Datastore request or response, bytes",
+            f"{largest:,}",
+            f"≤ {DATASTORE_REQUEST_LIMIT:,}",
+            largest <= DATASTORE_REQUEST_LIMIT,
+        )
+    )
     section.data[label] = {
         "defer": ds_defer | ct_defer,
         "run": ds_run | {"BeginTransaction": begins},
         "chunks": task.chunks,
         "claim_ms": sum(claims),
+        "largest_request": datastore.largest_request,
+        "largest_response": datastore.largest_response,
     }
 
 
@@ -251,8 +303,9 @@ FLOOR_SIZE = 5 * MB
 
 
 def _against_put_multi(section: Section, rounds: int) -> None:
-    """Interleaved wall time of defer(5 MB) (1 commit + CreateTask) and of a plain
-    google-cloud-datastore ``put_multi`` of the same chunk entities (1 commit): the floor of
+    """Interleaved wall time of defer(5 MB) (2 commits + CreateTask) and of plain
+    google-cloud-datastore ``put_multi`` calls of the same chunk entities, as many a call as
+    one request of ``commit_bytes`` holds (2 commits: none may exceed 4 MiB): the floor of
     writing those bytes from Python through the same emulator."""
     from google.cloud import datastore as cloud_datastore
 
@@ -273,7 +326,9 @@ def _against_put_multi(section: Section, rounds: int) -> None:
             )
             entity["data"] = data[start : start + chunk_bytes]
             entities.append(entity)
-        client.put_multi(entities)
+        per_commit = _chunks_per_commit()
+        for first in range(0, len(entities), per_commit):
+            client.put_multi(entities[first : first + per_commit])
 
     def ours() -> None:
         defer(tasks.consume, payload, _queue="bench-paused")
@@ -296,11 +351,13 @@ def _against_put_multi(section: Section, rounds: int) -> None:
             "5 MB defer vs google-cloud-datastore put_multi of its chunks", ratio, FLOOR_BUDGET
         )
     )
+    chunks = -(-len(data) // chunk_bytes)
+    commits = _expected_writes(chunks)
     section.notes.append(
         f"5 MB defer() vs the floor, {rounds} interleaved rounds, wall-time medians (both "
         f"emulators in this process, so their CPU counts on both sides): google-cloud-datastore "
-        f"put_multi of the same {-(-len(data) // chunk_bytes)} chunks {floor_ms:.0f} ms, "
-        f"defer() {ours_ms:.0f} ms (1 Commit + 1 CreateTask), ratio {ratio:.2f}x "
+        f"put_multi of the same {chunks} chunks, {commits} commits, {floor_ms:.0f} ms, "
+        f"defer() {ours_ms:.0f} ms ({commits} Commits + 1 CreateTask), ratio {ratio:.2f}x "
         f"(budget ≤ {FLOOR_BUDGET:g}x)"
     )
     section.data["put_multi floor"] = samples

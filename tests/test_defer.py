@@ -236,9 +236,16 @@ def test_hard_cap(paused):
 def test_large_spill_is_written_in_commits_under_datastore_limit(paused, datastore_commits):
     gae_deferred.configure(compression_level=0)
     defer(collect, b"\2" * 20_000_000)
-    commits = datastore_commits.chunk_bytes()
-    assert len(commits) == 3
-    assert max(commits) <= 10 * 1024 * 1024
+    # 21 chunks of 1 MB, three a commit: every request within commit_bytes (3 MiB), well
+    # under the 4 MiB Datastore and Google's emulators accept.
+    assert datastore_commits.chunk_bytes()[:6] == [3_000_000] * 6
+    assert max(datastore_commits.request_bytes()) <= 3 * 1024 * 1024
+    kinds = datastore_commits.kinds()
+    assert len(kinds) == 7
+    # The record last; a write marker with the first chunks, deleted with the record.
+    assert [commit.count("_DeferredPayload") for commit in kinds] == [0] * 6 + [1]
+    assert "_DeferredPayloadWrite" in kinds[0] and "-_DeferredPayloadWrite" in kinds[-1]
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
 
 
 def test_cloud_tasks_too_large_under_threshold_spills(paused):
@@ -388,9 +395,12 @@ def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, datastore_c
         if len(datastore_commits.requests) == 2
         else None
     )
-    with pytest.raises(gae_deferred.DatastoreUnavailableError, match="datastore went away"):
+    # Not retried, and not called "unavailable": Datastore refused it.
+    with pytest.raises(gae_deferred.DatastoreRefusedError, match=r"refused.*datastore went away"):
         defer(collect, b"\3" * 12_000_000)
     datastore_commits.fail_when = None
+    # The first commit's chunks and write marker were deleted again.
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
     assert spillover.DeferredPayload.query().fetch() == []
     assert paused() == []

@@ -7,11 +7,13 @@ several times the chunk's size. gae_deferred's own kinds are written here instea
 Commit built directly and sent to whatever ndb client is configured (Datastore, the emulator,
 or a test's in-memory stub), retried as ndb retries. On a gRPC client the request is sent as
 bytes joined once from its parts, a chunk's bytes straight from their view, over the client's
-own channel: no protobuf copy of a payload is held while it is sent::
+own channel: no protobuf copy of a payload is held while it is sent. Transient errors are
+retried on ndb's schedule; a request refused for its size or content is not (``is_transient``)::
 
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
     commit(upserts=[Blob(key, Chunk, "data", view)])      # a chunk straight from a view
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
+    commit_mutations([upsert(chunk), delete(key)])        # sized first: Mutation.size
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
     lookup([record_key, *chunk_keys])                     # raw Entity pbs (or None), in order
     enter_context(context) ... exit_context()             # Context.use(), cheaper per task
@@ -31,6 +33,7 @@ pinned in requirements.txt and fails, naming the internal, if an upgrade changes
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -121,16 +124,59 @@ def _fill(mutation: Any, item: ndb.Model | Blob | ndb.Key) -> None:
         mutation.upsert.CopyFrom(model._entity_to_protobuf(item)._pb)
 
 
+class Mutation(NamedTuple):
+    """One mutation of a CommitRequest in wire format (``parts`` joined: the ``mutations`` field
+    with its tag and length), its ``size`` in bytes, and the ``key`` it writes or deletes."""
+
+    key: ndb.Key
+    parts: list[bytes | memoryview]
+    size: int
+    delete: bool = False
+
+
+def upsert(item: ndb.Model | Blob) -> Mutation:
+    """The upsert of ``item`` as :func:`commit` sends it (a Blob's data is a part of its own,
+    the view it came as; a Model is converted now, as ``put()`` converts it)."""
+    if isinstance(item, Blob):
+        parts = _delimited(_COMMIT_MUTATIONS, _blob_parts(item))
+    else:
+        mutation = datastore_pb2.Mutation()._pb
+        _fill(mutation, item)
+        parts = _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return Mutation(item.key, parts, _size(parts))
+
+
+def delete(key: ndb.Key) -> Mutation:
+    """The delete of ``key`` as :func:`commit` sends it."""
+    mutation = datastore_pb2.Mutation()._pb
+    _fill(mutation, key)
+    parts = _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return Mutation(key, parts, _size(parts), delete=True)
+
+
+def request_head(client: Any) -> bytes:
+    """The serialized CommitRequest of ``client`` without mutations: what each Commit's bytes
+    start with (``len(request_head(client)) + sum(m.size for m in mutations)`` is its size)."""
+    return datastore_pb2.CommitRequest(
+        project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
+    )._pb.SerializeToString()
+
+
 def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()) -> None:
     """One non-transactional Commit of these upserts and deletes, outside any transaction.
 
     On a gRPC client the request goes out as the bytes of :func:`request_parts` joined once: a
     chunk's bytes are copied into the request and into gRPC's buffer, and nowhere else (no
     protobuf holds them). Must run inside an ndb context; raises the Google API error of a failed
-    Commit, after ndb's retries of transient errors.
+    Commit, after ndb's retries of transient errors (see :func:`is_transient`).
     """
+    commit_mutations([*map(upsert, upserts), *map(delete, deletes)])
+
+
+def commit_mutations(mutations: Sequence[Mutation]) -> None:
+    """:func:`commit` of mutations made by :func:`upsert` and :func:`delete`."""
     client = ndb.get_context().client
-    parts = request_parts(client, upserts, deletes)
+    parts = _request_parts(client, mutations)
     channel = getattr(client.stub, "grpc_channel", None)
     if channel is None:
         # Not a gRPC client (inmemory-datastore-stub's): the same request, through ndb's call.
@@ -149,18 +195,18 @@ def request_parts(
 ) -> list[bytes | memoryview]:
     """The serialized CommitRequest of :func:`commit`, as parts to join: a Blob's data is one
     part of its own, the view it came as."""
-    request = datastore_pb2.CommitRequest(
-        project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
-    )
-    parts: list[bytes | memoryview] = [request._pb.SerializeToString()]
-    for item in (*upserts, *deletes):
-        if isinstance(item, Blob):
-            parts += _delimited(_COMMIT_MUTATIONS, _blob_parts(item))
-        else:
-            mutation = datastore_pb2.Mutation()._pb
-            _fill(mutation, item)
-            parts += _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return _request_parts(client, [*map(upsert, upserts), *map(delete, deletes)])
+
+
+def _request_parts(client: Any, mutations: Sequence[Mutation]) -> list[bytes | memoryview]:
+    parts: list[bytes | memoryview] = [request_head(client)]
+    for mutation in mutations:
+        parts += mutation.parts
     return parts
+
+
+def _size(parts: list[bytes | memoryview]) -> int:
+    return sum(len(part) if type(part) is bytes else part.nbytes for part in parts)
 
 
 def _blob_parts(item: Blob) -> list[bytes | memoryview]:
@@ -189,8 +235,7 @@ def _blob_wire_template(kind: type[ndb.Model], prop: str) -> tuple[bytes, bytes]
 
 def _delimited(number: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """Field ``number`` holding the concatenated ``parts`` (length-delimited wire type)."""
-    size = sum(len(part) if type(part) is bytes else part.nbytes for part in parts)
-    return [_varint(number << 3 | 2) + _varint(size), *parts]
+    return [_varint(number << 3 | 2) + _varint(_size(parts)), *parts]
 
 
 def _varint(value: int) -> bytes:
@@ -223,9 +268,22 @@ def _send(call: Any, body: bytes, metadata: tuple[tuple[str, str], ...]) -> None
         except grpc.RpcError as error:
             exc = core_exceptions.from_grpc_error(error)
             late = delay is not None and time.monotonic() + delay >= deadline
-            if delay is None or late or not _retry.is_transient_error(exc):
+            if delay is None or late or not is_transient(exc):
                 raise exc from None
         time.sleep(delay)
+
+
+#: How gRPC (client or server) words a message over its size limit: RESOURCE_EXHAUSTED, which
+#: ndb retries as "too many requests", though the same request is refused every time.
+_TOO_BIG = re.compile(r"message (exceeds maximum size|larger than max)", re.IGNORECASE)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed Datastore call may succeed if repeated: ndb's rule (UNAVAILABLE,
+    INTERNAL, ABORTED, UNKNOWN, RESOURCE_EXHAUSTED), except a request refused for its size."""
+    if isinstance(exc, core_exceptions.ResourceExhausted) and _TOO_BIG.search(str(exc)):
+        return False
+    return _retry.is_transient_error(exc)
 
 
 def join_transaction(

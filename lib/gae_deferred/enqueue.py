@@ -33,6 +33,7 @@ from ._config import settings
 from ._datastore import ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
+    DatastoreRefusedError,
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
@@ -444,9 +445,10 @@ def write_outside_transaction(entities: spillover.Payloads) -> None:
             _settle_spill_write(entities, exc)
             return
         size = sum(record.stored_bytes or 0 for record, _ in entities)
-        raise DatastoreUnavailableError(
-            f"could not store {len(entities)} spilled payload(s) of {size:,} bytes: {exc}"
-        ) from exc
+        what = f"{len(entities)} spilled payload(s) of {size:,} bytes"
+        if not _ndb_rpc.is_transient(exc):
+            raise DatastoreRefusedError(f"Datastore refused to store {what}: {exc}") from exc
+        raise DatastoreUnavailableError(f"could not store {what}: {exc}") from exc
 
 
 def _settle_spill_write(entities: spillover.Payloads, cause: Exception) -> None:
@@ -535,14 +537,7 @@ def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise DeferError("_transactional=True needs an active ndb transaction")
-    limit = settings().commit_bytes
     spilled = [spill_entities(call) for call in calls]
-    total = sum(record.stored_bytes for record, _ in spilled)
-    if total > limit:
-        raise DeferError(
-            f"transactional defers carry at most {limit:,} bytes (one Datastore commit); "
-            f"these payloads are {total:,}"
-        )
     bodies = [reference(record) for record, _ in spilled]
     spillover.write_in_transaction(spilled)
     first = spilled[0][0]

@@ -117,10 +117,17 @@ class BatchDeferError(DeferError):
 
 
 class DatastoreUnavailableError(DeferError):
-    """A spilled payload was certainly not written to Datastore: nothing will run it.
-
-    A write that may have landed is never reported this way (see EnqueueOutcomeUnknown).
+    """A spilled payload was certainly not written to Datastore: it did not answer, or kept
+    failing with a transient error (UNAVAILABLE, ABORTED, ...) through the retries, and
+    nothing will run it. A write that may have landed is never reported this way (see
+    EnqueueOutcomeUnknown).
     """
+
+
+class DatastoreRefusedError(DeferError):
+    """Datastore refused to store a spilled payload (INVALID_ARGUMENT, a request over its size
+    limit, PERMISSION_DENIED, ...): not retried, since it would refuse the same request again.
+    The message carries Datastore's own; ``__cause__`` is the Google API error."""
 
 
 class UnverifiedEnvelope(PermanentTaskFailure):

@@ -11,13 +11,18 @@ work that must happen once::
 
     defer(charge, order_id)
 
-The key is the task's queue and name (``key=`` overrides it, e.g. the order id). A claim on
-the key is taken in a transaction before the call, so a duplicate delivery while the first
-runs does not run (DuplicateDeliveryRunning: the handler answers 503, Cloud Tasks retries it
-later and it finds the key done). The completion marker is written in the same transaction
-as the function's own Datastore writes when ``transactional=True`` — then "done" and the work
-commit together; otherwise it is written after the function returns, so a crash in between
-may still repeat it once (after the claim ran out).
+The key is the task's queue and name (``key=`` overrides it, e.g. the order id). The marker's
+Datastore key name is the function's dotted name, ``:`` and the key; where that would be over
+Datastore's 1,500-byte limit on key names (or of its reserved form ``__x__``), the key is
+replaced by ``sha256:`` and its SHA-256 in hex, so keys of any length work (two keys collide
+only if their SHA-256 does).
+
+A claim on the key is taken in a transaction before the call, so a duplicate delivery while
+the first runs does not run (DuplicateDeliveryRunning: the handler answers 503, Cloud Tasks
+retries it later and it finds the key done). The completion marker is written in the same
+transaction as the function's own Datastore writes when ``transactional=True`` — then "done"
+and the work commit together; otherwise it is written after the function returns, so a crash
+in between may still repeat it once (after the claim ran out).
 
 The caller's own transaction, exactly once by the caller's key (a rerun after an error, or
 the same order paid twice, finds the key done)::
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -40,7 +46,7 @@ from google.cloud import ndb
 
 from ._config import settings
 from ._datastore import ndb_context
-from ._model import DeferredModel
+from ._model import DeferredModel, is_key_name
 from .context import current_task
 from .errors import DuplicateDeliveryRunning
 
@@ -63,7 +69,16 @@ def _marker_key(func: Callable, key: str | None) -> ndb.Key | None:
         if task is None:
             return None
         key = f"{task.queue}/{task.name}"
-    return ndb.Key(DeferredDone, f"{_name(func)}:{key}")
+    function = _name(func)
+    name = f"{function}:{key}"
+    if not is_key_name(name):
+        digest = hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()
+        name = f"{function[:_FUNCTION_CHARS]}:sha256:{digest}"
+    return ndb.Key(DeferredDone, name)
+
+
+#: Enough of a function's name for a hashed key's marker to stay under 1,500 bytes.
+_FUNCTION_CHARS = 300
 
 
 def _name(func: Callable) -> str:

@@ -16,7 +16,10 @@ on the local stack::
    to come free. The repair is noted on the record in a transaction, and only if the record is
    still the one the sweep read: a task that ran (or failed) meanwhile stays done.
 2. Dead letters and permanent failures older than the retention period are deleted, with
-   their payloads, and so are the done markers of spilled tasks older than a week.
+   their payloads, and so are the done markers of spilled tasks older than a week, and the
+   chunks of payloads whose write never finished (a process that died between the commits of
+   a payload over ``commit_bytes``, before its record; a transaction that never committed),
+   an hour after it started.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class SweepReport:
     purged_payloads: int = 0
     purged_failures: int = 0
     purged_done_markers: int = 0
+    #: Payloads whose write never finished (a crash between commits): their chunks deleted.
+    purged_unfinished: int = 0
     #: Metrics series whose window totals aged, and series quiet for 8 days (deleted).
     refreshed_metrics: int = 0
     purged_metrics: int = 0
@@ -63,8 +68,8 @@ class SweepReport:
 
 
 def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport:
-    """One pass: re-enqueue stuck payloads, purge expired dead letters and done markers; reads at
-    most 4 batches."""
+    """One pass: re-enqueue stuck payloads, purge expired dead letters, done markers and
+    unfinished writes; reads at most 5 batches (and the records of unfinished writes)."""
     now = now or spillover.now()
     report = SweepReport()
     with ndb_context():
@@ -184,3 +189,4 @@ def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> N
     doomed += done_markers
     if doomed:
         ndb.delete_multi(doomed)
+    report.purged_unfinished = spillover.purge_unfinished(now, batch)
