@@ -102,6 +102,9 @@ SCATTER_OVERSAMPLE = 128
 PLAN_SCAN_LIMIT = 100_000
 #: A job's pickled query and functions live in its record: an entity holds at most 1 MiB.
 MAX_SPEC_BYTES = 900_000
+#: Entities one once_per_entity() call takes: with their markers, one commit of at most 500
+#: writes (Datastore's limit per Commit).
+ONCE_MAX_BATCH = 250
 #: Where a job's records (and once_per_entity's markers) are kept, whatever namespace the
 #: caller's context is in: the default namespace, with gae_deferred's other records.
 RECORDS_NAMESPACE = ""
@@ -934,8 +937,8 @@ def once_per_entity(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     entities deleted meanwhile are left out), skips those already marked done for this job,
     calls ``fn`` with the rest — one entity, or a list when the job is ``batched`` — and
     commits a ``_DeferredDone`` marker per entity together with ``fn``'s own writes. A batch
-    and its markers share one commit: keep ``batch_size`` at 200 or under. Works only inside
-    an iterate() job.
+    and its markers share one commit: at most :data:`ONCE_MAX_BATCH` entities a call. Works
+    only inside an iterate() job.
     """
 
     def wrapper(arg: Any) -> Any:
@@ -944,6 +947,12 @@ def once_per_entity(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
             raise DeferError("once_per_entity() functions run inside an iterate() job")
         batched = isinstance(arg, list)
         keys = [_key_of(item) for item in (arg if batched else [arg])]
+        if len(keys) > ONCE_MAX_BATCH:
+            raise DeferError(
+                f"once_per_entity() takes at most {ONCE_MAX_BATCH} entities a call (a batch and "
+                f"its markers share one commit of at most 500 writes), not {len(keys)}: "
+                "lower the job's batch_size"
+            )
         markers = [
             ndb.Key(DeferredDone, f"{job_id}:{_marker_id(key)}", namespace=RECORDS_NAMESPACE)
             for key in keys

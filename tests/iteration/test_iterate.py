@@ -551,6 +551,19 @@ def test_a_queue_missing_from_queue_yaml_is_refused_before_anything_is_written(n
     assert iteration.DeferredJob.query().fetch() == []
 
 
+def test_once_per_entity_refuses_a_batch_its_commit_could_not_hold(ndb_emulator):
+    make_items(260)
+    with capture_tasks() as queue:
+        job = gae_deferred.iterate(
+            Item.query(), jobs_support.bump_once, batched=True, shards=1, batch_size=260
+        )
+        with pytest.raises(gae_deferred.DeferError, match="at most 250 entities a call"):
+            _run_some(queue, 2)
+        queue.clear()
+    assert set(_seen().values()) == {0}
+    assert iteration.job_shards(job.id)[0].processed == 0
+
+
 def test_once_per_entity_outside_a_job_is_an_error(ndb_emulator):
     [key] = make_items(1)
     with pytest.raises(gae_deferred.DeferError, match="inside an iterate"):
