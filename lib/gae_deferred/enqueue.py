@@ -446,7 +446,7 @@ def write_outside_transaction(entities: spillover.Payloads) -> None:
             return
         size = sum(record.stored_bytes or 0 for record, _ in entities)
         what = f"{len(entities)} spilled payload(s) of {size:,} bytes"
-        if not _ndb_rpc.is_transient(exc):
+        if _ndb_rpc.is_refusal(exc):
             raise DatastoreRefusedError(f"Datastore refused to store {what}: {exc}") from exc
         raise DatastoreUnavailableError(f"could not store {what}: {exc}") from exc
 
