@@ -1,11 +1,15 @@
 # Everything a fresh clone needs, with only Python 3.11 and make installed:
 #   make run    the app + Datastore and Cloud Tasks emulators (Ctrl-C stops them)
-#   make test   every test, end-to-end, browser and slow (load, fault) ones included
+#   make test   every test on Python 3.11, end-to-end, browser and slow (load, fault) ones
+#               included, then all but the browser and slow ones on 3.12 and 3.13, each in
+#               its own venv (.venv-3.12, .venv-3.13); a Python this machine lacks is named
+#               in one line, at the end too (tests/pythons.py)
+#   make test PYTHON=python3.13   every test on that one Python only
 #   make test-fast  the in-process tests only, for the edit-test loop
 #   make lint   ruff check + ruff format --check
 #   make bench  the benchmarks
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 # Re-installs when a requirements file is newer than the last install.
 STAMP := $(VENV)/.installed
@@ -27,12 +31,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 run: $(STAMP)
 	$(BIN)/gae-deferred-dev app.yaml
 
-# The browser tests need Chromium: find one (or install it) first, and stop with one line
+# tests/pythons.py builds each version's venv with `make venv` and runs its tests; the
+# browser tests need Chromium: it finds one (or installs it) first, and stops with one line
 # saying what to install when that is not possible.
-test: $(STAMP)
-	@chromium="$$($(BIN)/python tests/browser/chromium.py --install)" || exit 1; \
-	echo "browser tests: $$chromium"; \
-	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m pytest
+test:
+	@python3 tests/pythons.py $(if $(filter command line,$(origin PYTHON)),--only $(PYTHON))
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e and not browser and not slow" --ignore=tests/reliability
@@ -50,4 +53,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) .venv-bench-legacy
+	rm -rf $(VENV) .venv-3.* .venv-bench-legacy

@@ -82,6 +82,13 @@ class Settings:
     metrics_enabled: bool = True
     #: Each process writes its metrics at most once per this many seconds.
     metrics_flush_seconds: float = 60
+    #: On App Engine, the version and service this process runs as (GAE_VERSION, GAE_SERVICE).
+    running_version: str | None = None
+    running_service: str | None = None
+    #: defer() routes a task to the version (and service) that made it, as the legacy task
+    #: queue did with the enqueuing request's Host, unless the call routes it itself
+    #: (_target, _service, _version, _instance). GAE_DEFERRED_VERSION_AFFINITY=0 turns it off.
+    version_affinity: bool = True
 
 
 _lock = threading.Lock()
@@ -119,6 +126,9 @@ def _from_environment() -> Settings:
         cron_token=env.get("GAE_DEFERRED_CRON_TOKEN") or None,
         metrics_enabled=env.get("GAE_DEFERRED_METRICS", "1") != "0",
         metrics_flush_seconds=_number(env, "GAE_DEFERRED_METRICS_FLUSH_SECONDS", float) or 60.0,
+        running_version=env.get("GAE_VERSION") or None,
+        running_service=env.get("GAE_SERVICE") or None,
+        version_affinity=_flag(env, "GAE_DEFERRED_VERSION_AFFINITY", True),
     )
     _validate(current)
     return current
@@ -128,6 +138,15 @@ def _queue_yaml_beside_app() -> str | None:
     """App Engine runs an app from its folder, where queue.yaml sits beside app.yaml."""
     path = os.path.abspath("queue.yaml")
     return path if os.path.isfile(path) else None
+
+
+def _flag(env: Any, name: str, default: bool) -> bool:
+    text = env.get(name, "")
+    if text == "":
+        return default
+    if text not in ("0", "1"):
+        raise ConfigurationError(f"{name} must be 1 or 0, not {text!r}")
+    return text == "1"
 
 
 def _number(env: Any, name: str, kind: type[int] | type[float]) -> Any:
