@@ -34,8 +34,10 @@ run: $(STAMP)
 # tests/pythons.py builds each version's venv with `make venv` and runs its tests; the
 # browser tests need Chromium: it finds one (or installs it) first, and stops with one line
 # saying what to install when that is not possible.
+# Any Python runs it (standard library only): the venv's when there is one.
 test:
-	@python3 tests/pythons.py $(if $(filter command line,$(origin PYTHON)),--only $(PYTHON))
+	@$(firstword $(wildcard $(BIN)/python) python3) tests/pythons.py --make "$(MAKE)" \
+		$(if $(filter command line,$(origin PYTHON)),--only $(PYTHON))
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e and not browser and not slow" --ignore=tests/reliability

@@ -54,7 +54,11 @@ def _reported_version(command: str) -> str | None:
 
 
 def find_python(version: str, path: str | None = None, pyenv_root: str | None = None) -> str | None:
-    """An interpreter of ``version`` (e.g. "3.12"): ``pythonX.Y`` on PATH, else pyenv's."""
+    """An interpreter of ``version`` (e.g. "3.12"): its venv's (unless ``path`` is given),
+    ``pythonX.Y`` on PATH, else pyenv's."""
+    made = os.path.join(ROOT, venv_dir(version), "bin", "python")
+    if path is None and os.path.exists(made) and _reported_version(made) == version:
+        return made
     on_path = shutil.which(f"python{version}", path=path)
     if on_path and _reported_version(on_path) == version:
         return on_path
@@ -101,11 +105,11 @@ def _say(text: str) -> None:
     print(f"make test: {text}", flush=True)
 
 
-def run_suite(run: Run, extra: list[str]) -> int:
-    """Build the version's venv and run its tests; pytest's exit status."""
+def run_suite(run: Run, extra: list[str], make: str = "make") -> int:
+    """Build the version's venv (``make venv``) and run its tests; pytest's exit status."""
     venv = venv_dir(run.version)
     subprocess.run(
-        ["make", "-s", "venv", f"PYTHON={run.python}", f"VENV={venv}"], cwd=ROOT, check=True
+        [make, "-s", "venv", f"PYTHON={run.python}", f"VENV={venv}"], cwd=ROOT, check=True
     )
     python = os.path.join(ROOT, venv, "bin", "python")
     env = dict(os.environ)
@@ -142,6 +146,7 @@ def summary(runs: list[Run]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="one interpreter (command or path): every test on it")
+    parser.add_argument("--make", default="make", help="the make that runs this (its $(MAKE))")
     options, extra = parser.parse_known_args(argv)
     runs = plan(options.only)
     for run in runs:
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if run.python is None:
             continue
-        code = run_suite(run, extra)
+        code = run_suite(run, extra, options.make)
         run.outcome = "passed" if code == 0 else f"FAILED (pytest exit status {code})"
         status = status or code
     for line in summary(runs):
