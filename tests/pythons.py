@@ -29,6 +29,9 @@ OTHERS = ("3.12", "3.13")
 #: Those drive Chromium and long load runs against the same server code the end-to-end and
 #: install suites already start under each Python (README, "Python versions").
 PART = "not browser and not slow"
+SUPPORTED = (PRIMARY, *OTHERS)
+#: Runs envelopes between this Python and the others' venvs.
+CROSS_TEST = "tests/test_cross_python.py"
 
 
 @dataclasses.dataclass
@@ -88,6 +91,15 @@ def venv_dir(version: str) -> str:
     return ".venv" if version == PRIMARY else f".venv-{version}"
 
 
+def _venvs() -> list[str]:
+    """The supported versions whose venv is built."""
+    return [
+        version
+        for version in SUPPORTED
+        if os.path.exists(os.path.join(ROOT, venv_dir(version), "bin", "python"))
+    ]
+
+
 def plan(only: str | None) -> list[Run]:
     """What to run: ``only`` (a command or path) whole, else every supported version."""
     if only:
@@ -105,12 +117,17 @@ def _say(text: str) -> None:
     print(f"make test: {text}", flush=True)
 
 
-def run_suite(run: Run, extra: list[str], make: str = "make") -> int:
-    """Build the version's venv (``make venv``) and run its tests; pytest's exit status."""
+def build_venv(run: Run, make: str = "make") -> None:
+    """The version's venv, by ``make venv`` (a no-op when it is up to date)."""
     venv = venv_dir(run.version)
     subprocess.run(
         [make, "-s", "venv", f"PYTHON={run.python}", f"VENV={venv}"], cwd=ROOT, check=True
     )
+
+
+def run_suite(run: Run, extra: list[str]) -> int:
+    """Run the version's tests in its venv; pytest's exit status."""
+    venv = venv_dir(run.version)
     python = os.path.join(ROOT, venv, "bin", "python")
     env = dict(os.environ)
     command = [python, "-m", "pytest", *extra]
@@ -152,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if run.python is None:
             _say(how_to_get(run.version))
+    found = [run for run in runs if run.python is not None]
+    # Every venv first: the cross-Python test of each run uses the others'.
+    for run in found:
+        build_venv(run, options.make)
+    if len(found) < 2 and len(_venvs()) < 2:
+        extra = [*extra, f"--ignore={CROSS_TEST}"]
+        _say(f"{CROSS_TEST} did not run: it needs two of Python {', '.join(SUPPORTED)}")
     status = 0
-    for run in runs:
-        if run.python is None:
-            continue
-        code = run_suite(run, extra, options.make)
+    for run in found:
+        code = run_suite(run, extra)
         run.outcome = "passed" if code == 0 else f"FAILED (pytest exit status {code})"
         status = status or code
     for line in summary(runs):

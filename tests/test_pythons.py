@@ -47,8 +47,9 @@ def test_a_missing_python_is_named_in_one_line_first_and_last_and_the_others_run
     monkeypatch.setattr(
         pythons, "find_python", lambda version: None if version == "3.13" else f"/py{version}"
     )
+    monkeypatch.setattr(pythons, "build_venv", lambda run, make: None)
     monkeypatch.setattr(
-        pythons, "run_suite", lambda run, extra, make: ran.append((run.version, run.whole)) or 0
+        pythons, "run_suite", lambda run, extra: ran.append((run.version, run.whole)) or 0
     )
     assert pythons.main(["-x"]) == 0
     assert ran == [("3.11", True), ("3.12", False)]
@@ -64,9 +65,8 @@ def test_a_missing_python_is_named_in_one_line_first_and_last_and_the_others_run
 
 def test_a_failed_run_fails_make_test_and_says_which(monkeypatch, capsys):
     monkeypatch.setattr(pythons, "find_python", lambda version: f"/py{version}")
-    monkeypatch.setattr(
-        pythons, "run_suite", lambda run, extra, make: 1 if run.version == "3.12" else 0
-    )
+    monkeypatch.setattr(pythons, "build_venv", lambda run, make: None)
+    monkeypatch.setattr(pythons, "run_suite", lambda run, extra: 1 if run.version == "3.12" else 0)
     assert pythons.main([]) == 1
     out = capsys.readouterr().out
     assert "Python 3.12 (-m 'not browser and not slow'): FAILED (pytest exit status 1)" in out
@@ -75,6 +75,20 @@ def test_a_failed_run_fails_make_test_and_says_which(monkeypatch, capsys):
 
 def test_only_runs_that_one_python_whole():
     (run,) = pythons.plan(sys.executable)
-    assert (run.version, run.whole) == ("%d.%d" % sys.version_info[:2], True)
+    assert (run.version, run.whole) == (f"{sys.version_info.major}.{sys.version_info.minor}", True)
     with pytest.raises(SystemExit, match="PYTHON=no-such-python does not run"):
         pythons.plan("no-such-python")
+
+
+def test_with_one_python_the_cross_python_test_is_left_out_and_named(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(
+        pythons, "find_python", lambda version: "/py3.11" if version == "3.11" else None
+    )
+    monkeypatch.setattr(pythons, "build_venv", lambda run, make: None)
+    monkeypatch.setattr(pythons, "run_suite", lambda run, extra: ran.append(extra) or 0)
+    monkeypatch.setattr(pythons, "_venvs", lambda: ["3.11"])
+    assert pythons.main([]) == 0
+    assert ran == [["--ignore=tests/test_cross_python.py"]]
+    out = capsys.readouterr().out
+    assert "tests/test_cross_python.py did not run: it needs two of Python 3.11, 3.12, 3.13" in out

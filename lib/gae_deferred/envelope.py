@@ -654,10 +654,22 @@ def load_call(envelope: Envelope) -> tuple[Callable, tuple, dict]:
     A payload that cannot load in this runtime (a function renamed since, a newer pickle
     protocol, a missing module) raises PayloadLoadError naming both runtimes' versions.
     """
+    header = envelope.header
+    written = header.get("python")
+    if header.get("serializer") == "cloudpickle" and _minor(written) != _minor(PYTHON_VERSION):
+        # cloudpickle is used for what plain pickle cannot store by reference: code by value.
+        # Bytecode is per minor release, and CPython runs a foreign code object as it is: it
+        # crashes the process (a segfault, measured 3.11 <-> 3.13) instead of raising. So such
+        # a payload is never unpickled under another minor release.
+        raise VersionSkewError(
+            f"version skew: cannot load payload of {envelope.function}: it holds code pickled "
+            f"by value (a lambda, closure or local class) under Python {written}, whose "
+            f"bytecode this runtime, Python {PYTHON_VERSION}, cannot run; retry it on app "
+            f"version {header.get('app_version')}, which made it (docs/migration.md)"
+        )
     try:
         obj, args, kwargs = pickle.loads(envelope.body)
     except Exception as exc:
-        header = envelope.header
         written = (header.get("python"), header.get("cloudpickle"), header.get("app_version"))
         here = (PYTHON_VERSION, CLOUDPICKLE_VERSION, settings().app_version)
         skew = _minor(written[0]) != _minor(here[0]) or written[1:] != here[1:]
