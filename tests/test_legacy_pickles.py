@@ -200,3 +200,20 @@ def test_every_refused_delivery_is_counted_per_reason_and_written(app):
     ]
     # What is written is not counted twice.
     assert refusals.summary()["total"] == 5
+
+
+def test_a_legacy_body_that_cannot_load_is_dead_and_refused_for_retrigger(draining):
+    from gae_deferred import admin
+    from gae_deferred.errors import Conflict
+
+    # Protocol 2, as python27 wrote it, naming a module this app no longer has.
+    body = b"\x80\x02cno_such_module\nwork\nq\x00)}q\x01\x87q\x02."
+    assert legacy_pickles.is_legacy_pickle(body)
+    answer = draining.post("/_ah/queue/deferred", body, headers=headers("legacy-7"))
+    assert answer.status_int == 200
+    record = failures.get(failures.failure_id("default", "legacy-7"))
+    assert record.state == FailureState.DEAD
+    assert record.exception_type == "gae_deferred.errors.PayloadLoadError"
+    assert "python27 deferred library" in record.message
+    with pytest.raises(Conflict, match="python27 pickle that does not load here"):
+        admin.retrigger_failure(record.key.id(), "admin@example.com")

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.cloud import ndb
 
-from .. import audit, cloud_tasks, enqueue, failures, spillover
+from .. import audit, cloud_tasks, enqueue, envelope, failures, spillover
 from .._config import settings
 from .._model import MAX_INDEXED_CHARS
 from ..errors import (
@@ -161,6 +161,11 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
         body = failures.get_payload(record_id)
         if body is None:
             raise Conflict(f"failure {record_id} kept no payload to retry")
+        if not body.startswith(envelope.MAGIC):
+            raise Conflict(
+                f"failure {record_id} kept a python27 pickle that does not load here, not an "
+                "envelope: it cannot be retried (dismiss or delete it)"
+            )
         name = cloud_tasks.new_task_name("r")
         _cloud_tasks(
             lambda: enqueue.enqueue_envelope(
