@@ -79,3 +79,17 @@ def test_a_version_skew_failure_is_retried_on_the_version_that_made_it(app, monk
     assert done.status_int == 303
     (task,) = queued_tasks("default")
     assert task.app_engine_http_request.app_engine_routing.version == "v1"
+
+
+def test_a_python27_body_outside_the_drain_is_shown_as_a_legacy_pickle_refusal(app):
+    from tests.test_legacy_pickles import BODIES
+
+    refusals.discard_pending()
+    task = {"X-AppEngine-QueueName": "reports", "X-AppEngine-TaskName": "from-python27"}
+    app.post("/_ah/queue/deferred", BODIES["spilled"], headers=task, status=403)
+    page = app.get(f"{P}/refused")
+    assert "legacy pickle outside the drain window" in page.text
+    assert "from-python27" in page.text and "reports" in page.text
+    assert "configure legacy_pickles_until" in page.text
+    [example] = app.get(f"{P}/api/refused").json["examples"]
+    assert (example["reason"], example["queue"]) == ("legacy-pickle", "reports")
