@@ -25,10 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The Python the whole suite runs on, and the others that repeat part of it.
 PRIMARY = "3.11"
 OTHERS = ("3.12", "3.13")
-#: What 3.12 and 3.13 repeat: everything but the browser and the slow (load, fault) suites.
-#: Those drive Chromium and long load runs against the same server code the end-to-end and
-#: install suites already start under each Python (README, "Python versions").
+#: What 3.12 and 3.13 repeat: everything but the browser suite, the slow (load) runs and the
+#: fault injection, which drive Chromium, load and process kills against the same server code
+#: the end-to-end and install suites already start under each Python (README, "Python
+#: versions").
 PART = "not browser and not slow"
+PART_IGNORES = ("tests/reliability/test_faults.py",)
 SUPPORTED = (PRIMARY, *OTHERS)
 #: Runs envelopes between this Python and the others' venvs.
 CROSS_TEST = "tests/test_cross_python.py"
@@ -143,9 +145,13 @@ def run_suite(run: Run, extra: list[str]) -> int:
         env["GAE_DEFERRED_CHROMIUM"] = chromium.stdout.strip()
         _say(f"Python {run.version}: every test; browser tests: {env['GAE_DEFERRED_CHROMIUM']}")
     else:
-        command += ["-m", PART]
-        _say(f"Python {run.version}: the tests marked `{PART}`")
+        command += ["-m", PART, *(f"--ignore={path}" for path in PART_IGNORES)]
+        _say(f"Python {run.version}: {_part()}")
     return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
+def _part() -> str:
+    return f"-m '{PART}', without {', '.join(PART_IGNORES)}"
 
 
 def summary(runs: list[Run]) -> list[str]:
@@ -155,7 +161,7 @@ def summary(runs: list[Run]) -> list[str]:
         if run.python is None:
             lines.append(how_to_get(run.version))
         else:
-            scope = "every test" if run.whole else f"-m '{PART}'"
+            scope = "every test" if run.whole else _part()
             lines.append(f"Python {run.version} ({scope}): {run.outcome}")
     return lines
 
