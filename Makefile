@@ -35,9 +35,11 @@ run: $(STAMP)
 # browser tests need Chromium: it finds one (or installs it) first, and stops with one line
 # saying what to install when that is not possible.
 # Any Python runs it (standard library only): the venv's when there is one.
+# KEEP_VENVS=1 uses the venvs as they are, however old (tests of make test itself).
 test:
 	@$(firstword $(wildcard $(BIN)/python) python3) tests/pythons.py --make "$(MAKE)" \
-		$(if $(filter command line,$(origin PYTHON)),--only $(PYTHON))
+		$(if $(filter command line,$(origin PYTHON)),--only $(PYTHON)) \
+		$(if $(KEEP_VENVS),--keep-venvs)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e and not browser and not slow" --ignore=tests/reliability

@@ -93,13 +93,13 @@ def venv_dir(version: str) -> str:
     return ".venv" if version == PRIMARY else f".venv-{version}"
 
 
+def _venv_python(version: str) -> str:
+    return os.path.join(ROOT, venv_dir(version), "bin", "python")
+
+
 def _venvs() -> list[str]:
     """The supported versions whose venv is built."""
-    return [
-        version
-        for version in SUPPORTED
-        if os.path.exists(os.path.join(ROOT, venv_dir(version), "bin", "python"))
-    ]
+    return [version for version in SUPPORTED if os.path.exists(_venv_python(version))]
 
 
 def plan(only: str | None) -> list[Run]:
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="one interpreter (command or path): every test on it")
     parser.add_argument("--make", default="make", help="the make that runs this (its $(MAKE))")
+    parser.add_argument(
+        "--keep-venvs", action="store_true", help="use existing venvs as they are, never rebuild"
+    )
     options, extra = parser.parse_known_args(argv)
     runs = plan(options.only)
     for run in runs:
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     found = [run for run in runs if run.python is not None]
     # Every venv first: the cross-Python test of each run uses the others'.
     for run in found:
-        build_venv(run, options.make)
+        if not (options.keep_venvs and os.path.exists(_venv_python(run.version))):
+            build_venv(run, options.make)
     if len(found) < 2 and len(_venvs()) < 2:
         extra = [*extra, f"--ignore={CROSS_TEST}"]
         _say(f"{CROSS_TEST} did not run: it needs two of Python {', '.join(SUPPORTED)}")
