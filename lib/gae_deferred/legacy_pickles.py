@@ -95,12 +95,12 @@ def _run(body: bytes, task: TaskInfo) -> tuple[execution.TaskOutcome, str]:
         body=body,
         env=envelope.Envelope(header=header, body=body, flags=0, size=len(body)),
     )
+    call = None
     try:
-        obj, args, kwargs = loads(body)
+        call = loads(body)
+        obj, args, kwargs = call
         header["function"] = envelope.function_name(obj)
         header["args"] = envelope.args_preview(args, kwargs)
-        # A failure keeps the call as a signed envelope, which a retrigger can run.
-        attempt.body = envelope.build(obj, args, kwargs, origin="python27")
         logger.warning(
             "running legacy pickled task %s on %s: %s (python27 drain until %s)",
             task.name,
@@ -111,23 +111,34 @@ def _run(body: bytes, task: TaskInfo) -> tuple[execution.TaskOutcome, str]:
         with running(task):
             obj(*args, **kwargs)
     except SingularTaskFailure:
-        return execution.TaskOutcome(execution.RETRY_QUIETLY, "retry", "SingularTaskFailure"), (
-            header["function"]
-        )
+        outcome = execution.TaskOutcome(execution.RETRY_QUIETLY, "retry", "SingularTaskFailure")
     except PayloadLoadError as exc:
         logger.error("legacy pickled task %s cannot load: %s", task.name, exc)
-        return execution._record(attempt, exc, FailureState.DEAD), header["function"]
+        outcome = execution._record(attempt, exc, FailureState.DEAD)
     except PermanentTaskFailure as exc:
         logger.warning("legacy pickled task %s failed permanently: %s", task.name, exc)
-        return execution._record(attempt, exc, FailureState.PERMANENT), header["function"]
+        outcome = execution._record(_resealed(attempt, call), exc, FailureState.PERMANENT)
     except Exception as exc:
         logger.exception("legacy pickled task %s (%s) failed", task.name, header["function"])
         last = execution.is_last_attempt(task, header)
         state = FailureState.DEAD if last else FailureState.RETRYING
-        return execution._record(attempt, exc, state), header["function"]
-    if task.retry_count:
-        failures.resolve(attempt.failure_id)
-    return execution.TaskOutcome(execution.OK, "ok"), header["function"]
+        outcome = execution._record(_resealed(attempt, call), exc, state)
+    else:
+        if task.retry_count:
+            failures.resolve(attempt.failure_id)
+        outcome = execution.TaskOutcome(execution.OK, "ok")
+    return outcome, header["function"]
+
+
+def _resealed(attempt: execution._Attempt, call: tuple | None) -> execution._Attempt:
+    """The attempt, its failure to keep the call as a signed envelope that a retrigger runs on
+    this runtime (the legacy pickle itself when the call cannot be re-sealed)."""
+    if call is not None:
+        try:
+            attempt.body = envelope.build(*call, origin="python27")
+        except Exception as exc:
+            logger.warning("legacy call of %s kept as its pickle: %s", attempt.task.name, exc)
+    return attempt
 
 
 def loads(data: bytes) -> tuple[Any, tuple, dict]:
