@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,9 +106,13 @@ def _venvs() -> list[str]:
 def plan(only: str | None) -> list[Run]:
     """What to run: ``only`` (a command or path) whole, else every supported version."""
     if only:
-        python = shutil.which(only) or only
+        python: str | None = shutil.which(only) or only
         version = _reported_version(python)
-        if version is None:
+        named = re.fullmatch(r"python(3\.\d+)", os.path.basename(only))
+        if version is None and named:
+            # python3.13 on PATH may be a pyenv shim of a version that is not active.
+            version, python = named.group(1), find_python(named.group(1))
+        if python is None or _reported_version(python) is None:
             raise SystemExit(f"make test: PYTHON={only} does not run")
         return [Run(version, python, whole=True)]
     runs = [Run(PRIMARY, find_python(PRIMARY), whole=True)]

@@ -94,3 +94,15 @@ def test_with_one_python_the_cross_python_test_is_left_out_and_named(monkeypatch
     assert ran == [["--ignore=tests/test_cross_python.py"]]
     out = capsys.readouterr().out
     assert "tests/test_cross_python.py did not run: it needs two of Python 3.11, 3.12, 3.13" in out
+
+
+def test_python3_13_names_a_version_even_where_its_command_is_an_inactive_shim(
+    tmp_path, monkeypatch
+):
+    _interpreter(tmp_path / "shims/python3.13", None)
+    real = _interpreter(tmp_path / "pyenv/versions/3.13.0/bin/python3.13", "3.13")
+    monkeypatch.setenv("PATH", str(tmp_path / "shims"))
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    monkeypatch.setattr(pythons, "ROOT", str(tmp_path))  # no venv of its own yet
+    (run,) = pythons.plan("python3.13")
+    assert (run.version, run.python, run.whole) == ("3.13", str(real), True)
