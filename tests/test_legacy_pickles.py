@@ -217,3 +217,15 @@ def test_a_legacy_body_that_cannot_load_is_dead_and_refused_for_retrigger(draini
     assert "python27 deferred library" in record.message
     with pytest.raises(Conflict, match="python27 pickle that does not load here"):
         admin.retrigger_failure(record.key.id(), "admin@example.com")
+
+
+def test_configure_takes_a_day_as_text_or_a_date_and_refuses_anything_else():
+    assert gae_deferred.configure(legacy_pickles_until="2027-01-31").legacy_pickles_until == (
+        datetime.date(2027, 1, 31)
+    )
+    day = datetime.date(2027, 2, 1)
+    assert gae_deferred.configure(legacy_pickles_until=day).legacy_pickles_until == day
+    assert gae_deferred.configure(legacy_pickles_until=None).legacy_pickles_until is None
+    for wrong in ("31/01/2027", datetime.datetime(2027, 1, 31, 12)):
+        with pytest.raises(ConfigurationError, match="must be a day"):
+            gae_deferred.configure(legacy_pickles_until=wrong)
