@@ -1,5 +1,7 @@
 """`make test` on every supported Python: the whole suite on the first, a part on the others.
 
+The whole run goes on with the suites on Google's emulators (tests/google_legs.py).
+
     python3 tests/pythons.py                    # make test: 3.11 whole, 3.12 and 3.13 in part
     python3 tests/pythons.py --only python3.13  # make test PYTHON=python3.13: that one, whole
 
@@ -132,6 +134,11 @@ def build_venv(run: Run, make: str = "make") -> None:
     )
 
 
+def check_google_legs(python: str) -> None:
+    """Name the Google emulator legs this machine cannot run, before the tests (and after)."""
+    subprocess.run([python, "-m", "tests.google_legs", "--check"], cwd=ROOT)
+
+
 def run_suite(run: Run, extra: list[str]) -> int:
     """Run the version's tests in its venv; pytest's exit status."""
     venv = venv_dir(run.version)
@@ -152,7 +159,12 @@ def run_suite(run: Run, extra: list[str]) -> int:
     else:
         command += ["-m", PART, *(f"--ignore={path}" for path in PART_IGNORES)]
         _say(f"Python {run.version}: {_part()}")
-    return subprocess.run(command, cwd=ROOT, env=env).returncode
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    if not run.whole:
+        return code
+    # The whole run goes on with the Google emulator legs, also when it failed.
+    google = subprocess.run([python, "-m", "tests.google_legs", *extra], cwd=ROOT, env=env)
+    return code or google.returncode
 
 
 def _part() -> str:
@@ -191,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(found) < 2 and len(_venvs()) < 2:
         extra = [*extra, f"--ignore={CROSS_TEST}"]
         _say(f"{CROSS_TEST} did not run: it needs two of Python {', '.join(SUPPORTED)}")
+    whole = [run for run in found if run.whole]
+    if whole:
+        check_google_legs(_venv_python(whole[0].version))
     status = 0
     for run in found:
         code = run_suite(run, extra)

@@ -50,6 +50,7 @@ def test_a_missing_python_is_named_in_one_line_first_and_last_and_the_others_run
         pythons, "find_python", lambda version: None if version == "3.13" else f"/py{version}"
     )
     monkeypatch.setattr(pythons, "build_venv", lambda run, make: None)
+    monkeypatch.setattr(pythons, "check_google_legs", lambda python: None)
     monkeypatch.setattr(
         pythons, "run_suite", lambda run, extra: ran.append((run.version, run.whole)) or 0
     )
@@ -68,6 +69,7 @@ def test_a_missing_python_is_named_in_one_line_first_and_last_and_the_others_run
 def test_a_failed_run_fails_make_test_and_says_which(monkeypatch, capsys):
     monkeypatch.setattr(pythons, "find_python", lambda version: f"/py{version}")
     monkeypatch.setattr(pythons, "build_venv", lambda run, make: None)
+    monkeypatch.setattr(pythons, "check_google_legs", lambda python: None)
     monkeypatch.setattr(pythons, "run_suite", lambda run, extra: 1 if run.version == "3.12" else 0)
     assert pythons.main([]) == 1
     out = capsys.readouterr().out
@@ -88,6 +90,7 @@ def test_with_one_python_the_cross_python_test_is_left_out_and_named(monkeypatch
         pythons, "find_python", lambda version: "/py3.11" if version == "3.11" else None
     )
     monkeypatch.setattr(pythons, "build_venv", lambda run, make: None)
+    monkeypatch.setattr(pythons, "check_google_legs", lambda python: None)
     monkeypatch.setattr(pythons, "run_suite", lambda run, extra: ran.append(extra) or 0)
     monkeypatch.setattr(pythons, "_venvs", lambda: ["3.11"])
     assert pythons.main([]) == 0
