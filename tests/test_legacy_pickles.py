@@ -229,3 +229,22 @@ def test_configure_takes_a_day_as_text_or_a_date_and_refuses_anything_else():
     for wrong in ("31/01/2027", datetime.datetime(2027, 1, 31, 12)):
         with pytest.raises(ConfigurationError, match="must be a day"):
             gae_deferred.configure(legacy_pickles_until=wrong)
+
+
+def test_a_forked_worker_counts_and_writes_on_its_own(app):
+    import os
+
+    refusals.record("unsigned", None, "before the fork")
+    assert refusals._pending.timer is not None  # armed in the parent
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: no parent's counts, and its own timer when it counts
+        fresh = refusals._pending.counts == {} and refusals._pending.timer is None
+        refusals.record("unsigned", None, "in the worker")
+        armed = refusals._pending.timer is not None
+        refusals.discard_pending()
+        os.write(write, b"ok" if fresh and armed else b"no")
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 2) == b"ok"
+    assert refusals.summary()["counts"]["unsigned"] == 1

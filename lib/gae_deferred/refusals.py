@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -76,6 +77,16 @@ class _Pending:
 
 
 _pending = _Pending()
+
+
+def _forked() -> None:
+    """A forked child (a gunicorn worker) starts its own counts: its parent's timer thread did
+    not come along, and the parent writes what it counted itself."""
+    global _pending
+    _pending = _Pending()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def record(reason: str, task: TaskInfo | None, message: str) -> None:
