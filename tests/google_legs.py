@@ -126,7 +126,7 @@ NOT_ON_DATASTORE: dict[str, str] = {
 _NOT_ON = {"firestore": NOT_ON_FIRESTORE, "datastore": NOT_ON_DATASTORE}
 
 #: Fixtures that only exist on the in-memory stub: tests using them leave the Google legs.
-STUB_ONLY_FIXTURES = {"datastore_commits": _STUB_SPY}
+STUB_ONLY_FIXTURES = {"datastore_commits": _STUB_SPY, "rpc_counter": _STUB_SPY}
 #: Fixtures that reach Datastore: an in-process test without any of them never does.
 DATASTORE_FIXTURES = {
     "ndb_stub",
