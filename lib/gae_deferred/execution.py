@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 import traceback
+import uuid
 from typing import Any
 
 from google.cloud import ndb
@@ -26,6 +27,7 @@ from ._config import settings
 from ._datastore import ndb_context
 from .context import TaskInfo, running
 from .errors import (
+    DuplicateDeliveryRunning,
     PayloadLoadError,
     PermanentTaskFailure,
     SingularTaskFailure,
@@ -151,7 +153,7 @@ def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
 #: writer's commit not yet visible): the task is retried rather than failed for good.
 SPILL_VISIBILITY_GRACE_SECONDS = 60
 #: Outcomes of a task whose function was not called: not counted in the metrics.
-_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible"})
+_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible", "claimed"})
 
 
 @dataclasses.dataclass
@@ -175,6 +177,8 @@ class _Attempt:
         return named or failures.failure_id(self.task.queue, self.task.name)
 
     outer_failure_id: str | None = None
+    #: The claim this attempt holds on its spilled payload (see spillover.claim).
+    claim: str | None = None
 
 
 def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
@@ -239,8 +243,12 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
         obj, args, kwargs = envelope.load_call(attempt.env)
         with running(task):
             obj(*args, **kwargs)
+    except DuplicateDeliveryRunning as exc:
+        logger.info("task %s: duplicate delivery while the first runs: %s", task.name, exc)
+        return TaskOutcome(UNAVAILABLE, "claimed", str(exc))
     except SingularTaskFailure:
         logger.debug("task %s asked to be retried", task.name)
+        _release(attempt)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
     except SpilledPayloadMissing as exc:
         return _missing(attempt, exc)
@@ -269,6 +277,15 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     """Read and verify the spilled payload; an outcome when this task must not run it."""
     payload_id, chunks = spillover.parse_ref(attempt.header)
     stored_bytes = attempt.header["ref"].get("stored_bytes")
+    # The claim first: a duplicate delivery while this one runs stops here, before the
+    # payload is read (DuplicateDeliveryRunning), and one after it finished finds no record.
+    token = uuid.uuid4().hex
+    if spillover.claim(payload_id, attempt.task.name, token) is None:
+        logger.warning(
+            "task %s: payload %s belongs to another task now", attempt.task.name, payload_id
+        )
+        return TaskOutcome(OK, "superseded", "payload moved to another task")
+    attempt.claim = token
     record, inner = spillover.load(payload_id, chunks, stored_bytes)
     if record.task_name and record.task_name != attempt.task.name:
         # A retrigger or the sweeper moved the payload to another task; that one runs it.
@@ -282,6 +299,13 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     attempt.record, attempt.body = record, inner
     attempt.env = envelope.open_envelope(inner)
     return None
+
+
+def _release(attempt: _Attempt) -> None:
+    """Give up this attempt's claim on its spilled payload: it ends without finishing the
+    task, and the retry must not wait for the claim to run out."""
+    if attempt.claim is not None and attempt.record is not None:
+        spillover.release(attempt.record.key.id(), attempt.task.name, attempt.claim)
 
 
 def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:
@@ -325,6 +349,8 @@ def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskO
             state=PayloadState(state.value),
             updated=now,
             attempts=(attempt.record.attempts or 0) + 1,
+            claim=None,
+            claimed_until=None,
         )
         entities.append(attempt.record)
     elif existing is None:
