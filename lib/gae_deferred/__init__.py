@@ -60,6 +60,7 @@ if TYPE_CHECKING:
         TaskAlreadyExistsError,
         TaskFailed,
         UnverifiedEnvelope,
+        VersionSkewError,
     )
     from .execution import TaskOutcome, execute_task, run, set_log_level
     from .failures import FailureState
@@ -118,6 +119,7 @@ _EXPORTS = {
     "TaskAlreadyExistsError": ".errors",
     "TaskFailed": ".errors",
     "UnverifiedEnvelope": ".errors",
+    "VersionSkewError": ".errors",
     "TaskOutcome": ".execution",
     "execute_task": ".execution",
     "run": ".execution",
@@ -211,6 +213,7 @@ __all__ = [
     "TaskInfo",
     "TaskOutcome",
     "UnverifiedEnvelope",
+    "VersionSkewError",
     "application",
     "batch",
     "cancel_job",
