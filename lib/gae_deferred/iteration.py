@@ -708,8 +708,18 @@ def _commit(
     job_key = job.key
     shard_key = shard.key
 
+    # The job's state is read outside the transaction: a batch commit then locks its shard
+    # only, not the job every shard shares (Datastore locks what a transaction reads). The
+    # job is read inside only where it is written: a shard's end, or a cancelled job's totals.
+    seen = job_key.get()
+    if seen is None:
+        raise _Stop
+
     def commit() -> bool:
-        current_job, current = ndb.get_multi([job_key, shard_key])
+        if finished or (seen.state == JobState.CANCELLED and progress):
+            current_job, current = ndb.get_multi([job_key, shard_key])
+        else:
+            current_job, current = seen, shard_key.get()
         if current_job is None or current is None or current.done or current.chain != shard.chain:
             return False
         if progress:
@@ -725,8 +735,7 @@ def _commit(
         job_changed = finished
         if current_job.state == JobState.CANCELLED and progress:
             # The job's totals were taken when it was cancelled; this batch was under way.
-            current_job.processed += progress.processed
-            current_job.failed += len(progress.failures)
+            _store_totals(current_job, current)
             job_changed = True
         if finished:
             current.done = True
