@@ -6,8 +6,11 @@ Tests hand in a stub client with ``configure(ndb_client=...)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from google.cloud import ndb
@@ -80,3 +83,39 @@ class ndb_context:
             if not clean:
                 _thread_contexts.context = None
             _ndb_rpc.exit_context()
+
+
+#: Where legacy ``namespace_manager`` kept the namespace of a request (set_namespace() wrote
+#: it; App Engine set the default one from the request).
+NAMESPACE_ENVIRON = ("HTTP_X_APPENGINE_CURRENT_NAMESPACE", "HTTP_X_APPENGINE_DEFAULT_NAMESPACE")
+
+
+def current_namespace() -> str:
+    """The Datastore namespace the caller works in, which a task deferred now runs in.
+
+    The current ndb context's namespace where one is set on the context; else the legacy
+    ``namespace_manager`` environment value where one is set; else the ndb client's namespace;
+    ``""`` is the default namespace.
+    """
+    context = ndb.get_context(raise_context_error=False)
+    if context is not None and context.namespace is not ndb.key.UNDEFINED:
+        return context.namespace or ""
+    for name in NAMESPACE_ENVIRON:
+        value = os.environ.get(name)
+        if value is not None:
+            return value
+    if context is not None:
+        return context.client.namespace or ""
+    return ""
+
+
+@contextlib.contextmanager
+def in_namespace(namespace: str) -> Iterator[None]:
+    """Run the block in the current ndb context with ``namespace`` as its namespace (the same
+    cache, batches and transaction: only the namespace differs)."""
+    context = ndb.get_context()
+    if (context.get_namespace() or "") == namespace:
+        yield
+        return
+    with context.new(namespace=namespace).use():
+        yield

@@ -28,7 +28,7 @@ from google.cloud import ndb, tasks_v2
 
 from . import cloud_tasks, envelope, spillover, tracing
 from ._config import settings
-from ._datastore import ndb_context
+from ._datastore import current_namespace, ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
     DatastoreUnavailableError,
@@ -208,6 +208,10 @@ def prepare_call(
     trace = tracing.current()
     spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing, trace)
     extra = trace.header_fields() if trace is not None else {}
+    namespace = current_namespace()
+    if namespace:
+        # The task runs in the deferring code's namespace (legacy carried it in a header).
+        extra = {**extra, "namespace": namespace}
     if retry_options is not None:
         retry = _retry_dict(retry_options)
         if retry:

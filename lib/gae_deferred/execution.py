@@ -23,7 +23,7 @@ from google.cloud import ndb
 
 from . import _ndb_rpc, envelope, failures, metrics, spillover
 from ._config import settings
-from ._datastore import ndb_context
+from ._datastore import in_namespace, ndb_context
 from .context import TaskInfo, running
 from .errors import (
     PayloadLoadError,
@@ -237,8 +237,13 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
         if over:
             return _record(attempt, PermanentTaskFailure(over), FailureState.DEAD)
         obj, args, kwargs = envelope.load_call(attempt.env)
+        namespace = attempt.header.get("namespace")
         with running(task):
-            obj(*args, **kwargs)
+            if isinstance(namespace, str) and namespace:
+                with in_namespace(namespace):
+                    obj(*args, **kwargs)
+            else:
+                obj(*args, **kwargs)
     except SingularTaskFailure:
         logger.debug("task %s asked to be retried", task.name)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")

@@ -11,7 +11,8 @@ work that must happen once::
 
     defer(charge, order_id)
 
-The key is the task's queue and name (``key=`` overrides it, e.g. the order id). The
+The key is the task's queue and name (``key=`` overrides it, e.g. the order id, kept apart per
+Datastore namespace of the context the function runs in). The
 completion marker is written in the same transaction as the function's own Datastore writes
 when ``transactional=True`` — then "done" and the work commit together; otherwise it is written
 after the function returns, so a crash in between may still repeat it once.
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 from google.cloud import ndb
 
 from ._datastore import ndb_context
-from ._model import DeferredModel
+from ._model import DeferredModel, root_key
 from .context import current_task
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,7 +47,10 @@ def _marker_key(func: Callable, key: str | None) -> ndb.Key | None:
         if task is None:
             return None
         key = f"{task.queue}/{task.name}"
-    return ndb.Key(DeferredDone, f"{func.__module__}.{func.__qualname__}:{key}")
+    marker = f"{func.__module__}.{func.__qualname__}:{key}"
+    # Markers live in gae_deferred's namespace; a key of the caller's is per tenant.
+    namespace = ndb.get_context().get_namespace()
+    return root_key(DeferredDone, f"{namespace}/{marker}" if namespace else marker)
 
 
 def idempotent(

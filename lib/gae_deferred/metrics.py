@@ -41,7 +41,7 @@ from google.cloud import ndb
 
 from ._config import settings
 from ._datastore import ndb_context
-from ._model import MAX_INDEXED_CHARS, DeferredModel
+from ._model import MAX_INDEXED_CHARS, DeferredModel, root_key
 
 logger = logging.getLogger("gae_deferred")
 
@@ -223,7 +223,7 @@ class DeferredMetricSeries(DeferredModel):
 
 def series_key(kind: str, name: str) -> ndb.Key:
     digest = hashlib.sha256(f"{kind}\0{name}".encode()).hexdigest()[:32]
-    return ndb.Key(DeferredMetricSeries, f"{kind}-{digest}")
+    return root_key(DeferredMetricSeries, f"{kind}-{digest}")
 
 
 @dataclasses.dataclass

@@ -114,6 +114,7 @@ def failure_json(record: failures.DeferredFailure, *, detail: bool = False) -> d
         "last_seen": _iso(record.last_seen),
         "task_name": record.task_name,
         "queue": record.queue,
+        "namespace": record.namespace,
         "payload_id": record.payload_id,
         "retriggered": record.retriggered or 0,
         "retriggerable": record.state in failures.RETRIGGERABLE,

@@ -98,8 +98,9 @@ class FailureFilter(_Filter):
     """Failure list filters: every one optional, all combined (AND).
 
     ``function`` a dotted prefix of the function name, ``exception`` a qualified or bare class
-    name, ``q`` words that must all appear in the message, ``since``/``until`` bound
-    ``last_seen``, ``group`` one failures-page group (``function|exception_type``).
+    name, ``namespace`` the Datastore namespace the task runs in, ``q`` words that must all
+    appear in the message, ``since``/``until`` bound ``last_seen``, ``group`` one failures-page
+    group (``function|exception_type``).
     """
 
     FIELDS: ClassVar[tuple[str, ...]] = (
@@ -107,6 +108,7 @@ class FailureFilter(_Filter):
         "function",
         "exception",
         "queue",
+        "namespace",
         "q",
         "group",
         "since",
@@ -117,6 +119,7 @@ class FailureFilter(_Filter):
     function: str = ""
     exception: str = ""
     queue: str = ""
+    namespace: str = ""
     q: str = ""
     group: str = ""
     sort: str = "newest"
@@ -133,6 +136,8 @@ class FailureFilter(_Filter):
             tokens.append(f"exc:{self.exception}"[:MAX_INDEXED_CHARS])
         if self.queue:
             tokens.append(f"queue:{self.queue}"[:MAX_INDEXED_CHARS])
+        if self.namespace:
+            tokens.append(_facets.namespace_token(self.namespace))
         if self.group:
             function, _, exception_type = self.group.rpartition("|")
             tokens += [f"fx:{function}"[:MAX_INDEXED_CHARS], f"exc:{exception_type}"]
@@ -166,12 +171,22 @@ class FailureFilter(_Filter):
 @dataclasses.dataclass(frozen=True)
 class SpillFilter(_Filter):
     """Spilled-payload filters: ``state`` (always), dotted ``function`` prefix, ``queue``,
+    ``namespace`` (the Datastore namespace the task runs in),
     ``since``/``until`` on ``created`` (with the oldest/newest sorts)."""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("state", "function", "queue", "since", "until", "sort")
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "state",
+        "function",
+        "queue",
+        "namespace",
+        "since",
+        "until",
+        "sort",
+    )
     state: str = PayloadState.PENDING.value
     function: str = ""
     queue: str = ""
+    namespace: str = ""
     sort: str = "oldest"
 
     def tokens(self) -> list[str]:
@@ -184,6 +199,8 @@ class SpillFilter(_Filter):
             tokens.append(_function_token(self.function))
         if self.queue:
             tokens.append(f"queue:{self.queue}"[:MAX_INDEXED_CHARS])
+        if self.namespace:
+            tokens.append(_facets.namespace_token(self.namespace))
         return tokens
 
     def query(self) -> ndb.Query:

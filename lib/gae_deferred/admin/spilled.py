@@ -54,6 +54,7 @@ def spillover_json(record: spillover.DeferredPayload, *, detail: bool = False) -
         "id": record.key.id(),
         "function": record.function,
         "queue": record.queue,
+        "namespace": record.namespace,
         "task_name": record.task_name,
         "payload_bytes": record.payload_bytes,
         "stored_bytes": record.stored_bytes,
