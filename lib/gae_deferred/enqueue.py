@@ -208,7 +208,7 @@ def prepare_call(
     trace = tracing.current()
     spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing, trace)
     extra = trace.header_fields() if trace is not None else {}
-    namespace = current_namespace()
+    namespace = (headers and _header_namespace(headers)) or current_namespace()
     if namespace:
         # The task runs in the deferring code's namespace (legacy carried it in a header).
         extra = {**extra, "namespace": namespace}
@@ -325,22 +325,42 @@ def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
         if not isinstance(key, str) or not isinstance(value, str):
             raise DeferError(f"_headers must map str to str; got {key!r}: {value!r}")
         lowered = key.lower()
-        if lowered == "x-appengine-fail-fast":
-            _warn_fail_fast()
+        if lowered.startswith("x-appengine-"):
+            # Legacy let apps pass these; App Engine set or ignored them. The namespace one is
+            # honoured as the task's namespace (prepare_call reads it).
+            if lowered != NAMESPACE_HEADER:
+                _warn_dropped(_FAIL_FAST.get(lowered, lowered))
             continue
-        if lowered.startswith(("x-appengine-", "x-cloudtasks-")):
+        if lowered.startswith("x-cloudtasks-"):
             raise DeferError(f"_headers may not set {key}: Cloud Tasks sets it")
         checked[key] = value
     return checked
 
 
+#: Legacy's header naming the namespace a task runs in (taskqueue.Task set it by default).
+NAMESPACE_HEADER = "x-appengine-current-namespace"
+#: Both spellings apps used for "do not retry on a busy instance": one header, one warning.
+_FAIL_FAST = {"x-appengine-failfast": "x-appengine-fail-fast"}
+
+
+def _header_namespace(headers: Mapping[str, str]) -> str | None:
+    """The namespace an ``X-AppEngine-Current-Namespace`` entry of ``_headers`` names."""
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == NAMESPACE_HEADER and isinstance(value, str):
+            return value
+    return None
+
+
 @functools.cache
-def _warn_fail_fast() -> None:
-    """Logged once per process: legacy apps set the header on every call."""
-    logger.warning(
-        "_headers: X-AppEngine-Fail-Fast has no Cloud Tasks equivalent and is dropped; the "
-        "queue's retry settings apply"
-    )
+def _warn_dropped(header: str) -> None:
+    """Logged once per process and header: legacy apps set such headers on every call."""
+    if header == "x-appengine-fail-fast":
+        logger.warning(
+            "_headers: X-AppEngine-Fail-Fast has no Cloud Tasks equivalent and is dropped; the "
+            "queue's retry settings apply"
+        )
+    else:
+        logger.warning("_headers: %s is set by App Engine and Cloud Tasks; dropped", header)
 
 
 def task_url(function: str) -> str:
