@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .envelope import serialize
     from .errors import (
         AdminError,
+        BadTransactionStateError,
         BatchDeferError,
         ConfigurationError,
         DatastoreUnavailableError,
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
         EnqueueError,
         EnqueueOutcomeUnknown,
         Error,
+        InvalidTaskError,
+        InvalidTaskNameError,
+        InvalidTaskRetryOptionsError,
         PayloadLoadError,
         PayloadTooLargeError,
         PermanentTaskFailure,
@@ -57,12 +61,15 @@ if TYPE_CHECKING:
         SpilledPayloadMissing,
         TaskAlreadyExistsError,
         TaskFailed,
+        TombstonedTaskError,
+        UnknownQueueError,
         UnverifiedEnvelope,
     )
     from .execution import TaskOutcome, execute_task, run, set_log_level
     from .failures import FailureState
     from .idempotency import idempotent
     from .legacy import Handler, application, invoke_member, run_from_datastore
+    from .retry import TaskRetryOptions
     from .spillover import PayloadState
     from .sweeper import SweepReport, sweep
 
@@ -86,6 +93,7 @@ _EXPORTS = {
     "defer": ".enqueue",
     "serialize": ".envelope",
     "AdminError": ".errors",
+    "BadTransactionStateError": ".errors",
     "BatchDeferError": ".errors",
     "ConfigurationError": ".errors",
     "DatastoreUnavailableError": ".errors",
@@ -93,6 +101,9 @@ _EXPORTS = {
     "EnqueueError": ".errors",
     "EnqueueOutcomeUnknown": ".errors",
     "Error": ".errors",
+    "InvalidTaskError": ".errors",
+    "InvalidTaskNameError": ".errors",
+    "InvalidTaskRetryOptionsError": ".errors",
     "PayloadLoadError": ".errors",
     "PayloadTooLargeError": ".errors",
     "PermanentTaskFailure": ".errors",
@@ -102,6 +113,8 @@ _EXPORTS = {
     "SpilledPayloadMissing": ".errors",
     "TaskAlreadyExistsError": ".errors",
     "TaskFailed": ".errors",
+    "TombstonedTaskError": ".errors",
+    "UnknownQueueError": ".errors",
     "UnverifiedEnvelope": ".errors",
     "TaskOutcome": ".execution",
     "execute_task": ".execution",
@@ -109,6 +122,7 @@ _EXPORTS = {
     "set_log_level": ".execution",
     "FailureState": ".failures",
     "idempotent": ".idempotency",
+    "TaskRetryOptions": ".retry",
     "Handler": ".legacy",
     "application": ".legacy",
     "invoke_member": ".legacy",
@@ -157,6 +171,7 @@ def reset_clients() -> None:
 
 __all__ = [
     "AdminError",
+    "BadTransactionStateError",
     "BatchDeferError",
     "ConfigurationError",
     "DatastoreUnavailableError",
@@ -167,6 +182,9 @@ __all__ = [
     "Error",
     "FailureState",
     "Handler",
+    "InvalidTaskError",
+    "InvalidTaskNameError",
+    "InvalidTaskRetryOptionsError",
     "PayloadLoadError",
     "PayloadState",
     "PayloadTooLargeError",
@@ -181,6 +199,9 @@ __all__ = [
     "TaskFailed",
     "TaskInfo",
     "TaskOutcome",
+    "TaskRetryOptions",
+    "TombstonedTaskError",
+    "UnknownQueueError",
     "UnverifiedEnvelope",
     "application",
     "batch",

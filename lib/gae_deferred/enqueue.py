@@ -31,12 +31,16 @@ from ._config import settings
 from ._datastore import current_namespace, ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
+    BadTransactionStateError,
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
     EnqueueOutcomeUnknown,
+    InvalidTaskError,
+    InvalidTaskNameError,
     TaskAlreadyExistsError,
 )
+from .retry import TaskRetryOptions
 
 logger = logging.getLogger("gae_deferred")
 T = TypeVar("T")
@@ -45,13 +49,6 @@ R = TypeVar("R")
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.]+")
-_RETRY_FIELDS = (
-    "task_retry_limit",
-    "task_age_limit",
-    "min_backoff_seconds",
-    "max_backoff_seconds",
-    "max_doublings",
-)
 _CONTENT_TYPE = {"Content-Type": "application/octet-stream"}
 
 
@@ -61,7 +58,12 @@ class DeferredTask:
 
     The attributes legacy code read from the ``taskqueue.Task`` that ``deferred.defer`` returned
     are here too: ``queue_name``, ``url``, ``headers``, ``eta``, ``payload`` (the task's body),
-    ``was_enqueued`` (False for a transactional defer until its transaction commits).
+    ``was_enqueued`` (False for a transactional defer until its transaction commits),
+    ``method`` (``"POST"``), ``size`` (legacy's count: method, body, URL and headers),
+    ``retry_count`` (0: a new task), ``target`` (``"version.service"``, ``"service"``, or None
+    for the default routing), ``retry_options`` (a TaskRetryOptions, or None), ``tag``
+    (None: push tasks have none), ``eta_posix`` (the ETA in seconds since the epoch) and
+    ``was_deleted`` (False).
     """
 
     name: str
@@ -79,6 +81,14 @@ class DeferredTask:
     url: str = ""
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     payload: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+    #: App Engine routing: service, version, instance (empty: the default).
+    routing: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: The task's own retry options (the envelope header's ``retry``).
+    retry: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    method: str = "POST"
+    tag: None = None
+    retry_count: int = 0
+    was_deleted: bool = False
 
     @property
     def queue_name(self) -> str:
@@ -87,6 +97,28 @@ class DeferredTask:
     @property
     def was_enqueued(self) -> bool:
         return not self.transactional
+
+    @property
+    def size(self) -> int:
+        """Legacy ``Task.size``: method, body, URL and each header as ``key: value\\r\\n``."""
+        headers = sum(len(key) + len(value) + 4 for key, value in self.headers.items())
+        return len(self.method) + len(self.payload) + len(self.url) + headers
+
+    @property
+    def target(self) -> str | None:
+        """Legacy ``Task.target``: ``"version.service"`` or ``"service"``; None when the task
+        goes to the default service's serving version."""
+        parts = [self.routing.get("version"), self.routing.get("service")]
+        named = [part for part in parts if part]
+        return ".".join(named) if named else None
+
+    @property
+    def retry_options(self) -> TaskRetryOptions | None:
+        return TaskRetryOptions(**self.retry) if self.retry else None
+
+    @property
+    def eta_posix(self) -> float:
+        return self.eta.timestamp()
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -237,7 +269,7 @@ def _routing(
         # Legacy targets read "service" or "version.service".
         parts = target.split(".")
         if len(parts) > 2 or not all(parts):
-            raise DeferError(f"_target {target!r} must be 'service' or 'version.service'")
+            raise InvalidTaskError(f"_target {target!r} must be 'service' or 'version.service'")
         routing["service"] = parts[-1]
         if len(parts) == 2:
             routing["version"] = parts[0]
@@ -248,24 +280,7 @@ def _routing(
 
 
 def _retry_dict(options: Any) -> dict[str, float]:
-    if options is None:
-        return {}
-    if isinstance(options, Mapping):
-        source = options
-        unknown = set(source) - set(_RETRY_FIELDS)
-        if unknown:
-            raise DeferError(f"_retry_options has unknown field(s): {', '.join(sorted(unknown))}")
-    else:  # the legacy TaskRetryOptions object, or anything with the same attributes
-        source = {field: getattr(options, field, None) for field in _RETRY_FIELDS}
-    retry = {}
-    for field in _RETRY_FIELDS:
-        value = source.get(field)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise DeferError(f"_retry_options.{field} must be a number >= 0, not {value!r}")
-        retry[field] = value
-    return retry
+    return TaskRetryOptions.from_option(options).as_dict() if options is not None else {}
 
 
 def _task_spec(
@@ -284,19 +299,21 @@ def _task_spec(
     if not isinstance(queue, str) or not _valid_queue(queue):
         raise DeferError(f"_queue {queue!r} is not a valid queue name (letters, digits, hyphens)")
     if name is not None and (not isinstance(name, str) or not TASK_NAME.match(name)):
-        raise DeferError(
+        raise InvalidTaskNameError(
             f"_name {name!r} is not a valid task name (1-500 letters, digits, '_' or '-')"
         )
     if countdown is not None and eta is not None:
-        raise DeferError("pass _countdown or _eta, not both")
+        raise InvalidTaskError("pass _countdown or _eta, not both")
     now = datetime.datetime.now(datetime.UTC)  # spillover.now(), without its frame
     if countdown is not None:
         if isinstance(countdown, bool) or not isinstance(countdown, int | float) or countdown < 0:
-            raise DeferError(f"_countdown must be a number of seconds >= 0, not {countdown!r}")
+            raise InvalidTaskError(
+                f"_countdown must be a number of seconds >= 0, not {countdown!r}"
+            )
         when = now + datetime.timedelta(seconds=countdown)
     elif eta is not None:
         if not isinstance(eta, datetime.datetime):
-            raise DeferError(f"_eta must be a datetime, not {type(eta).__name__}")
+            raise InvalidTaskError(f"_eta must be a datetime, not {type(eta).__name__}")
         when = eta if eta.tzinfo else eta.replace(tzinfo=datetime.UTC)
     else:
         when = now
@@ -304,7 +321,7 @@ def _task_spec(
     if url is None:
         url = _task_url(current.task_url, function)
     elif not isinstance(url, str) or not url.startswith("/"):
-        raise DeferError(f"_url must be a path starting with '/', not {url!r}")
+        raise InvalidTaskError(f"_url must be a path starting with '/', not {url!r}")
     task_headers = dict(_CONTENT_TYPE)
     if trace is not None:
         task_headers["traceparent"] = trace.traceparent
@@ -323,7 +340,7 @@ def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     checked = {}
     for key, value in (headers or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise DeferError(f"_headers must map str to str; got {key!r}: {value!r}")
+            raise InvalidTaskError(f"_headers must map str to str; got {key!r}: {value!r}")
         lowered = key.lower()
         if lowered.startswith("x-appengine-"):
             # Legacy let apps pass these; App Engine set or ignored them. The namespace one is
@@ -332,7 +349,7 @@ def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
                 _warn_dropped(_FAIL_FAST.get(lowered, lowered))
             continue
         if lowered.startswith("x-cloudtasks-"):
-            raise DeferError(f"_headers may not set {key}: Cloud Tasks sets it")
+            raise InvalidTaskError(f"_headers may not set {key}: Cloud Tasks sets it")
         checked[key] = value
     return checked
 
@@ -389,6 +406,8 @@ def _create_inline(call: PreparedCall) -> DeferredTask:
         url=call.spec.url,
         headers=call.spec.headers,
         payload=data,
+        routing=call.spec.routing or {},
+        retry=call.header.get("retry") or {},
     )
 
 
@@ -437,6 +456,8 @@ def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: byte
         url=spec.url,
         headers=spec.headers,
         payload=task_body,
+        routing=spec.routing or {},
+        retry=(record.meta or {}).get("retry") or {},
     )
 
 
@@ -496,7 +517,7 @@ def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list
     (``concurrency`` CreateTask calls at a time)."""
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
-        raise DeferError("_transactional=True needs an active ndb transaction")
+        raise BadTransactionStateError("_transactional=True needs an active ndb transaction")
     limit = settings().commit_bytes
     spilled = [spill_entities(call) for call in calls]
     total = sum(record.stored_bytes for record, _ in spilled)

@@ -199,6 +199,13 @@ class TaskQueue:
             if name not in taken:
                 return name
 
+    def has_task(self, name: str) -> bool:
+        """Whether a task of this full name is queued (``cloud_tasks`` tells a tombstone by it)."""
+        return any(
+            f"{cloud_tasks.queue_path(task.queue)}/tasks/{task.name}" == name
+            for task in self._pending
+        )
+
     def _captured(self, name: str, queue: str, task: tasks_v2.Task) -> CapturedTask:
         request = task.app_engine_http_request
         body = bytes(request.body)
