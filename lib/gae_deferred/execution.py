@@ -119,21 +119,35 @@ def _all_reached(
 
 
 def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
-    """Whether Cloud Tasks will drop this task if this attempt fails (a dead letter).
-
-    The task's own ``_retry_options`` override its queue's queue.yaml limits, field by field.
-    """
+    """Whether this task is not retried if this attempt fails (a dead letter): its queue's
+    queue.yaml limits are reached (Cloud Tasks drops it), or its own ``_retry_options`` are."""
     limit, age_limit = _queue_retry_limits(settings().queue_yaml).get(task.queue, (None, None))
-    retry = header.get("retry") or {}
-    limit = retry.get("task_retry_limit", limit)
-    age_limit = retry.get("task_age_limit", age_limit)
+    age = _age_seconds(header)
+    if _all_reached(task.retry_count, age, limit, age_limit, inclusive=True):
+        return True
+    return is_last_by_task_options(task, header)
+
+
+def is_last_by_task_options(task: TaskInfo, header: dict[str, Any]) -> bool:
+    """Whether the task's own ``_retry_options`` allow no retry after this attempt.
+
+    Legacy semantics (the SDK's taskqueue ``Retry.CanRetry``): retry number ``n`` is allowed
+    while ``task_retry_limit >= n`` or ``task_age_limit`` is not yet exceeded (with both set,
+    either suffices), so a limit of N gives N + 1 deliveries. Cloud Tasks knows nothing of
+    them: the handler answers the last one 200 (see _execute).
+    """
+    retry = header.get("retry")
+    if not retry:
+        return False
+    limit, age_limit = retry.get("task_retry_limit"), retry.get("task_age_limit")
     return _all_reached(task.retry_count, _age_seconds(header), limit, age_limit, inclusive=True)
 
 
 def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
-    """Per-task retry options (Cloud Tasks has none) are enforced here, before running."""
+    """A retry past the task's own ``_retry_options`` (a duplicate delivery of its last
+    attempt, or a retry its queue made anyway): not run. A first attempt always runs."""
     retry = header.get("retry")
-    if not retry:
+    if not retry or not task.retry_count:
         return None
     limit, age_limit = retry.get("task_retry_limit"), retry.get("task_age_limit")
     age = _age_seconds(header)
@@ -235,7 +249,7 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
             attempt.env = envelope.decompressed(attempt.env)
         over = _over_task_limits(task, attempt.header)
         if over:
-            return _record(attempt, PermanentTaskFailure(over), FailureState.DEAD)
+            return _past_the_last_attempt(attempt, over)
         obj, args, kwargs = envelope.load_call(attempt.env)
         namespace = attempt.header.get("namespace")
         with running(task):
@@ -244,7 +258,9 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
                     obj(*args, **kwargs)
             else:
                 obj(*args, **kwargs)
-    except SingularTaskFailure:
+    except SingularTaskFailure as exc:
+        if is_last_by_task_options(task, attempt.header):
+            return _record(attempt, exc, FailureState.DEAD, status=OK)
         logger.debug("task %s asked to be retried", task.name)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
     except SpilledPayloadMissing as exc:
@@ -258,6 +274,9 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
         return _record(attempt, exc, FailureState.PERMANENT)
     except Exception as exc:
         logger.exception("task %s (%s) failed", task.name, attempt.header.get("function"))
+        if is_last_by_task_options(task, attempt.header):
+            # Cloud Tasks would retry it by its queue's settings: 200 ends it where legacy did.
+            return _record(attempt, exc, FailureState.DEAD, status=OK)
         last = is_last_attempt(task, attempt.header)
         return _record(attempt, exc, FailureState.DEAD if last else FailureState.RETRYING)
     _succeeded(attempt)
@@ -312,10 +331,22 @@ def _succeeded(attempt: _Attempt) -> None:
         failures.resolve(attempt.failure_id)
 
 
-def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskOutcome:
+def _past_the_last_attempt(attempt: _Attempt, reason: str) -> TaskOutcome:
+    """A delivery after the task's own last attempt: not run, and the failure record of that
+    attempt (its real exception and traceback) is left as it is."""
+    logger.warning("task %s not run: %s", attempt.task.name, reason)
+    if failures.get(attempt.failure_id) is not None:
+        return TaskOutcome(OK, FailureState.DEAD, reason)
+    return _record(attempt, PermanentTaskFailure(reason), FailureState.DEAD)
+
+
+def _record(
+    attempt: _Attempt, exc: BaseException, state: FailureState, status: int | None = None
+) -> TaskOutcome:
     """Update the failure record (and the spilled record) after a failed attempt.
 
     ``state`` is retrying, permanent or dead; a spilled payload takes the same state.
+    ``status`` overrides the answer (200: the task's own retry options end it here).
     """
     task = attempt.task
     now = datetime.datetime.now(datetime.UTC)
@@ -353,7 +384,8 @@ def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskO
     _ndb_rpc.commit(upserts=[*entities, record, failures.group_entity(record)])
     # Retryable errors answer 500 even on the last attempt: Cloud Tasks then drops the task,
     # while a mismatch between queue.yaml and the real queue errs on the side of retrying.
-    status = OK if isinstance(exc, PermanentTaskFailure) else ERROR
+    if status is None:
+        status = OK if isinstance(exc, PermanentTaskFailure) else ERROR
     return TaskOutcome(status, state, f"{type(exc).__name__}: {exc}")
 
 

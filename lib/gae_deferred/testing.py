@@ -270,6 +270,9 @@ class TaskQueue:
         outcome, raised = self._execute(task.payload, info)
         if outcome.status == execution.OK and outcome.result == "ok":
             return outcome
+        if outcome.status == execution.OK and _raised_on_its_last_attempt(raised, outcome):
+            # Its own retry options ended it (the handler answered 200): raised, not retried.
+            raise raised  # type: ignore[misc]
         if outcome.status == execution.OK:
             self._failures.append(
                 TaskFailure(task, raised or PermanentTaskFailure(outcome.message), outcome.result)
@@ -388,6 +391,16 @@ class TaskQueue:
     def FlushQueue(self, queue_name: str) -> None:
         """testbed's ``FlushQueue``: :meth:`clear` for one queue."""
         self.clear(queue_name)
+
+
+def _raised_on_its_last_attempt(
+    raised: BaseException | None, outcome: execution.TaskOutcome
+) -> bool:
+    return (
+        outcome.result == "dead"
+        and raised is not None
+        and not isinstance(raised, PermanentTaskFailure | SingularTaskFailure)
+    )
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from google.cloud import ndb
 import gae_deferred
 from gae_deferred import defer, serialize
 from gae_deferred.local.stack import LocalStack
-from tests.stack_support import wait_for
+from tests.stack_support import datastore, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e
@@ -93,6 +93,25 @@ def test_retry_limit_exhausted_leaves_a_dead_failure(
     wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
     time.sleep(1.5)
     assert len(e2e_tasks.runs(run_dir, "doomed")) == 4, "retried beyond task_retry_limit"
+
+
+def test_task_retry_options_give_legacys_deliveries_on_cloud_tasks(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    # tests/e2e/queue.yaml lets the default queue retry 3 times; the task's own limit of 1
+    # gives 2 deliveries, as legacy made, and its dead letter names the real exception.
+    options = gae_deferred.TaskRetryOptions(task_retry_limit=1)
+    task = defer(e2e_tasks.always_fail, str(run_dir), "own-limit", _retry_options=options)
+
+    runs = wait_for_runs(run_dir, "own-limit", 2)
+    wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
+    time.sleep(1.5)
+    assert [run["retry_count"] for run in e2e_tasks.runs(run_dir, "own-limit")] == [0, 1]
+    assert [run["retry_count"] for run in runs] == [0, 1]
+    with datastore():
+        record = gae_deferred.failures.get(gae_deferred.failures.failure_id("default", task.name))
+    assert record.exception_type == "ValueError" and record.attempts == 2
+    assert "own-limit: always fails" in record.traceback
 
 
 def test_permanent_failure_answers_200_and_is_not_retried(
