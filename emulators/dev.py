@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .app_yaml import AppYamlError, deploy_problems
+from .index_watch import IndexWatch
 
 if TYPE_CHECKING:
     from .datastore._index_rules import CompositeIndex
@@ -53,6 +54,12 @@ def missing_package_indexes(index_yaml: Path | None) -> list[CompositeIndex]:
 
     declared = set(load_index_yaml(index_yaml)) if index_yaml is not None else set()
     return [index for index in package_indexes() if index not in declared]
+
+
+def _index_problem(index_yaml: Path | None) -> str | None:
+    """What IndexWatch prints of a changed index.yaml: the package's indexes it lacks."""
+    missing = missing_package_indexes(index_yaml)
+    return missing_indexes_warning(index_yaml, missing) if missing else None
 
 
 def missing_indexes_warning(index_yaml: Path | None, missing: list[CompositeIndex]) -> str:
@@ -158,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing_modules:
         print(
             f"{PROG}: {', '.join(missing_modules)} not installed: the local stack needs "
-            "gae_deferred's [local] extra (pip install 'gae-deferred[local]')",
+            "gae_deferred's [local] extra: pip install the gae_deferred wheel again with it, "
+            "e.g. pip install './wheels/gae_deferred-<version>-py3-none-any.whl[local]'",
             file=sys.stderr,
         )
         return 2
@@ -195,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if missing:
         print(f"{PROG}: {missing_indexes_warning(stack.index_yaml, missing)}", file=sys.stderr)
+    index_watch = IndexWatch(stack.index_yaml or stack.app_dir / "index.yaml", _index_problem)
     try:
         with _stop_on_signals():
             stack.start()
@@ -202,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(stack.describe(), flush=True)
             while True:
                 cron.tick()
+                index_note = index_watch.changed()
+                if index_note:
+                    print(f"{PROG}: {index_note}", file=sys.stderr, flush=True)
                 dead = stack.dead_children()
                 if dead:
                     print(

@@ -495,7 +495,8 @@ def _in_memory_datastore(project: str, index_yaml: str | os.PathLike[str] | None
     except ImportError as exc:
         raise ConfigurationError(
             "capture_tasks() needs a Datastore for spilled payloads and task records: install "
-            "the in-memory one with `pip install 'gae-deferred[testing]'`, or set "
+            "the in-memory one with the gae_deferred wheel's [testing] extra (`pip install "
+            "'./wheels/gae_deferred-<version>-py3-none-any.whl[testing]'`), or set "
             "DATASTORE_EMULATOR_HOST, or pass ndb_client="
         ) from exc
     with DatastoreEmulator(port=0, index_yaml=index_yaml) as emulator:
