@@ -142,7 +142,11 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         description="Run an App Engine python3 app locally with the Datastore and Cloud Tasks "
         "emulators (state in .local/ next to app.yaml).",
     )
-    parser.add_argument("app_yaml", help="the app's app.yaml")
+    parser.add_argument(
+        "app_yaml",
+        nargs="+",
+        help="the app's app.yaml; several services: one app.yaml each, the default among them",
+    )
     parser.add_argument("--port", type=int, default=defaults["app_port"], help="the app's port")
     parser.add_argument("--datastore-port", type=int, default=defaults["datastore_port"])
     parser.add_argument("--tasks-port", type=int, default=defaults["tasks_port"])
@@ -173,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported once the extra is known to be there (the emulators need it).
     from . import stack as local_stack
     from .datastore import IndexYamlError
+    from .services import service_stack
 
     args = _parser(
         {
@@ -184,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     ).parse_args(argv)
     try:
-        stack = local_stack.LocalStack(
+        stack = service_stack(
             args.app_yaml,
             app_port=args.port,
             datastore_port=args.datastore_port,
@@ -194,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reload=not args.no_reload,
             echo=None if args.quiet else sys.stdout,
         )
-        for problem in deploy_problems(stack.app.document):
-            print(f"{PROG}: warning: {stack.app.path}: {problem}", file=sys.stderr)
+        for app in [stack.app, *(s.app for s in getattr(stack, "services", {}).values())]:
+            for problem in deploy_problems(app.document):
+                print(f"{PROG}: warning: {app.path}: {problem}", file=sys.stderr)
         missing = missing_package_indexes(stack.index_yaml)
         cron = Cron(stack.app_url, stack.cron_yaml, args.cron_every, stack.cron_token)
     except (AppYamlError, IndexYamlError, CronYamlError) as exc:
