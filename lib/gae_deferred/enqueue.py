@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import cloud_tasks, envelope, spillover, tracing
+from . import cloud_tasks, envelope, spillover, task_backoff, tracing
 from ._config import settings
 from ._datastore import current_namespace, ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
@@ -248,6 +248,10 @@ def prepare_call(
         retry = _retry_dict(retry_options)
         if retry:
             extra = {**extra, "retry": retry}
+        if task_backoff.has_own_backoff(extra):
+            # Its retries are new tasks (task_backoff): they go where this one goes.
+            request = {"url": spec.url, "headers": spec.headers, "routing": spec.routing}
+            extra[task_backoff.REQUEST] = request
     data, header = envelope.build_call(
         obj,
         args,

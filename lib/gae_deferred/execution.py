@@ -19,17 +19,21 @@ import time
 import traceback
 from typing import Any
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from . import _ndb_rpc, envelope, failures, metrics, spillover
+from . import _ndb_rpc, cloud_tasks, enqueue, envelope, failures, metrics, spillover, task_backoff
 from ._config import settings
 from ._datastore import in_namespace, ndb_context
+from .cloud_tasks import TaskSpec
 from .context import TaskInfo, running
 from .errors import (
+    DeferError,
     PayloadLoadError,
     PermanentTaskFailure,
     SingularTaskFailure,
     SpilledPayloadMissing,
+    TaskAlreadyExistsError,
     UnverifiedEnvelope,
 )
 from .failures import FailureState
@@ -218,6 +222,7 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
         logger.error("rejected task %s on %s: %s", task.name, task.queue, message)
         return TaskOutcome(FORBIDDEN, "forbidden", message)
     failure_id = header.get("failure_id")
+    task = task_backoff.counted(task, header)
     attempt = _Attempt(
         task=task,
         body=body,
@@ -278,6 +283,8 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
             # Cloud Tasks would retry it by its queue's settings: 200 ends it where legacy did.
             return _record(attempt, exc, FailureState.DEAD, status=OK)
         last = is_last_attempt(task, attempt.header)
+        if not last and task_backoff.has_own_backoff(attempt.header) and _retry_later(attempt):
+            return _record(attempt, exc, FailureState.RETRYING, status=OK)
         return _record(attempt, exc, FailureState.DEAD if last else FailureState.RETRYING)
     _succeeded(attempt)
     logger.info(
@@ -329,6 +336,48 @@ def _succeeded(attempt: _Attempt) -> None:
         spillover.finish(attempt.record.key.id(), attempt.record.chunks)
     if attempt.task.retry_count or attempt.outer_failure_id:
         failures.resolve(attempt.failure_id)
+
+
+def _retry_later(attempt: _Attempt) -> bool:
+    """Create the next attempt of a task with its own backoff (see task_backoff), due after
+    it; False if that cannot be done, and Cloud Tasks retries this one instead."""
+    task = attempt.task
+    name = task_backoff.next_name(task)
+    when = task_backoff.due(task, attempt.header)
+    record = attempt.record
+    previous = record.task_name if record is not None else None
+    try:
+        if record is not None:
+            # The payload moves to the next task; the record is written with the failure.
+            record.task_name = name
+            spec = enqueue.record_spec(record, eta=when)
+            body = enqueue.reference(
+                record,
+                failure_id=attempt.failure_id,
+                **{task_backoff.RETRIED: task.retry_count + 1},
+            )
+        else:
+            request = attempt.header.get(task_backoff.REQUEST) or {}
+            spec = TaskSpec(
+                queue=task.queue,
+                url=request.get("url") or enqueue.task_url(attempt.env.function),
+                headers=dict(request.get("headers") or {}),
+                eta=when,
+                name=name,
+                routing=dict(request.get("routing") or {}),
+            )
+            body = task_backoff.inline_retry_body(
+                attempt.body, name, attempt.failure_id, task.retry_count + 1
+            )
+        cloud_tasks.create_task(spec, body)
+    except TaskAlreadyExistsError:
+        logger.info("task %s: its retry %s exists already (a redelivery)", task.name, name)
+    except (DeferError, api_exceptions.GoogleAPIError) as exc:
+        logger.warning("task %s: could not schedule its retry %s (%s)", task.name, name, exc)
+        if record is not None:
+            record.task_name = previous
+        return False
+    return True
 
 
 def _past_the_last_attempt(attempt: _Attempt, reason: str) -> TaskOutcome:

@@ -287,6 +287,12 @@ class TaskQueue:
         outcome, raised = self._execute(task.payload, info)
         if outcome.status == execution.OK and outcome.result == "ok":
             return outcome
+        if outcome.status == execution.OK and outcome.result == "retrying":
+            # Its own backoff: the next attempt is a new task, queued already; raised as the
+            # ERROR path raises.
+            if raised is not None:
+                raise raised
+            raise TaskFailed(outcome.message, result=outcome.result)
         if outcome.status == execution.OK and _raised_on_its_last_attempt(raised, outcome):
             # Its own retry options ended it (the handler answered 200): raised, not retried.
             raise raised  # type: ignore[misc]
