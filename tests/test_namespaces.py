@@ -181,3 +181,19 @@ def test_idempotency_keys_of_the_callers_are_kept_apart_per_namespace(app):
         assert written(tenant) == ["order-1"]
     markers = sorted(key.id() for key in ndb.Query(kind="_DeferredDone").fetch(keys_only=True))
     assert [marker.split("/", 1)[0] for marker in markers] == list(TENANTS)
+
+
+def test_a_transactional_defer_from_a_namespace_commits_with_the_tenants_writes(app):
+    with in_namespace("tenant-t"):
+
+        @ndb.transactional()
+        def place_order():
+            Written(id="order", label="order").put()
+            gae_deferred.defer(write, "after-commit", _transactional=True)
+
+        place_order()
+    # Its payload joined the tenant's transaction, in gae_deferred's namespace.
+    (record,) = spillover.DeferredPayload.query().fetch()
+    assert record.transactional and record.namespace == "tenant-t"
+    assert deliver_all(app) == [200]
+    assert written("tenant-t") == ["after-commit", "order"]
