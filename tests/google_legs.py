@@ -42,6 +42,8 @@ FIRESTORE_PATHS = (
     "tests/test_idempotency.py",
     "tests/test_batch.py",
     "tests/test_pessimistic_locking.py",
+    "tests/test_namespaces.py",
+    "tests/test_legacy_taskqueue_names.py",
 )
 
 #: What the legacy emulator adds: its data survives a restart of the emulator, and it refuses
