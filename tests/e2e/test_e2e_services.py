@@ -126,6 +126,9 @@ def test_each_service_runs_in_its_own_processes_and_folder(services: ServiceStac
     assert whoami(worker.app_url)[0] == "worker"
     assert whoami(services.app_url)[1] != whoami(worker.app_url)[1]
     assert f"  worker     {worker.app_url}/" in services.describe()
+    # One .local/ (the default service's), the worker's log in it.
+    assert worker.signing_key_file == services.signing_key_file
+    assert "GET /whoami" in (services.base_dir / "services/worker/logs/app.log").read_text()
 
 
 @pytest.mark.parametrize(
