@@ -88,6 +88,11 @@ class ndb_context:
 #: Where legacy ``namespace_manager`` kept the namespace of a request (set_namespace() wrote
 #: it; App Engine set the default one from the request).
 NAMESPACE_ENVIRON = ("HTTP_X_APPENGINE_CURRENT_NAMESPACE", "HTTP_X_APPENGINE_DEFAULT_NAMESPACE")
+# Read on every defer(), where they are almost never set: os.environ.get of a missing key
+# encodes it and raises KeyError inside, several microseconds (defer()'s build budget is a few
+# dozen). CPython's os.environ keeps its data in ``_data`` under encoded keys: one dict lookup.
+_ENVIRON_DATA: dict | None = getattr(os.environ, "_data", None)
+_ENVIRON_KEYS = tuple(os.environ.encodekey(name) for name in NAMESPACE_ENVIRON)  # type: ignore[attr-defined]
 
 
 def current_namespace() -> str:
@@ -97,16 +102,25 @@ def current_namespace() -> str:
     ``namespace_manager`` environment value where one is set; else the ndb client's namespace;
     ``""`` is the default namespace.
     """
-    context = ndb.get_context(raise_context_error=False)
+    context = _ndb_rpc.current_context()
     if context is not None and context.namespace is not ndb.key.UNDEFINED:
         return context.namespace or ""
-    for name in NAMESPACE_ENVIRON:
-        value = os.environ.get(name)
-        if value is not None:
-            return value
+    value = _environ_namespace()
+    if value is not None:
+        return value
     if context is not None:
         return context.client.namespace or ""
     return ""
+
+
+def _environ_namespace() -> str | None:
+    if _ENVIRON_DATA is None:
+        return next((os.environ[name] for name in NAMESPACE_ENVIRON if name in os.environ), None)
+    for key in _ENVIRON_KEYS:
+        raw = _ENVIRON_DATA.get(key)
+        if raw is not None:
+            return os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    return None
 
 
 @contextlib.contextmanager
