@@ -28,8 +28,21 @@ MIB = 1024 * 1024
 APP_ENGINE_TASK_LIMIT = 100 * 1024
 #: Datastore's limit for one entity is 1 MiB - 4 bytes; chunks stay well below it.
 DEFAULT_CHUNK_BYTES = 1_000_000
-#: Datastore refuses a commit over 10 MiB, so a large spill is written in several commits.
-DEFAULT_COMMIT_BYTES = 9 * MIB
+#: Datastore, and Google's Datastore and Firestore emulators, refuse any request over 4 MiB
+#: (gRPC's message limit: "gRPC message exceeds maximum size 4194304"), however far below its
+#: 10 MiB commit limit the writes are.
+DATASTORE_REQUEST_LIMIT = 4 * MIB
+#: A spill Commit request is at most this big: 3 chunks of the default size and a record, with
+#: room to spare under DATASTORE_REQUEST_LIMIT (smaller requests also keep defer()'s memory low:
+#: one commit's request and gRPC's copy of it are alive at once).
+DEFAULT_COMMIT_BYTES = 3 * MIB
+#: What one chunk's upsert adds to its bytes at most (key with project, database, namespace and
+#: payload id; the property's framing): a commit must hold at least one chunk.
+CHUNK_MUTATION_OVERHEAD = 2048
+#: A payload's chunks at most: a spilled task that ran deletes its record and chunks in one
+#: Commit with its done marker, and Datastore allows 500 mutations a commit (the keys of 490
+#: chunks are about 50 KB, far under DATASTORE_REQUEST_LIMIT).
+MAX_CHUNKS = 490
 
 
 @dataclasses.dataclass
@@ -45,6 +58,8 @@ class Settings:
     #: Hard cap on a serialized payload; defer() refuses anything bigger.
     max_payload_bytes: int = 32 * MIB
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: The largest Commit request a spill sends, in bytes (request framing and keys included):
+    #: at most DATASTORE_REQUEST_LIMIT.
     commit_bytes: int = DEFAULT_COMMIT_BYTES
     #: zlib level for bodies of at least compress_min_bytes; 0 turns compression off. Level 1
     #: spills as rarely as 6 or 9 on our corpus at a third of the CPU (docs/performance.md).
@@ -62,6 +77,13 @@ class Settings:
     ndb_client: Any = None
     #: How long any Cloud Tasks call waits for its answer (CreateTask, the dashboard's calls).
     cloud_tasks_timeout_seconds: float = 30
+    #: The deadline of each Datastore call defer() makes (a spill's commits, the lookup that
+    #: settles an unanswered commit, the cleanup after a failure), retries included.
+    datastore_timeout_seconds: float = 10
+    #: How long a running spilled or @idempotent task holds its claim: a duplicate delivery
+    #: within it is answered "claimed" (retried later) instead of running. App Engine's
+    #: dispatch deadline for a push task (10 minutes) by default; a crashed run's claim ends then.
+    task_deadline_seconds: float = 600
     #: How long dead letters and permanent failures keep their payloads.
     dead_letter_retention_seconds: float = 30 * 24 * 3600
     #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.
@@ -203,7 +225,32 @@ def _validate(current: Settings) -> None:
         )
     if current.spill_threshold <= 0 or current.max_payload_bytes <= 0:
         raise ConfigurationError("spill_threshold and max_payload_bytes must be positive")
+    for name in ("datastore_timeout_seconds", "task_deadline_seconds"):
+        value = getattr(current, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+            raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
     if current.metrics_flush_seconds <= 0:
         raise ConfigurationError("metrics_flush_seconds must be positive")
-    if current.commit_bytes < current.chunk_bytes:
-        raise ConfigurationError("commit_bytes must be at least chunk_bytes")
+    _validate_commit_bytes(current.commit_bytes, current.chunk_bytes)
+    if -(-current.max_payload_bytes // current.chunk_bytes) > MAX_CHUNKS:
+        raise ConfigurationError(
+            f"max_payload_bytes / chunk_bytes must be at most {MAX_CHUNKS} chunks (a spilled "
+            f"task's record and chunks are deleted in one Datastore commit of at most 500 "
+            f"mutations): raise chunk_bytes to at least "
+            f"{-(-current.max_payload_bytes // MAX_CHUNKS):,} or lower max_payload_bytes"
+        )
+
+
+def _validate_commit_bytes(commit_bytes: Any, chunk_bytes: int) -> None:
+    least = chunk_bytes + CHUNK_MUTATION_OVERHEAD
+    if (
+        isinstance(commit_bytes, bool)
+        or not isinstance(commit_bytes, int)
+        or not least <= commit_bytes <= DATASTORE_REQUEST_LIMIT
+    ):
+        raise ConfigurationError(
+            f"commit_bytes is the size of one Datastore Commit request, so it must be between "
+            f"{least:,} (one chunk of chunk_bytes={chunk_bytes:,} with its key) and "
+            f"{DATASTORE_REQUEST_LIMIT:,} (4 MiB: Datastore and Google's emulators refuse any "
+            f"larger request), not {commit_bytes!r}"
+        )

@@ -225,9 +225,25 @@ def _pickle_call(obj: Callable, args: tuple, kwargs: dict) -> tuple[bytes | list
             if b"__main__" not in data:
                 return data, "pickle"
     try:
-        return cloudpickle.dumps(call, protocol=_PROTOCOL), "cloudpickle"
+        return _cloudpickle_pieces(call), "cloudpickle"
     except Exception as exc:
         raise SerializationError(_name_unpicklable(obj, args, kwargs, exc)) from exc
+
+
+def _cloudpickle_pieces(call: tuple) -> bytes | list[bytes]:
+    """cloudpickle's pickle of ``call``: its pieces when it is big, else its bytes.
+
+    Written to a _Pieces, as the big-argument path is: pickle hands a big bytes object it
+    meets (a lambda's captured payload, pickled by value) to the writer as it is, so the
+    pickle holds no copy of it (defer()'s peak memory for a closure over a big payload).
+    """
+    pieces = _Pieces()
+    cloudpickle.Pickler(pieces, protocol=_PROTOCOL).dump(call)
+    if len(pieces) == 1:
+        return pieces[0]
+    if sum(map(len, pieces)) >= _PIECES_BYTES:
+        return list(pieces)
+    return b"".join(pieces)
 
 
 _MAIN = b"__main__"

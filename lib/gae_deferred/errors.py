@@ -47,6 +47,13 @@ class PayloadTooLargeError(DeferError):
     """The serialized payload is bigger than the configured hard cap."""
 
 
+class DuplicateDeliveryRunning(SingularTaskFailure):
+    """Another delivery of this task (or another call with this ``@idempotent`` key) holds the
+    claim and is running now: this one does not run. The handler answers 503, so Cloud Tasks
+    retries it later, when the first has finished (then it is a no-op) or failed (then it runs).
+    """
+
+
 class InvalidTaskError(DeferError):
     """An option of the task is invalid: countdown, eta, url, headers, target (legacy
     ``taskqueue.InvalidTaskError``, the base of the two below as it was there)."""
@@ -89,11 +96,31 @@ class EnqueueError(DeferError):
 
 
 class EnqueueOutcomeUnknown(EnqueueError):
-    """Cloud Tasks did not answer in time: the task may or may not exist.
+    """defer() cannot know whether the task will run: do not defer the call again.
 
-    A spilled payload is kept in that case and the sweeper creates the task under the same name
-    if it is missing, so the call must not be repeated.
+    Raised when Cloud Tasks did not answer in time (the task may or may not exist), when a
+    Datastore commit holding a spilled or transactional payload failed after it may have been
+    applied and reading it back failed too, or when a payload that may exist could not be
+    deleted. Whatever was stored is run once: the sweeper creates the task of a pending record
+    under the same name if it is missing. What the caller can do: look the task up by
+    ``queue`` and ``task_name`` (``gae_deferred.cloud_tasks.get_task``) or the record by
+    ``payload_id`` (``gae_deferred.spillover.get``), or make the work idempotent by its own key
+    (``@idempotent(key=...)``) and defer again. ``task_name`` is None only where no name is
+    known (a batch reports per call).
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_name: str | None = None,
+        queue: str | None = None,
+        payload_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.task_name = task_name
+        self.queue = queue
+        self.payload_id = payload_id
 
 
 class BatchDeferError(DeferError):
@@ -119,7 +146,17 @@ class BatchDeferError(DeferError):
 
 
 class DatastoreUnavailableError(DeferError):
-    """A spilled payload could not be written to Datastore."""
+    """A spilled payload was certainly not written to Datastore: it did not answer, or kept
+    failing with a transient error (UNAVAILABLE, ABORTED, ...) through the retries, and
+    nothing will run it. A write that may have landed is never reported this way (see
+    EnqueueOutcomeUnknown).
+    """
+
+
+class DatastoreRefusedError(DeferError):
+    """Datastore refused to store a spilled payload (INVALID_ARGUMENT, a request over its size
+    limit, PERMISSION_DENIED, ...): not retried, since it would refuse the same request again.
+    The message carries Datastore's own; ``__cause__`` is the Google API error."""
 
 
 class UnverifiedEnvelope(PermanentTaskFailure):

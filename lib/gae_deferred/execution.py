@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 import traceback
+import uuid
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -29,6 +30,7 @@ from .cloud_tasks import TaskSpec
 from .context import TaskInfo, running
 from .errors import (
     DeferError,
+    DuplicateDeliveryRunning,
     PayloadLoadError,
     PermanentTaskFailure,
     SingularTaskFailure,
@@ -169,7 +171,7 @@ def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
 #: writer's commit not yet visible): the task is retried rather than failed for good.
 SPILL_VISIBILITY_GRACE_SECONDS = 60
 #: Outcomes of a task whose function was not called: not counted in the metrics.
-_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible"})
+_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible", "claimed"})
 
 
 @dataclasses.dataclass
@@ -193,6 +195,8 @@ class _Attempt:
         return named or failures.failure_id(self.task.queue, self.task.name)
 
     outer_failure_id: str | None = None
+    #: The claim this attempt holds on its spilled payload (see spillover.claim).
+    claim: str | None = None
 
 
 def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
@@ -263,10 +267,14 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
                     obj(*args, **kwargs)
             else:
                 obj(*args, **kwargs)
+    except DuplicateDeliveryRunning as exc:
+        logger.info("task %s: duplicate delivery while the first runs: %s", task.name, exc)
+        return TaskOutcome(UNAVAILABLE, "claimed", str(exc))
     except SingularTaskFailure as exc:
         if is_last_by_task_options(task, attempt.header):
             return _record(attempt, exc, FailureState.DEAD, status=OK)
         logger.debug("task %s asked to be retried", task.name)
+        _release(attempt)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
     except SpilledPayloadMissing as exc:
         return _missing(attempt, exc)
@@ -300,6 +308,15 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     """Read and verify the spilled payload; an outcome when this task must not run it."""
     payload_id, chunks = spillover.parse_ref(attempt.header)
     stored_bytes = attempt.header["ref"].get("stored_bytes")
+    # The claim first: a duplicate delivery while this one runs stops here, before the
+    # payload is read (DuplicateDeliveryRunning), and one after it finished finds no record.
+    token = uuid.uuid4().hex
+    if spillover.claim(payload_id, attempt.task.name, token) is None:
+        logger.warning(
+            "task %s: payload %s belongs to another task now", attempt.task.name, payload_id
+        )
+        return TaskOutcome(OK, "superseded", "payload moved to another task")
+    attempt.claim = token
     record, inner = spillover.load(payload_id, chunks, stored_bytes)
     if record.task_name and record.task_name != attempt.task.name:
         # A retrigger or the sweeper moved the payload to another task; that one runs it.
@@ -313,6 +330,13 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     attempt.record, attempt.body = record, inner
     attempt.env = envelope.open_envelope(inner)
     return None
+
+
+def _release(attempt: _Attempt) -> None:
+    """Give up this attempt's claim on its spilled payload: it ends without finishing the
+    task, and the retry must not wait for the claim to run out."""
+    if attempt.claim is not None and attempt.record is not None:
+        spillover.release(attempt.record.key.id(), attempt.task.name, attempt.claim)
 
 
 def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:
@@ -385,6 +409,7 @@ def _past_the_last_attempt(attempt: _Attempt, reason: str) -> TaskOutcome:
     attempt (its real exception and traceback) is left as it is."""
     logger.warning("task %s not run: %s", attempt.task.name, reason)
     if failures.get(attempt.failure_id) is not None:
+        _release(attempt)
         return TaskOutcome(OK, FailureState.DEAD, reason)
     return _record(attempt, PermanentTaskFailure(reason), FailureState.DEAD)
 
@@ -410,6 +435,8 @@ def _record(
             state=PayloadState(state.value),
             updated=now,
             attempts=(attempt.record.attempts or 0) + 1,
+            claim=None,
+            claimed_until=None,
         )
         entities.append(attempt.record)
     elif existing is None:
