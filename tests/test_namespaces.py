@@ -180,7 +180,7 @@ def test_idempotency_keys_of_the_callers_are_kept_apart_per_namespace(app):
     for tenant in TENANTS:
         assert written(tenant) == ["order-1"]
     markers = sorted(key.id() for key in ndb.Query(kind="_DeferredDone").fetch(keys_only=True))
-    assert [marker.split("/", 1)[0] for marker in markers] == list(TENANTS)
+    assert markers == [f"{charge.__module__}.charge:{tenant}/order-1" for tenant in TENANTS]
 
 
 def test_a_transactional_defer_from_a_namespace_commits_with_the_tenants_writes(app):
