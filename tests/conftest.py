@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -98,6 +99,10 @@ def _fresh_settings():
     config.reset()
     yield
     config.reset()
+    # Refused deliveries a test provoked are not written at exit, nowhere in particular.
+    refused = sys.modules.get("gae_deferred.refusals")
+    if refused is not None:
+        refused.discard_pending()
 
 
 @pytest.fixture

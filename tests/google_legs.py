@@ -43,6 +43,9 @@ FIRESTORE_PATHS = (
     "tests/test_claims.py",
     "tests/test_batch.py",
     "tests/test_pessimistic_locking.py",
+    "tests/test_legacy_pickles.py",
+    "tests/test_version_affinity.py",
+    "tests/test_cross_python.py",
     "tests/test_namespaces.py",
     "tests/test_legacy_taskqueue_names.py",
 )

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
         TombstonedTaskError,
         UnknownQueueError,
         UnverifiedEnvelope,
+        VersionSkewError,
     )
     from .execution import TaskOutcome, execute_task, run, set_log_level
     from .failures import FailureState
@@ -120,6 +121,7 @@ _EXPORTS = {
     "TombstonedTaskError": ".errors",
     "UnknownQueueError": ".errors",
     "UnverifiedEnvelope": ".errors",
+    "VersionSkewError": ".errors",
     "TaskOutcome": ".execution",
     "execute_task": ".execution",
     "run": ".execution",
@@ -209,6 +211,7 @@ __all__ = [
     "TombstonedTaskError",
     "UnknownQueueError",
     "UnverifiedEnvelope",
+    "VersionSkewError",
     "application",
     "batch",
     "cloud_tasks",

@@ -271,6 +271,8 @@ def prepare_call(
 def _routing(
     target: str | None, service: str | None, version: str | None, instance: str | None
 ) -> dict[str, str]:
+    if not (target or service or version or instance):
+        return affinity_routing()
     routing: dict[str, str] = {}
     if target:
         # Legacy targets read "service" or "version.service".
@@ -283,6 +285,20 @@ def _routing(
     for field, value in (("service", service), ("version", version), ("instance", instance)):
         if value:
             routing[field] = value
+    return routing
+
+
+def affinity_routing() -> dict[str, str]:
+    """Where a task the call does not route goes: on App Engine (GAE_VERSION set), back to the
+    version and service that made it, as the legacy task queue did by the enqueuing request's
+    Host (``version_affinity``); elsewhere, or with affinity off, Cloud Tasks' default routing
+    (the queue's target, else the default service's serving version)."""
+    current = settings()
+    if not (current.version_affinity and current.running_version):
+        return {}
+    routing = {"version": current.running_version}
+    if current.running_service:
+        routing["service"] = current.running_service
     return routing
 
 
@@ -495,7 +511,7 @@ def write_outside_transaction(entities: spillover.Payloads) -> None:
             return
         size = sum(record.stored_bytes or 0 for record, _ in entities)
         what = f"{len(entities)} spilled payload(s) of {size:,} bytes"
-        if not _ndb_rpc.is_transient(exc):
+        if _ndb_rpc.is_refusal(exc):
             raise DatastoreRefusedError(f"Datastore refused to store {what}: {exc}") from exc
         raise DatastoreUnavailableError(f"could not store {what}: {exc}") from exc
 

@@ -167,6 +167,12 @@ class PayloadLoadError(PermanentTaskFailure):
     """A verified payload does not load in this runtime: version skew, renamed code."""
 
 
+class VersionSkewError(PayloadLoadError):
+    """A verified payload does not load here and was written by another Python, cloudpickle
+    or app version (named, with this runtime's, in the message): it is kept as a dead letter,
+    and the dashboard can retry it on the version that made it."""
+
+
 class SpilledPayloadMissing(PermanentTaskFailure):
     """The task references a spilled payload that is no longer in Datastore.
 

@@ -23,7 +23,18 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from . import _ndb_rpc, cloud_tasks, enqueue, envelope, failures, metrics, spillover, task_backoff
+from . import (
+    _ndb_rpc,
+    cloud_tasks,
+    enqueue,
+    envelope,
+    failures,
+    legacy_pickles,
+    metrics,
+    refusals,
+    spillover,
+    task_backoff,
+)
 from ._config import settings
 from ._datastore import in_namespace, ndb_context
 from .cloud_tasks import TaskSpec
@@ -210,11 +221,16 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     replay of one runs that call again, as a duplicate delivery would.
     """
     if task is None:
+        refusals.record("not-from-queue", None, "no task queue headers")
         return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
     try:
         outer = envelope.open_envelope(body, decompress=False)
     except UnverifiedEnvelope as exc:
+        if legacy_pickles.is_legacy_pickle(body):
+            return legacy_pickles.execute(body, task)
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
+        signed = bytes(body[: len(envelope.MAGIC)]) == envelope.MAGIC
+        refusals.record("bad-signature" if signed else "unsigned", task, str(exc))
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
     header = outer.header
     bound = "task" in header or "queue" in header or outer.is_reference
@@ -224,6 +240,7 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
             f", not {task.name!r} on {task.queue!r}: not executing it"
         )
         logger.error("rejected task %s on %s: %s", task.name, task.queue, message)
+        refusals.record("wrong-task", task, message)
         return TaskOutcome(FORBIDDEN, "forbidden", message)
     failure_id = header.get("failure_id")
     task = task_backoff.counted(task, header)
