@@ -161,8 +161,9 @@ def test_tasks_run_in_the_service_their_routing_names(
 def test_an_unknown_service_is_logged_as_soft_routed(services: ServiceStack, svc_tasks, tmp_path):
     task = gae_deferred.defer(svc_tasks.where, str(tmp_path), "lost", _target="lost-service")
     ran(tmp_path, "lost")
-    log = services.log_file("cloudtasks").read_text()
-    assert f"task {task.name}: service 'lost-service' does not exist: routed to the default" in log
+    line = f"task {task.name}: service 'lost-service' does not exist: routed to the default"
+    # The emulator's output reaches its log file through the stack's pump thread.
+    wait_for(lambda: line in services.log_file("cloudtasks").read_text(), "the log line", 10)
 
 
 def test_version_specific_addresses_win_over_the_service():
