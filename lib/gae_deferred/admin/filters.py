@@ -213,21 +213,23 @@ def _time_range(
 ) -> ndb.Query:
     """``query`` limited to [since, until), oldest or newest first.
 
-    The range is the only inequality and the query has no sort order: its results come in the
-    order of the range's property, which Datastore, the emulator and the test stub all serve
-    from one (facets, property) index. "newest" ranges over the negated copy of the time.
+    The range is the only inequality and the query is ordered by the range's own property,
+    ascending (one (facets, property) index serves it); "newest" ranges over and sorts by the
+    negated copy of the time. The order is always explicit: without it a query with several
+    equality filters came back in whatever order the backend joined them (oldest first on the
+    stub and the emulator, whatever ``sort`` said).
     """
     if sort == "newest":
         if since:
             query = query.filter(descending_ms <= _facets.descending_ms(since))
         if until:
             query = query.filter(descending_ms > _facets.descending_ms(until))
-        return query
+        return query.order(descending_ms)
     if since:
         query = query.filter(ascending >= since)
     if until:
         query = query.filter(ascending < until)
-    return query
+    return query.order(ascending)
 
 
 def count_matching(wanted: FailureFilter | SpillFilter, cap: int = MAX_MATCHING) -> int:
