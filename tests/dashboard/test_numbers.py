@@ -100,3 +100,21 @@ def test_spillover_list_keeps_its_sort_under_every_filter_combination(emulator_a
                 )
                 items = emulator_app.get(f"{P}/api/spillover", params).json["items"]
                 assert [item["id"] for item in items] == expected, params
+
+
+def test_percentiles_are_never_above_the_exact_maximum(app):
+    # Every run 27.8 ms: its bucket's upper bound is 30 ms, the maximum is 27.8 ms.
+    for _ in range(20):
+        metrics.observe("reports.build", "reports", 0.0278, ok=True, retried=False)
+    metrics.observe("reports.build", "reports", 0.0012, ok=True, retried=False)
+    metrics.flush()
+    data = app.get(f"{P}/api/metrics", {"window": "1h", "function": "reports.build"}).json
+    for window in data["windows"].values():
+        assert window["p95_ms"] <= window["max_ms"] == 27.8
+        assert window["p50_ms"] <= window["max_ms"]
+    assert data["windows"]["1h"]["p95_ms"] == 27.8
+    for point in data["by_minute"]:
+        assert point["p95_ms"] <= point["max_ms"]
+    page = app.get(f"{P}/metrics", {"window": "1h"})
+    assert "p95 ≤" in page.text and "never above the exact maximum" in page.text
+    assert "30 ms" not in page.text
