@@ -19,6 +19,7 @@ os.environ.setdefault("GOOGLE_CLOUD_PROJECT", "test-project")
 # Tests flush task metrics themselves (metrics.flush()); a background flush in the middle of a
 # test that counts Datastore RPCs would add its transaction to the count.
 os.environ.setdefault("GAE_DEFERRED_METRICS_FLUSH_SECONDS", "3600")
+os.environ.setdefault("GAE_DEFERRED_METRICS_FIRST_FLUSH_SECONDS", "3600")
 
 
 @pytest.fixture(autouse=True)

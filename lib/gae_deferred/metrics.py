@@ -4,9 +4,10 @@ The task path calls :func:`observe` once per task: a few dictionary and list ope
 a lock, in memory. Each process adds up what it saw per minute, with durations in fixed
 histogram buckets (:data:`BUCKETS_MS`) so percentiles of several processes merge exactly
 (reported as the upper bound of the bucket they fall in, or the exact maximum when that is
-lower). A background thread flushes the
-totals every ``settings().metrics_flush_seconds`` (default 60) and at interpreter exit: **one
-Datastore transaction per process per interval** that folds them into one
+lower). A background thread flushes the totals every ``settings().metrics_flush_seconds``
+(default 60; the first run after a quiet interval ``metrics_first_flush_seconds`` after it, 1 s
+by default) and at interpreter exit: **at most one Datastore transaction per process per
+interval** that folds them into one
 ``_DeferredMetricSeries`` record per function, per queue and for all functions::
 
     from gae_deferred import metrics
@@ -96,6 +97,8 @@ class _Recorder:
         self.flusher: threading.Thread | None = None
         self.flusher_pid = 0
         self.stop = threading.Event()
+        #: Set by the first run observed since the last flush: the flusher writes it promptly.
+        self.wake = threading.Event()
         self.exit_hook = False
 
     def take(self) -> dict[tuple[str, str], dict[int, list]]:
@@ -147,6 +150,7 @@ def observe(function: str, queue: str, seconds: float, *, ok: bool, retried: boo
     minute = int(time.time()) // 60
     recorder = _recorder
     with recorder.lock:
+        first = not recorder.pending
         minutes = recorder.pending.get((function, queue))
         if minutes is None:
             minutes = recorder.pending[(function, queue)] = {}
@@ -161,10 +165,12 @@ def observe(function: str, queue: str, seconds: float, *, ok: bool, retried: boo
             slot[_MAX] = ms
         slot[_HIST][bucket] += 1
     if recorder.flusher_pid != _pid:
-        _start_flusher(current.metrics_flush_seconds)
+        _start_flusher(current.metrics_flush_seconds, current.metrics_first_flush_seconds)
+    if first:
+        recorder.wake.set()
 
 
-def _start_flusher(interval: float) -> None:
+def _start_flusher(interval: float, first_delay: float) -> None:
     recorder = _recorder
     with recorder.lock:
         # After a fork the child has the parent's totals' copy but no thread: start its own.
@@ -173,7 +179,9 @@ def _start_flusher(interval: float) -> None:
         recorder.flusher_pid = os.getpid()
         recorder.stop = threading.Event()
         recorder.flusher = threading.Thread(
-            target=_flush_every, args=(interval, recorder.stop), name="gae-deferred-metrics"
+            target=_flush_every,
+            args=(interval, first_delay, recorder.stop, recorder.wake),
+            name="gae-deferred-metrics",
         )
         recorder.flusher.daemon = True
         recorder.flusher.start()
@@ -183,9 +191,24 @@ def _start_flusher(interval: float) -> None:
             recorder.exit_hook = True
 
 
-def _flush_every(interval: float, stop: threading.Event) -> None:
-    while not stop.wait(interval):
+def _flush_every(
+    interval: float, first_delay: float, stop: threading.Event, wake: threading.Event
+) -> None:
+    """Flush at most once per ``interval``; after a quiet interval, the first run observed is
+    written ``first_delay`` later instead of up to ``interval`` later (so a dashboard does not
+    show "nothing ran" for a minute while the failures a run recorded already show)."""
+    prompt = first_delay < interval
+    while not stop.is_set():
+        if prompt:
+            wake.wait(interval)
+            if stop.wait(first_delay if wake.is_set() else 0):
+                return
+        elif stop.wait(interval):
+            return
+        wake.clear()
         flush()
+        if prompt and stop.wait(interval):
+            return
 
 
 def _flush_at_exit() -> None:

@@ -253,6 +253,11 @@ def test_failure_detail_says_which_request_deferred_it_with_a_logs_link(app, ndb
         "request": {"path": "/orders/7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"},
     }
     record.put()
+    # Local mode has no Cloud Logging: no dead link, the trace as the local log lines show it.
+    local = app.get(f"{P}/failures/{record.id}")
+    assert "console.cloud.google.com" not in local.text
+    assert "[trace 4bf92f35]" in local.text
+    gae_deferred.configure(local_mode=False, admin_hook=lambda environ: "ops@example.com")
     page = app.get(f"{P}/failures/{record.id}")
     assert "/orders/7" in page.text
     link = re.search(r'href="(https://console\.cloud\.google\.com/logs/query[^"]+)"', page.text)

@@ -118,3 +118,33 @@ def test_percentiles_are_never_above_the_exact_maximum(app):
     page = app.get(f"{P}/metrics", {"window": "1h"})
     assert "p95 ≤" in page.text and "never above the exact maximum" in page.text
     assert "30 ms" not in page.text
+
+
+def test_the_first_run_after_a_quiet_interval_is_written_within_seconds(app):
+    """Before: the overview said "0 processed" for up to a minute while the failure the run
+    recorded already showed. Every instance writes its first run promptly, so this holds
+    whichever instance ran the task and whichever serves the dashboard."""
+    import threading
+    import time
+
+    stop = threading.Event()
+    flusher = threading.Thread(
+        target=metrics._flush_every, args=(60.0, 0.2, stop, metrics._recorder.wake), daemon=True
+    )
+    metrics._recorder.wake.clear()
+    flusher.start()
+    try:
+        metrics.observe("reports.build", "reports", 0.01, ok=False, retried=False)
+        deadline = time.monotonic() + 5
+        while metrics.get_series("all", "") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        numbers = app.get(f"{P}/api/overview").json
+        assert sum(point[1] for point in numbers["runs_by_minute"]) == 1
+        assert sum(point[2] for point in numbers["runs_by_minute"]) == 1
+        # The next runs wait for the interval: still one write per interval at most.
+        metrics.observe("reports.build", "reports", 0.01, ok=True, retried=False)
+        time.sleep(0.6)
+        assert metrics.get_series("all", "").window("1h").runs == 1
+    finally:
+        stop.set()
+        flusher.join(5)

@@ -56,6 +56,7 @@ from ._common import (
     page_size,
     seal_message,
     url_id,
+    url_segment,
 )
 from .failed import (
     bulk_failures,
@@ -76,6 +77,7 @@ from .filters import (
     count_matching,
     parse_time,
 )
+from .header import header_rows
 from .overview import (
     Overview,
     audit_json,
@@ -86,6 +88,7 @@ from .overview import (
     overview_json,
     run_sweeper,
     series_json,
+    target_link,
 )
 from .queued import (
     delete_task,
@@ -162,6 +165,7 @@ __all__ = [
     "get_queue",
     "get_spillover",
     "group_json",
+    "header_rows",
     "id_from_url",
     "list_audit",
     "list_failures",
@@ -186,7 +190,9 @@ __all__ = [
     "seal_message",
     "series_json",
     "spillover_json",
+    "target_link",
     "task_detail",
     "task_json",
     "url_id",
+    "url_segment",
 ]

@@ -149,6 +149,15 @@ def url_id(value: str) -> str:
     return "~" + base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
+#: Where the dashboard is mounted (handlers/_admin_guard.PREFIX): links made here point there.
+PREFIX = "/_ah/deferred-admin"
+
+
+def url_segment(value: str) -> str:
+    """:func:`url_id` percent-encoded: one path segment of a link."""
+    return quote(url_id(value), safe="")
+
+
 def id_from_url(segment: str) -> str:
     """The id :func:`url_id` encoded; NotFound when ``~...`` is not valid base64url UTF-8."""
     if not segment.startswith("~"):
@@ -303,13 +312,19 @@ def deferred_by(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
     trace_id = str(request.get("trace_id") or "")
     project = settings().project
     logs_url = None
-    if project and trace_id:
+    # Local mode has no Cloud Logging: a link there would open an empty console page.
+    if project and trace_id and not settings().local_mode:
         query = f'trace="projects/{project}/traces/{trace_id}"'
         logs_url = (
             "https://console.cloud.google.com/logs/query;query="
             f"{quote(query, safe='')}?project={quote(project, safe='')}"
         )
-    return {"path": str(request.get("path") or ""), "trace_id": trace_id, "logs_url": logs_url}
+    return {
+        "path": str(request.get("path") or ""),
+        "trace_id": trace_id,
+        "logs_url": logs_url,
+        "local_logs": f"[trace {trace_id[:8]}]" if trace_id and settings().local_mode else None,
+    }
 
 
 def format_bytes(size: int | None) -> str:

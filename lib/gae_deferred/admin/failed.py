@@ -39,6 +39,7 @@ from .filters import (
     FailureFilter,
     _bulk_matching,
 )
+from .header import header_rows
 from .spilled import (
     _reenqueue_spilled,
 )
@@ -120,6 +121,7 @@ def failure_json(record: failures.DeferredFailure, *, detail: bool = False) -> d
     }
     if detail:
         data["meta"] = record.meta or {}
+        data["header"] = header_rows(record.meta)
         data["deferred_by"] = deferred_by(record.meta)
     return data
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 from typing import Any
+from urllib.parse import urlencode
 
 from .. import audit, failures, metrics, spillover, sweeper
 from ..errors import (
@@ -17,6 +19,7 @@ from ._common import (
     COUNT_CAP,
     MAX_PAGE_SIZE,
     PAGE_SIZE,
+    PREFIX,
     SCAN_CAP,
     Page,
     QueueInfo,
@@ -26,6 +29,7 @@ from ._common import (
     decode_cursor,
     encode_cursor,
     format_bytes,
+    url_segment,
 )
 from .queued import (
     queue_json,
@@ -199,14 +203,47 @@ def list_audit(*, cursor: str | None = None, limit: int = PAGE_SIZE) -> Page:
 
 
 def audit_json(entry: audit.DeferredAudit) -> dict[str, Any]:
-    """The API view of an audit entry."""
+    """The API view of an audit entry; ``target_url`` is the dashboard page of its target
+    (None for the sweeper) and ``target_label`` how a page shows it."""
+    url, label = target_link(entry.target or "")
     return {
         "actor": entry.actor,
         "action": entry.action,
         "target": entry.target,
+        "target_url": url,
+        "target_label": label,
         "when": _iso(entry.when),
         "detail": entry.detail,
     }
+
+
+def target_link(target: str) -> tuple[str | None, str]:
+    """(dashboard URL, label) of an audit target: ``failure/<id>``, ``spillover/<id>``,
+    ``queue/<q>``, ``task/<q>/<task>``, or a bulk action's ``failures?{filter json}`` /
+    ``spillover?{...}``; (None, target) for anything else."""
+    kind, _, rest = target.partition("/")
+    if kind in ("failure", "spillover") and rest:
+        section = "failures" if kind == "failure" else "spillover"
+        return f"{PREFIX}/{section}/{url_segment(rest)}", target
+    if kind == "queue" and rest:
+        return f"{PREFIX}/queues/{url_segment(rest)}", target
+    if kind == "task" and rest.count("/") == 1:
+        queue, task = rest.split("/")
+        return f"{PREFIX}/queues/{url_segment(queue)}/tasks/{url_segment(task)}", target
+    section, mark, filters = target.partition("?")
+    if mark and section in ("failures", "spillover"):
+        try:
+            params = json.loads(filters)
+        except ValueError:
+            return None, target
+        if isinstance(params, dict):
+            path = "/failures/list" if section == "failures" else "/spillover"
+            query = urlencode({str(k): str(v) for k, v in params.items()})
+            label = f"{section} where " + (
+                ", ".join(f"{k}={v}" for k, v in params.items()) or "anything"
+            )
+            return f"{PREFIX}{path}" + (f"?{query}" if query else ""), label
+    return None, target
 
 
 def run_sweeper(actor: str, *, audit_idle: bool = True) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""What the pages show: labelled numbers, one failure colour, empty charts, the envelope
+header formatted once for every page, audit targets as links, Cloud Tasks responses."""
+
+from __future__ import annotations
+
+import re
+
+from google.cloud import tasks_v2
+from google.rpc import status_pb2
+
+from gae_deferred import admin, audit, metrics
+from gae_deferred.webapp2 import _templates
+from tests.dashboard.support import P, make_failure, make_spilled
+
+
+def test_overview_labels_runs_apart_from_failure_records_in_one_failure_colour(app):
+    make_failure("t-1")
+    for _ in range(3):
+        metrics.observe("test_admin.sample", "default", 0.01, ok=False, retried=True)
+    metrics.flush()
+    page = app.get(P).text
+    assert "3 failed runs</span> (every attempt counts)" in page
+    assert "Failure records" in page and "One record per failing task" in page
+    # Failures per hour and failed runs share the failure colour (class "failed").
+    assert '<svg class="bars failed"' in page
+    assert re.search(r'<rect class="failed"', page)
+
+
+def test_an_empty_chart_says_so_without_a_peak(app):
+    page = app.get(P).text
+    assert "peak" not in page
+    assert "nothing ran" in page and "no failures" in page
+
+
+def test_one_header_formatter_for_failure_spillover_and_task_pages(app):
+    failure = make_failure("t-h", args_preview="")
+    failure.meta = {
+        **failure.meta,
+        "request": {"path": "/orders/1", "trace_id": "ab" * 16},
+        "created_ms": 1_700_000_000_123,
+    }
+    failure.put()
+    data = app.get(f"{P}/api/failures/{failure.id}").json
+    rows = {row["key"]: row for row in data["header"]}
+    assert rows["created_ms"]["text"] == "2023-11-14 22:13:20.123 UTC"
+    assert "KiB" in rows["raw_bytes"]["text"] or " B (" in rows["raw_bytes"]["text"]
+    assert rows["request"]["text"] == "/orders/1, trace " + "ab" * 16
+    assert "the current signing key" in rows["kid"]["text"]
+    assert "args" not in rows  # empty: no row
+    page = app.get(f"{P}/failures/{failure.id}").text
+    assert "{'path'" not in page and "1700000000123" not in page
+    assert "<dt>Arguments</dt>" not in page
+    spilled = make_spilled("h1", size=10)
+    detail = app.get(f"{P}/spillover/h1").text
+    assert "id of the key that signed this envelope" in detail
+    assert re.search(r"Pickled size</th><td><code>[0-9.]+ (KiB|B)", detail)
+    assert f'href="{P}/queues/default/tasks/{spilled.task_name}"' in detail
+
+
+def test_audit_targets_are_links(app):
+    audit.record("ops", "dismiss", "failure/f-1", "")
+    audit.record("ops", "delete", "failure/a/b?c", "")
+    audit.record("ops", "pause", "queue/reports", "")
+    audit.record("ops", "run", "task/reports/t-9", "")
+    audit.record("ops", "bulk dismiss", 'failures?{"function": "x", "state": "dead"}', "")
+    audit.record("ops", "sweep", "sweeper", "")
+    page = app.get(f"{P}/audit").text
+    assert f'href="{P}/failures/f-1"' in page
+    assert f'href="{P}/failures/{admin.url_id("a/b?c")}"' in page
+    assert f'href="{P}/queues/reports"' in page
+    assert f'href="{P}/queues/reports/tasks/t-9"' in page
+    assert f'href="{P}/failures/list?function=x&amp;state=dead"' in page
+    assert "failures where function=x, state=dead" in page
+    assert '<time datetime="' in page and ' UTC">' in page  # exact time on hover
+
+
+def test_last_response_shows_what_cloud_tasks_said_not_its_grpc_code():
+    task = tasks_v2.Task(
+        name="projects/p/locations/l/queues/reports/tasks/t-1",
+        app_engine_http_request=tasks_v2.AppEngineHttpRequest(
+            relative_uri="/_ah/queue/deferred/reports.build"
+        ),
+        last_attempt=tasks_v2.Attempt(
+            response_status=status_pb2.Status(code=13, message="HTTP 500")
+        ),
+    )
+    item = admin.task_json(task)
+    assert item["last_response"]["text"] == "HTTP 500"
+    assert item["function"] == "reports.build"
+    silent = tasks_v2.Task(
+        name="projects/p/locations/l/queues/q/tasks/t-2",
+        last_attempt=tasks_v2.Attempt(response_status=status_pb2.Status(code=4)),
+    )
+    assert admin.task_json(silent)["last_response"]["text"] == "DEADLINE_EXCEEDED"
+    html = _templates.render(
+        "queue_tasks.html",
+        {
+            "queue": "reports",
+            "state": "RUNNING",
+            "items": [item],
+            "next_cursor": None,
+            "title": "Queue reports",
+            "admin_user": None,
+            "local_mode": False,
+            "csrf_token": "x",
+            "refresh": 0,
+            "page_url": lambda **changes: "",
+            "request_path": f"{P}/queues/reports",
+            "here": f"{P}/queues/reports",
+            "flash": None,
+        },
+    )
+    assert ">HTTP 500<" in html and "13 HTTP 500" not in html
+    assert "reports.build" in html
