@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 
 import webapp2
 
-from gae_deferred import Error, admin, metrics, ndb_context
+from gae_deferred import Error, admin, audit, metrics, ndb_context
 
 from . import _admin_auth, _admin_csrf, _templates
 from . import _admin_guard as guard
@@ -90,6 +90,9 @@ class _Base(webapp2.RequestHandler):
         if self.request.method == "POST" and not _admin_csrf.valid(self.request):
             self.fail(403, "CSRF token missing or wrong: reload the page and try again.")
             return
+        if self.request.method == "POST" and not self.admin_user.can_act:
+            self._refuse_viewer()
+            return
         if getattr(self, self.request.method.lower(), None) is None:
             self.fail(405, f"{self.request.method} is not allowed here.")
             return
@@ -98,6 +101,12 @@ class _Base(webapp2.RequestHandler):
 
     def _authenticate(self) -> _admin_auth.Admin | None:
         return _admin_auth.authenticate(self.request.environ)
+
+    def _refuse_viewer(self) -> None:
+        """A viewer posted an action: 403, and the attempt is audited."""
+        with ndb_context():
+            audit.record(self.actor, "refused", self.path, "viewers may look but not act")
+        self.fail(403, "Viewers may look but not act: ask a dashboard admin.")
 
     def _denial(self) -> str:
         return _admin_auth.denial(self.request.environ)
@@ -176,6 +185,7 @@ class _Base(webapp2.RequestHandler):
         context.setdefault("title", "Deferred tasks")
         context.update(
             admin_user=self.admin_user,
+            can_act=bool(self.admin_user and self.admin_user.can_act),
             local_mode=bool(self.admin_user and self.admin_user.local_mode),
             csrf_token=self.csrf_token,
             refresh=(

@@ -101,6 +101,7 @@ def test_last_response_shows_what_cloud_tasks_said_not_its_grpc_code():
             "next_cursor": None,
             "title": "Queue reports",
             "admin_user": None,
+            "can_act": True,
             "local_mode": False,
             "csrf_token": "x",
             "refresh": 0,
