@@ -53,7 +53,7 @@ def test_one_header_formatter_for_failure_spillover_and_task_pages(app):
     spilled = make_spilled("h1", size=10)
     detail = app.get(f"{P}/spillover/h1").text
     assert "id of the key that signed this envelope" in detail
-    assert re.search(r"Pickled size</th><td><code>[0-9.]+ (KiB|B)", detail)
+    assert re.search(r"Pickled size</th><td><code>[0-9.]+ KiB \([0-9,]+ bytes\)", detail)
     assert f'href="{P}/queues/default/tasks/{spilled.task_name}"' in detail
 
 

@@ -32,7 +32,7 @@ def _time(value: Any) -> str:
 def _size(value: Any) -> str:
     if not isinstance(value, int) or isinstance(value, bool):
         return json.dumps(value, default=str)
-    return f"{format_bytes(value)} ({value:,} bytes)"
+    return f"{format_bytes(value)} ({value:,} bytes)" if value >= 1024 else format_bytes(value)
 
 
 def _text(value: Any) -> str:
