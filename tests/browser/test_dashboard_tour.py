@@ -27,7 +27,8 @@ def _outside(page, width: int) -> list[str]:
             .filter(el => el.offsetParent !== null && !el.closest('details:not([open])'))
             .map(el => [el, el.getBoundingClientRect()])
             .filter(([el, box]) => box.width > 0 && (box.left < -0.5 || box.right > width + 0.5))
-            .map(([el, box]) => `${el.tagName} ${el.textContent.trim().slice(0, 30)} ${box.left}-${box.right}`)""",
+            .map(([el, box]) => `${el.tagName} ${el.textContent.trim().slice(0, 30)} `
+                + `${box.left}-${box.right}`)""",
         [ON_SCREEN, width],
     )
 
