@@ -50,7 +50,7 @@ def test_one_header_formatter_for_failure_spillover_and_task_pages(app):
     page = app.get(f"{P}/failures/{failure.id}").text
     assert "{'path'" not in page and "1700000000123" not in page
     assert "<dt>Arguments</dt>" not in page
-    spilled = make_spilled("h1", size=10)
+    spilled = make_spilled("h1", size=5000)
     detail = app.get(f"{P}/spillover/h1").text
     assert "id of the key that signed this envelope" in detail
     assert re.search(r"Pickled size</th><td><code>[0-9.]+ KiB \([0-9,]+ bytes\)", detail)
