@@ -255,9 +255,12 @@ class _Base(webapp2.RequestHandler):
         self.response.status_int = 303
         self.response.headers["Location"] = _safe_back(self.field("back"), back)
 
-    def needs_confirmation(self, question: str, cancel: str, **fields: Any) -> bool:
+    def needs_confirmation(
+        self, question: str, cancel: str, button: str, *, danger: bool = False, **fields: Any
+    ) -> bool:
         """For HTML forms without confirm=yes in the body, render the confirmation page (it
-        posts back here with the same fields) and say so."""
+        posts back here with the same fields) and say so. ``button`` names the verb and the
+        count ("Retry 3 dead failures"); ``danger`` (deletes, purges) draws it red."""
         if self.json_api or self.field("confirm") == "yes":
             return False
         hidden = [(name, value) for name, value in fields.items() if not isinstance(value, list)]
@@ -274,6 +277,8 @@ class _Base(webapp2.RequestHandler):
             "confirm.html",
             title="Confirm",
             question=question,
+            button=button,
+            danger=danger,
             action=quote(self.path),
             hidden=hidden,
             cancel=_safe_back(back, cancel),
@@ -288,6 +293,11 @@ class _Base(webapp2.RequestHandler):
 def _api(handler: type[_Base]) -> type[_Base]:
     """The JSON twin of a handler class."""
     return type(f"{handler.__name__}Api", (handler,), {"json_api": True})
+
+
+def _count(number: int | str, noun: str) -> str:
+    """``1 failure``, ``3 failures``, ``1000+ failures``."""
+    return f"{number} {noun}" + ("" if str(number) == "1" else "s")
 
 
 def _bulk_summary(action: str, result: admin.BulkResult, what: str) -> str:
@@ -351,6 +361,8 @@ class SpilloverDelete(_Base):
             f"Delete the spilled payload of {record.function} "
             f"({admin.format_bytes(record.stored_bytes)}) and its queued task?",
             f"{PREFIX}/spillover/{payload_id}",
+            "Delete 1 spilled payload",
+            danger=True,
         ):
             return
         admin.delete_spillover(record.key.id(), self.actor)
@@ -363,8 +375,10 @@ class SpilloverBulk(_Base):
         if not ids:
             raise admin.BadRequest("select at least one record")
         if self.needs_confirmation(
-            f"{action.capitalize()} {len(ids)} spilled payload(s)?",
+            f"{action.capitalize()} {_count(len(ids), 'spilled payload')}?",
             f"{PREFIX}/spillover",
+            f"{action.capitalize()} {_count(len(ids), 'spilled payload')}",
+            danger=action == "delete",
             action=action,
             ids=ids,
             version=version,
@@ -391,11 +405,16 @@ class _BulkMatching(_Base):
         back = f"{PREFIX}{self.list_path}" + _templates.query(wanted.params())
         if not self.json_api:
             count = admin.count_matching(wanted)
+            shown = f"{count}{'+' if count >= admin.MAX_MATCHING else ''}"
+            state = "" if wanted.state == "all" else f"{wanted.state} "
+            noun = "failure" if isinstance(wanted, admin.FailureFilter) else "spilled payload"
             if self.needs_confirmation(
-                f"{action.capitalize()} {count}{'+' if count >= admin.MAX_MATCHING else ''} "
+                f"{action.capitalize()} {shown} "
                 f"{wanted.describe()}? At most {admin.MAX_MATCHING:,} are done, "
                 f"{admin.MAX_BULK} at a time.",
                 back,
+                f"{action.capitalize()} {_count(shown, state + noun)}",
+                danger=action == "delete",
                 action=action,
                 version=version,
                 **wanted.params(),
@@ -489,6 +508,8 @@ class FailureDelete(_Base):
         if self.needs_confirmation(
             f"Delete the failure record of {record.function} and its kept payload?",
             f"{PREFIX}/failures/{failure_id}",
+            "Delete 1 failure",
+            danger=True,
         ):
             return
         admin.delete_failure(record.key.id(), self.actor)
@@ -501,8 +522,10 @@ class FailureBulk(_Base):
         if not ids:
             raise admin.BadRequest("select at least one failure")
         if self.needs_confirmation(
-            f"{action.capitalize()} {len(ids)} failure(s)?",
+            f"{action.capitalize()} {_count(len(ids), 'failure')}?",
             f"{PREFIX}/failures/list",
+            f"{action.capitalize()} {_count(len(ids), 'failure')}",
+            danger=action == "delete",
             action=action,
             ids=ids,
             version=version,
@@ -525,19 +548,30 @@ class FailureBulkMatching(_BulkMatching):
 
 
 class FailureRetryGroup(_Base):
+    """Retry a group's failures in the view its button was on: from the dead tab only the dead
+    ones ("active", the default, is every retriable state)."""
+
     def post(self) -> None:
-        group = self.field("group")
-        if self.needs_confirmation(
-            f"Retry up to {admin.MAX_BULK} failures where {_group_title(group)}?",
-            f"{PREFIX}/failures",
-            group=group,
-        ):
-            return
-        result = admin.retry_group(group, self.actor)
+        group, view = self.field("group"), self.field("view") or "active"
+        states = admin.retriable_states(view)
+        if not self.json_api:
+            count = admin.count_group(group, states)
+            shown = f"{count}{'+' if count >= admin.MAX_BULK else ''}"
+            noun = "failure" if view == "active" else f"{view} failure"
+            if self.needs_confirmation(
+                f"Retry {_count(shown, noun)} where {_group_title(group)}? "
+                f"At most {admin.MAX_BULK} are retried, newest first.",
+                f"{PREFIX}/failures?view={view}",
+                f"Retry {_count(shown, noun)}",
+                group=group,
+                view=view,
+            ):
+                return
+        result = admin.retry_group(group, self.actor, states=states)
         self.finish(
-            f"Retried {len(result.done)} failure(s) where {_group_title(group)}; "
+            f"Retried {_count(len(result.done), 'failure')} where {_group_title(group)}; "
             f"{len(result.errors)} could not be retried.",
-            f"{PREFIX}/failures",
+            f"{PREFIX}/failures?view={view}",
             {"done": result.done, "errors": result.errors},
         )
 
@@ -578,7 +612,9 @@ class _QueueAction(_Base):
     def post(self, queue: str) -> None:
         name = admin.check_queue_name(admin.id_from_url(queue))
         back = f"{PREFIX}/queues/{queue}"
-        if self.question and self.needs_confirmation(self.question.format(queue=name), back):
+        if self.question and self.needs_confirmation(
+            self.question.format(queue=name), back, f"Purge queue {name}", danger=True
+        ):
             return
         getattr(admin, f"{self.verb}_queue")(name, self.actor)
         self.finish(f"Queue {name}: {self.verb} done.", back)
@@ -608,7 +644,9 @@ class TaskDelete(_Base):
     def post(self, queue: str, task: str) -> None:
         queue_name, name = admin.id_from_url(queue), admin.id_from_url(task)
         back = f"{PREFIX}/queues/{queue}"
-        if self.needs_confirmation(f"Delete task {name} from {queue_name}?", back):
+        if self.needs_confirmation(
+            f"Delete task {name} from {queue_name}?", back, "Delete 1 task", danger=True
+        ):
             return
         admin.delete_task(queue_name, name, self.actor)
         self.finish(f"Task {name} deleted.", back)

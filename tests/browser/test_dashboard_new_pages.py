@@ -120,7 +120,7 @@ def test_search_then_dismiss_everything_it_matches(page, live):
     question = page.locator(".question").inner_text()
     assert question.startswith("Dismiss 3 failures with function billing.invoices")
     shoot(page, "confirm-matching")
-    page.click("button:has-text('Yes, do it')")
+    page.click("button:has-text('Dismiss 3 failures')")
     assert "3 done, 0 failed" in page.locator(".flash").inner_text()
     assert "q=Locked+ledger" in page.url
     page.reload()
@@ -164,12 +164,12 @@ def test_records_hostile_input_created_are_dismissed_and_deleted_by_their_button
         page.goto(f"{live.dashboard_url}/failures/{admin.url_id(record_id)}")
         assert page.locator("h1").inner_text() == f"Failure {record_id}"
         page.click("button:has-text('Delete')")
-        page.click("button:has-text('Yes, do it')")
+        page.click("button:has-text('Delete 1 failure')")
         assert "Deleted failure" in page.locator(".flash").inner_text()
     page.goto(f"{live.dashboard_url}/spillover?function=legacy")
     page.click("a:has-text('legacy.import')")
     page.click("button:has-text('Delete')")
-    page.click("button:has-text('Yes, do it')")
+    page.click("button:has-text('Delete 1 spilled payload')")
     with datastore():
         assert [failures.get(record_id) for record_id in HOSTILE] == [None] * len(HOSTILE)
         assert spillover.get(payload_id) is None

@@ -240,7 +240,8 @@ def test_bulk_retrigger_and_delete_with_confirmation(app, ndb_stub):
     form.get("ids", index=0).checked = True
     form.get("ids", index=1).checked = True
     confirm = form.submit("action", value="retrigger")
-    assert "Retrigger 2 spilled payload(s)?" in confirm.text
+    assert "Retrigger 2 spilled payloads?" in confirm.text
+    assert ">Retrigger 2 spilled payloads</button>" in confirm.text
     assert len(queued_tasks("default")) == 0
     done = confirm.forms[0].submit().follow()
     assert "2 done, 0 failed" in done.text
@@ -375,6 +376,7 @@ def test_dismiss_then_retry_is_refused_and_delete_removes(app, ndb_stub):
     page = app.get(f"{P}/failures/{record.id}")
     confirm = page.forms[len(page.forms) - 1].submit()
     assert "Delete the failure record" in confirm.text
+    assert '<button type="submit" class="danger">Delete 1 failure</button>' in confirm.text
     confirm.forms[0].submit()
     assert failures.get(record.id) is None and failures.get_payload(record.id) is None
 
@@ -387,9 +389,10 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
     groups = app.get(f"{P}/failures")
     form = next(f for f in groups.forms.values() if "TimeoutError" in f["group"].value)
     confirm = form.submit()
-    assert "Retry up to" in confirm.text
+    assert "Retry 3 failures where" in confirm.text
+    assert ">Retry 3 failures</button>" in confirm.text and 'class="danger"' not in confirm.text
     done = confirm.forms[0].submit().follow()
-    assert "Retried 3 failure(s)" in done.text
+    assert "Retried 3 failures" in done.text
     assert len(queued_tasks("default")) == 3
     token = csrf_token(app)
     none_left = app.post_json(
@@ -399,6 +402,36 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
         expect_errors=True,
     )
     assert none_left.status_int == 404
+
+
+def test_retry_group_from_a_state_tab_retries_that_state_only(app, ndb_stub):
+    """Before: "Retry group…" on the dead tab also retried the group's retrying and permanent
+    failures."""
+    pause("default")
+    dead = [make_failure(f"d{n}", exception_type="TimeoutError") for n in range(2)]
+    other = [
+        make_failure("r0", exception_type="TimeoutError", state=FailureState.RETRYING),
+        make_failure("p0", exception_type="TimeoutError", state=FailureState.PERMANENT),
+    ]
+    groups = app.get(f"{P}/failures?view=dead")
+    form = next(f for f in groups.forms.values() if "TimeoutError" in f["group"].value)
+    assert form["view"].value == "dead"
+    confirm = form.submit()
+    assert ">Retry 2 dead failures</button>" in confirm.text
+    done = confirm.forms[0].submit()
+    assert done.location.endswith("/failures?view=dead")
+    assert "Retried 2 failures" in done.follow().text
+    assert {failures.get(r.id).state for r in dead} == {FailureState.RETRYING}
+    assert failures.get(other[1].id).state == FailureState.PERMANENT
+    assert len(queued_tasks("default")) == 2
+    token = csrf_token(app)
+    wrong = app.post_json(
+        f"{P}/api/failures/retry-group",
+        {"group": dead[0].group, "view": "resolved"},
+        headers={"X-CSRF-Token": token},
+        expect_errors=True,
+    )
+    assert wrong.status_int == 400
 
 
 # -- queues and tasks ----------------------------------------------------------------------

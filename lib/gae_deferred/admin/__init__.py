@@ -60,6 +60,8 @@ from ._common import (
 )
 from .failed import (
     bulk_failures,
+    count_group,
+    retriable_states,
     bulk_failures_matching,
     delete_failure,
     dismiss_failure,
@@ -147,6 +149,7 @@ __all__ = [
     "bulk_spillover",
     "bulk_spillover_matching",
     "check_queue_name",
+    "count_group",
     "count_matching",
     "csrf_token",
     "decode_cursor",
@@ -184,6 +187,7 @@ __all__ = [
     "resume_queue",
     "retrigger_failure",
     "retrigger_spillover",
+    "retriable_states",
     "retry_group",
     "run_sweeper",
     "run_task",

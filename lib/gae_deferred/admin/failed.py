@@ -204,16 +204,41 @@ def bulk_failures_matching(
     return _bulk_matching(action, wanted, actor, "failures", one)
 
 
-def retry_group(group: str, actor: str) -> BulkResult:
-    """Retry up to MAX_BULK retriggerable failures of a group (newest first)."""
+def retriable_states(view: str) -> tuple[str, ...]:
+    """The states a group retry from ``view`` touches: all retriable ones for "active", else
+    that one state (BadRequest for a view nothing can be retried from)."""
+    if view == "active":
+        return tuple(failures.RETRIGGERABLE)
+    if view not in failures.RETRIGGERABLE:
+        raise BadRequest(f"view must be active or one of {', '.join(failures.RETRIGGERABLE)}")
+    return (view,)
+
+
+def _group_queries(group: str, states: tuple[str, ...]) -> list[ndb.Query]:
     if not group:
         raise BadRequest("no group given")
     model = failures.DeferredFailure
-    futures = [
+    return [
         model.query(model.group == group[:MAX_INDEXED_CHARS], model.state == state)
-        .order(-model.last_seen)
-        .fetch_async(MAX_BULK, keys_only=True)
-        for state in failures.RETRIGGERABLE
+        for state in states
+    ]
+
+
+def count_group(group: str, states: tuple[str, ...]) -> int:
+    """How many failures of the group are in ``states``, counting at most MAX_BULK of each."""
+    futures = [query.count_async(limit=MAX_BULK) for query in _group_queries(group, states)]
+    return min(sum(future.result() for future in futures), MAX_BULK)
+
+
+def retry_group(
+    group: str, actor: str, *, states: tuple[str, ...] = tuple(failures.RETRIGGERABLE)
+) -> BulkResult:
+    """Retry up to MAX_BULK failures of a group in ``states`` (default: every retriable one),
+    newest first."""
+    model = failures.DeferredFailure
+    futures = [
+        query.order(-model.last_seen).fetch_async(MAX_BULK, keys_only=True)
+        for query in _group_queries(group, states)
     ]
     ids = [key.id() for future in futures for key in future.result()][:MAX_BULK]
     if not ids:
