@@ -60,9 +60,8 @@ from ._common import (
 )
 from .failed import (
     bulk_failures,
-    count_group,
-    retriable_states,
     bulk_failures_matching,
+    count_group,
     delete_failure,
     dismiss_failure,
     failure_groups,
@@ -70,6 +69,7 @@ from .failed import (
     get_failure,
     group_json,
     list_failures,
+    retriable_states,
     retrigger_failure,
     retry_group,
 )
@@ -185,9 +185,9 @@ __all__ = [
     "queue_json",
     "queue_overview",
     "resume_queue",
+    "retriable_states",
     "retrigger_failure",
     "retrigger_spillover",
-    "retriable_states",
     "retry_group",
     "run_sweeper",
     "run_task",
