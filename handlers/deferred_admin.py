@@ -35,6 +35,8 @@ PREFIX = guard.PREFIX
 SECURITY_HEADERS = guard.SECURITY_HEADERS
 FLASH_COOKIE = "deferred_admin_flash"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
+#: Pages whose cursors a list URL remembers for its "Previous" link.
+_TRAIL = 30
 #: A flash message is a cookie: keep it well under the 4 KB browsers allow.
 _FLASH_CHARS = 1500
 
@@ -192,6 +194,7 @@ class _Base(webapp2.RequestHandler):
                 int(refresh) if refresh in {str(c) for c in _templates.REFRESH_CHOICES} else 0
             ),
             page_url=self._url_with,
+            paging=self._paging,
             request_path=self.path,
             here=self._here(),
             flash=self._take_flash() if status == 200 else None,
@@ -211,6 +214,52 @@ class _Base(webapp2.RequestHandler):
         params = {key: value for key, value in self.request.GET.items() if key not in changes}
         params.update(changes)
         return quote(self.path) + _templates.query(params)
+
+    def _paging(
+        self, next_cursor: str | None, shown: int, total: int | None = None, capped: bool = False
+    ) -> dict[str, Any]:
+        """Previous / next / first links and "51-100 of 137" for a list page.
+
+        Cursors only go forward, so the URL carries the cursors of the pages before this one
+        (``trail``, "0" for the first page, the last _TRAIL kept) and the page number. ``total``
+        is a capped count ("more than N" when ``capped``); without one, the total is known on
+        the last page only ("more than N" before it).
+        """
+        trail = [part for part in self.arg("trail").split(",") if part][-_TRAIL:]
+        try:
+            number = max(1, int(self.arg("page") or 1))
+        except ValueError:
+            number = 1
+        size = self.limit()
+        start = (number - 1) * size + 1 if shown else 0
+        end = start + shown - 1 if shown else 0
+        if total is not None:
+            of = f"more than {total:,}" if capped else f"{total:,}"
+        elif next_cursor:
+            of = f"more than {end:,}"
+        else:
+            of = f"{end:,}"
+        here = self.arg("cursor") or "0"
+        previous = None
+        if trail:
+            back = trail[-1]
+            previous = self._url_with(
+                cursor=None if back == "0" else back,
+                trail=",".join(trail[:-1]) or None,
+                page=number - 1 if number > 2 else None,
+            )
+        return {
+            "start": start,
+            "end": end,
+            "of": of,
+            "previous": previous,
+            "next": (
+                self._url_with(cursor=next_cursor, trail=",".join([*trail, here]), page=number + 1)
+                if next_cursor
+                else None
+            ),
+            "first": (self._url_with(cursor=None, trail=None, page=None) if number > 1 else None),
+        }
 
     def _take_flash(self) -> str | None:
         sealed = self.request.cookies.get(FLASH_COOKIE)
@@ -320,10 +369,13 @@ class SpilloverList(_Base):
     def get(self) -> None:
         wanted = admin.SpillFilter.parse(self.request.GET)
         page = admin.list_spillover(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
+        total, capped = admin.list_total(wanted)
         data = {
             "items": [admin.spillover_json(record) for record in page.items],
             "next_cursor": page.next_cursor,
             "filters": wanted.params(),
+            "total": total,
+            "total_capped": capped,
         }
         self.respond(
             "spillover.html",
@@ -455,10 +507,13 @@ class FailureList(_Base):
     def get(self) -> None:
         wanted = admin.FailureFilter.parse(self.request.GET)
         page = admin.list_failures(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
+        total, capped = admin.list_total(wanted)
         data = {
             "items": [admin.failure_json(record) for record in page.items],
             "next_cursor": page.next_cursor,
             "filters": wanted.params(),
+            "total": total,
+            "total_capped": capped,
         }
         self.respond(
             "failure_list.html",
@@ -683,9 +738,12 @@ class MetricsPage(_Base):
 class AuditPage(_Base):
     def get(self) -> None:
         page = admin.list_audit(cursor=self.arg("cursor") or None, limit=self.limit())
+        total, capped = admin.audit_total()
         data = {
             "items": [admin.audit_json(entry) for entry in page.items],
             "next_cursor": page.next_cursor,
+            "total": total,
+            "total_capped": capped,
         }
         self.respond("audit.html", data, title="Audit log")
 

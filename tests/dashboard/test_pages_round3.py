@@ -106,6 +106,14 @@ def test_last_response_shows_what_cloud_tasks_said_not_its_grpc_code():
             "csrf_token": "x",
             "refresh": 0,
             "page_url": lambda **changes: "",
+            "paging": lambda *args: {
+                "start": 1,
+                "end": 1,
+                "of": "1",
+                "previous": None,
+                "next": None,
+                "first": None,
+            },
             "request_path": f"{P}/queues/reports",
             "here": f"{P}/queues/reports",
             "flash": None,
@@ -113,3 +121,24 @@ def test_last_response_shows_what_cloud_tasks_said_not_its_grpc_code():
     )
     assert ">HTTP 500<" in html and "13 HTTP 500" not in html
     assert "reports.build" in html
+
+
+def test_lists_say_more_than_when_their_count_is_capped(app, monkeypatch):
+    import importlib
+
+    filters = importlib.import_module("gae_deferred.admin.filters")
+    overview = importlib.import_module("gae_deferred.admin.overview")
+    monkeypatch.setattr(filters, "LIST_COUNT_CAP", 2)
+    monkeypatch.setattr(overview, "LIST_COUNT_CAP", 2)
+    for number in range(4):
+        make_failure(f"t-cap{number}")
+        audit.record("ops", "dismiss", f"failure/f-{number}", "")
+    page = app.get(f"{P}/failures/list", {"limit": 3}).text
+    assert "Showing 1–3 of more than 2" in page
+    data = app.get(f"{P}/api/failures", {"limit": 3}).json
+    assert (data["total"], data["total_capped"]) == (2, True)
+    assert "of more than 2" in app.get(f"{P}/audit").text
+    monkeypatch.setattr(filters, "LIST_COUNT_CAP", 1000)
+    assert "Showing 1–3 of 4" in app.get(f"{P}/failures/list", {"limit": 3}).text
+    # Groups are not counted (a count per group is already shown): "more than" the page.
+    assert "Showing 1–1 of 1" in app.get(f"{P}/failures").text

@@ -19,6 +19,7 @@ from ._common import (
     _RELATIVE_TIME,
     FAILURE_SORTS,
     FAILURE_VIEWS,
+    LIST_COUNT_CAP,
     MAX_BULK,
     MAX_MATCHING,
     SPILL_SORTS,
@@ -235,6 +236,13 @@ def _time_range(
 def count_matching(wanted: FailureFilter | SpillFilter, cap: int = MAX_MATCHING) -> int:
     """How many records the filter matches, counting at most ``cap`` (keys only)."""
     return wanted.query().count(limit=cap)
+
+
+def list_total(wanted: FailureFilter | SpillFilter) -> tuple[int, bool]:
+    """(count, capped) of what a list's filter matches, for "51-100 of 137": a keys-only count
+    of at most LIST_COUNT_CAP + 1 index entries (capped: "more than LIST_COUNT_CAP")."""
+    count = wanted.query().count(limit=LIST_COUNT_CAP + 1)
+    return min(count, LIST_COUNT_CAP), count > LIST_COUNT_CAP
 
 
 def _matching_ids(wanted: FailureFilter | SpillFilter) -> list[str]:

@@ -17,6 +17,7 @@ from ..spillover import PayloadState
 from ._common import (
     _HISTOGRAM_BOUNDS,
     COUNT_CAP,
+    LIST_COUNT_CAP,
     MAX_PAGE_SIZE,
     PAGE_SIZE,
     PREFIX,
@@ -200,6 +201,12 @@ def list_audit(*, cursor: str | None = None, limit: int = PAGE_SIZE) -> Page:
     """One page of audit entries, newest first."""
     entries, next_cursor = audit.recent(limit, decode_cursor(cursor, "audit"))
     return Page(entries, encode_cursor(next_cursor, "audit"))
+
+
+def audit_total() -> tuple[int, bool]:
+    """(count, capped) of audit entries: keys only, at most LIST_COUNT_CAP + 1."""
+    count = audit.DeferredAudit.query().count(limit=LIST_COUNT_CAP + 1)
+    return min(count, LIST_COUNT_CAP), count > LIST_COUNT_CAP
 
 
 def audit_json(entry: audit.DeferredAudit) -> dict[str, Any]:
