@@ -218,7 +218,7 @@ class _Base(webapp2.RequestHandler):
     def _paging(
         self, next_cursor: str | None, shown: int, total: int | None = None, capped: bool = False
     ) -> dict[str, Any]:
-        """Previous / next / first links and "51-100 of 137" for a list page.
+        """Previous / next / first links and "51 to 100 of 137" for a list page.
 
         Cursors only go forward, so the URL carries the cursors of the pages before this one
         (``trail``, "0" for the first page, the last _TRAIL kept) and the page number. ``total``

@@ -134,11 +134,11 @@ def test_lists_say_more_than_when_their_count_is_capped(app, monkeypatch):
         make_failure(f"t-cap{number}")
         audit.record("ops", "dismiss", f"failure/f-{number}", "")
     page = app.get(f"{P}/failures/list", {"limit": 3}).text
-    assert "Showing 1–3 of more than 2" in page
+    assert "Showing 1 to 3 of more than 2" in page
     data = app.get(f"{P}/api/failures", {"limit": 3}).json
     assert (data["total"], data["total_capped"]) == (2, True)
     assert "of more than 2" in app.get(f"{P}/audit").text
     monkeypatch.setattr(filters, "LIST_COUNT_CAP", 1000)
-    assert "Showing 1–3 of 4" in app.get(f"{P}/failures/list", {"limit": 3}).text
+    assert "Showing 1 to 3 of 4" in app.get(f"{P}/failures/list", {"limit": 3}).text
     # Groups are not counted (a count per group is already shown): "more than" the page.
-    assert "Showing 1–1 of 1" in app.get(f"{P}/failures").text
+    assert "Showing 1 to 1 of 1" in app.get(f"{P}/failures").text
