@@ -261,12 +261,27 @@ class _Base(webapp2.RequestHandler):
             "first": (self._url_with(cursor=None, trail=None, page=None) if number > 1 else None),
         }
 
-    def _take_flash(self) -> str | None:
+    def _take_flash(self) -> dict[str, Any] | None:
+        """The one-time result of the last action: ``{"text", "links": [[label, url]]}``."""
         sealed = self.request.cookies.get(FLASH_COOKIE)
         if not sealed:
             return None
         self.response.delete_cookie(FLASH_COOKIE, path=PREFIX)
-        return admin.open_message(sealed)
+        opened = admin.open_message(sealed)
+        if opened is None:
+            return None
+        try:
+            flash = json.loads(opened)
+        except ValueError:
+            return None
+        if not isinstance(flash, dict) or not isinstance(flash.get("text"), str):
+            return None
+        links = [
+            (str(label), str(url))
+            for label, url in flash.get("links") or []
+            if _safe_back(str(url), "") == str(url)
+        ]
+        return {"text": flash["text"], "links": links}
 
     def send_json(self, data: Any, status: int = 200) -> None:
         self.response.status_int = status
@@ -282,10 +297,17 @@ class _Base(webapp2.RequestHandler):
             return
         self.render("error.html", status=status, title=f"Error {status}", message=message)
 
-    def finish(self, message: str, back: str, data: dict[str, Any] | None = None) -> None:
+    def finish(
+        self,
+        message: str,
+        back: str,
+        data: dict[str, Any] | None = None,
+        links: list[tuple[str, str]] | None = None,
+    ) -> None:
         """The answer to a finished action: JSON on the API; otherwise 303 See Other to the
-        page the form came from (its ``back`` field) or ``back``, with ``message`` shown
-        once there, so reloading that page never repeats the action."""
+        page the form came from (its ``back`` field) or ``back``, with ``message`` (and
+        ``links`` to the records it names) shown once there, so reloading that page never
+        repeats the action."""
         if self.json_api:
             self.send_json({"ok": True, "message": message, **(data or {})})
             return
@@ -295,7 +317,9 @@ class _Base(webapp2.RequestHandler):
             message += f" Errors: {listed}" + (" ..." if len(errors) > 5 else "")
         self.response.set_cookie(
             FLASH_COOKIE,
-            admin.seal_message(message[:_FLASH_CHARS]),
+            admin.seal_message(
+                json.dumps({"text": message[:_FLASH_CHARS], "links": (links or [])[:3]})
+            ),
             path=PREFIX,
             httponly=True,
             samesite="strict",
@@ -403,6 +427,12 @@ class SpilloverRetrigger(_Base):
             f"Retriggered spilled payload {record_id} as task {name}.",
             f"{PREFIX}/spillover",
             {"task_name": name, "id": record_id},
+            [
+                (
+                    f"spilled payload {record_id}",
+                    f"{PREFIX}/spillover/{_templates.segment(record_id)}",
+                )
+            ],
         )
 
 
@@ -547,6 +577,7 @@ class FailureRetrigger(_Base):
             f"Retrying failure {record_id} as task {name}.",
             f"{PREFIX}/failures/{failure_id}",
             {"task_name": name, "id": record_id},
+            [(f"failure {record_id}", f"{PREFIX}/failures/{_templates.segment(record_id)}")],
         )
 
 
@@ -554,7 +585,11 @@ class FailureDismiss(_Base):
     def post(self, failure_id: str) -> None:
         record_id = admin.id_from_url(failure_id)
         admin.dismiss_failure(record_id, self.actor)
-        self.finish(f"Dismissed failure {record_id}.", f"{PREFIX}/failures/{failure_id}")
+        self.finish(
+            f"Dismissed failure {record_id}.",
+            f"{PREFIX}/failures/{failure_id}",
+            links=[(f"failure {record_id}", f"{PREFIX}/failures/{_templates.segment(record_id)}")],
+        )
 
 
 class FailureDelete(_Base):
@@ -692,7 +727,11 @@ class TaskRun(_Base):
     def post(self, queue: str, task: str) -> None:
         name = admin.id_from_url(task)
         admin.run_task(admin.id_from_url(queue), name, self.actor)
-        self.finish(f"Task {name} dispatched now.", f"{PREFIX}/queues/{queue}")
+        self.finish(
+            f"Task {name} dispatched now.",
+            f"{PREFIX}/queues/{queue}",
+            links=[(f"queue {admin.id_from_url(queue)}", f"{PREFIX}/queues/{queue}")],
+        )
 
 
 class TaskDelete(_Base):

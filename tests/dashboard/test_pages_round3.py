@@ -142,3 +142,13 @@ def test_lists_say_more_than_when_their_count_is_capped(app, monkeypatch):
     assert "Showing 1 to 3 of 4" in app.get(f"{P}/failures/list", {"limit": 3}).text
     # Groups are not counted (a count per group is already shown): "more than" the page.
     assert "Showing 1 to 1 of 1" in app.get(f"{P}/failures").text
+
+
+def test_flash_messages_link_the_records_they_name(app):
+    record = make_failure("t-flash", record_id="a/b?c")
+    page = app.get(f"{P}/failures/{admin.url_id(record.id)}")
+    dismiss = next(f for f in page.forms.values() if f.action.endswith("/dismiss"))
+    shown = dismiss.submit().follow()
+    flash = re.search(r'<p class="notice ok flash"[^>]*>(.*?)</p>', shown.text).group(1)
+    assert "Dismissed failure a/b?c." in flash
+    assert f'<a href="{P}/failures/{admin.url_id("a/b?c")}">failure a/b?c</a>' in flash
