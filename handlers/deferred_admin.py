@@ -565,7 +565,10 @@ def _group_title(group: str | None) -> str:
 class FailureDetail(_Base):
     def get(self, failure_id: str) -> None:
         record = admin.get_failure(admin.id_from_url(failure_id))
-        data = admin.failure_json(record, detail=True)
+        data = {
+            **admin.failure_json(record, detail=True),
+            "next_attempt": admin.next_attempt(record),
+        }
         self.respond("failure_detail.html", data, title=f"Failure {data['id']}", failure=data)
 
 

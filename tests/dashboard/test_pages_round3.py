@@ -152,3 +152,19 @@ def test_flash_messages_link_the_records_they_name(app):
     flash = re.search(r'<p class="notice ok flash"[^>]*>(.*?)</p>', shown.text).group(1)
     assert "Dismissed failure a/b?c." in flash
     assert f'<a href="{P}/failures/{admin.url_id("a/b?c")}">failure a/b?c</a>' in flash
+
+
+def test_a_retrying_failure_says_when_its_next_attempt_is(app):
+    import gae_deferred
+    from gae_deferred import FailureState
+    from tests.dashboard.support import pause, sample
+
+    pause("default")
+    task = gae_deferred.defer(sample, 1, _countdown=600)
+    record = make_failure(task.name, state=FailureState.RETRYING)
+    data = app.get(f"{P}/api/failures/{record.id}").json
+    assert data["next_attempt"] is not None
+    page = app.get(f"{P}/failures/{record.id}").text
+    assert re.search(r"<dt>Next attempt</dt><dd><time [^>]*>in 9m \d+s</time>", page)
+    dead = make_failure("t-gone", state=FailureState.DEAD)
+    assert app.get(f"{P}/api/failures/{dead.id}").json["next_attempt"] is None

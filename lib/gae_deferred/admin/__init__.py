@@ -180,6 +180,7 @@ __all__ = [
     "list_metrics",
     "list_spillover",
     "list_tasks",
+    "next_attempt",
     "list_total",
     "open_message",
     "overview",

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
 from .. import audit, cloud_tasks, enqueue, failures, spillover
@@ -14,6 +15,7 @@ from .._model import MAX_INDEXED_CHARS
 from ..errors import (
     BadRequest,
     Conflict,
+    Error,
     NotFound,
 )
 from ..failures import FailureState
@@ -124,6 +126,19 @@ def failure_json(record: failures.DeferredFailure, *, detail: bool = False) -> d
         data["header"] = header_rows(record.meta)
         data["deferred_by"] = deferred_by(record.meta)
     return data
+
+
+def next_attempt(record: failures.DeferredFailure) -> str | None:
+    """When Cloud Tasks next runs a retrying failure's task (one GetTask, BASIC view), ISO; None
+    for other states, or when the task is gone or Cloud Tasks cannot say. The detail page asks;
+    lists do not (a GetTask per row)."""
+    if record.state != FailureState.RETRYING or not (record.queue and record.task_name):
+        return None
+    try:
+        task = cloud_tasks.get_task(record.queue, record.task_name)
+    except (api_exceptions.GoogleAPIError, Error):
+        return None
+    return _iso(task.schedule_time) if "schedule_time" in task else None
 
 
 def _check_retriable_id(record_id: str) -> None:
