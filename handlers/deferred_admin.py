@@ -26,7 +26,7 @@ import webapp2
 
 from gae_deferred import Error, admin, audit, metrics, ndb_context
 
-from . import _admin_auth, _admin_csrf, _templates
+from . import _admin_auth, _admin_csrf, _scrape_auth, _templates
 from . import _admin_guard as guard
 
 logger = logging.getLogger("gae_deferred.admin")
@@ -774,6 +774,21 @@ class MetricsPage(_Base):
         )
 
 
+class MetricsProm(_Base):
+    """``GET metrics.prom``: OpenMetrics text for Prometheus (any dashboard user, or a scraper
+    with the bearer token of ``_scrape_auth``); ``?window=1h|24h|7d``."""
+
+    def _authenticate(self) -> _admin_auth.Admin | None:
+        return _scrape_auth.scraper(self.request.environ) or super()._authenticate()
+
+    def get(self) -> None:
+        window = self.arg("window") or "1h"
+        if window not in metrics.WINDOWS:
+            raise admin.BadRequest(f"window must be one of {', '.join(metrics.WINDOWS)}")
+        self.response.headers["Content-Type"] = admin.OPENMETRICS_CONTENT_TYPE
+        self.response.write(admin.openmetrics_text(window))
+
+
 # -- audit, sweeper, csrf, static -----------------------------------------------------
 
 
@@ -944,6 +959,7 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         routes.append(_Route(path, handler))
         routes.append(_Route(f"/api{path or '/overview'}", _api(handler)))
     routes += [
+        _Route(r"/metrics\.prom", MetricsProm),
         _Route("/api/csrf", CsrfToken),
         _Route("/cron/sweep", CronSweep),
         _Route(f"/static/(?P<name>{_SEGMENT})", StaticFile),

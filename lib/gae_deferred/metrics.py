@@ -343,14 +343,24 @@ class Series:
             hours={int(k): _unpack(v) for k, v in (data.get("h") or {}).items()},
         )
 
-    def window(self, name: str, now: float | None = None) -> Stats:
-        """Totals of ``1h``, ``24h`` or ``7d`` as of ``now`` (epoch seconds; default: now)."""
+    def _slots(self, name: str, now: float | None) -> list[list]:
         now = time.time() if now is None else now
         if name == "1h":
             first = int(now) // 60 - _MINUTE_SLOTS + 1
-            return Stats.of(slot for minute, slot in self.minutes.items() if minute >= first)
+            return [slot for minute, slot in self.minutes.items() if minute >= first]
         first_hour = int(now) // 3600 - WINDOWS[name] // 3600 + 1
-        return Stats.of(slot for hour, slot in self.hours.items() if hour >= first_hour)
+        return [slot for hour, slot in self.hours.items() if hour >= first_hour]
+
+    def window(self, name: str, now: float | None = None) -> Stats:
+        """Totals of ``1h``, ``24h`` or ``7d`` as of ``now`` (epoch seconds; default: now)."""
+        return Stats.of(self._slots(name, now))
+
+    def histogram(self, name: str, now: float | None = None) -> list[int]:
+        """Runs per duration bucket (:data:`BUCKETS_MS`, then one for slower) in a window."""
+        total = _empty_slot()
+        for slot in self._slots(name, now):
+            _add(total, slot)
+        return list(total[_HIST])
 
     def by_minute(self, now: float | None = None) -> list[Point]:
         """The last 60 minutes, oldest first, empty minutes included."""

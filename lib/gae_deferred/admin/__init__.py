@@ -83,6 +83,8 @@ from .filters import (
     parse_time,
 )
 from .header import header_rows
+from .openmetrics import CONTENT_TYPE as OPENMETRICS_CONTENT_TYPE
+from .openmetrics import render as openmetrics_text
 from .overview import (
     Overview,
     audit_json,
@@ -130,6 +132,7 @@ __all__ = [
     "MAX_BULK",
     "MAX_MATCHING",
     "MAX_PAGE_SIZE",
+    "OPENMETRICS_CONTENT_TYPE",
     "PAGE_SIZE",
     "SCAN_CAP",
     "SPILL_SORTS",
@@ -184,6 +187,7 @@ __all__ = [
     "list_total",
     "next_attempt",
     "open_message",
+    "openmetrics_text",
     "overview",
     "overview_json",
     "page_size",
