@@ -198,11 +198,21 @@ class _Base(webapp2.RequestHandler):
             request_path=self.path,
             here=self._here(),
             flash=self._take_flash() if status == 200 else None,
+            status=self._status() if self.admin_user is not None else None,
         )
         self.response.status_int = status
         self.response.content_type = "text/html"
         self.response.charset = "utf-8"
         self.response.write(_templates.render(template, context))
+
+    def _status(self) -> dict[str, Any] | None:
+        """The status strip's numbers (cached a few seconds); None when they cannot be read
+        (an error page must still render)."""
+        try:
+            return admin.status_strip()
+        except Exception:  # Datastore down: the page says so itself; the strip stays away
+            logger.exception("dashboard: cannot read the status strip")
+            return None
 
     def _here(self) -> str:
         """This page's URL (path and query), as links and ``back`` fields carry it."""
@@ -308,6 +318,7 @@ class _Base(webapp2.RequestHandler):
         page the form came from (its ``back`` field) or ``back``, with ``message`` (and
         ``links`` to the records it names) shown once there, so reloading that page never
         repeats the action."""
+        admin.forget_status()
         if self.json_api:
             self.send_json({"ok": True, "message": message, **(data or {})})
             return
@@ -774,6 +785,15 @@ class MetricsPage(_Base):
         )
 
 
+class StatusApi(_Base):
+    """``GET api/status``: the status strip's numbers (what every page shows at its top)."""
+
+    json_api = True
+
+    def get(self) -> None:
+        self.send_json(admin.status_strip())
+
+
 class MetricsProm(_Base):
     """``GET metrics.prom``: OpenMetrics text for Prometheus (any dashboard user, or a scraper
     with the bearer token of ``_scrape_auth``); ``?window=1h|24h|7d``."""
@@ -961,6 +981,7 @@ def admin_routes() -> list[webapp2.BaseRoute]:
     routes += [
         _Route(r"/metrics\.prom", MetricsProm),
         _Route("/api/csrf", CsrfToken),
+        _Route("/api/status", StatusApi),
         _Route("/cron/sweep", CronSweep),
         _Route(f"/static/(?P<name>{_SEGMENT})", StaticFile),
     ]

@@ -117,6 +117,7 @@ def test_last_response_shows_what_cloud_tasks_said_not_its_grpc_code():
             "request_path": f"{P}/queues/reports",
             "here": f"{P}/queues/reports",
             "flash": None,
+            "status": None,
         },
     )
     assert ">HTTP 500<" in html and "13 HTTP 500" not in html

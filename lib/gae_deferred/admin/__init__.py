@@ -121,6 +121,9 @@ from .spilled import (
     retrigger_spillover,
     spillover_json,
 )
+from .status import STATUS_TTL
+from .status import forget as forget_status
+from .status import status as status_strip
 
 __all__ = [
     "COUNT_CAP",
@@ -136,6 +139,7 @@ __all__ = [
     "PAGE_SIZE",
     "SCAN_CAP",
     "SPILL_SORTS",
+    "STATUS_TTL",
     "TASK_SCAN",
     "AdminError",
     "BadRequest",
@@ -171,6 +175,7 @@ __all__ = [
     "envelope_summary",
     "failure_groups",
     "failure_json",
+    "forget_status",
     "format_bytes",
     "function_metrics",
     "get_failure",
@@ -206,6 +211,7 @@ __all__ = [
     "seal_message",
     "series_json",
     "spillover_json",
+    "status_strip",
     "target_link",
     "task_detail",
     "task_json",
