@@ -20,7 +20,7 @@ from gae_deferred import admin
 
 from ._admin_guard import PREFIX
 
-REFRESH_CHOICES = (0, 10, 30, 60)
+REFRESH_CHOICES = (0, 5, 10, 30, 60)
 
 
 def _data_dir(name: str) -> str:

@@ -34,6 +34,7 @@ logger = logging.getLogger("gae_deferred.admin")
 PREFIX = guard.PREFIX
 SECURITY_HEADERS = guard.SECURITY_HEADERS
 FLASH_COOKIE = "deferred_admin_flash"
+REFRESH_COOKIE = "deferred_admin_refresh"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
 #: Pages whose cursors a list URL remembers for its "Previous" link.
 _TRAIL = 30
@@ -182,17 +183,33 @@ class _Base(webapp2.RequestHandler):
         else:
             self.render(template, **data, **page)
 
+    def _refresh(self) -> int:
+        """The auto-refresh period: ``?refresh=`` sets it (and remembers it in a cookie, so it
+        follows the user from page to page), else the cookie's; 0 is off."""
+        choices = {str(choice) for choice in _templates.REFRESH_CHOICES}
+        asked = self.arg("refresh")
+        if asked in choices:
+            self.response.set_cookie(
+                REFRESH_COOKIE,
+                asked,
+                max_age=30 * 86400,
+                path=PREFIX,
+                httponly=True,
+                samesite="strict",
+                secure=self.request.scheme == "https",
+            )
+            return int(asked)
+        remembered = self.request.cookies.get(REFRESH_COOKIE, "0")
+        return int(remembered) if remembered in choices else 0
+
     def render(self, template: str, status: int = 200, **context: Any) -> None:
-        refresh = self.arg("refresh", "0")
         context.setdefault("title", "Deferred tasks")
         context.update(
             admin_user=self.admin_user,
             can_act=bool(self.admin_user and self.admin_user.can_act),
             local_mode=bool(self.admin_user and self.admin_user.local_mode),
             csrf_token=self.csrf_token,
-            refresh=(
-                int(refresh) if refresh in {str(c) for c in _templates.REFRESH_CHOICES} else 0
-            ),
+            refresh=self._refresh() if self.admin_user is not None else 0,
             page_url=self._url_with,
             paging=self._paging,
             request_path=self.path,

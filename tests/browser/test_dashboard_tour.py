@@ -115,3 +115,22 @@ def test_every_page_as_admin_and_viewer_at_both_widths(browser, live, tmp_path):
                 context.close()
     finally:
         gae_deferred.cloud_tasks.resume_queue("reports")
+
+
+def test_live_refresh_follows_navigation_and_keeps_rows_open(page, live):
+    first, second = "f-" + "a" * 32, "f-" + "b" * 32
+    _failure(first, "live.refresh.one", "the first failure")
+    page.goto(f"{live.dashboard_url}/audit?refresh=5")
+    page.click("header nav >> text=Failures")
+    page.click("a:has-text('search every failure')")
+    # The choice followed the user: no ?refresh= in this URL.
+    assert "refresh" not in page.url
+    assert page.locator("body").get_attribute("data-refresh") == "5"
+    page.evaluate("window.stillThisPage = true")
+    page.locator(f"details[data-key='{first}'] > summary").click()
+    _failure(second, "live.refresh.two", "the second failure")
+    page.wait_for_selector(f"details[data-key='{second}']", timeout=20_000)
+    assert page.evaluate("window.stillThisPage") is True  # swapped in, not reloaded
+    assert page.locator(f"details[data-key='{first}']").evaluate("d => d.open") is True
+    page.goto(f"{live.dashboard_url}/failures/list?refresh=0")
+    assert page.locator("body").get_attribute("data-refresh") == "0"

@@ -631,7 +631,13 @@ def test_static_css_and_templates_do_not_depend_on_cwd(app, ndb_stub, tmp_path, 
 def test_auto_refresh_toggle_is_a_meta_refresh(app, ndb_stub):
     assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover").text
     page = app.get(f"{P}/spillover?refresh=30")
-    assert '<meta http-equiv="refresh" content="30">' in page.text
+    # Without JavaScript a meta refresh; with it, live.js swaps the content in (no reload).
+    assert '<noscript><meta http-equiv="refresh" content="30"></noscript>' in page.text
+    assert '<body data-refresh="30">' in page.text and "/static/live.js" in page.text
+    # The choice follows the user to other pages (a cookie), until turned off.
+    assert '<body data-refresh="30">' in app.get(f"{P}/audit").text
+    assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover?refresh=0").text
+    assert '<body data-refresh="0">' in app.get(f"{P}/audit").text
     assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover?refresh=7").text
 
 
