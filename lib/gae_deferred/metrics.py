@@ -240,8 +240,9 @@ class DeferredMetricSeries(DeferredModel):
     #: When a window total next changes by time alone (a minute or hour leaves its window).
     next_change = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     updated = ndb.DateTimeProperty(tzinfo=datetime.UTC)
-    #: {"m": {minute: slot}, "h": {hour: slot}}; a slot is runs, successes, failures,
-    #: retries, max ms and the bucket counts.
+    #: {"m": {minute: slot}, "h": {hour: slot}, "vm": {minute: {version: [runs, failures]}},
+    #: "vh": {hour: {...}}}; a slot is runs, successes, failures, retries, max ms and the
+    #: bucket counts; "vm"/"vh" say which app version (GAE_VERSION) ran them.
     data = ndb.JsonProperty(indexed=False, compressed=True)
 
 
@@ -314,6 +315,13 @@ def _unpack(slot: list) -> list:
     return full
 
 
+def _versions(stored: Any) -> dict[int, dict[str, list[int]]]:
+    return {
+        int(index): {str(version): [int(n) for n in pair] for version, pair in by_version.items()}
+        for index, by_version in (stored or {}).items()
+    }
+
+
 def _pack(slot: list) -> list:
     return [*slot[: _MAX + 1], [[i, n] for i, n in enumerate(slot[_HIST]) if n]]
 
@@ -329,6 +337,9 @@ class Series:
     updated: datetime.datetime | None
     minutes: dict[int, list]
     hours: dict[int, list]
+    #: minute (hour) -> app version -> [runs, failures]
+    version_minutes: dict[int, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    version_hours: dict[int, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, record: DeferredMetricSeries) -> Series:
@@ -341,7 +352,44 @@ class Series:
             updated=record.updated,
             minutes={int(k): _unpack(v) for k, v in (data.get("m") or {}).items()},
             hours={int(k): _unpack(v) for k, v in (data.get("h") or {}).items()},
+            version_minutes=_versions(data.get("vm")),
+            version_hours=_versions(data.get("vh")),
         )
+
+    def versions(self, name: str, now: float | None = None) -> dict[str, list[int]]:
+        """App version -> [runs, failures] in a window (runs written before versions were
+        recorded are not in it)."""
+        now = time.time() if now is None else now
+        if name == "1h":
+            first, slots = int(now) // 60 - _MINUTE_SLOTS + 1, self.version_minutes
+        else:
+            first, slots = int(now) // 3600 - WINDOWS[name] // 3600 + 1, self.version_hours
+        total: dict[str, list[int]] = {}
+        for index, by_version in slots.items():
+            if index >= first:
+                for version, (runs, failed) in by_version.items():
+                    mine = total.setdefault(version, [0, 0])
+                    mine[0] += runs
+                    mine[1] += failed
+        return total
+
+    def version_marks(self, hourly: bool, now: float | None = None) -> list[tuple[int, str]]:
+        """(index in by_minute() / by_hour(), version) where the version that ran the most
+        changes from the previous point that ran anything: the chart's version markers."""
+        last = int(time.time() if now is None else now) // (3600 if hourly else 60)
+        count = _HOUR_SLOTS if hourly else _MINUTE_SLOTS
+        slots = self.version_hours if hourly else self.version_minutes
+        marks: list[tuple[int, str]] = []
+        previous = None
+        for position, index in enumerate(range(last - count + 1, last + 1)):
+            by_version = slots.get(index)
+            if not by_version:
+                continue
+            top = max(sorted(by_version), key=lambda version: by_version[version][0])
+            if previous is not None and top != previous:
+                marks.append((position, top))
+            previous = top
+        return marks
 
     def _slots(self, name: str, now: float | None) -> list[list]:
         now = time.time() if now is None else now
@@ -383,6 +431,8 @@ class Series:
         first_hour = int(now) // 3600 - _HOUR_SLOTS + 1
         self.minutes = {m: s for m, s in self.minutes.items() if m >= first_minute}
         self.hours = {h: s for h, s in self.hours.items() if h >= first_hour}
+        self.version_minutes = {m: v for m, v in self.version_minutes.items() if m >= first_minute}
+        self.version_hours = {h: v for h, v in self.version_hours.items() if h >= first_hour}
         for window in WINDOWS:
             stats = self.window(window, now)
             setattr(record, f"runs_{window}", stats.runs)
@@ -402,6 +452,8 @@ class Series:
             data={
                 "m": {str(m): _pack(s) for m, s in self.minutes.items()},
                 "h": {str(h): _pack(s) for h, s in self.hours.items()},
+                "vm": {str(m): v for m, v in self.version_minutes.items()},
+                "vh": {str(h): v for h, v in self.version_hours.items()},
             },
         )
 
@@ -435,9 +487,12 @@ def _by_series(
 
 
 def _fold(
-    batch: list[tuple[tuple[str, str], tuple[dict[int, list], set[str]]]], now: float
+    batch: list[tuple[tuple[str, str], tuple[dict[int, list], set[str]]]],
+    now: float,
+    version: str,
 ) -> None:
-    """Add a batch of per-minute totals to their stored series (inside a transaction)."""
+    """Add a batch of per-minute totals to their stored series (inside a transaction); this
+    process's app ``version`` ran them."""
     keys = [series_key(kind, name) for (kind, name), _ in batch]
     records = ndb.get_multi(keys)
     for index, ((kind, name), (minutes, queues)) in enumerate(batch):
@@ -450,6 +505,13 @@ def _fold(
         for minute, slot in minutes.items():
             _add(series.minutes.setdefault(minute, _empty_slot()), slot)
             _add(series.hours.setdefault(minute // 60, _empty_slot()), slot)
+            for versions in (
+                series.version_minutes.setdefault(minute, {}),
+                series.version_hours.setdefault(minute // 60, {}),
+            ):
+                mine = versions.setdefault(version, [0, 0])
+                mine[0] += slot[_RUNS]
+                mine[1] += slot[_FAILED]
         latest = _epoch(max(minutes) * 60 + 59)
         series.last_run = max(series.last_run or latest, latest)
         series.queues = sorted(set(series.queues) | queues)
@@ -473,11 +535,12 @@ def _flush(*, failure_level: int) -> int:
         return 0
     grouped = list(_by_series(taken).items())
     now = time.time()
+    version = settings().app_version
     try:
         with ndb_context():
             for start in range(0, len(grouped), _BATCH):
                 batch = grouped[start : start + _BATCH]
-                ndb.transaction(lambda batch=batch: _fold(batch, now), retries=3)
+                ndb.transaction(lambda batch=batch: _fold(batch, now, version), retries=3)
     except Exception as exc:  # any Datastore trouble: keep the totals for the next flush
         logger.log(failure_level, "could not write task metrics (kept for the next flush): %s", exc)
         _recorder.give_back(taken)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 
 import pytest
 import webapp2
@@ -56,7 +57,10 @@ def test_overview_shows_queues_counts_and_svg_charts(app, ndb_stub):
     for queue in ("default", "reports"):
         assert f'href="{P}/queues/{queue}"' in page.text
     assert "running" in page.text and "20/s" in page.text
-    assert page.text.count("<svg") == 3 and "<script" not in page.text
+    # One script, the dashboard's own file (live refresh); no inline script.
+    scripts = re.findall(r"<script[^>]*>", page.text)
+    assert page.text.count("<svg") == 3
+    assert scripts == [f'<script src="{P}/static/live.js" defer>']
     data = app.get(f"{P}/api/overview").json
     assert data["spill_counts"] == {"pending": 1, "retrying": 0, "permanent": 0, "dead": 1}
     assert data["stored_bytes"] > 150_000 and data["failures_hour"] == 1

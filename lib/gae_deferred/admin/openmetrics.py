@@ -120,6 +120,18 @@ def render(window: str = "1h", now: float | None = None) -> str:
             [(item.name, item.histogram(window, now)) for item in series],
             window,
         )
+    by_version = metrics.all_functions().versions(window, now)
+    for field, position, help_text in (
+        ("runs", 0, "task runs in the window per app version (GAE_VERSION)"),
+        ("failures", 1, "failed task runs in the window per app version (GAE_VERSION)"),
+    ):
+        out.family(f"gae_deferred_version_{field}", "gauge", help_text)
+        for version, pair in sorted(by_version.items()):
+            out.sample(
+                f"gae_deferred_version_{field}",
+                {"version": version, "window": window},
+                pair[position],
+            )
     payload, failure = spillover.DeferredPayload, failures.DeferredFailure
     spilled = {
         state: payload.query(payload.state == state).count_async(limit=COUNT_CAP)

@@ -53,6 +53,8 @@ class Overview:
     failures_by_hour: list[tuple[datetime.datetime, int]]
     #: Runs per minute over the last hour, all functions: (minute, processed, failed).
     runs_by_minute: list[tuple[datetime.datetime, int, int]]
+    #: (index in runs_by_minute, app version) where the version that ran changes.
+    run_versions: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 def overview_json(numbers: Overview, queues: list[QueueInfo]) -> dict[str, Any]:
@@ -126,6 +128,7 @@ def overview() -> Overview:
         runs_by_minute=[
             (point.start, point.runs, point.failures) for point in runs.by_minute(now.timestamp())
         ],
+        run_versions=runs.version_marks(hourly=False, now=now.timestamp()),
     )
 
 
@@ -153,6 +156,15 @@ def _check_window(window: str, sort: str = "runs") -> None:
         raise BadRequest(f"sort must be one of {', '.join(metrics.SORTS)}")
 
 
+def versions_json(series: metrics.Series, window: str, now: float) -> list[dict[str, Any]]:
+    """Runs and failures per app version in a window, most runs first."""
+    found = series.versions(window, now)
+    return [
+        {"version": version, "runs": runs, "failures": failed}
+        for version, (runs, failed) in sorted(found.items(), key=lambda item: -item[1][0])
+    ]
+
+
 def list_metrics(
     window: str = "24h", sort: str = "runs", *, cursor: str | None = None, limit: int = PAGE_SIZE
 ) -> dict[str, Any]:
@@ -167,6 +179,7 @@ def list_metrics(
     query = model.query(model.kind == "function").order(metrics.sort_property(window, sort))
     page = _fetch_page(query, f"metrics|{window}|{sort}", cursor, limit)
     queues = model.query(model.kind == "queue").fetch_async(MAX_PAGE_SIZE)
+    everything = metrics.all_functions()
     now = _now().timestamp()
     return {
         "window": window,
@@ -177,7 +190,8 @@ def list_metrics(
             (series_json(metrics.Series.of(record), now) for record in queues.result()),
             key=lambda queue: queue["name"],
         ),
-        "all": series_json(metrics.all_functions(), now),
+        "all": series_json(everything, now),
+        "versions": versions_json(everything, window, now),
         "buckets_ms": list(metrics.BUCKETS_MS),
     }
 
@@ -194,6 +208,9 @@ def function_metrics(function: str, window: str = "24h") -> dict[str, Any]:
         "window": window,
         "by_minute": [_point_json(point) for point in series.by_minute(now)],
         "by_hour": [_point_json(point) for point in series.by_hour(now)],
+        "marks_by_minute": series.version_marks(hourly=False, now=now),
+        "marks_by_hour": series.version_marks(hourly=True, now=now),
+        "versions": versions_json(series, window, now),
     }
 
 
