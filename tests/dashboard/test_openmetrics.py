@@ -168,3 +168,21 @@ def test_the_token_can_come_from_secret_manager_read_once(app, secret_manager):
     assert secret_manager == [f"https://secretmanager.googleapis.com/v1/{name}:access"]
     wrong = {**OUTSIDE, "HTTP_AUTHORIZATION": "Bearer from-secret"}
     assert app.get(URL, extra_environ=wrong, expect_errors=True).status_int == 403
+
+
+def test_the_documented_scrape_config_and_families_match(app):
+    import yaml
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "dashboard.md").read_text()
+    config = yaml.safe_load(text.split("# prometheus.yml\n", 1)[1].split("```", 1)[0])
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == URL and job["authorization"]["type"] == "Bearer"
+    metrics.observe("a.b", "default", 0.01, ok=True, retried=False)
+    metrics.flush()
+    families = parse(app.get(URL).text)
+    documented = set(re.findall(r"`(gae_deferred_[a-z_]+)`", text))
+    assert set(families) == documented
+    assert (ROOT / "docs" / "dashboard-overview.png").stat().st_size > 10_000
+    assert "](dashboard-overview.png)" in text
