@@ -420,8 +420,9 @@ class OverviewPage(_Base):
 class SpilloverList(_Base):
     def get(self) -> None:
         wanted = admin.SpillFilter.parse(self.request.GET)
+        counting = admin.list_total_async(wanted)
         page = admin.list_spillover(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
-        total, capped = admin.list_total(wanted)
+        total, capped = admin.list_total(counting)
         data = {
             "items": [admin.spillover_json(record) for record in page.items],
             "next_cursor": page.next_cursor,
@@ -564,8 +565,9 @@ class FailureGroups(_Base):
 class FailureList(_Base):
     def get(self) -> None:
         wanted = admin.FailureFilter.parse(self.request.GET)
+        counting = admin.list_total_async(wanted)
         page = admin.list_failures(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
-        total, capped = admin.list_total(wanted)
+        total, capped = admin.list_total(counting)
         data = {
             "items": [admin.failure_json(record) for record in page.items],
             "next_cursor": page.next_cursor,

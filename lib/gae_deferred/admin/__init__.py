@@ -80,6 +80,7 @@ from .filters import (
     SpillFilter,
     count_matching,
     list_total,
+    list_total_async,
     parse_time,
 )
 from .header import header_rows
@@ -190,6 +191,7 @@ __all__ = [
     "list_spillover",
     "list_tasks",
     "list_total",
+    "list_total_async",
     "next_attempt",
     "open_message",
     "openmetrics_text",

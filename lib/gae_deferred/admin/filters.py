@@ -238,10 +238,16 @@ def count_matching(wanted: FailureFilter | SpillFilter, cap: int = MAX_MATCHING)
     return wanted.query().count(limit=cap)
 
 
-def list_total(wanted: FailureFilter | SpillFilter) -> tuple[int, bool]:
-    """(count, capped) of what a list's filter matches, for "51-100 of 137": a keys-only count
-    of at most LIST_COUNT_CAP + 1 index entries (capped: "more than LIST_COUNT_CAP")."""
-    count = wanted.query().count(limit=LIST_COUNT_CAP + 1)
+def list_total_async(wanted: FailureFilter | SpillFilter) -> ndb.Future:
+    """Start counting what a list's filter matches (for "51 to 100 of 137"): a keys-only
+    count of at most LIST_COUNT_CAP + 1 index entries, running while the page is read. Pass
+    the future to :func:`list_total`."""
+    return wanted.query().count_async(limit=LIST_COUNT_CAP + 1)
+
+
+def list_total(counting: ndb.Future) -> tuple[int, bool]:
+    """(count, capped) of a :func:`list_total_async` count (capped: "more than 1,000")."""
+    count = counting.result()
     return min(count, LIST_COUNT_CAP), count > LIST_COUNT_CAP
 
 

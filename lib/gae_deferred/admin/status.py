@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
 
 from .. import cloud_tasks, failures, metrics
 from ..errors import Error
@@ -52,7 +53,7 @@ def compute() -> dict[str, Any]:
     error = None
     try:
         waiting, in_flight, tasks_capped = _tasks()
-    except (api_exceptions.GoogleAPIError, Error) as exc:
+    except (api_exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError, Error) as exc:
         waiting = in_flight = None
         tasks_capped = False
         error = f"Cloud Tasks: {exc}"
