@@ -66,9 +66,7 @@ def status(max_age: float = STATUS_TTL) -> dict[str, Any]:
     (``error`` says why), reused for ``max_age`` seconds (0: asked now); ``*_capped`` mean
     "at least"."""
     model = failures.DeferredFailure
-    retrying = model.query(model.state == FailureState.RETRYING).count_async(
-        limit=STRIP_COUNT_CAP
-    )
+    retrying = model.query(model.state == FailureState.RETRYING).count_async(limit=STRIP_COUNT_CAP)
     dead = model.query(model.state == FailureState.DEAD).count_async(limit=STRIP_COUNT_CAP)
     processed = metrics.all_functions().window("1h").runs
     tasks = _tasks(max_age)
