@@ -568,8 +568,12 @@ class FailureList(_Base):
         counting = admin.list_total_async(wanted)
         page = admin.list_failures(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
         total, capped = admin.list_total(counting)
+        estimates = admin.estimated_next_attempts(page.items)
         data = {
-            "items": [admin.failure_json(record) for record in page.items],
+            "items": [
+                {**admin.failure_json(record), "next_attempt_estimate": estimates.get(record.id)}
+                for record in page.items
+            ],
             "next_cursor": page.next_cursor,
             "filters": wanted.params(),
             "total": total,

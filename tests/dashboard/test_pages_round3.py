@@ -169,3 +169,29 @@ def test_a_retrying_failure_says_when_its_next_attempt_is(app):
     assert re.search(r"<dt>Next attempt</dt><dd><time [^>]*>in 9m \d+s</time>", page)
     dead = make_failure("t-gone", state=FailureState.DEAD)
     assert app.get(f"{P}/api/failures/{dead.id}").json["next_attempt"] is None
+
+
+def test_retrying_failures_on_a_list_show_their_estimated_next_attempt(app):
+    import datetime
+
+    from gae_deferred import FailureState
+    from gae_deferred.queue_config import RetryParameters
+
+    # Cloud Tasks' documented schedule for 10 s, 300 s, 3 doublings.
+    retry = RetryParameters(min_backoff_seconds=10, max_backoff_seconds=300, max_doublings=3)
+    delays = [admin.retry_delay(retry, attempts) for attempts in range(1, 10)]
+    assert delays == [10, 20, 40, 80, 160, 240, 300, 300, 300]
+    record = make_failure("t-est", state=FailureState.RETRYING, queue="reports")
+    record.attempts = 3
+    record.put()
+    dead = make_failure("t-dead", state=FailureState.DEAD, queue="reports")
+    items = app.get(f"{P}/api/failures").json["items"]
+    estimates = {item["id"]: item["next_attempt_estimate"] for item in items}
+    last_seen = datetime.datetime.fromisoformat(
+        next(item["last_seen"] for item in items if item["id"] == record.id)
+    )
+    # reports: min 10 s, 3 doublings -> the third retry waits 40 s.
+    assert estimates[record.id] == (last_seen + datetime.timedelta(seconds=40)).isoformat()
+    assert estimates[dead.id] is None
+    page = app.get(f"{P}/failures/list").text
+    assert re.search(r"next ≈ <time [^>]*>in \d+s</time>", page)

@@ -65,6 +65,7 @@ from .failed import (
     count_group,
     delete_failure,
     dismiss_failure,
+    estimated_next_attempts,
     failure_groups,
     failure_json,
     get_failure,
@@ -73,6 +74,7 @@ from .failed import (
     next_attempt,
     retriable_states,
     retrigger_failure,
+    retry_delay,
     retry_group,
 )
 from .filters import (
@@ -174,6 +176,7 @@ __all__ = [
     "dismiss_failure",
     "encode_cursor",
     "envelope_summary",
+    "estimated_next_attempts",
     "failure_groups",
     "failure_json",
     "forget_status",
@@ -207,6 +210,7 @@ __all__ = [
     "retriable_states",
     "retrigger_failure",
     "retrigger_spillover",
+    "retry_delay",
     "retry_group",
     "run_sweeper",
     "run_task",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..errors import (
     NotFound,
 )
 from ..failures import FailureState
+from ..queue_config import RetryParameters
 from ._common import (
     FAILURE_VIEWS,
     GROUP_COUNT_CAP,
@@ -42,6 +44,7 @@ from .filters import (
     _bulk_matching,
 )
 from .header import header_rows
+from .queued import _queue_definitions
 from .spilled import (
     _reenqueue_spilled,
 )
@@ -139,6 +142,34 @@ def next_attempt(record: failures.DeferredFailure) -> str | None:
     except (api_exceptions.GoogleAPIError, Error):
         return None
     return _iso(task.schedule_time) if "schedule_time" in task else None
+
+
+def retry_delay(retry: RetryParameters, attempts: int) -> float:
+    """Seconds Cloud Tasks waits after the ``attempts``-th failed attempt: ``min_backoff``
+    doubled ``max_doublings`` times, then growing by that last step, capped at ``max_backoff``
+    (10s, 300s, 3 doublings: 10, 20, 40, 80, 160, 240, 300, 300 ...)."""
+    step = max(1, attempts)
+    doublings = retry.max_doublings
+    if step <= doublings + 1:
+        delay = retry.min_backoff_seconds * 2 ** (step - 1)
+    else:
+        delay = retry.min_backoff_seconds * 2**doublings * (step - doublings)
+    return min(delay, retry.max_backoff_seconds)
+
+
+def estimated_next_attempts(records: list[failures.DeferredFailure]) -> dict[str, str]:
+    """Failure id -> ISO estimate of the next attempt of each retrying failure on a list page:
+    its last failure plus its queue's backoff (queue.yaml) for that many attempts. No RPC (a
+    GetTask per row would be the cost); the failure's own page asks Cloud Tasks."""
+    definitions = _queue_definitions()
+    estimates = {}
+    for record in records:
+        definition = definitions.get(record.queue or "")
+        if record.state != FailureState.RETRYING or definition is None or not record.last_seen:
+            continue
+        delay = retry_delay(definition.retry, record.attempts or 1)
+        estimates[record.key.id()] = _iso(record.last_seen + datetime.timedelta(seconds=delay))
+    return estimates
 
 
 def _check_retriable_id(record_id: str) -> None:
