@@ -1,6 +1,6 @@
 """Every dashboard page as an admin and as a viewer, at 1280x800 and 390x844: action buttons
 and every column inside the screen, readable chart text, no button for viewers. Screenshots go
-to test-output/screenshots/<role>-<page>-<width>.jpg for a person to look at.
+to test-output/screenshots/<role>-<page>-<width>.png for a person to look at.
 """
 
 from __future__ import annotations
@@ -100,12 +100,8 @@ def test_every_page_as_admin_and_viewer_at_both_widths(browser, live, tmp_path):
                             assert posts == 0, name
                         elif name not in READ_ONLY:
                             assert posts > 0, name
-                        # JPEG: 48 full pages encode in a third of PNG's time.
                         page.screenshot(
-                            path=str(SCREENSHOTS / f"{role}-{name}-{width}.jpg"),
-                            full_page=True,
-                            type="jpeg",
-                            quality=85,
+                            path=str(SCREENSHOTS / f"{role}-{name}-{width}.png"), full_page=True
                         )
                     page.goto(live.dashboard_url)
                     sizes = page.evaluate(
