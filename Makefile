@@ -1,6 +1,7 @@
 # Everything a fresh clone needs, with only Python 3.11 and make installed:
 #   make run    the app + Datastore and Cloud Tasks emulators (Ctrl-C stops them)
-#   make test   every test, end-to-end, browser and slow (load, fault) ones included
+#   make test   every test, end-to-end, browser and slow (load, fault) ones included, then the
+#               Datastore-backed suites again on Google's emulators (make test-google)
 #   make test-fast  the in-process tests only, for the edit-test loop
 #   make lint   ruff check + ruff format --check
 #   make bench  the benchmarks
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 # Re-installs when a requirements file is newer than the last install.
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv run test test-fast lint bench clean distclean
+.PHONY: all venv run test test-google test-fast lint bench clean distclean
 
 all: test
 
@@ -29,10 +30,20 @@ run: $(STAMP)
 
 # The browser tests need Chromium: find one (or install it) first, and stop with one line
 # saying what to install when that is not possible.
+# Then the Google emulator legs (tests/google_legs.py), also when the main run failed; a leg
+# this machine cannot run (no Google Cloud SDK or Java) is named, with what to install.
 test: $(STAMP)
 	@chromium="$$($(BIN)/python tests/browser/chromium.py --install)" || exit 1; \
 	echo "browser tests: $$chromium"; \
-	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m pytest
+	$(BIN)/python -m tests.google_legs --check; \
+	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m pytest; main=$$?; \
+	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m tests.google_legs; google=$$?; \
+	test $$main -eq 0 && test $$google -eq 0
+
+# The Datastore-backed suites on Google's Firestore emulator (Datastore mode) and legacy emulator.
+test-google: $(STAMP)
+	@chromium="$$($(BIN)/python tests/browser/chromium.py --install)" || exit 1; \
+	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m tests.google_legs
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e and not browser and not slow" --ignore=tests/reliability

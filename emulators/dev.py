@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .app_yaml import AppYamlError, deploy_problems
+from .google_datastore import DATASTORE_CHOICES, GOOGLE_MODES, unavailable_reason
 
 if TYPE_CHECKING:
     from .datastore._index_rules import CompositeIndex
@@ -134,9 +135,26 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         prog=PROG,
         description="Run an App Engine python3 app locally with the Datastore and Cloud Tasks "
         "emulators (state in .local/ next to app.yaml).",
+        # No prefixes: `--datastore` and `--datastore-port` must never stand for each other.
+        allow_abbrev=False,
     )
     parser.add_argument("app_yaml", help="the app's app.yaml")
     parser.add_argument("--port", type=int, default=defaults["app_port"], help="the app's port")
+    parser.add_argument(
+        "--datastore",
+        choices=DATASTORE_CHOICES,
+        default="builtin",
+        help="the Datastore emulator: builtin (gae_deferred's, no Java needed), firestore "
+        "(Google's Firestore emulator in Datastore mode, data in memory only) or datastore "
+        "(Google's legacy emulator with --require_indexes; data kept in .local/); Google's "
+        "need the Google Cloud SDK and Java",
+    )
+    parser.add_argument(
+        "--gcloud-sdk",
+        metavar="DIR",
+        help="the Google Cloud SDK folder for --datastore firestore|datastore "
+        "(default: the one of `gcloud` on PATH)",
+    )
     parser.add_argument("--datastore-port", type=int, default=defaults["datastore_port"])
     parser.add_argument("--tasks-port", type=int, default=defaults["tasks_port"])
     parser.add_argument("--project", default=defaults["project"])
@@ -175,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "location": local_stack.DEFAULT_LOCATION,
         }
     ).parse_args(argv)
+    if args.datastore in GOOGLE_MODES:
+        reason = unavailable_reason(args.datastore, args.gcloud_sdk)
+        if reason is not None:
+            print(f"{PROG}: --datastore {args.datastore}: {reason}", file=sys.stderr)
+            return 2
     try:
         stack = local_stack.LocalStack(
             args.app_yaml,
@@ -185,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             location=args.location,
             reload=not args.no_reload,
             echo=None if args.quiet else sys.stdout,
+            datastore=args.datastore,
+            gcloud_sdk=args.gcloud_sdk,
         )
         for problem in deploy_problems(stack.app.document):
             print(f"{PROG}: warning: {stack.app.path}: {problem}", file=sys.stderr)

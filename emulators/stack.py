@@ -43,6 +43,7 @@ from ._process import with_parent_death_signal
 from .app_yaml import AppYaml, load_app_yaml
 from .datastore import IndexYamlError, load_index_yaml
 from .front import UNAVAILABLE_HEADER
+from .google_datastore import DATASTORE_CHOICES
 
 HOST = "127.0.0.1"
 DEFAULT_APP_PORT = 8080
@@ -67,6 +68,14 @@ _OWNED_ENV = (
 _NO_INDEXES = (
     "# {app_dir}/index.yaml does not exist: no composite indexes, as in production.\nindexes: []\n"
 )
+
+
+#: After "(gRPC" in describe(): which Datastore emulator serves.
+_DATASTORE_TITLE = {
+    "builtin": "",
+    "firestore": ", Google's Firestore emulator in Datastore mode; data in memory only",
+    "datastore": ", Google's legacy Datastore emulator",
+}
 
 
 class StackError(RuntimeError):
@@ -222,7 +231,11 @@ class LocalStack:
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         echo: IO[str] | None = None,
+        datastore: str = "builtin",
+        gcloud_sdk: str | os.PathLike[str] | None = None,
     ) -> None:
+        if datastore not in DATASTORE_CHOICES:
+            raise ValueError(f"datastore must be one of {DATASTORE_CHOICES}, not {datastore!r}")
         self.app: AppYaml = load_app_yaml(app_yaml)
         self.app_dir = self.app.app_dir
         self.base_dir = pathlib.Path(base_dir or self.app_dir / ".local").resolve()
@@ -245,6 +258,11 @@ class LocalStack:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.echo = echo
+        #: Which Datastore emulator runs: ``builtin`` (ours), or Google's ``firestore``
+        #: (Firestore emulator in Datastore mode) or ``datastore`` (legacy emulator); see
+        #: :mod:`.google_datastore`. ``gcloud_sdk``: the SDK folder (default: gcloud's).
+        self.datastore = datastore
+        self.gcloud_sdk = gcloud_sdk
         self._requested = {"app": app_port, "datastore": datastore_port, "tasks": tasks_port}
         self.app_port = app_port
         self.datastore_port = datastore_port
@@ -255,6 +273,7 @@ class LocalStack:
         #: Authenticates the cron timer's requests to the app; new for every stack object.
         self.cron_token = secrets.token_urlsafe(32)
         self._children: dict[str, _Child] = {}
+        self._child_extra_env: dict[str, str] = {}
 
     def _beside_app(self, given: str | os.PathLike[str] | None, name: str) -> pathlib.Path | None:
         if given is not None:
@@ -444,6 +463,9 @@ class LocalStack:
     def start_datastore(self) -> None:
         """Start the Datastore emulator (data in base/datastore) and wait for its listening line."""
         check_port_free(self.host, self.datastore_port, "datastore emulator")
+        if self.datastore != "builtin":
+            self._start_google_datastore()
+            return
         self._spawn(
             "datastore",
             [
@@ -463,6 +485,46 @@ class LocalStack:
             what="datastore emulator",
             port=self.datastore_port,
         )
+
+    def _start_google_datastore(self) -> None:
+        """Google's emulator of ``self.datastore`` (the legacy one keeps its data in
+        base/google-datastore, saved by the POST /shutdown of stop())."""
+        from . import google_datastore
+
+        try:
+            data_dir = self.base_dir / "google-datastore"
+            argv = google_datastore.command(
+                self.datastore,
+                host=self.host,
+                port=self.datastore_port,
+                data_dir=data_dir,
+                index_yaml=self._index_yaml_for_emulator(),
+                project=self.project,
+                sdk_root=self.gcloud_sdk,
+            )
+            if self.datastore == "datastore":
+                google_datastore.prepare_data_dir(data_dir, self.gcloud_sdk)
+            java = google_datastore.java_with_parent_death(self.base_dir / "bin")
+        except (google_datastore.GoogleEmulatorUnavailable, RuntimeError) as exc:
+            raise StackError(f"--datastore {self.datastore}: {exc}") from exc
+        self._child_extra_env["JAVA"] = str(java)
+        self._spawn(
+            "datastore",
+            argv,
+            ready_text=google_datastore.READY_TEXT,
+            what="datastore emulator",
+            port=self.datastore_port,
+        )
+
+    def _stop_datastore(self, child: _Child) -> None:
+        """Google's emulators first get POST /shutdown (the legacy one saves its data then)."""
+        if self.datastore != "builtin" and child.alive():
+            from . import google_datastore
+
+            if google_datastore.request_shutdown(self.host, self.datastore_port):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.process.wait(self.stop_timeout)
+        child.stop(self.stop_timeout)
 
     def start_tasks(self) -> None:
         """Start the Cloud Tasks emulator (the app's queues, dispatching to app_url)."""
@@ -558,6 +620,8 @@ class LocalStack:
         self, name: str, argv: list[str], *, ready_text: str | None, what: str, port: int
     ) -> None:
         env = self._child_env(app=name == "app")
+        if name == "datastore":
+            env.update(self._child_extra_env)
         log = self.log_file(name)
         child = _Child(name, argv, env, self.app_dir, log, ready_text, self.echo)
         self._children[name] = child
@@ -603,7 +667,9 @@ class LocalStack:
         """Stop the app first (no new task runs), then Cloud Tasks, then Datastore."""
         for name in ("app", "cloudtasks", "datastore"):
             child = self._children.pop(name, None)
-            if child is not None:
+            if child is not None and name == "datastore":
+                self._stop_datastore(child)
+            elif child is not None:
                 child.stop(self.stop_timeout)
 
     def restart_datastore(self) -> None:
@@ -628,7 +694,9 @@ class LocalStack:
 
     def _stop_child(self, name: str) -> None:
         child = self._children.pop(name, None)
-        if child is not None:
+        if child is not None and name == "datastore":
+            self._stop_datastore(child)
+        elif child is not None:
             child.stop(self.stop_timeout)
 
     def dead_children(self) -> list[str]:
@@ -664,7 +732,7 @@ class LocalStack:
                 f"  app        {self.app_url}/",
                 *demo,
                 f"  dashboard  {self.dashboard_url}",
-                f"  datastore  {self.datastore_host} (gRPC)",
+                f"  datastore  {self.datastore_host} (gRPC{_DATASTORE_TITLE[self.datastore]})",
                 f"  tasks      {self.tasks_host} (gRPC)",
                 f"  state      {rel}/   logs {rel}/logs/",
                 f"  another shell: . {rel}/env   then defer() from any Python process",

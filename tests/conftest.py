@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import google_legs, stack_support
 from tests.browser import chromium as chromium_finder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -20,6 +21,74 @@ os.environ.setdefault("GOOGLE_CLOUD_PROJECT", "test-project")
 # test that counts Datastore RPCs would add its transaction to the count.
 os.environ.setdefault("GAE_DEFERRED_METRICS_FLUSH_SECONDS", "3600")
 os.environ.setdefault("GAE_DEFERRED_METRICS_FIRST_FLUSH_SECONDS", "3600")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--datastore",
+        choices=stack_support.DATASTORE_CHOICES,
+        default="builtin",
+        help="the Datastore the stacks and the ndb_stub/ndb_emulator fixtures use: builtin "
+        "(ours), firestore (Google's Firestore emulator in Datastore mode) or datastore "
+        "(Google's legacy emulator); see tests/google_legs.py",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stack_support.DATASTORE = config.getoption("datastore")
+
+
+_LEFT_OUT = pytest.StashKey[dict[str, str]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On Google's emulators (``--datastore`` not builtin) run only tests that reach Datastore,
+    less those tests/google_legs.py names; the named ones are listed at the end. On ours, the
+    tests of Google's emulators leave (named, with what to install) where they cannot run."""
+    mode = config.getoption("datastore")
+    keep, drop, named = [], [], {}
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        reason = google_legs.left_out(mode, item.nodeid, fixtures)
+        if reason is not None:
+            named[item.nodeid] = reason
+            drop.append(item)
+        elif mode == "builtin" or google_legs.reaches_datastore(item.nodeid, fixtures):
+            keep.append(item)
+        else:
+            drop.append(item)
+    config.stash[_LEFT_OUT] = named
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    named = config.stash.get(_LEFT_OUT, {})
+    if named:
+        mode = config.getoption("datastore")
+        terminalreporter.section(f"left out of the --datastore={mode} run (tests/google_legs.py)")
+        for nodeid, reason in named.items():
+            terminalreporter.write_line(f"{nodeid}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _capture_on_google_emulator(request, monkeypatch):
+    """On Google's emulators, capture_tasks() in the capture modules uses the run's emulator
+    (it follows DATASTORE_EMULATOR_HOST), emptied for each test."""
+    if stack_support.DATASTORE == "builtin" or not request.node.nodeid.startswith(
+        google_legs.CAPTURE_MODULES
+    ):
+        yield
+        return
+    emulator = request.getfixturevalue("google_emulator")
+    emulator.reset()
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", emulator.address)
+    import gae_deferred
+
+    gae_deferred.reset_clients()
+    yield
+    gae_deferred.reset_clients()
 
 
 @pytest.fixture(autouse=True)
@@ -57,15 +126,19 @@ def _serve_inequality_order_once() -> None:
 
 
 @pytest.fixture
-def ndb_stub():
+def ndb_stub(request, monkeypatch):
     """An in-memory Datastore (inmemory-datastore-stub) that validates our index.yaml.
 
     Yields the stub client; gae_deferred is configured to use it and a context is open.
+    With ``--datastore firestore|datastore``: an ndb client on Google's emulator, emptied first.
     """
     from inmemory_datastore_stub import Client
 
     import gae_deferred
 
+    if stack_support.DATASTORE != "builtin":
+        yield from _on_google_emulator(request.getfixturevalue("google_emulator"), monkeypatch)
+        return
     _serve_inequality_order_once()
     client = Client(project="test-project", index_yaml=str(ROOT / "index.yaml"))
     gae_deferred.configure(ndb_client=client, queue_yaml=str(ROOT / "queue.yaml"))
@@ -74,7 +147,7 @@ def ndb_stub():
 
 
 @pytest.fixture
-def ndb_emulator(monkeypatch):
+def ndb_emulator(request, monkeypatch):
     """Like ``ndb_stub``, on the local Datastore emulator (gRPC, in this process).
 
     Use it where the stub falls short: the stub fails any transaction during which anything
@@ -85,12 +158,71 @@ def ndb_emulator(monkeypatch):
     import gae_deferred
     from gae_deferred.local.datastore import DatastoreEmulator
 
+    if stack_support.DATASTORE != "builtin":
+        emulator = request.getfixturevalue("google_emulator")
+        yield from _on_google_emulator(emulator, monkeypatch, cache_policy=False)
+        return
     with DatastoreEmulator(port=0, index_yaml=ROOT / "index.yaml") as emulator:
         monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{emulator.port}")
         client = ndb.Client(project="test-project")
         gae_deferred.configure(ndb_client=client, queue_yaml=str(ROOT / "queue.yaml"))
         with client.context(cache_policy=False, global_cache_policy=False):
             yield client
+
+
+def _on_google_emulator(emulator, monkeypatch, **context_options):
+    """``ndb_stub``/``ndb_emulator`` on Google's emulator of the run (emptied for each test)."""
+    from google.cloud import ndb
+
+    import gae_deferred
+
+    emulator.reset()
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", emulator.address)
+    client = ndb.Client(project="test-project")
+    gae_deferred.configure(ndb_client=client, queue_yaml=str(ROOT / "queue.yaml"))
+    if context_options:
+        context_options["global_cache_policy"] = False
+    with client.context(**context_options):
+        yield client
+
+
+@pytest.fixture(scope="session")
+def google_emulator(tmp_path_factory):
+    """Google's emulator of ``--datastore`` for the in-process fixtures: data in memory (so
+    it can be reset), the legacy one with ``--require_indexes`` and our index.yaml."""
+    from gae_deferred.local import google_datastore
+
+    mode = stack_support.DATASTORE
+    reason = google_datastore.unavailable_reason(mode)
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+    emulator = google_datastore.GoogleDatastoreEmulator(
+        mode,
+        data_dir=tmp_path_factory.mktemp(f"google-{mode}"),
+        project="test-project",
+        index_yaml=ROOT / "index.yaml",
+        store_on_disk=False,
+    )
+    with emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator(tmp_path_factory):
+    """Google's Firestore emulator in Datastore mode for the session (a
+    ``GoogleDatastoreEmulator``; ``.address`` is its host:port). Tests share it: use a
+    namespace or kind of your own, or ``.reset()`` it. Fails in one line naming what to install
+    when the SDK or Java is missing."""
+    from gae_deferred.local import google_datastore
+
+    reason = google_datastore.unavailable_reason("firestore")
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+    emulator = google_datastore.GoogleDatastoreEmulator(
+        "firestore", data_dir=tmp_path_factory.mktemp("firestore-emulator"), project="test-project"
+    )
+    with emulator:
+        yield emulator
 
 
 @pytest.fixture(scope="session")

@@ -34,14 +34,19 @@ if TYPE_CHECKING:
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+DATASTORE_CHOICES = ("builtin", "firestore", "datastore")
+#: The Datastore emulator of this run's stacks (``pytest --datastore``, set by conftest.py).
+DATASTORE = "builtin"
 
 
 @contextlib.contextmanager
 def started_stack(base_dir: pathlib.Path, **options: Any) -> Iterator[LocalStack]:
     """This repository's app (app.yaml) on free ports, state under ``base_dir``; stopped on exit.
 
-    ``options`` go to LocalStack as they are (``queue_yaml``, ``extra_pythonpath``, ``workers``).
+    ``options`` go to LocalStack as they are (``queue_yaml``, ``extra_pythonpath``, ``workers``);
+    the Datastore emulator is the run's (``pytest --datastore``) unless ``datastore`` says.
     """
+    options.setdefault("datastore", DATASTORE)
     local = LocalStack(
         ROOT / "app.yaml", base_dir, app_port=0, datastore_port=0, tasks_port=0, **options
     )

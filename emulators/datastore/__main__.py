@@ -27,11 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8081, help="port (default 8081; 0 = any)")
     parser.add_argument("--data-dir", help="directory for durable state (default: memory only)")
     parser.add_argument("--index-yaml", help="index.yaml: reject queries needing other indexes")
+    parser.add_argument(
+        "--concurrency",
+        choices=("pessimistic", "optimistic"),
+        default="pessimistic",
+        help="transactions' concurrency mode (default pessimistic, as Firestore in Datastore "
+        "mode's default)",
+    )
     args = parser.parse_args(argv)
 
     try:
         emulator = DatastoreEmulator(
-            host=args.host, port=args.port, data_dir=args.data_dir, index_yaml=args.index_yaml
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            index_yaml=args.index_yaml,
+            concurrency=args.concurrency,
         )
         emulator.start()
     except PortInUseError:

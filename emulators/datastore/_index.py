@@ -111,8 +111,9 @@ def encode(value: _ValuePb) -> tuple | None:
         return (_NUMBER, 1, value.integer_value)
     if which == "double_value":
         number = value.double_value
-        # NaN sorts before every other number (as in Firestore) instead of breaking the order.
-        return (_NUMBER, 0, 0) if math.isnan(number) else (_NUMBER, 1, number)
+        # NaN sorts after every other number, +inf included, as Google's Firestore emulator in
+        # Datastore mode orders it (Firestore in native mode puts it first).
+        return (_NUMBER, 2, 0) if math.isnan(number) else (_NUMBER, 1, number)
     if which == "timestamp_value":
         return (_TIMESTAMP, value.timestamp_value.seconds, value.timestamp_value.nanos)
     if which == "boolean_value":

@@ -17,17 +17,19 @@ into a status code::
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import grpc
 from google.cloud.datastore_v1 import types
 from google.protobuf import timestamp_pb2
 
-from . import _index_rules, _query
+from . import _index_rules, _limits, _query
 from ._errors import RpcError, invalid
 from ._index import path_sort_key
 from ._proto import pb
 from ._store import (
+    LOCK_TIMEOUT_SECONDS,
     EntityStore,
     Partition,
     StoredEntity,
@@ -36,6 +38,7 @@ from ._store import (
     describe_key,
     key_bytes,
 )
+from ._store import NON_TRANSACTIONAL_LOCK_WAIT_SECONDS as NON_TRANSACTIONAL_LOCK_WAIT
 from ._stub_adapter import StubQueryEngine, check_entity, check_lookup_keys
 
 #: The real service refuses a Commit request larger than this.
@@ -341,7 +344,7 @@ class DatastoreService:
         transaction = self._transaction(req.transaction) if selector == "transaction" else None
 
         try:
-            writes, results = self._plan_mutations(req)
+            writes, results = self._wait_for_locks(req, transaction)
             if transaction is not None:
                 if transaction.read_only and writes:
                     raise invalid("a read-only transaction cannot write")
@@ -367,12 +370,31 @@ class DatastoreService:
             response.mutation_results.append(result)
         return response
 
+    def _wait_for_locks(self, req, transaction: Transaction | None) -> tuple[list[Write], list]:
+        """The planned writes, once no other transaction holds a lock they need (pessimistic
+        mode); planned again after each wait, since the state may have changed meanwhile."""
+        wait = LOCK_TIMEOUT_SECONDS if transaction is not None else NON_TRANSACTIONAL_LOCK_WAIT
+        deadline = time.monotonic() + wait
+        while True:
+            writes, results = self._plan_mutations(req)
+            locked = self.state.lock_holders(transaction, writes)
+            if not locked:
+                return writes, results
+            if not self.state.wait_for_release(deadline):
+                raise RpcError(
+                    grpc.StatusCode.ABORTED,
+                    "Transaction lock timeout. Other transactions hold locks on: "
+                    + ", ".join(locked[:10]),
+                )
+
     def _plan_mutations(self, req) -> tuple[list[Write], list]:
         """Validate the mutations against the current state; return the writes to apply."""
         writes: list[Write] = []
         results = []
         # Whether each key exists after the mutations planned so far in this commit.
         exists_after: dict[bytes, bool] = {}
+        transactional = req.mode == types.CommitRequest.Mode.TRANSACTIONAL
+        seen: set[bytes] = set()
         for mutation in req.mutations:
             operation = mutation.WhichOneof("operation")
             if operation is None:
@@ -380,6 +402,7 @@ class DatastoreService:
             result = types.MutationResult.pb()()
             if operation == "delete":
                 key = self._key(mutation.delete, req.project_id, req.database_id, False)
+                _limits.check_written_key(key)
                 entity = None
             else:
                 entity = _EntityPb()
@@ -390,10 +413,17 @@ class DatastoreService:
                     key.path[-1].id = self.state.allocate_ids(1, persist=False)[0]
                     result.key.CopyFrom(key)
                 entity.key.CopyFrom(key)
+                _limits.check_written_entity(entity, sizes=self.enforce_limits)
                 if self.enforce_limits:
                     check_entity(types.Entity.wrap(entity))
 
             kb = key_bytes(key)
+            if not transactional and kb in seen:
+                raise invalid(
+                    "A non-transactional commit may not contain multiple mutations affecting "
+                    f"the same entity: {describe_key(key)}"
+                )
+            seen.add(kb)
             existing = self.state.get(key)
             exists = exists_after.get(kb, existing is not None)
             if operation == "insert" and exists:
@@ -450,6 +480,7 @@ class DatastoreService:
             req.project_id,
         ):
             raise invalid("partition_id.project_id does not match the request's project_id")
+        _limits.check_partition(namespace)
         return (req.project_id, req.database_id, namespace)
 
     @staticmethod
@@ -482,6 +513,7 @@ class DatastoreService:
                 raise invalid(f"key path element {position} has an empty name")
             if id_type is None and (position < len(key.path) - 1 or not allow_incomplete):
                 raise invalid(f"key path element {position} ({element.kind}) is incomplete")
+        _limits.check_key_shape(key)
         return key
 
 

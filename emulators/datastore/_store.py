@@ -3,14 +3,23 @@
 Everything here runs under :attr:`EntityStore.lock`; callers (``_service.py``) take it for
 the whole of one RPC so that an RPC sees and changes a consistent state.
 
-Concurrency control is optimistic and per key. A read-write transaction records, for each
-key it looks up, the *change sequence* it observed (the commit sequence number that last
-wrote or deleted that key), and for each kind it queries, the kind's change sequence. At
-commit the transaction is rejected (``ConflictError`` → gRPC ABORTED) if any of those has
-moved on, or if a key it writes was changed by someone else after the transaction began.
-Reads inside a transaction see the latest committed state; the commit-time check makes the
-transaction behave as if all of its reads happened at commit time (serializable), at the
-price of aborting when anything it read changed — the same outcome Datastore reports.
+Concurrency control is per key. A read-write transaction records, for each key it looks up,
+the *change sequence* it observed (the commit sequence number that last wrote or deleted that
+key), and for each kind it queries, the kind's change sequence.
+
+``pessimistic`` (the default, as Firestore in Datastore mode's default concurrency mode):
+those reads are read locks. A write (a Commit, transactional or not) to a key another open
+read-write transaction has read, or to an entity of a kind it has queried, waits until that
+transaction ends (:meth:`EntityStore.lock_holders`, :meth:`EntityStore.wait_for_release`); a
+transaction's commit that waits longer than ``LOCK_TIMEOUT_SECONDS`` is ABORTED ("Transaction
+lock timeout."), which releases its own locks (so of two transactions that read then write
+one entity, one commits). Blind writes take no lock: both commit, the last one wins.
+
+``optimistic``: nothing waits; at commit a transaction is ABORTED if anything it read changed
+since, or if a key it writes was changed by someone else after it began.
+
+Either way a commit-time check (:meth:`EntityStore.conflicts`) keeps every transaction
+serializable: reads inside a transaction see the latest committed state.
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ TableKey = tuple[str, str, str, str]
 #: Transactions idle for longer than this are forgotten (Datastore expires them too),
 #: so clients that vanish mid-transaction do not pin tombstones forever.
 TRANSACTION_IDLE_SECONDS = 600.0
+#: Pessimistic mode: how long a transaction's commit waits for another's locks (as Google's
+#: Firestore emulator in Datastore mode), and a non-transactional write at most.
+LOCK_TIMEOUT_SECONDS = 2.0
+NON_TRANSACTIONAL_LOCK_WAIT_SECONDS = 60.0
+CONCURRENCY_MODES = ("pessimistic", "optimistic")
 #: How many ended transaction ids are remembered so that a late Rollback is a no-op.
 ENDED_TRANSACTIONS_KEPT = 10_000
 
@@ -211,8 +225,15 @@ class EntityStore:
         store.apply([Write(key_pb, key_bytes(key_pb), entity_pb)])
     """
 
-    def __init__(self, data_dir: str | os.PathLike | None) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike | None, concurrency: str = "pessimistic"
+    ) -> None:
+        if concurrency not in CONCURRENCY_MODES:
+            raise ValueError(f"concurrency must be one of {CONCURRENCY_MODES}, not {concurrency!r}")
+        self.concurrency = concurrency
         self.lock = threading.RLock()
+        #: Notified whenever a transaction ends, releasing its locks.
+        self.released = threading.Condition(self.lock)
         self.tables: dict[TableKey, KindTable] = {}
         self.transactions: dict[bytes, Transaction] = {}
         #: Global commit sequence; also the version of the entities a commit writes.
@@ -333,7 +354,34 @@ class EntityStore:
             self._ended[transaction_id] = None
             if len(self._ended) > ENDED_TRANSACTIONS_KEPT:
                 self._ended.popitem(last=False)
+            self.released.notify_all()
         self._prune_tombstones()
+
+    def lock_holders(self, transaction: Transaction | None, writes: list[Write]) -> list[str]:
+        """Pessimistic mode: the keys of ``writes`` another open read-write transaction holds
+        a lock on (it read the key, or queried its kind); empty in optimistic mode."""
+        if self.concurrency != "pessimistic" or not writes:
+            return []
+        locked = []
+        for write in writes:
+            table = table_of(write.key)
+            for other in self.transactions.values():
+                if other is transaction or other.read_only:
+                    continue
+                if write.kb in other.reads or table in other.queried:
+                    locked.append(describe_key(write.key))
+                    break
+        return locked
+
+    def wait_for_release(self, deadline: float) -> bool:
+        """Wait (releasing :attr:`lock`) until a transaction ends or ``deadline`` (monotonic)
+        passes; False once it has passed. Idle transactions expire meanwhile."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.released.wait(min(remaining, 0.5))
+        self._expire_idle_transactions()
+        return True
 
     def recently_ended(self, transaction_id: bytes) -> bool:
         """Whether the transaction was committed, aborted or rolled back a short while ago."""
@@ -349,19 +397,21 @@ class EntityStore:
         for table_key, observed in transaction.queried.items():
             if self.table_seq(table_key) > observed:
                 reasons.append(f"query on kind {table_key[3]!r}")
-        for write in writes:
-            if write.kb not in transaction.reads and (
-                self.change_seq(write.key) > transaction.start_seq
-            ):
-                reasons.append(describe_key(write.key))
+        if self.concurrency == "optimistic":
+            for write in writes:
+                if write.kb not in transaction.reads and (
+                    self.change_seq(write.key) > transaction.start_seq
+                ):
+                    reasons.append(describe_key(write.key))
         return reasons
 
     def _expire_idle_transactions(self) -> None:
         deadline = time.monotonic() - TRANSACTION_IDLE_SECONDS
-        for transaction_id in [
-            t for t, txn in self.transactions.items() if txn.last_used < deadline
-        ]:
+        expired = [t for t, txn in self.transactions.items() if txn.last_used < deadline]
+        for transaction_id in expired:
             del self.transactions[transaction_id]
+        if expired:
+            self.released.notify_all()
 
     def _prune_tombstones(self) -> None:
         # A tombstone older than every live transaction's start cannot make any of them

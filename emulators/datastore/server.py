@@ -71,12 +71,15 @@ class DatastoreEmulator:
         index_yaml: str | os.PathLike | None = None,
         enforce_limits: bool = True,
         max_workers: int = 16,
+        concurrency: str = "pessimistic",
     ) -> None:
         self.host = host
         self.port = port
         self.data_dir = data_dir
         self.enforce_limits = enforce_limits
         self.max_workers = max_workers
+        #: ``pessimistic`` (Firestore in Datastore mode's default) or ``optimistic``.
+        self.concurrency = concurrency
         self.indexes = load_index_yaml(index_yaml) if index_yaml is not None else None
         self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
@@ -120,7 +123,7 @@ class DatastoreEmulator:
         """Load the data dir, bind and serve; raises PortInUseError if the port is taken."""
         if self._server is not None:
             raise RuntimeError("the emulator is already running")
-        state = EntityStore(self.data_dir)
+        state = EntityStore(self.data_dir, self.concurrency)
         for index in self.indexes or ():
             # Ancestor indexes are not built: ancestor queries check keys per candidate.
             if not index.ancestor:

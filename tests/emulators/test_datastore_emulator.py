@@ -35,6 +35,11 @@ class DsEmuThing(ndb.Model):
     blob = ndb.BlobProperty()
 
 
+class DsEmuTwoBlobs(ndb.Model):
+    a = ndb.BlobProperty()
+    b = ndb.BlobProperty()
+
+
 def _client(emulator: DatastoreEmulator, monkeypatch: pytest.MonkeyPatch, **kwargs) -> ndb.Client:
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", emulator.address)
     return ndb.Client(project=PROJECT, credentials=AnonymousCredentials(), **kwargs)
@@ -58,6 +63,14 @@ def raw_client(emulator, monkeypatch):
     """The google-cloud-datastore client, whose transactions do not retry on ABORTED."""
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", emulator.address)
     return datastore.Client(project=PROJECT)
+
+
+@pytest.fixture
+def optimistic(monkeypatch):
+    """An emulator in optimistic concurrency mode; yields (ndb client, raw client)."""
+    with DatastoreEmulator(port=0, concurrency="optimistic") as emu:
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", emu.address)
+        yield _client(emu, monkeypatch), datastore.Client(project=PROJECT)
 
 
 def _raw_call(emulator: DatastoreEmulator, method: str, payload: bytes) -> bytes:
@@ -242,8 +255,10 @@ def test_invalid_index_yaml_is_a_clear_error(tmp_path):
 
 def test_entity_over_one_mib_is_rejected(client):
     with client.context():
-        with pytest.raises(exceptions.InvalidArgument, match="byte limit"):
+        with pytest.raises(exceptions.InvalidArgument, match="longer than 1048487 bytes"):
             DsEmuThing(blob=b"x" * (1024 * 1024 + 10)).put()
+        with pytest.raises(exceptions.InvalidArgument, match="byte limit"):
+            DsEmuTwoBlobs(a=b"x" * 600_000, b=b"y" * 600_000).put()
         DsEmuThing(id="fits", blob=b"x" * 1_000_000).put()
         assert len(DsEmuThing.get_by_id("fits", use_cache=False).blob) == 1_000_000
 
@@ -287,7 +302,8 @@ def test_transaction_commits_and_rolls_back(client):
         assert key.get(use_cache=False).n == 15
 
 
-def test_conflicting_transactions_abort(raw_client):
+def test_optimistic_conflicting_transactions_abort(optimistic):
+    _, raw_client = optimistic
     key = raw_client.key("DsEmuThing", "contended")
     entity = datastore.Entity(key)
     entity["n"] = 0
@@ -309,7 +325,8 @@ def test_conflicting_transactions_abort(raw_client):
     assert raw_client.get(key)["n"] == 1
 
 
-def test_ndb_retries_a_transaction_that_hit_a_conflict(client, raw_client):
+def test_optimistic_ndb_retries_a_transaction_that_hit_a_conflict(optimistic):
+    client, raw_client = optimistic
     with client.context():
         key = DsEmuThing(id="retried", n=0).put()
         attempts = []
@@ -329,6 +346,63 @@ def test_ndb_retries_a_transaction_that_hit_a_conflict(client, raw_client):
         increment()
         assert attempts == [0, 10]
         assert key.get(use_cache=False).n == 11
+
+
+def test_pessimistic_ndb_retries_a_transaction_that_hit_a_lock_timeout(client):
+    """Two ndb transactions read then write one entity at once: each holds a read lock the
+    other's commit waits for, one commit times out (ABORTED), ndb retries it, both count."""
+    with client.context():
+        key = DsEmuThing(id="locked", n=0).put()
+    both_read = threading.Barrier(2)
+    attempts = []
+
+    def increment():
+        with client.context():
+
+            @ndb.transactional(retries=3)
+            def once():
+                entity = key.get(use_cache=False)
+                attempts.append(entity.n)
+                if len(attempts) <= 2:
+                    both_read.wait(10)
+                entity.n += 1
+                entity.put()
+
+            once()
+
+    threads = [threading.Thread(target=increment) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    with client.context():
+        assert key.get(use_cache=False).n == 2
+    assert sorted(attempts) == [0, 0, 1]
+
+
+def test_pessimistic_transaction_fails_with_lock_timeout_not_contention(raw_client):
+    """A transaction whose commit waits on another's read lock is ABORTED after about 2 s;
+    the one holding the lock commits."""
+    key = raw_client.key("DsEmuThing", "contended")
+    entity = datastore.Entity(key)
+    entity["n"] = 0
+    raw_client.put(entity)
+    holder = raw_client.transaction()
+    holder.begin()
+    seen = raw_client.get(key, transaction=holder)
+    started = time.monotonic()
+    with (
+        pytest.raises(exceptions.Aborted, match="Transaction lock timeout"),
+        raw_client.transaction(),
+    ):
+        other = raw_client.get(key)
+        other["n"] = 1
+        raw_client.put(other)
+    assert 1.9 < time.monotonic() - started < 10
+    seen["n"] = 2
+    holder.put(seen)
+    holder.commit()
+    assert raw_client.get(key)["n"] == 2
 
 
 def test_insert_existing_and_update_missing_keys(emulator):
