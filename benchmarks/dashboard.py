@@ -63,6 +63,9 @@ def _populate(total: int, have: int) -> None:
     """Add records until there are ``total`` spilled and ``total`` failure records."""
     now = datetime.datetime.now(datetime.UTC)
     batch: list[ndb.Model] = []
+    # Every failure is in one group: its entity goes once per commit (Datastore refuses the
+    # same key twice in a non-transactional commit).
+    groups: dict[ndb.Key, ndb.Model] = {}
     for number in range(have, total):
         payload_id = f"bench{number:06d}"
         envelope = gae_deferred.serialize(floor.FloorHandler.post, number, b"x" * 2000)
@@ -91,12 +94,14 @@ def _populate(total: int, have: int) -> None:
             payload_id=payload_id,
             when=now,
         )
-        batch += [failure, failures.group_entity(failure)]
+        batch.append(failure)
+        group = failures.group_entity(failure)
+        groups[group.key] = group
         if len(batch) >= 600:
-            ndb.put_multi(batch)
-            batch = []
+            ndb.put_multi([*batch, *groups.values()])
+            batch, groups = [], {}
     if batch:
-        ndb.put_multi(batch)
+        ndb.put_multi([*batch, *groups.values()])
 
 
 def run(*, quick: bool) -> Section:

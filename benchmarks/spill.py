@@ -13,19 +13,21 @@ import pathlib
 import tempfile
 import time
 
+import grpc
 import webapp2
 
-from gae_deferred import cloud_tasks, defer, reset_clients
-from gae_deferred._config import settings
+from gae_deferred import cloud_tasks, defer, envelope, idempotent, reset_clients, spillover
+from gae_deferred._config import CHUNK_MUTATION_OVERHEAD, DATASTORE_REQUEST_LIMIT, settings
 from gae_deferred.local.cloudtasks import CloudTasksEmulator
 from gae_deferred.local.datastore import DatastoreEmulator
 from gae_deferred.webapp2 import deferred_routes
 
 from . import floor, tasks
 from ._setup import BENCH_PROJECT
-from .report import Section, count_target, ratio_target
+from .report import Section, Target, count_target, ratio_target
 
 MB = 1_000_000
+MIB = 1024 * 1024
 QUEUE_YAML = """\
 queue:
 - name: bench-paused
@@ -33,9 +35,37 @@ queue:
 """
 
 
+def _chunks_per_commit() -> int:
+    """Whole chunks one Commit request of ``commit_bytes`` holds (3 at the defaults)."""
+    current = settings()
+    return (current.commit_bytes - CHUNK_MUTATION_OVERHEAD) // current.chunk_bytes
+
+
 def _expected_writes(chunks: int) -> int:
-    per_commit = settings().commit_bytes // settings().chunk_bytes
-    return -(-chunks // per_commit)
+    return -(-chunks // _chunks_per_commit())
+
+
+class SizingEmulator(DatastoreEmulator):
+    """The emulator, keeping the largest request and response bytes of every RPC."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.largest_request = 0
+        self.largest_response = 0
+
+    def reset_sizes(self) -> None:
+        self.largest_request = self.largest_response = 0
+
+    def _method_handler(self, name, request_type, service, state) -> grpc.RpcMethodHandler:
+        inner = super()._method_handler(name, request_type, service, state).unary_unary
+
+        def sized(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            self.largest_request = max(self.largest_request, len(raw))
+            response = inner(raw, context)
+            self.largest_response = max(self.largest_response, len(response))
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(sized)
 
 
 #: docs/design.md: no Lookup response over gRPC's default 4 MiB receive limit, which ndb's
@@ -50,13 +80,54 @@ def _expected_lookups(chunks: int, stored_bytes: int) -> int:
     return -(-chunks // (LOOKUP_CHUNK_BYTES // settings().chunk_bytes))
 
 
+@idempotent
+def idempotent_add(a: int, b: int) -> int:
+    """benchmarks.tasks.add behind @idempotent: its claim and done marker are what is measured."""
+    return tasks.add(a, b)
+
+
+def _idempotent_claim(section: Section, app, datastore, rounds: int) -> None:
+    """An inline task calling an @idempotent function against the same call without it:
+    Datastore RPCs (the claim's transaction and the done marker; none without) and the
+    median wall time of a run through the handler, interleaved."""
+    samples: dict[str, list[float]] = {"plain": [], "idempotent": []}
+    counts: dict[str, int] = {}
+    for number in range(rounds):
+        for variant, function in (("plain", tasks.add), ("idempotent", idempotent_add)):
+            name = f"bench-{variant}-{number}"
+            body = envelope.build(function, (1, 2), task=name, queue="bench-paused")
+            environ = floor.environ_factory(
+                body, HTTP_X_APPENGINE_QUEUENAME="bench-paused", HTTP_X_APPENGINE_TASKNAME=name
+            )()
+            datastore.reset_counts()
+            started = time.perf_counter()
+            status = floor.call_wsgi(app, environ)
+            samples[variant].append(time.perf_counter() - started)
+            if not status.startswith("200"):
+                raise RuntimeError(f"{variant} task answered {status}")
+            if variant == "idempotent":
+                counts = dict(datastore.rpc_counts)
+    plain_ms, idem_ms = (sorted(samples[v])[rounds // 2] * 1e3 for v in ("plain", "idempotent"))
+    rpcs = sum(counts.values())
+    section.targets.append(
+        count_target("@idempotent run: Datastore RPCs (claim transaction + done marker)", rpcs, 4)
+    )
+    section.notes.append(
+        f"@idempotent: an inline task calling an `@idempotent` function, {rounds} interleaved "
+        f"rounds, medians: {idem_ms:.1f} ms per run against {plain_ms:.1f} ms without it; "
+        f"its Datastore RPCs {counts} (the claim: BeginTransaction, Lookup, Commit; then the "
+        "done marker's Commit). The claim alone is 3 of those 4 RPCs."
+    )
+    section.data["idempotent"] = {"samples": samples, "rpcs": counts}
+
+
 def _clients_reset() -> None:
     reset_clients()
 
 
 def run(*, quick: bool) -> Section:
-    """Defer and run spilled payloads of 600 KB, 5 MB and 20 MB (quick: 600 KB, 5 MB)."""
-    sizes = [600_000, 5 * MB] if quick else [600_000, 5 * MB, 20 * MB]
+    """Defer and run spilled payloads of 600 KB, 5 MB, 8 MiB and 20 MB (quick: 600 KB, 5 MB)."""
+    sizes = [600_000, 5 * MB] if quick else [600_000, 5 * MB, 8 * MIB, 20 * MB]
     section = Section(
         key="spill",
         title="Spill path RPCs",
@@ -64,11 +135,20 @@ def run(*, quick: bool) -> Section:
             "RPCs counted at the in-process emulators (real ndb and CloudTasksClient) for one "
             "spilled task per size: incompressible payloads (random bytes) passed to a module "
             "function; `defer()` into a paused queue, then the task body from GetTask run "
-            "through the webapp2 handler in-process. Datastore chunks are 1,000,000 bytes; a "
-            "commit carries at most 9 MiB (Datastore refuses commits over 10 MiB). The run reads "
+            "through the webapp2 handler in-process. No Datastore RPC may exceed 4 MiB "
+            "(4,194,304 bytes) either way: Datastore and Google's emulators refuse a bigger "
+            "request, and gRPC's default receive limit, which ndb's production channel keeps, "
+            "a bigger response. Datastore chunks are 1,000,000 bytes; a Commit request carries "
+            "at most `commit_bytes` (3 MiB: 3 chunks), the record in the last. The run reads "
             "whole chunks of at most 3,080,192 bytes per Lookup (3 chunks), the record with the "
             "first: no response may exceed gRPC's default 4 MiB receive limit, which ndb's "
-            "production channel keeps (it lifts it only for the emulator)."
+            "production channel keeps (it lifts it only for the emulator). Before the call the "
+            "run takes its claim on the payload (a duplicate delivery meanwhile is answered 503 "
+            "instead of running it twice): one transaction, BeginTransaction + Lookup of the "
+            "record + Commit of the claim, counted in the run's RPCs and timed as `claim ms`; "
+            "an `@idempotent` function's claim is the same transaction on its marker. Largest "
+            "request / response: bytes of the biggest Datastore RPC of the defer and the run, "
+            "measured at the emulator."
         ),
         columns=[
             "payload",
@@ -79,14 +159,17 @@ def run(*, quick: bool) -> Section:
             "run: Lookup",
             "run: Commit",
             "run: other",
+            "largest request",
+            "largest response",
             "defer ms",
             "run ms",
+            "claim ms",
         ],
     )
     with tempfile.TemporaryDirectory(prefix="bench-spill-") as tmp:
         queue_yaml = pathlib.Path(tmp) / "queue.yaml"
         queue_yaml.write_text(QUEUE_YAML, encoding="utf-8")
-        datastore = DatastoreEmulator(port=0).start()
+        datastore = SizingEmulator(port=0).start()
         cloudtasks = CloudTasksEmulator(
             port=0,
             queue_yaml=str(queue_yaml),
@@ -102,6 +185,7 @@ def run(*, quick: bool) -> Section:
             defer(tasks.consume, b"warm-up", _queue="bench-paused")
             for size in sizes:
                 _one(section, app, datastore, cloudtasks, size)
+            _idempotent_claim(section, app, datastore, 10 if quick else 40)
             _against_put_multi(section, 3 if quick else 7)
         finally:
             cloudtasks.stop()
@@ -115,6 +199,7 @@ def run(*, quick: bool) -> Section:
 def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     payload = os.urandom(size)
     datastore.reset_counts()
+    datastore.reset_sizes()
     cloudtasks.reset_counts()
     started = time.perf_counter()
     task = defer(tasks.consume, payload, _queue="bench-paused")
@@ -131,8 +216,22 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
         HTTP_X_APPENGINE_QUEUENAME=task.queue,
         HTTP_X_APPENGINE_TASKNAME=task.name,
     )()
+    claims: list[float] = []
+    take = spillover.claim
+
+    def timed_claim(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return take(*args, **kwargs)
+        finally:
+            claims.append((time.perf_counter() - began) * 1e3)
+
+    spillover.claim = timed_claim
     started = time.perf_counter()
-    status = floor.call_wsgi(app, environ)
+    try:
+        status = floor.call_wsgi(app, environ)
+    finally:
+        spillover.claim = take
     run_ms = (time.perf_counter() - started) * 1e3
     if not status.startswith("200"):
         raise RuntimeError(f"spilled task of {size:,} bytes answered {status}")
@@ -140,8 +239,9 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     commits = ds_defer.pop("Commit", 0)
     creates = ct_defer.pop("CreateTask", 0)
     lookups, deletes = ds_run.pop("Lookup", 0), ds_run.pop("Commit", 0)
+    begins = ds_run.pop("BeginTransaction", 0)
     other_defer = sum(ds_defer.values()) + sum(ct_defer.values())
-    label = f"{size / MB:g} MB"
+    label = f"{size / MIB:g} MiB" if size % MIB == 0 else f"{size / MB:g} MB"
     section.rows.append(
         [
             label,
@@ -151,13 +251,17 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
             str(other_defer),
             str(lookups),
             str(deletes),
-            str(sum(ds_run.values())),
+            str(sum(ds_run.values()) + begins),
+            f"{datastore.largest_request:,}",
+            f"{datastore.largest_response:,}",
             f"{defer_ms:.0f}",
             f"{run_ms:.0f}",
+            f"{sum(claims):.1f}",
         ]
     )
     expected = _expected_writes(task.chunks)
-    note = "" if expected == 1 else f" ({task.chunks} chunks: 1 commit per 9 MiB)"
+    per_commit = _chunks_per_commit()
+    note = "" if expected == 1 else f" ({task.chunks} chunks: 1 commit per {per_commit} chunks)"
     section.targets.append(
         count_target(f"{label} defer: Datastore commits{note}", commits, expected)
     )
@@ -167,11 +271,30 @@ def _one(section: Section, app, datastore, cloudtasks, size: int) -> None:
     per_lookup = LOOKUP_CHUNK_BYTES // settings().chunk_bytes
     lookup_note = "" if lookups_expected == 1 else f" (1 Lookup per {per_lookup} chunks)"
     section.targets.append(
-        count_target(f"{label} run: Lookup{lookup_note}", lookups, lookups_expected)
+        count_target(
+            f"{label} run: Lookup{lookup_note} + 1 (the claim's)", lookups, lookups_expected + 1
+        )
     )
-    section.targets.append(count_target(f"{label} run: Commit (delete)", deletes, 1))
+    section.targets.append(count_target(f"{label} run: Commit (claim, delete)", deletes, 2))
+    section.targets.append(count_target(f"{label} run: BeginTransaction (claim)", begins, 1))
     section.targets.append(count_target(f"{label} run: other RPCs", sum(ds_run.values()), 0))
-    section.data[label] = {"defer": ds_defer | ct_defer, "run": ds_run, "chunks": task.chunks}
+    largest = max(datastore.largest_request, datastore.largest_response)
+    section.targets.append(
+        Target(
+            f"{label}: largest Datastore request or response, bytes",
+            f"{largest:,}",
+            f"≤ {DATASTORE_REQUEST_LIMIT:,}",
+            largest <= DATASTORE_REQUEST_LIMIT,
+        )
+    )
+    section.data[label] = {
+        "defer": ds_defer | ct_defer,
+        "run": ds_run | {"BeginTransaction": begins},
+        "chunks": task.chunks,
+        "claim_ms": sum(claims),
+        "largest_request": datastore.largest_request,
+        "largest_response": datastore.largest_response,
+    }
 
 
 #: defer() of a 5 MB spilled payload against google-cloud-datastore's put_multi of the same chunks.
@@ -180,8 +303,9 @@ FLOOR_SIZE = 5 * MB
 
 
 def _against_put_multi(section: Section, rounds: int) -> None:
-    """Interleaved wall time of defer(5 MB) (1 commit + CreateTask) and of a plain
-    google-cloud-datastore ``put_multi`` of the same chunk entities (1 commit): the floor of
+    """Interleaved wall time of defer(5 MB) (2 commits + CreateTask) and of plain
+    google-cloud-datastore ``put_multi`` calls of the same chunk entities, as many a call as
+    one request of ``commit_bytes`` holds (2 commits: none may exceed 4 MiB): the floor of
     writing those bytes from Python through the same emulator."""
     from google.cloud import datastore as cloud_datastore
 
@@ -202,7 +326,9 @@ def _against_put_multi(section: Section, rounds: int) -> None:
             )
             entity["data"] = data[start : start + chunk_bytes]
             entities.append(entity)
-        client.put_multi(entities)
+        per_commit = _chunks_per_commit()
+        for first in range(0, len(entities), per_commit):
+            client.put_multi(entities[first : first + per_commit])
 
     def ours() -> None:
         defer(tasks.consume, payload, _queue="bench-paused")
@@ -225,11 +351,13 @@ def _against_put_multi(section: Section, rounds: int) -> None:
             "5 MB defer vs google-cloud-datastore put_multi of its chunks", ratio, FLOOR_BUDGET
         )
     )
+    chunks = -(-len(data) // chunk_bytes)
+    commits = _expected_writes(chunks)
     section.notes.append(
         f"5 MB defer() vs the floor, {rounds} interleaved rounds, wall-time medians (both "
         f"emulators in this process, so their CPU counts on both sides): google-cloud-datastore "
-        f"put_multi of the same {-(-len(data) // chunk_bytes)} chunks {floor_ms:.0f} ms, "
-        f"defer() {ours_ms:.0f} ms (1 Commit + 1 CreateTask), ratio {ratio:.2f}x "
+        f"put_multi of the same {chunks} chunks, {commits} commits, {floor_ms:.0f} ms, "
+        f"defer() {ours_ms:.0f} ms ({commits} Commits + 1 CreateTask), ratio {ratio:.2f}x "
         f"(budget ≤ {FLOOR_BUDGET:g}x)"
     )
     section.data["put_multi floor"] = samples

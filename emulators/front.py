@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._process import with_parent_death_signal
+from ._process import spawn
 from .app_yaml import AppYamlError, Handler, StaticHandler, load_app_yaml, match_handler
 from .app_yaml import static_file as resolve_static_file
 
@@ -394,7 +394,7 @@ async def serve(front: FrontServer, host: str, port: int, backend_argv: Sequence
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
-    backend = subprocess.Popen(with_parent_death_signal(backend_argv), stdin=subprocess.DEVNULL)
+    backend = spawn(backend_argv, stdin=subprocess.DEVNULL)
     print(f"{READY_TEXT} http://{host}:{port} (app server pid {backend.pid})", flush=True)
     exited = asyncio.ensure_future(asyncio.to_thread(backend.wait))
     stopped = asyncio.ensure_future(stop.wait())

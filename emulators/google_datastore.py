@@ -40,7 +40,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-from ._process import with_parent_death_signal
+from ._process import spawn, with_parent_death_signal
 
 #: The choices of ``gae-deferred-dev --datastore`` that are Google's emulators.
 GOOGLE_MODES = ("firestore", "datastore")
@@ -345,8 +345,8 @@ class GoogleDatastoreEmulator:
         argv = self.argv()
         env = {**self.env, "JAVA": str(java_with_parent_death(self.data_dir / "bin"))}
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            with_parent_death_signal(argv),
+        self.process = spawn(
+            argv,
             env=env,
             cwd=self.data_dir,
             stdin=subprocess.DEVNULL,

@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from ..queue_config import QueueYamlError, load_queue_yaml
-from ._process import with_parent_death_signal
+from ._process import spawn
 from .app_yaml import AppYaml, load_app_yaml
 from .datastore import IndexYamlError, load_index_yaml
 from .front import UNAVAILABLE_HEADER
@@ -144,8 +144,8 @@ class _Child:
         self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the pump
         self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n")
         self._log.flush()
-        self.process = subprocess.Popen(
-            with_parent_death_signal(argv),
+        self.process = spawn(
+            argv,
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,

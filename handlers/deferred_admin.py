@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 
 import webapp2
 
-from gae_deferred import Error, admin, audit, metrics, ndb_context
+from gae_deferred import Error, admin, audit, metrics, ndb_context, refusals
 
 from . import _admin_auth, _admin_csrf, _scrape_auth, _templates
 from . import _admin_guard as guard
@@ -411,7 +411,14 @@ def _bulk_summary(action: str, result: admin.BulkResult, what: str) -> str:
 class OverviewPage(_Base):
     def get(self) -> None:
         data = admin.overview_json(admin.overview(), admin.queue_overview())
-        self.respond("overview.html", data, title="Overview")
+        self.respond("overview.html", data, title="Overview", refused=refusals.summary())
+
+
+class RefusedPage(_Base):
+    """Refused deliveries (403s of the task handler) per reason, with the latest examples."""
+
+    def get(self) -> None:
+        self.respond("refused.html", refusals.summary(), title="Refused deliveries")
 
 
 # -- spilled payloads -----------------------------------------------------------------
@@ -993,6 +1000,7 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         (f"/queues/{queue}/tasks/{task}/delete", TaskDelete),
         ("/metrics", MetricsPage),
         ("/audit", AuditPage),
+        ("/refused", RefusedPage),
         ("/sweep", SweepNow),
     ]
     routes: list[webapp2.BaseRoute] = [_Route("/", OverviewPage)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import webapp2
 
-from gae_deferred import TaskInfo, execute_task, tracing
+from gae_deferred import TaskInfo, execute_task, refusals, tracing
 
 #: Cloud Tasks caps App Engine tasks at 100 KB (HTTP targets at 1 MB); anything bigger is forged.
 MAX_BODY_BYTES = 1024 * 1024
@@ -85,6 +85,7 @@ class DeferredTaskHandler(webapp2.RequestHandler):
         task = TaskInfo.from_environ(environ)
         if task is None:
             # No task headers: nothing of the body is read.
+            refusals.record("not-from-queue", None, "no task queue headers")
             self._answer(403, "forbidden")
             return
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -99,6 +100,10 @@ def _fresh_settings():
     config.reset()
     yield
     config.reset()
+    # Refused deliveries a test provoked are not written at exit, nowhere in particular.
+    refused = sys.modules.get("gae_deferred.refusals")
+    if refused is not None:
+        refused.discard_pending()
 
 
 def _serve_inequality_order_once() -> None:
@@ -325,15 +330,30 @@ class CommitSpy:
         self.fail_when = None
 
     def kinds(self) -> list[list[str]]:
-        """Per Commit, the kinds of the entities it wrote."""
+        """Per Commit, the kinds of the entities it wrote ("-Kind" for a delete)."""
         return [
-            [m._pb.upsert.key.path[-1].kind for m in request.mutations] for request in self.requests
+            [
+                f"-{m._pb.delete.path[-1].kind}"
+                if m._pb.WhichOneof("operation") == "delete"
+                else m._pb.upsert.key.path[-1].kind
+                for m in request.mutations
+            ]
+            for request in self.requests
         ]
+
+    def request_bytes(self) -> list[int]:
+        """Per Commit, the size of its request (Datastore refuses one over 4 MiB)."""
+        return [request._pb.ByteSize() for request in self.requests]
 
     def chunk_bytes(self) -> list[int]:
         """Per Commit, the payload-chunk bytes it carried."""
         return [
-            sum(len(m._pb.upsert.properties["data"].blob_value) for m in request.mutations)
+            sum(
+                len(m._pb.upsert.properties["data"].blob_value)
+                for m in request.mutations
+                # Not a delete's: reading a map entry of it would make the mutation an upsert.
+                if m._pb.WhichOneof("operation") == "upsert" and "data" in m._pb.upsert.properties
+            )
             for request in self.requests
         ]
 

@@ -40,8 +40,12 @@ FIRESTORE_PATHS = (
     "tests/test_sweeper.py",
     "tests/test_task_handler.py",
     "tests/test_idempotency.py",
+    "tests/test_claims.py",
     "tests/test_batch.py",
     "tests/test_pessimistic_locking.py",
+    "tests/test_legacy_pickles.py",
+    "tests/test_version_affinity.py",
+    "tests/test_cross_python.py",
 )
 
 #: What the legacy emulator adds: its data survives a restart of the emulator, and it refuses
@@ -62,19 +66,6 @@ _STUB_SPY = (
     "spies on the in-memory Datastore stub's RPC methods (counts, injected failures), which "
     "Google's emulators do not have; the RPCs are the same whatever serves them"
 )
-#: rpc4mib (issue 23 part A) makes every RPC fit 4 MiB; until then these fail on Google's
-#: emulators with "429 gRPC message exceeds maximum size 4194304".
-_OVER_4_MIB = (
-    "sends a Datastore RPC over 4 MiB, which Google's emulators refuse "
-    "(issue 23 part A, branch rpc4mib)"
-)
-
-_KEY_OVER_1500 = (
-    "an id over 1,500 bytes reaches Datastore as a key name, which Google's emulators (and "
-    "production) refuse with INVALID_ARGUMENT; the dashboard should answer 404 before any RPC "
-    "(issue 23 part A, branch rpc4mib)"
-)
-
 #: nodeid (or its prefix up to "[") -> why both Google legs leave it out.
 NOT_ON_GOOGLE: dict[str, str] = {
     "tests/test_defer.py::test_spill_rpcs_one_commit_and_one_create_task": _STUB_SPY,
@@ -87,23 +78,7 @@ NOT_ON_GOOGLE: dict[str, str] = {
     "tests/dashboard/test_metrics.py::test_observe_does_no_io_and_a_flush_is_one_commit": (
         _STUB_SPY
     ),
-    "tests/dashboard/test_security.py::test_records_with_hostile_ids_are_viewed_dismissed_and_deleted_not_hijacked[record_id5]": (  # noqa: E501
-        _KEY_OVER_1500
-    ),
-    "tests/reliability/test_dashboard_abuse.py::test_absurd_cursors_and_ids_are_rejected": (
-        _KEY_OVER_1500
-    ),
-    "tests/test_defer.py::test_chunk_boundaries[5000000-6]": _OVER_4_MIB,
-    "tests/test_defer.py::test_hard_cap": _OVER_4_MIB,
-    "tests/test_ndb_rpc.py::test_payloads_read_back_through_a_channel_with_grpcs_default_receive_limit": (  # noqa: E501
-        _OVER_4_MIB
-    ),
-    "tests/test_task_handler.py::test_spilled_chunk_missing_from_a_later_lookup_is_200_and_permanent": (  # noqa: E501
-        _OVER_4_MIB
-    ),
-    "tests/test_task_handler.py::test_spilled_chunks_that_do_not_match_the_record_are_200_and_permanent": (  # noqa: E501
-        _OVER_4_MIB
-    ),
+    "tests/dashboard/test_key_limits.py::test_long_ids_are_refused_before_any_rpc": _STUB_SPY,
 }
 #: ... and what only the firestore leg leaves out.
 NOT_ON_FIRESTORE: dict[str, str] = {
@@ -126,7 +101,7 @@ NOT_ON_DATASTORE: dict[str, str] = {
 _NOT_ON = {"firestore": NOT_ON_FIRESTORE, "datastore": NOT_ON_DATASTORE}
 
 #: Fixtures that only exist on the in-memory stub: tests using them leave the Google legs.
-STUB_ONLY_FIXTURES = {"datastore_commits": _STUB_SPY}
+STUB_ONLY_FIXTURES = {"datastore_commits": _STUB_SPY, "rpc_counter": _STUB_SPY}
 #: Fixtures that reach Datastore: an in-process test without any of them never does.
 DATASTORE_FIXTURES = {
     "ndb_stub",
@@ -147,6 +122,13 @@ GOOGLE_ONLY = (
     "tests/emulators/test_google_datastore.py",
     "tests/e2e/test_dev_google_datastore.py",
     "tests/emulators/test_datastore_differential.py",
+    # Every Datastore RPC within 4 MiB, ids over 1,500 bytes: on Google's Firestore emulator.
+    "tests/test_rpc_limits.py::test_spill_stores_and_runs_with_every_rpc_within_4_mib[google",
+    "tests/test_rpc_limits.py::test_transactional_spill_stores_and_runs_with_every_rpc_within_4_mib[google",
+    "tests/test_rpc_limits.py::test_rolled_back_transactional_spill_leaves_chunks_the_sweeper_deletes[google",
+    "tests/dashboard/test_key_limits.py::test_ids_over_datastores_limit_are_404_everywhere",
+    "tests/dashboard/test_key_limits.py::test_an_id_at_the_limit_is_looked_up",
+    "tests/test_idempotency.py::test_idempotency_key_of_any_length_runs_once",
 )
 
 LEGS = {"firestore": FIRESTORE_PATHS, "datastore": DATASTORE_PATHS}

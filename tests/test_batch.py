@@ -146,12 +146,14 @@ def test_spilled_commits_stay_under_the_datastore_limits(queued, datastore_commi
     with batch() as b:
         for _ in range(3):
             b.defer(add, b"\7" * 4_000_000, 0)
-    # 12 MB of chunks: two commits of at most 9 MiB each, not one per payload.
-    assert len(datastore_commits.kinds()) == 2
-    assert (
-        max(datastore_commits.chunk_bytes()) <= 9 * 1024 * 1024
-        and sum(datastore_commits.chunk_bytes()) > 12_000_000
-    )
+    # 12 MB of chunks: four commits of at most commit_bytes (3 MiB: three 1 MB chunks) each,
+    # shared by the payloads, each record in the commit of its last chunk.
+    assert gae_deferred.settings().commit_bytes == 3 * 1024 * 1024
+    assert max(datastore_commits.request_bytes()) <= 3 * 1024 * 1024
+    assert sum(datastore_commits.chunk_bytes()) > 12_000_000
+    kinds = datastore_commits.kinds()
+    assert len(kinds) == 4
+    assert [commit.count("_DeferredPayload") for commit in kinds] == [0, 1, 1, 1]
     assert len(queued()) == 3
 
 

@@ -110,6 +110,9 @@ def test_routing_and_headers(paused):
         ({"_name": "bad/name"}, "not a valid task name"),
         ({"_countdown": -1}, "_countdown"),
         ({"_countdown": "10"}, "_countdown"),
+        ({"_countdown": float("nan")}, "_countdown"),
+        ({"_countdown": float("inf")}, "_countdown"),
+        ({"_countdown": 10**12}, "_countdown of 1000000000000 seconds is past the last date"),
         ({"_countdown": 1, "_eta": datetime.datetime(2030, 1, 1)}, "not both"),
         ({"_eta": "tomorrow"}, "_eta must be a datetime"),
         ({"_headers": {"X-AppEngine-QueueName": "x"}}, "Cloud Tasks sets it"),
@@ -233,9 +236,16 @@ def test_hard_cap(paused):
 def test_large_spill_is_written_in_commits_under_datastore_limit(paused, datastore_commits):
     gae_deferred.configure(compression_level=0)
     defer(collect, b"\2" * 20_000_000)
-    commits = datastore_commits.chunk_bytes()
-    assert len(commits) == 3
-    assert max(commits) <= 10 * 1024 * 1024
+    # 21 chunks of 1 MB, three a commit: every request within commit_bytes (3 MiB), well
+    # under the 4 MiB Datastore and Google's emulators accept.
+    assert datastore_commits.chunk_bytes()[:6] == [3_000_000] * 6
+    assert max(datastore_commits.request_bytes()) <= 3 * 1024 * 1024
+    kinds = datastore_commits.kinds()
+    assert len(kinds) == 7
+    # The record last; a write marker with the first chunks, deleted with the record.
+    assert [commit.count("_DeferredPayload") for commit in kinds] == [0] * 6 + [1]
+    assert "_DeferredPayloadWrite" in kinds[0] and "-_DeferredPayloadWrite" in kinds[-1]
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
 
 
 def test_cloud_tasks_too_large_under_threshold_spills(paused):
@@ -385,9 +395,12 @@ def test_failed_multi_commit_spill_leaves_no_orphaned_chunks(paused, datastore_c
         if len(datastore_commits.requests) == 2
         else None
     )
-    with pytest.raises(gae_deferred.DatastoreUnavailableError, match="datastore went away"):
+    # Not retried, and not called "unavailable": Datastore refused it.
+    with pytest.raises(gae_deferred.DatastoreRefusedError, match=r"refused.*datastore went away"):
         defer(collect, b"\3" * 12_000_000)
     datastore_commits.fail_when = None
+    # The first commit's chunks and write marker were deleted again.
+    assert spillover.DeferredPayloadWrite.query().fetch() == []
     assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
     assert spillover.DeferredPayload.query().fetch() == []
     assert paused() == []
@@ -560,3 +573,32 @@ def test_build_task_matches_the_proto_plus_construction(eta):
         ),
     )
     assert build_task(spec, b"body") == expected
+
+
+def test_spill_whose_chunk_only_commit_is_unanswered_is_certainly_not_stored(
+    paused, ndb_stub, monkeypatch
+):
+    """A 12 MB spill's first commit holds only chunks; it lands and its answers are lost.
+    Its record's commit was never sent, so nothing can run: DatastoreUnavailableError (not
+    EnqueueOutcomeUnknown), and the chunks that landed are deleted."""
+    from google.api_core import exceptions as api_exceptions
+
+    gae_deferred.configure(compression_level=0)
+    wrapper = ndb_stub.stub.commit
+    original = wrapper.func
+    record_kind = spillover.DeferredPayload._get_kind()
+
+    def lands_then_loses_the_answer(request, *args, **kwargs):
+        response = original(request, *args, **kwargs)
+        kinds = {m.upsert.key.path[-1].kind for m in request.mutations if m._pb.HasField("upsert")}
+        if kinds and record_kind not in kinds:
+            raise api_exceptions.ServiceUnavailable("connection reset after the commit")
+        return response
+
+    monkeypatch.setattr(wrapper, "func", lands_then_loses_the_answer)
+    with pytest.raises(gae_deferred.DatastoreUnavailableError, match="connection reset"):
+        defer(collect, b"\4" * 12_000_000)
+    monkeypatch.setattr(wrapper, "func", original)
+    assert spillover.DeferredPayloadChunk.query().fetch(keys_only=True) == []
+    assert spillover.DeferredPayload.query().fetch() == []
+    assert paused() == []

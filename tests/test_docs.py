@@ -53,3 +53,19 @@ def test_the_task_flow_names_functions_that_exist():
     assert len(names) > 30
     missing = sorted(name for name in names if not _resolve(name))
     assert missing == []
+
+
+def test_every_test_reliability_md_names_for_a_promise_exists():
+    """docs/reliability.md states each promise of defer() with the test that holds it: those
+    tests must exist (a renamed test would leave a promise unbacked)."""
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    section = text.split("## What each answer of defer() means", 1)[1].split("\n## ", 1)[0]
+    files = list((ROOT / "tests").rglob("test_*.py"))
+    named = set(re.findall(r"\b(test_\w+)", section)) - {path.stem for path in files}
+    defined = {
+        match
+        for path in files
+        for match in re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M)
+    }
+    assert len(named) >= 10
+    assert named - defined == set()

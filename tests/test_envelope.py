@@ -376,6 +376,25 @@ def test_big_argument_is_pickled_in_pieces_holding_its_own_bytes():
     assert any(isinstance(chunk, memoryview) for chunk in chunks)
 
 
+def test_closure_over_big_bytes_is_pickled_in_pieces_holding_its_own_bytes():
+    """cloudpickle pickles a lambda's captured payload by value: into pieces, not a copy."""
+    import os
+
+    payload = os.urandom(3_000_000)
+    call = lambda: payload  # noqa: E731 - a closure is the case
+    data, header = envelope.build_call(
+        call, (), {}, "tests.lambda", {}, task="t", queue="q", eta_ms=1
+    )
+    assert header["serializer"] == "cloudpickle"
+    assert isinstance(data, envelope.Sealed)
+    assert any(part is payload for part in data.parts)
+    assert run(bytes(data)) == payload
+    small, _ = envelope.build_call(
+        lambda: b"x" * 10, (), {}, "tests.lambda", {}, task="t", queue="q", eta_ms=1
+    )
+    assert type(small) is bytes and run(small) == b"x" * 10
+
+
 def test_a_bytearray_argument_is_copied_when_pickled_in_pieces():
     payload = bytearray(b"z" * 2_000_000)
     data, _ = envelope.build_call(

@@ -64,7 +64,6 @@ def test_the_google_legs_leave_out_only_tests_of_datastore():
     assert google_legs.reaches_datastore("tests/test_defer.py::test_x", {"ndb_stub"})
     assert google_legs.reaches_datastore("tests/e2e/test_e2e_tasks.py::test_x", set())
     assert google_legs.left_out("firestore", "tests/test_x.py::t", {"datastore_commits"})
-    assert google_legs.left_out("firestore", "tests/test_defer.py::test_hard_cap", set())
     restart = "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing"
     assert google_legs.left_out("firestore", restart, set())
     assert google_legs.left_out("datastore", restart, set()) is None

@@ -61,3 +61,36 @@ def test_task_delivered_twice_runs_once(ndb_stub, attempts):
     for _ in range(attempts):
         app.post("/_ah/queue/deferred", data, headers=headers, status=200)
     assert CALLS == [9]
+
+
+@idempotent(key=lambda key: key)
+def remember(key):
+    CALLS.append(key)
+
+
+@pytest.fixture
+def on_google_datastore(firestore_emulator, monkeypatch):
+    """ndb on Google's Firestore emulator (Datastore mode), which refuses key names over 1,500
+    bytes as production does."""
+    from google.cloud import ndb
+
+    firestore_emulator.reset()
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", firestore_emulator.address)
+    client = ndb.Client(project="test-project")
+    gae_deferred.configure(ndb_client=client)
+    with client.context(cache_policy=False, global_cache_policy=False):
+        yield client
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["k" * 1_600, "é" * 1_000, "x" * 1_600 + "y", "o-1"],
+)
+def test_idempotency_key_of_any_length_runs_once(on_google_datastore, key):
+    """Keys that would make a marker name over Datastore's 1,500 bytes are hashed: the
+    function runs, once per key."""
+    remember(key)
+    remember(key)
+    other = key + "!"
+    remember(other)
+    assert [key, other] == CALLS

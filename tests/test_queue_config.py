@@ -294,3 +294,21 @@ def test_cli_as_module(tmp_path):
     )
     assert proc.returncode == 1
     assert f"{path}:4: unknown key 'max_doublings'" in proc.stderr
+
+
+def test_cli_validate_of_an_empty_file_says_it_defines_no_queues(tmp_path):
+    empty = tmp_path / "queue.yaml"
+    empty.write_text("")
+    code, out, _ = run_cli("validate", str(empty))
+    assert code == 0
+    assert "defines no queues; only App Engine's implicit 'default' queue" in out
+    assert "1 queues OK" not in out
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+def test_cli_refuses_a_timeout_that_is_not_a_positive_number(tmp_path, timeout, capsys):
+    path = tmp_path / "queue.yaml"
+    path.write_text(GOOD_YAML)
+    code, _, _ = run_cli("diff", str(path), "--project", "p", f"--timeout={timeout}")
+    assert code == 2
+    assert "--timeout" in capsys.readouterr().err

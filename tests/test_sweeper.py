@@ -125,3 +125,70 @@ def test_failed_spilled_payloads_are_purged_after_retention(ndb_stub):
 
 def _fail():
     raise gae_deferred.PermanentTaskFailure("no")
+
+
+def _stuck_transactional_defer(monkeypatch) -> gae_deferred.DeferredTask:
+    """A committed transactional defer whose task was never created (Cloud Tasks down)."""
+    real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
+    gae_deferred.cloud_tasks.reset_client()
+    result = ndb.transaction(lambda: defer(collect, "paid", _transactional=True))
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
+    gae_deferred.cloud_tasks.reset_client()
+    return result
+
+
+def _deliver(task, name: str) -> None:
+    app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+    headers = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": name}
+    app.post("/_ah/queue/deferred", task.app_engine_http_request.body, headers=headers, status=200)
+
+
+def test_a_task_that_runs_while_the_sweep_repairs_it_stays_done(paused, monkeypatch):
+    """The sweeper creates the task, the task runs at once (deleting its record), then the
+    sweeper notes the repair: it must not write its old copy back (the record came back as
+    pending for ever and was re-enqueued on every sweep)."""
+    from gae_deferred import enqueue
+
+    result = _stuck_transactional_defer(monkeypatch)
+    create = enqueue.enqueue_record
+
+    def create_and_run(record, **options):
+        created = create(record, **options)
+        (task,) = paused()
+        _deliver(task, record.task_name)
+        return created
+
+    monkeypatch.setattr(enqueue, "enqueue_record", create_and_run)
+    report = sweep(now=later(days=1))
+    assert (report.reenqueued, report.finished_meanwhile, report.errors) == (1, 1, [])
+    assert spillover.get(result.payload_id) is None
+    monkeypatch.setattr(enqueue, "enqueue_record", create)
+    assert sweep(now=later(days=2)).reenqueued == 0
+
+
+def test_a_task_that_fails_while_the_sweep_repairs_it_keeps_its_failure(paused, monkeypatch):
+    """Same race, the run failing for good: the record keeps the state the run gave it."""
+    from gae_deferred import enqueue
+
+    real_host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")
+    gae_deferred.cloud_tasks.reset_client()
+    result = ndb.transaction(lambda: defer(_fail_for_good, _transactional=True))
+    monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", real_host)
+    gae_deferred.cloud_tasks.reset_client()
+    create = enqueue.enqueue_record
+
+    def create_and_run(record, **options):
+        created = create(record, **options)
+        (task,) = paused()
+        _deliver(task, record.task_name)
+        return created
+
+    monkeypatch.setattr(enqueue, "enqueue_record", create_and_run)
+    sweep(now=later(days=1))
+    assert spillover.get(result.payload_id).state == PayloadState.PERMANENT
+
+
+def _fail_for_good() -> None:
+    raise gae_deferred.PermanentTaskFailure("no")

@@ -15,6 +15,7 @@ and code may override any field once at start-up::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import threading
 from collections.abc import Callable
@@ -28,8 +29,21 @@ MIB = 1024 * 1024
 APP_ENGINE_TASK_LIMIT = 100 * 1024
 #: Datastore's limit for one entity is 1 MiB - 4 bytes; chunks stay well below it.
 DEFAULT_CHUNK_BYTES = 1_000_000
-#: Datastore refuses a commit over 10 MiB, so a large spill is written in several commits.
-DEFAULT_COMMIT_BYTES = 9 * MIB
+#: Datastore, and Google's Datastore and Firestore emulators, refuse any request over 4 MiB
+#: (gRPC's message limit: "gRPC message exceeds maximum size 4194304"), however far below its
+#: 10 MiB commit limit the writes are.
+DATASTORE_REQUEST_LIMIT = 4 * MIB
+#: A spill Commit request is at most this big: 3 chunks of the default size and a record, with
+#: room to spare under DATASTORE_REQUEST_LIMIT (smaller requests also keep defer()'s memory low:
+#: one commit's request and gRPC's copy of it are alive at once).
+DEFAULT_COMMIT_BYTES = 3 * MIB
+#: What one chunk's upsert adds to its bytes at most (key with project, database, namespace and
+#: payload id; the property's framing): a commit must hold at least one chunk.
+CHUNK_MUTATION_OVERHEAD = 2048
+#: A payload's chunks at most: a spilled task that ran deletes its record and chunks in one
+#: Commit with its done marker, and Datastore allows 500 mutations a commit (the keys of 490
+#: chunks are about 50 KB, far under DATASTORE_REQUEST_LIMIT).
+MAX_CHUNKS = 490
 
 
 @dataclasses.dataclass
@@ -45,6 +59,8 @@ class Settings:
     #: Hard cap on a serialized payload; defer() refuses anything bigger.
     max_payload_bytes: int = 32 * MIB
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: The largest Commit request a spill sends, in bytes (request framing and keys included):
+    #: at most DATASTORE_REQUEST_LIMIT.
     commit_bytes: int = DEFAULT_COMMIT_BYTES
     #: zlib level for bodies of at least compress_min_bytes; 0 turns compression off. Level 1
     #: spills as rarely as 6 or 9 on our corpus at a third of the CPU (docs/performance.md).
@@ -62,6 +78,13 @@ class Settings:
     ndb_client: Any = None
     #: How long any Cloud Tasks call waits for its answer (CreateTask, the dashboard's calls).
     cloud_tasks_timeout_seconds: float = 30
+    #: The deadline of each Datastore call defer() makes (a spill's commits, the lookup that
+    #: settles an unanswered commit, the cleanup after a failure), retries included.
+    datastore_timeout_seconds: float = 10
+    #: How long a running spilled or @idempotent task holds its claim: a duplicate delivery
+    #: within it is answered "claimed" (retried later) instead of running. App Engine's
+    #: dispatch deadline for a push task (10 minutes) by default; a crashed run's claim ends then.
+    task_deadline_seconds: float = 600
     #: How long dead letters and permanent failures keep their payloads.
     dead_letter_retention_seconds: float = 30 * 24 * 3600
     #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.
@@ -99,6 +122,17 @@ class Settings:
     #: ``projects/P/secrets/S/versions/latest``).
     metrics_token: str | None = None
     metrics_token_secret: str | None = None
+    #: On App Engine, the version and service this process runs as (GAE_VERSION, GAE_SERVICE).
+    running_version: str | None = None
+    running_service: str | None = None
+    #: defer() routes a task to the version (and service) that made it, as the legacy task
+    #: queue did with the enqueuing request's Host, unless the call routes it itself
+    #: (_target, _service, _version, _instance). GAE_DEFERRED_VERSION_AFFINITY=0 turns it off.
+    version_affinity: bool = True
+    #: During a cut-over from python27: the last day (UTC) the task handler runs the legacy
+    #: library's unsigned pickles, only for App Engine's own task requests on App Engine
+    #: (GAE_DEFERRED_LEGACY_PICKLES_UNTIL=YYYY-MM-DD; gae_deferred.legacy_pickles). Off: None.
+    legacy_pickles_until: datetime.date | None = None
 
 
 _lock = threading.Lock()
@@ -142,6 +176,12 @@ def _from_environment() -> Settings:
         viewer_emails=_emails(env.get("GAE_DEFERRED_VIEWER_EMAILS")),
         metrics_token=env.get("GAE_DEFERRED_METRICS_TOKEN") or None,
         metrics_token_secret=env.get("GAE_DEFERRED_METRICS_TOKEN_SECRET") or None,
+        running_version=env.get("GAE_VERSION") or None,
+        running_service=env.get("GAE_SERVICE") or None,
+        version_affinity=_flag(env, "GAE_DEFERRED_VERSION_AFFINITY", True),
+        legacy_pickles_until=_date(
+            env.get("GAE_DEFERRED_LEGACY_PICKLES_UNTIL"), "GAE_DEFERRED_LEGACY_PICKLES_UNTIL"
+        ),
     )
     _validate(current)
     return current
@@ -156,6 +196,29 @@ def _queue_yaml_beside_app() -> str | None:
     """App Engine runs an app from its folder, where queue.yaml sits beside app.yaml."""
     path = os.path.abspath("queue.yaml")
     return path if os.path.isfile(path) else None
+
+
+def _date(value: Any, source: str) -> datetime.date | None:
+    """A day given as "YYYY-MM-DD" (or a date); None when empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime.datetime):
+        raise ConfigurationError(f"{source} must be a day (YYYY-MM-DD), not a datetime")
+    if isinstance(value, datetime.date):
+        return value
+    try:
+        return datetime.date.fromisoformat(str(value))
+    except ValueError as exc:
+        raise ConfigurationError(f"{source} must be a day as YYYY-MM-DD, not {value!r}") from exc
+
+
+def _flag(env: Any, name: str, default: bool) -> bool:
+    text = env.get(name, "")
+    if text == "":
+        return default
+    if text not in ("0", "1"):
+        raise ConfigurationError(f"{name} must be 1 or 0, not {text!r}")
+    return text == "1"
 
 
 def _number(env: Any, name: str, kind: type[int] | type[float]) -> Any:
@@ -201,6 +264,8 @@ def configure(**changes: Any) -> Settings:
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ConfigurationError(f"unknown setting(s): {', '.join(unknown)}")
+    if "legacy_pickles_until" in changes:
+        changes["legacy_pickles_until"] = _date(changes["legacy_pickles_until"], "configure()")
     if "signing_key" in changes and isinstance(changes["signing_key"], str):
         changes["signing_key"] = _decode_key(changes["signing_key"], "configure()")
     with _lock:
@@ -231,7 +296,32 @@ def _validate(current: Settings) -> None:
         )
     if current.spill_threshold <= 0 or current.max_payload_bytes <= 0:
         raise ConfigurationError("spill_threshold and max_payload_bytes must be positive")
+    for name in ("datastore_timeout_seconds", "task_deadline_seconds"):
+        value = getattr(current, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+            raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
     if current.metrics_flush_seconds <= 0:
         raise ConfigurationError("metrics_flush_seconds must be positive")
-    if current.commit_bytes < current.chunk_bytes:
-        raise ConfigurationError("commit_bytes must be at least chunk_bytes")
+    _validate_commit_bytes(current.commit_bytes, current.chunk_bytes)
+    if -(-current.max_payload_bytes // current.chunk_bytes) > MAX_CHUNKS:
+        raise ConfigurationError(
+            f"max_payload_bytes / chunk_bytes must be at most {MAX_CHUNKS} chunks (a spilled "
+            f"task's record and chunks are deleted in one Datastore commit of at most 500 "
+            f"mutations): raise chunk_bytes to at least "
+            f"{-(-current.max_payload_bytes // MAX_CHUNKS):,} or lower max_payload_bytes"
+        )
+
+
+def _validate_commit_bytes(commit_bytes: Any, chunk_bytes: int) -> None:
+    least = chunk_bytes + CHUNK_MUTATION_OVERHEAD
+    if (
+        isinstance(commit_bytes, bool)
+        or not isinstance(commit_bytes, int)
+        or not least <= commit_bytes <= DATASTORE_REQUEST_LIMIT
+    ):
+        raise ConfigurationError(
+            f"commit_bytes is the size of one Datastore Commit request, so it must be between "
+            f"{least:,} (one chunk of chunk_bytes={chunk_bytes:,} with its key) and "
+            f"{DATASTORE_REQUEST_LIMIT:,} (4 MiB: Datastore and Google's emulators refuse any "
+            f"larger request), not {commit_bytes!r}"
+        )

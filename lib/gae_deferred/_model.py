@@ -7,6 +7,20 @@ from google.cloud import ndb
 #: Datastore caps an indexed string at 1,500 bytes; indexed text we write is cut at this many
 #: characters (at most 3 bytes each in UTF-8 for anything but rare 4-byte characters).
 MAX_INDEXED_CHARS = 500
+#: Datastore (and Google's emulators) refuse a key name over 1,500 bytes of UTF-8, even to look
+#: it up ("The key path element name is longer than 1500 bytes"), and writes of ``__x__`` names.
+MAX_KEY_NAME_BYTES = 1500
+
+
+def is_key_name(value: object) -> bool:
+    """Whether Datastore takes ``value`` as a key name: a non-empty str of at most 1,500 bytes
+    of UTF-8 (a lone surrogate has none), not of the reserved form ``__x__``."""
+    if not isinstance(value, str) or not value or (value[:2] == "__" and value[-2:] == "__"):
+        return False
+    try:
+        return len(value.encode("utf-8")) <= MAX_KEY_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 class DeferredModel(ndb.Model):

@@ -7,11 +7,13 @@ several times the chunk's size. gae_deferred's own kinds are written here instea
 Commit built directly and sent to whatever ndb client is configured (Datastore, the emulator,
 or a test's in-memory stub), retried as ndb retries. On a gRPC client the request is sent as
 bytes joined once from its parts, a chunk's bytes straight from their view, over the client's
-own channel: no protobuf copy of a payload is held while it is sent::
+own channel: no protobuf copy of a payload is held while it is sent. Transient errors are
+retried on ndb's schedule; a request refused for its size or content is not (``is_transient``)::
 
     commit(upserts=[record, *chunks])                    # one non-transactional Commit
     commit(upserts=[Blob(key, Chunk, "data", view)])      # a chunk straight from a view
     commit(upserts=[marker], deletes=[record.key, ...])   # upserts and deletes together
+    commit_mutations([upsert(chunk), delete(key)])        # sized first: Mutation.size
     join_transaction(upserts=[record, *chunks])           # part of the caller's commit
     lookup([record_key, *chunk_keys])                     # raw Entity pbs (or None), in order
     enter_context(context) ... exit_context()             # Context.use(), cheaper per task
@@ -31,8 +33,9 @@ pinned in requirements.txt and fails, naming the internal, if an upgrade changes
 from __future__ import annotations
 
 import functools
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -44,6 +47,9 @@ from google.cloud.datastore_v1.types import entity as entity_pb2
 from google.cloud.ndb import _datastore_api, _options, _retry, model, tasklets
 from google.cloud.ndb import context as context_module
 
+from . import _outcome
+from ._config import settings
+
 #: The google-cloud-ndb version these internals were read from (requirements.txt pins it).
 PINNED_NDB_VERSION = "2.7.1"
 #: (module, attribute) of every ndb internal used below.
@@ -51,6 +57,7 @@ INTERNALS = (
     ("google.cloud.ndb._datastore_api", "make_call"),
     ("google.cloud.ndb._datastore_api", "_get_commit_batch"),
     ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
+    ("google.cloud.ndb._datastore_api", "commit"),
     ("google.cloud.ndb._options", "Options"),
     ("google.cloud.ndb._retry", "is_transient_error"),
     ("google.cloud.ndb.model", "_entity_to_protobuf"),
@@ -117,21 +124,66 @@ def _fill(mutation: Any, item: ndb.Model | Blob | ndb.Key) -> None:
         mutation.upsert.CopyFrom(model._entity_to_protobuf(item)._pb)
 
 
+class Mutation(NamedTuple):
+    """One mutation of a CommitRequest in wire format (``parts`` joined: the ``mutations`` field
+    with its tag and length), its ``size`` in bytes, and the ``key`` it writes or deletes."""
+
+    key: ndb.Key
+    parts: list[bytes | memoryview]
+    size: int
+    delete: bool = False
+
+
+def upsert(item: ndb.Model | Blob) -> Mutation:
+    """The upsert of ``item`` as :func:`commit` sends it (a Blob's data is a part of its own,
+    the view it came as; a Model is converted now, as ``put()`` converts it)."""
+    if isinstance(item, Blob):
+        parts = _delimited(_COMMIT_MUTATIONS, _blob_parts(item))
+    else:
+        mutation = datastore_pb2.Mutation()._pb
+        _fill(mutation, item)
+        parts = _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return Mutation(item.key, parts, _size(parts))
+
+
+def delete(key: ndb.Key) -> Mutation:
+    """The delete of ``key`` as :func:`commit` sends it."""
+    mutation = datastore_pb2.Mutation()._pb
+    _fill(mutation, key)
+    parts = _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return Mutation(key, parts, _size(parts), delete=True)
+
+
+def request_head(client: Any) -> bytes:
+    """The serialized CommitRequest of ``client`` without mutations: what each Commit's bytes
+    start with (``len(request_head(client)) + sum(m.size for m in mutations)`` is its size)."""
+    return datastore_pb2.CommitRequest(
+        project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
+    )._pb.SerializeToString()
+
+
 def commit(upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()) -> None:
     """One non-transactional Commit of these upserts and deletes, outside any transaction.
 
     On a gRPC client the request goes out as the bytes of :func:`request_parts` joined once: a
     chunk's bytes are copied into the request and into gRPC's buffer, and nowhere else (no
     protobuf holds them). Must run inside an ndb context; raises the Google API error of a failed
-    Commit, after ndb's retries of transient errors.
+    Commit, after ndb's retries of transient errors (see :func:`is_transient`).
     """
+    commit_mutations([*map(upsert, upserts), *map(delete, deletes)])
+
+
+def commit_mutations(mutations: Sequence[Mutation]) -> None:
+    """:func:`commit` of mutations made by :func:`upsert` and :func:`delete`."""
     client = ndb.get_context().client
-    parts = request_parts(client, upserts, deletes)
+    parts = _request_parts(client, mutations)
     channel = getattr(client.stub, "grpc_channel", None)
     if channel is None:
         # Not a gRPC client (inmemory-datastore-stub's): the same request, through ndb's call.
         request = datastore_pb2.CommitRequest.deserialize(b"".join(parts))
-        _datastore_api.make_call("commit", request, metadata=_routing(client)).result()
+        _datastore_api.make_call(
+            "commit", request, timeout=_timeout(), metadata=_routing(client)
+        ).result()
         return
     body = b"".join(parts)
     del parts
@@ -143,18 +195,18 @@ def request_parts(
 ) -> list[bytes | memoryview]:
     """The serialized CommitRequest of :func:`commit`, as parts to join: a Blob's data is one
     part of its own, the view it came as."""
-    request = datastore_pb2.CommitRequest(
-        project_id=client.project, database_id=client.database, mode=_NON_TRANSACTIONAL
-    )
-    parts: list[bytes | memoryview] = [request._pb.SerializeToString()]
-    for item in (*upserts, *deletes):
-        if isinstance(item, Blob):
-            parts += _delimited(_COMMIT_MUTATIONS, _blob_parts(item))
-        else:
-            mutation = datastore_pb2.Mutation()._pb
-            _fill(mutation, item)
-            parts += _delimited(_COMMIT_MUTATIONS, [mutation.SerializeToString()])
+    return _request_parts(client, [*map(upsert, upserts), *map(delete, deletes)])
+
+
+def _request_parts(client: Any, mutations: Sequence[Mutation]) -> list[bytes | memoryview]:
+    parts: list[bytes | memoryview] = [request_head(client)]
+    for mutation in mutations:
+        parts += mutation.parts
     return parts
+
+
+def _size(parts: list[bytes | memoryview]) -> int:
+    return sum(len(part) if type(part) is bytes else part.nbytes for part in parts)
 
 
 def _blob_parts(item: Blob) -> list[bytes | memoryview]:
@@ -183,8 +235,7 @@ def _blob_wire_template(kind: type[ndb.Model], prop: str) -> tuple[bytes, bytes]
 
 def _delimited(number: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """Field ``number`` holding the concatenated ``parts`` (length-delimited wire type)."""
-    size = sum(len(part) if type(part) is bytes else part.nbytes for part in parts)
-    return [_varint(number << 3 | 2) + _varint(size), *parts]
+    return [_varint(number << 3 | 2) + _varint(_size(parts)), *parts]
 
 
 def _varint(value: int) -> bytes:
@@ -202,17 +253,58 @@ def _raw_commit(channel: grpc.Channel) -> Any:
     return channel.unary_unary("/google.datastore.v1.Datastore/Commit")
 
 
+def _timeout() -> float:
+    return settings().datastore_timeout_seconds
+
+
 def _send(call: Any, body: bytes, metadata: tuple[tuple[str, str], ...]) -> None:
-    """``call(body)``, retrying transient errors as ndb retries its own calls."""
+    """``call(body)``, retrying transient errors as ndb retries its own calls, all within one
+    deadline (``datastore_timeout_seconds``): no retry starts that could not finish in it."""
+    deadline = time.monotonic() + _timeout()
     for delay in (*RETRY_DELAYS, None):
         try:
-            call(body, metadata=metadata)
+            call(body, metadata=metadata, timeout=max(0.001, deadline - time.monotonic()))
             return
         except grpc.RpcError as error:
             exc = core_exceptions.from_grpc_error(error)
-            if delay is None or not _retry.is_transient_error(exc):
+            late = delay is not None and time.monotonic() + delay >= deadline
+            if delay is None or late or not is_transient(exc):
                 raise exc from None
         time.sleep(delay)
+
+
+#: How gRPC (client or server) words a message over its size limit: RESOURCE_EXHAUSTED, which
+#: ndb retries as "too many requests", though the same request is refused every time.
+_TOO_BIG = re.compile(r"message (exceeds maximum size|larger than max)", re.IGNORECASE)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed Datastore call may succeed if repeated: ndb's rule (UNAVAILABLE,
+    INTERNAL, ABORTED, UNKNOWN, RESOURCE_EXHAUSTED), except a request refused for its size."""
+    if isinstance(exc, core_exceptions.ResourceExhausted) and _TOO_BIG.search(str(exc)):
+        return False
+    return _retry.is_transient_error(exc)
+
+
+#: Answers in which Datastore refused the request itself: sent again, it is refused again.
+_REFUSALS = (
+    core_exceptions.BadRequest,  # INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
+    core_exceptions.Unauthorized,
+    core_exceptions.Forbidden,
+    core_exceptions.NotFound,
+    core_exceptions.MethodNotImplemented,
+)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether Datastore refused the request (invalid, too big, not allowed), as opposed to
+    not answering it or failing transiently through the retries (ndb's RetryError is judged
+    by its last error)."""
+    if isinstance(exc, core_exceptions.RetryError):
+        exc = exc.cause if isinstance(exc.cause, BaseException) else exc
+    if isinstance(exc, core_exceptions.ResourceExhausted):
+        return bool(_TOO_BIG.search(str(exc)))
+    return isinstance(exc, _REFUSALS)
 
 
 def join_transaction(
@@ -237,13 +329,29 @@ def join_transaction(
         batch.futures.append(done)
 
 
-def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
+def lookup(
+    keys: Sequence[ndb.Key], *, in_transaction: bool = True, retries: int | None = None
+) -> list[Any]:
     """One Lookup of ``keys`` (repeated for any the service defers, as ndb does): each key's
     raw ``Entity`` protobuf, in order, or None where it does not exist.
 
-    Reads in the current transaction when there is one, as ndb's own get does. Must run inside
-    an ndb context; raises the Google API error of a failed Lookup.
+    Reads in the current transaction when there is one (unless ``in_transaction`` is False), as
+    ndb's own get does. Must run inside an ndb context; raises the Google API error of a failed
+    Lookup (each attempt within ``datastore_timeout_seconds``; ``retries``: ndb's default).
     """
+    return _lookup(keys, in_transaction, retries).result()
+
+
+#: Retries of the Lookup that settles a commit whose answer was lost: one, so a blackholed
+#: Datastore costs defer() about three deadlines in all (the commit's, two Lookups').
+SETTLE_RETRIES = 1
+#: The pause before that Lookup: a connection that was just reset often fails the next
+#: request too, until gRPC notices it is gone.
+SETTLE_PAUSE_SECONDS = 0.1
+
+
+@tasklets.tasklet
+def _lookup(keys: Sequence[ndb.Key], in_transaction: bool, retries: int | None = None) -> Any:
     context = ndb.get_context()
     client = context.client
     pending = [key._key.to_protobuf()._pb for key in keys]
@@ -254,14 +362,62 @@ def lookup(keys: Sequence[ndb.Key]) -> list[Any]:
             project_id=client.project, database_id=client.database
         )
         request._pb.keys.extend(pending)
-        if context.in_transaction():
+        if in_transaction and context.in_transaction():
             request._pb.read_options.transaction = context.transaction
-        response = _datastore_api.make_call("lookup", request, metadata=_routing(client)).result()
+        response = yield _datastore_api.make_call(
+            "lookup", request, retries=retries, timeout=_timeout(), metadata=_routing(client)
+        )
         response = getattr(response, "_pb", response)
         for result in response.found:
             found[index[result.entity.key.SerializeToString()]] = result.entity
         pending = list(response.deferred)
-    return found
+    raise tasklets.Return(found)
+
+
+def settle_transaction_commit(probe: ndb.Key, unknown: Callable[[Exception], Exception]) -> None:
+    """Make the current transaction's Commit find out whether it landed when its answer is lost.
+
+    ndb reruns a transaction whose Commit failed with a transient error, even when the Commit
+    was applied and only its reply was lost: the caller's writes and a transactional defer then
+    happen twice. Here a Commit that fails in a way that may have landed (see _outcome) reads
+    ``probe``, a key the Commit writes, outside the transaction: there, the Commit landed and
+    the transaction completes as committed (its on-commit callbacks run, nothing reruns); not
+    there, ndb reruns it as before; the read fails too, ``unknown(error)`` is raised instead of
+    the error (even when the rollback that follows fails as well), which ndb does not retry.
+    Once per transaction, whoever calls it first.
+    """
+    context = ndb.get_context()
+    batch = _datastore_api._get_commit_batch(context.transaction, _options.Options())
+    if getattr(batch, "_gae_deferred_settled", False):
+        return
+    original = batch.commit
+
+    @tasklets.tasklet
+    def commit(retries: int | None = None, timeout: float | None = None) -> Any:
+        try:
+            yield original(retries=retries, timeout=timeout)
+        except Exception as exc:
+            if not _outcome.may_have_landed(exc):
+                raise
+            try:
+                yield tasklets.sleep(SETTLE_PAUSE_SECONDS)
+                found = yield _lookup([probe], False, SETTLE_RETRIES)
+            except Exception as lookup_error:
+                error = unknown(exc)
+                error.__cause__ = lookup_error
+
+                def outcome_unknown() -> None:
+                    raise error
+
+                # ndb rolls back next; if that fails too its error would be what the caller
+                # sees. Callbacks on completion run last, whatever happened: this one wins.
+                context.call_on_transaction_complete(outcome_unknown)
+                raise error from lookup_error
+            if found[0] is None:
+                raise exc
+
+    batch.commit = commit
+    batch._gae_deferred_settled = True
 
 
 def _routing(client: Any) -> tuple[tuple[str, str], ...]:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -30,6 +32,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
+from . import _outcome
 from ._config import settings
 from .errors import (
     ConfigurationError,
@@ -114,6 +117,9 @@ def new_task_name(prefix: str = "d") -> str:
 def short_name(path: str) -> str:
     """The last segment of a resource path: a queue's or a task's own name."""
     return path.rsplit("/", 1)[-1]
+
+
+logger = logging.getLogger("gae_deferred")
 
 
 # -- creating tasks -----------------------------------------------------------------------
@@ -201,6 +207,55 @@ def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     return _wrap_task(task)
 
 
+#: Pauses before asking CreateTask again after an answer was lost: a connection that was
+#: reset is often still in use for the next request (it fails too) until gRPC notices.
+_SETTLE_DELAYS = (0.05, 0.25, 1.0)
+
+
+def _create_settled(parent: str, task: tasks_v2.Task) -> tasks_v2.Task:
+    """CreateTask; when it fails after the request may have reached Cloud Tasks (a reset
+    connection, an internal error), again under the same name, a few times within
+    ``cloud_tasks_timeout_seconds``. Cloud Tasks creates a name once, so a later answer settles
+    the first: created, or ALREADY_EXISTS because an earlier attempt was (the task is there:
+    created). A deadline is not retried (it would double the wait): EnqueueOutcomeUnknown."""
+    timeout = settings().cloud_tasks_timeout_seconds
+    deadline = time.monotonic() + timeout
+    try:
+        return client().create_task(parent=parent, task=task, timeout=timeout)
+    except api_exceptions.DeadlineExceeded:
+        raise
+    except api_exceptions.GoogleAPIError as exc:
+        if not _outcome.may_have_landed(exc):
+            raise
+        errors: list[api_exceptions.GoogleAPIError] = [exc]
+    for delay in _SETTLE_DELAYS:
+        if time.monotonic() + delay >= deadline:
+            break
+        time.sleep(delay)
+        try:
+            return client().create_task(
+                parent=parent, task=task, timeout=max(0.001, deadline - time.monotonic())
+            )
+        except api_exceptions.AlreadyExists:
+            logger.info("CreateTask of %s: an attempt whose answer was lost created it", task.name)
+            return task
+        except api_exceptions.GoogleAPIError as exc:
+            errors.append(exc)
+            if not (_outcome.may_have_landed(exc) or _transient(exc)):
+                break
+    raise EnqueueOutcomeUnknown(
+        f"Cloud Tasks did not answer CreateTask ({'; '.join(map(str, errors))}): task "
+        f"{short_name(task.name)} may or may not exist",
+        task_name=short_name(task.name),
+        queue=parent.rsplit("/", 1)[-1],
+    ) from errors[-1]
+
+
+def _transient(exc: api_exceptions.GoogleAPIError) -> bool:
+    """Worth asking again (nothing was applied, but the next attempt may get through)."""
+    return isinstance(exc, api_exceptions.ServiceUnavailable | api_exceptions.DeadlineExceeded)
+
+
 def _queue_missing(exc: api_exceptions.GoogleAPIError) -> bool:
     # Cloud Tasks has answered a missing queue with NOT_FOUND and with FAILED_PRECONDITION
     # ("Queue does not exist"); any other precondition failure is a plain refusal.
@@ -220,9 +275,7 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     try:
         if _sink is not None:
             return _sink.create_task(parent, task)
-        return client().create_task(
-            parent=parent, task=task, timeout=settings().cloud_tasks_timeout_seconds
-        )
+        return _create_settled(parent, task)
     except api_exceptions.AlreadyExists as exc:
         raise TaskAlreadyExistsError(
             f"task {spec.name!r} already exists in queue {spec.queue!r}, or existed recently "
@@ -234,7 +287,9 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     except api_exceptions.DeadlineExceeded as exc:
         raise EnqueueOutcomeUnknown(
             f"Cloud Tasks did not answer within {settings().cloud_tasks_timeout_seconds}s: "
-            f"task {spec.name or '(unnamed)'} may or may not exist"
+            f"task {spec.name or '(unnamed)'} may or may not exist",
+            task_name=spec.name,
+            queue=spec.queue,
         ) from exc
     except api_exceptions.GoogleAPIError as exc:
         if _queue_missing(exc):

@@ -18,7 +18,9 @@ import dataclasses
 import datetime
 import functools
 import logging
+import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
@@ -26,11 +28,12 @@ from typing import Any, TypeVar
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import cloud_tasks, envelope, spillover, tracing
+from . import _ndb_rpc, _outcome, cloud_tasks, envelope, spillover, tracing
 from ._config import settings
 from ._datastore import ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
+    DatastoreRefusedError,
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
@@ -228,6 +231,8 @@ def prepare_call(
 def _routing(
     target: str | None, service: str | None, version: str | None, instance: str | None
 ) -> dict[str, str]:
+    if not (target or service or version or instance):
+        return affinity_routing()
     routing: dict[str, str] = {}
     if target:
         # Legacy targets read "service" or "version.service".
@@ -240,6 +245,20 @@ def _routing(
     for field, value in (("service", service), ("version", version), ("instance", instance)):
         if value:
             routing[field] = value
+    return routing
+
+
+def affinity_routing() -> dict[str, str]:
+    """Where a task the call does not route goes: on App Engine (GAE_VERSION set), back to the
+    version and service that made it, as the legacy task queue did by the enqueuing request's
+    Host (``version_affinity``); elsewhere, or with affinity off, Cloud Tasks' default routing
+    (the queue's target, else the default service's serving version)."""
+    current = settings()
+    if not (current.version_affinity and current.running_version):
+        return {}
+    routing = {"version": current.running_version}
+    if current.running_service:
+        routing["service"] = current.running_service
     return routing
 
 
@@ -287,9 +306,19 @@ def _task_spec(
         raise DeferError("pass _countdown or _eta, not both")
     now = datetime.datetime.now(datetime.UTC)  # spillover.now(), without its frame
     if countdown is not None:
-        if isinstance(countdown, bool) or not isinstance(countdown, int | float) or countdown < 0:
+        if (
+            isinstance(countdown, bool)
+            or not isinstance(countdown, int | float)
+            or not math.isfinite(countdown)
+            or countdown < 0
+        ):
             raise DeferError(f"_countdown must be a number of seconds >= 0, not {countdown!r}")
-        when = now + datetime.timedelta(seconds=countdown)
+        try:
+            when = now + datetime.timedelta(seconds=countdown)
+        except OverflowError:
+            raise DeferError(
+                f"_countdown of {countdown!r} seconds is past the last date Python can hold"
+            ) from None
     elif eta is not None:
         if not isinstance(eta, datetime.datetime):
             raise DeferError(f"_eta must be a datetime, not {type(eta).__name__}")
@@ -418,14 +447,62 @@ def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: byte
 
 def write_outside_transaction(entities: spillover.Payloads) -> None:
     """Write spilled records and chunks in commits of their own, never in the caller's
-    transaction: a defer that is not transactional must not depend on that transaction."""
+    transaction: a defer that is not transactional must not depend on that transaction.
+
+    A write that failed for sure raises DatastoreUnavailableError (nothing stored, nothing will
+    run). One that failed after it may have landed (a lost reply, a deadline) is settled by
+    reading the records back: all there, the write succeeded; else EnqueueOutcomeUnknown, since
+    a commit still in flight may land yet (the sweeper would then run it, once).
+    """
     try:
         ndb.non_transactional()(spillover.write_many)(entities)
     except api_exceptions.GoogleAPIError as exc:
+        if _outcome.may_have_landed(exc):
+            _settle_spill_write(entities, exc)
+            return
         size = sum(record.stored_bytes or 0 for record, _ in entities)
-        raise DatastoreUnavailableError(
-            f"could not store {len(entities)} spilled payload(s) of {size:,} bytes: {exc}"
-        ) from exc
+        what = f"{len(entities)} spilled payload(s) of {size:,} bytes"
+        if _ndb_rpc.is_refusal(exc):
+            raise DatastoreRefusedError(f"Datastore refused to store {what}: {exc}") from exc
+        raise DatastoreUnavailableError(f"could not store {what}: {exc}") from exc
+
+
+def _settle_spill_write(entities: spillover.Payloads, cause: Exception) -> None:
+    """After a spill write whose outcome is unknown: return if every record is in Datastore
+    (a record is written with or after its last chunk, so its chunks are too), else raise
+    EnqueueOutcomeUnknown naming what to look up."""
+    records = [record for record, _ in entities]
+    time.sleep(_ndb_rpc.SETTLE_PAUSE_SECONDS)
+    try:
+        found = ndb.non_transactional()(_ndb_rpc.lookup)(
+            [record.key for record in records],
+            in_transaction=False,
+            retries=_ndb_rpc.SETTLE_RETRIES,
+        )
+    except api_exceptions.GoogleAPIError as exc:
+        found, cause = [None] * len(records), _Chained(cause, exc)
+    if all(entity is not None for entity in found):
+        logger.info("spill write of %d payload(s) landed though its answer was lost", len(found))
+        return
+    missing = [record for record, entity in zip(records, found, strict=True) if entity is None]
+    first = missing[0]
+    raise EnqueueOutcomeUnknown(
+        f"storing spilled payload(s) {[record.key.id() for record in missing]} failed after the "
+        f"commit may have been applied ({cause}): if it was, the sweeper creates task(s) "
+        f"{[record.task_name for record in missing]} once; do not defer again, look the task "
+        "or payload up",
+        task_name=first.task_name,
+        queue=first.queue,
+        payload_id=first.key.id(),
+    ) from (cause.first if isinstance(cause, _Chained) else cause)
+
+
+class _Chained(Exception):
+    """A write's error and the error of the read that was to settle it, in one message."""
+
+    def __init__(self, first: Exception, second: Exception) -> None:
+        super().__init__(f"{first}; reading it back failed too: {second}")
+        self.first = first
 
 
 def _defer_spilled(call: PreparedCall) -> DeferredTask:
@@ -453,17 +530,20 @@ def raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) 
     exist or the payload cannot be deleted, raise EnqueueOutcomeUnknown (the sweeper creates the
     task from the record if it is missing, so the caller must not defer again)."""
     payload_id = record.key.id()
+    names = {"task_name": record.task_name, "queue": record.queue, "payload_id": payload_id}
     if isinstance(cause, EnqueueOutcomeUnknown):
         raise EnqueueOutcomeUnknown(
             f"{cause}; its payload {payload_id} is kept and the sweeper creates the task if it "
-            "is missing: do not defer it again"
+            "is missing: do not defer it again",
+            **names,
         ) from cause
     try:
         ndb.non_transactional()(spillover.delete)(payload_id, record.chunks)
     except api_exceptions.GoogleAPIError as exc:
         raise EnqueueOutcomeUnknown(
             f"the task was not created ({cause}) and its spilled payload {payload_id} could not "
-            f"be deleted ({exc}): the sweeper will create the task, so do not defer it again"
+            f"be deleted ({exc}): the sweeper will create the task, so do not defer it again",
+            **names,
         ) from cause
 
 
@@ -473,16 +553,22 @@ def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise DeferError("_transactional=True needs an active ndb transaction")
-    limit = settings().commit_bytes
     spilled = [spill_entities(call) for call in calls]
-    total = sum(record.stored_bytes for record, _ in spilled)
-    if total > limit:
-        raise DeferError(
-            f"transactional defers carry at most {limit:,} bytes (one Datastore commit); "
-            f"these payloads are {total:,}"
-        )
     bodies = [reference(record) for record, _ in spilled]
     spillover.write_in_transaction(spilled)
+    first = spilled[0][0]
+    _ndb_rpc.settle_transaction_commit(
+        first.key,
+        lambda exc: EnqueueOutcomeUnknown(
+            f"the transaction's commit failed after it may have been applied ({exc}), and "
+            f"reading payload {first.key.id()} back failed too: if it committed, the sweeper "
+            f"creates task {first.task_name} (and the others deferred in it) once; do not rerun "
+            "the transaction unless it is idempotent by your own key (@idempotent(key=...))",
+            task_name=first.task_name,
+            queue=first.queue,
+            payload_id=first.key.id(),
+        ),
+    )
     work = [
         (record, call.spec, body)
         for (record, _), call, body in zip(spilled, calls, bodies, strict=True)

@@ -47,6 +47,13 @@ class PayloadTooLargeError(DeferError):
     """The serialized payload is bigger than the configured hard cap."""
 
 
+class DuplicateDeliveryRunning(SingularTaskFailure):
+    """Another delivery of this task (or another call with this ``@idempotent`` key) holds the
+    claim and is running now: this one does not run. The handler answers 503, so Cloud Tasks
+    retries it later, when the first has finished (then it is a no-op) or failed (then it runs).
+    """
+
+
 class TaskAlreadyExistsError(DeferError):
     """A task with this name exists, or existed recently (legacy ``TaskAlreadyExistsError``)."""
 
@@ -60,11 +67,31 @@ class EnqueueError(DeferError):
 
 
 class EnqueueOutcomeUnknown(EnqueueError):
-    """Cloud Tasks did not answer in time: the task may or may not exist.
+    """defer() cannot know whether the task will run: do not defer the call again.
 
-    A spilled payload is kept in that case and the sweeper creates the task under the same name
-    if it is missing, so the call must not be repeated.
+    Raised when Cloud Tasks did not answer in time (the task may or may not exist), when a
+    Datastore commit holding a spilled or transactional payload failed after it may have been
+    applied and reading it back failed too, or when a payload that may exist could not be
+    deleted. Whatever was stored is run once: the sweeper creates the task of a pending record
+    under the same name if it is missing. What the caller can do: look the task up by
+    ``queue`` and ``task_name`` (``gae_deferred.cloud_tasks.get_task``) or the record by
+    ``payload_id`` (``gae_deferred.spillover.get``), or make the work idempotent by its own key
+    (``@idempotent(key=...)``) and defer again. ``task_name`` is None only where no name is
+    known (a batch reports per call).
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_name: str | None = None,
+        queue: str | None = None,
+        payload_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.task_name = task_name
+        self.queue = queue
+        self.payload_id = payload_id
 
 
 class BatchDeferError(DeferError):
@@ -90,7 +117,17 @@ class BatchDeferError(DeferError):
 
 
 class DatastoreUnavailableError(DeferError):
-    """A spilled payload could not be written to Datastore."""
+    """A spilled payload was certainly not written to Datastore: it did not answer, or kept
+    failing with a transient error (UNAVAILABLE, ABORTED, ...) through the retries, and
+    nothing will run it. A write that may have landed is never reported this way (see
+    EnqueueOutcomeUnknown).
+    """
+
+
+class DatastoreRefusedError(DeferError):
+    """Datastore refused to store a spilled payload (INVALID_ARGUMENT, a request over its size
+    limit, PERMISSION_DENIED, ...): not retried, since it would refuse the same request again.
+    The message carries Datastore's own; ``__cause__`` is the Google API error."""
 
 
 class UnverifiedEnvelope(PermanentTaskFailure):
@@ -99,6 +136,12 @@ class UnverifiedEnvelope(PermanentTaskFailure):
 
 class PayloadLoadError(PermanentTaskFailure):
     """A verified payload does not load in this runtime: version skew, renamed code."""
+
+
+class VersionSkewError(PayloadLoadError):
+    """A verified payload does not load here and was written by another Python, cloudpickle
+    or app version (named, with this runtime's, in the message): it is kept as a dead letter,
+    and the dashboard can retry it on the version that made it."""
 
 
 class SpilledPayloadMissing(PermanentTaskFailure):

@@ -17,15 +17,17 @@ import functools
 import logging
 import time
 import traceback
+import uuid
 from typing import Any
 
 from google.cloud import ndb
 
-from . import _ndb_rpc, envelope, failures, metrics, spillover
+from . import _ndb_rpc, envelope, failures, legacy_pickles, metrics, refusals, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .context import TaskInfo, running
 from .errors import (
+    DuplicateDeliveryRunning,
     PayloadLoadError,
     PermanentTaskFailure,
     SingularTaskFailure,
@@ -151,7 +153,7 @@ def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
 #: writer's commit not yet visible): the task is retried rather than failed for good.
 SPILL_VISIBILITY_GRACE_SECONDS = 60
 #: Outcomes of a task whose function was not called: not counted in the metrics.
-_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible"})
+_NOT_RUN = frozenset({"duplicate", "superseded", "not-visible", "claimed"})
 
 
 @dataclasses.dataclass
@@ -175,6 +177,8 @@ class _Attempt:
         return named or failures.failure_id(self.task.queue, self.task.name)
 
     outer_failure_id: str | None = None
+    #: The claim this attempt holds on its spilled payload (see spillover.claim).
+    claim: str | None = None
 
 
 def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
@@ -188,11 +192,16 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     replay of one runs that call again, as a duplicate delivery would.
     """
     if task is None:
+        refusals.record("not-from-queue", None, "no task queue headers")
         return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
     try:
         outer = envelope.open_envelope(body, decompress=False)
     except UnverifiedEnvelope as exc:
+        if legacy_pickles.is_legacy_pickle(body):
+            return legacy_pickles.execute(body, task)
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
+        signed = bytes(body[: len(envelope.MAGIC)]) == envelope.MAGIC
+        refusals.record("bad-signature" if signed else "unsigned", task, str(exc))
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
     header = outer.header
     bound = "task" in header or "queue" in header or outer.is_reference
@@ -202,6 +211,7 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
             f", not {task.name!r} on {task.queue!r}: not executing it"
         )
         logger.error("rejected task %s on %s: %s", task.name, task.queue, message)
+        refusals.record("wrong-task", task, message)
         return TaskOutcome(FORBIDDEN, "forbidden", message)
     failure_id = header.get("failure_id")
     attempt = _Attempt(
@@ -239,8 +249,12 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
         obj, args, kwargs = envelope.load_call(attempt.env)
         with running(task):
             obj(*args, **kwargs)
+    except DuplicateDeliveryRunning as exc:
+        logger.info("task %s: duplicate delivery while the first runs: %s", task.name, exc)
+        return TaskOutcome(UNAVAILABLE, "claimed", str(exc))
     except SingularTaskFailure:
         logger.debug("task %s asked to be retried", task.name)
+        _release(attempt)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
     except SpilledPayloadMissing as exc:
         return _missing(attempt, exc)
@@ -269,6 +283,15 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     """Read and verify the spilled payload; an outcome when this task must not run it."""
     payload_id, chunks = spillover.parse_ref(attempt.header)
     stored_bytes = attempt.header["ref"].get("stored_bytes")
+    # The claim first: a duplicate delivery while this one runs stops here, before the
+    # payload is read (DuplicateDeliveryRunning), and one after it finished finds no record.
+    token = uuid.uuid4().hex
+    if spillover.claim(payload_id, attempt.task.name, token) is None:
+        logger.warning(
+            "task %s: payload %s belongs to another task now", attempt.task.name, payload_id
+        )
+        return TaskOutcome(OK, "superseded", "payload moved to another task")
+    attempt.claim = token
     record, inner = spillover.load(payload_id, chunks, stored_bytes)
     if record.task_name and record.task_name != attempt.task.name:
         # A retrigger or the sweeper moved the payload to another task; that one runs it.
@@ -282,6 +305,13 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     attempt.record, attempt.body = record, inner
     attempt.env = envelope.open_envelope(inner)
     return None
+
+
+def _release(attempt: _Attempt) -> None:
+    """Give up this attempt's claim on its spilled payload: it ends without finishing the
+    task, and the retry must not wait for the claim to run out."""
+    if attempt.claim is not None and attempt.record is not None:
+        spillover.release(attempt.record.key.id(), attempt.task.name, attempt.claim)
 
 
 def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:
@@ -325,6 +355,8 @@ def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskO
             state=PayloadState(state.value),
             updated=now,
             attempts=(attempt.record.attempts or 0) + 1,
+            claim=None,
+            claimed_until=None,
         )
         entities.append(attempt.record)
     elif existing is None:

@@ -64,8 +64,11 @@ SORTS = ("runs", "failures", "p95")
 KINDS = ("function", "queue", "all")
 #: Series that ran nothing for this long are deleted by the sweeper.
 RETENTION = datetime.timedelta(days=8)
-#: Series written per transaction (Datastore allows 500 mutations per commit).
-_BATCH = 400
+#: Series read and written per transaction: a series is at most about 40 KB (an hour of
+#: minutes and 7 days of hours, each slot a few numbers and the histogram), so 64 of them keep
+#: the Lookup's response and the Commit's request under 4 MiB, the most Datastore takes
+#: (tests/test_rpc_limits.py).
+_BATCH = 64
 # Slot layout: runs, successes, failures, retries, max ms, histogram (one count per bucket).
 _RUNS, _OK, _FAILED, _RETRIES, _MAX, _HIST = range(6)
 _HOUR_SLOTS = 7 * 24
@@ -523,7 +526,7 @@ def _fold(
 def flush() -> int:
     """Write this process's totals since the last flush; returns how many series changed.
 
-    One transaction for up to 400 series (functions + queues + 1); on failure the totals stay
+    One transaction for up to 64 series (functions + queues + 1); on failure the totals stay
     in memory for the next flush.
     """
     return _flush(failure_level=logging.WARNING)
@@ -570,8 +573,8 @@ def maintain(now: datetime.datetime | None = None, batch: int = 200) -> tuple[in
         if doomed:
             ndb.delete_multi(doomed)
         stale = model.query(model.next_change <= moment).fetch(batch, keys_only=True)
-        for start in range(0, len(stale), 100):
-            keys = stale[start : start + 100]
+        for start in range(0, len(stale), _BATCH):
+            keys = stale[start : start + _BATCH]
             ndb.transaction(lambda keys=keys: _refresh(keys, moment.timestamp()), retries=3)
     return len(stale), len(doomed)
 

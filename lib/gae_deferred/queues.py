@@ -16,6 +16,7 @@ connection error. sync never deletes queues that are not in queue.yaml; it lists
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -56,11 +57,35 @@ def _parser() -> argparse.ArgumentParser:
             "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or DEFAULT_LOCATION
         )
         command.add_argument(
-            "--timeout", type=float, default=30.0, help="seconds per Cloud Tasks call"
+            "--timeout", type=_seconds, default=30.0, help="seconds per Cloud Tasks call"
         )
         if name == "sync":
             command.add_argument("--dry-run", action="store_true", help="print, change nothing")
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 (argparse reports anything else)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def _validated(path: str, definitions: dict[str, queue_config.QueueDefinition]) -> str:
+    """What ``validate`` says of a file that parsed: the queues it defines, and whether the
+    only one is App Engine's implicit ``default`` (an empty file)."""
+    implicit = definitions.get(queue_config.DEFAULT_QUEUE) == queue_config.implicit_default_queue()
+    defined = [
+        name for name in definitions if not (implicit and name == queue_config.DEFAULT_QUEUE)
+    ]
+    if not defined:
+        return f"{path}: defines no queues; only App Engine's implicit 'default' queue (5/s)"
+    also = " (and App Engine's implicit 'default')" if implicit else ""
+    return f"{path}: {len(defined)} queues OK{also}: {', '.join(defined)}"
 
 
 def _load(path: str, err: TextIO) -> dict[str, queue_config.QueueDefinition] | None:
@@ -175,7 +200,7 @@ def main(
             definitions = _load(args.queue_yaml, err)
             if definitions is None:
                 return EXIT_DIFFERENT
-            print(f"{args.queue_yaml}: {len(definitions)} queues OK", file=out)
+            print(_validated(args.queue_yaml, definitions), file=out)
             return EXIT_OK
         return _remote(args, out, err)
     except _CliError as exc:

@@ -5,7 +5,7 @@ sorts by — plus ``_DeferredPayloadChunk`` children holding the envelope bytes:
 
     record, chunks = build_record(payload_id, envelope_bytes, header, queue="reports",
                                   task_name="d-1f2e...", eta=eta, task=spec.to_json())
-    write_many([(record, chunks)])                # one commit up to commit_bytes
+    write_many([(record, chunks)])                # commits of at most commit_bytes, record last
     record, data = load(payload_id, record.chunks)  # one Lookup per ~3 MiB
     finish(payload_id, record.chunks)             # one Commit: gone, and marked as done
 
@@ -32,10 +32,11 @@ from typing import Any, overload
 
 from google.cloud import ndb
 
-from . import _facets, _ndb_rpc, envelope
-from ._config import settings
-from ._model import MAX_INDEXED_CHARS, DeferredModel
+from . import _facets, _ndb_rpc, _outcome, envelope
+from ._config import CHUNK_MUTATION_OVERHEAD, settings
+from ._model import MAX_INDEXED_CHARS, DeferredModel, is_key_name
 from .errors import (
+    DuplicateDeliveryRunning,
     EnqueueOutcomeUnknown,
     PayloadTooLargeError,
     PermanentTaskFailure,
@@ -77,6 +78,10 @@ class DeferredPayload(DeferredModel):
     meta = ndb.JsonProperty(indexed=False)
     #: What recreates the same task: url, headers, routing.
     task = ndb.JsonProperty(indexed=False)
+    #: The running delivery's claim ("<task name> <random token>") and when it ends: a
+    #: duplicate delivery meanwhile does not run (see ``claim``). Cleared when an attempt fails.
+    claim = ndb.TextProperty()
+    claimed_until = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
     #: Search tokens (state, queue, function prefixes): the dashboard's filters (see _facets).
     facets = ndb.ComputedProperty(
         lambda record: _facets.facets(
@@ -132,8 +137,8 @@ def parse_ref(header: dict[str, Any]) -> tuple[str, int]:
     payload_id = ref.get("id") if isinstance(ref, dict) else None
     chunks = ref.get("chunks") if isinstance(ref, dict) else None
     if (
-        not isinstance(payload_id, str)
-        or not 0 < len(payload_id) <= MAX_INDEXED_CHARS
+        not is_key_name(payload_id)
+        or len(payload_id) > MAX_INDEXED_CHARS
         or isinstance(chunks, bool)
         or not isinstance(chunks, int)
         or not 0 < chunks <= _max_chunks()
@@ -251,35 +256,81 @@ Payloads = list[tuple[DeferredPayload, Sequence[DeferredPayloadChunk]]]
 def write_many(payloads: Payloads) -> None:
     """Write records and their chunks in as few commits as Datastore allows.
 
-    Commits hold at most 500 entities and ``commit_bytes`` of chunk data (Datastore refuses 10
-    MiB); each record goes in the same commit as its last chunk or a later one, so a record
-    never points at chunks that were not written. If a commit fails, what was written is
-    deleted again; when even that fails for a record, EnqueueOutcomeUnknown says the sweeper
-    will enqueue it. Always outside any transaction (see ``write_in_transaction``); the
+    Each Commit request is at most ``commit_bytes`` (at most 4 MiB, the largest request
+    Datastore accepts) and 500 mutations. A payload's record is written last, in the commit of
+    its last chunk or a later one, so a record never points at chunks that were not written. A
+    payload that takes more than one commit gets a write marker in the commit of its first
+    chunks, deleted by the commit of its record: a crash in between leaves the marker, and the
+    sweeper deletes the chunks it names (``purge_unfinished``). If a commit fails, what was
+    written is deleted again; when even that fails for a record, EnqueueOutcomeUnknown says the
+    sweeper will enqueue it. Always outside any transaction (see ``write_in_transaction``); the
     commits bypass ``ndb.put_multi``, whose debug strings cost more than the write itself
     (see _ndb_rpc).
     """
+    _write(payloads, records=True)
+
+
+def _write(payloads: Payloads, *, records: bool) -> list[ndb.Key]:
+    """write_many, or with ``records=False`` the chunks alone, each payload with a write
+    marker; returns the markers' keys that are still to be deleted (with the records)."""
     written: list[ndb.Key] = []
+    sending: list[ndb.Key] = []
     try:
-        for batch in _commits(payloads):
-            _ndb_rpc.commit(upserts=batch)
-            written += [entity.key for entity in batch]
+        for batch in _commits(payloads, records=records):
+            sending = [mutation.key for mutation in batch if not mutation.delete]
+            _ndb_rpc.commit_mutations(batch)
+            written += sending
+            sending = []
             del batch
             # One commit's request, its serialization and gRPC's copy of it are gone: hand
             # their memory back before the next commit builds its own.
             release_freed_memory()
     except Exception as exc:
-        if written:
+        landed = _outcome.may_have_landed(exc)
+        record_kind = DeferredPayload._get_kind()
+        if landed and not any(key.kind() == record_kind for key in sending):
+            # Only chunks may have landed, and no record points at them: nothing will run
+            # them. Certain, then; they are deleted with the rest.
+            _outcome.settled_as_not_stored(exc)
+            landed, written = False, written + sending
+        # A commit with a record that may have landed keeps what came before it: the caller
+        # reads the record back to settle it (see _outcome).
+        if written and not landed:
             _delete_written(written, exc)
         raise
+    return [] if records else [write_key(record.key.id()) for record, _ in payloads]
 
 
 def write_in_transaction(payloads: Payloads) -> None:
-    """Add records and chunks to the current transaction's commit (one commit: the caller
-    keeps them under ``commit_bytes``)."""
-    _ndb_rpc.join_transaction(
-        upserts=[entity for record, chunks in payloads for entity in (*_writable(chunks), record)]
-    )
+    """Add the records to the current transaction's commit, with their chunks when they fit
+    in ``commit_bytes`` (the caller's own writes share that commit, and Datastore refuses a
+    request over 4 MiB); else the chunks are written first, outside the transaction, in commits
+    of their own with a write marker each, the transaction commits the records, and the markers
+    are deleted once it has (not in it: a transaction that writes an entity changed since it
+    began may abort). Chunks of a transaction that never commits are deleted by the sweeper."""
+    limit = settings().commit_bytes
+    chunk_bytes = sum(record.stored_bytes or 0 for record, _ in payloads)
+    overhead = sum(len(chunks) for _, chunks in payloads) * CHUNK_MUTATION_OVERHEAD
+    records = [_ndb_rpc.upsert(record).size for record, _ in payloads]
+    if chunk_bytes + overhead + sum(records) <= limit:
+        _ndb_rpc.join_transaction(
+            upserts=[
+                entity for record, chunks in payloads for entity in (*_writable(chunks), record)
+            ]
+        )
+        return
+    markers = ndb.non_transactional()(_write)(payloads, records=False)
+    _ndb_rpc.join_transaction(upserts=[record for record, _ in payloads])
+    ndb.get_context().call_on_commit(functools.partial(_forget_markers, markers))
+
+
+def _forget_markers(markers: list[ndb.Key]) -> None:
+    """After the transaction wrote the records: their write markers are done with. One left
+    behind is only deleted later by the sweeper (its record keeps the chunks)."""
+    try:
+        _ndb_rpc.commit(deletes=markers)
+    except Exception:
+        logger.exception("could not delete %d write marker(s); the sweeper will", len(markers))
 
 
 def _writable(
@@ -289,32 +340,128 @@ def _writable(
     return chunks.blobs() if isinstance(chunks, PayloadChunks) else iter(chunks)
 
 
-def _commits(payloads: Payloads) -> Iterator[list[ndb.Model | _ndb_rpc.Blob]]:
-    """The commits' upserts, made one commit at a time (a chunk's view exists only from its
-    commit on)."""
-    limit = settings().commit_bytes
-    batch: list[ndb.Model | _ndb_rpc.Blob] = []
-    batch_bytes = 0
+def _commits(payloads: Payloads, *, records: bool = True) -> Iterator[list[_ndb_rpc.Mutation]]:
+    """The commits' mutations, made one commit at a time (a chunk's view exists only from its
+    commit on): each request at most ``commit_bytes`` and 500 mutations, room kept in each for
+    the write marker of a payload that turns out to span commits."""
+    head = len(_ndb_rpc.request_head(ndb.get_context().client))
+    plan = _Commit(settings().commit_bytes - head - _MARKER_ROOM)
+    started = now()
     for record, chunks in payloads:
-        for entity in itertools.chain(_writable(chunks), (record,)):
-            size = 0 if entity is record else len(entity.data or b"")
-            if batch and (len(batch) >= _COMMIT_ENTITIES or batch_bytes + size > limit):
-                yield batch
-                batch, batch_bytes = [], 0
-            batch.append(entity)
-            batch_bytes += size
-    if batch:
-        yield batch
+        marker = _write_marker(record, started)
+        spans = False  # whether the marker went into an earlier commit
+        for chunk in _writable(chunks):
+            mutation = _ndb_rpc.upsert(chunk)
+            if not plan.fits(mutation.size):
+                if plan.holds(record) and not spans:
+                    plan.force(_ndb_rpc.upsert(marker))
+                    spans = True
+                yield plan.take()
+            plan.add(mutation)
+            del mutation
+        if records:
+            # The record, and the delete of its marker if the payload spans commits.
+            tail = [_ndb_rpc.upsert(record), *([_ndb_rpc.delete(marker.key)] if spans else [])]
+        else:
+            tail = [] if spans else [_ndb_rpc.upsert(marker)]
+        if tail and not plan.fits(sum(mutation.size for mutation in tail), len(tail)):
+            if plan.holds(record) and not spans:
+                plan.force(_ndb_rpc.upsert(marker))
+                tail = [*tail[:1], _ndb_rpc.delete(marker.key)] if records else []
+            yield plan.take()
+        plan.add(*tail)
+    if plan.batch:
+        yield plan.take()
+
+
+class _Commit:
+    """The mutations of the commit being planned."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.batch: list[_ndb_rpc.Mutation] = []
+        self.size = 0
+        self._parents: set[str] = set()
+
+    def fits(self, size: int, count: int = 1) -> bool:
+        """Whether ``count`` mutations of ``size`` bytes fit (anything fits an empty commit)."""
+        if not self.batch:
+            return True
+        return len(self.batch) + count < _COMMIT_ENTITIES and self.size + size <= self.limit
+
+    def holds(self, record: DeferredPayload) -> bool:
+        """Whether chunks of ``record`` are in this commit."""
+        return record.key.id() in self._parents
+
+    def add(self, *mutations: _ndb_rpc.Mutation) -> None:
+        for mutation in mutations:
+            self.batch.append(mutation)
+            self.size += mutation.size
+            parent = mutation.key.parent()
+            if parent is not None:
+                self._parents.add(parent.id())
+
+    def force(self, mutation: _ndb_rpc.Mutation) -> None:
+        """Add a write marker in the room kept for it."""
+        self.batch.append(mutation)
+
+    def take(self) -> list[_ndb_rpc.Mutation]:
+        batch, self.batch, self.size, self._parents = self.batch, [], 0, set()
+        return batch
 
 
 #: Datastore's cap on mutations per commit.
 _COMMIT_ENTITIES = 500
+#: Room kept in each commit for a write marker's upsert (a key, a date and a number).
+_MARKER_ROOM = 1024
+
+
+class DeferredPayloadWrite(DeferredModel):
+    """A payload whose chunks are being written in several commits (same id as its record):
+    written with its first chunks, deleted with its record. One older than ``WRITE_GRACE``
+    names chunks whose record never came (the process died between commits, or the
+    transaction they were written for never committed); the sweeper deletes them."""
+
+    started = ndb.DateTimeProperty(tzinfo=datetime.UTC)
+    chunks = ndb.IntegerProperty(indexed=False)
+
+
+#: Longer than any write of a payload, or any transaction (Datastore ends them after 270 s).
+WRITE_GRACE = datetime.timedelta(hours=1)
+
+
+def write_key(payload_id: str) -> ndb.Key:
+    return ndb.Key(DeferredPayloadWrite, payload_id)
+
+
+def _write_marker(record: DeferredPayload, started: datetime.datetime) -> DeferredPayloadWrite:
+    return DeferredPayloadWrite(
+        key=write_key(record.key.id()), started=started, chunks=record.chunks
+    )
+
+
+def purge_unfinished(now: datetime.datetime, batch: int) -> int:
+    """Delete the chunks of payloads whose write never finished (write markers older than
+    ``WRITE_GRACE``) and their markers; returns how many payloads that was."""
+    cutoff = now - WRITE_GRACE
+    markers = DeferredPayloadWrite.query(DeferredPayloadWrite.started < cutoff).fetch(batch)
+    if not markers:
+        return 0
+    payload_ids = [marker.key.id() for marker in markers]
+    stored = ndb.get_multi([payload_key(payload_id) for payload_id in payload_ids])
+    doomed: list[ndb.Key] = []
+    for marker, record in zip(markers, stored, strict=True):
+        doomed.append(marker.key)
+        if record is None:  # else a transaction wrote it, and its marker was left behind
+            doomed += chunk_keys(marker.key.id(), marker.chunks or 0)
+    ndb.delete_multi(doomed)
+    return len(markers)
 
 
 def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
     """Undo the commits of a failed write_many."""
     try:
-        ndb.delete_multi(keys)
+        ndb.delete_multi(keys, timeout=settings().datastore_timeout_seconds)
     except Exception as exc:
         records = [key.id() for key in keys if key.kind() == DeferredPayload._get_kind()]
         if records:
@@ -323,7 +470,8 @@ def _delete_written(keys: list[ndb.Key], cause: Exception) -> None:
                 f"written, and they could not be deleted ({exc}): the sweeper will enqueue "
                 "them, so do not defer them again"
             ) from cause
-        # Chunks without a record are only wasted space: nothing would ever run them.
+        # Chunks without a record run nothing; the write marker written with them (or a
+        # single commit's failure, which wrote nothing) lets the sweeper delete them.
         logger.exception("could not delete %d orphaned payload chunks", len(keys))
 
 
@@ -460,6 +608,61 @@ def _check_present(payload_id: str, numbers: range, pieces: list[Any]) -> None:
         )
 
 
+def claim(payload_id: str, task_name: str, token: str) -> DeferredPayload | None:
+    """Take the claim on a spilled payload for one delivery of ``task_name``, in a transaction,
+    before its call: the record, with ``claim=token`` until now + ``task_deadline_seconds``.
+
+    None when the record belongs to another task now (see execution's "superseded").
+    Raises DuplicateDeliveryRunning when another delivery's claim is still on, and
+    SpilledPayloadMissing (``already_ran`` from the done marker) when the record is gone: a
+    duplicate whose first delivery finished meanwhile.
+    """
+
+    def take() -> DeferredPayload | None:
+        record, marker = ndb.get_multi([payload_key(payload_id), done_key(payload_id)])
+        if record is None:
+            raise SpilledPayloadMissing(
+                f"spilled payload {payload_id} is gone from Datastore",
+                already_ran=marker is not None,
+            )
+        if record.task_name and record.task_name != task_name:
+            return None
+        current = now()
+        held = record.claim
+        # A claim blocks only deliveries of the task that took it: a retrigger or the
+        # sweeper's fresh task name is not held back by a crashed run of the old task.
+        if (
+            held is not None
+            and held != f"{task_name} {token}"
+            and held.split(" ", 1)[0] == task_name
+            and (record.claimed_until or current) > current
+        ):
+            raise DuplicateDeliveryRunning(
+                f"another delivery of task {task_name} is running payload {payload_id} (claimed "
+                f"until {record.claimed_until:%H:%M:%S} UTC)"
+            )
+        record.claim = f"{task_name} {token}"
+        record.claimed_until = current + datetime.timedelta(
+            seconds=settings().task_deadline_seconds
+        )
+        record.put()
+        return record
+
+    return ndb.transaction(take)
+
+
+def release(payload_id: str, task_name: str, token: str) -> None:
+    """Give up a claim this delivery holds (it did not finish the task), so a retry runs now."""
+
+    def give_up() -> None:
+        record = payload_key(payload_id).get()
+        if record is not None and record.claim == f"{task_name} {token}":
+            record.claim = record.claimed_until = None
+            record.put()
+
+    ndb.transaction(give_up)
+
+
 def finish(payload_id: str, chunks: int) -> None:
     """After success: delete record and chunks and leave a done marker, in one Commit."""
     marker = DeferredPayloadDone(key=done_key(payload_id), done=now())
@@ -470,7 +673,10 @@ def finish(payload_id: str, chunks: int) -> None:
 
 def delete(payload_id: str, chunks: int) -> None:
     """Delete a record and its chunks in one commit."""
-    ndb.delete_multi([payload_key(payload_id), *chunk_keys(payload_id, chunks)])
+    ndb.delete_multi(
+        [payload_key(payload_id), *chunk_keys(payload_id, chunks)],
+        timeout=settings().datastore_timeout_seconds,
+    )
 
 
 def get(payload_id: str) -> DeferredPayload | None:

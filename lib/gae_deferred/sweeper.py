@@ -12,10 +12,14 @@ on the local stack::
    task is there after all (a paused or backlogged queue; the record is checked again later),
    unless GetTask says it is not: then the name is only held (Cloud Tasks keeps the name of a
    deleted or purged task about an hour, 9 days for queues created from queue.yaml), and the
-   task is created under a fresh name, which the record follows. Nothing waits for a name to
-   come free.
+   task is created under a fresh name, which the record takes first. Nothing waits for a name
+   to come free. The repair is noted on the record in a transaction, and only if the record is
+   still the one the sweep read: a task that ran (or failed) meanwhile stays done.
 2. Dead letters and permanent failures older than the retention period are deleted, with
-   their payloads, and so are the done markers of spilled tasks older than a week.
+   their payloads, and so are the done markers of spilled tasks older than a week, and the
+   chunks of payloads whose write never finished (a process that died between the commits of
+   a payload over ``commit_bytes``, before its record; a transaction that never committed),
+   an hour after it started.
 """
 
 from __future__ import annotations
@@ -50,9 +54,13 @@ class SweepReport:
 
     reenqueued: int = 0
     already_queued: int = 0
+    #: Records whose task ran or failed while the sweep re-created it: left as they are.
+    finished_meanwhile: int = 0
     purged_payloads: int = 0
     purged_failures: int = 0
     purged_done_markers: int = 0
+    #: Payloads whose write never finished (a crash between commits): their chunks deleted.
+    purged_unfinished: int = 0
     #: Metrics series whose window totals aged, and series quiet for 8 days (deleted).
     refreshed_metrics: int = 0
     purged_metrics: int = 0
@@ -60,8 +68,8 @@ class SweepReport:
 
 
 def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport:
-    """One pass: re-enqueue stuck payloads, purge expired dead letters and done markers; reads at
-    most 4 batches."""
+    """One pass: re-enqueue stuck payloads, purge expired dead letters, done markers and
+    unfinished writes; reads at most 5 batches (and the records of unfinished writes)."""
     now = now or spillover.now()
     report = SweepReport()
     with ndb_context():
@@ -79,35 +87,69 @@ def _reenqueue_stuck(now: datetime.datetime, batch: int, report: SweepReport) ->
         spillover.DeferredPayload.state == PayloadState.PENDING,
         spillover.DeferredPayload.eta < cutoff,
     )
-    touched = []
     for record in query.fetch(batch):
         try:
-            # Due right away: ``now`` is the sweep's clock for what is stuck, and a clock set
-            # ahead (a test, a late cron) must not push the repaired task into the future.
-            enqueue.enqueue_record(record)
-        except TaskAlreadyExistsError:
-            try:
-                if _task_exists(record):
-                    report.already_queued += 1
-                else:
-                    # The name is held by a task that was deleted or purged: Cloud Tasks keeps
-                    # a name about an hour (9 days for queue.yaml queues). A fresh name now.
-                    enqueue.enqueue_record(record, name=cloud_tasks.new_task_name("s"))
-                    report.reenqueued += 1
-            except (DeferError, api_exceptions.GoogleAPIError) as exc:
-                report.errors.append(f"{record.key.id()}: {exc}")
-                continue
-        except DeferError as exc:
+            _repair(record, now, report)
+        except (DeferError, api_exceptions.GoogleAPIError) as exc:
             report.errors.append(f"{record.key.id()}: {exc}")
-            continue
-        else:
-            report.reenqueued += 1
+
+
+def _repair(record: spillover.DeferredPayload, now: datetime.datetime, report: SweepReport) -> None:
+    """Create the task of one stuck record, then note the repair on the record (if it is still
+    the record that was read)."""
+    try:
+        # Due right away: ``now`` is the sweep's clock for what is stuck, and a clock set
+        # ahead (a test, a late cron) must not push the repaired task into the future.
+        enqueue.enqueue_record(record)
+    except TaskAlreadyExistsError:
+        if _task_exists(record):
+            report.already_queued += 1
+            _note(record, now, report)
+            return
+        # The name is held by a task that was deleted or purged: Cloud Tasks keeps a name
+        # about an hour (9 days for queue.yaml queues). A fresh name, which the record takes
+        # first: a task under a name the record does not know would not run it.
+        fresh = cloud_tasks.new_task_name("s")
+        if not _note(record, now, report, task_name=fresh):
+            return
+        enqueue.enqueue_record(record, name=fresh)
+        report.reenqueued += 1
+        return
+    report.reenqueued += 1
+    _note(record, now, report)
+
+
+def _note(
+    record: spillover.DeferredPayload,
+    now: datetime.datetime,
+    report: SweepReport,
+    task_name: str | None = None,
+) -> bool:
+    """Write the sweep's changes to the record as it is now, in a transaction, and only if it
+    is still the pending record that was read: the task just created may already have run
+    (deleting it) or failed (changing its state), and an old copy written back would bring a
+    finished record back as pending for ever. False when it changed meanwhile (left alone)."""
+    read_updated = record.updated
+
+    def update() -> bool:
+        current = record.key.get(use_cache=False, use_global_cache=False)
+        if (
+            current is None
+            or current.state != PayloadState.PENDING
+            or current.updated != read_updated
+        ):
+            return False
         # Look again only after another grace period, not on every sweep.
-        record.eta = now
-        record.updated = now
-        touched.append(record)
-    if touched:
-        ndb.put_multi(touched)
+        current.populate(eta=now, updated=now)
+        if task_name:
+            current.task_name = task_name
+        current.put()
+        return True
+
+    if ndb.transaction(update):
+        return True
+    report.finished_meanwhile += 1
+    return False
 
 
 def _task_exists(record: spillover.DeferredPayload) -> bool:
@@ -147,3 +189,4 @@ def _purge_expired(now: datetime.datetime, batch: int, report: SweepReport) -> N
     doomed += done_markers
     if doomed:
         ndb.delete_multi(doomed)
+    report.purged_unfinished = spillover.purge_unfinished(now, batch)

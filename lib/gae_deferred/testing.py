@@ -432,8 +432,9 @@ def capture_tasks(
     raise QueueNotFoundError as Cloud Tasks would, and gives the retry limits. The Datastore is
     ``ndb_client``, else the configured one (``configure(ndb_client=...)`` or
     ``DATASTORE_EMULATOR_HOST``), else an in-memory one, validated against ``index_yaml`` if
-    given. Every setting is restored on exit, and tasks that failed for good but were never
-    taken raise UnexaminedTaskFailures::
+    given; for the last two the block also opens an ndb context when none is open. Every
+    setting is restored on exit, and tasks that failed for good but were never taken raise
+    UnexaminedTaskFailures::
 
         with capture_tasks(queue_yaml="queue.yaml") as queue:
             signup("a@example.com")
@@ -453,6 +454,9 @@ def capture_tasks(
     if queue_yaml is not None:
         changes["queue_yaml"] = os.fspath(queue_yaml)
     in_memory = ndb_client is None and current.ndb_client is None
+    # The block picks the Datastore (in memory, or the emulator of DATASTORE_EMULATOR_HOST):
+    # it also opens the ndb context, unless the test has one open.
+    picked = in_memory
     if in_memory and os.environ.get("DATASTORE_EMULATOR_HOST"):
         in_memory = False
         if index_yaml is not None:
@@ -471,8 +475,8 @@ def capture_tasks(
             known = load_queue_yaml(updated.queue_yaml) if updated.queue_yaml else None
             queue = TaskQueue(_datastore.client(), known)
             cloud_tasks._sink = queue
-            if in_memory and ndb.get_context(raise_context_error=False) is None:
-                stack.enter_context(ndb_client.context(cache_policy=False))
+            if picked and ndb.get_context(raise_context_error=False) is None:
+                stack.enter_context(_datastore.client().context(cache_policy=False))
             yield queue
             stack.close()
             queue.check_failures()

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 DEV = str(pathlib.Path(sys.executable).parent / "gae-deferred-dev")
 E2E_DIR = pathlib.Path(__file__).resolve().parent
+MIB = 1024 * 1024
 
 
 class DevGoogleThing(ndb.Model):
@@ -151,16 +152,32 @@ def test_firestore_runs_spilled_and_transactional_defers(
         assert _java_serving(port)
         _point_at(running, pointed)
         runs = str(tmp_path / "runs")
-        big = b"x" * 3_000_000  # spilled: over Cloud Tasks' task size
-        defer(e2e_tasks.record, runs, "spilled", big)
+        # Spilled (random bytes: incompressible), each over the 4 MiB Google's emulator takes
+        # in one request: every Commit and Lookup stays within it.
+        sizes = {"spilled-5": 5 * MIB, "spilled-9": 9 * MIB, "spilled-20": 20 * MIB}
+        for label, size in sizes.items():
+            assert defer(e2e_tasks.record, runs, label, os.urandom(size)).spilled
         client = ndb.Client(project=os.environ["GOOGLE_CLOUD_PROJECT"])
         with client.context():
             ndb.transaction(
                 lambda: defer(e2e_tasks.record, runs, "in-transaction", _transactional=True)
             )
-        [spilled] = wait_for_runs(tmp_path / "runs", "spilled", 1, timeout=60)
-        assert spilled["arg_bytes"] == 3_000_000
+            # Over commit_bytes: its chunks are written first, the record in the transaction.
+            ndb.transaction(
+                lambda: defer(
+                    e2e_tasks.record,
+                    runs,
+                    "spilled-in-transaction",
+                    os.urandom(5 * MIB),
+                    _transactional=True,
+                )
+            )
+        for label, size in sizes.items():
+            [spilled] = wait_for_runs(tmp_path / "runs", label, 1, timeout=120)
+            assert spilled["arg_bytes"] == size
         wait_for_runs(tmp_path / "runs", "in-transaction", 1, timeout=60)
+        [spilled] = wait_for_runs(tmp_path / "runs", "spilled-in-transaction", 1, timeout=60)
+        assert spilled["arg_bytes"] == 5 * MIB
     finally:
         assert running.stop() == 0
     assert _java_serving(port) == []

@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -122,3 +123,26 @@ def test_the_sample_app_stops_cleanly(sample_app: DevServer) -> None:
     """Last: stops the module's app. No warning: its index.yaml has gae_deferred's indexes."""
     err = sample_app.stop()
     assert "warning" not in err and "Traceback" not in err
+
+
+def test_pip_installs_the_wheel_on_this_python_without_flags(full_venv: pathlib.Path) -> None:
+    """`make test` runs this on 3.11, 3.12 and 3.13: a plain `pip install` (full_venv's, no
+    --ignore-requires-python) of the wheel, and webapp2's `import cgi` works (legacy-cgi on
+    3.13, which removed the module)."""
+    checks = """
+import importlib.metadata, sys
+import gae_deferred.webapp2, cgi
+meta = importlib.metadata.metadata("gae-deferred")
+print(json.dumps({
+    "python": "%d.%d" % sys.version_info[:2],
+    "requires_python": meta["Requires-Python"],
+    "requires": [r for r in meta.get_all("Requires-Dist") if r.startswith("legacy-cgi")],
+    "cgi": importlib.metadata.distribution("legacy-cgi").version
+        if sys.version_info >= (3, 13) else None,
+}))
+"""
+    found = json.loads(run_python(full_venv, "import json\n" + checks))
+    assert found["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert found["requires_python"] == ">=3.11"
+    assert found["requires"] == ['legacy-cgi>=2.6; python_version >= "3.13"']
+    assert (found["cgi"] is not None) == (sys.version_info >= (3, 13))

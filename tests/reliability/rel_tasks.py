@@ -54,6 +54,30 @@ def give_up(log: str, task_id: str) -> None:
     raise gae_deferred.PermanentTaskFailure(f"{task_id}: permanent")
 
 
+@gae_deferred.idempotent(key=lambda log, task_id, payload=b"": task_id)
+def mark_once(log: str, task_id: str, payload: bytes = b"") -> None:
+    """``mark``, at most once per task id: the caller may defer it again after an error."""
+    _append(log, "ran", task_id, len(payload))
+
+
+def slow_start(log: str, task_id: str, seconds: float, payload: bytes = b"") -> None:
+    """Record the start, sleep, record the run: a second delivery arrives while it sleeps."""
+    _append(log, "start", task_id)
+    time.sleep(seconds)
+    _append(log, "ran", task_id, len(payload))
+
+
+@gae_deferred.idempotent
+def slow_start_once(log: str, task_id: str, seconds: float) -> None:
+    """``slow_start`` at most once per task (the task's queue and name are the key)."""
+    slow_start(log, task_id, seconds)
+
+
+@gae_deferred.idempotent(transactional=True)
+def slow_start_once_in_transaction(log: str, task_id: str, seconds: float) -> None:
+    slow_start(log, task_id, seconds)
+
+
 def canary(path: str) -> None:
     """Side effect the fuzz suite must never see: creates ``path`` if it is ever executed."""
     pathlib.Path(path).write_text("executed\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from google.cloud import ndb
 
 from .. import enqueue, failures, spillover
 from .._config import settings
+from .._model import is_key_name
 from .._signing import derive_key
 from ..errors import (
     AdminError,
@@ -71,9 +72,6 @@ _VERSION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PAGE_TOKEN = re.compile(r"^[A-Za-z0-9_=+/.-]{1,2000}$")
 #: Ids that travel in a URL path segment as they are: no leading dot, so never "." or "..".
 _URL_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,499}$")
-#: Longer ids are refused unread: Datastore caps key names at 1,500 bytes, though an emulator
-#: (or an older version's records) may hold longer ones, which must stay viewable.
-_MAX_ID_CHARS = 4000
 _RELATIVE_TIME = re.compile(r"^(\d{1,4})([mhd])$")
 _HISTOGRAM_BOUNDS = (1 << 17, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
 _T = TypeVar("_T")
@@ -173,14 +171,12 @@ def id_from_url(segment: str) -> str:
 
 
 def _key_name(value: str, what: str) -> str:
-    """Any id Datastore can hold, odd ones included: they are looked up, never trusted."""
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > _MAX_ID_CHARS
-        or (value.startswith("__") and value.endswith("__"))
-    ):
-        raise NotFound(f"no {what} with id {value!r}")
+    """Any id Datastore can hold, odd ones included: they are looked up, never trusted. One it
+    cannot hold (over 1,500 bytes, ``__x__``) is NotFound before any RPC: Datastore would refuse
+    even to look it up."""
+    if not is_key_name(value):
+        shown = value[:200] + "..." if isinstance(value, str) and len(value) > 200 else value
+        raise NotFound(f"no {what} with id {shown!r}")
     return value
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from .. import audit, cloud_tasks, enqueue, failures, spillover
+from .. import audit, cloud_tasks, enqueue, envelope, failures, spillover
 from .._config import settings
 from .._model import MAX_INDEXED_CHARS
 from ..errors import (
@@ -22,6 +22,7 @@ from ..errors import (
 from ..failures import FailureState
 from ..queue_config import RetryParameters
 from ._common import (
+    _VERSION,
     FAILURE_VIEWS,
     GROUP_COUNT_CAP,
     GROUP_PAGE_SIZE,
@@ -128,6 +129,7 @@ def failure_json(record: failures.DeferredFailure, *, detail: bool = False) -> d
         data["meta"] = record.meta or {}
         data["header"] = header_rows(record.meta)
         data["deferred_by"] = deferred_by(record.meta)
+        data["made_by_version"] = made_by_version(record.meta)
     return data
 
 
@@ -172,6 +174,15 @@ def estimated_next_attempts(records: list[failures.DeferredFailure]) -> dict[str
     return estimates
 
 
+def made_by_version(meta: dict[str, Any] | None) -> str | None:
+    """The App Engine version whose code made the payload (its envelope's ``app_version``), when
+    it is one a retrigger can route to: a version-skew failure is retried there."""
+    version = (meta or {}).get("app_version")
+    if not isinstance(version, str) or version == "unknown" or not _VERSION.match(version):
+        return None
+    return version
+
+
 def _check_retriable_id(record_id: str) -> None:
     """Only ids gae_deferred made are handed to a retried task: its run writes under this id."""
     if not failures.is_generated_id(record_id):
@@ -198,6 +209,11 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
         body = failures.get_payload(record_id)
         if body is None:
             raise Conflict(f"failure {record_id} kept no payload to retry")
+        if not body.startswith(envelope.MAGIC):
+            raise Conflict(
+                f"failure {record_id} kept a python27 pickle that does not load here, not an "
+                "envelope: it cannot be retried (dismiss or delete it)"
+            )
         name = cloud_tasks.new_task_name("r")
         _cloud_tasks(
             lambda: enqueue.enqueue_envelope(
