@@ -10,7 +10,7 @@ import re
 import pytest
 
 import gae_deferred
-from gae_deferred import FailureState, PayloadState, metrics
+from gae_deferred import FailureState, PayloadState, metrics, refusals
 from gae_deferred.webapp2 import _scrape_auth
 from tests.dashboard.support import P, make_failure, make_spilled
 
@@ -84,7 +84,13 @@ def test_metrics_prom_parses_and_carries_the_numbers(app):
     make_spilled("m2", state=PayloadState.DEAD)
     make_failure("t-d", state=FailureState.DEAD)
     make_failure("t-r", state=FailureState.RETRYING)
-    answer = app.get(URL)
+    refusals.discard_pending()
+    for _ in range(2):
+        refusals.record("bad-signature", None, "envelope signature does not match")
+    try:
+        answer = app.get(URL)
+    finally:
+        refusals.discard_pending()
     assert answer.headers["Content-Type"] == (
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     )
@@ -113,6 +119,17 @@ def test_metrics_prom_parses_and_carries_the_numbers(app):
     assert values(families, "gae_deferred_failure_records", state="dead") == [1]
     assert values(families, "gae_deferred_failure_records", state="retrying") == [1]
     assert values(families, "gae_deferred_failure_records", state="resolved") == [0]
+    refused = families["gae_deferred_refused_deliveries"]
+    assert refused["type"] == "counter"
+    assert values(
+        families,
+        "gae_deferred_refused_deliveries",
+        "gae_deferred_refused_deliveries_total",
+        reason="bad-signature",
+    ) == [2]
+    assert values(
+        families, "gae_deferred_legacy_pickle_runs", "gae_deferred_legacy_pickle_runs_total"
+    ) == [0]
     day = parse(app.get(URL, {"window": "24h"}).text)
     assert values(day, "gae_deferred_function_runs", function=name, window="24h") == [4]
     assert app.get(URL, {"window": "2y"}, expect_errors=True).status_int == 400

@@ -11,6 +11,8 @@ histograms of one window (``window`` label, ``1h`` unless asked), not as counter
     ...
     # EOF
 
+Refused deliveries (:mod:`gae_deferred.refusals`) are totals that only grow: counters.
+
 Cost: the function and queue series (at most :data:`MAX_SERIES` of each, one query each), the
 overview's bounded counts (spilled payloads per state, failure records per state, each capped
 at COUNT_CAP) and its projection of stored bytes (SCAN_CAP records).
@@ -21,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import failures, metrics, spillover
+from .. import failures, metrics, refusals, spillover
 from ..failures import FailureState
 from ..spillover import PayloadState
 from ._common import COUNT_CAP, SCAN_CAP
@@ -165,4 +167,18 @@ def render(window: str = "1h", now: float | None = None) -> str:
     )
     for state, future in records.items():
         out.sample("gae_deferred_failure_records", {"state": state}, future.result())
+    refused = refusals.summary()
+    out.family(
+        "gae_deferred_refused_deliveries",
+        "counter",
+        "task deliveries the task handler refused (403), per reason, all instances",
+    )
+    for reason, count in sorted(refused["counts"].items()):
+        out.sample("gae_deferred_refused_deliveries_total", {"reason": reason}, count)
+    out.family(
+        "gae_deferred_legacy_pickle_runs",
+        "counter",
+        "python27 pickles the task handler ran while draining (legacy_pickles_until)",
+    )
+    out.sample("gae_deferred_legacy_pickle_runs_total", {}, refused["legacy_runs"])
     return out.text()
