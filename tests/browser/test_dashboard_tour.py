@@ -17,7 +17,7 @@ from tests.stack_support import datastore
 
 WIDTHS = ((1280, 800), (390, 844))
 #: Pages without an action even for admins.
-READ_ONLY = ("metrics", "metrics-function", "queues", "audit")
+READ_ONLY = ("metrics", "metrics-function", "queues", "audit", "refused")
 #: What must be fully on screen: buttons, the last cell of each row (Actions, Detail), inputs.
 ON_SCREEN = "main button, main a.button, main tbody td:last-child, main input:not([type=hidden])"
 
@@ -66,6 +66,7 @@ def _seed(live, tmp_path) -> dict[str, str]:
         "queue-tasks": "/queues/reports",
         "task-detail": f"/queues/reports/tasks/{queued.name}",
         "audit": "/audit",
+        "refused": "/refused",
     }
 
 
