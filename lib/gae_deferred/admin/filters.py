@@ -19,6 +19,7 @@ from ._common import (
     _RELATIVE_TIME,
     FAILURE_SORTS,
     FAILURE_VIEWS,
+    LIST_COUNT_CAP,
     MAX_BULK,
     MAX_MATCHING,
     SPILL_SORTS,
@@ -230,26 +231,41 @@ def _time_range(
 ) -> ndb.Query:
     """``query`` limited to [since, until), oldest or newest first.
 
-    The range is the only inequality and the query has no sort order: its results come in the
-    order of the range's property, which Datastore, the emulator and the test stub all serve
-    from one (facets, property) index. "newest" ranges over the negated copy of the time.
+    The range is the only inequality and the query is ordered by the range's own property,
+    ascending (one (facets, property) index serves it); "newest" ranges over and sorts by the
+    negated copy of the time. The order is always explicit: without it a query with several
+    equality filters came back in whatever order the backend joined them (oldest first on the
+    stub and the emulator, whatever ``sort`` said).
     """
     if sort == "newest":
         if since:
             query = query.filter(descending_ms <= _facets.descending_ms(since))
         if until:
             query = query.filter(descending_ms > _facets.descending_ms(until))
-        return query
+        return query.order(descending_ms)
     if since:
         query = query.filter(ascending >= since)
     if until:
         query = query.filter(ascending < until)
-    return query
+    return query.order(ascending)
 
 
 def count_matching(wanted: FailureFilter | SpillFilter, cap: int = MAX_MATCHING) -> int:
     """How many records the filter matches, counting at most ``cap`` (keys only)."""
     return wanted.query().count(limit=cap)
+
+
+def list_total_async(wanted: FailureFilter | SpillFilter) -> ndb.Future:
+    """Start counting what a list's filter matches (for "51 to 100 of 137"): a keys-only
+    count of at most LIST_COUNT_CAP + 1 index entries, running while the page is read. Pass
+    the future to :func:`list_total`."""
+    return wanted.query().count_async(limit=LIST_COUNT_CAP + 1)
+
+
+def list_total(counting: ndb.Future) -> tuple[int, bool]:
+    """(count, capped) of a :func:`list_total_async` count (capped: "more than 1,000")."""
+    count = counting.result()
+    return min(count, LIST_COUNT_CAP), count > LIST_COUNT_CAP
 
 
 def _matching_ids(wanted: FailureFilter | SpillFilter) -> list[str]:

@@ -30,6 +30,7 @@ from .filters import (
     SpillFilter,
     _bulk_matching,
 )
+from .header import header_rows
 
 
 def list_spillover(
@@ -67,6 +68,7 @@ def spillover_json(record: spillover.DeferredPayload, *, detail: bool = False) -
     }
     if detail:
         data["meta"] = record.meta or {}
+        data["header"] = header_rows(record.meta)
         data["deferred_by"] = deferred_by(record.meta)
     return data
 
