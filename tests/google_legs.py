@@ -46,6 +46,8 @@ FIRESTORE_PATHS = (
     "tests/test_legacy_pickles.py",
     "tests/test_version_affinity.py",
     "tests/test_cross_python.py",
+    "tests/test_namespaces.py",
+    "tests/test_legacy_taskqueue_names.py",
     "tests/iteration",
 )
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .envelope import serialize
     from .errors import (
         AdminError,
+        BadTransactionStateError,
         BatchDeferError,
         ConfigurationError,
         DatastoreRefusedError,
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
         EnqueueError,
         EnqueueOutcomeUnknown,
         Error,
+        InvalidTaskError,
+        InvalidTaskNameError,
+        InvalidTaskRetryOptionsError,
         PayloadLoadError,
         PayloadTooLargeError,
         PermanentTaskFailure,
@@ -59,6 +63,8 @@ if TYPE_CHECKING:
         SpilledPayloadMissing,
         TaskAlreadyExistsError,
         TaskFailed,
+        TombstonedTaskError,
+        UnknownQueueError,
         UnverifiedEnvelope,
         VersionSkewError,
     )
@@ -77,6 +83,7 @@ if TYPE_CHECKING:
         resume_job,
     )
     from .legacy import Handler, application, invoke_member, run_from_datastore
+    from .retry import TaskRetryOptions
     from .spillover import PayloadState
     from .sweeper import SweepReport, sweep
 
@@ -100,6 +107,7 @@ _EXPORTS = {
     "defer": ".enqueue",
     "serialize": ".envelope",
     "AdminError": ".errors",
+    "BadTransactionStateError": ".errors",
     "BatchDeferError": ".errors",
     "ConfigurationError": ".errors",
     "DatastoreRefusedError": ".errors",
@@ -109,6 +117,9 @@ _EXPORTS = {
     "EnqueueError": ".errors",
     "EnqueueOutcomeUnknown": ".errors",
     "Error": ".errors",
+    "InvalidTaskError": ".errors",
+    "InvalidTaskNameError": ".errors",
+    "InvalidTaskRetryOptionsError": ".errors",
     "PayloadLoadError": ".errors",
     "PayloadTooLargeError": ".errors",
     "PermanentTaskFailure": ".errors",
@@ -118,6 +129,8 @@ _EXPORTS = {
     "SpilledPayloadMissing": ".errors",
     "TaskAlreadyExistsError": ".errors",
     "TaskFailed": ".errors",
+    "TombstonedTaskError": ".errors",
+    "UnknownQueueError": ".errors",
     "UnverifiedEnvelope": ".errors",
     "VersionSkewError": ".errors",
     "TaskOutcome": ".execution",
@@ -135,6 +148,7 @@ _EXPORTS = {
     "once_per_entity": ".iteration",
     "pause_job": ".iteration",
     "resume_job": ".iteration",
+    "TaskRetryOptions": ".retry",
     "Handler": ".legacy",
     "application": ".legacy",
     "invoke_member": ".legacy",
@@ -183,6 +197,7 @@ def reset_clients() -> None:
 
 __all__ = [
     "AdminError",
+    "BadTransactionStateError",
     "BatchDeferError",
     "ConfigurationError",
     "DatastoreRefusedError",
@@ -195,6 +210,9 @@ __all__ = [
     "Error",
     "FailureState",
     "Handler",
+    "InvalidTaskError",
+    "InvalidTaskNameError",
+    "InvalidTaskRetryOptionsError",
     "Job",
     "JobState",
     "JobTotals",
@@ -212,6 +230,9 @@ __all__ = [
     "TaskFailed",
     "TaskInfo",
     "TaskOutcome",
+    "TaskRetryOptions",
+    "TombstonedTaskError",
+    "UnknownQueueError",
     "UnverifiedEnvelope",
     "VersionSkewError",
     "application",

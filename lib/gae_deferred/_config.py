@@ -105,6 +105,23 @@ class Settings:
     metrics_enabled: bool = True
     #: Each process writes its metrics at most once per this many seconds.
     metrics_flush_seconds: float = 60
+    #: The first run after a quiet interval is written this soon (a burst gathers meanwhile),
+    #: so the dashboard never says "nothing ran" for a minute while failures show
+    #: (GAE_DEFERRED_METRICS_FIRST_FLUSH_SECONDS; at least metrics_flush_seconds turns it off).
+    metrics_first_flush_seconds: float = 1.0
+    #: Read-only dashboard users: callable(environ) -> user name or None (admin_hook wins).
+    viewer_hook: Callable[[dict], str | None] | None = None
+    #: IAP users who may act (GAE_DEFERRED_ADMIN_EMAILS, comma-separated emails or @domains).
+    #: Empty: every user IAP lets in is an admin, as before roles existed.
+    admin_emails: tuple[str, ...] = ()
+    #: IAP users who may look but not act (GAE_DEFERRED_VIEWER_EMAILS; ``*`` = anyone IAP
+    #: lets in). Only read when admin_emails is set.
+    viewer_emails: tuple[str, ...] = ()
+    #: Bearer token for scrapers of /_ah/deferred-admin/metrics.prom (GAE_DEFERRED_METRICS_TOKEN),
+    #: or the Secret Manager version holding it (GAE_DEFERRED_METRICS_TOKEN_SECRET,
+    #: ``projects/P/secrets/S/versions/latest``).
+    metrics_token: str | None = None
+    metrics_token_secret: str | None = None
     #: On App Engine, the version and service this process runs as (GAE_VERSION, GAE_SERVICE).
     running_version: str | None = None
     running_service: str | None = None
@@ -153,6 +170,12 @@ def _from_environment() -> Settings:
         cron_token=env.get("GAE_DEFERRED_CRON_TOKEN") or None,
         metrics_enabled=env.get("GAE_DEFERRED_METRICS", "1") != "0",
         metrics_flush_seconds=_number(env, "GAE_DEFERRED_METRICS_FLUSH_SECONDS", float) or 60.0,
+        metrics_first_flush_seconds=_number(env, "GAE_DEFERRED_METRICS_FIRST_FLUSH_SECONDS", float)
+        or 1.0,
+        admin_emails=_emails(env.get("GAE_DEFERRED_ADMIN_EMAILS")),
+        viewer_emails=_emails(env.get("GAE_DEFERRED_VIEWER_EMAILS")),
+        metrics_token=env.get("GAE_DEFERRED_METRICS_TOKEN") or None,
+        metrics_token_secret=env.get("GAE_DEFERRED_METRICS_TOKEN_SECRET") or None,
         running_version=env.get("GAE_VERSION") or None,
         running_service=env.get("GAE_SERVICE") or None,
         version_affinity=_flag(env, "GAE_DEFERRED_VERSION_AFFINITY", True),
@@ -162,6 +185,11 @@ def _from_environment() -> Settings:
     )
     _validate(current)
     return current
+
+
+def _emails(value: str | None) -> tuple[str, ...]:
+    """``a@x.com, @y.org,*`` -> ("a@x.com", "@y.org", "*"), lower-cased."""
+    return tuple(part.strip().lower() for part in (value or "").split(",") if part.strip())
 
 
 def _queue_yaml_beside_app() -> str | None:

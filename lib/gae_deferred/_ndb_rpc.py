@@ -434,6 +434,11 @@ def model_from_pb(entity_pb: Any) -> ndb.Model:
     return model._entity_from_protobuf(entity_pb)
 
 
+#: ndb's current context without ``ndb.get_context()``'s property and checks: defer() reads it
+#: on every call (the namespace a task runs in); None when there is none.
+current_context = context_module._state._context.get
+
+
 def enter_context(context: ndb.Context) -> None:
     """Make ``context`` the current and top-level one, as ``context.use()`` does when no
     context is active, without its generator-based context manager (every task enters one).

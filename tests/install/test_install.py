@@ -146,3 +146,32 @@ print(json.dumps({
     assert found["requires_python"] == ">=3.11"
     assert found["requires"] == ['legacy-cgi>=2.6; python_version >= "3.13"']
     assert (found["cgi"] is not None) == (sys.version_info >= (3, 13))
+
+
+def test_the_testing_extra_brings_what_the_deferred_tasks_fixture_needs(
+    wheel: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """README: `pip install './wheels/<the wheel>[testing]'`, and nothing else, runs a test
+    that uses the deferred_tasks fixture (pytest comes with the extra)."""
+    from tests.install.conftest import make_venv, pip_install
+
+    app_dir = tmp_path / "app"
+    (app_dir / "wheels").mkdir(parents=True)
+    shutil.copy(wheel, app_dir / "wheels" / wheel.name)
+    (app_dir / "test_it.py").write_text(
+        "import operator\n\nfrom gae_deferred import defer\n\n\n"
+        "def test_capture(deferred_tasks):\n"
+        "    defer(operator.add, 1, 2)\n"
+        "    assert deferred_tasks.run_all() == 1\n"
+    )
+    venv = make_venv(tmp_path / "venv")
+    pip_install(venv, f"./wheels/{wheel.name}[testing]", cwd=app_dir)
+    done = subprocess.run(
+        [venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout

@@ -34,6 +34,7 @@ from ._common import (
     FAILURE_VIEWS,
     GROUP_COUNT_CAP,
     GROUP_PAGE_SIZE,
+    LIST_COUNT_CAP,
     MAX_BULK,
     MAX_MATCHING,
     MAX_PAGE_SIZE,
@@ -56,26 +57,35 @@ from ._common import (
     page_size,
     seal_message,
     url_id,
+    url_segment,
 )
 from .failed import (
     bulk_failures,
     bulk_failures_matching,
+    count_group,
     delete_failure,
     dismiss_failure,
+    estimated_next_attempts,
     failure_groups,
     failure_json,
     get_failure,
     group_json,
     list_failures,
+    next_attempt,
+    retriable_states,
     retrigger_failure,
+    retry_delay,
     retry_group,
 )
 from .filters import (
     FailureFilter,
     SpillFilter,
     count_matching,
+    list_total,
+    list_total_async,
     parse_time,
 )
+from .header import header_rows
 from .jobs import (
     FAILURES_SHOWN,
     cancel_job,
@@ -87,9 +97,12 @@ from .jobs import (
     resume_job,
     shards_of,
 )
+from .openmetrics import CONTENT_TYPE as OPENMETRICS_CONTENT_TYPE
+from .openmetrics import render as openmetrics_text
 from .overview import (
     Overview,
     audit_json,
+    audit_total,
     function_metrics,
     list_audit,
     list_metrics,
@@ -97,6 +110,7 @@ from .overview import (
     overview_json,
     run_sweeper,
     series_json,
+    target_link,
 )
 from .queued import (
     delete_task,
@@ -121,6 +135,9 @@ from .spilled import (
     retrigger_spillover,
     spillover_json,
 )
+from .status import STATUS_TTL
+from .status import forget as forget_status
+from .status import status as status_strip
 
 __all__ = [
     "COUNT_CAP",
@@ -129,12 +146,15 @@ __all__ = [
     "FAILURE_VIEWS",
     "GROUP_COUNT_CAP",
     "GROUP_PAGE_SIZE",
+    "LIST_COUNT_CAP",
     "MAX_BULK",
     "MAX_MATCHING",
     "MAX_PAGE_SIZE",
+    "OPENMETRICS_CONTENT_TYPE",
     "PAGE_SIZE",
     "SCAN_CAP",
     "SPILL_SORTS",
+    "STATUS_TTL",
     "TASK_SCAN",
     "AdminError",
     "BadRequest",
@@ -151,12 +171,14 @@ __all__ = [
     "SpillFilter",
     "Unavailable",
     "audit_json",
+    "audit_total",
     "bulk_failures",
     "bulk_failures_matching",
     "bulk_spillover",
     "bulk_spillover_matching",
     "cancel_job",
     "check_queue_name",
+    "count_group",
     "count_matching",
     "csrf_token",
     "decode_cursor",
@@ -167,8 +189,10 @@ __all__ = [
     "dismiss_failure",
     "encode_cursor",
     "envelope_summary",
+    "estimated_next_attempts",
     "failure_groups",
     "failure_json",
+    "forget_status",
     "format_bytes",
     "format_duration",
     "function_metrics",
@@ -176,6 +200,7 @@ __all__ = [
     "get_queue",
     "get_spillover",
     "group_json",
+    "header_rows",
     "id_from_url",
     "job_detail",
     "job_json",
@@ -185,7 +210,11 @@ __all__ = [
     "list_metrics",
     "list_spillover",
     "list_tasks",
+    "list_total",
+    "list_total_async",
+    "next_attempt",
     "open_message",
+    "openmetrics_text",
     "overview",
     "overview_json",
     "page_size",
@@ -197,8 +226,10 @@ __all__ = [
     "queue_overview",
     "resume_job",
     "resume_queue",
+    "retriable_states",
     "retrigger_failure",
     "retrigger_spillover",
+    "retry_delay",
     "retry_group",
     "run_sweeper",
     "run_task",
@@ -206,7 +237,10 @@ __all__ = [
     "series_json",
     "shards_of",
     "spillover_json",
+    "status_strip",
+    "target_link",
     "task_detail",
     "task_json",
     "url_id",
+    "url_segment",
 ]
