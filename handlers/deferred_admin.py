@@ -845,7 +845,9 @@ class _JobAction(_Base):
     def post(self, job_id: str) -> None:
         record_id = admin.id_from_url(job_id)
         back = f"{PREFIX}/jobs/{job_id}"
-        if self.question and self.needs_confirmation(self.question.format(job=record_id), back):
+        if self.question and self.needs_confirmation(
+            self.question.format(job=record_id), back, f"Cancel job {record_id}", danger=True
+        ):
             return
         job = getattr(admin, f"{self.verb}_job")(record_id, self.actor)
         self.finish(f"Job {job.name}: {self.verb} done.", back, {"state": job.state})
