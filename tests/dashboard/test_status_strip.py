@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import gae_deferred
-from gae_deferred import FailureState, metrics
+from gae_deferred import FailureState, iteration, metrics
 from tests.dashboard.support import P, csrf_token, make_failure, pause, sample
 
 
@@ -32,12 +32,15 @@ def test_every_page_shows_the_status_strip_with_links(app):
         metrics.observe("test_admin.sample", "default", 0.01, ok=True, retried=False)
     metrics.flush()
     failure_id = make_failure("t-d3", state=FailureState.DISMISSED).id
+    for job_id, state in (("j1", "running"), ("j2", "planning"), ("j3", "paused"), ("j4", "done")):
+        iteration.DeferredJob(id=job_id, name=job_id, state=state).put()
     expected = {
         "waiting": (f"{P}/queues", "2"),
         "in flight": (f"{P}/queues", "0"),
         "retrying": (f"{P}/failures/list?state=retrying", "1"),
         "dead": (f"{P}/failures/list?state=dead", "2"),
         "processed (last hour)": (f"{P}/metrics?window=1h", "3"),
+        "jobs running": (f"{P}/jobs", "2"),
     }
     for path in (
         "",

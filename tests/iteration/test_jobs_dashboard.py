@@ -60,6 +60,17 @@ def test_the_jobs_page_lists_state_shards_counts_rate_and_actions(app, queue):
     assert cells[5].endswith("/s")
     assert cells[9] == "pending"
     assert [b.get_text(strip=True) for b in row.find_all("button")] == ["Pause", "Cancel…"]
+    for path in ("/jobs", f"/jobs/{job.id}"):
+        seen = app.get(P + path, headers={"X-Deferred-Role": "viewer"})
+        assert seen.html.find_all("button", string=["Pause", "Cancel…"]) == [], path
+    refused = app.post(
+        f"{P}/jobs/{job.id}/pause",
+        {"csrf_token": csrf_token(app)},
+        headers={"X-Deferred-Role": "viewer"},
+        status=403,
+    )
+    assert refused.status_int == 403
+    assert iteration.get_job(job.id).state == "running"
     assert "<b>" not in page.text.split("backfill", 1)[1].split("</a>", 1)[0]
     assert page.headers["X-Content-Type-Options"] == "nosniff"
 

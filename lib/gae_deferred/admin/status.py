@@ -1,7 +1,7 @@
 """The status strip every dashboard page shows: tasks waiting and in flight in Cloud Tasks,
-failures retrying and dead, runs processed in the last hour.
+failures retrying and dead, runs processed in the last hour, iterate() jobs running.
 
-Cost per page: two keys-only counts capped at :data:`STRIP_COUNT_CAP` and one Lookup of the
+Cost per page: three keys-only counts capped at :data:`STRIP_COUNT_CAP` and one Lookup of the
 all-functions metrics series, so the strip agrees with the page under it. The Cloud Tasks part
 is cached for :data:`STATUS_TTL` seconds per process: one ListQueues and one ListTasks page
 (BASIC view, TASK_SCAN tasks) per queue. A task is in flight when Cloud Tasks dispatched it
@@ -17,9 +17,10 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 
-from .. import cloud_tasks, failures, metrics
+from .. import cloud_tasks, failures, iteration, metrics
 from ..errors import Error
 from ..failures import FailureState
+from ..iteration import JobState
 from ._common import TASK_SCAN
 
 #: Seconds the Cloud Tasks numbers are reused by every page of this process.
@@ -68,6 +69,11 @@ def status(max_age: float = STATUS_TTL) -> dict[str, Any]:
     model = failures.DeferredFailure
     retrying = model.query(model.state == FailureState.RETRYING).count_async(limit=STRIP_COUNT_CAP)
     dead = model.query(model.state == FailureState.DEAD).count_async(limit=STRIP_COUNT_CAP)
+    job = iteration.DeferredJob
+    jobs = job.query(
+        job.state.IN([JobState.PLANNING, JobState.RUNNING, JobState.FINALIZING]),
+        namespace=iteration.RECORDS_NAMESPACE,
+    ).count_async(limit=STRIP_COUNT_CAP)
     processed = metrics.all_functions().window("1h").runs
     tasks = _tasks(max_age)
     return {
@@ -77,6 +83,8 @@ def status(max_age: float = STATUS_TTL) -> dict[str, Any]:
         "dead": dead.result(),
         "failures_capped": max(retrying.result(), dead.result()) >= STRIP_COUNT_CAP,
         "processed": processed,
+        "jobs_running": jobs.result(),
+        "jobs_capped": jobs.result() >= STRIP_COUNT_CAP,
     }
 
 
