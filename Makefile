@@ -1,13 +1,17 @@
 # Everything a fresh clone needs, with only Python 3.11 and make installed:
 #   make run    the app + Datastore and Cloud Tasks emulators (Ctrl-C stops them)
-#   make test   every test, end-to-end, browser and slow (load, fault) ones included, then the
+#   make test   every test on Python 3.11, end-to-end, browser and slow (load, fault) ones
+#               included, then all but the browser and slow ones on 3.12 and 3.13, each in
+#               its own venv (.venv-3.12, .venv-3.13); a Python this machine lacks is named
+#               in one line, at the end too (tests/pythons.py); after the 3.11 run, the
 #               Datastore-backed suites again on Google's emulators (make test-google)
+#   make test PYTHON=python3.13   every test on that one Python only
 #   make test-fast  the in-process tests only, for the edit-test loop
 #   make lint   ruff check + ruff format --check
 #   make bench  the benchmarks
 #   make mutation  mutation testing of the verification code (about 20 minutes; not in make test)
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 # Re-installs when a requirements file is newer than the last install.
 STAMP := $(VENV)/.installed
@@ -30,17 +34,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 run: $(STAMP)
 	GAE_DEFERRED_DEV_COMMAND='make run ARGS="{args}"' $(BIN)/gae-deferred-dev app.yaml $(ARGS)
 
-# The browser tests need Chromium: find one (or install it) first, and stop with one line
+# tests/pythons.py builds each version's venv with `make venv` and runs its tests; the
+# browser tests need Chromium: it finds one (or installs it) first, and stops with one line
 # saying what to install when that is not possible.
-# Then the Google emulator legs (tests/google_legs.py), also when the main run failed; a leg
-# this machine cannot run (no Google Cloud SDK or Java) is named, with what to install.
-test: $(STAMP)
-	@chromium="$$($(BIN)/python tests/browser/chromium.py --install)" || exit 1; \
-	echo "browser tests: $$chromium"; \
-	$(BIN)/python -m tests.google_legs --check; \
-	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m pytest; main=$$?; \
-	GAE_DEFERRED_CHROMIUM="$$chromium" $(BIN)/python -m tests.google_legs; google=$$?; \
-	test $$main -eq 0 && test $$google -eq 0
+# Then, after the whole run, the Google emulator legs (tests/google_legs.py), also when it
+# failed; a leg this machine cannot run (no Google Cloud SDK or Java) is named.
+# Any Python runs it (standard library only): the venv's when there is one.
+# KEEP_VENVS=1 uses the venvs as they are, however old (tests of make test itself).
+test:
+	@$(firstword $(wildcard $(BIN)/python) python3) tests/pythons.py --make "$(MAKE)" \
+		$(if $(filter command line,$(origin PYTHON)),--only $(PYTHON)) \
+		$(if $(KEEP_VENVS),--keep-venvs)
 
 # The Datastore-backed suites on Google's Firestore emulator (Datastore mode) and legacy emulator.
 test-google: $(STAMP)
@@ -69,4 +73,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) .venv-bench-legacy
+	rm -rf $(VENV) .venv-3.* .venv-bench-legacy

@@ -1,7 +1,7 @@
 """``python -m benchmarks [--quick] [--only NAME ...] [--output FILE] [--plots-dir DIR]``.
 
 Runs every benchmark (handler, defer, compression, spill, memory, throughput, fanout,
-dashboard, metrics), prints a table, and writes the Markdown report (default
+dashboard, metrics, iterate), prints a table, and writes the Markdown report (default
 docs/performance.md) and SVG plots (default docs/). ``--legacy install|existing|skip``
 controls the appengine-python-standard venv (default: install for a full run, existing for
 --quick).
@@ -28,6 +28,7 @@ NAMES = (
     "fanout",
     "dashboard",
     "metrics",
+    "iterate",
 )
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         dashboard,
         fanout,
         handler,
+        iteration,
         memory,
         metrics,
         report,
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "fanout": lambda: fanout.run(quick=args.quick),
         "dashboard": lambda: dashboard.run(quick=args.quick),
         "metrics": lambda: metrics.run(quick=args.quick),
+        "iterate": lambda: iteration.run(quick=args.quick),
     }
     started = time.perf_counter()
     sections = []

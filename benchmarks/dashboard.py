@@ -28,6 +28,7 @@ from .report import Section, count_target, ratio_target
 PAGES = (
     "/_ah/deferred-admin/spillover",
     "/_ah/deferred-admin/failures",
+    "/_ah/deferred-admin/failures/list",
     "/_ah/deferred-admin/api/spillover",
     "/_ah/deferred-admin/api/failures",
 )

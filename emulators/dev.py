@@ -27,6 +27,7 @@ import yaml
 
 from .app_yaml import AppYamlError, deploy_problems
 from .google_datastore import DATASTORE_CHOICES, GOOGLE_MODES, unavailable_reason
+from .index_watch import IndexWatch
 
 if TYPE_CHECKING:
     from .datastore._index_rules import CompositeIndex
@@ -57,6 +58,12 @@ def missing_package_indexes(index_yaml: Path | None) -> list[CompositeIndex]:
 
     declared = set(load_index_yaml(index_yaml)) if index_yaml is not None else set()
     return [index for index in package_indexes() if index not in declared]
+
+
+def _index_problem(index_yaml: Path | None) -> str | None:
+    """What IndexWatch prints of a changed index.yaml: the package's indexes it lacks."""
+    missing = missing_package_indexes(index_yaml)
+    return missing_indexes_warning(index_yaml, missing) if missing else None
 
 
 def missing_indexes_warning(index_yaml: Path | None, missing: list[CompositeIndex]) -> str:
@@ -141,7 +148,11 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         # No prefixes: `--datastore` and `--datastore-port` must never stand for each other.
         allow_abbrev=False,
     )
-    parser.add_argument("app_yaml", help="the app's app.yaml")
+    parser.add_argument(
+        "app_yaml",
+        nargs="+",
+        help="the app's app.yaml; several services: one app.yaml each, the default among them",
+    )
     parser.add_argument("--port", type=int, default=defaults["app_port"], help="the app's port")
     parser.add_argument(
         "--datastore",
@@ -193,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing_modules:
         print(
             f"{PROG}: {', '.join(missing_modules)} not installed: the local stack needs "
-            "gae_deferred's [local] extra (pip install 'gae-deferred[local]')",
+            "gae_deferred's [local] extra: pip install the gae_deferred wheel again with it, "
+            "e.g. pip install './wheels/gae_deferred-<version>-py3-none-any.whl[local]'",
             file=sys.stderr,
         )
         return 2
@@ -201,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import stack as local_stack
     from ._supervise import Supervisor
     from .datastore import IndexYamlError
+    from .services import service_stack
 
     args = _parser(
         {
@@ -217,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: --datastore {args.datastore}: {reason}", file=sys.stderr)
             return 2
     try:
-        stack = local_stack.LocalStack(
+        stack = service_stack(
             args.app_yaml,
             app_port=args.port,
             datastore_port=args.datastore_port,
@@ -231,8 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             datastore=args.datastore,
             gcloud_sdk=args.gcloud_sdk,
         )
-        for problem in deploy_problems(stack.app.document):
-            print(f"{PROG}: warning: {stack.app.path}: {problem}", file=sys.stderr)
+        for app in [stack.app, *(s.app for s in getattr(stack, "services", {}).values())]:
+            for problem in deploy_problems(app.document):
+                print(f"{PROG}: warning: {app.path}: {problem}", file=sys.stderr)
         missing = missing_package_indexes(stack.index_yaml)
         cron = Cron(stack.app_url, stack.cron_yaml, args.cron_every, stack.cron_token)
     except (AppYamlError, IndexYamlError, CronYamlError) as exc:
@@ -240,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if missing:
         print(f"{PROG}: {missing_indexes_warning(stack.index_yaml, missing)}", file=sys.stderr)
+    index_watch = IndexWatch(stack.index_yaml or stack.app_dir / "index.yaml", _index_problem)
     try:
         with _stop_on_signals():
             stack.start()
@@ -248,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             supervisor = Supervisor(stack, prog=PROG)
             while True:
                 cron.tick()
+                index_note = index_watch.changed()
+                if index_note:
+                    print(f"{PROG}: {index_note}", file=sys.stderr, flush=True)
                 try:
                     supervisor.check()
                 except local_stack.StackError as exc:

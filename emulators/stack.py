@@ -567,6 +567,8 @@ class LocalStack:
         ]
         if self.queue_yaml is not None:
             argv += ["--queue-yaml", str(self.queue_yaml)]
+        for service, url in self.service_urls().items():
+            argv += ["--service-url", f"{service}={url}"]
         self._spawn(
             "cloudtasks",
             argv,
@@ -574,6 +576,11 @@ class LocalStack:
             what="tasks emulator",
             port=self.tasks_port,
         )
+
+    def service_urls(self) -> dict[str, str]:
+        """The app's other services, where Cloud Tasks delivers tasks routed to them (one
+        service here; services.ServiceStack runs several)."""
+        return {}
 
     def start_app(self) -> None:
         """The front end on app_port, with app.yaml's entrypoint (gunicorn) behind it."""

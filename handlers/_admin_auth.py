@@ -7,7 +7,12 @@
    against IAP's public keys, fetched once per their ``Cache-Control: max-age``.
 3. App Engine's ``X-Appengine-User-Is-Admin: 1`` (``login: admin`` in app.yaml), trusted only
    on App Engine (``GAE_ENV`` set), where the front end strips it from outside requests.
-4. ``settings().admin_hook(environ)`` returning a user name.
+4. ``settings().admin_hook(environ)`` returning a user name; then
+   ``settings().viewer_hook(environ)`` (a read-only user).
+
+Roles: a viewer sees every page, an admin may also act. IAP users are admins unless
+``GAE_DEFERRED_ADMIN_EMAILS`` is set; then admins are the listed emails (or ``@domain``) and
+viewers those on ``GAE_DEFERRED_VIEWER_EMAILS`` (``*``: anyone IAP lets in); others are refused.
 
 The cron URL has its own check (:func:`cron_caller`). Tests (or apps behind another proxy) can
 swap how IAP certificates are fetched::
@@ -59,13 +64,45 @@ class KeysUnavailable(Exception):
     """IAP's public keys could not be fetched: the dashboard answers 503, not 403."""
 
 
+ADMIN, VIEWER = "admin", "viewer"
+#: Local mode only: a request with this header set to "viewer" is served as a viewer (to see
+#: what read-only users see). It can only take rights away.
+ROLE_HEADER = "HTTP_X_DEFERRED_ROLE"
+
+
 @dataclasses.dataclass(frozen=True)
 class Admin:
-    """An authenticated dashboard user; ``actor`` is what the audit log records."""
+    """An authenticated dashboard user; ``actor`` is what the audit log records. A ``viewer``
+    sees every page; only an ``admin`` may act (POST)."""
 
     actor: str
     via: str
     local_mode: bool = False
+    role: str = ADMIN
+
+    @property
+    def can_act(self) -> bool:
+        return self.role == ADMIN
+
+
+def _listed(email: str, entries: tuple[str, ...]) -> bool:
+    email = email.lower()
+    return any(
+        entry == "*" or entry == email or (entry.startswith("@") and email.endswith(entry))
+        for entry in entries
+    )
+
+
+def iap_role(email: str) -> str | None:
+    """The role of an IAP user: admin when no admin list is configured (everyone IAP lets in,
+    as before roles existed); else admin if on GAE_DEFERRED_ADMIN_EMAILS, viewer if on
+    GAE_DEFERRED_VIEWER_EMAILS, None (refused) otherwise."""
+    current = settings()
+    if not current.admin_emails or _listed(email, current.admin_emails):
+        return ADMIN
+    if _listed(email, current.viewer_emails):
+        return VIEWER
+    return None
 
 
 class _IapKeys:
@@ -169,7 +206,8 @@ def authenticate(environ: dict[str, Any]) -> Admin | None:
     """
     current = settings()
     if current.local_mode and environ.get("REMOTE_ADDR") in _LOOPBACK and local_host_ok(environ):
-        return Admin(f"local ({environ['REMOTE_ADDR']})", "local", local_mode=True)
+        role = VIEWER if environ.get(ROLE_HEADER) == VIEWER else ADMIN
+        return Admin(f"local ({environ['REMOTE_ADDR']})", "local", local_mode=True, role=role)
     token = environ.get("HTTP_X_GOOG_IAP_JWT_ASSERTION")
     if token and current.iap_audience:
         try:
@@ -179,7 +217,10 @@ def authenticate(environ: dict[str, Any]) -> Admin | None:
         except Exception as exc:  # any verification failure is a plain "not admin"
             logger.warning("rejected IAP JWT: %s", exc)
         else:
-            return Admin(str(claims.get("email") or claims.get("sub")), "iap", current.local_mode)
+            email = str(claims.get("email") or claims.get("sub"))
+            role = iap_role(email)
+            if role is not None:
+                return Admin(email, "iap", current.local_mode, role)
     if _on_app_engine() and environ.get("HTTP_X_APPENGINE_USER_IS_ADMIN") == "1":
         user = environ.get("HTTP_X_APPENGINE_USER_EMAIL") or "app engine admin"
         return Admin(user, "appengine", current.local_mode)
@@ -187,6 +228,10 @@ def authenticate(environ: dict[str, Any]) -> Admin | None:
         user = current.admin_hook(environ)
         if user:
             return Admin(str(user), "hook", current.local_mode)
+    if current.viewer_hook is not None:
+        user = current.viewer_hook(environ)
+        if user:
+            return Admin(str(user), "viewer hook", current.local_mode, VIEWER)
     return None
 
 

@@ -14,12 +14,13 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import jinja2
+import markupsafe
 
 from gae_deferred import admin
 
 from ._admin_guard import PREFIX
 
-REFRESH_CHOICES = (0, 10, 30, 60)
+REFRESH_CHOICES = (0, 5, 10, 30, 60)
 
 
 def _data_dir(name: str) -> str:
@@ -57,6 +58,28 @@ def age(value: datetime.datetime | str | float | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} {seconds % size // sub_size}{sub}"
     return f"{seconds // 60}m {seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+def ago(value: datetime.datetime | str | None) -> markupsafe.Markup:
+    """``3m 2s ago`` with the exact time on hover (and in ``datetime`` for scripts)."""
+    moment = _when(value)
+    if moment is None:
+        return markupsafe.Markup("-")
+    return markupsafe.Markup('<time datetime="{}" title="{}">{} ago</time>').format(
+        moment.isoformat(), timestamp(moment), age(moment)
+    )
+
+
+def due(value: datetime.datetime | str | None) -> markupsafe.Markup:
+    """When a scheduled time comes: ``in 4m 10s`` (or ``due now``), the exact time on hover."""
+    moment = _when(value)
+    if moment is None:
+        return markupsafe.Markup("-")
+    left = (moment - datetime.datetime.now(datetime.UTC)).total_seconds()
+    text = f"in {age(left)}" if left >= 1 else "due now"
+    return markupsafe.Markup('<time datetime="{}" title="{}">{}</time>').format(
+        moment.isoformat(), timestamp(moment), text
+    )
 
 
 def timestamp(value: datetime.datetime | str | None) -> str:
@@ -134,6 +157,8 @@ environment = jinja2.Environment(
 )
 environment.filters.update(
     age=age,
+    ago=ago,
+    due=due,
     bytes=admin.format_bytes,
     ts=timestamp,
     clock=clock,

@@ -24,9 +24,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 import webapp2
 
-from gae_deferred import Error, admin, metrics, ndb_context
+from gae_deferred import Error, admin, audit, metrics, ndb_context, refusals
 
-from . import _admin_auth, _admin_csrf, _templates
+from . import _admin_auth, _admin_csrf, _scrape_auth, _templates
 from . import _admin_guard as guard
 
 logger = logging.getLogger("gae_deferred.admin")
@@ -34,7 +34,10 @@ logger = logging.getLogger("gae_deferred.admin")
 PREFIX = guard.PREFIX
 SECURITY_HEADERS = guard.SECURITY_HEADERS
 FLASH_COOKIE = "deferred_admin_flash"
+REFRESH_COOKIE = "deferred_admin_refresh"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
+#: Pages whose cursors a list URL remembers for its "Previous" link.
+_TRAIL = 30
 #: A flash message is a cookie: keep it well under the 4 KB browsers allow.
 _FLASH_CHARS = 1500
 
@@ -105,6 +108,9 @@ class _Base(webapp2.RequestHandler):
         if self.request.method == "POST" and not _admin_csrf.valid(self.request):
             self.fail(403, "CSRF token missing or wrong: reload the page and try again.")
             return
+        if self.request.method == "POST" and not self.admin_user.can_act:
+            self._refuse_viewer()
+            return
         if getattr(self, self.request.method.lower(), None) is None:
             self.fail(405, f"{self.request.method} is not allowed here.")
             return
@@ -113,6 +119,12 @@ class _Base(webapp2.RequestHandler):
 
     def _authenticate(self) -> _admin_auth.Admin | None:
         return _admin_auth.authenticate(self.request.environ)
+
+    def _refuse_viewer(self) -> None:
+        """A viewer posted an action: 403, and the attempt is audited."""
+        with ndb_context():
+            audit.record(self.actor, "refused", self.path, "viewers may look but not act")
+        self.fail(403, "Viewers may look but not act: ask a dashboard admin.")
 
     def _denial(self) -> str:
         return _admin_auth.denial(self.request.environ)
@@ -186,25 +198,53 @@ class _Base(webapp2.RequestHandler):
         else:
             self.render(template, **data, **page)
 
+    def _refresh(self) -> int:
+        """The auto-refresh period: ``?refresh=`` sets it (and remembers it in a cookie, so it
+        follows the user from page to page), else the cookie's; 0 is off."""
+        choices = {str(choice) for choice in _templates.REFRESH_CHOICES}
+        asked = self.arg("refresh")
+        if asked in choices:
+            self.response.set_cookie(
+                REFRESH_COOKIE,
+                asked,
+                max_age=30 * 86400,
+                path=PREFIX,
+                httponly=True,
+                samesite="strict",
+                secure=self.request.scheme == "https",
+            )
+            return int(asked)
+        remembered = self.request.cookies.get(REFRESH_COOKIE, "0")
+        return int(remembered) if remembered in choices else 0
+
     def render(self, template: str, status: int = 200, **context: Any) -> None:
-        refresh = self.arg("refresh", "0")
         context.setdefault("title", "Deferred tasks")
         context.update(
             admin_user=self.admin_user,
+            can_act=bool(self.admin_user and self.admin_user.can_act),
             local_mode=bool(self.admin_user and self.admin_user.local_mode),
             csrf_token=self.csrf_token,
-            refresh=(
-                int(refresh) if refresh in {str(c) for c in _templates.REFRESH_CHOICES} else 0
-            ),
+            refresh=self._refresh() if self.admin_user is not None else 0,
             page_url=self._url_with,
+            paging=self._paging,
             request_path=self.path,
             here=self._here(),
             flash=self._take_flash() if status == 200 else None,
+            status=self._status() if self.admin_user is not None else None,
         )
         self.response.status_int = status
         self.response.content_type = "text/html"
         self.response.charset = "utf-8"
         self.response.write(_templates.render(template, context))
+
+    def _status(self) -> dict[str, Any] | None:
+        """The status strip's numbers (cached a few seconds); None when they cannot be read
+        (an error page must still render)."""
+        try:
+            return admin.status_strip()
+        except Exception:  # Datastore down: the page says so itself; the strip stays away
+            logger.exception("dashboard: cannot read the status strip")
+            return None
 
     def _here(self) -> str:
         """This page's URL (path and query), as links and ``back`` fields carry it."""
@@ -217,12 +257,73 @@ class _Base(webapp2.RequestHandler):
         params.update(changes)
         return quote(self.path) + _templates.query(params)
 
-    def _take_flash(self) -> str | None:
+    def _paging(
+        self, next_cursor: str | None, shown: int, total: int | None = None, capped: bool = False
+    ) -> dict[str, Any]:
+        """Previous / next / first links and "51 to 100 of 137" for a list page.
+
+        Cursors only go forward, so the URL carries the cursors of the pages before this one
+        (``trail``, "0" for the first page, the last _TRAIL kept) and the page number. ``total``
+        is a capped count ("more than N" when ``capped``); without one, the total is known on
+        the last page only ("more than N" before it).
+        """
+        trail = [part for part in self.arg("trail").split(",") if part][-_TRAIL:]
+        try:
+            number = max(1, int(self.arg("page") or 1))
+        except ValueError:
+            number = 1
+        size = self.limit()
+        start = (number - 1) * size + 1 if shown else 0
+        end = start + shown - 1 if shown else 0
+        if total is not None:
+            of = f"more than {total:,}" if capped else f"{total:,}"
+        elif next_cursor:
+            of = f"more than {end:,}"
+        else:
+            of = f"{end:,}"
+        here = self.arg("cursor") or "0"
+        previous = None
+        if trail:
+            back = trail[-1]
+            previous = self._url_with(
+                cursor=None if back == "0" else back,
+                trail=",".join(trail[:-1]) or None,
+                page=number - 1 if number > 2 else None,
+            )
+        return {
+            "start": start,
+            "end": end,
+            "of": of,
+            "previous": previous,
+            "next": (
+                self._url_with(cursor=next_cursor, trail=",".join([*trail, here]), page=number + 1)
+                if next_cursor
+                else None
+            ),
+            "first": (self._url_with(cursor=None, trail=None, page=None) if number > 1 else None),
+        }
+
+    def _take_flash(self) -> dict[str, Any] | None:
+        """The one-time result of the last action: ``{"text", "links": [[label, url]]}``."""
         sealed = self.request.cookies.get(FLASH_COOKIE)
         if not sealed:
             return None
         self.response.delete_cookie(FLASH_COOKIE, path=PREFIX)
-        return admin.open_message(sealed)
+        opened = admin.open_message(sealed)
+        if opened is None:
+            return None
+        try:
+            flash = json.loads(opened)
+        except ValueError:
+            return None
+        if not isinstance(flash, dict) or not isinstance(flash.get("text"), str):
+            return None
+        links = [
+            (str(label), str(url))
+            for label, url in flash.get("links") or []
+            if _safe_back(str(url), "") == str(url)
+        ]
+        return {"text": flash["text"], "links": links}
 
     def send_json(self, data: Any, status: int = 200) -> None:
         self.response.status_int = status
@@ -238,10 +339,18 @@ class _Base(webapp2.RequestHandler):
             return
         self.render("error.html", status=status, title=f"Error {status}", message=message)
 
-    def finish(self, message: str, back: str, data: dict[str, Any] | None = None) -> None:
+    def finish(
+        self,
+        message: str,
+        back: str,
+        data: dict[str, Any] | None = None,
+        links: list[tuple[str, str]] | None = None,
+    ) -> None:
         """The answer to a finished action: JSON on the API; otherwise 303 See Other to the
-        page the form came from (its ``back`` field) or ``back``, with ``message`` shown
-        once there, so reloading that page never repeats the action."""
+        page the form came from (its ``back`` field) or ``back``, with ``message`` (and
+        ``links`` to the records it names) shown once there, so reloading that page never
+        repeats the action."""
+        admin.forget_status()
         if self.json_api:
             self.send_json({"ok": True, "message": message, **(data or {})})
             return
@@ -251,7 +360,9 @@ class _Base(webapp2.RequestHandler):
             message += f" Errors: {listed}" + (" ..." if len(errors) > 5 else "")
         self.response.set_cookie(
             FLASH_COOKIE,
-            admin.seal_message(message[:_FLASH_CHARS]),
+            admin.seal_message(
+                json.dumps({"text": message[:_FLASH_CHARS], "links": (links or [])[:3]})
+            ),
             path=PREFIX,
             httponly=True,
             samesite="strict",
@@ -260,15 +371,20 @@ class _Base(webapp2.RequestHandler):
         self.response.status_int = 303
         self.response.headers["Location"] = _safe_back(self.field("back"), back)
 
-    def needs_confirmation(self, question: str, cancel: str, **fields: Any) -> bool:
+    def needs_confirmation(
+        self, question: str, cancel: str, button: str, *, danger: bool = False, **fields: Any
+    ) -> bool:
         """For HTML forms without confirm=yes in the body, render the confirmation page (it
-        posts back here with the same fields) and say so."""
+        posts back here with the same fields) and say so. ``button`` names the verb and the
+        count ("Retry 3 dead failures"); ``danger`` (deletes, purges) draws it red."""
         if self.json_api or self.field("confirm") == "yes":
             return False
-        self.ask(question, cancel, **fields)
+        self.ask(question, cancel, button, danger=danger, **fields)
         return True
 
-    def ask(self, question: str, cancel: str, **fields: Any) -> None:
+    def ask(
+        self, question: str, cancel: str, button: str, *, danger: bool = False, **fields: Any
+    ) -> None:
         """Render the confirmation page: it posts back here with ``fields`` and confirm=yes."""
         hidden = [(name, value) for name, value in fields.items() if not isinstance(value, list)]
         hidden += [
@@ -284,6 +400,8 @@ class _Base(webapp2.RequestHandler):
             "confirm.html",
             title="Confirm",
             question=question,
+            button=button,
+            danger=danger,
             action=quote(self.path),
             hidden=hidden,
             cancel=_safe_back(back, cancel),
@@ -299,6 +417,11 @@ def _api(handler: type[_Base]) -> type[_Base]:
     return type(f"{handler.__name__}Api", (handler,), {"json_api": True})
 
 
+def _count(number: int | str, noun: str) -> str:
+    """``1 failure``, ``3 failures``, ``1000+ failures``."""
+    return f"{number} {noun}" + ("" if str(number) == "1" else "s")
+
+
 def _bulk_summary(action: str, result: admin.BulkResult, what: str) -> str:
     return f"{action.capitalize()} {what}: {result.summary}."
 
@@ -309,7 +432,14 @@ def _bulk_summary(action: str, result: admin.BulkResult, what: str) -> str:
 class OverviewPage(_Base):
     def get(self) -> None:
         data = admin.overview_json(admin.overview(), admin.queue_overview())
-        self.respond("overview.html", data, title="Overview")
+        self.respond("overview.html", data, title="Overview", refused=refusals.summary())
+
+
+class RefusedPage(_Base):
+    """Refused deliveries (403s of the task handler) per reason, with the latest examples."""
+
+    def get(self) -> None:
+        self.respond("refused.html", refusals.summary(), title="Refused deliveries")
 
 
 # -- spilled payloads -----------------------------------------------------------------
@@ -318,11 +448,15 @@ class OverviewPage(_Base):
 class SpilloverList(_Base):
     def get(self) -> None:
         wanted = admin.SpillFilter.parse(self.request.GET)
+        counting = admin.list_total_async(wanted)
         page = admin.list_spillover(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
+        total, capped = admin.list_total(counting)
         data = {
             "items": [admin.spillover_json(record) for record in page.items],
             "next_cursor": page.next_cursor,
             "filters": wanted.params(),
+            "total": total,
+            "total_capped": capped,
         }
         self.respond(
             "spillover.html",
@@ -350,6 +484,12 @@ class SpilloverRetrigger(_Base):
             f"Retriggered spilled payload {record_id} as task {name}.",
             f"{PREFIX}/spillover",
             {"task_name": name, "id": record_id},
+            [
+                (
+                    f"spilled payload {record_id}",
+                    f"{PREFIX}/spillover/{_templates.segment(record_id)}",
+                )
+            ],
         )
 
 
@@ -360,6 +500,8 @@ class SpilloverDelete(_Base):
             f"Delete the spilled payload of {record.function} "
             f"({admin.format_bytes(record.stored_bytes)}) and its queued task?",
             f"{PREFIX}/spillover/{payload_id}",
+            "Delete 1 spilled payload",
+            danger=True,
         ):
             return
         admin.delete_spillover(record.key.id(), self.actor)
@@ -372,8 +514,10 @@ class SpilloverBulk(_Base):
         if not ids:
             raise admin.BadRequest("select at least one record")
         if self.needs_confirmation(
-            f"{action.capitalize()} {len(ids)} spilled payload(s)?",
+            f"{action.capitalize()} {_count(len(ids), 'spilled payload')}?",
             f"{PREFIX}/spillover",
+            f"{action.capitalize()} {_count(len(ids), 'spilled payload')}",
+            danger=action == "delete",
             action=action,
             ids=ids,
             version=version,
@@ -439,7 +583,9 @@ class _BulkMatching(_Base):
         count: int,
         changed: int | None = None,
     ) -> None:
-        more = "+" if count >= admin.MAX_MATCHING else ""
+        shown = f"{count}{'+' if count >= admin.MAX_MATCHING else ''}"
+        state = "" if wanted.state == "all" else f"{wanted.state} "
+        noun = "failure" if isinstance(wanted, admin.FailureFilter) else "spilled payload"
         note = (
             f"The number of matching records changed from {changed} to {count}: nothing was "
             "done yet. "
@@ -447,9 +593,11 @@ class _BulkMatching(_Base):
             else ""
         )
         self.ask(
-            f"{note}{action.capitalize()} {count}{more} {wanted.describe()}? At most "
+            f"{note}{action.capitalize()} {shown} {wanted.describe()}? At most "
             f"{admin.MAX_MATCHING:,} are done, {admin.MAX_BULK} at a time.",
             back,
+            f"{action.capitalize()} {_count(shown, state + noun)}",
+            danger=action == "delete",
             action=action,
             version=version,
             expected=str(count),
@@ -483,11 +631,19 @@ class FailureGroups(_Base):
 class FailureList(_Base):
     def get(self) -> None:
         wanted = admin.FailureFilter.parse(self.request.GET)
+        counting = admin.list_total_async(wanted)
         page = admin.list_failures(wanted, cursor=self.arg("cursor") or None, limit=self.limit())
+        total, capped = admin.list_total(counting)
+        estimates = admin.estimated_next_attempts(page.items)
         data = {
-            "items": [admin.failure_json(record) for record in page.items],
+            "items": [
+                {**admin.failure_json(record), "next_attempt_estimate": estimates.get(record.id)}
+                for record in page.items
+            ],
             "next_cursor": page.next_cursor,
             "filters": wanted.params(),
+            "total": total,
+            "total_capped": capped,
         }
         self.respond(
             "failure_list.html",
@@ -509,7 +665,10 @@ def _group_title(group: str | None) -> str:
 class FailureDetail(_Base):
     def get(self, failure_id: str) -> None:
         record = admin.get_failure(admin.id_from_url(failure_id))
-        data = admin.failure_json(record, detail=True)
+        data = {
+            **admin.failure_json(record, detail=True),
+            "next_attempt": admin.next_attempt(record),
+        }
         self.respond("failure_detail.html", data, title=f"Failure {data['id']}", failure=data)
 
 
@@ -521,6 +680,7 @@ class FailureRetrigger(_Base):
             f"Retrying failure {record_id} as task {name}.",
             f"{PREFIX}/failures/{failure_id}",
             {"task_name": name, "id": record_id},
+            [(f"failure {record_id}", f"{PREFIX}/failures/{_templates.segment(record_id)}")],
         )
 
 
@@ -528,7 +688,11 @@ class FailureDismiss(_Base):
     def post(self, failure_id: str) -> None:
         record_id = admin.id_from_url(failure_id)
         admin.dismiss_failure(record_id, self.actor)
-        self.finish(f"Dismissed failure {record_id}.", f"{PREFIX}/failures/{failure_id}")
+        self.finish(
+            f"Dismissed failure {record_id}.",
+            f"{PREFIX}/failures/{failure_id}",
+            links=[(f"failure {record_id}", f"{PREFIX}/failures/{_templates.segment(record_id)}")],
+        )
 
 
 class FailureDelete(_Base):
@@ -537,6 +701,8 @@ class FailureDelete(_Base):
         if self.needs_confirmation(
             f"Delete the failure record of {record.function} and its kept payload?",
             f"{PREFIX}/failures/{failure_id}",
+            "Delete 1 failure",
+            danger=True,
         ):
             return
         admin.delete_failure(record.key.id(), self.actor)
@@ -549,8 +715,10 @@ class FailureBulk(_Base):
         if not ids:
             raise admin.BadRequest("select at least one failure")
         if self.needs_confirmation(
-            f"{action.capitalize()} {len(ids)} failure(s)?",
+            f"{action.capitalize()} {_count(len(ids), 'failure')}?",
             f"{PREFIX}/failures/list",
+            f"{action.capitalize()} {_count(len(ids), 'failure')}",
+            danger=action == "delete",
             action=action,
             ids=ids,
             version=version,
@@ -573,19 +741,30 @@ class FailureBulkMatching(_BulkMatching):
 
 
 class FailureRetryGroup(_Base):
+    """Retry a group's failures in the view its button was on: from the dead tab only the dead
+    ones ("active", the default, is every retriable state)."""
+
     def post(self) -> None:
-        group = self.field("group")
-        if self.needs_confirmation(
-            f"Retry up to {admin.MAX_BULK} failures where {_group_title(group)}?",
-            f"{PREFIX}/failures",
-            group=group,
-        ):
-            return
-        result = admin.retry_group(group, self.actor)
+        group, view = self.field("group"), self.field("view") or "active"
+        states = admin.retriable_states(view)
+        if not self.json_api:
+            count = admin.count_group(group, states)
+            shown = f"{count}{'+' if count >= admin.MAX_BULK else ''}"
+            noun = "failure" if view == "active" else f"{view} failure"
+            if self.needs_confirmation(
+                f"Retry {_count(shown, noun)} where {_group_title(group)}? "
+                f"At most {admin.MAX_BULK} are retried, newest first.",
+                f"{PREFIX}/failures?view={view}",
+                f"Retry {_count(shown, noun)}",
+                group=group,
+                view=view,
+            ):
+                return
+        result = admin.retry_group(group, self.actor, states=states)
         self.finish(
-            f"Retried {len(result.done)} failure(s) where {_group_title(group)}; "
+            f"Retried {_count(len(result.done), 'failure')} where {_group_title(group)}; "
             f"{len(result.errors)} could not be retried.",
-            f"{PREFIX}/failures",
+            f"{PREFIX}/failures?view={view}",
             {"done": result.done, "errors": result.errors},
         )
 
@@ -626,7 +805,9 @@ class _QueueAction(_Base):
     def post(self, queue: str) -> None:
         name = admin.check_queue_name(admin.id_from_url(queue))
         back = f"{PREFIX}/queues/{queue}"
-        if self.question and self.needs_confirmation(self.question.format(queue=name), back):
+        if self.question and self.needs_confirmation(
+            self.question.format(queue=name), back, f"Purge queue {name}", danger=True
+        ):
             return
         getattr(admin, f"{self.verb}_queue")(name, self.actor)
         self.finish(f"Queue {name}: {self.verb} done.", back)
@@ -649,14 +830,20 @@ class TaskRun(_Base):
     def post(self, queue: str, task: str) -> None:
         name = admin.id_from_url(task)
         admin.run_task(admin.id_from_url(queue), name, self.actor)
-        self.finish(f"Task {name} dispatched now.", f"{PREFIX}/queues/{queue}")
+        self.finish(
+            f"Task {name} dispatched now.",
+            f"{PREFIX}/queues/{queue}",
+            links=[(f"queue {admin.id_from_url(queue)}", f"{PREFIX}/queues/{queue}")],
+        )
 
 
 class TaskDelete(_Base):
     def post(self, queue: str, task: str) -> None:
         queue_name, name = admin.id_from_url(queue), admin.id_from_url(task)
         back = f"{PREFIX}/queues/{queue}"
-        if self.needs_confirmation(f"Delete task {name} from {queue_name}?", back):
+        if self.needs_confirmation(
+            f"Delete task {name} from {queue_name}?", back, "Delete 1 task", danger=True
+        ):
             return
         admin.delete_task(queue_name, name, self.actor)
         self.finish(f"Task {name} deleted.", back)
@@ -687,15 +874,93 @@ class MetricsPage(_Base):
         )
 
 
+# -- iterate() jobs -------------------------------------------------------------------
+
+
+class JobList(_Base):
+    def get(self) -> None:
+        page = admin.list_jobs(cursor=self.arg("cursor") or None, limit=self.limit())
+        live = [job for job in page.items if job.state not in ("done", "cancelled")]
+        shards = admin.shards_of(live)
+        data = {
+            "items": [admin.job_json(job, shards.get(job.id)) for job in page.items],
+            "next_cursor": page.next_cursor,
+        }
+        self.respond("jobs.html", data, title="Jobs", duration=admin.format_duration)
+
+
+class JobDetail(_Base):
+    def get(self, job_id: str) -> None:
+        data = admin.job_detail(admin.id_from_url(job_id))
+        self.respond(
+            "job_detail.html", data, title=f"Job {data['name']}", duration=admin.format_duration
+        )
+
+
+class _JobAction(_Base):
+    verb: ClassVar[str] = ""
+    question: ClassVar[str | None] = None
+
+    def post(self, job_id: str) -> None:
+        record_id = admin.id_from_url(job_id)
+        back = f"{PREFIX}/jobs/{job_id}"
+        if self.question and self.needs_confirmation(
+            self.question.format(job=record_id), back, f"Cancel job {record_id}", danger=True
+        ):
+            return
+        job = getattr(admin, f"{self.verb}_job")(record_id, self.actor)
+        self.finish(f"Job {job.name}: {self.verb} done.", back, {"state": job.state})
+
+
+class JobPause(_JobAction):
+    verb = "pause"
+
+
+class JobResume(_JobAction):
+    verb = "resume"
+
+
+class JobCancel(_JobAction):
+    verb = "cancel"
+    question = "Cancel job {job}? Its shards stop after their current batch; finalize never runs."
+
+
+class StatusApi(_Base):
+    """``GET api/status``: the status strip's numbers (what every page shows at its top)."""
+
+    json_api = True
+
+    def get(self) -> None:
+        self.send_json(admin.status_strip())
+
+
+class MetricsProm(_Base):
+    """``GET metrics.prom``: OpenMetrics text for Prometheus (any dashboard user, or a scraper
+    with the bearer token of ``_scrape_auth``); ``?window=1h|24h|7d``."""
+
+    def _authenticate(self) -> _admin_auth.Admin | None:
+        return _scrape_auth.scraper(self.request.environ) or super()._authenticate()
+
+    def get(self) -> None:
+        window = self.arg("window") or "1h"
+        if window not in metrics.WINDOWS:
+            raise admin.BadRequest(f"window must be one of {', '.join(metrics.WINDOWS)}")
+        self.response.headers["Content-Type"] = admin.OPENMETRICS_CONTENT_TYPE
+        self.response.write(admin.openmetrics_text(window))
+
+
 # -- audit, sweeper, csrf, static -----------------------------------------------------
 
 
 class AuditPage(_Base):
     def get(self) -> None:
         page = admin.list_audit(cursor=self.arg("cursor") or None, limit=self.limit())
+        total, capped = admin.audit_total()
         data = {
             "items": [admin.audit_json(entry) for entry in page.items],
             "next_cursor": page.next_cursor,
+            "total": total,
+            "total_capped": capped,
         }
         self.respond("audit.html", data, title="Audit log")
 
@@ -816,6 +1081,7 @@ def admin_routes() -> list[webapp2.BaseRoute]:
     """The dashboard as one route: HTML under /_ah/deferred-admin, JSON under .../api/."""
     payload, failure = _id("payload_id"), _id("failure_id")
     queue, task = _id("queue"), _id("task")
+    job = _id("job_id")
     pages: list[tuple[str, type[_Base]]] = [
         ("", OverviewPage),
         ("/spillover", SpilloverList),
@@ -844,7 +1110,13 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         (f"/queues/{queue}/tasks/{task}/run", TaskRun),
         (f"/queues/{queue}/tasks/{task}/delete", TaskDelete),
         ("/metrics", MetricsPage),
+        ("/jobs", JobList),
+        (f"/jobs/{job}", JobDetail),
+        (f"/jobs/{job}/pause", JobPause),
+        (f"/jobs/{job}/resume", JobResume),
+        (f"/jobs/{job}/cancel", JobCancel),
         ("/audit", AuditPage),
+        ("/refused", RefusedPage),
         ("/sweep", SweepNow),
     ]
     routes: list[webapp2.BaseRoute] = [_Route("/", OverviewPage)]
@@ -854,7 +1126,9 @@ def admin_routes() -> list[webapp2.BaseRoute]:
         routes.append(_Route(path, handler))
         routes.append(_Route(f"/api{path or '/overview'}", _api(handler)))
     routes += [
+        _Route(r"/metrics\.prom", MetricsProm),
         _Route("/api/csrf", CsrfToken),
+        _Route("/api/status", StatusApi),
         _Route("/cron/sweep", CronSweep),
         _Route(f"/static/(?P<name>{_SEGMENT})", StaticFile),
     ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import webapp2
 
-from gae_deferred import TaskInfo, execute_task, tracing
+from gae_deferred import TaskInfo, execute_task, refusals, tracing
 
 from ._admin_guard import TASK_SECURITY_HEADERS
 
@@ -83,6 +83,7 @@ class DeferredTaskHandler(webapp2.RequestHandler):
         task = TaskInfo.from_environ(environ)
         if task is None:
             # No task headers: nothing of the body is read.
+            refusals.record("not-from-queue", None, "no task queue headers")
             self._answer(403, "forbidden")
             return
         try:

@@ -43,6 +43,12 @@ FIRESTORE_PATHS = (
     "tests/test_claims.py",
     "tests/test_batch.py",
     "tests/test_pessimistic_locking.py",
+    "tests/test_legacy_pickles.py",
+    "tests/test_version_affinity.py",
+    "tests/test_cross_python.py",
+    "tests/test_namespaces.py",
+    "tests/test_legacy_taskqueue_names.py",
+    "tests/iteration",
 )
 
 #: What the legacy emulator adds: its data survives a restart of the emulator, and it refuses
@@ -53,6 +59,7 @@ DATASTORE_PATHS = (
     "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing",
     "tests/dashboard",
     "tests/test_sweeper.py",
+    "tests/iteration/test_jobs_dashboard.py",
 )
 
 _IN_MEMORY_ONLY = (
@@ -86,6 +93,10 @@ NOT_ON_FIRESTORE: dict[str, str] = {
     "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing": (
         _IN_MEMORY_ONLY
     ),
+    "tests/iteration/test_iterate.py::test_10000_entities_over_8_shards_each_processed_exactly_once": (  # noqa: E501
+        "10,000 entities take two minutes on the Firestore emulator; the main leg runs it, and "
+        "this leg runs the same job paths over hundreds of entities"
+    ),
 }
 #: ... and what only the datastore leg leaves out.
 NOT_ON_DATASTORE: dict[str, str] = {
@@ -103,6 +114,7 @@ STUB_ONLY_FIXTURES = {"datastore_commits": _STUB_SPY, "rpc_counter": _STUB_SPY}
 DATASTORE_FIXTURES = {
     "ndb_stub",
     "ndb_emulator",
+    "ndb_emulator_process",
     "google_emulator",
     "deferred_tasks",
     "stack",
@@ -111,7 +123,11 @@ DATASTORE_FIXTURES = {
 }
 #: Where every test reaches Datastore (stacks, capture_tasks()), whatever its fixtures.
 DATASTORE_FOLDERS = ("tests/e2e/", "tests/reliability/", "tests/browser/", "tests/ported/")
-CAPTURE_MODULES = ("tests/test_testing.py", "tests/ported/")
+CAPTURE_MODULES = (
+    "tests/test_testing.py",
+    "tests/ported/",
+    "tests/iteration/test_backfills_doc.py",
+)
 #: Tests of Google's emulators themselves (the launcher, gae-deferred-dev --datastore, the
 #: differential test): they run in the main leg when the SDK and Java are there, and are named
 #: as left out, with what to install, when not.

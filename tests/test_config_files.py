@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import webapp2
 import webtest
 import yaml
@@ -13,12 +11,18 @@ from gae_deferred.local.datastore import load_index_yaml
 from gae_deferred.local.dev import missing_package_indexes, package_indexes
 from gae_deferred.queue_config import load_queue_yaml
 from gae_deferred.webapp2 import deferred_routes
+from tests import pythons
 from tests.conftest import ROOT
 
 
-def test_app_yaml_targets_the_python_ci_tests_and_our_entrypoint():
+def test_app_yaml_targets_a_python_ci_tests_and_our_entrypoint():
     app = load_app_yaml(ROOT / "app.yaml")
-    assert app.document["runtime"] == f"python{sys.version_info.major}{sys.version_info.minor}"
+    # The newest of the Pythons `make test` runs (tests/pythons.py); the comment names them all.
+    assert app.document["runtime"] == "python313"
+    assert pythons.SUPPORTED[-1] == "3.13"
+    comment = (ROOT / "app.yaml").read_text().split("\nruntime:", 1)[0]
+    for version in pythons.SUPPORTED:
+        assert f"python{version.replace('.', '')}" in comment
     assert app.document["entrypoint"].startswith("gunicorn ") and app.wsgi_app == "main:app"
     static = [h for h in app.handlers if isinstance(h, StaticHandler)]
     assert static and all(h.root.is_dir() for h in static)

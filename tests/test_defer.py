@@ -115,7 +115,7 @@ def test_routing_and_headers(paused):
         ({"_countdown": 10**12}, "_countdown of 1000000000000 seconds is past the last date"),
         ({"_countdown": 1, "_eta": datetime.datetime(2030, 1, 1)}, "not both"),
         ({"_eta": "tomorrow"}, "_eta must be a datetime"),
-        ({"_headers": {"X-AppEngine-QueueName": "x"}}, "Cloud Tasks sets it"),
+        ({"_headers": {"X-CloudTasks-QueueName": "x"}}, "Cloud Tasks sets it"),
         ({"_headers": {"X": 1}}, "str to str"),
         ({"_url": "http://evil/"}, "_url must be a path"),
         ({"_target": "a.b.c"}, "_target"),
@@ -473,15 +473,52 @@ def test_deferred_task_has_the_legacy_task_attributes(paused):
     assert inline.eta.timestamp() == pytest.approx(task.schedule_time.timestamp(), abs=1)
 
 
-def test_fail_fast_header_is_dropped_with_one_warning(paused, caplog):
-    gae_deferred.enqueue._warn_fail_fast.cache_clear()
+@pytest.mark.parametrize(
+    "spellings",
+    [
+        ("X-AppEngine-FailFast", "x-appengine-failfast", "X-APPENGINE-FAIL-FAST"),
+        ("X-AppEngine-Fail-Fast", "X-AppEngine-FailFast"),
+    ],
+)
+def test_fail_fast_header_is_dropped_with_one_warning_in_either_spelling(paused, caplog, spellings):
+    gae_deferred.enqueue._warn_dropped.cache_clear()
     with caplog.at_level("WARNING", logger="gae_deferred"):
-        defer(add, 1, _headers={"X-AppEngine-Fail-Fast": "true"})
-        defer(add, 2, _headers={"X-AppEngine-Fail-Fast": "true"})
-    assert caplog.text.count("X-AppEngine-Fail-Fast") == 1
-    assert all("X-AppEngine-Fail-Fast" not in t.app_engine_http_request.headers for t in paused())
-    with pytest.raises(DeferError, match="may not set X-AppEngine-QueueName"):
-        defer(add, 1, _headers={"X-AppEngine-QueueName": "other"})
+        for number, spelling in enumerate(spellings):
+            defer(add, number, _headers={spelling: "true", "X-Kept": "yes"})
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "X-AppEngine-Fail-Fast" in warnings[0].getMessage()
+    tasks = paused()
+    assert len(tasks) == len(spellings)
+    for task in tasks:
+        headers = {key.lower() for key in task.app_engine_http_request.headers}
+        assert "x-kept" in headers
+        assert not any("fail" in key for key in headers)
+
+
+def test_other_app_engine_headers_are_dropped_with_one_warning_each(paused, caplog):
+    gae_deferred.enqueue._warn_dropped.cache_clear()
+    with caplog.at_level("WARNING", logger="gae_deferred"):
+        defer(add, 1, _headers={"X-AppEngine-QueueName": "other", "X-AppEngine-TaskName": "t"})
+        defer(add, 2, _headers={"x-appengine-queuename": "other"})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(warnings) == [
+        "_headers: x-appengine-queuename is set by App Engine and Cloud Tasks; dropped",
+        "_headers: x-appengine-taskname is set by App Engine and Cloud Tasks; dropped",
+    ]
+    for task in paused():
+        assert task.name.split("/")[-3] == "default"
+        assert not any(
+            k.lower().startswith("x-appengine-q") for k in task.app_engine_http_request.headers
+        )
+    with pytest.raises(DeferError, match="may not set X-CloudTasks-TaskName"):
+        defer(add, 1, _headers={"X-CloudTasks-TaskName": "other"})
+
+
+def test_legacy_current_namespace_header_names_the_tasks_namespace(paused):
+    task = defer(add, 1, _headers={"X-AppEngine-Current-Namespace": "tenant-h"})
+    assert gae_deferred.envelope.read_header(task.payload)["namespace"] == "tenant-h"
+    (queued,) = paused()
+    assert not any("namespace" in key.lower() for key in queued.app_engine_http_request.headers)
 
 
 def test_queue_missing_as_failed_precondition_is_queue_not_found(ndb_stub, monkeypatch):

@@ -59,7 +59,9 @@ def test_two_processes_flushing_one_series_at_once_both_count(ndb_emulator):
     for thread in threads:
         thread.join(60)
     assert errors == []
-    assert len(attempts) == 3  # one of the two retried after its lock timeout
+    # At least one retried after its lock timeout (on Google's emulator the retry's new read
+    # lock can time the other one out in turn).
+    assert len(attempts) >= 3
     assert time.monotonic() - started > 1.5
     series = metrics.get_series("function", "locked.flush")
     assert series.window("1h").runs == 10

@@ -29,6 +29,7 @@ from gae_deferred import (
     ConfigurationError,
     DatastoreRefusedError,
     DatastoreUnavailableError,
+    EnqueueOutcomeUnknown,
     _ndb_rpc,
     cloud_tasks,
     defer,
@@ -371,11 +372,29 @@ def test_invalid_argument_is_not_retried(monkeypatch):
         assert len(calls) == 1
 
 
-def test_transient_error_is_retried_then_unavailable(monkeypatch):
+def test_transient_error_is_retried_then_settled(monkeypatch):
+    """UNAVAILABLE is retried on ndb's schedule; after the last try the commit may still have
+    landed (the reply, not the request, may be what was lost), and this server cannot be read
+    back either: the outcome is unknown, never 'refused' or 'not stored'."""
     with _answering(monkeypatch, grpc.StatusCode.UNAVAILABLE, "try again") as calls:
-        with pytest.raises(DatastoreUnavailableError, match=r"could not store.*try again"):
+        with pytest.raises(EnqueueOutcomeUnknown, match=r"may have been applied \(503 try again"):
             defer(collect, b"\0" * 300_000)
         assert len(calls) == 1 + len(_ndb_rpc.RETRY_DELAYS)
+
+
+def test_refusal_is_told_from_an_error_that_may_pass():
+    """What defer() calls DatastoreRefusedError: Datastore answered no, not 'no answer'."""
+    assert _ndb_rpc.is_refusal(api_exceptions.InvalidArgument("bad key"))
+    assert _ndb_rpc.is_refusal(api_exceptions.PermissionDenied("no"))
+    assert _ndb_rpc.is_refusal(
+        api_exceptions.ResourceExhausted("Sent message larger than max (5000000 vs. 4194304)")
+    )
+    assert not _ndb_rpc.is_refusal(api_exceptions.ResourceExhausted("Quota exceeded"))
+    assert not _ndb_rpc.is_refusal(api_exceptions.DeadlineExceeded("late"))
+    assert not _ndb_rpc.is_refusal(api_exceptions.ServiceUnavailable("reset"))
+    retried = api_exceptions.RetryError("3 retries", api_exceptions.ServiceUnavailable("reset"))
+    assert not _ndb_rpc.is_refusal(retried)
+    assert _ndb_rpc.is_refusal(api_exceptions.RetryError("x", api_exceptions.InvalidArgument("k")))
 
 
 def test_quota_exhaustion_stays_transient():

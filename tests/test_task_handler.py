@@ -271,6 +271,57 @@ def test_per_task_retry_limit_is_enforced_before_running(app):
     assert record.state == FailureState.DEAD and "retry limit 1" in record.message
 
 
+@pytest.mark.parametrize("limit", [0, 2])
+def test_task_retry_limit_gives_legacys_deliveries_and_keeps_the_real_exception(app, limit):
+    # Legacy (taskqueue_stub Retry.CanRetry): retry n is allowed while limit >= n: limit + 1 runs.
+    data = gae_deferred.envelope.build(
+        fail_with,
+        (ValueError("the real one"),),
+        {},
+        retry=gae_deferred.TaskRetryOptions(task_retry_limit=limit).as_dict(),
+        task="task-1",
+        queue="default",
+    )
+    statuses = []
+    for retries in range(limit + 1):
+        headers = {**TASK, "X-AppEngine-TaskRetryCount": str(retries)}
+        statuses.append(post(app, data, headers=headers).status_int)
+    # The queue (queue.yaml: 5 retries) would go on: the last one answers 200 to end it.
+    assert statuses == [500] * limit + [200]
+    assert len(RUNS) == limit + 1
+    (record,) = all_failures()
+    assert record.state == FailureState.DEAD and record.attempts == limit + 1
+    assert record.exception_type == "ValueError" and record.message == "the real one"
+    assert "in fail_with" in record.traceback and "ValueError: the real one" in record.traceback
+    # A duplicate delivery past the limit runs nothing and leaves the record as it was.
+    headers = {**TASK, "X-AppEngine-TaskRetryCount": str(limit + 1)}
+    assert post(app, data, headers=headers).status_int == 200
+    assert len(RUNS) == limit + 1
+    (again,) = all_failures()
+    assert (again.exception_type, again.attempts, again.traceback) == (
+        "ValueError",
+        limit + 1,
+        record.traceback,
+    )
+
+
+def test_singular_failure_on_the_tasks_own_last_attempt_ends_it_as_a_dead_letter(app):
+    data = gae_deferred.envelope.build(
+        fail_with,
+        (SingularTaskFailure("later"),),
+        {},
+        retry={"task_retry_limit": 1},
+        task="task-1",
+        queue="default",
+    )
+    assert post(app, data).status_int == 408
+    last = post(app, data, headers={**TASK, "X-AppEngine-TaskRetryCount": "1"})
+    assert last.status_int == 200
+    (record,) = all_failures()
+    assert record.state == FailureState.DEAD
+    assert record.exception_type == "gae_deferred.errors.SingularTaskFailure"
+
+
 def test_failure_record_text_is_bounded(app):
     post(app, task_body(fail_with, ValueError("m" * 100_000)))
     (record,) = all_failures()
@@ -821,7 +872,8 @@ def test_last_attempt_needs_every_limit_that_is_set(limit_queues, queue, retries
     [
         ({"task_retry_limit": 1}, 2, 0, True),
         ({"task_retry_limit": 1}, 1, 10**6, False),
-        ({"task_age_limit": 60}, 0, 61, True),
+        ({"task_age_limit": 60}, 1, 61, True),
+        ({"task_age_limit": 60}, 0, 61, False),  # a first attempt always runs, as in legacy
         ({"task_retry_limit": 1, "task_age_limit": 60}, 2, 0, False),
         ({"task_retry_limit": 1, "task_age_limit": 60}, 0, 61, False),
         ({"task_retry_limit": 1, "task_age_limit": 60}, 2, 61, True),

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from ...queue_config import QueueYamlError
 from .._serve import serve_until_signalled
+from .routing import ServiceRoutes
 from .server import CloudTasksEmulator, PortInUseError
 
 
@@ -41,7 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or "us-central1"
     )
-    parser.add_argument("--app-url", default="http://127.0.0.1:8080")
+    parser.add_argument("--app-url", default="http://127.0.0.1:8080", help="the default service")
+    parser.add_argument(
+        "--service-url",
+        action="append",
+        default=[],
+        metavar="[VERSION.]SERVICE=URL",
+        help="another service of the app (repeat): tasks routed to it go there",
+    )
     parser.add_argument(
         "--latency-ms",
         type=_latency,
@@ -68,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.queue_yaml is not None and not os.path.exists(args.queue_yaml):
         print(f"error: queue.yaml not found: {args.queue_yaml}", file=sys.stderr)
         return 2
+    try:
+        routes = ServiceRoutes.parse(args.app_url, args.service_url)
+    except ValueError as exc:
+        print(f"error: --service-url: {exc}", file=sys.stderr)
+        return 2
     emulator = CloudTasksEmulator(
         host=args.host,
         port=args.port,
@@ -77,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         location=args.location,
         app_url=args.app_url,
         latency_ms=args.latency_ms,
+        services=routes.services,
     )
     try:
         emulator.start()

@@ -25,7 +25,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from google.protobuf import empty_pb2
 
 from ... import queue_config
 from . import dispatch
+from .routing import ServiceRoutes, routing_of
 from .store import Store
 
 log = logging.getLogger("gae_deferred.local.cloudtasks")
@@ -173,6 +174,7 @@ class CloudTasksEmulator:
         app_url: str = "http://127.0.0.1:8080",
         default_dispatch_deadline: float = 600.0,
         latency_ms: float = 0.0,
+        services: Mapping[str, str] | None = None,
     ) -> None:
         if not (latency_ms >= 0 and math.isfinite(latency_ms)):
             raise ValueError(f"latency_ms must be a finite number >= 0, not {latency_ms!r}")
@@ -185,6 +187,9 @@ class CloudTasksEmulator:
         self.location = location
         self.parent = f"projects/{project}/locations/{location}"
         self.app_url = app_url
+        #: The app's other services (``service`` or ``version.service`` -> URL): a task goes to
+        #: the one its App Engine routing names (see routing.py); app_url is the default one.
+        self.services = dict(services or {})
         self.default_dispatch_deadline = default_dispatch_deadline
         #: Every RPC waits this long before it is handled, like a network round trip to the
         #: real service (benchmarks measure fan-out against it); RPCs wait in parallel.
@@ -780,8 +785,12 @@ class CloudTasksEmulator:
         # under the lock the scheduler holds, was a quarter of the emulator's CPU per task; all
         # a crash mid-attempt loses is that attempt's counters (the task is redelivered).
         deadline = _seconds(pb.dispatch_deadline) or self.default_dispatch_deadline
+        url, note = ServiceRoutes(self.app_url, self.services).resolve(*routing_of(queue.pb, pb))
+        if note:
+            log.warning("task %s: %s", _short(pb.name), note)
         queue.pool.submit(
             self._attempt,
+            url,
             queue,
             pb.name,
             _METHODS[request.http_method],
@@ -794,6 +803,7 @@ class CloudTasksEmulator:
 
     def _attempt(
         self,
+        url: str,
         queue: _Queue,
         name: str,
         method: str,
@@ -803,7 +813,7 @@ class CloudTasksEmulator:
         deadline: float,
         forced: bool,
     ) -> None:
-        result = dispatch.send(self.app_url, method, uri, headers, body, deadline)
+        result = dispatch.send(url, method, uri, headers, body, deadline)
         with self._wake:
             if self._stopping:
                 return

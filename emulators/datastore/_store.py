@@ -47,9 +47,10 @@ Partition = tuple[str, str, str]
 #: (project, database, namespace, kind): one group of entities a query scans.
 TableKey = tuple[str, str, str, str]
 
-#: Transactions idle for longer than this are forgotten (Datastore expires them too),
-#: so clients that vanish mid-transaction do not pin tombstones forever.
-TRANSACTION_IDLE_SECONDS = 600.0
+#: Transactions idle for longer than this are forgotten, as Datastore expires a transaction
+#: idle for 60 s (https://cloud.google.com/datastore/docs/concepts/transactions): a client
+#: that vanishes mid-transaction holds its locks (and pins tombstones) that long at most.
+TRANSACTION_IDLE_SECONDS = 60.0
 #: Pessimistic mode: how long a transaction's commit waits for another's locks (as Google's
 #: Firestore emulator in Datastore mode), and a non-transactional write at most.
 LOCK_TIMEOUT_SECONDS = 2.0

@@ -15,6 +15,7 @@ and code may override any field once at start-up::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import threading
 from collections.abc import Callable
@@ -104,6 +105,34 @@ class Settings:
     metrics_enabled: bool = True
     #: Each process writes its metrics at most once per this many seconds.
     metrics_flush_seconds: float = 60
+    #: The first run after a quiet interval is written this soon (a burst gathers meanwhile),
+    #: so the dashboard never says "nothing ran" for a minute while failures show
+    #: (GAE_DEFERRED_METRICS_FIRST_FLUSH_SECONDS; at least metrics_flush_seconds turns it off).
+    metrics_first_flush_seconds: float = 1.0
+    #: Read-only dashboard users: callable(environ) -> user name or None (admin_hook wins).
+    viewer_hook: Callable[[dict], str | None] | None = None
+    #: IAP users who may act (GAE_DEFERRED_ADMIN_EMAILS, comma-separated emails or @domains).
+    #: Empty: every user IAP lets in is an admin, as before roles existed.
+    admin_emails: tuple[str, ...] = ()
+    #: IAP users who may look but not act (GAE_DEFERRED_VIEWER_EMAILS; ``*`` = anyone IAP
+    #: lets in). Only read when admin_emails is set.
+    viewer_emails: tuple[str, ...] = ()
+    #: Bearer token for scrapers of /_ah/deferred-admin/metrics.prom (GAE_DEFERRED_METRICS_TOKEN),
+    #: or the Secret Manager version holding it (GAE_DEFERRED_METRICS_TOKEN_SECRET,
+    #: ``projects/P/secrets/S/versions/latest``).
+    metrics_token: str | None = None
+    metrics_token_secret: str | None = None
+    #: On App Engine, the version and service this process runs as (GAE_VERSION, GAE_SERVICE).
+    running_version: str | None = None
+    running_service: str | None = None
+    #: defer() routes a task to the version (and service) that made it, as the legacy task
+    #: queue did with the enqueuing request's Host, unless the call routes it itself
+    #: (_target, _service, _version, _instance). GAE_DEFERRED_VERSION_AFFINITY=0 turns it off.
+    version_affinity: bool = True
+    #: During a cut-over from python27: the last day (UTC) the task handler runs the legacy
+    #: library's unsigned pickles, only for App Engine's own task requests on App Engine
+    #: (GAE_DEFERRED_LEGACY_PICKLES_UNTIL=YYYY-MM-DD; gae_deferred.legacy_pickles). Off: None.
+    legacy_pickles_until: datetime.date | None = None
 
 
 _lock = threading.Lock()
@@ -141,15 +170,55 @@ def _from_environment() -> Settings:
         cron_token=env.get("GAE_DEFERRED_CRON_TOKEN") or None,
         metrics_enabled=env.get("GAE_DEFERRED_METRICS", "1") != "0",
         metrics_flush_seconds=_number(env, "GAE_DEFERRED_METRICS_FLUSH_SECONDS", float) or 60.0,
+        metrics_first_flush_seconds=_number(env, "GAE_DEFERRED_METRICS_FIRST_FLUSH_SECONDS", float)
+        or 1.0,
+        admin_emails=_emails(env.get("GAE_DEFERRED_ADMIN_EMAILS")),
+        viewer_emails=_emails(env.get("GAE_DEFERRED_VIEWER_EMAILS")),
+        metrics_token=env.get("GAE_DEFERRED_METRICS_TOKEN") or None,
+        metrics_token_secret=env.get("GAE_DEFERRED_METRICS_TOKEN_SECRET") or None,
+        running_version=env.get("GAE_VERSION") or None,
+        running_service=env.get("GAE_SERVICE") or None,
+        version_affinity=_flag(env, "GAE_DEFERRED_VERSION_AFFINITY", True),
+        legacy_pickles_until=_date(
+            env.get("GAE_DEFERRED_LEGACY_PICKLES_UNTIL"), "GAE_DEFERRED_LEGACY_PICKLES_UNTIL"
+        ),
     )
     _validate(current)
     return current
+
+
+def _emails(value: str | None) -> tuple[str, ...]:
+    """``a@x.com, @y.org,*`` -> ("a@x.com", "@y.org", "*"), lower-cased."""
+    return tuple(part.strip().lower() for part in (value or "").split(",") if part.strip())
 
 
 def _queue_yaml_beside_app() -> str | None:
     """App Engine runs an app from its folder, where queue.yaml sits beside app.yaml."""
     path = os.path.abspath("queue.yaml")
     return path if os.path.isfile(path) else None
+
+
+def _date(value: Any, source: str) -> datetime.date | None:
+    """A day given as "YYYY-MM-DD" (or a date); None when empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime.datetime):
+        raise ConfigurationError(f"{source} must be a day (YYYY-MM-DD), not a datetime")
+    if isinstance(value, datetime.date):
+        return value
+    try:
+        return datetime.date.fromisoformat(str(value))
+    except ValueError as exc:
+        raise ConfigurationError(f"{source} must be a day as YYYY-MM-DD, not {value!r}") from exc
+
+
+def _flag(env: Any, name: str, default: bool) -> bool:
+    text = env.get(name, "")
+    if text == "":
+        return default
+    if text not in ("0", "1"):
+        raise ConfigurationError(f"{name} must be 1 or 0, not {text!r}")
+    return text == "1"
 
 
 def _number(env: Any, name: str, kind: type[int] | type[float]) -> Any:
@@ -195,6 +264,8 @@ def configure(**changes: Any) -> Settings:
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ConfigurationError(f"unknown setting(s): {', '.join(unknown)}")
+    if "legacy_pickles_until" in changes:
+        changes["legacy_pickles_until"] = _date(changes["legacy_pickles_until"], "configure()")
     if "signing_key" in changes and isinstance(changes["signing_key"], str):
         changes["signing_key"] = _decode_key(changes["signing_key"], "configure()")
     with _lock:

@@ -6,8 +6,11 @@ Tests hand in a stub client with ``configure(ndb_client=...)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from google.cloud import ndb
@@ -80,3 +83,53 @@ class ndb_context:
             if not clean:
                 _thread_contexts.context = None
             _ndb_rpc.exit_context()
+
+
+#: Where legacy ``namespace_manager`` kept the namespace of a request (set_namespace() wrote
+#: it; App Engine set the default one from the request).
+NAMESPACE_ENVIRON = ("HTTP_X_APPENGINE_CURRENT_NAMESPACE", "HTTP_X_APPENGINE_DEFAULT_NAMESPACE")
+# Read on every defer(), where they are almost never set: os.environ.get of a missing key
+# encodes it and raises KeyError inside, several microseconds (defer()'s build budget is a few
+# dozen). CPython's os.environ keeps its data in ``_data`` under encoded keys: one dict lookup.
+_ENVIRON_DATA: dict | None = getattr(os.environ, "_data", None)
+_ENVIRON_KEYS = tuple(os.environ.encodekey(name) for name in NAMESPACE_ENVIRON)  # type: ignore[attr-defined]
+
+
+def current_namespace() -> str:
+    """The Datastore namespace the caller works in, which a task deferred now runs in.
+
+    The current ndb context's namespace where one is set on the context; else the legacy
+    ``namespace_manager`` environment value where one is set; else the ndb client's namespace;
+    ``""`` is the default namespace.
+    """
+    context = _ndb_rpc.current_context()
+    if context is not None and context.namespace is not ndb.key.UNDEFINED:
+        return context.namespace or ""
+    value = _environ_namespace()
+    if value is not None:
+        return value
+    if context is not None:
+        return context.client.namespace or ""
+    return ""
+
+
+def _environ_namespace() -> str | None:
+    if _ENVIRON_DATA is None:
+        return next((os.environ[name] for name in NAMESPACE_ENVIRON if name in os.environ), None)
+    for key in _ENVIRON_KEYS:
+        raw = _ENVIRON_DATA.get(key)
+        if raw is not None:
+            return os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    return None
+
+
+@contextlib.contextmanager
+def in_namespace(namespace: str) -> Iterator[None]:
+    """Run the block in the current ndb context with ``namespace`` as its namespace (the same
+    cache, batches and transaction: only the namespace differs)."""
+    context = ndb.get_context()
+    if (context.get_namespace() or "") == namespace:
+        yield
+        return
+    with context.new(namespace=namespace).use():
+        yield

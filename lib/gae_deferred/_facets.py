@@ -9,8 +9,9 @@ Datastore serves several equality filters on one list property with a single com
 
 What matches: ``fn:`` every dotted prefix of the function (``reports`` matches
 ``reports.build``), ``fx:`` the exact function, ``exc:`` the exception's qualified name and its
-class name, ``w:`` the first :data:`MAX_WORDS` distinct words of the message (lower case,
-letters/digits/underscore, 2 to :data:`MAX_WORD_CHARS` characters).
+class name, ``ns:`` the namespace the task runs in, ``w:`` the first :data:`MAX_WORDS` distinct
+words of the message (lower case, letters/digits/underscore, 2 to :data:`MAX_WORD_CHARS`
+characters).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def exception_tokens(exception_type: str) -> list[str]:
     return sorted(f"exc:{name}"[:MAX_INDEXED_CHARS] for name in names)
 
 
+def namespace_token(namespace: str) -> str:
+    """``ns:`` and the Datastore namespace the task runs in (none for the default one)."""
+    return f"ns:{namespace}"[:MAX_INDEXED_CHARS]
+
+
 def words(text: str) -> list[str]:
     """The distinct searchable words of ``text``, in order of appearance."""
     found: dict[str, None] = {}
@@ -59,6 +65,7 @@ def facets(
     function: str | None = None,
     exception_type: str | None = None,
     message: str | None = None,
+    namespace: str | None = None,
 ) -> list[str]:
     """Every token of a record; the dashboard's filters are equality filters on these."""
     tokens = []
@@ -66,6 +73,8 @@ def facets(
         tokens.append(f"state:{state}")
     if queue:
         tokens.append(f"queue:{queue}"[:MAX_INDEXED_CHARS])
+    if namespace:
+        tokens.append(namespace_token(namespace))
     if function:
         tokens += function_tokens(function)
     if exception_type:

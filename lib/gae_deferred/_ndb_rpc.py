@@ -286,6 +286,27 @@ def is_transient(exc: BaseException) -> bool:
     return _retry.is_transient_error(exc)
 
 
+#: Answers in which Datastore refused the request itself: sent again, it is refused again.
+_REFUSALS = (
+    core_exceptions.BadRequest,  # INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
+    core_exceptions.Unauthorized,
+    core_exceptions.Forbidden,
+    core_exceptions.NotFound,
+    core_exceptions.MethodNotImplemented,
+)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether Datastore refused the request (invalid, too big, not allowed), as opposed to
+    not answering it or failing transiently through the retries (ndb's RetryError is judged
+    by its last error)."""
+    if isinstance(exc, core_exceptions.RetryError):
+        exc = exc.cause if isinstance(exc.cause, BaseException) else exc
+    if isinstance(exc, core_exceptions.ResourceExhausted):
+        return bool(_TOO_BIG.search(str(exc)))
+    return isinstance(exc, _REFUSALS)
+
+
 def join_transaction(
     upserts: Iterable[ndb.Model | Blob] = (), deletes: Iterable[ndb.Key] = ()
 ) -> None:
@@ -411,6 +432,11 @@ def _routing(client: Any) -> tuple[tuple[str, str], ...]:
 def model_from_pb(entity_pb: Any) -> ndb.Model:
     """The Model of a raw ``Entity`` protobuf from :func:`lookup`, as ndb's get makes it."""
     return model._entity_from_protobuf(entity_pb)
+
+
+#: ndb's current context without ``ndb.get_context()``'s property and checks: defer() reads it
+#: on every call (the namespace a task runs in); None when there is none.
+current_context = context_module._state._context.get
 
 
 def enter_context(context: ndb.Context) -> None:

@@ -15,7 +15,7 @@ import datetime
 
 from google.cloud import ndb
 
-from ._model import DeferredModel
+from ._model import DeferredModel, root_key
 
 _MAX_INDEXED_CHARS = 500
 _MAX_DETAIL_CHARS = 2000
@@ -38,6 +38,7 @@ def record(actor: str, action: str, target: str, detail: str = "") -> DeferredAu
     >>> record("local (127.0.0.1)", "purge", "queue/default")  # doctest: +SKIP
     """
     entry = DeferredAudit(
+        key=root_key(DeferredAudit, None),
         actor=actor[:_MAX_INDEXED_CHARS],
         action=action[:_MAX_INDEXED_CHARS],
         target=target[:_MAX_INDEXED_CHARS],

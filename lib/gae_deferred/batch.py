@@ -56,7 +56,7 @@ from .enqueue import (
     spill_entities,
     write_outside_transaction,
 )
-from .errors import BatchDeferError, DeferError
+from .errors import BadTransactionStateError, BatchDeferError, DeferError
 
 #: CreateTask requests in flight at once unless batch() says otherwise.
 DEFAULT_CONCURRENCY = 32
@@ -124,7 +124,9 @@ class Batch:
         if call.transactional:
             context = ndb.get_context(raise_context_error=False)
             if context is None or not context.in_transaction():
-                raise DeferError("_transactional=True needs an active ndb transaction")
+                raise BadTransactionStateError(
+                    "_transactional=True needs an active ndb transaction"
+                )
         self._calls.append(call)
         return len(self._calls) - 1
 

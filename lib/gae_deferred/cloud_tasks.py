@@ -40,6 +40,7 @@ from .errors import (
     EnqueueOutcomeUnknown,
     QueueNotFoundError,
     TaskAlreadyExistsError,
+    TombstonedTaskError,
 )
 
 EMULATOR_HOST_ENV = "CLOUD_TASKS_EMULATOR_HOST"
@@ -69,6 +70,8 @@ class TaskSink(Protocol):
     def create_task(self, parent: str, task: tasks_v2.Task) -> tasks_v2.Task: ...
 
     def new_task_name(self, prefix: str) -> str: ...
+
+    def has_task(self, name: str) -> bool: ...
 
 
 #: Set by gae_deferred.testing.capture_tasks(): CreateTask goes there instead of Cloud Tasks.
@@ -277,6 +280,12 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
             return _sink.create_task(parent, task)
         return _create_settled(parent, task)
     except api_exceptions.AlreadyExists as exc:
+        if _is_tombstone(task.name):
+            raise TombstonedTaskError(
+                f"task {spec.name!r} ran or was deleted recently in queue {spec.queue!r}: "
+                "Cloud Tasks keeps its name for about an hour (up to 9 days for queues "
+                "created from queue.yaml)"
+            ) from exc
         raise TaskAlreadyExistsError(
             f"task {spec.name!r} already exists in queue {spec.queue!r}, or existed recently "
             "(Cloud Tasks keeps a name for about an hour after the task ran or was deleted, "
@@ -298,6 +307,20 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
                 "`python -m gae_deferred.queues sync`"
             ) from exc
         raise EnqueueError(f"Cloud Tasks could not create the task: {exc}") from exc
+
+
+def _is_tombstone(name: str) -> bool:
+    """After ALREADY_EXISTS: True when no task of that name is there (it ran or was deleted:
+    legacy's TombstonedTaskError); False when it is, or when that cannot be told."""
+    try:
+        if _sink is not None:
+            return not _sink.has_task(name)
+        client().get_task(name=name, timeout=settings().cloud_tasks_timeout_seconds)
+    except api_exceptions.NotFound:
+        return True
+    except api_exceptions.GoogleAPIError:
+        return False
+    return False
 
 
 # -- queues and tasks (the dashboard's calls; Google API errors are raised as they are) ----

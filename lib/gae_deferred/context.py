@@ -32,6 +32,9 @@ class TaskInfo:
     eta: float | None = None
     previous_response: int | None = None
     retry_reason: str | None = None
+    #: The request carried App Engine's own task headers (X-AppEngine-*), not Cloud Tasks'
+    #: HTTP-target ones (X-CloudTasks-*).
+    app_engine: bool = False
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> TaskInfo | None:
@@ -75,6 +78,7 @@ class TaskInfo:
             eta=_float(get(keys[prefix + "TaskETA"])),
             previous_response=_int(get(keys[prefix + "TaskPreviousResponse"])) or None,
             retry_reason=get(keys[prefix + "TaskRetryReason"]),
+            app_engine=bool(app_engine_queue),
         )
 
 

@@ -28,18 +28,22 @@ from typing import Any, TypeVar
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import _ndb_rpc, _outcome, cloud_tasks, envelope, spillover, tracing
+from . import _ndb_rpc, _outcome, cloud_tasks, envelope, spillover, task_backoff, tracing
 from ._config import settings
-from ._datastore import ndb_context
+from ._datastore import current_namespace, ndb_context
 from .cloud_tasks import TaskSpec, create_task, short_name, task_path
 from .errors import (
+    BadTransactionStateError,
     DatastoreRefusedError,
     DatastoreUnavailableError,
     DeferError,
     EnqueueError,
     EnqueueOutcomeUnknown,
+    InvalidTaskError,
+    InvalidTaskNameError,
     TaskAlreadyExistsError,
 )
+from .retry import TaskRetryOptions
 
 logger = logging.getLogger("gae_deferred")
 T = TypeVar("T")
@@ -48,13 +52,6 @@ R = TypeVar("R")
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.]+")
-_RETRY_FIELDS = (
-    "task_retry_limit",
-    "task_age_limit",
-    "min_backoff_seconds",
-    "max_backoff_seconds",
-    "max_doublings",
-)
 _CONTENT_TYPE = {"Content-Type": "application/octet-stream"}
 
 
@@ -64,7 +61,12 @@ class DeferredTask:
 
     The attributes legacy code read from the ``taskqueue.Task`` that ``deferred.defer`` returned
     are here too: ``queue_name``, ``url``, ``headers``, ``eta``, ``payload`` (the task's body),
-    ``was_enqueued`` (False for a transactional defer until its transaction commits).
+    ``was_enqueued`` (False for a transactional defer until its transaction commits),
+    ``method`` (``"POST"``), ``size`` (legacy's count: method, body, URL and headers),
+    ``retry_count`` (0: a new task), ``target`` (``"version.service"``, ``"service"``, or None
+    for the default routing), ``retry_options`` (a TaskRetryOptions, or None), ``tag``
+    (None: push tasks have none), ``eta_posix`` (the ETA in seconds since the epoch) and
+    ``was_deleted`` (False).
     """
 
     name: str
@@ -82,6 +84,14 @@ class DeferredTask:
     url: str = ""
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     payload: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+    #: App Engine routing: service, version, instance (empty: the default).
+    routing: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: The task's own retry options (the envelope header's ``retry``).
+    retry: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    method: str = "POST"
+    tag: None = None
+    retry_count: int = 0
+    was_deleted: bool = False
 
     @property
     def queue_name(self) -> str:
@@ -90,6 +100,28 @@ class DeferredTask:
     @property
     def was_enqueued(self) -> bool:
         return not self.transactional
+
+    @property
+    def size(self) -> int:
+        """Legacy ``Task.size``: method, body, URL and each header as ``key: value\\r\\n``."""
+        headers = sum(len(key) + len(value) + 4 for key, value in self.headers.items())
+        return len(self.method) + len(self.payload) + len(self.url) + headers
+
+    @property
+    def target(self) -> str | None:
+        """Legacy ``Task.target``: ``"version.service"`` or ``"service"``; None when the task
+        goes to the default service's serving version."""
+        parts = [self.routing.get("version"), self.routing.get("service")]
+        named = [part for part in parts if part]
+        return ".".join(named) if named else None
+
+    @property
+    def retry_options(self) -> TaskRetryOptions | None:
+        return TaskRetryOptions(**self.retry) if self.retry else None
+
+    @property
+    def eta_posix(self) -> float:
+        return self.eta.timestamp()
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -211,10 +243,18 @@ def prepare_call(
     trace = tracing.current()
     spec = _task_spec(function, countdown, eta, name, queue, url, headers, routing, trace)
     extra = trace.header_fields() if trace is not None else {}
+    namespace = (headers and _header_namespace(headers)) or current_namespace()
+    if namespace:
+        # The task runs in the deferring code's namespace (legacy carried it in a header).
+        extra = {**extra, "namespace": namespace}
     if retry_options is not None:
         retry = _retry_dict(retry_options)
         if retry:
             extra = {**extra, "retry": retry}
+        if task_backoff.has_own_backoff(extra):
+            # Its retries are new tasks (task_backoff): they go where this one goes.
+            request = {"url": spec.url, "headers": spec.headers, "routing": spec.routing}
+            extra[task_backoff.REQUEST] = request
     data, header = envelope.build_call(
         obj,
         args,
@@ -231,12 +271,14 @@ def prepare_call(
 def _routing(
     target: str | None, service: str | None, version: str | None, instance: str | None
 ) -> dict[str, str]:
+    if not (target or service or version or instance):
+        return affinity_routing()
     routing: dict[str, str] = {}
     if target:
         # Legacy targets read "service" or "version.service".
         parts = target.split(".")
         if len(parts) > 2 or not all(parts):
-            raise DeferError(f"_target {target!r} must be 'service' or 'version.service'")
+            raise InvalidTaskError(f"_target {target!r} must be 'service' or 'version.service'")
         routing["service"] = parts[-1]
         if len(parts) == 2:
             routing["version"] = parts[0]
@@ -246,25 +288,22 @@ def _routing(
     return routing
 
 
-def _retry_dict(options: Any) -> dict[str, float]:
-    if options is None:
+def affinity_routing() -> dict[str, str]:
+    """Where a task the call does not route goes: on App Engine (GAE_VERSION set), back to the
+    version and service that made it, as the legacy task queue did by the enqueuing request's
+    Host (``version_affinity``); elsewhere, or with affinity off, Cloud Tasks' default routing
+    (the queue's target, else the default service's serving version)."""
+    current = settings()
+    if not (current.version_affinity and current.running_version):
         return {}
-    if isinstance(options, Mapping):
-        source = options
-        unknown = set(source) - set(_RETRY_FIELDS)
-        if unknown:
-            raise DeferError(f"_retry_options has unknown field(s): {', '.join(sorted(unknown))}")
-    else:  # the legacy TaskRetryOptions object, or anything with the same attributes
-        source = {field: getattr(options, field, None) for field in _RETRY_FIELDS}
-    retry = {}
-    for field in _RETRY_FIELDS:
-        value = source.get(field)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise DeferError(f"_retry_options.{field} must be a number >= 0, not {value!r}")
-        retry[field] = value
-    return retry
+    routing = {"version": current.running_version}
+    if current.running_service:
+        routing["service"] = current.running_service
+    return routing
+
+
+def _retry_dict(options: Any) -> dict[str, float]:
+    return TaskRetryOptions.from_option(options).as_dict() if options is not None else {}
 
 
 def _task_spec(
@@ -283,11 +322,11 @@ def _task_spec(
     if not isinstance(queue, str) or not _valid_queue(queue):
         raise DeferError(f"_queue {queue!r} is not a valid queue name (letters, digits, hyphens)")
     if name is not None and (not isinstance(name, str) or not TASK_NAME.match(name)):
-        raise DeferError(
+        raise InvalidTaskNameError(
             f"_name {name!r} is not a valid task name (1-500 letters, digits, '_' or '-')"
         )
     if countdown is not None and eta is not None:
-        raise DeferError("pass _countdown or _eta, not both")
+        raise InvalidTaskError("pass _countdown or _eta, not both")
     now = datetime.datetime.now(datetime.UTC)  # spillover.now(), without its frame
     if countdown is not None:
         if (
@@ -296,16 +335,18 @@ def _task_spec(
             or not math.isfinite(countdown)
             or countdown < 0
         ):
-            raise DeferError(f"_countdown must be a number of seconds >= 0, not {countdown!r}")
+            raise InvalidTaskError(
+                f"_countdown must be a number of seconds >= 0, not {countdown!r}"
+            )
         try:
             when = now + datetime.timedelta(seconds=countdown)
         except OverflowError:
-            raise DeferError(
+            raise InvalidTaskError(
                 f"_countdown of {countdown!r} seconds is past the last date Python can hold"
             ) from None
     elif eta is not None:
         if not isinstance(eta, datetime.datetime):
-            raise DeferError(f"_eta must be a datetime, not {type(eta).__name__}")
+            raise InvalidTaskError(f"_eta must be a datetime, not {type(eta).__name__}")
         when = eta if eta.tzinfo else eta.replace(tzinfo=datetime.UTC)
     else:
         when = now
@@ -313,7 +354,7 @@ def _task_spec(
     if url is None:
         url = _task_url(current.task_url, function)
     elif not isinstance(url, str) or not url.startswith("/"):
-        raise DeferError(f"_url must be a path starting with '/', not {url!r}")
+        raise InvalidTaskError(f"_url must be a path starting with '/', not {url!r}")
     task_headers = dict(_CONTENT_TYPE)
     if trace is not None:
         task_headers["traceparent"] = trace.traceparent
@@ -332,24 +373,44 @@ def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     checked = {}
     for key, value in (headers or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise DeferError(f"_headers must map str to str; got {key!r}: {value!r}")
+            raise InvalidTaskError(f"_headers must map str to str; got {key!r}: {value!r}")
         lowered = key.lower()
-        if lowered == "x-appengine-fail-fast":
-            _warn_fail_fast()
+        if lowered.startswith("x-appengine-"):
+            # Legacy let apps pass these; App Engine set or ignored them. The namespace one is
+            # honoured as the task's namespace (prepare_call reads it).
+            if lowered != NAMESPACE_HEADER:
+                _warn_dropped(_FAIL_FAST.get(lowered, lowered))
             continue
-        if lowered.startswith(("x-appengine-", "x-cloudtasks-")):
-            raise DeferError(f"_headers may not set {key}: Cloud Tasks sets it")
+        if lowered.startswith("x-cloudtasks-"):
+            raise InvalidTaskError(f"_headers may not set {key}: Cloud Tasks sets it")
         checked[key] = value
     return checked
 
 
+#: Legacy's header naming the namespace a task runs in (taskqueue.Task set it by default).
+NAMESPACE_HEADER = "x-appengine-current-namespace"
+#: Both spellings apps used for "do not retry on a busy instance": one header, one warning.
+_FAIL_FAST = {"x-appengine-failfast": "x-appengine-fail-fast"}
+
+
+def _header_namespace(headers: Mapping[str, str]) -> str | None:
+    """The namespace an ``X-AppEngine-Current-Namespace`` entry of ``_headers`` names."""
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == NAMESPACE_HEADER and isinstance(value, str):
+            return value
+    return None
+
+
 @functools.cache
-def _warn_fail_fast() -> None:
-    """Logged once per process: legacy apps set the header on every call."""
-    logger.warning(
-        "_headers: X-AppEngine-Fail-Fast has no Cloud Tasks equivalent and is dropped; the "
-        "queue's retry settings apply"
-    )
+def _warn_dropped(header: str) -> None:
+    """Logged once per process and header: legacy apps set such headers on every call."""
+    if header == "x-appengine-fail-fast":
+        logger.warning(
+            "_headers: X-AppEngine-Fail-Fast has no Cloud Tasks equivalent and is dropped; the "
+            "queue's retry settings apply"
+        )
+    else:
+        logger.warning("_headers: %s is set by App Engine and Cloud Tasks; dropped", header)
 
 
 def task_url(function: str) -> str:
@@ -378,6 +439,8 @@ def _create_inline(call: PreparedCall) -> DeferredTask:
         url=call.spec.url,
         headers=call.spec.headers,
         payload=data,
+        routing=call.spec.routing or {},
+        retry=call.header.get("retry") or {},
     )
 
 
@@ -426,6 +489,8 @@ def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: byte
         url=spec.url,
         headers=spec.headers,
         payload=task_body,
+        routing=spec.routing or {},
+        retry=(record.meta or {}).get("retry") or {},
     )
 
 
@@ -446,7 +511,7 @@ def write_outside_transaction(entities: spillover.Payloads) -> None:
             return
         size = sum(record.stored_bytes or 0 for record, _ in entities)
         what = f"{len(entities)} spilled payload(s) of {size:,} bytes"
-        if not _ndb_rpc.is_transient(exc):
+        if _ndb_rpc.is_refusal(exc):
             raise DatastoreRefusedError(f"Datastore refused to store {what}: {exc}") from exc
         raise DatastoreUnavailableError(f"could not store {what}: {exc}") from exc
 
@@ -536,7 +601,7 @@ def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list
     (``concurrency`` CreateTask calls at a time)."""
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
-        raise DeferError("_transactional=True needs an active ndb transaction")
+        raise BadTransactionStateError("_transactional=True needs an active ndb transaction")
     spilled = [spill_entities(call) for call in calls]
     bodies = [reference(record) for record, _ in spilled]
     spillover.write_in_transaction(spilled)

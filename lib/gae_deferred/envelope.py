@@ -37,7 +37,13 @@ import cloudpickle
 
 from . import _signing
 from ._config import settings
-from .errors import PayloadLoadError, PermanentTaskFailure, SerializationError, UnverifiedEnvelope
+from .errors import (
+    PayloadLoadError,
+    PermanentTaskFailure,
+    SerializationError,
+    UnverifiedEnvelope,
+    VersionSkewError,
+)
 
 MAGIC = b"GAEDEF"
 FORMAT_VERSION = 1
@@ -664,15 +670,36 @@ def load_call(envelope: Envelope) -> tuple[Callable, tuple, dict]:
     A payload that cannot load in this runtime (a function renamed since, a newer pickle
     protocol, a missing module) raises PayloadLoadError naming both runtimes' versions.
     """
+    header = envelope.header
+    written = header.get("python")
+    if header.get("serializer") == "cloudpickle" and _minor(written) != _minor(PYTHON_VERSION):
+        # cloudpickle is used for what plain pickle cannot store by reference: code by value.
+        # Bytecode is per minor release, and CPython runs a foreign code object as it is: it
+        # crashes the process (a segfault, measured 3.11 <-> 3.13) instead of raising. So such
+        # a payload is never unpickled under another minor release.
+        raise VersionSkewError(
+            f"version skew: cannot load payload of {envelope.function}: it holds code pickled "
+            f"by value (a lambda, closure or local class) under Python {written}, whose "
+            f"bytecode this runtime, Python {PYTHON_VERSION}, cannot run; retry it on app "
+            f"version {header.get('app_version')}, which made it (docs/migration.md)"
+        )
     try:
         obj, args, kwargs = pickle.loads(envelope.body)
     except Exception as exc:
-        header = envelope.header
-        raise PayloadLoadError(
-            f"cannot load payload of {envelope.function}: {type(exc).__name__}: {exc}; "
-            f"it was written by Python {header.get('python')} / cloudpickle "
-            f"{header.get('cloudpickle')} / app version {header.get('app_version')}, this runtime "
-            f"is Python {PYTHON_VERSION} / cloudpickle {CLOUDPICKLE_VERSION} / app version "
-            f"{settings().app_version}"
+        written = (header.get("python"), header.get("cloudpickle"), header.get("app_version"))
+        here = (PYTHON_VERSION, CLOUDPICKLE_VERSION, settings().app_version)
+        skew = _minor(written[0]) != _minor(here[0]) or written[1:] != here[1:]
+        error = VersionSkewError if skew else PayloadLoadError
+        retry = f"; retry it on app version {written[2]}, which made it" if skew else ""
+        raise error(
+            f"{'version skew: ' if skew else ''}cannot load payload of {envelope.function}: "
+            f"{type(exc).__name__}: {exc}; it was written by Python {written[0]} / cloudpickle "
+            f"{written[1]} / app version {written[2]}, this runtime is Python {here[0]} / "
+            f"cloudpickle {here[1]} / app version {here[2]}{retry}"
         ) from exc
     return obj, args, kwargs
+
+
+def _minor(version: Any) -> str:
+    """``"3.13"`` of ``"3.13.0"``: pickles of one minor release load in its patch releases."""
+    return ".".join(str(version).split(".")[:2])

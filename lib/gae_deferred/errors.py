@@ -54,12 +54,41 @@ class DuplicateDeliveryRunning(SingularTaskFailure):
     """
 
 
-class TaskAlreadyExistsError(DeferError):
+class InvalidTaskError(DeferError):
+    """An option of the task is invalid: countdown, eta, url, headers, target (legacy
+    ``taskqueue.InvalidTaskError``, the base of the two below as it was there)."""
+
+
+class InvalidTaskNameError(InvalidTaskError):
+    """``_name`` is not a valid task name (legacy ``taskqueue.InvalidTaskNameError``)."""
+
+
+class TaskAlreadyExistsError(InvalidTaskError):
     """A task with this name exists, or existed recently (legacy ``TaskAlreadyExistsError``)."""
 
 
-class QueueNotFoundError(DeferError):
+class TombstonedTaskError(TaskAlreadyExistsError):
+    """A task of this name ran or was deleted recently, and the name is not free again yet
+    (legacy ``taskqueue.TombstonedTaskError``; a ``TaskAlreadyExistsError`` too, so one
+    ``except`` clause of either name catches it)."""
+
+
+class UnknownQueueError(DeferError):
+    """The queue does not exist (legacy ``taskqueue.UnknownQueueError``)."""
+
+
+class QueueNotFoundError(UnknownQueueError):
     """The queue does not exist in Cloud Tasks (run ``python -m gae_deferred.queues sync``)."""
+
+
+class BadTransactionStateError(DeferError):
+    """``_transactional=True`` outside an ndb transaction (legacy
+    ``taskqueue.BadTransactionStateError``)."""
+
+
+class InvalidTaskRetryOptionsError(DeferError):
+    """``_retry_options`` or a TaskRetryOptions is invalid (legacy
+    ``taskqueue.InvalidTaskRetryOptionsError``)."""
 
 
 class EnqueueError(DeferError):
@@ -136,6 +165,12 @@ class UnverifiedEnvelope(PermanentTaskFailure):
 
 class PayloadLoadError(PermanentTaskFailure):
     """A verified payload does not load in this runtime: version skew, renamed code."""
+
+
+class VersionSkewError(PayloadLoadError):
+    """A verified payload does not load here and was written by another Python, cloudpickle
+    or app version (named, with this runtime's, in the message): it is kept as a dead letter,
+    and the dashboard can retry it on the version that made it."""
 
 
 class SpilledPayloadMissing(PermanentTaskFailure):

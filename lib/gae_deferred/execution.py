@@ -20,18 +20,33 @@ import traceback
 import uuid
 from typing import Any
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from . import _ndb_rpc, envelope, failures, metrics, spillover
+from . import (
+    _ndb_rpc,
+    cloud_tasks,
+    enqueue,
+    envelope,
+    failures,
+    legacy_pickles,
+    metrics,
+    refusals,
+    spillover,
+    task_backoff,
+)
 from ._config import settings
-from ._datastore import ndb_context
+from ._datastore import in_namespace, ndb_context
+from .cloud_tasks import TaskSpec
 from .context import TaskInfo, running
 from .errors import (
+    DeferError,
     DuplicateDeliveryRunning,
     PayloadLoadError,
     PermanentTaskFailure,
     SingularTaskFailure,
     SpilledPayloadMissing,
+    TaskAlreadyExistsError,
     UnverifiedEnvelope,
 )
 from .failures import FailureState
@@ -121,21 +136,35 @@ def _all_reached(
 
 
 def is_last_attempt(task: TaskInfo, header: dict[str, Any]) -> bool:
-    """Whether Cloud Tasks will drop this task if this attempt fails (a dead letter).
-
-    The task's own ``_retry_options`` override its queue's queue.yaml limits, field by field.
-    """
+    """Whether this task is not retried if this attempt fails (a dead letter): its queue's
+    queue.yaml limits are reached (Cloud Tasks drops it), or its own ``_retry_options`` are."""
     limit, age_limit = _queue_retry_limits(settings().queue_yaml).get(task.queue, (None, None))
-    retry = header.get("retry") or {}
-    limit = retry.get("task_retry_limit", limit)
-    age_limit = retry.get("task_age_limit", age_limit)
+    age = _age_seconds(header)
+    if _all_reached(task.retry_count, age, limit, age_limit, inclusive=True):
+        return True
+    return is_last_by_task_options(task, header)
+
+
+def is_last_by_task_options(task: TaskInfo, header: dict[str, Any]) -> bool:
+    """Whether the task's own ``_retry_options`` allow no retry after this attempt.
+
+    Legacy semantics (the SDK's taskqueue ``Retry.CanRetry``): retry number ``n`` is allowed
+    while ``task_retry_limit >= n`` or ``task_age_limit`` is not yet exceeded (with both set,
+    either suffices), so a limit of N gives N + 1 deliveries. Cloud Tasks knows nothing of
+    them: the handler answers the last one 200 (see _execute).
+    """
+    retry = header.get("retry")
+    if not retry:
+        return False
+    limit, age_limit = retry.get("task_retry_limit"), retry.get("task_age_limit")
     return _all_reached(task.retry_count, _age_seconds(header), limit, age_limit, inclusive=True)
 
 
 def _over_task_limits(task: TaskInfo, header: dict[str, Any]) -> str | None:
-    """Per-task retry options (Cloud Tasks has none) are enforced here, before running."""
+    """A retry past the task's own ``_retry_options`` (a duplicate delivery of its last
+    attempt, or a retry its queue made anyway): not run. A first attempt always runs."""
     retry = header.get("retry")
-    if not retry:
+    if not retry or not task.retry_count:
         return None
     limit, age_limit = retry.get("task_retry_limit"), retry.get("task_age_limit")
     age = _age_seconds(header)
@@ -192,11 +221,16 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     replay of one runs that call again, as a duplicate delivery would.
     """
     if task is None:
+        refusals.record("not-from-queue", None, "no task queue headers")
         return TaskOutcome(FORBIDDEN, "forbidden", "not a task queue request")
     try:
         outer = envelope.open_envelope(body, decompress=False)
     except UnverifiedEnvelope as exc:
+        if legacy_pickles.is_legacy_pickle(body):
+            return legacy_pickles.execute(body, task)
         logger.error("rejected task %s on %s: %s", task.name, task.queue, exc)
+        signed = bytes(body[: len(envelope.MAGIC)]) == envelope.MAGIC
+        refusals.record("bad-signature" if signed else "unsigned", task, str(exc))
         return TaskOutcome(FORBIDDEN, "forbidden", str(exc))
     header = outer.header
     bound = "task" in header or "queue" in header or outer.is_reference
@@ -206,8 +240,10 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
             f", not {task.name!r} on {task.queue!r}: not executing it"
         )
         logger.error("rejected task %s on %s: %s", task.name, task.queue, message)
+        refusals.record("wrong-task", task, message)
         return TaskOutcome(FORBIDDEN, "forbidden", message)
     failure_id = header.get("failure_id")
+    task = task_backoff.counted(task, header)
     attempt = _Attempt(
         task=task,
         body=body,
@@ -239,14 +275,21 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
             attempt.env = envelope.decompressed(attempt.env)
         over = _over_task_limits(task, attempt.header)
         if over:
-            return _record(attempt, PermanentTaskFailure(over), FailureState.DEAD)
+            return _past_the_last_attempt(attempt, over)
         obj, args, kwargs = envelope.load_call(attempt.env)
+        namespace = attempt.header.get("namespace")
         with running(task):
-            obj(*args, **kwargs)
+            if isinstance(namespace, str) and namespace:
+                with in_namespace(namespace):
+                    obj(*args, **kwargs)
+            else:
+                obj(*args, **kwargs)
     except DuplicateDeliveryRunning as exc:
         logger.info("task %s: duplicate delivery while the first runs: %s", task.name, exc)
         return TaskOutcome(UNAVAILABLE, "claimed", str(exc))
-    except SingularTaskFailure:
+    except SingularTaskFailure as exc:
+        if is_last_by_task_options(task, attempt.header):
+            return _record(attempt, exc, FailureState.DEAD, status=OK)
         logger.debug("task %s asked to be retried", task.name)
         _release(attempt)
         return TaskOutcome(RETRY_QUIETLY, "retry", "SingularTaskFailure")
@@ -261,7 +304,12 @@ def _execute(attempt: _Attempt, started: float) -> TaskOutcome:
         return _record(attempt, exc, FailureState.PERMANENT)
     except Exception as exc:
         logger.exception("task %s (%s) failed", task.name, attempt.header.get("function"))
+        if is_last_by_task_options(task, attempt.header):
+            # Cloud Tasks would retry it by its queue's settings: 200 ends it where legacy did.
+            return _record(attempt, exc, FailureState.DEAD, status=OK)
         last = is_last_attempt(task, attempt.header)
+        if not last and task_backoff.has_own_backoff(attempt.header) and _retry_later(attempt):
+            return _record(attempt, exc, FailureState.RETRYING, status=OK)
         return _record(attempt, exc, FailureState.DEAD if last else FailureState.RETRYING)
     _succeeded(attempt)
     logger.info(
@@ -331,10 +379,65 @@ def _succeeded(attempt: _Attempt) -> None:
         failures.resolve(attempt.failure_id)
 
 
-def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskOutcome:
+def _retry_later(attempt: _Attempt) -> bool:
+    """Create the next attempt of a task with its own backoff (see task_backoff), due after
+    it; False if that cannot be done, and Cloud Tasks retries this one instead."""
+    task = attempt.task
+    name = task_backoff.next_name(task)
+    when = task_backoff.due(task, attempt.header)
+    record = attempt.record
+    previous = record.task_name if record is not None else None
+    try:
+        if record is not None:
+            # The payload moves to the next task; the record is written with the failure.
+            record.task_name = name
+            spec = enqueue.record_spec(record, eta=when)
+            body = enqueue.reference(
+                record,
+                failure_id=attempt.failure_id,
+                **{task_backoff.RETRIED: task.retry_count + 1},
+            )
+        else:
+            request = attempt.header.get(task_backoff.REQUEST) or {}
+            spec = TaskSpec(
+                queue=task.queue,
+                url=request.get("url") or enqueue.task_url(attempt.env.function),
+                headers=dict(request.get("headers") or {}),
+                eta=when,
+                name=name,
+                routing=dict(request.get("routing") or {}),
+            )
+            body = task_backoff.inline_retry_body(
+                attempt.body, name, attempt.failure_id, task.retry_count + 1
+            )
+        cloud_tasks.create_task(spec, body)
+    except TaskAlreadyExistsError:
+        logger.info("task %s: its retry %s exists already (a redelivery)", task.name, name)
+    except (DeferError, api_exceptions.GoogleAPIError) as exc:
+        logger.warning("task %s: could not schedule its retry %s (%s)", task.name, name, exc)
+        if record is not None:
+            record.task_name = previous
+        return False
+    return True
+
+
+def _past_the_last_attempt(attempt: _Attempt, reason: str) -> TaskOutcome:
+    """A delivery after the task's own last attempt: not run, and the failure record of that
+    attempt (its real exception and traceback) is left as it is."""
+    logger.warning("task %s not run: %s", attempt.task.name, reason)
+    if failures.get(attempt.failure_id) is not None:
+        _release(attempt)
+        return TaskOutcome(OK, FailureState.DEAD, reason)
+    return _record(attempt, PermanentTaskFailure(reason), FailureState.DEAD)
+
+
+def _record(
+    attempt: _Attempt, exc: BaseException, state: FailureState, status: int | None = None
+) -> TaskOutcome:
     """Update the failure record (and the spilled record) after a failed attempt.
 
     ``state`` is retrying, permanent or dead; a spilled payload takes the same state.
+    ``status`` overrides the answer (200: the task's own retry options end it here).
     """
     task = attempt.task
     now = datetime.datetime.now(datetime.UTC)
@@ -374,7 +477,8 @@ def _record(attempt: _Attempt, exc: BaseException, state: FailureState) -> TaskO
     _ndb_rpc.commit(upserts=[*entities, record, failures.group_entity(record)])
     # Retryable errors answer 500 even on the last attempt: Cloud Tasks then drops the task,
     # while a mismatch between queue.yaml and the real queue errs on the side of retrying.
-    status = OK if isinstance(exc, PermanentTaskFailure) else ERROR
+    if status is None:
+        status = OK if isinstance(exc, PermanentTaskFailure) else ERROR
     return TaskOutcome(status, state, f"{type(exc).__name__}: {exc}")
 
 

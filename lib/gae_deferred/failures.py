@@ -19,7 +19,7 @@ import re
 from google.cloud import ndb
 
 from . import _facets
-from ._model import MAX_INDEXED_CHARS, DeferredModel
+from ._model import MAX_INDEXED_CHARS, DeferredModel, root_key
 
 
 class FailureState(enum.StrEnum):
@@ -71,6 +71,11 @@ class DeferredFailure(DeferredModel):
     def id(self) -> str:
         return self.key.id()
 
+    @property
+    def namespace(self) -> str:
+        """The Datastore namespace the task runs in (``""``: the default one)."""
+        return str((self.meta or {}).get("namespace") or "")
+
     def search_tokens(self) -> list[str]:
         """The ``facets`` of this record; ``state:active`` marks the retriggerable states."""
         tokens = _facets.facets(
@@ -79,6 +84,7 @@ class DeferredFailure(DeferredModel):
             function=self.function,
             exception_type=self.exception_type,
             message=self.message,
+            namespace=self.namespace,
         )
         return [*tokens, "state:active"] if self.state in RETRIGGERABLE else tokens
 
@@ -103,7 +109,7 @@ def group_entity(record: DeferredFailure) -> DeferredFailureGroup:
     """The group marker for a failure record, to write in the same batch."""
     digest = hashlib.sha256(record.group.encode()).hexdigest()[:32]
     return DeferredFailureGroup(
-        id=f"g-{digest}",
+        key=root_key(DeferredFailureGroup, f"g-{digest}"),
         group=record.group,
         function=record.function,
         exception_type=record.exception_type,
@@ -127,7 +133,7 @@ def is_generated_id(record_id: str) -> bool:
 
 
 def failure_key(record_id: str) -> ndb.Key:
-    return ndb.Key(DeferredFailure, record_id)
+    return root_key(DeferredFailure, record_id)
 
 
 def payload_key(record_id: str) -> ndb.Key:

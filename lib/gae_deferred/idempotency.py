@@ -11,7 +11,8 @@ work that must happen once::
 
     defer(charge, order_id)
 
-The key is the task's queue and name (``key=`` overrides it, e.g. the order id). The marker's
+The key is the task's queue and name (``key=`` overrides it, e.g. the order id, kept apart per
+Datastore namespace of the context the function runs in). The marker's
 Datastore key name is the function's dotted name, ``:`` and the key; where that would be over
 Datastore's 1,500-byte limit on key names (or of its reserved form ``__x__``), the key is
 replaced by ``sha256:`` and its SHA-256 in hex, so keys of any length work (two keys collide
@@ -46,7 +47,7 @@ from google.cloud import ndb
 
 from ._config import settings
 from ._datastore import ndb_context
-from ._model import DeferredModel, is_key_name
+from ._model import DeferredModel, is_key_name, root_key
 from .context import current_task
 from .errors import DuplicateDeliveryRunning
 
@@ -70,11 +71,14 @@ def _marker_key(func: Callable, key: str | None) -> ndb.Key | None:
             return None
         key = f"{task.queue}/{task.name}"
     function = _name(func)
+    # Markers live in gae_deferred's namespace; a key of the caller's is per tenant.
+    namespace = ndb.get_context().get_namespace()
+    key = f"{namespace}/{key}" if namespace else key
     name = f"{function}:{key}"
     if not is_key_name(name):
         digest = hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()
         name = f"{function[:_FUNCTION_CHARS]}:sha256:{digest}"
-    return ndb.Key(DeferredDone, name)
+    return root_key(DeferredDone, name)
 
 
 #: Enough of a function's name for a hashed key's marker to stay under 1,500 bytes.

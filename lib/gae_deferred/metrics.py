@@ -3,9 +3,11 @@
 The task path calls :func:`observe` once per task: a few dictionary and list operations under
 a lock, in memory. Each process adds up what it saw per minute, with durations in fixed
 histogram buckets (:data:`BUCKETS_MS`) so percentiles of several processes merge exactly
-(reported as the upper bound of the bucket they fall in). A background thread flushes the
-totals every ``settings().metrics_flush_seconds`` (default 60) and at interpreter exit: **one
-Datastore transaction per process per interval** that folds them into one
+(reported as the upper bound of the bucket they fall in, or the exact maximum when that is
+lower). A background thread flushes the totals every ``settings().metrics_flush_seconds``
+(default 60; the first run after a quiet interval ``metrics_first_flush_seconds`` after it, 1 s
+by default) and at interpreter exit: **at most one Datastore transaction per process per
+interval** that folds them into one
 ``_DeferredMetricSeries`` record per function, per queue and for all functions::
 
     from gae_deferred import metrics
@@ -41,7 +43,7 @@ from google.cloud import ndb
 
 from ._config import settings
 from ._datastore import ndb_context
-from ._model import MAX_INDEXED_CHARS, DeferredModel
+from ._model import MAX_INDEXED_CHARS, DeferredModel, root_key
 
 logger = logging.getLogger("gae_deferred")
 
@@ -98,6 +100,8 @@ class _Recorder:
         self.flusher: threading.Thread | None = None
         self.flusher_pid = 0
         self.stop = threading.Event()
+        #: Set by the first run observed since the last flush: the flusher writes it promptly.
+        self.wake = threading.Event()
         self.exit_hook = False
 
     def take(self) -> dict[tuple[str, str], dict[int, list]]:
@@ -149,6 +153,7 @@ def observe(function: str, queue: str, seconds: float, *, ok: bool, retried: boo
     minute = int(time.time()) // 60
     recorder = _recorder
     with recorder.lock:
+        first = not recorder.pending
         minutes = recorder.pending.get((function, queue))
         if minutes is None:
             minutes = recorder.pending[(function, queue)] = {}
@@ -163,10 +168,12 @@ def observe(function: str, queue: str, seconds: float, *, ok: bool, retried: boo
             slot[_MAX] = ms
         slot[_HIST][bucket] += 1
     if recorder.flusher_pid != _pid:
-        _start_flusher(current.metrics_flush_seconds)
+        _start_flusher(current.metrics_flush_seconds, current.metrics_first_flush_seconds)
+    if first:
+        recorder.wake.set()
 
 
-def _start_flusher(interval: float) -> None:
+def _start_flusher(interval: float, first_delay: float) -> None:
     recorder = _recorder
     with recorder.lock:
         # After a fork the child has the parent's totals' copy but no thread: start its own.
@@ -175,7 +182,9 @@ def _start_flusher(interval: float) -> None:
         recorder.flusher_pid = os.getpid()
         recorder.stop = threading.Event()
         recorder.flusher = threading.Thread(
-            target=_flush_every, args=(interval, recorder.stop), name="gae-deferred-metrics"
+            target=_flush_every,
+            args=(interval, first_delay, recorder.stop, recorder.wake),
+            name="gae-deferred-metrics",
         )
         recorder.flusher.daemon = True
         recorder.flusher.start()
@@ -185,9 +194,24 @@ def _start_flusher(interval: float) -> None:
             recorder.exit_hook = True
 
 
-def _flush_every(interval: float, stop: threading.Event) -> None:
-    while not stop.wait(interval):
+def _flush_every(
+    interval: float, first_delay: float, stop: threading.Event, wake: threading.Event
+) -> None:
+    """Flush at most once per ``interval``; after a quiet interval, the first run observed is
+    written ``first_delay`` later instead of up to ``interval`` later (so a dashboard does not
+    show "nothing ran" for a minute while the failures a run recorded already show)."""
+    prompt = first_delay < interval
+    while not stop.is_set():
+        if prompt:
+            wake.wait(interval)
+            if stop.wait(first_delay if wake.is_set() else 0):
+                return
+        elif stop.wait(interval):
+            return
+        wake.clear()
         flush()
+        if prompt and stop.wait(interval):
+            return
 
 
 def _flush_at_exit() -> None:
@@ -219,14 +243,15 @@ class DeferredMetricSeries(DeferredModel):
     #: When a window total next changes by time alone (a minute or hour leaves its window).
     next_change = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     updated = ndb.DateTimeProperty(tzinfo=datetime.UTC)
-    #: {"m": {minute: slot}, "h": {hour: slot}}; a slot is runs, successes, failures,
-    #: retries, max ms and the bucket counts.
+    #: {"m": {minute: slot}, "h": {hour: slot}, "vm": {minute: {version: [runs, failures]}},
+    #: "vh": {hour: {...}}}; a slot is runs, successes, failures, retries, max ms and the
+    #: bucket counts; "vm"/"vh" say which app version (GAE_VERSION) ran them.
     data = ndb.JsonProperty(indexed=False, compressed=True)
 
 
 def series_key(kind: str, name: str) -> ndb.Key:
     digest = hashlib.sha256(f"{kind}\0{name}".encode()).hexdigest()[:32]
-    return ndb.Key(DeferredMetricSeries, f"{kind}-{digest}")
+    return root_key(DeferredMetricSeries, f"{kind}-{digest}")
 
 
 @dataclasses.dataclass
@@ -265,7 +290,8 @@ class Point(Stats):
 
 
 def _percentile(slot: list, fraction: float) -> float:
-    """The upper bound of the bucket the ``fraction`` quantile falls in (max for the last)."""
+    """The upper bound of the bucket the ``fraction`` quantile falls in, clamped to the exact
+    maximum (the quantile cannot exceed it): never "p95 30 ms" beside "max 27.8 ms"."""
     runs = slot[_RUNS]
     if not runs:
         return 0.0
@@ -274,7 +300,8 @@ def _percentile(slot: list, fraction: float) -> float:
     for bucket, count in enumerate(slot[_HIST]):
         seen += count
         if count and seen >= wanted:
-            return float(BUCKETS_MS[bucket]) if bucket < len(BUCKETS_MS) else slot[_MAX]
+            bound = float(BUCKETS_MS[bucket]) if bucket < len(BUCKETS_MS) else slot[_MAX]
+            return round(min(bound, slot[_MAX]), 3)
     return slot[_MAX]
 
 
@@ -289,6 +316,13 @@ def _unpack(slot: list) -> list:
     for bucket, count in slot[_HIST]:
         full[_HIST][bucket] = count
     return full
+
+
+def _versions(stored: Any) -> dict[int, dict[str, list[int]]]:
+    return {
+        int(index): {str(version): [int(n) for n in pair] for version, pair in by_version.items()}
+        for index, by_version in (stored or {}).items()
+    }
 
 
 def _pack(slot: list) -> list:
@@ -306,6 +340,9 @@ class Series:
     updated: datetime.datetime | None
     minutes: dict[int, list]
     hours: dict[int, list]
+    #: minute (hour) -> app version -> [runs, failures]
+    version_minutes: dict[int, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    version_hours: dict[int, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, record: DeferredMetricSeries) -> Series:
@@ -318,16 +355,63 @@ class Series:
             updated=record.updated,
             minutes={int(k): _unpack(v) for k, v in (data.get("m") or {}).items()},
             hours={int(k): _unpack(v) for k, v in (data.get("h") or {}).items()},
+            version_minutes=_versions(data.get("vm")),
+            version_hours=_versions(data.get("vh")),
         )
 
-    def window(self, name: str, now: float | None = None) -> Stats:
-        """Totals of ``1h``, ``24h`` or ``7d`` as of ``now`` (epoch seconds; default: now)."""
+    def versions(self, name: str, now: float | None = None) -> dict[str, list[int]]:
+        """App version -> [runs, failures] in a window (runs written before versions were
+        recorded are not in it)."""
+        now = time.time() if now is None else now
+        if name == "1h":
+            first, slots = int(now) // 60 - _MINUTE_SLOTS + 1, self.version_minutes
+        else:
+            first, slots = int(now) // 3600 - WINDOWS[name] // 3600 + 1, self.version_hours
+        total: dict[str, list[int]] = {}
+        for index, by_version in slots.items():
+            if index >= first:
+                for version, (runs, failed) in by_version.items():
+                    mine = total.setdefault(version, [0, 0])
+                    mine[0] += runs
+                    mine[1] += failed
+        return total
+
+    def version_marks(self, hourly: bool, now: float | None = None) -> list[tuple[int, str]]:
+        """(index in by_minute() / by_hour(), version) where the version that ran the most
+        changes from the previous point that ran anything: the chart's version markers."""
+        last = int(time.time() if now is None else now) // (3600 if hourly else 60)
+        count = _HOUR_SLOTS if hourly else _MINUTE_SLOTS
+        slots = self.version_hours if hourly else self.version_minutes
+        marks: list[tuple[int, str]] = []
+        previous = None
+        for position, index in enumerate(range(last - count + 1, last + 1)):
+            by_version = slots.get(index)
+            if not by_version:
+                continue
+            top = max(sorted(by_version), key=lambda version: by_version[version][0])
+            if previous is not None and top != previous:
+                marks.append((position, top))
+            previous = top
+        return marks
+
+    def _slots(self, name: str, now: float | None) -> list[list]:
         now = time.time() if now is None else now
         if name == "1h":
             first = int(now) // 60 - _MINUTE_SLOTS + 1
-            return Stats.of(slot for minute, slot in self.minutes.items() if minute >= first)
+            return [slot for minute, slot in self.minutes.items() if minute >= first]
         first_hour = int(now) // 3600 - WINDOWS[name] // 3600 + 1
-        return Stats.of(slot for hour, slot in self.hours.items() if hour >= first_hour)
+        return [slot for hour, slot in self.hours.items() if hour >= first_hour]
+
+    def window(self, name: str, now: float | None = None) -> Stats:
+        """Totals of ``1h``, ``24h`` or ``7d`` as of ``now`` (epoch seconds; default: now)."""
+        return Stats.of(self._slots(name, now))
+
+    def histogram(self, name: str, now: float | None = None) -> list[int]:
+        """Runs per duration bucket (:data:`BUCKETS_MS`, then one for slower) in a window."""
+        total = _empty_slot()
+        for slot in self._slots(name, now):
+            _add(total, slot)
+        return list(total[_HIST])
 
     def by_minute(self, now: float | None = None) -> list[Point]:
         """The last 60 minutes, oldest first, empty minutes included."""
@@ -350,6 +434,8 @@ class Series:
         first_hour = int(now) // 3600 - _HOUR_SLOTS + 1
         self.minutes = {m: s for m, s in self.minutes.items() if m >= first_minute}
         self.hours = {h: s for h, s in self.hours.items() if h >= first_hour}
+        self.version_minutes = {m: v for m, v in self.version_minutes.items() if m >= first_minute}
+        self.version_hours = {h: v for h, v in self.version_hours.items() if h >= first_hour}
         for window in WINDOWS:
             stats = self.window(window, now)
             setattr(record, f"runs_{window}", stats.runs)
@@ -369,6 +455,8 @@ class Series:
             data={
                 "m": {str(m): _pack(s) for m, s in self.minutes.items()},
                 "h": {str(h): _pack(s) for h, s in self.hours.items()},
+                "vm": {str(m): v for m, v in self.version_minutes.items()},
+                "vh": {str(h): v for h, v in self.version_hours.items()},
             },
         )
 
@@ -402,9 +490,12 @@ def _by_series(
 
 
 def _fold(
-    batch: list[tuple[tuple[str, str], tuple[dict[int, list], set[str]]]], now: float
+    batch: list[tuple[tuple[str, str], tuple[dict[int, list], set[str]]]],
+    now: float,
+    version: str,
 ) -> None:
-    """Add a batch of per-minute totals to their stored series (inside a transaction)."""
+    """Add a batch of per-minute totals to their stored series (inside a transaction); this
+    process's app ``version`` ran them."""
     keys = [series_key(kind, name) for (kind, name), _ in batch]
     records = ndb.get_multi(keys)
     for index, ((kind, name), (minutes, queues)) in enumerate(batch):
@@ -417,6 +508,13 @@ def _fold(
         for minute, slot in minutes.items():
             _add(series.minutes.setdefault(minute, _empty_slot()), slot)
             _add(series.hours.setdefault(minute // 60, _empty_slot()), slot)
+            for versions in (
+                series.version_minutes.setdefault(minute, {}),
+                series.version_hours.setdefault(minute // 60, {}),
+            ):
+                mine = versions.setdefault(version, [0, 0])
+                mine[0] += slot[_RUNS]
+                mine[1] += slot[_FAILED]
         latest = _epoch(max(minutes) * 60 + 59)
         series.last_run = max(series.last_run or latest, latest)
         series.queues = sorted(set(series.queues) | queues)
@@ -440,11 +538,12 @@ def _flush(*, failure_level: int) -> int:
         return 0
     grouped = list(_by_series(taken).items())
     now = time.time()
+    version = settings().app_version
     try:
         with ndb_context():
             for start in range(0, len(grouped), _BATCH):
                 batch = grouped[start : start + _BATCH]
-                ndb.transaction(lambda batch=batch: _fold(batch, now), retries=3)
+                ndb.transaction(lambda batch=batch: _fold(batch, now, version), retries=3)
     except Exception as exc:  # any Datastore trouble: keep the totals for the next flush
         logger.log(failure_level, "could not write task metrics (kept for the next flush): %s", exc)
         _recorder.give_back(taken)

@@ -34,7 +34,7 @@ from google.cloud import ndb
 
 from . import _facets, _ndb_rpc, _outcome, envelope
 from ._config import CHUNK_MUTATION_OVERHEAD, settings
-from ._model import MAX_INDEXED_CHARS, DeferredModel, is_key_name
+from ._model import MAX_INDEXED_CHARS, DeferredModel, is_key_name, root_key
 from .errors import (
     DuplicateDeliveryRunning,
     EnqueueOutcomeUnknown,
@@ -85,7 +85,10 @@ class DeferredPayload(DeferredModel):
     #: Search tokens (state, queue, function prefixes): the dashboard's filters (see _facets).
     facets = ndb.ComputedProperty(
         lambda record: _facets.facets(
-            state=record.state, queue=record.queue, function=record.function
+            state=record.state,
+            queue=record.queue,
+            function=record.function,
+            namespace=record.namespace,
         ),
         repeated=True,
     )
@@ -95,6 +98,11 @@ class DeferredPayload(DeferredModel):
     @property
     def id(self) -> str:
         return self.key.id()
+
+    @property
+    def namespace(self) -> str:
+        """The Datastore namespace the task runs in (``""``: the default one)."""
+        return str((self.meta or {}).get("namespace") or "")
 
 
 class DeferredPayloadChunk(DeferredModel):
@@ -120,11 +128,11 @@ def new_payload_id() -> str:
 
 
 def payload_key(payload_id: str) -> ndb.Key:
-    return ndb.Key(DeferredPayload, payload_id)
+    return root_key(DeferredPayload, payload_id)
 
 
 def done_key(payload_id: str) -> ndb.Key:
-    return ndb.Key(DeferredPayloadDone, payload_id)
+    return root_key(DeferredPayloadDone, payload_id)
 
 
 def parse_ref(header: dict[str, Any]) -> tuple[str, int]:
@@ -431,7 +439,7 @@ WRITE_GRACE = datetime.timedelta(hours=1)
 
 
 def write_key(payload_id: str) -> ndb.Key:
-    return ndb.Key(DeferredPayloadWrite, payload_id)
+    return root_key(DeferredPayloadWrite, payload_id)
 
 
 def _write_marker(record: DeferredPayload, started: datetime.datetime) -> DeferredPayloadWrite:

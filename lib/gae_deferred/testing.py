@@ -31,7 +31,7 @@ import datetime
 import itertools
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -39,7 +39,7 @@ from google.cloud import ndb, tasks_v2
 
 from . import _config, _datastore, cloud_tasks, context, envelope, execution
 from .errors import ConfigurationError, PermanentTaskFailure, SingularTaskFailure, TaskFailed
-from .queue_config import load_queue_yaml
+from .queue_config import QueueDefinition, load_queue_yaml
 
 #: Signs tasks inside a capture when no signing key is configured; never leaves this process.
 _TEST_SIGNING_KEY = secrets.token_bytes(32)
@@ -86,6 +86,18 @@ class CapturedTask:
         return len(self.payload)
 
     @property
+    def eta_posix(self) -> float:
+        return self.eta.timestamp()
+
+    @property
+    def target(self) -> str | None:
+        """``"version.service"`` or ``"service"``; None for the default routing."""
+        named = [
+            part for part in (self.routing.get("version"), self.routing.get("service")) if part
+        ]
+        return ".".join(named) if named else None
+
+    @property
     def queue_name(self) -> str:
         return self.queue
 
@@ -110,6 +122,7 @@ class CapturedTask:
             "url": self.url,
             "method": self.method,
             "eta": self.eta.strftime(_LEGACY_ETA_FORMAT),
+            "eta_delta": _eta_delta(self.eta),
             "eta_usec": eta_usec,
             "body": base64.b64encode(self.payload),
             "headers": headers,
@@ -166,6 +179,10 @@ class TaskQueue:
         #: The ndb client tasks run against (the in-memory one unless a Datastore is configured).
         self.ndb_client = ndb_client
         self._known_queues = set(known_queues) if known_queues is not None else None
+        #: queue.yaml's definitions, when ``known_queues`` is what load_queue_yaml returned.
+        self._definitions: dict[str, QueueDefinition] = (
+            dict(known_queues) if isinstance(known_queues, Mapping) else {}
+        )
         self._pending: list[CapturedTask] = []
         self._failures: list[TaskFailure] = []
         #: Task names in use per queue: Cloud Tasks refuses a name again for about an hour.
@@ -198,6 +215,13 @@ class TaskQueue:
             name = f"task{next(self._auto_names)}"
             if name not in taken:
                 return name
+
+    def has_task(self, name: str) -> bool:
+        """Whether a task of this full name is queued (``cloud_tasks`` tells a tombstone by it)."""
+        return any(
+            f"{cloud_tasks.queue_path(task.queue)}/tasks/{task.name}" == name
+            for task in self._pending
+        )
 
     def _captured(self, name: str, queue: str, task: tasks_v2.Task) -> CapturedTask:
         request = task.app_engine_http_request
@@ -263,6 +287,15 @@ class TaskQueue:
         outcome, raised = self._execute(task.payload, info)
         if outcome.status == execution.OK and outcome.result == "ok":
             return outcome
+        if outcome.status == execution.OK and outcome.result == "retrying":
+            # Its own backoff: the next attempt is a new task, queued already; raised as the
+            # ERROR path raises.
+            if raised is not None:
+                raise raised
+            raise TaskFailed(outcome.message, result=outcome.result)
+        if outcome.status == execution.OK and _raised_on_its_last_attempt(raised, outcome):
+            # Its own retry options ended it (the handler answered 200): raised, not retried.
+            raise raised  # type: ignore[misc]
         if outcome.status == execution.OK:
             self._failures.append(
                 TaskFailure(task, raised or PermanentTaskFailure(outcome.message), outcome.result)
@@ -375,12 +408,84 @@ class TaskQueue:
         ]
 
     def GetTasks(self, queue_name: str) -> list[dict[str, Any]]:
-        """testbed's ``GetTasks``: one queue's tasks as dicts (``body`` is base64)."""
+        """testbed's ``GetTasks``: one queue's tasks as dicts (``body`` is base64); KeyError
+        for a queue queue.yaml does not define, as the stub raised."""
+        if self._known_queues is not None and queue_name not in self._known_queues:
+            raise KeyError(queue_name)
         return [task.legacy_dict() for task in self.tasks_in(queue_name)]
 
+    def GetQueues(self) -> list[dict[str, Any]]:
+        """testbed's ``GetQueues``: one dict per queue, by name (``name``, ``max_rate``,
+        ``bucket_size``, ``mode``, ``acl``, ``oldest_task``, ``eta_delta``,
+        ``tasks_in_queue``, and ``retry_parameters`` where queue.yaml sets them): queue.yaml's
+        queues, else ``default`` and every queue holding a task."""
+        names = set(self._known_queues or ()) or {"default"}
+        names.update(task.queue for task in self._pending)
+        return [self._queue_dict(name) for name in sorted(names)]
+
+    def _queue_dict(self, name: str) -> dict[str, Any]:
+        definition = self._definitions.get(name)
+        queued = self.tasks_in(name)
+        described: dict[str, Any] = {
+            "name": name,
+            "bucket_size": definition.bucket_size if definition else 5,
+            "max_rate": definition.rate_text if definition else "5/s",
+            "mode": "push",
+            "acl": None,
+            "oldest_task": queued[0].eta.strftime(_LEGACY_ETA_FORMAT) if queued else "",
+            "eta_delta": _eta_delta(queued[0].eta) if queued else "",
+            "tasks_in_queue": len(queued),
+        }
+        retry = definition.retry if definition and definition.line else None
+        if retry is not None:
+            described["retry_parameters"] = {
+                key: value
+                for key, value in (
+                    ("retry_limit", retry.task_retry_limit),
+                    ("age_limit_sec", retry.task_age_limit),
+                    ("min_backoff_sec", retry.min_backoff_seconds),
+                    ("max_backoff_sec", retry.max_backoff_seconds),
+                    ("max_doublings", retry.max_doublings),
+                )
+                if value is not None
+            }
+        return described
+
+    def DeleteTask(self, queue_name: str, task_name: str) -> None:
+        """testbed's ``DeleteTask``: drop one queued task without leaving a tombstone (its name
+        can be used again); nothing happens if there is no such task."""
+        self._pending = [
+            task
+            for task in self._pending
+            if not (task.queue == queue_name and task.name == task_name)
+        ]
+        self._names.get(queue_name, set()).discard(task_name)
+
     def FlushQueue(self, queue_name: str) -> None:
-        """testbed's ``FlushQueue``: :meth:`clear` for one queue."""
+        """testbed's ``FlushQueue``: :meth:`clear` for one queue (no tombstones left)."""
         self.clear(queue_name)
+
+    def Clear(self) -> None:
+        """testbed's ``Clear``: :meth:`clear` for every queue."""
+        self.clear()
+
+
+def _eta_delta(eta: datetime.datetime) -> str:
+    """testbed's relative ETA: ``0:00:06 ago`` or ``0:00:30 from now`` (no microseconds)."""
+    now = datetime.datetime.now(datetime.UTC)
+    delta = abs(eta - now)
+    whole = datetime.timedelta(days=delta.days, seconds=delta.seconds)
+    return f"{whole} from now" if eta > now else f"{whole} ago"
+
+
+def _raised_on_its_last_attempt(
+    raised: BaseException | None, outcome: execution.TaskOutcome
+) -> bool:
+    return (
+        outcome.result == "dead"
+        and raised is not None
+        and not isinstance(raised, PermanentTaskFailure | SingularTaskFailure)
+    )
 
 
 @contextlib.contextmanager
@@ -396,7 +501,8 @@ def _in_memory_datastore(project: str, index_yaml: str | os.PathLike[str] | None
     except ImportError as exc:
         raise ConfigurationError(
             "capture_tasks() needs a Datastore for spilled payloads and task records: install "
-            "the in-memory one with `pip install 'gae-deferred[testing]'`, or set "
+            "the in-memory one with the gae_deferred wheel's [testing] extra (`pip install "
+            "'./wheels/gae_deferred-<version>-py3-none-any.whl[testing]'`), or set "
             "DATASTORE_EMULATOR_HOST, or pass ndb_client="
         ) from exc
     with DatastoreEmulator(port=0, index_yaml=index_yaml) as emulator:
@@ -432,8 +538,9 @@ def capture_tasks(
     raise QueueNotFoundError as Cloud Tasks would, and gives the retry limits. The Datastore is
     ``ndb_client``, else the configured one (``configure(ndb_client=...)`` or
     ``DATASTORE_EMULATOR_HOST``), else an in-memory one, validated against ``index_yaml`` if
-    given. Every setting is restored on exit, and tasks that failed for good but were never
-    taken raise UnexaminedTaskFailures::
+    given; for the last two the block also opens an ndb context when none is open. Every
+    setting is restored on exit, and tasks that failed for good but were never taken raise
+    UnexaminedTaskFailures::
 
         with capture_tasks(queue_yaml="queue.yaml") as queue:
             signup("a@example.com")
@@ -453,6 +560,9 @@ def capture_tasks(
     if queue_yaml is not None:
         changes["queue_yaml"] = os.fspath(queue_yaml)
     in_memory = ndb_client is None and current.ndb_client is None
+    # The block picks the Datastore (in memory, or the emulator of DATASTORE_EMULATOR_HOST):
+    # it also opens the ndb context, unless the test has one open.
+    picked = in_memory
     if in_memory and os.environ.get("DATASTORE_EMULATOR_HOST"):
         in_memory = False
         if index_yaml is not None:
@@ -471,8 +581,8 @@ def capture_tasks(
             known = load_queue_yaml(updated.queue_yaml) if updated.queue_yaml else None
             queue = TaskQueue(_datastore.client(), known)
             cloud_tasks._sink = queue
-            if in_memory and ndb.get_context(raise_context_error=False) is None:
-                stack.enter_context(ndb_client.context(cache_policy=False))
+            if picked and ndb.get_context(raise_context_error=False) is None:
+                stack.enter_context(_datastore.client().context(cache_policy=False))
             yield queue
             stack.close()
             queue.check_failures()

@@ -97,10 +97,10 @@ def test_failure_group_retry_resolves_it(page, live, tmp_path):
     (run_dir / "fixed").write_text("yes")
     page.goto(f"{live.dashboard_url}/failures")
     page.click("tr:has-text('broken_until_fixed') >> button:has-text('Retry group')")
-    assert "Retry up to" in page.locator(".question").inner_text()
+    assert "Retry 2 failures where" in page.locator(".question").inner_text()
     shoot(page, "confirm")
-    page.click("button:has-text('Yes, do it')")
-    assert "Retried 2 failure(s)" in page.locator(".notice").inner_text()
+    page.click("form.confirm button:has-text('Retry 2 failures')")
+    assert "Retried 2 failures" in page.locator(".notice").inner_text()
     wait_for(lambda: (run_dir / "repaired").exists(), "a retried task to run")
 
     def resolved() -> bool:
@@ -139,7 +139,7 @@ def test_pages_work_without_javascript(browser, live):
         tab.goto(f"{live.dashboard_url}/queues/default")
         tab.click("button:has-text('Purge queue')")
         assert "Purge queue default?" in tab.content()
-        tab.click("button:has-text('Yes, do it')")
+        tab.click("button:has-text('Purge queue default')")
         assert "purge done" in tab.content()
     finally:
         context.close()

@@ -7,7 +7,7 @@ import webapp2
 import webtest
 
 import gae_deferred
-from gae_deferred import metrics
+from gae_deferred import admin, metrics
 from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
 from tests.dashboard.support import LOOPBACK
 
@@ -19,5 +19,6 @@ def app(ndb_stub, fresh_tasks_emulator):
     gae_deferred.configure(local_mode=True)
     _admin_auth.reset_iap_keys()
     metrics.discard_pending()
+    admin.forget_status()
     wsgi = deferred_middleware(webapp2.WSGIApplication(deferred_routes()))
     return webtest.TestApp(wsgi, extra_environ=LOOPBACK)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 
 import pytest
 import webapp2
@@ -56,7 +57,10 @@ def test_overview_shows_queues_counts_and_svg_charts(app, ndb_stub):
     for queue in ("default", "reports"):
         assert f'href="{P}/queues/{queue}"' in page.text
     assert "running" in page.text and "20/s" in page.text
-    assert page.text.count("<svg") == 3 and "<script" not in page.text
+    # One script, the dashboard's own file (live refresh); no inline script.
+    scripts = re.findall(r"<script[^>]*>", page.text)
+    assert page.text.count("<svg") == 3
+    assert scripts == [f'<script src="{P}/static/live.js" defer>']
     data = app.get(f"{P}/api/overview").json
     assert data["spill_counts"] == {"pending": 1, "retrying": 0, "permanent": 0, "dead": 1}
     assert data["stored_bytes"] > 150_000 and data["failures_hour"] == 1
@@ -121,9 +125,18 @@ def test_spillover_paging_sorting_and_filters(app, ndb_stub):
     dead = app.get(f"{P}/api/spillover?state=dead&function=other.fn&queue=default").json
     assert [item["id"] for item in dead["items"]] == ["gone"]
     page = app.get(f"{P}/spillover?limit=2")
-    assert "Next page" in page.text
-    next_page = page.click("Next page")
+    assert "Showing 1 to 2 of 5" in page.text and "Previous" not in page.text
+    next_page = page.click("Next →")
     assert "d-p2" in next_page.text and "d-p0" not in next_page.text
+    assert "Showing 3 to 4 of 5" in next_page.text
+    last = next_page.click("Next →")
+    assert "Showing 5 to 5 of 5" in last.text and "Next →" not in last.text
+    back = last.click("← Previous")
+    assert "Showing 3 to 4 of 5" in back.text and "d-p2" in back.text
+    first = back.click("← Previous")
+    assert "Showing 1 to 2 of 5" in first.text and "d-p0" in first.text
+    assert "Previous" not in first.text
+    assert app.get(f"{P}/api/spillover?limit=2").json["total"] == 5
 
 
 @pytest.mark.parametrize(
@@ -240,7 +253,8 @@ def test_bulk_retrigger_and_delete_with_confirmation(app, ndb_stub):
     form.get("ids", index=0).checked = True
     form.get("ids", index=1).checked = True
     confirm = form.submit("action", value="retrigger")
-    assert "Retrigger 2 spilled payload(s)?" in confirm.text
+    assert "Retrigger 2 spilled payloads?" in confirm.text
+    assert ">Retrigger 2 spilled payloads</button>" in confirm.text
     assert len(queued_tasks("default")) == 0
     done = confirm.forms[0].submit().follow()
     assert "2 done, 0 failed" in done.text
@@ -375,6 +389,7 @@ def test_dismiss_then_retry_is_refused_and_delete_removes(app, ndb_stub):
     page = app.get(f"{P}/failures/{record.id}")
     confirm = page.forms[len(page.forms) - 1].submit()
     assert "Delete the failure record" in confirm.text
+    assert '<button type="submit" class="danger">Delete 1 failure</button>' in confirm.text
     confirm.forms[0].submit()
     assert failures.get(record.id) is None and failures.get_payload(record.id) is None
 
@@ -387,9 +402,10 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
     groups = app.get(f"{P}/failures")
     form = next(f for f in groups.forms.values() if "TimeoutError" in f["group"].value)
     confirm = form.submit()
-    assert "Retry up to" in confirm.text
+    assert "Retry 3 failures where" in confirm.text
+    assert ">Retry 3 failures</button>" in confirm.text and 'class="danger"' not in confirm.text
     done = confirm.forms[0].submit().follow()
-    assert "Retried 3 failure(s)" in done.text
+    assert "Retried 3 failures" in done.text
     assert len(queued_tasks("default")) == 3
     token = csrf_token(app)
     none_left = app.post_json(
@@ -399,6 +415,36 @@ def test_bulk_retry_of_a_group(app, ndb_stub):
         expect_errors=True,
     )
     assert none_left.status_int == 404
+
+
+def test_retry_group_from_a_state_tab_retries_that_state_only(app, ndb_stub):
+    """Before: "Retry group…" on the dead tab also retried the group's retrying and permanent
+    failures."""
+    pause("default")
+    dead = [make_failure(f"d{n}", exception_type="TimeoutError") for n in range(2)]
+    other = [
+        make_failure("r0", exception_type="TimeoutError", state=FailureState.RETRYING),
+        make_failure("p0", exception_type="TimeoutError", state=FailureState.PERMANENT),
+    ]
+    groups = app.get(f"{P}/failures?view=dead")
+    form = next(f for f in groups.forms.values() if "TimeoutError" in f["group"].value)
+    assert form["view"].value == "dead"
+    confirm = form.submit()
+    assert ">Retry 2 dead failures</button>" in confirm.text
+    done = confirm.forms[0].submit()
+    assert done.location.endswith("/failures?view=dead")
+    assert "Retried 2 failures" in done.follow().text
+    assert {failures.get(r.id).state for r in dead} == {FailureState.RETRYING}
+    assert failures.get(other[1].id).state == FailureState.PERMANENT
+    assert len(queued_tasks("default")) == 2
+    token = csrf_token(app)
+    wrong = app.post_json(
+        f"{P}/api/failures/retry-group",
+        {"group": dead[0].group, "view": "resolved"},
+        headers={"X-CSRF-Token": token},
+        expect_errors=True,
+    )
+    assert wrong.status_int == 400
 
 
 # -- queues and tasks ----------------------------------------------------------------------
@@ -589,7 +635,13 @@ def test_static_css_and_templates_do_not_depend_on_cwd(app, ndb_stub, tmp_path, 
 def test_auto_refresh_toggle_is_a_meta_refresh(app, ndb_stub):
     assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover").text
     page = app.get(f"{P}/spillover?refresh=30")
-    assert '<meta http-equiv="refresh" content="30">' in page.text
+    # Without JavaScript a meta refresh; with it, live.js swaps the content in (no reload).
+    assert '<noscript><meta http-equiv="refresh" content="30"></noscript>' in page.text
+    assert '<body data-refresh="30">' in page.text and "/static/live.js" in page.text
+    # The choice follows the user to other pages (a cookie), until turned off.
+    assert '<body data-refresh="30">' in app.get(f"{P}/audit").text
+    assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover?refresh=0").text
+    assert '<body data-refresh="0">' in app.get(f"{P}/audit").text
     assert 'http-equiv="refresh"' not in app.get(f"{P}/spillover?refresh=7").text
 
 

@@ -88,7 +88,7 @@ def test_failure_filters_combine_in_the_url_and_the_api(app, ndb_stub, query, ex
     found = {by_id[record_id] for record_id in ids(app.get(f"{P}/api/failures?{query}"))}
     assert found == expected
     page = app.get(f"{P}/failures/list?{query}")
-    assert page.text.count('<details class="failure">') == len(expected)
+    assert page.text.count('<details class="failure" data-key=') == len(expected)
 
 
 def test_failure_sorts_and_a_cursor_only_serve_their_own_filter(app, ndb_stub):
@@ -118,7 +118,10 @@ def test_filter_form_keeps_its_values_and_escapes_them(app, ndb_stub):
     form["q"] = "ledger"
     form["function"] = "reports"
     found = form.submit()
-    assert "q=ledger" in found.request.url and found.text.count('<details class="failure">') == 2
+    assert (
+        "q=ledger" in found.request.url
+        and found.text.count('<details class="failure" data-key=') == 2
+    )
 
 
 def test_spillover_filters_by_function_prefix_queue_and_time(app, ndb_stub):
@@ -253,6 +256,11 @@ def test_failure_detail_says_which_request_deferred_it_with_a_logs_link(app, ndb
         "request": {"path": "/orders/7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"},
     }
     record.put()
+    # Local mode has no Cloud Logging: no dead link, the trace as the local log lines show it.
+    local = app.get(f"{P}/failures/{record.id}")
+    assert "console.cloud.google.com" not in local.text
+    assert "[trace 4bf92f35]" in local.text
+    gae_deferred.configure(local_mode=False, admin_hook=lambda environ: "ops@example.com")
     page = app.get(f"{P}/failures/{record.id}")
     assert "/orders/7" in page.text
     link = re.search(r'href="(https://console\.cloud\.google\.com/logs/query[^"]+)"', page.text)

@@ -11,11 +11,13 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -274,3 +276,33 @@ def test_a_queue_yaml_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: pathlib.
         f"gae-deferred-dev: {tmp_path / 'queue.yaml'}:3: not valid UTF-8 "
         "(byte 0xe9 in column 12): save the file as UTF-8"
     )
+
+
+def test_an_index_yaml_changed_while_it_runs_is_checked_again(
+    tiny_app: pathlib.Path, tmp_path: pathlib.Path
+):
+    """An upgrade's new indexes: pasted while the stack runs, they are checked at once, and
+    the stack says to restart (its Datastore emulator read index.yaml when it started)."""
+    from gae_deferred.local.dev import package_indexes
+
+    app_dir = tmp_path / "app"
+    shutil.copytree(tiny_app, app_dir, ignore=shutil.ignore_patterns(".local", "__pycache__"))
+    first, *others = package_indexes()
+    (app_dir / "index.yaml").write_text("indexes:\n" + first.to_yaml() + "\n")
+    args = ["--port", "0", "--datastore-port", "0", "--tasks-port", "0", "--no-reload"]
+    running = Dev(app_dir / "app.yaml", tmp_path, *args, "--quiet")
+    time.sleep(1.5)  # unchanged: nothing more is said
+    (app_dir / "index.yaml").write_text("indexes: []\n")
+    time.sleep(1.5)
+    everything = "\n".join(index.to_yaml() for index in (first, *others))
+    (app_dir / "index.yaml").write_text("indexes:\n" + everything + "\n")
+    time.sleep(1.5)
+    returncode, err = running.stop()
+    assert returncode == 0
+    start, *changes = err.split("restart gae-deferred-dev to use it")
+    assert len(changes) == 2, err
+    assert start.count("lacks") == 2
+    assert f"lacks {len(others)} of gae_deferred's Datastore indexes" in start
+    assert f"lacks {len(others) + 1} of gae_deferred's Datastore indexes" in start
+    # The last version has every index: only the restart is asked for.
+    assert "lacks" not in changes[0] and "Traceback" not in err

@@ -143,9 +143,17 @@ def test_whole_stack_restart_keeps_countdown_task_and_spilled_payload(
 ) -> None:
     started = time.time()
     directory = str(run_dir)
-    defer(e2e_tasks.record, directory, "countdown-restart", _countdown=6)
+    # e2e-patient: a loaded machine can take longer to restart than the countdown, and the
+    # Cloud Tasks emulator may then deliver before gunicorn listens; the default queue's 3
+    # quick retries would drop the task, which says nothing about what a restart keeps.
+    defer(e2e_tasks.record, directory, "countdown-restart", _countdown=6, _queue="e2e-patient")
     spilled = defer(
-        e2e_tasks.record, directory, "spill-restart", os.urandom(700 * 1024), _countdown=6
+        e2e_tasks.record,
+        directory,
+        "spill-restart",
+        os.urandom(700 * 1024),
+        _countdown=6,
+        _queue="e2e-patient",
     )
     pids = {*e2e.pids().values(), *_descendants(e2e.pids()["app"])}
 

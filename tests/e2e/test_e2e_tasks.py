@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import time
@@ -16,7 +17,7 @@ from google.cloud import ndb
 import gae_deferred
 from gae_deferred import defer, serialize
 from gae_deferred.local.stack import LocalStack
-from tests.stack_support import holds_for, wait_for
+from tests.stack_support import datastore, holds_for, wait_for
 
 # Real processes: both emulators and gunicorn (the session stack in conftest.py).
 pytestmark = pytest.mark.e2e
@@ -92,6 +93,47 @@ def test_retry_limit_exhausted_leaves_a_dead_failure(
     assert [run["retry_count"] for run in runs] == [0, 1, 2, 3]
     wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
     holds_for(lambda: len(e2e_tasks.runs(run_dir, "doomed")) == 4, "no retry beyond the limit", 1.5)
+
+
+def test_task_retry_options_give_legacys_deliveries_on_cloud_tasks(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    # tests/e2e/queue.yaml lets the default queue retry 3 times; the task's own limit of 1
+    # gives 2 deliveries, as legacy made, and its dead letter names the real exception.
+    options = gae_deferred.TaskRetryOptions(task_retry_limit=1)
+    task = defer(e2e_tasks.always_fail, str(run_dir), "own-limit", _retry_options=options)
+
+    runs = wait_for_runs(run_dir, "own-limit", 2)
+    wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
+    time.sleep(1.5)
+    assert [run["retry_count"] for run in e2e_tasks.runs(run_dir, "own-limit")] == [0, 1]
+    assert [run["retry_count"] for run in runs] == [0, 1]
+    with datastore():
+        record = gae_deferred.failures.get(gae_deferred.failures.failure_id("default", task.name))
+    assert record.exception_type == "ValueError" and record.attempts == 2
+    assert "own-limit: always fails" in record.traceback
+
+
+def test_task_backoff_is_honoured_on_cloud_tasks_with_legacys_counts(
+    e2e: LocalStack, run_dir: pathlib.Path
+) -> None:
+    # The queue retries after 0.2-1 s; the task's own options: after 1.5 s, then 3 s.
+    options = gae_deferred.TaskRetryOptions(
+        task_retry_limit=2, min_backoff_seconds=1.5, max_backoff_seconds=10
+    )
+    task = defer(e2e_tasks.always_fail, str(run_dir), "own-backoff", _retry_options=options)
+
+    runs = wait_for_runs(run_dir, "own-backoff", 3, timeout=30)
+    wait_for(lambda: failure_state("default", task.name) == "dead", "failure record dead")
+    time.sleep(1.5)
+    runs = e2e_tasks.runs(run_dir, "own-backoff")
+    assert [run["retry_count"] for run in runs] == [0, 1, 2]
+    assert [run["task_name"] for run in runs] == [task.name, f"{task.name}-r1", f"{task.name}-r2"]
+    gaps = [later["time"] - earlier["time"] for earlier, later in itertools.pairwise(runs)]
+    assert 1.5 <= gaps[0] < 2.5 and 3.0 <= gaps[1] < 4.0, gaps
+    with datastore():
+        record = gae_deferred.failures.get(gae_deferred.failures.failure_id("default", task.name))
+    assert record.attempts == 3 and record.exception_type == "ValueError"
 
 
 def test_permanent_failure_answers_200_and_is_not_retried(

@@ -405,6 +405,26 @@ def test_pessimistic_transaction_fails_with_lock_timeout_not_contention(raw_clie
     assert raw_client.get(key)["n"] == 2
 
 
+def test_pessimistic_locks_of_a_vanished_transaction_expire_with_it(raw_client, monkeypatch):
+    """A client that read in a transaction and vanished holds its locks until the transaction
+    expires (60 s idle in Datastore); then the waiting write goes through."""
+    from gae_deferred.local.datastore import _store
+
+    monkeypatch.setattr(_store, "TRANSACTION_IDLE_SECONDS", 1.0)
+    key = raw_client.key("DsEmuThing", "orphan")
+    entity = datastore.Entity(key)
+    entity["n"] = 0
+    raw_client.put(entity)
+    vanished = raw_client.transaction()
+    vanished.begin()
+    raw_client.get(key, transaction=vanished)
+    started = time.monotonic()
+    entity["n"] = 1
+    raw_client.put(entity)
+    assert 0.9 < time.monotonic() - started < 10
+    assert raw_client.get(key)["n"] == 1
+
+
 def test_insert_existing_and_update_missing_keys(emulator):
     key = types.Key(partition_id=types.PartitionId(project_id=PROJECT))
     key.path.append(types.Key.PathElement(kind="DsEmuThing", name="k"))

@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -122,3 +123,55 @@ def test_the_sample_app_stops_cleanly(sample_app: DevServer) -> None:
     """Last: stops the module's app. No warning: its index.yaml has gae_deferred's indexes."""
     err = sample_app.stop()
     assert "warning" not in err and "Traceback" not in err
+
+
+def test_pip_installs_the_wheel_on_this_python_without_flags(full_venv: pathlib.Path) -> None:
+    """`make test` runs this on 3.11, 3.12 and 3.13: a plain `pip install` (full_venv's, no
+    --ignore-requires-python) of the wheel, and webapp2's `import cgi` works (legacy-cgi on
+    3.13, which removed the module)."""
+    checks = """
+import importlib.metadata, sys
+import gae_deferred.webapp2, cgi
+meta = importlib.metadata.metadata("gae-deferred")
+print(json.dumps({
+    "python": "%d.%d" % sys.version_info[:2],
+    "requires_python": meta["Requires-Python"],
+    "requires": [r for r in meta.get_all("Requires-Dist") if r.startswith("legacy-cgi")],
+    "cgi": importlib.metadata.distribution("legacy-cgi").version
+        if sys.version_info >= (3, 13) else None,
+}))
+"""
+    found = json.loads(run_python(full_venv, "import json\n" + checks))
+    assert found["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert found["requires_python"] == ">=3.11"
+    assert found["requires"] == ['legacy-cgi>=2.6; python_version >= "3.13"']
+    assert (found["cgi"] is not None) == (sys.version_info >= (3, 13))
+
+
+def test_the_testing_extra_brings_what_the_deferred_tasks_fixture_needs(
+    wheel: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """README: `pip install './wheels/<the wheel>[testing]'`, and nothing else, runs a test
+    that uses the deferred_tasks fixture (pytest comes with the extra)."""
+    from tests.install.conftest import make_venv, pip_install
+
+    app_dir = tmp_path / "app"
+    (app_dir / "wheels").mkdir(parents=True)
+    shutil.copy(wheel, app_dir / "wheels" / wheel.name)
+    (app_dir / "test_it.py").write_text(
+        "import operator\n\nfrom gae_deferred import defer\n\n\n"
+        "def test_capture(deferred_tasks):\n"
+        "    defer(operator.add, 1, 2)\n"
+        "    assert deferred_tasks.run_all() == 1\n"
+    )
+    venv = make_venv(tmp_path / "venv")
+    pip_install(venv, f"./wheels/{wheel.name}[testing]", cwd=app_dir)
+    done = subprocess.run(
+        [venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout

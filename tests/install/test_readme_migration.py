@@ -6,7 +6,8 @@ queues, `default` included), index.yaml, cron.yaml and requirements.txt. Its cod
 is after the import swap (``from gae_deferred import defer``): the README's steps are about
 wiring, and they are what this module applies, block by block, from the README itself:
 
-1. requirements.txt gets the README's line, pointing at the wheel of this checkout;
+1. the wheel of this checkout goes where the README's `pip wheel` command puts it, and
+   requirements.txt gets the README's line for it, as written;
 2. main.py becomes the README's main.py;
 4. cron.yaml's list gets the sweeper;
 7. main.py gets the Secret Manager block, requirements.txt its client (under the local stack
@@ -42,10 +43,10 @@ from tests.install.conftest import DevServer, make_venv, pip_install, site_packa
 from tests.stack_support import wait_for
 
 LEGACY_APP = ROOT / "tests" / "legacy_app"
-#: The README's requirement line: the repository at the tag of this version.
-README_REQUIREMENT = re.compile(
-    r"gae-deferred @ git\+https://github\.com/[\w.-]+/gae_deferred@v(?P<version>\S+)"
-)
+#: The README's requirement line: the wheel of this version in the app's wheels/ folder.
+README_REQUIREMENT = re.compile(r"\./wheels/gae_deferred-(?P<version>[^-]+)-py3-none-any\.whl")
+#: The README's command that builds it there, from a checkout of the repository.
+README_WHEEL_COMMAND = "$ pip wheel --no-deps -w path/to/your-app/wheels path/to/gae_deferred"
 
 
 class Readme:
@@ -65,22 +66,33 @@ class Readme:
         """Whether step ``number`` says ``words`` (however its lines wrap)."""
         return words in " ".join(self.step(number).split())
 
+    def blocks(self, number: int) -> list[str]:
+        """Step ``number``'s fenced blocks, as a user copies them (without the list's indent)."""
+        found = re.findall(r"^ *```\w*\n(.*?)^ *```", self.step(number), re.S | re.M)
+        return [textwrap.dedent(body) for body in found]
+
     def block(self, number: int) -> str:
-        """Step ``number``'s one fenced block, as a user copies it (without the list's indent)."""
-        (body,) = re.findall(r"^ *```\w*\n(.*?)^ *```", self.step(number), re.S | re.M)
-        return textwrap.dedent(body)
+        """Step ``number``'s one fenced block."""
+        (body,) = self.blocks(number)
+        return body
 
 
 def apply_readme(readme: Readme, app_dir: pathlib.Path, wheel: pathlib.Path) -> None:
     """Steps 1, 2, 4 and 7 on the app's files, as the README words them."""
-    # 1. The README names a tag of the repository; the wheel of this checkout stands in for it
-    # (the URL is a placeholder), and it must be the version the README's tag names.
-    (line,) = readme.block(1).splitlines()
+    # 1. The README's `pip wheel` writes the checkout's wheel into the app's wheels/ folder (the
+    # wheel fixture built it so, from a clean copy); its line goes into requirements.txt as
+    # written, and names that very file, of this version.
+    command, requirement = readme.blocks(1)
+    assert command.strip() == README_WHEEL_COMMAND
+    (line,) = requirement.splitlines()
     named = README_REQUIREMENT.fullmatch(line)
     assert named, line
     assert wheel.name.split("-")[1] == named["version"]
+    (app_dir / "wheels").mkdir()
+    shutil.copy(wheel, app_dir / "wheels" / wheel.name)
+    assert (app_dir / line).is_file(), f"{line} is not the wheel `pip wheel` wrote"
     with (app_dir / "requirements.txt").open("a") as requirements:
-        requirements.write(f"gae-deferred @ {wheel.as_uri()}\n")
+        requirements.write(line + "\n")
 
     # 2. The README's main.py is the app's main.py with its lines changed: nothing of the app's
     # goes but the line that makes the app.

@@ -2,8 +2,8 @@
 
 The webapp2 handlers in ``handlers/deferred_admin.py`` only parse requests and render; every
 query, action and JSON shape lives in this package (``spilled``, ``failed``, ``queued``,
-``overview``, ``filters``, and what they share in ``_common``) so it can be tested and scripted
-directly (inside an ndb context)::
+``overview``, ``filters``, ``jobs``, and what they share in ``_common``) so it can be tested
+and scripted directly (inside an ndb context)::
 
     from gae_deferred import admin
 
@@ -34,6 +34,7 @@ from ._common import (
     FAILURE_VIEWS,
     GROUP_COUNT_CAP,
     GROUP_PAGE_SIZE,
+    LIST_COUNT_CAP,
     MAX_BULK,
     MAX_MATCHING,
     MAX_PAGE_SIZE,
@@ -56,29 +57,52 @@ from ._common import (
     page_size,
     seal_message,
     url_id,
+    url_segment,
 )
 from .failed import (
     bulk_failures,
     bulk_failures_matching,
+    count_group,
     delete_failure,
     dismiss_failure,
+    estimated_next_attempts,
     failure_groups,
     failure_json,
     get_failure,
     group_json,
     list_failures,
+    next_attempt,
+    retriable_states,
     retrigger_failure,
+    retry_delay,
     retry_group,
 )
 from .filters import (
     FailureFilter,
     SpillFilter,
     count_matching,
+    list_total,
+    list_total_async,
     parse_time,
 )
+from .header import header_rows
+from .jobs import (
+    FAILURES_SHOWN,
+    cancel_job,
+    format_duration,
+    job_detail,
+    job_json,
+    list_jobs,
+    pause_job,
+    resume_job,
+    shards_of,
+)
+from .openmetrics import CONTENT_TYPE as OPENMETRICS_CONTENT_TYPE
+from .openmetrics import render as openmetrics_text
 from .overview import (
     Overview,
     audit_json,
+    audit_total,
     function_metrics,
     list_audit,
     list_metrics,
@@ -86,6 +110,7 @@ from .overview import (
     overview_json,
     run_sweeper,
     series_json,
+    target_link,
 )
 from .queued import (
     delete_task,
@@ -110,19 +135,26 @@ from .spilled import (
     retrigger_spillover,
     spillover_json,
 )
+from .status import STATUS_TTL
+from .status import forget as forget_status
+from .status import status as status_strip
 
 __all__ = [
     "COUNT_CAP",
+    "FAILURES_SHOWN",
     "FAILURE_SORTS",
     "FAILURE_VIEWS",
     "GROUP_COUNT_CAP",
     "GROUP_PAGE_SIZE",
+    "LIST_COUNT_CAP",
     "MAX_BULK",
     "MAX_MATCHING",
     "MAX_PAGE_SIZE",
+    "OPENMETRICS_CONTENT_TYPE",
     "PAGE_SIZE",
     "SCAN_CAP",
     "SPILL_SORTS",
+    "STATUS_TTL",
     "TASK_SCAN",
     "AdminError",
     "BadRequest",
@@ -140,11 +172,14 @@ __all__ = [
     "SpillFilter",
     "Unavailable",
     "audit_json",
+    "audit_total",
     "bulk_failures",
     "bulk_failures_matching",
     "bulk_spillover",
     "bulk_spillover_matching",
+    "cancel_job",
     "check_queue_name",
+    "count_group",
     "count_matching",
     "csrf_token",
     "decode_cursor",
@@ -155,39 +190,58 @@ __all__ = [
     "dismiss_failure",
     "encode_cursor",
     "envelope_summary",
+    "estimated_next_attempts",
     "failure_groups",
     "failure_json",
+    "forget_status",
     "format_bytes",
+    "format_duration",
     "function_metrics",
     "get_failure",
     "get_queue",
     "get_spillover",
     "group_json",
+    "header_rows",
     "id_from_url",
+    "job_detail",
+    "job_json",
     "list_audit",
     "list_failures",
+    "list_jobs",
     "list_metrics",
     "list_spillover",
     "list_tasks",
+    "list_total",
+    "list_total_async",
+    "next_attempt",
     "open_message",
+    "openmetrics_text",
     "overview",
     "overview_json",
     "page_size",
     "parse_time",
+    "pause_job",
     "pause_queue",
     "purge_queue",
     "queue_json",
     "queue_overview",
+    "resume_job",
     "resume_queue",
+    "retriable_states",
     "retrigger_failure",
     "retrigger_spillover",
+    "retry_delay",
     "retry_group",
     "run_sweeper",
     "run_task",
     "seal_message",
     "series_json",
+    "shards_of",
     "spillover_json",
+    "status_strip",
+    "target_link",
     "task_detail",
     "task_json",
     "url_id",
+    "url_segment",
 ]

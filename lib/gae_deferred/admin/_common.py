@@ -46,6 +46,9 @@ GROUP_COUNT_CAP = 100
 MAX_BULK = 100
 #: "Everything this filter matches" acts on at most this many records, MAX_BULK at a time.
 MAX_MATCHING = 1_000
+#: Failure, spillover and audit lists count their records up to here (keys only, one count
+#: query per page view); beyond it they say "more than 1,000".
+LIST_COUNT_CAP = 1_000
 #: Tasks listed to count a queue's backlog and find its oldest task (one ListTasks page).
 TASK_SCAN = 1_000
 
@@ -145,6 +148,15 @@ def url_id(value: str) -> str:
     if _URL_SAFE_ID.match(value):
         return value
     return "~" + base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+#: Where the dashboard is mounted (handlers/_admin_guard.PREFIX): links made here point there.
+PREFIX = "/_ah/deferred-admin"
+
+
+def url_segment(value: str) -> str:
+    """:func:`url_id` percent-encoded: one path segment of a link."""
+    return quote(url_id(value), safe="")
 
 
 def id_from_url(segment: str) -> str:
@@ -299,13 +311,19 @@ def deferred_by(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
     trace_id = str(request.get("trace_id") or "")
     project = settings().project
     logs_url = None
-    if project and trace_id:
+    # Local mode has no Cloud Logging: a link there would open an empty console page.
+    if project and trace_id and not settings().local_mode:
         query = f'trace="projects/{project}/traces/{trace_id}"'
         logs_url = (
             "https://console.cloud.google.com/logs/query;query="
             f"{quote(query, safe='')}?project={quote(project, safe='')}"
         )
-    return {"path": str(request.get("path") or ""), "trace_id": trace_id, "logs_url": logs_url}
+    return {
+        "path": str(request.get("path") or ""),
+        "trace_id": trace_id,
+        "logs_url": logs_url,
+        "local_logs": f"[trace {trace_id[:8]}]" if trace_id and settings().local_mode else None,
+    }
 
 
 def format_bytes(size: int | None) -> str:

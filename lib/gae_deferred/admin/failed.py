@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from .. import audit, cloud_tasks, enqueue, failures, spillover
+from .. import audit, cloud_tasks, enqueue, envelope, failures, spillover
 from .._config import settings
 from .._model import MAX_INDEXED_CHARS
 from ..errors import (
     BadRequest,
     Conflict,
+    Error,
     NotFound,
 )
 from ..failures import FailureState
+from ..queue_config import RetryParameters
 from ._common import (
+    _VERSION,
     FAILURE_VIEWS,
     GROUP_COUNT_CAP,
     GROUP_PAGE_SIZE,
@@ -39,6 +44,8 @@ from .filters import (
     FailureFilter,
     _bulk_matching,
 )
+from .header import header_rows
+from .queued import _queue_definitions
 from .spilled import (
     _reenqueue_spilled,
 )
@@ -114,14 +121,67 @@ def failure_json(record: failures.DeferredFailure, *, detail: bool = False) -> d
         "last_seen": _iso(record.last_seen),
         "task_name": record.task_name,
         "queue": record.queue,
+        "namespace": record.namespace,
         "payload_id": record.payload_id,
         "retriggered": record.retriggered or 0,
         "retriggerable": record.state in failures.RETRIGGERABLE,
     }
     if detail:
         data["meta"] = record.meta or {}
+        data["header"] = header_rows(record.meta)
         data["deferred_by"] = deferred_by(record.meta)
+        data["made_by_version"] = made_by_version(record.meta)
     return data
+
+
+def next_attempt(record: failures.DeferredFailure) -> str | None:
+    """When Cloud Tasks next runs a retrying failure's task (one GetTask, BASIC view), ISO; None
+    for other states, or when the task is gone or Cloud Tasks cannot say. The detail page asks;
+    lists do not (a GetTask per row)."""
+    if record.state != FailureState.RETRYING or not (record.queue and record.task_name):
+        return None
+    try:
+        task = cloud_tasks.get_task(record.queue, record.task_name)
+    except (api_exceptions.GoogleAPIError, Error):
+        return None
+    return _iso(task.schedule_time) if "schedule_time" in task else None
+
+
+def retry_delay(retry: RetryParameters, attempts: int) -> float:
+    """Seconds Cloud Tasks waits after the ``attempts``-th failed attempt: ``min_backoff``
+    doubled ``max_doublings`` times, then growing by that last step, capped at ``max_backoff``
+    (10s, 300s, 3 doublings: 10, 20, 40, 80, 160, 240, 300, 300 ...)."""
+    step = max(1, attempts)
+    doublings = retry.max_doublings
+    if step <= doublings + 1:
+        delay = retry.min_backoff_seconds * 2 ** (step - 1)
+    else:
+        delay = retry.min_backoff_seconds * 2**doublings * (step - doublings)
+    return min(delay, retry.max_backoff_seconds)
+
+
+def estimated_next_attempts(records: list[failures.DeferredFailure]) -> dict[str, str]:
+    """Failure id -> ISO estimate of the next attempt of each retrying failure on a list page:
+    its last failure plus its queue's backoff (queue.yaml) for that many attempts. No RPC (a
+    GetTask per row would be the cost); the failure's own page asks Cloud Tasks."""
+    definitions = _queue_definitions()
+    estimates = {}
+    for record in records:
+        definition = definitions.get(record.queue or "")
+        if record.state != FailureState.RETRYING or definition is None or not record.last_seen:
+            continue
+        delay = retry_delay(definition.retry, record.attempts or 1)
+        estimates[record.key.id()] = _iso(record.last_seen + datetime.timedelta(seconds=delay))
+    return estimates
+
+
+def made_by_version(meta: dict[str, Any] | None) -> str | None:
+    """The App Engine version whose code made the payload (its envelope's ``app_version``), when
+    it is one a retrigger can route to: a version-skew failure is retried there."""
+    version = (meta or {}).get("app_version")
+    if not isinstance(version, str) or version == "unknown" or not _VERSION.match(version):
+        return None
+    return version
 
 
 def _check_retriable_id(record_id: str) -> None:
@@ -150,6 +210,11 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
         body = failures.get_payload(record_id)
         if body is None:
             raise Conflict(f"failure {record_id} kept no payload to retry")
+        if not body.startswith(envelope.MAGIC):
+            raise Conflict(
+                f"failure {record_id} kept a python27 pickle that does not load here, not an "
+                "envelope: it cannot be retried (dismiss or delete it)"
+            )
         name = cloud_tasks.new_task_name("r")
         _cloud_tasks(
             lambda: enqueue.enqueue_envelope(
@@ -208,16 +273,41 @@ def bulk_failures_matching(
     return _bulk_matching(action, wanted, actor, "failures", one, expected)
 
 
-def retry_group(group: str, actor: str) -> BulkResult:
-    """Retry up to MAX_BULK retriggerable failures of a group (newest first)."""
+def retriable_states(view: str) -> tuple[str, ...]:
+    """The states a group retry from ``view`` touches: all retriable ones for "active", else
+    that one state (BadRequest for a view nothing can be retried from)."""
+    if view == "active":
+        return tuple(failures.RETRIGGERABLE)
+    if view not in failures.RETRIGGERABLE:
+        raise BadRequest(f"view must be active or one of {', '.join(failures.RETRIGGERABLE)}")
+    return (view,)
+
+
+def _group_queries(group: str, states: tuple[str, ...]) -> list[ndb.Query]:
     if not group:
         raise BadRequest("no group given")
     model = failures.DeferredFailure
-    futures = [
+    return [
         model.query(model.group == group[:MAX_INDEXED_CHARS], model.state == state)
-        .order(-model.last_seen)
-        .fetch_async(MAX_BULK, keys_only=True)
-        for state in failures.RETRIGGERABLE
+        for state in states
+    ]
+
+
+def count_group(group: str, states: tuple[str, ...]) -> int:
+    """How many failures of the group are in ``states``, counting at most MAX_BULK of each."""
+    futures = [query.count_async(limit=MAX_BULK) for query in _group_queries(group, states)]
+    return min(sum(future.result() for future in futures), MAX_BULK)
+
+
+def retry_group(
+    group: str, actor: str, *, states: tuple[str, ...] = tuple(failures.RETRIGGERABLE)
+) -> BulkResult:
+    """Retry up to MAX_BULK failures of a group in ``states`` (default: every retriable one),
+    newest first."""
+    model = failures.DeferredFailure
+    futures = [
+        query.order(-model.last_seen).fetch_async(MAX_BULK, keys_only=True)
+        for query in _group_queries(group, states)
     ]
     ids = [key.id() for future in futures for key in future.result()][:MAX_BULK]
     if not ids:

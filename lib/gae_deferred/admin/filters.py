@@ -19,6 +19,7 @@ from ._common import (
     _RELATIVE_TIME,
     FAILURE_SORTS,
     FAILURE_VIEWS,
+    LIST_COUNT_CAP,
     MAX_BULK,
     MAX_MATCHING,
     SPILL_SORTS,
@@ -98,8 +99,9 @@ class FailureFilter(_Filter):
     """Failure list filters: every one optional, all combined (AND).
 
     ``function`` a dotted prefix of the function name, ``exception`` a qualified or bare class
-    name, ``q`` words that must all appear in the message, ``since``/``until`` bound
-    ``last_seen``, ``group`` one failures-page group (``function|exception_type``).
+    name, ``namespace`` the Datastore namespace the task runs in, ``q`` words that must all
+    appear in the message, ``since``/``until`` bound ``last_seen``, ``group`` one failures-page
+    group (``function|exception_type``).
     """
 
     FIELDS: ClassVar[tuple[str, ...]] = (
@@ -107,6 +109,7 @@ class FailureFilter(_Filter):
         "function",
         "exception",
         "queue",
+        "namespace",
         "q",
         "group",
         "since",
@@ -117,6 +120,7 @@ class FailureFilter(_Filter):
     function: str = ""
     exception: str = ""
     queue: str = ""
+    namespace: str = ""
     q: str = ""
     group: str = ""
     sort: str = "newest"
@@ -133,6 +137,8 @@ class FailureFilter(_Filter):
             tokens.append(f"exc:{self.exception}"[:MAX_INDEXED_CHARS])
         if self.queue:
             tokens.append(f"queue:{self.queue}"[:MAX_INDEXED_CHARS])
+        if self.namespace:
+            tokens.append(_facets.namespace_token(self.namespace))
         if self.group:
             function, _, exception_type = self.group.rpartition("|")
             tokens += [f"fx:{function}"[:MAX_INDEXED_CHARS], f"exc:{exception_type}"]
@@ -166,12 +172,22 @@ class FailureFilter(_Filter):
 @dataclasses.dataclass(frozen=True)
 class SpillFilter(_Filter):
     """Spilled-payload filters: ``state`` (always), dotted ``function`` prefix, ``queue``,
+    ``namespace`` (the Datastore namespace the task runs in),
     ``since``/``until`` on ``created`` (with the oldest/newest sorts)."""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("state", "function", "queue", "since", "until", "sort")
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "state",
+        "function",
+        "queue",
+        "namespace",
+        "since",
+        "until",
+        "sort",
+    )
     state: str = PayloadState.PENDING.value
     function: str = ""
     queue: str = ""
+    namespace: str = ""
     sort: str = "oldest"
 
     def tokens(self) -> list[str]:
@@ -184,6 +200,8 @@ class SpillFilter(_Filter):
             tokens.append(_function_token(self.function))
         if self.queue:
             tokens.append(f"queue:{self.queue}"[:MAX_INDEXED_CHARS])
+        if self.namespace:
+            tokens.append(_facets.namespace_token(self.namespace))
         return tokens
 
     def query(self) -> ndb.Query:
@@ -213,26 +231,41 @@ def _time_range(
 ) -> ndb.Query:
     """``query`` limited to [since, until), oldest or newest first.
 
-    The range is the only inequality and the query has no sort order: its results come in the
-    order of the range's property, which Datastore, the emulator and the test stub all serve
-    from one (facets, property) index. "newest" ranges over the negated copy of the time.
+    The range is the only inequality and the query is ordered by the range's own property,
+    ascending (one (facets, property) index serves it); "newest" ranges over and sorts by the
+    negated copy of the time. The order is always explicit: without it a query with several
+    equality filters came back in whatever order the backend joined them (oldest first on the
+    stub and the emulator, whatever ``sort`` said).
     """
     if sort == "newest":
         if since:
             query = query.filter(descending_ms <= _facets.descending_ms(since))
         if until:
             query = query.filter(descending_ms > _facets.descending_ms(until))
-        return query
+        return query.order(descending_ms)
     if since:
         query = query.filter(ascending >= since)
     if until:
         query = query.filter(ascending < until)
-    return query
+    return query.order(ascending)
 
 
 def count_matching(wanted: FailureFilter | SpillFilter, cap: int = MAX_MATCHING) -> int:
     """How many records the filter matches, counting at most ``cap`` (keys only)."""
     return wanted.query().count(limit=cap)
+
+
+def list_total_async(wanted: FailureFilter | SpillFilter) -> ndb.Future:
+    """Start counting what a list's filter matches (for "51 to 100 of 137"): a keys-only
+    count of at most LIST_COUNT_CAP + 1 index entries, running while the page is read. Pass
+    the future to :func:`list_total`."""
+    return wanted.query().count_async(limit=LIST_COUNT_CAP + 1)
+
+
+def list_total(counting: ndb.Future) -> tuple[int, bool]:
+    """(count, capped) of a :func:`list_total_async` count (capped: "more than 1,000")."""
+    count = counting.result()
+    return min(count, LIST_COUNT_CAP), count > LIST_COUNT_CAP
 
 
 def _matching_ids(wanted: FailureFilter | SpillFilter) -> list[str]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 from typing import Any
+from urllib.parse import urlencode
 
 from .. import audit, failures, metrics, spillover, sweeper
 from ..errors import (
@@ -15,8 +17,10 @@ from ..spillover import PayloadState
 from ._common import (
     _HISTOGRAM_BOUNDS,
     COUNT_CAP,
+    LIST_COUNT_CAP,
     MAX_PAGE_SIZE,
     PAGE_SIZE,
+    PREFIX,
     SCAN_CAP,
     Page,
     QueueInfo,
@@ -26,6 +30,7 @@ from ._common import (
     decode_cursor,
     encode_cursor,
     format_bytes,
+    url_segment,
 )
 from .queued import (
     queue_json,
@@ -48,6 +53,8 @@ class Overview:
     failures_by_hour: list[tuple[datetime.datetime, int]]
     #: Runs per minute over the last hour, all functions: (minute, processed, failed).
     runs_by_minute: list[tuple[datetime.datetime, int, int]]
+    #: (index in runs_by_minute, app version) where the version that ran changes.
+    run_versions: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 def overview_json(numbers: Overview, queues: list[QueueInfo]) -> dict[str, Any]:
@@ -121,6 +128,7 @@ def overview() -> Overview:
         runs_by_minute=[
             (point.start, point.runs, point.failures) for point in runs.by_minute(now.timestamp())
         ],
+        run_versions=runs.version_marks(hourly=False, now=now.timestamp()),
     )
 
 
@@ -148,6 +156,15 @@ def _check_window(window: str, sort: str = "runs") -> None:
         raise BadRequest(f"sort must be one of {', '.join(metrics.SORTS)}")
 
 
+def versions_json(series: metrics.Series, window: str, now: float) -> list[dict[str, Any]]:
+    """Runs and failures per app version in a window, most runs first."""
+    found = series.versions(window, now)
+    return [
+        {"version": version, "runs": runs, "failures": failed}
+        for version, (runs, failed) in sorted(found.items(), key=lambda item: -item[1][0])
+    ]
+
+
 def list_metrics(
     window: str = "24h", sort: str = "runs", *, cursor: str | None = None, limit: int = PAGE_SIZE
 ) -> dict[str, Any]:
@@ -162,6 +179,7 @@ def list_metrics(
     query = model.query(model.kind == "function").order(metrics.sort_property(window, sort))
     page = _fetch_page(query, f"metrics|{window}|{sort}", cursor, limit)
     queues = model.query(model.kind == "queue").fetch_async(MAX_PAGE_SIZE)
+    everything = metrics.all_functions()
     now = _now().timestamp()
     return {
         "window": window,
@@ -172,7 +190,8 @@ def list_metrics(
             (series_json(metrics.Series.of(record), now) for record in queues.result()),
             key=lambda queue: queue["name"],
         ),
-        "all": series_json(metrics.all_functions(), now),
+        "all": series_json(everything, now),
+        "versions": versions_json(everything, window, now),
         "buckets_ms": list(metrics.BUCKETS_MS),
     }
 
@@ -189,6 +208,9 @@ def function_metrics(function: str, window: str = "24h") -> dict[str, Any]:
         "window": window,
         "by_minute": [_point_json(point) for point in series.by_minute(now)],
         "by_hour": [_point_json(point) for point in series.by_hour(now)],
+        "marks_by_minute": series.version_marks(hourly=False, now=now),
+        "marks_by_hour": series.version_marks(hourly=True, now=now),
+        "versions": versions_json(series, window, now),
     }
 
 
@@ -198,15 +220,54 @@ def list_audit(*, cursor: str | None = None, limit: int = PAGE_SIZE) -> Page:
     return Page(entries, encode_cursor(next_cursor, "audit"))
 
 
+def audit_total() -> tuple[int, bool]:
+    """(count, capped) of audit entries: keys only, at most LIST_COUNT_CAP + 1."""
+    count = audit.DeferredAudit.query().count(limit=LIST_COUNT_CAP + 1)
+    return min(count, LIST_COUNT_CAP), count > LIST_COUNT_CAP
+
+
 def audit_json(entry: audit.DeferredAudit) -> dict[str, Any]:
-    """The API view of an audit entry."""
+    """The API view of an audit entry; ``target_url`` is the dashboard page of its target
+    (None for the sweeper) and ``target_label`` how a page shows it."""
+    url, label = target_link(entry.target or "")
     return {
         "actor": entry.actor,
         "action": entry.action,
         "target": entry.target,
+        "target_url": url,
+        "target_label": label,
         "when": _iso(entry.when),
         "detail": entry.detail,
     }
+
+
+def target_link(target: str) -> tuple[str | None, str]:
+    """(dashboard URL, label) of an audit target: ``failure/<id>``, ``spillover/<id>``,
+    ``queue/<q>``, ``task/<q>/<task>``, or a bulk action's ``failures?{filter json}`` /
+    ``spillover?{...}``; (None, target) for anything else."""
+    kind, _, rest = target.partition("/")
+    if kind in ("failure", "spillover") and rest:
+        section = "failures" if kind == "failure" else "spillover"
+        return f"{PREFIX}/{section}/{url_segment(rest)}", target
+    if kind == "queue" and rest:
+        return f"{PREFIX}/queues/{url_segment(rest)}", target
+    if kind == "task" and rest.count("/") == 1:
+        queue, task = rest.split("/")
+        return f"{PREFIX}/queues/{url_segment(queue)}/tasks/{url_segment(task)}", target
+    section, mark, filters = target.partition("?")
+    if mark and section in ("failures", "spillover"):
+        try:
+            params = json.loads(filters)
+        except ValueError:
+            return None, target
+        if isinstance(params, dict):
+            path = "/failures/list" if section == "failures" else "/spillover"
+            query = urlencode({str(k): str(v) for k, v in params.items()})
+            label = f"{section} where " + (
+                ", ".join(f"{k}={v}" for k, v in params.items()) or "anything"
+            )
+            return f"{PREFIX}{path}" + (f"?{query}" if query else ""), label
+    return None, target
 
 
 def run_sweeper(actor: str, *, audit_idle: bool = True) -> dict[str, Any]:

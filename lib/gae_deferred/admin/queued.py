@@ -9,6 +9,7 @@ from typing import Any
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud import tasks_v2
+from google.rpc import code_pb2
 
 from .. import audit, cloud_tasks, envelope
 from .._config import settings
@@ -31,6 +32,7 @@ from ._common import (
     check_queue_name,
     deferred_by,
 )
+from .header import header_rows
 
 
 def _queue_definitions() -> dict[str, QueueDefinition]:
@@ -147,6 +149,18 @@ def list_tasks(queue: str, *, page_token: str | None = None, limit: int = PAGE_S
     return Page(tasks, next_token)
 
 
+def response_text(code: int, message: str) -> str:
+    """What an attempt's answer says to a person: Cloud Tasks' message (``HTTP 500``), or the
+    gRPC status name when there is none (``DEADLINE_EXCEEDED``). ``code`` is a google.rpc
+    code (13 for any HTTP 5xx), not an HTTP status: printing it as "13 HTTP 500" misleads."""
+    if message:
+        return message
+    try:
+        return code_pb2.Code.Name(code)
+    except ValueError:
+        return f"status {code}"
+
+
 def _attempt_json(task: tasks_v2.Task, field: str) -> dict[str, Any] | None:
     if field not in task:
         return None
@@ -154,7 +168,11 @@ def _attempt_json(task: tasks_v2.Task, field: str) -> dict[str, Any] | None:
     response = None
     if "response_status" in attempt:
         status = attempt.response_status
-        response = {"code": status.code, "message": status.message}
+        response = {
+            "code": status.code,
+            "message": status.message,
+            "text": response_text(status.code, status.message),
+        }
     return {
         "dispatch_time": _iso(attempt.dispatch_time) if "dispatch_time" in attempt else None,
         "response_time": _iso(attempt.response_time) if "response_time" in attempt else None,
@@ -176,7 +194,21 @@ def task_json(task: tasks_v2.Task) -> dict[str, Any]:
         "last_response": last["response"] if last else None,
         "last_attempt_time": last["dispatch_time"] if last else None,
         "url": request.relative_uri if "app_engine_http_request" in task else None,
+        "function": _function_of(request.relative_uri)
+        if "app_engine_http_request" in task
+        else None,
     }
+
+
+def _function_of(url: str) -> str | None:
+    """The function a gae_deferred task runs, as its URL names it (``<task_url>/<function>``,
+    unsafe characters as ``_``); None for another URL. A list shows it without reading bodies
+    (ListTasks' BASIC view has none); the task page reads it from the envelope."""
+    base = settings().task_url.rstrip("/") + "/"
+    path = url.split("?", 1)[0]
+    if not path.startswith(base) or len(path) == len(base) or "/" in path[len(base) :]:
+        return None
+    return path[len(base) :]
 
 
 def _check_task(queue: str, task: str) -> None:
@@ -225,6 +257,7 @@ def envelope_summary(body: bytes) -> dict[str, Any] | None:
         "stored_bytes": ref.get("stored_bytes") if ref else None,
         "deferred_by": deferred_by(header),
         "header": header,
+        "rows": header_rows(header),
     }
 
 

@@ -30,6 +30,7 @@ from .filters import (
     SpillFilter,
     _bulk_matching,
 )
+from .header import header_rows
 
 
 def list_spillover(
@@ -54,6 +55,7 @@ def spillover_json(record: spillover.DeferredPayload, *, detail: bool = False) -
         "id": record.key.id(),
         "function": record.function,
         "queue": record.queue,
+        "namespace": record.namespace,
         "task_name": record.task_name,
         "payload_bytes": record.payload_bytes,
         "stored_bytes": record.stored_bytes,
@@ -66,6 +68,7 @@ def spillover_json(record: spillover.DeferredPayload, *, detail: bool = False) -
     }
     if detail:
         data["meta"] = record.meta or {}
+        data["header"] = header_rows(record.meta)
         data["deferred_by"] = deferred_by(record.meta)
     return data
 
