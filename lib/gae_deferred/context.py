@@ -78,7 +78,7 @@ class TaskInfo:
             eta=_float(get(keys[prefix + "TaskETA"])),
             previous_response=_int(get(keys[prefix + "TaskPreviousResponse"])) or None,
             retry_reason=get(keys[prefix + "TaskRetryReason"]),
-            app_engine=bool(app_engine_queue),
+            app_engine=prefix == "X-AppEngine-",
         )
 
 
