@@ -319,11 +319,14 @@ def test_load_call_names_both_runtimes_when_a_payload_cannot_load():
     data = sealed({**header, "app_version": "v7"}, b"x")
     with pytest.raises(gae_deferred.PayloadLoadError) as raised:
         envelope.load_call(envelope.open_envelope(data))
-    assert str(raised.value).startswith(
-        "cannot load payload of gone.f: UnpicklingError: invalid load key, 'x'.; it was written "
-        "by Python 3.0 / cloudpickle 0.1 / app version v7, this runtime is Python "
-        f"{envelope.PYTHON_VERSION} / cloudpickle {envelope.CLOUDPICKLE_VERSION} / app version "
+    message = str(raised.value)
+    assert message.startswith(
+        "version skew: cannot load payload of gone.f: UnpicklingError: invalid load key, 'x'.; "
+        "it was written by Python 3.0 / cloudpickle 0.1 / app version v7, this runtime is "
+        f"Python {envelope.PYTHON_VERSION} / cloudpickle {envelope.CLOUDPICKLE_VERSION} / app "
+        "version "
     )
+    assert message.endswith("; retry it on app version v7, which made it")
     assert envelope.load_call(envelope.open_envelope(GOLDEN))[1:] == ((2, 3), {})
 
 
@@ -342,7 +345,7 @@ def test_task_headers_are_read_exactly():
             "X-AppEngine-TaskRetryReason": "deadline",
         }
     )
-    assert info == TaskInfo("t", "q", 3, 2, 1700000000.25, 503, "deadline")
+    assert info == TaskInfo("t", "q", 3, 2, 1700000000.25, 503, "deadline", app_engine=True)
     odd = TaskInfo.from_headers(
         {
             "X-CloudTasks-QueueName": "q",
@@ -360,7 +363,7 @@ def test_task_headers_are_read_exactly():
     assert TaskInfo.from_headers({"X-AppEngine-QueueName": "", "X-AppEngine-TaskName": "t"}) is None
     assert TaskInfo.from_environ({"HTTP_X_APPENGINE_QUEUENAME": "q"}) is None
     environ = {"HTTP_X_APPENGINE_QUEUENAME": "q", "HTTP_X_APPENGINE_TASKNAME": "t"}
-    assert TaskInfo.from_environ(environ) == TaskInfo("t", "q")
+    assert TaskInfo.from_environ(environ) == TaskInfo("t", "q", app_engine=True)
 
 
 def test_a_cloud_tasks_queue_beside_an_app_engine_name_off_app_engine(monkeypatch):

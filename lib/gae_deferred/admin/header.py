@@ -25,7 +25,10 @@ _WRITTEN_BY = ("app_version", "python", "cloudpickle", "serializer")
 def _time(value: Any) -> str:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return json.dumps(value, default=str)
-    moment = datetime.datetime.fromtimestamp(value / 1000, datetime.UTC)
+    try:
+        moment = datetime.datetime.fromtimestamp(value / 1000, datetime.UTC)
+    except (OverflowError, ValueError, OSError):  # unsigned: anyone may write 1e20 or NaN here
+        return json.dumps(value, default=str)
     return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
 
 
