@@ -190,12 +190,13 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     return parser
 
 
-def _command(app_yaml: str) -> str:
+def _command(app_yamls: Sequence[str]) -> str:
     """The command port-in-use messages suggest: how this run was started (`make run` says so
     in GAE_DEFERRED_DEV_COMMAND), with ``{args}`` where options go."""
     from .stack import COMMAND_ENV
 
-    return os.environ.get(COMMAND_ENV) or f"{PROG} {shlex.quote(app_yaml)} {{args}}"
+    files = " ".join(shlex.quote(path) for path in app_yamls)
+    return os.environ.get(COMMAND_ENV) or f"{PROG} {files} {{args}}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
