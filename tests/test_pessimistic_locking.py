@@ -41,7 +41,7 @@ def test_two_processes_flushing_one_series_at_once_both_count(ndb_emulator):
 
     def flush_as(process: str) -> None:
         def fold() -> None:
-            metrics._fold(grouped, now)
+            metrics._fold(grouped, now, "v1")
             attempts.append(process)
             if len(attempts) <= 2:
                 both_read.wait(10)  # both hold their read locks before either commits
