@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=duration,
         plots=plots,
         preamble=(
-            "Written by `make bench` (`python -m benchmarks`). Budgets are in DESIGN.md "
+            "Written by `make bench` (`python -m benchmarks`). Budgets are in docs/design.md "
             '("Budgets"). Absolute times drift on shared machines; the ratios come from '
             "interleaved variants in the same run (A/B/A/B), medians after warm-up."
             + (" **Quick smoke run: numbers are indicative only.**" if args.quick else "")

@@ -152,7 +152,7 @@ def _measure(section: Section, base: pathlib.Path, datastore: str, tasks: str, s
         if side == "run" and size == BUDGET_SIZE:
             section.targets.append(ratio_target(f"{label} run: peak RSS increase", ratio, BUDGET))
         elif side == "run":
-            # DESIGN.md's budget is for 32 MiB; smaller payloads carry gRPC's fixed buffers.
+            # docs/design.md's budget is for 32 MiB; smaller payloads carry gRPC's fixed buffers.
             section.targets.append(
                 Target(f"{label} run: peak RSS increase (report only)", f"{ratio:.2f}x", "—", True)
             )
