@@ -13,6 +13,10 @@ prefix before webapp2 routes (see ``_middleware``). ``configure_logging()`` (fro
 :mod:`gae_deferred.tracing`, here for the same import line) makes task logs on App Engine join
 the trace of the request that deferred them.
 
+Run gunicorn with ``-c python:gae_deferred.webapp2.gunicorn_conf`` (see ``gunicorn_conf``), so
+that a request line over 4,094 bytes gets the middleware's 414 with the security headers
+rather than gunicorn's own bare page.
+
 In this repository the package is the ``handlers/`` folder; the wheel installs it as
 ``gae_deferred.webapp2``, with the dashboard's templates and static files as package data.
 

@@ -9,11 +9,13 @@ and the task path (webapp2's own 404 included)::
     headers = guard.headers_for(environ)       # the headers every answer carries, or None
     refusal = guard.refusal(environ)           # (status, message) or None (dashboard)
     path = guard.request_path(environ)         # None when the path is not UTF-8
+    too_long = guard.request_line_length(environ) > guard.MAX_REQUEST_LINE
 """
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +23,10 @@ PREFIX = "/_ah/deferred-admin"
 ALLOWED_METHODS = ("GET", "POST")
 #: The task handler's path (bare, or with a function name after it).
 TASK_PATH = "/_ah/queue/deferred"
+#: gunicorn's default limit_request_line: the longest request line (method, target, version)
+#: answered by the app; the middleware answers longer ones with 414 itself, because
+#: gunicorn_conf lifts gunicorn's own limit (whose 414 page has no security headers).
+MAX_REQUEST_LINE = 4094
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -52,6 +58,23 @@ def request_path(environ: dict[str, Any]) -> str | None:
         return raw_path(environ).encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
         return None
+
+
+def request_line_length(environ: dict[str, Any]) -> int:
+    """The bytes of the request line ``METHOD SP target SP version`` as gunicorn measures it.
+
+    The target is gunicorn's RAW_URI (or REQUEST_URI) as sent; under other servers it is
+    rebuilt from the percent-encoded path and the query string.
+    """
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not target:
+        raw = raw_path(environ).encode("latin-1", "replace")
+        path = urllib.parse.quote(raw, safe="/;=,~!$&'()*+@:")
+        query = environ.get("QUERY_STRING") or ""
+        target = f"{path}?{query}" if query else path
+    method = environ.get("REQUEST_METHOD") or ""
+    version = environ.get("SERVER_PROTOCOL") or "HTTP/1.1"
+    return len(f"{method} {target} {version}".encode("latin-1", "replace"))
 
 
 def is_dashboard(environ: dict[str, Any]) -> bool:
@@ -111,7 +134,12 @@ def refuse(
     headers = [*security.items(), ("Content-Type", content_type)]
     if status == 405:
         headers.append(("Allow", "POST" if task_path else ", ".join(ALLOWED_METHODS)))
-    reason = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+    reason = {
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        414: "URI Too Long",
+    }.get(status, "Error")
     start_response(f"{status} {reason}", [*headers, ("Content-Length", str(len(body)))])
     return [body]
 
