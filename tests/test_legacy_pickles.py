@@ -123,7 +123,6 @@ def test_a_failing_legacy_body_is_recorded_and_retriggerable(draining):
         ("off", "configure legacy_pickles_until"),
         ("expired", "refused since"),
         ("not-app-engine", "only on App Engine"),
-        ("cloud-tasks-headers", "App Engine's own task headers"),
     ],
 )
 def test_outside_the_drain_a_legacy_body_is_refused_counted_and_runs_nothing(
@@ -136,12 +135,9 @@ def test_outside_the_drain_a_legacy_body_is_refused_counted_and_runs_nothing(
         gae_deferred.configure(legacy_pickles_until=today - datetime.timedelta(days=1))
     elif setup != "off":
         gae_deferred.configure(legacy_pickles_until=today)
-    sent = (
-        {"X-CloudTasks-QueueName": "default", "X-CloudTasks-TaskName": "legacy-6"}
-        if setup == "cloud-tasks-headers"
-        else headers("legacy-6")
+    answer = app.post(
+        "/_ah/queue/deferred", BODIES["inline"], headers=headers("legacy-6"), status=403
     )
-    answer = app.post("/_ah/queue/deferred", BODIES["inline"], headers=sent, status=403)
     assert answer.text == "forbidden\n"
     assert legacy_targets.RUNS == []
     summary = refusals.summary()
@@ -154,6 +150,21 @@ def test_outside_the_drain_a_legacy_body_is_refused_counted_and_runs_nothing(
     )
     assert reason in example["message"]
     assert "body" not in example and "caf" not in json.dumps(example)
+
+
+def test_cloud_tasks_headers_alone_refuse_a_legacy_body_before_it_is_read(app, monkeypatch):
+    """On App Engine only App Engine's own task headers prove the queue sent a request (the
+    trust model): X-CloudTasks-* alone is refused as not from the queue, during the drain too,
+    before the body is read, so it is never counted as a legacy pickle."""
+    monkeypatch.setenv("GAE_ENV", "standard")
+    gae_deferred.configure(legacy_pickles_until=datetime.datetime.now(datetime.UTC).date())
+    sent = {"X-CloudTasks-QueueName": "default", "X-CloudTasks-TaskName": "legacy-6"}
+    answer = app.post("/_ah/queue/deferred", BODIES["inline"], headers=sent, status=403)
+    assert answer.text == "forbidden\n"
+    assert legacy_targets.RUNS == []
+    summary = refusals.summary()
+    assert summary["counts"]["not-from-queue"] == 1
+    assert summary["counts"].get("legacy-pickle", 0) == 0 and summary["legacy_runs"] == 0
 
 
 def test_the_drain_date_comes_from_the_environment(monkeypatch):
