@@ -61,6 +61,11 @@ def test_pause_resume_and_cancel_a_running_job_from_the_jobs_page(page, live):
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (
                 f"{label} is off screen at {width} px: {box}"
             )
+        # Every column stays on screen: the last (Finalize) too, as a labelled card on a phone.
+        box = row.locator("td").last.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (
+            f"the Finalize column is off screen at {width} px: {box}"
+        )
     page.set_viewport_size({"width": 1280, "height": 800})
 
     row.locator("button", has_text="Pause").click()
