@@ -25,8 +25,9 @@ from ._common import TASK_SCAN
 
 #: Seconds the Cloud Tasks numbers are reused by every page of this process.
 STATUS_TTL = 10.0
-#: The strip counts retrying and dead failures up to here ("1000+").
-STRIP_COUNT_CAP = 1_000
+#: The strip counts retrying and dead failures and running jobs up to here ("100+"): a count
+#: reads the keys it counts, and the strip is on every page.
+STRIP_COUNT_CAP = 100
 
 _lock = threading.Lock()
 _cached: tuple[float, dict[str, Any]] | None = None
