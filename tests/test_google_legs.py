@@ -64,7 +64,7 @@ def test_the_google_legs_leave_out_only_tests_of_datastore():
     assert google_legs.reaches_datastore("tests/test_defer.py::test_x", {"ndb_stub"})
     assert google_legs.reaches_datastore("tests/e2e/test_e2e_tasks.py::test_x", set())
     assert google_legs.left_out("firestore", "tests/test_x.py::t", {"datastore_commits"})
-    restart = "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing"
+    restart = "tests/e2e/test_e2e_stack.py::test_emulator_restarts_mid_run_lose_nothing"
     assert google_legs.left_out("firestore", restart, set())
     assert google_legs.left_out("datastore", restart, set()) is None
     assert restart in google_legs.DATASTORE_PATHS
