@@ -34,3 +34,20 @@ def prepare() -> None:
         os.environ.pop(name, None)
     os.environ["GAE_DEFERRED_SIGNING_KEY"] = BENCH_SIGNING_KEY
     os.environ["GOOGLE_CLOUD_PROJECT"] = BENCH_PROJECT
+
+
+#: What pointing this process at a LocalStack sets (stack.env); forgotten when it stops.
+STACK_ENV = (
+    "DATASTORE_EMULATOR_HOST",
+    "CLOUD_TASKS_EMULATOR_HOST",
+    "GAE_DEFERRED_SIGNING_KEY_FILE",
+    "GAE_DEFERRED_LOCAL",
+    "GAE_DEFERRED_QUEUE_YAML",
+    "GAE_DEFERRED_LOCATION",
+)
+
+
+def forget_stack_env() -> None:
+    """Drop a stopped stack's settings from this process's environment."""
+    for name in STACK_ENV:
+        os.environ.pop(name, None)

@@ -32,7 +32,7 @@ from google.cloud import ndb
 
 from gae_deferred import iterate, reset_clients
 
-from ._setup import BENCH_PROJECT, ROOT
+from ._setup import BENCH_PROJECT, ROOT, forget_stack_env
 from .report import Section, ratio_target
 
 #: Seconds ``touch`` waits per entity, as a call to another service would.
@@ -149,15 +149,7 @@ def _throughput(base: pathlib.Path, count: int) -> tuple[float, float]:
         return count / loop, count / elapsed
     finally:
         stack.stop()
-        for name in (
-            "DATASTORE_EMULATOR_HOST",
-            "CLOUD_TASKS_EMULATOR_HOST",
-            "GAE_DEFERRED_SIGNING_KEY_FILE",
-            "GAE_DEFERRED_LOCAL",
-            "GAE_DEFERRED_QUEUE_YAML",
-            "GAE_DEFERRED_LOCATION",
-        ):
-            os.environ.pop(name, None)
+        forget_stack_env()
         if saved is not None:
             os.environ["GAE_DEFERRED_SIGNING_KEY"] = saved
         reset_clients()

@@ -35,7 +35,7 @@ from gae_deferred.cloud_tasks import queue_path
 from gae_deferred.local.stack import LocalStack, free_port
 
 from . import tasks
-from ._setup import ROOT
+from ._setup import ROOT, forget_stack_env
 from .report import Section, Target, ratio_target
 
 #: Queues the tasks are spread over, each at Cloud Tasks' maximum rate of 500/s.
@@ -249,15 +249,7 @@ def _stack_rate(base: pathlib.Path, count: int, *, via_front: bool) -> tuple[flo
         return total / elapsed, defer_rate
     finally:
         stack.stop()
-        for name in (
-            "DATASTORE_EMULATOR_HOST",
-            "CLOUD_TASKS_EMULATOR_HOST",
-            "GAE_DEFERRED_SIGNING_KEY_FILE",
-            "GAE_DEFERRED_LOCAL",
-            "GAE_DEFERRED_QUEUE_YAML",
-            "GAE_DEFERRED_LOCATION",
-        ):
-            os.environ.pop(name, None)
+        forget_stack_env()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
