@@ -37,7 +37,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
 from ... import queue_config
-from ..errors import RpcError, invalid
+from ..errors import PortInUseError, RpcError, invalid
 from . import dispatch
 from .operations import BatchKind, Operations
 from .routing import ServiceRoutes, routing_of
@@ -112,10 +112,6 @@ _QUEUE_MASK_PATHS = {
     "stackdriver_logging_config",
     "stackdriver_logging_config.sampling_ratio",
 }
-
-
-class PortInUseError(OSError):
-    """The requested gRPC port could not be bound."""
 
 
 def _seconds(duration: Any) -> float:

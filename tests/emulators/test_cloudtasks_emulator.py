@@ -26,7 +26,8 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.rpc import code_pb2
 
-from gae_deferred.local.cloudtasks import CloudTasksEmulator, PortInUseError
+from gae_deferred.local.cloudtasks import CloudTasksEmulator
+from gae_deferred.local.errors import PortInUseError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE_YAML = """\
