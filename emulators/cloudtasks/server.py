@@ -9,16 +9,17 @@ The real ``google-cloud-tasks`` client talks to it over an insecure channel::
     ...
     emu.stop()
 
-One lock guards all state; RPCs only touch memory and SQLite, while HTTP attempts run in
-a per-queue thread pool, so a slow app never blocks an RPC.
+This module answers the RPCs; scheduler.py decides when each task is attempted and applies
+the outcome, dispatch.py sends the HTTP request, operations.py keeps the batch RPCs'
+long-running operations and store.py the SQLite state. One lock guards all state; RPCs only
+touch memory and SQLite, while HTTP attempts run in a per-queue thread pool, so a slow app
+never blocks an RPC.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -28,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -38,9 +38,19 @@ from google.protobuf import empty_pb2
 
 from ... import queue_config
 from ..errors import PortInUseError, RpcError, invalid
-from . import dispatch
 from .operations import BatchKind, Operations
-from .routing import ServiceRoutes, routing_of
+from .routing import ServiceRoutes
+from .scheduler import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_CONCURRENT,
+    HTTP_METHODS,
+    QueueState,
+    Scheduler,
+    TaskState,
+    duration_seconds,
+    set_timestamp,
+    timestamp_seconds,
+)
 from .store import Store
 
 log = logging.getLogger("gae_deferred.local.cloudtasks")
@@ -53,12 +63,11 @@ MAX_BATCH_CREATE, MAX_BATCH_DELETE = 100, 1000
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 TOMBSTONE_SECONDS = 3600.0
 MAX_SCHEDULE_AHEAD = 30 * 86400.0
-POOL_CAP = 32
 RPC_WORKERS = 16
 LATENCY_RPC_WORKERS = 128
 MIN_DEADLINE, MAX_DEADLINE = 15.0, 24 * 3600.0 + 15.0
 # Cloud Tasks' defaults for fields left unspecified in CreateQueue/UpdateQueue.
-DEFAULT_RATE, DEFAULT_CONCURRENT, DEFAULT_ATTEMPTS = 500.0, 1000, 100
+DEFAULT_RATE = 500.0  # and scheduler.py's DEFAULT_CONCURRENT, DEFAULT_ATTEMPTS
 DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_DOUBLINGS = 0.1, 3600.0, 16
 
 QueuePb = tasks_v2.Queue.pb()
@@ -85,16 +94,6 @@ _BATCH_DELETE = BatchKind(
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 _LOCATION_RE = re.compile(r"^projects/[A-Za-z0-9:.-]+/locations/[A-Za-z0-9-]+$")
-_METHODS = {
-    0: "POST",
-    1: "POST",
-    2: "GET",
-    3: "HEAD",
-    4: "PUT",
-    5: "DELETE",
-    6: "PATCH",
-    7: "OPTIONS",
-}
 _FORBIDDEN_HEADER = re.compile(r"^(host|x-google-.*|x-appengine-.*)$", re.IGNORECASE)
 _QUEUE_MASK_PATHS = {
     "app_engine_routing_override",
@@ -112,46 +111,6 @@ _QUEUE_MASK_PATHS = {
     "stackdriver_logging_config",
     "stackdriver_logging_config.sampling_ratio",
 }
-
-
-def _seconds(duration: Any) -> float:
-    return duration.seconds + duration.nanos / 1e9
-
-
-def _set_time(timestamp: Any, seconds: float) -> None:
-    timestamp.FromNanoseconds(round(seconds * 1e6) * 1000)
-
-
-def _time(timestamp: Any) -> float:
-    return timestamp.ToNanoseconds() / 1e9
-
-
-@dataclass
-class _Queue:
-    pb: Any
-    tokens: float
-    last_refill: float
-    pool: futures.ThreadPoolExecutor
-    inflight: int = 0
-    heap: list[tuple[float, int, str]] = field(default_factory=list)
-
-
-@dataclass
-class _Task:
-    pb: Any
-    queue: str
-    failures: int = 0
-    previous_status: int | None = None
-    retry_reason: str | None = None
-    inflight: int = 0
-
-    @property
-    def scheduled(self) -> float:
-        return _time(self.pb.schedule_time)
-
-
-def _short(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
 
 
 def _page(items: list, page_size: int, page_token: str, maximum: int) -> tuple[list, str]:
@@ -184,9 +143,9 @@ def _checked_task(incoming: Any) -> Any:
     uri = request_pb.relative_uri
     if not uri.startswith("/") or " " in uri or len(uri) > 2083:
         raise invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
-    if request_pb.http_method not in _METHODS:
+    if request_pb.http_method not in HTTP_METHODS:
         raise invalid(f"unknown http_method {request_pb.http_method}")
-    if request_pb.body and _METHODS[request_pb.http_method] not in ("POST", "PUT"):
+    if request_pb.body and HTTP_METHODS[request_pb.http_method] not in ("POST", "PUT"):
         raise invalid("a body is allowed only for POST and PUT tasks")
     for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
         del request_pb.headers[key]
@@ -197,7 +156,7 @@ def _checked_task(incoming: Any) -> Any:
             f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
         )
     if task.HasField("dispatch_deadline"):
-        deadline = _seconds(task.dispatch_deadline)
+        deadline = duration_seconds(task.dispatch_deadline)
         if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
             raise invalid("dispatch_deadline must be between 15s and 24h15s")
     for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
@@ -247,18 +206,23 @@ class CloudTasksEmulator:
         #: real service (benchmarks measure fan-out against it); RPCs wait in parallel.
         self.latency_ms = latency_ms
         self.rpc_counts: collections.Counter[str] = collections.Counter()
-        self.dispatch_log: list[dict[str, Any]] = []
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
-        self._queues: dict[str, _Queue] = {}
-        self._tasks: dict[str, _Task] = {}
+        self._queues: dict[str, QueueState] = {}
+        self._tasks: dict[str, TaskState] = {}
         self._tombstones: dict[str, float] = {}
-        self._seq = itertools.count()
         self._operations = Operations()
         self._store: Store | None = None
         self._server: grpc.Server | None = None
-        self._scheduler: threading.Thread | None = None
-        self._stopping = False
+        self._scheduler = Scheduler(
+            threading.Condition(self._lock),
+            self._queues,
+            self._tasks,
+            ServiceRoutes(app_url, self.services),
+            default_dispatch_deadline,
+            forget=self._forget_task,
+            persist=self._persist_task,
+        )
+        self.dispatch_log = self._scheduler.dispatch_log
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -297,9 +261,6 @@ class CloudTasksEmulator:
             self._restore(definitions)
         self._server = server
         server.start()
-        self._scheduler = threading.Thread(
-            target=self._schedule_loop, name="ct-scheduler", daemon=True
-        )
         self._scheduler.start()
         return self
 
@@ -307,14 +268,7 @@ class CloudTasksEmulator:
         """Stop serving and dispatching; attempts still running are abandoned."""
         if self._server is not None:
             self._server.stop(grace).wait()
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-            pools = [queue.pool for queue in self._queues.values()]
-        if self._scheduler is not None:
-            self._scheduler.join(timeout=5)
-        for pool in pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._scheduler.stop()
         with self._lock:
             if self._store is not None:
                 self._store.close()
@@ -348,33 +302,18 @@ class CloudTasksEmulator:
         for name, queue_name, data, failures, previous, reason in self._store.tasks():
             if queue_name not in self._queues:
                 continue
-            task = _Task(TaskPb.FromString(data), queue_name, failures, previous, reason)
+            task = TaskState(TaskPb.FromString(data), queue_name, failures, previous, reason)
             self._tasks[name] = task
-            self._push(self._queues[queue_name], task)
+            self._scheduler.push(self._queues[queue_name], task)
         self._tombstones = self._store.tombstones(time.time())
 
-    def _install_queue(self, pb: Any) -> _Queue:
+    def _install_queue(self, pb: Any) -> QueueState:
         existing = self._queues.get(pb.name)
-        workers = max(1, min(pb.rate_limits.max_concurrent_dispatches or POOL_CAP, POOL_CAP))
         if existing is not None:
-            old_workers = existing.pool._max_workers
-            existing.pb = pb
-            existing.tokens = min(existing.tokens, self._burst(pb))
-            if old_workers != workers:
-                existing.pool.shutdown(wait=False)
-                existing.pool = self._new_pool(pb, workers)
+            self._scheduler.reconfigure(existing, pb)
             return existing
-        queue = _Queue(pb, self._burst(pb), time.monotonic(), self._new_pool(pb, workers))
-        self._queues[pb.name] = queue
+        queue = self._queues[pb.name] = self._scheduler.new_queue(pb)
         return queue
-
-    @staticmethod
-    def _new_pool(pb: Any, workers: int) -> futures.ThreadPoolExecutor:
-        return futures.ThreadPoolExecutor(workers, thread_name_prefix=f"ct-{_short(pb.name)}")
-
-    @staticmethod
-    def _burst(pb: Any) -> float:
-        return float(max(1, pb.rate_limits.max_burst_size))
 
     # -- gRPC plumbing -----------------------------------------------------------------
 
@@ -455,19 +394,19 @@ class CloudTasksEmulator:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _queue(self, name: str) -> _Queue:
+    def _queue(self, name: str) -> QueueState:
         queue = self._queues.get(name)
         if queue is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"Queue does not exist: {name}")
         return queue
 
-    def _task(self, name: str) -> _Task:
+    def _task(self, name: str) -> TaskState:
         task = self._tasks.get(name)
         if task is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"Task does not exist: {name}")
         return task
 
-    def _view(self, task: _Task, view: int) -> tasks_v2.Task:
+    def _view(self, task: TaskState, view: int) -> tasks_v2.Task:
         copy = TaskPb()
         copy.CopyFrom(task.pb)
         if view != View.FULL:
@@ -477,12 +416,12 @@ class CloudTasksEmulator:
             copy.view = View.FULL
         return tasks_v2.Task.wrap(copy)
 
-    def _queue_out(self, queue: _Queue) -> tasks_v2.Queue:
+    def _queue_out(self, queue: QueueState) -> tasks_v2.Queue:
         copy = QueuePb()
         copy.CopyFrom(queue.pb)
         return tasks_v2.Queue.wrap(copy)
 
-    def _persist_task(self, task: _Task) -> None:
+    def _persist_task(self, task: TaskState) -> None:
         assert self._store is not None
         self._store.put_task(
             task.pb.name,
@@ -493,17 +432,13 @@ class CloudTasksEmulator:
             task.retry_reason,
         )
 
-    def _forget_task(self, task: _Task) -> None:
+    def _forget_task(self, task: TaskState) -> None:
         """Delete a task and remember its name for an hour, like Cloud Tasks does."""
         assert self._store is not None
         until = time.time() + TOMBSTONE_SECONDS
         self._tasks.pop(task.pb.name, None)
         self._tombstones[task.pb.name] = until
         self._store.delete_task(task.pb.name, until)
-
-    def _push(self, queue: _Queue, task: _Task) -> None:
-        heapq.heappush(queue.heap, (task.scheduled, next(self._seq), task.pb.name))
-        self._wake.notify_all()
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -512,10 +447,10 @@ class CloudTasksEmulator:
         with self._lock:
             return self._add_task(self._queue(request.parent), task, request.response_view)
 
-    def _add_request(self, queue: _Queue, request: Any) -> tasks_v2.Task:
+    def _add_request(self, queue: QueueState, request: Any) -> tasks_v2.Task:
         return self._add_task(queue, _checked_task(request.task), request.response_view)
 
-    def _add_task(self, queue: _Queue, task: Any, view: int) -> tasks_v2.Task:
+    def _add_task(self, queue: QueueState, task: Any, view: int) -> tasks_v2.Task:
         """Name (or dedup), store and schedule one checked task: CreateTask's and a batch's."""
         parent = queue.pb.name
         now = time.time()
@@ -535,15 +470,15 @@ class CloudTasksEmulator:
                 )
         else:
             task.name = f"{parent}/tasks/{secrets.randbelow(9 * 10**18) + 10**18}"
-        scheduled = _time(task.schedule_time) if task.HasField("schedule_time") else 0.0
+        scheduled = timestamp_seconds(task.schedule_time) if task.HasField("schedule_time") else 0.0
         if scheduled > now + MAX_SCHEDULE_AHEAD:
             raise invalid("schedule_time must be at most 30 days in the future")
-        _set_time(task.schedule_time, max(scheduled, now))
+        set_timestamp(task.schedule_time, max(scheduled, now))
         task.create_time.FromSeconds(int(now))
-        state = _Task(task, parent)
+        state = TaskState(task, parent)
         self._tasks[task.name] = state
         self._persist_task(state)
-        self._push(queue, state)
+        self._scheduler.push(queue, state)
         return self._view(state, view)
 
     def _batch_create_tasks(self, request: Any) -> operations_pb2.Operation:
@@ -616,7 +551,7 @@ class CloudTasksEmulator:
             queue = self._queue(task.queue)
             # RunTask dispatches even when the queue is paused, rate limited, or the task
             # is already running (CloudTasks.RunTask reference).
-            self._begin_attempt(queue, task, time.time(), forced=True)
+            self._scheduler.run_now(queue, task)
             return self._view(task, request.response_view)
 
     # -- queues --------------------------------------------------------------------------
@@ -632,7 +567,7 @@ class CloudTasksEmulator:
         if retry.max_doublings < 0:
             raise invalid("retry_config.max_doublings must not be negative")
         for path in ("max_retry_duration", "min_backoff", "max_backoff"):
-            if _seconds(getattr(retry, path)) < 0:
+            if duration_seconds(getattr(retry, path)) < 0:
                 raise invalid(f"retry_config.{path} must not be negative")
 
     def _apply_defaults(self, pb: Any, had_retry: bool) -> None:
@@ -647,11 +582,11 @@ class CloudTasksEmulator:
             retry.max_attempts = DEFAULT_ATTEMPTS
         if not retry.HasField("min_backoff"):
             retry.min_backoff.FromNanoseconds(int(DEFAULT_MIN_BACKOFF * 1e9))
-        if not _seconds(retry.max_backoff):
+        if not duration_seconds(retry.max_backoff):
             retry.max_backoff.FromSeconds(int(DEFAULT_MAX_BACKOFF))
         if not had_retry:
             retry.max_doublings = DEFAULT_DOUBLINGS
-        if _seconds(retry.min_backoff) > _seconds(retry.max_backoff):
+        if duration_seconds(retry.min_backoff) > duration_seconds(retry.max_backoff):
             raise invalid("retry_config.min_backoff must not exceed retry_config.max_backoff")
 
     def _check_queue_name(self, name: str, parent: str | None = None) -> None:
@@ -680,10 +615,10 @@ class CloudTasksEmulator:
             self._save_queue(queue)
             return self._queue_out(queue)
 
-    def _save_queue(self, queue: _Queue) -> None:
+    def _save_queue(self, queue: QueueState) -> None:
         assert self._store is not None
         self._store.put_queue(queue.pb.name, queue.pb.SerializeToString())
-        self._wake.notify_all()
+        self._scheduler.wake()
 
     def _get_queue(self, request: Any) -> tasks_v2.Queue:
         with self._lock:
@@ -771,7 +706,7 @@ class CloudTasksEmulator:
                 del self._tasks[name]
             assert self._store is not None
             self._store.delete_queue(request.name)
-            queue.pool.shutdown(wait=False, cancel_futures=True)
+            self._scheduler.close_queue(queue)
         return empty_pb2.Empty()
 
     def _set_state(self, name: str, state: int) -> tasks_v2.Queue:
@@ -795,180 +730,9 @@ class CloudTasksEmulator:
             for name in names:
                 del self._tasks[name]
                 self._tombstones[name] = now + TOMBSTONE_SECONDS
-            queue.heap.clear()
-            _set_time(queue.pb.purge_time, now)
+            self._scheduler.clear(queue)
+            set_timestamp(queue.pb.purge_time, now)
             assert self._store is not None
             self._store.purge_queue(request.name, names, now + TOMBSTONE_SECONDS)
             self._save_queue(queue)
             return self._queue_out(queue)
-
-    # -- dispatch ------------------------------------------------------------------------
-
-    def _schedule_loop(self) -> None:
-        with self._wake:
-            while not self._stopping:
-                wait = 1.0
-                now, mono = time.time(), time.monotonic()
-                for queue in list(self._queues.values()):
-                    delay = self._dispatch_due(queue, now, mono)
-                    if delay is not None:
-                        wait = min(wait, delay)
-                self._wake.wait(timeout=max(wait, 0.001))
-
-    def _dispatch_due(self, queue: _Queue, now: float, mono: float) -> float | None:
-        """Start every attempt the queue allows now; returns seconds until the next chance."""
-        rates = queue.pb.rate_limits
-        rate = rates.max_dispatches_per_second
-        queue.tokens = min(self._burst(queue.pb), queue.tokens + (mono - queue.last_refill) * rate)
-        queue.last_refill = mono
-        if queue.pb.state != State.RUNNING or rate <= 0:
-            return None
-        limit = rates.max_concurrent_dispatches or DEFAULT_CONCURRENT
-        while queue.heap:
-            scheduled, _, name = queue.heap[0]
-            task = self._tasks.get(name)
-            if (
-                task is None
-                or task.inflight
-                or task.queue != queue.pb.name
-                or task.scheduled != scheduled
-            ):
-                heapq.heappop(queue.heap)
-                continue
-            if scheduled > now:
-                return scheduled - now
-            if queue.inflight >= limit:
-                return None
-            if queue.tokens < 1:
-                return (1 - queue.tokens) / rate
-            heapq.heappop(queue.heap)
-            queue.tokens -= 1
-            self._begin_attempt(queue, task, now, forced=False)
-        return None
-
-    def _begin_attempt(self, queue: _Queue, task: _Task, now: float, forced: bool) -> None:
-        pb = task.pb
-        request = pb.app_engine_http_request
-        headers = dict(request.headers)
-        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
-        headers = {k: v for k, v in headers.items() if k.lower() != "user-agent"}
-        headers["User-Agent"] = (
-            f"{user_agent} {dispatch.USER_AGENT}" if user_agent else dispatch.USER_AGENT
-        )
-        if request.body and not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/octet-stream"
-        headers["X-AppEngine-QueueName"] = _short(queue.pb.name)
-        headers["X-AppEngine-TaskName"] = _short(pb.name)
-        headers["X-AppEngine-TaskRetryCount"] = str(task.failures)
-        headers["X-AppEngine-TaskExecutionCount"] = str(pb.response_count)
-        headers["X-AppEngine-TaskETA"] = f"{task.scheduled:.6f}"
-        if task.previous_status is not None:
-            headers["X-AppEngine-TaskPreviousResponse"] = str(task.previous_status)
-        if task.retry_reason:
-            headers["X-AppEngine-TaskRetryReason"] = task.retry_reason
-        pb.dispatch_count += 1
-        pb.last_attempt.Clear()
-        pb.last_attempt.schedule_time.CopyFrom(pb.schedule_time)
-        _set_time(pb.last_attempt.dispatch_time, now)
-        if not pb.HasField("first_attempt"):
-            _set_time(pb.first_attempt.dispatch_time, now)
-        task.inflight += 1
-        queue.inflight += 1
-        # Written with the attempt's outcome (_finish), not here as well: a success deletes the
-        # task and a failure stores it, counters included. A second SQLite commit per dispatch,
-        # under the lock the scheduler holds, was a quarter of the emulator's CPU per task; all
-        # a crash mid-attempt loses is that attempt's counters (the task is redelivered).
-        deadline = _seconds(pb.dispatch_deadline) or self.default_dispatch_deadline
-        url, note = ServiceRoutes(self.app_url, self.services).resolve(*routing_of(queue.pb, pb))
-        if note:
-            log.warning("task %s: %s", _short(pb.name), note)
-        queue.pool.submit(
-            self._attempt,
-            url,
-            queue,
-            pb.name,
-            _METHODS[request.http_method],
-            request.relative_uri or "/",
-            headers,
-            bytes(request.body),
-            deadline,
-            forced,
-        )
-
-    def _attempt(
-        self,
-        url: str,
-        queue: _Queue,
-        name: str,
-        method: str,
-        uri: str,
-        headers: dict[str, str],
-        body: bytes,
-        deadline: float,
-        forced: bool,
-    ) -> None:
-        result = dispatch.send(url, method, uri, headers, body, deadline)
-        with self._wake:
-            if self._stopping:
-                return
-            self._finish(queue, name, result, headers, forced)
-            self._wake.notify_all()
-
-    def _finish(
-        self,
-        queue: _Queue,
-        name: str,
-        result: dispatch.AttemptResult,
-        headers: dict[str, str],
-        forced: bool,
-    ) -> None:
-        now = time.time()
-        queue.inflight -= 1
-        self.dispatch_log.append(
-            {
-                "task": _short(name),
-                "name": name,
-                "queue": _short(queue.pb.name),
-                "status": result.status,
-                "error": result.error,
-                "time": now,
-                "retry_count": int(headers["X-AppEngine-TaskRetryCount"]),
-                "forced": forced,
-            }
-        )
-        if len(self.dispatch_log) > 20000:
-            del self.dispatch_log[:10000]
-        task = self._tasks.get(name)
-        if task is None or self._queues.get(task.queue) is not queue:
-            return  # deleted or purged while the attempt was running
-        task.inflight -= 1
-        pb = task.pb
-        if result.status is not None:
-            pb.response_count += 1
-        _set_time(pb.last_attempt.response_time, now)
-        pb.last_attempt.response_status.code = result.rpc_code
-        pb.last_attempt.response_status.message = result.reason
-        if result.succeeded:
-            self._forget_task(task)
-            return
-        task.failures += 1
-        task.previous_status = result.status
-        task.retry_reason = result.reason
-        retry = pb.retry_config if pb.HasField("retry_config") else queue.pb.retry_config
-        first = _time(pb.first_attempt.dispatch_time)
-        max_attempts = retry.max_attempts or DEFAULT_ATTEMPTS
-        if dispatch.retries_exhausted(
-            task.failures, max_attempts, _seconds(retry.max_retry_duration), now - first
-        ):
-            log.info("task %s dropped after %d failed attempts", name, task.failures)
-            self._forget_task(task)
-            return
-        delay = dispatch.backoff_seconds(
-            task.failures - 1,
-            _seconds(retry.min_backoff),
-            _seconds(retry.max_backoff),
-            retry.max_doublings,
-        )
-        _set_time(pb.schedule_time, now + delay)
-        self._persist_task(task)
-        self._push(queue, task)

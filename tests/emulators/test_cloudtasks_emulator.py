@@ -859,3 +859,15 @@ def test_cli_latency_option(app, queue_yaml, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_a_crashing_attempt_is_logged_not_lost_silently(client, emu, monkeypatch, caplog):
+    from gae_deferred.local.cloudtasks import dispatch
+
+    def crash(*args: object) -> None:
+        raise RuntimeError("boom in send")
+
+    monkeypatch.setattr(dispatch, "send", crash)
+    create(client, emu, name="crashes")
+    wait_for(lambda: "dispatch attempt crashed" in caplog.text)
+    assert "boom in send" in caplog.text
