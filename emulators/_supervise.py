@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from .stack import LocalStack, StackError
+from .errors import StackError
+from .stack import LocalStack
 
 
 @dataclasses.dataclass

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from .errors import AppYamlError
+
 #: gunicorn's APP_MODULE: ``module:variable`` or an app factory call ``module:create_app()``.
 _WSGI_APP = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?$")
 DEFAULT_WSGI_APP = "main:app"
@@ -37,10 +39,6 @@ PYTHON27_ONLY = ("api_version", "threadsafe", "libraries", "builtins", "skip_fil
 PYTHON27_ONLY_HANDLER = ("application_readable",)
 #: Handler fields the python3 runtimes accept only with the legacy bundled services.
 BUNDLED_SERVICES_HANDLER = ("login", "auth_fail_action")
-
-
-class AppYamlError(ValueError):
-    """app.yaml is missing or cannot be used; the message is one line naming the file."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .app_yaml import AppYamlError, deploy_problems
+from .app_yaml import deploy_problems
+from .errors import AppYamlError, CronYamlError, IndexYamlError, StackError
 from .google_datastore import DATASTORE_CHOICES, GOOGLE_MODES, unavailable_reason
 from .index_watch import IndexWatch
 
@@ -37,10 +38,6 @@ PROG = "gae-deferred-dev"
 CRON_TOKEN_HEADER = "X-Deferred-Cron-Token"
 #: What the `[local]` extra installs (module names), checked before anything imports them.
 LOCAL_EXTRA = ("grpc", "gunicorn", "inmemory_datastore_stub")
-
-
-class CronYamlError(ValueError):
-    """cron.yaml cannot be read; the message names the file."""
 
 
 def package_indexes() -> list[CompositeIndex]:
@@ -213,7 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported once the extra is known to be there (the emulators need it).
     from . import stack as local_stack
     from ._supervise import Supervisor
-    from .datastore import IndexYamlError
     from .services import service_stack
 
     args = _parser(
@@ -269,11 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{PROG}: {index_note}", file=sys.stderr, flush=True)
                 try:
                     supervisor.check()
-                except local_stack.StackError as exc:
+                except StackError as exc:
                     print(f"{PROG}: {exc}", file=sys.stderr)
                     return 1
                 time.sleep(0.5)
-    except local_stack.StackError as exc:
+    except StackError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, _Stop):

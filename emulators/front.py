@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from ._process import spawn
-from .app_yaml import AppYamlError, Handler, StaticHandler, load_app_yaml, match_handler
+from .app_yaml import Handler, StaticHandler, load_app_yaml, match_handler
 from .app_yaml import static_file as resolve_static_file
+from .errors import AppYamlError, HttpError
 
 #: App Engine refuses requests larger than 32 MiB.
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -104,15 +105,6 @@ def content_type(path: Path) -> str:
     """The Content-Type a static file is served with."""
     guessed = _EXTRA_TYPES.get(path.suffix.lower()) or _TYPES.guess_type(path.name)[0]
     return guessed or "application/octet-stream"
-
-
-class HttpError(Exception):
-    """Answer the client with ``status`` and close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class Body:

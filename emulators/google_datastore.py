@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from ._process import spawn, with_parent_death_signal
+from .errors import GoogleEmulatorUnavailable
 
 #: The choices of ``gae-deferred-dev --datastore`` that are Google's emulators.
 GOOGLE_MODES = ("firestore", "datastore")
@@ -68,11 +69,6 @@ _TITLE = {
 }
 #: What both print once they serve (their health check, GET /, answers "Ok" from then on).
 READY_TEXT = "Dev App Server is now running"
-
-
-class GoogleEmulatorUnavailable(RuntimeError):
-    """The SDK, the emulator component or Java is missing; the message (one line) says what to
-    install."""
 
 
 def find_sdk(sdk_root: str | os.PathLike[str] | None = None) -> pathlib.Path:

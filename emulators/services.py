@@ -18,8 +18,9 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from .app_yaml import AppYaml, AppYamlError, load_app_yaml
+from .app_yaml import AppYaml, load_app_yaml
 from .cloudtasks.routing import DEFAULT_SERVICE
+from .errors import AppYamlError
 from .stack import LocalStack, free_port
 
 

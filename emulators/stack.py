@@ -39,7 +39,8 @@ from typing import IO, Any
 from ..queue_config import QueueYamlError, load_queue_yaml
 from ._process import spawn
 from .app_yaml import AppYaml, load_app_yaml
-from .datastore import IndexYamlError, load_index_yaml
+from .datastore import load_index_yaml
+from .errors import IndexYamlError, PortInUseError, StackError
 from .front import READY_TEXT as FRONT_READY_TEXT
 from .google_datastore import DATASTORE_CHOICES
 
@@ -78,14 +79,6 @@ _DATASTORE_TITLE = {
     "firestore": ", Google's Firestore emulator in Datastore mode; data in memory only",
     "datastore": ", Google's legacy Datastore emulator",
 }
-
-
-class StackError(RuntimeError):
-    """The stack could not start (or a child died); the message says which part and why."""
-
-
-class PortInUseError(StackError):
-    """A port the stack needs is taken by another process."""
 
 
 def free_port(host: str = HOST) -> int:

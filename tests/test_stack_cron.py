@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from gae_deferred.local.dev import Cron, CronYamlError
+from gae_deferred.local.dev import Cron
+from gae_deferred.local.errors import CronYamlError
 
 
 def test_cron_calls_every_url_of_cron_yaml_on_schedule(tmp_path):

@@ -8,6 +8,6 @@
 Run it standalone with ``python -m gae_deferred.local.cloudtasks --help``; see README.md.
 """
 
-from .server import CloudTasksEmulator, PortInUseError
+from .server import CloudTasksEmulator
 
-__all__ = ["CloudTasksEmulator", "PortInUseError"]
+__all__ = ["CloudTasksEmulator"]

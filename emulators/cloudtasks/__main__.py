@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 from ...queue_config import QueueYamlError
 from .._serve import serve_until_signalled
+from ..errors import PortInUseError
 from .routing import ServiceRoutes
-from .server import CloudTasksEmulator, PortInUseError
+from .server import CloudTasksEmulator
 
 
 def _parser() -> argparse.ArgumentParser:

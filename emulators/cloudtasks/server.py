@@ -9,15 +9,17 @@ The real ``google-cloud-tasks`` client talks to it over an insecure channel::
     ...
     emu.stop()
 
-One lock guards all state; RPCs only touch memory and SQLite, while HTTP attempts run in
-a per-queue thread pool, so a slow app never blocks an RPC.
+This module answers the RPCs; scheduler.py decides when each task is attempted and applies
+the outcome, dispatch.py sends the HTTP request, operations.py keeps the batch RPCs'
+long-running operations and store.py the SQLite state. One lock guards all state; RPCs only
+touch memory and SQLite, while HTTP attempts run in a per-queue thread pool, so a slow app
+never blocks an RPC.
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
+import functools
 import logging
 import math
 import os
@@ -27,50 +29,71 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.cloud import tasks_v2
+from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
 from ... import queue_config
-from . import dispatch
-from .routing import ServiceRoutes, routing_of
+from ..errors import PortInUseError, RpcError, invalid
+from .operations import BatchKind, Operations
+from .routing import ServiceRoutes
+from .scheduler import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_CONCURRENT,
+    HTTP_METHODS,
+    QueueState,
+    Scheduler,
+    TaskState,
+    duration_seconds,
+    set_timestamp,
+    timestamp_seconds,
+)
 from .store import Store
 
 log = logging.getLogger("gae_deferred.local.cloudtasks")
 
 SERVICE = "google.cloud.tasks.v2.CloudTasks"
+OPERATIONS_SERVICE = "google.longrunning.Operations"
 MAX_TASK_BYTES = 102400
+MAX_BATCH_CREATE, MAX_BATCH_DELETE = 100, 1000
+# A batch of MAX_BATCH_CREATE tasks of the largest size is ~10 MB, above gRPC's 4 MB default.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 TOMBSTONE_SECONDS = 3600.0
 MAX_SCHEDULE_AHEAD = 30 * 86400.0
-POOL_CAP = 32
 RPC_WORKERS = 16
 LATENCY_RPC_WORKERS = 128
 MIN_DEADLINE, MAX_DEADLINE = 15.0, 24 * 3600.0 + 15.0
 # Cloud Tasks' defaults for fields left unspecified in CreateQueue/UpdateQueue.
-DEFAULT_RATE, DEFAULT_CONCURRENT, DEFAULT_ATTEMPTS = 500.0, 1000, 100
+DEFAULT_RATE = 500.0  # and scheduler.py's DEFAULT_CONCURRENT, DEFAULT_ATTEMPTS
 DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_DOUBLINGS = 0.1, 3600.0, 16
 
 QueuePb = tasks_v2.Queue.pb()
 TaskPb = tasks_v2.Task.pb()
 State = QueuePb.State
 View = TaskPb.View
+_CreateMeta = tasks_v2.BatchCreateTasksMetadata.pb()
+_DeleteMeta = tasks_v2.BatchDeleteTasksMetadata.pb()
+_BATCH_CREATE = BatchKind(
+    _CreateMeta,
+    lambda tasks: tasks_v2.BatchCreateTasksResponse.pb()(
+        tasks=[tasks_v2.Task.pb(task) for task in tasks]
+    ),
+    _CreateMeta.State.SUCCEEDED,
+    _CreateMeta.State.PARTIALLY_SUCCEEDED,
+)
+_BATCH_DELETE = BatchKind(
+    _DeleteMeta,
+    lambda _results: empty_pb2.Empty(),
+    _DeleteMeta.State.SUCCEEDED,
+    _DeleteMeta.State.PARTIALLY_SUCCEEDED,
+)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 _LOCATION_RE = re.compile(r"^projects/[A-Za-z0-9:.-]+/locations/[A-Za-z0-9-]+$")
-_METHODS = {
-    0: "POST",
-    1: "POST",
-    2: "GET",
-    3: "HEAD",
-    4: "PUT",
-    5: "DELETE",
-    6: "PATCH",
-    7: "OPTIONS",
-}
 _FORBIDDEN_HEADER = re.compile(r"^(host|x-google-.*|x-appengine-.*)$", re.IGNORECASE)
 _QUEUE_MASK_PATHS = {
     "app_engine_routing_override",
@@ -90,74 +113,62 @@ _QUEUE_MASK_PATHS = {
 }
 
 
-class PortInUseError(OSError):
-    """The requested gRPC port could not be bound."""
-
-
-class RpcError(Exception):
-    """Turned into a gRPC status by the handler wrapper."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def _seconds(duration: Any) -> float:
-    return duration.seconds + duration.nanos / 1e9
-
-
-def _set_time(timestamp: Any, seconds: float) -> None:
-    timestamp.FromNanoseconds(round(seconds * 1e6) * 1000)
-
-
-def _time(timestamp: Any) -> float:
-    return timestamp.ToNanoseconds() / 1e9
-
-
-@dataclass
-class _Queue:
-    pb: Any
-    tokens: float
-    last_refill: float
-    pool: futures.ThreadPoolExecutor
-    inflight: int = 0
-    heap: list[tuple[float, int, str]] = field(default_factory=list)
-
-
-@dataclass
-class _Task:
-    pb: Any
-    queue: str
-    failures: int = 0
-    previous_status: int | None = None
-    retry_reason: str | None = None
-    inflight: int = 0
-
-    @property
-    def scheduled(self) -> float:
-        return _time(self.pb.schedule_time)
-
-
-def _short(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
-
-
 def _page(items: list, page_size: int, page_token: str, maximum: int) -> tuple[list, str]:
     if page_size < 0:
-        raise _invalid("page_size must not be negative")
+        raise invalid("page_size must not be negative")
     size = min(page_size or maximum, maximum)
     start = 0
     if page_token:
         if not page_token.startswith("o:") or not page_token[2:].isdigit():
-            raise _invalid(f"invalid page_token {page_token!r}")
+            raise invalid(f"invalid page_token {page_token!r}")
         start = int(page_token[2:])
     end = start + size
     return items[start:end], (f"o:{end}" if end < len(items) else "")
+
+
+def _checked_task(incoming: Any) -> Any:
+    """A copy of a CreateTask request's task, validated, its output-only fields cleared."""
+    task = TaskPb()
+    task.CopyFrom(incoming)
+    if task.HasField("http_request"):
+        raise invalid(
+            "this emulator supports only App Engine tasks (app_engine_http_request); "
+            "http_request tasks are not supported"
+        )
+    if not task.HasField("app_engine_http_request"):
+        raise invalid("task.app_engine_http_request is required")
+    request_pb = task.app_engine_http_request
+    if not request_pb.relative_uri:
+        request_pb.relative_uri = "/"
+    uri = request_pb.relative_uri
+    if not uri.startswith("/") or " " in uri or len(uri) > 2083:
+        raise invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
+    if request_pb.http_method not in HTTP_METHODS:
+        raise invalid(f"unknown http_method {request_pb.http_method}")
+    if request_pb.body and HTTP_METHODS[request_pb.http_method] not in ("POST", "PUT"):
+        raise invalid("a body is allowed only for POST and PUT tasks")
+    for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
+        del request_pb.headers[key]
+    size = len(request_pb.body) + len(uri.encode())
+    size += sum(len(k.encode()) + len(v.encode()) for k, v in request_pb.headers.items())
+    if size > MAX_TASK_BYTES:
+        raise invalid(
+            f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
+        )
+    if task.HasField("dispatch_deadline"):
+        deadline = duration_seconds(task.dispatch_deadline)
+        if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
+            raise invalid("dispatch_deadline must be between 15s and 24h15s")
+    for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
+        task.ClearField(output_only)
+    return task
+
+
+def _check_batch_size(field: str, size: int, maximum: int, verb: str) -> None:
+    if not size:
+        raise invalid(f"{field} must not be empty")
+    if size > maximum:
+        raise invalid(f"at most {maximum} tasks can be {verb} in one batch, got {size}")
 
 
 class CloudTasksEmulator:
@@ -195,17 +206,23 @@ class CloudTasksEmulator:
         #: real service (benchmarks measure fan-out against it); RPCs wait in parallel.
         self.latency_ms = latency_ms
         self.rpc_counts: collections.Counter[str] = collections.Counter()
-        self.dispatch_log: list[dict[str, Any]] = []
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
-        self._queues: dict[str, _Queue] = {}
-        self._tasks: dict[str, _Task] = {}
+        self._queues: dict[str, QueueState] = {}
+        self._tasks: dict[str, TaskState] = {}
         self._tombstones: dict[str, float] = {}
-        self._seq = itertools.count()
+        self._operations = Operations()
         self._store: Store | None = None
         self._server: grpc.Server | None = None
-        self._scheduler: threading.Thread | None = None
-        self._stopping = False
+        self._scheduler = Scheduler(
+            threading.Condition(self._lock),
+            self._queues,
+            self._tasks,
+            ServiceRoutes(app_url, self.services),
+            default_dispatch_deadline,
+            forget=self._forget_task,
+            persist=self._persist_task,
+        )
+        self.dispatch_log = self._scheduler.dispatch_log
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -226,9 +243,12 @@ class CloudTasksEmulator:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ct-rpc"),
             # gRPC enables SO_REUSEPORT by default, which would let a second emulator
             # silently share the port instead of failing.
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ],
         )
-        server.add_generic_rpc_handlers((self._handlers(),))
+        server.add_generic_rpc_handlers(self._handlers())
         try:
             port = server.add_insecure_port(f"{self.host}:{self._requested_port}")
         except RuntimeError as exc:
@@ -241,9 +261,6 @@ class CloudTasksEmulator:
             self._restore(definitions)
         self._server = server
         server.start()
-        self._scheduler = threading.Thread(
-            target=self._schedule_loop, name="ct-scheduler", daemon=True
-        )
         self._scheduler.start()
         return self
 
@@ -251,14 +268,7 @@ class CloudTasksEmulator:
         """Stop serving and dispatching; attempts still running are abandoned."""
         if self._server is not None:
             self._server.stop(grace).wait()
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-            pools = [queue.pool for queue in self._queues.values()]
-        if self._scheduler is not None:
-            self._scheduler.join(timeout=5)
-        for pool in pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._scheduler.stop()
         with self._lock:
             if self._store is not None:
                 self._store.close()
@@ -292,79 +302,88 @@ class CloudTasksEmulator:
         for name, queue_name, data, failures, previous, reason in self._store.tasks():
             if queue_name not in self._queues:
                 continue
-            task = _Task(TaskPb.FromString(data), queue_name, failures, previous, reason)
+            task = TaskState(TaskPb.FromString(data), queue_name, failures, previous, reason)
             self._tasks[name] = task
-            self._push(self._queues[queue_name], task)
+            self._scheduler.push(self._queues[queue_name], task)
         self._tombstones = self._store.tombstones(time.time())
 
-    def _install_queue(self, pb: Any) -> _Queue:
+    def _install_queue(self, pb: Any) -> QueueState:
         existing = self._queues.get(pb.name)
-        workers = max(1, min(pb.rate_limits.max_concurrent_dispatches or POOL_CAP, POOL_CAP))
         if existing is not None:
-            old_workers = existing.pool._max_workers
-            existing.pb = pb
-            existing.tokens = min(existing.tokens, self._burst(pb))
-            if old_workers != workers:
-                existing.pool.shutdown(wait=False)
-                existing.pool = self._new_pool(pb, workers)
+            self._scheduler.reconfigure(existing, pb)
             return existing
-        queue = _Queue(pb, self._burst(pb), time.monotonic(), self._new_pool(pb, workers))
-        self._queues[pb.name] = queue
+        queue = self._queues[pb.name] = self._scheduler.new_queue(pb)
         return queue
-
-    @staticmethod
-    def _new_pool(pb: Any, workers: int) -> futures.ThreadPoolExecutor:
-        return futures.ThreadPoolExecutor(workers, thread_name_prefix=f"ct-{_short(pb.name)}")
-
-    @staticmethod
-    def _burst(pb: Any) -> float:
-        return float(max(1, pb.rate_limits.max_burst_size))
 
     # -- gRPC plumbing -----------------------------------------------------------------
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
+    def _handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
         t = tasks_v2
-        table: dict[str, tuple[Callable, Any, Callable]] = {
-            "CreateTask": (self._create_task, t.CreateTaskRequest, t.Task.serialize),
-            "GetTask": (self._get_task, t.GetTaskRequest, t.Task.serialize),
-            "ListTasks": (self._list_tasks, t.ListTasksRequest, t.ListTasksResponse.serialize),
-            "DeleteTask": (
-                self._delete_task,
-                t.DeleteTaskRequest,
-                empty_pb2.Empty.SerializeToString,
+        empty = empty_pb2.Empty.SerializeToString
+        operation = operations_pb2.Operation.SerializeToString
+        # method -> (function of the raw request protobuf, request class, response serializer)
+        tasks: dict[str, tuple[Callable, Any, Callable]] = {
+            "CreateTask": (self._create_task, t.CreateTaskRequest.pb(), t.Task.serialize),
+            "BatchCreateTasks": (
+                self._batch_create_tasks,
+                t.BatchCreateTasksRequest.pb(),
+                operation,
             ),
-            "RunTask": (self._run_task, t.RunTaskRequest, t.Task.serialize),
-            "CreateQueue": (self._create_queue, t.CreateQueueRequest, t.Queue.serialize),
-            "GetQueue": (self._get_queue, t.GetQueueRequest, t.Queue.serialize),
-            "ListQueues": (self._list_queues, t.ListQueuesRequest, t.ListQueuesResponse.serialize),
-            "UpdateQueue": (self._update_queue, t.UpdateQueueRequest, t.Queue.serialize),
-            "DeleteQueue": (
-                self._delete_queue,
-                t.DeleteQueueRequest,
-                empty_pb2.Empty.SerializeToString,
+            "GetTask": (self._get_task, t.GetTaskRequest.pb(), t.Task.serialize),
+            "ListTasks": (
+                self._list_tasks,
+                t.ListTasksRequest.pb(),
+                t.ListTasksResponse.serialize,
             ),
-            "PauseQueue": (self._pause_queue, t.PauseQueueRequest, t.Queue.serialize),
-            "ResumeQueue": (self._resume_queue, t.ResumeQueueRequest, t.Queue.serialize),
-            "PurgeQueue": (self._purge_queue, t.PurgeQueueRequest, t.Queue.serialize),
+            "DeleteTask": (self._delete_task, t.DeleteTaskRequest.pb(), empty),
+            "BatchDeleteTasks": (
+                self._batch_delete_tasks,
+                t.BatchDeleteTasksRequest.pb(),
+                operation,
+            ),
+            "RunTask": (self._run_task, t.RunTaskRequest.pb(), t.Task.serialize),
+            "CreateQueue": (self._create_queue, t.CreateQueueRequest.pb(), t.Queue.serialize),
+            "GetQueue": (self._get_queue, t.GetQueueRequest.pb(), t.Queue.serialize),
+            "ListQueues": (
+                self._list_queues,
+                t.ListQueuesRequest.pb(),
+                t.ListQueuesResponse.serialize,
+            ),
+            "UpdateQueue": (self._update_queue, t.UpdateQueueRequest.pb(), t.Queue.serialize),
+            "DeleteQueue": (self._delete_queue, t.DeleteQueueRequest.pb(), empty),
+            "PauseQueue": (self._pause_queue, t.PauseQueueRequest.pb(), t.Queue.serialize),
+            "ResumeQueue": (self._resume_queue, t.ResumeQueueRequest.pb(), t.Queue.serialize),
+            "PurgeQueue": (self._purge_queue, t.PurgeQueueRequest.pb(), t.Queue.serialize),
         }
+        operations: dict[str, tuple[Callable, Any, Callable]] = {
+            "GetOperation": (self._get_operation, operations_pb2.GetOperationRequest, operation),
+        }
+        return (
+            self._service(SERVICE, tasks),
+            self._service(OPERATIONS_SERVICE, operations),
+        )
+
+    def _service(
+        self, service: str, table: dict[str, tuple[Callable, Any, Callable]]
+    ) -> grpc.GenericRpcHandler:
         handlers = {
             method: grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, function, request_type),
-                request_deserializer=request_type.deserialize,
+                self._wrap(method, function),
+                request_deserializer=request_type.FromString,
                 response_serializer=serializer,
             )
             for method, (function, request_type, serializer) in table.items()
         }
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+        return grpc.method_handlers_generic_handler(service, handlers)
 
-    def _wrap(self, method: str, function: Callable, request_type: Any) -> Callable:
+    def _wrap(self, method: str, function: Callable) -> Callable:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             if self.latency_ms:
                 time.sleep(self.latency_ms / 1000)
             with self._lock:
                 self.rpc_counts[method] += 1
             try:
-                return function(request_type.pb(request))
+                return function(request)
             except RpcError as exc:
                 context.abort(exc.code, exc.message)
             except Exception as exc:
@@ -375,19 +394,19 @@ class CloudTasksEmulator:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _queue(self, name: str) -> _Queue:
+    def _queue(self, name: str) -> QueueState:
         queue = self._queues.get(name)
         if queue is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"Queue does not exist: {name}")
         return queue
 
-    def _task(self, name: str) -> _Task:
+    def _task(self, name: str) -> TaskState:
         task = self._tasks.get(name)
         if task is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"Task does not exist: {name}")
         return task
 
-    def _view(self, task: _Task, view: int) -> tasks_v2.Task:
+    def _view(self, task: TaskState, view: int) -> tasks_v2.Task:
         copy = TaskPb()
         copy.CopyFrom(task.pb)
         if view != View.FULL:
@@ -397,12 +416,12 @@ class CloudTasksEmulator:
             copy.view = View.FULL
         return tasks_v2.Task.wrap(copy)
 
-    def _queue_out(self, queue: _Queue) -> tasks_v2.Queue:
+    def _queue_out(self, queue: QueueState) -> tasks_v2.Queue:
         copy = QueuePb()
         copy.CopyFrom(queue.pb)
         return tasks_v2.Queue.wrap(copy)
 
-    def _persist_task(self, task: _Task) -> None:
+    def _persist_task(self, task: TaskState) -> None:
         assert self._store is not None
         self._store.put_task(
             task.pb.name,
@@ -413,7 +432,7 @@ class CloudTasksEmulator:
             task.retry_reason,
         )
 
-    def _forget_task(self, task: _Task) -> None:
+    def _forget_task(self, task: TaskState) -> None:
         """Delete a task and remember its name for an hour, like Cloud Tasks does."""
         assert self._store is not None
         until = time.time() + TOMBSTONE_SECONDS
@@ -421,78 +440,88 @@ class CloudTasksEmulator:
         self._tombstones[task.pb.name] = until
         self._store.delete_task(task.pb.name, until)
 
-    def _push(self, queue: _Queue, task: _Task) -> None:
-        heapq.heappush(queue.heap, (task.scheduled, next(self._seq), task.pb.name))
-        self._wake.notify_all()
-
     # -- tasks ---------------------------------------------------------------------------
 
     def _create_task(self, request: Any) -> tasks_v2.Task:
-        parent = request.parent
-        task = TaskPb()
-        task.CopyFrom(request.task)
-        if task.HasField("http_request"):
-            raise _invalid(
-                "this emulator supports only App Engine tasks (app_engine_http_request); "
-                "http_request tasks are not supported"
-            )
-        if not task.HasField("app_engine_http_request"):
-            raise _invalid("task.app_engine_http_request is required")
-        request_pb = task.app_engine_http_request
-        if not request_pb.relative_uri:
-            request_pb.relative_uri = "/"
-        uri = request_pb.relative_uri
-        if not uri.startswith("/") or " " in uri or len(uri) > 2083:
-            raise _invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
-        if request_pb.http_method not in _METHODS:
-            raise _invalid(f"unknown http_method {request_pb.http_method}")
-        if request_pb.body and _METHODS[request_pb.http_method] not in ("POST", "PUT"):
-            raise _invalid("a body is allowed only for POST and PUT tasks")
-        for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
-            del request_pb.headers[key]
-        size = len(request_pb.body) + len(uri.encode())
-        size += sum(len(k.encode()) + len(v.encode()) for k, v in request_pb.headers.items())
-        if size > MAX_TASK_BYTES:
-            raise _invalid(
-                f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
-            )
-        if task.HasField("dispatch_deadline"):
-            deadline = _seconds(task.dispatch_deadline)
-            if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
-                raise _invalid("dispatch_deadline must be between 15s and 24h15s")
-        for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
-            task.ClearField(output_only)
-        now = time.time()
+        task = _checked_task(request.task)
         with self._lock:
-            queue = self._queue(parent)
-            if task.name:
-                prefix = f"{parent}/tasks/"
-                if not task.name.startswith(prefix) or not _TASK_ID_RE.match(
-                    task.name[len(prefix) :]
-                ):
-                    raise _invalid(
-                        f"invalid task name {task.name!r}: expected {prefix}TASK_ID with letters, "
-                        "digits, hyphens or underscores (at most 500)"
-                    )
-                expires = self._tombstones.get(task.name, 0.0)
-                if task.name in self._tasks or expires > now:
-                    raise RpcError(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"Requested entity already exists: {task.name} (task names are reserved "
-                        "for about an hour after the task is deleted or completed)",
-                    )
-            else:
-                task.name = f"{parent}/tasks/{secrets.randbelow(9 * 10**18) + 10**18}"
-            scheduled = _time(task.schedule_time) if task.HasField("schedule_time") else 0.0
-            if scheduled > now + MAX_SCHEDULE_AHEAD:
-                raise _invalid("schedule_time must be at most 30 days in the future")
-            _set_time(task.schedule_time, max(scheduled, now))
-            task.create_time.FromSeconds(int(now))
-            state = _Task(task, parent)
-            self._tasks[task.name] = state
-            self._persist_task(state)
-            self._push(queue, state)
-            return self._view(state, request.response_view)
+            return self._add_task(self._queue(request.parent), task, request.response_view)
+
+    def _add_request(self, queue: QueueState, request: Any) -> tasks_v2.Task:
+        return self._add_task(queue, _checked_task(request.task), request.response_view)
+
+    def _add_task(self, queue: QueueState, task: Any, view: int) -> tasks_v2.Task:
+        """Name (or dedup), store and schedule one checked task: CreateTask's and a batch's."""
+        parent = queue.pb.name
+        now = time.time()
+        if task.name:
+            prefix = f"{parent}/tasks/"
+            if not task.name.startswith(prefix) or not _TASK_ID_RE.match(task.name[len(prefix) :]):
+                raise invalid(
+                    f"invalid task name {task.name!r}: expected {prefix}TASK_ID with letters, "
+                    "digits, hyphens or underscores (at most 500)"
+                )
+            expires = self._tombstones.get(task.name, 0.0)
+            if task.name in self._tasks or expires > now:
+                raise RpcError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"Requested entity already exists: {task.name} (task names are reserved "
+                    "for about an hour after the task is deleted or completed)",
+                )
+        else:
+            task.name = f"{parent}/tasks/{secrets.randbelow(9 * 10**18) + 10**18}"
+        scheduled = timestamp_seconds(task.schedule_time) if task.HasField("schedule_time") else 0.0
+        if scheduled > now + MAX_SCHEDULE_AHEAD:
+            raise invalid("schedule_time must be at most 30 days in the future")
+        set_timestamp(task.schedule_time, max(scheduled, now))
+        task.create_time.FromSeconds(int(now))
+        state = TaskState(task, parent)
+        self._tasks[task.name] = state
+        self._persist_task(state)
+        self._scheduler.push(queue, state)
+        return self._view(state, view)
+
+    def _batch_create_tasks(self, request: Any) -> operations_pb2.Operation:
+        _check_batch_size("requests", len(request.requests), MAX_BATCH_CREATE, "created")
+        for index, child in enumerate(request.requests):
+            if child.parent != request.parent:
+                raise invalid(
+                    f"requests[{index}].parent {child.parent!r} differs from parent "
+                    f"{request.parent!r}: all tasks of a batch go to the same queue"
+                )
+        with self._lock:
+            queue = self._queue(request.parent)
+            return self._operations.run(
+                "BatchCreateTasks",
+                request.parent,
+                request.request_id,
+                [functools.partial(self._add_request, queue, r) for r in request.requests],
+                _BATCH_CREATE,
+            )
+
+    def _batch_delete_tasks(self, request: Any) -> operations_pb2.Operation:
+        _check_batch_size("names", len(request.names), MAX_BATCH_DELETE, "deleted")
+        with self._lock:
+            self._queue(request.parent)
+            return self._operations.run(
+                "BatchDeleteTasks",
+                request.parent,
+                request.request_id,
+                [functools.partial(self._delete_one, request.parent, n) for n in request.names],
+                _BATCH_DELETE,
+            )
+
+    def _delete_one(self, parent: str, name: str) -> None:
+        if name.rpartition("/tasks/")[0] != parent:
+            raise invalid(f"task {name!r} is not in queue {parent!r}")
+        self._forget_task(self._task(name))
+
+    def _get_operation(self, request: Any) -> operations_pb2.Operation:
+        with self._lock:
+            operation = self._operations.get(request.name)
+        if operation is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Operation does not exist: {request.name}")
+        return operation
 
     def _get_task(self, request: Any) -> tasks_v2.Task:
         with self._lock:
@@ -522,7 +551,7 @@ class CloudTasksEmulator:
             queue = self._queue(task.queue)
             # RunTask dispatches even when the queue is paused, rate limited, or the task
             # is already running (CloudTasks.RunTask reference).
-            self._begin_attempt(queue, task, time.time(), forced=True)
+            self._scheduler.run_now(queue, task)
             return self._view(task, request.response_view)
 
     # -- queues --------------------------------------------------------------------------
@@ -530,16 +559,16 @@ class CloudTasksEmulator:
     def _check_queue_config(self, pb: Any) -> None:
         rates, retry = pb.rate_limits, pb.retry_config
         if not 0 <= rates.max_dispatches_per_second <= 500:
-            raise _invalid("rate_limits.max_dispatches_per_second must be between 0 and 500")
+            raise invalid("rate_limits.max_dispatches_per_second must be between 0 and 500")
         if not 0 <= rates.max_concurrent_dispatches <= 5000:
-            raise _invalid("rate_limits.max_concurrent_dispatches must be between 0 and 5000")
+            raise invalid("rate_limits.max_concurrent_dispatches must be between 0 and 5000")
         if retry.max_attempts < -1:
-            raise _invalid("retry_config.max_attempts must be >= -1")
+            raise invalid("retry_config.max_attempts must be >= -1")
         if retry.max_doublings < 0:
-            raise _invalid("retry_config.max_doublings must not be negative")
+            raise invalid("retry_config.max_doublings must not be negative")
         for path in ("max_retry_duration", "min_backoff", "max_backoff"):
-            if _seconds(getattr(retry, path)) < 0:
-                raise _invalid(f"retry_config.{path} must not be negative")
+            if duration_seconds(getattr(retry, path)) < 0:
+                raise invalid(f"retry_config.{path} must not be negative")
 
     def _apply_defaults(self, pb: Any, had_retry: bool) -> None:
         rates, retry = pb.rate_limits, pb.retry_config
@@ -553,22 +582,22 @@ class CloudTasksEmulator:
             retry.max_attempts = DEFAULT_ATTEMPTS
         if not retry.HasField("min_backoff"):
             retry.min_backoff.FromNanoseconds(int(DEFAULT_MIN_BACKOFF * 1e9))
-        if not _seconds(retry.max_backoff):
+        if not duration_seconds(retry.max_backoff):
             retry.max_backoff.FromSeconds(int(DEFAULT_MAX_BACKOFF))
         if not had_retry:
             retry.max_doublings = DEFAULT_DOUBLINGS
-        if _seconds(retry.min_backoff) > _seconds(retry.max_backoff):
-            raise _invalid("retry_config.min_backoff must not exceed retry_config.max_backoff")
+        if duration_seconds(retry.min_backoff) > duration_seconds(retry.max_backoff):
+            raise invalid("retry_config.min_backoff must not exceed retry_config.max_backoff")
 
     def _check_queue_name(self, name: str, parent: str | None = None) -> None:
         location, _, queue_id = name.rpartition("/queues/")
         if not _LOCATION_RE.match(location) or not _ID_RE.match(queue_id):
-            raise _invalid(
+            raise invalid(
                 f"invalid queue name {name!r}: expected projects/P/locations/L/queues/ID "
                 "(ID: letters, digits, hyphens, at most 100)"
             )
         if parent is not None and location != parent:
-            raise _invalid(f"queue name {name!r} is not under parent {parent!r}")
+            raise invalid(f"queue name {name!r} is not under parent {parent!r}")
 
     def _create_queue(self, request: Any) -> tasks_v2.Queue:
         pb = QueuePb()
@@ -586,10 +615,10 @@ class CloudTasksEmulator:
             self._save_queue(queue)
             return self._queue_out(queue)
 
-    def _save_queue(self, queue: _Queue) -> None:
+    def _save_queue(self, queue: QueueState) -> None:
         assert self._store is not None
         self._store.put_queue(queue.pb.name, queue.pb.SerializeToString())
-        self._wake.notify_all()
+        self._scheduler.wake()
 
     def _get_queue(self, request: Any) -> tasks_v2.Queue:
         with self._lock:
@@ -597,12 +626,12 @@ class CloudTasksEmulator:
 
     def _list_queues(self, request: Any) -> tasks_v2.ListQueuesResponse:
         if not _LOCATION_RE.match(request.parent):
-            raise _invalid(f"invalid parent {request.parent!r}: expected projects/P/locations/L")
+            raise invalid(f"invalid parent {request.parent!r}: expected projects/P/locations/L")
         wanted_state = None
         if request.filter:
             match = re.fullmatch(r"\s*state\s*[:=]\s*([A-Z_]+)\s*", request.filter)
             if match is None or match[1] not in State.keys():  # noqa: SIM118 (EnumTypeWrapper has no __contains__)
-                raise _invalid(f"unsupported filter {request.filter!r} (only 'state: STATE')")
+                raise invalid(f"unsupported filter {request.filter!r} (only 'state: STATE')")
             wanted_state = State.Value(match[1])
         with self._lock:
             queues = sorted(
@@ -626,7 +655,7 @@ class CloudTasksEmulator:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         for path in paths:
             if path not in _QUEUE_MASK_PATHS:
-                raise _invalid(f"update_mask path {path!r} cannot be updated")
+                raise invalid(f"update_mask path {path!r} cannot be updated")
         with self._lock:
             existing = self._queues.get(incoming.name)
             if existing is None:
@@ -677,7 +706,7 @@ class CloudTasksEmulator:
                 del self._tasks[name]
             assert self._store is not None
             self._store.delete_queue(request.name)
-            queue.pool.shutdown(wait=False, cancel_futures=True)
+            self._scheduler.close_queue(queue)
         return empty_pb2.Empty()
 
     def _set_state(self, name: str, state: int) -> tasks_v2.Queue:
@@ -701,180 +730,9 @@ class CloudTasksEmulator:
             for name in names:
                 del self._tasks[name]
                 self._tombstones[name] = now + TOMBSTONE_SECONDS
-            queue.heap.clear()
-            _set_time(queue.pb.purge_time, now)
+            self._scheduler.clear(queue)
+            set_timestamp(queue.pb.purge_time, now)
             assert self._store is not None
             self._store.purge_queue(request.name, names, now + TOMBSTONE_SECONDS)
             self._save_queue(queue)
             return self._queue_out(queue)
-
-    # -- dispatch ------------------------------------------------------------------------
-
-    def _schedule_loop(self) -> None:
-        with self._wake:
-            while not self._stopping:
-                wait = 1.0
-                now, mono = time.time(), time.monotonic()
-                for queue in list(self._queues.values()):
-                    delay = self._dispatch_due(queue, now, mono)
-                    if delay is not None:
-                        wait = min(wait, delay)
-                self._wake.wait(timeout=max(wait, 0.001))
-
-    def _dispatch_due(self, queue: _Queue, now: float, mono: float) -> float | None:
-        """Start every attempt the queue allows now; returns seconds until the next chance."""
-        rates = queue.pb.rate_limits
-        rate = rates.max_dispatches_per_second
-        queue.tokens = min(self._burst(queue.pb), queue.tokens + (mono - queue.last_refill) * rate)
-        queue.last_refill = mono
-        if queue.pb.state != State.RUNNING or rate <= 0:
-            return None
-        limit = rates.max_concurrent_dispatches or DEFAULT_CONCURRENT
-        while queue.heap:
-            scheduled, _, name = queue.heap[0]
-            task = self._tasks.get(name)
-            if (
-                task is None
-                or task.inflight
-                or task.queue != queue.pb.name
-                or task.scheduled != scheduled
-            ):
-                heapq.heappop(queue.heap)
-                continue
-            if scheduled > now:
-                return scheduled - now
-            if queue.inflight >= limit:
-                return None
-            if queue.tokens < 1:
-                return (1 - queue.tokens) / rate
-            heapq.heappop(queue.heap)
-            queue.tokens -= 1
-            self._begin_attempt(queue, task, now, forced=False)
-        return None
-
-    def _begin_attempt(self, queue: _Queue, task: _Task, now: float, forced: bool) -> None:
-        pb = task.pb
-        request = pb.app_engine_http_request
-        headers = dict(request.headers)
-        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
-        headers = {k: v for k, v in headers.items() if k.lower() != "user-agent"}
-        headers["User-Agent"] = (
-            f"{user_agent} {dispatch.USER_AGENT}" if user_agent else dispatch.USER_AGENT
-        )
-        if request.body and not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/octet-stream"
-        headers["X-AppEngine-QueueName"] = _short(queue.pb.name)
-        headers["X-AppEngine-TaskName"] = _short(pb.name)
-        headers["X-AppEngine-TaskRetryCount"] = str(task.failures)
-        headers["X-AppEngine-TaskExecutionCount"] = str(pb.response_count)
-        headers["X-AppEngine-TaskETA"] = f"{task.scheduled:.6f}"
-        if task.previous_status is not None:
-            headers["X-AppEngine-TaskPreviousResponse"] = str(task.previous_status)
-        if task.retry_reason:
-            headers["X-AppEngine-TaskRetryReason"] = task.retry_reason
-        pb.dispatch_count += 1
-        pb.last_attempt.Clear()
-        pb.last_attempt.schedule_time.CopyFrom(pb.schedule_time)
-        _set_time(pb.last_attempt.dispatch_time, now)
-        if not pb.HasField("first_attempt"):
-            _set_time(pb.first_attempt.dispatch_time, now)
-        task.inflight += 1
-        queue.inflight += 1
-        # Written with the attempt's outcome (_finish), not here as well: a success deletes the
-        # task and a failure stores it, counters included. A second SQLite commit per dispatch,
-        # under the lock the scheduler holds, was a quarter of the emulator's CPU per task; all
-        # a crash mid-attempt loses is that attempt's counters (the task is redelivered).
-        deadline = _seconds(pb.dispatch_deadline) or self.default_dispatch_deadline
-        url, note = ServiceRoutes(self.app_url, self.services).resolve(*routing_of(queue.pb, pb))
-        if note:
-            log.warning("task %s: %s", _short(pb.name), note)
-        queue.pool.submit(
-            self._attempt,
-            url,
-            queue,
-            pb.name,
-            _METHODS[request.http_method],
-            request.relative_uri or "/",
-            headers,
-            bytes(request.body),
-            deadline,
-            forced,
-        )
-
-    def _attempt(
-        self,
-        url: str,
-        queue: _Queue,
-        name: str,
-        method: str,
-        uri: str,
-        headers: dict[str, str],
-        body: bytes,
-        deadline: float,
-        forced: bool,
-    ) -> None:
-        result = dispatch.send(url, method, uri, headers, body, deadline)
-        with self._wake:
-            if self._stopping:
-                return
-            self._finish(queue, name, result, headers, forced)
-            self._wake.notify_all()
-
-    def _finish(
-        self,
-        queue: _Queue,
-        name: str,
-        result: dispatch.AttemptResult,
-        headers: dict[str, str],
-        forced: bool,
-    ) -> None:
-        now = time.time()
-        queue.inflight -= 1
-        self.dispatch_log.append(
-            {
-                "task": _short(name),
-                "name": name,
-                "queue": _short(queue.pb.name),
-                "status": result.status,
-                "error": result.error,
-                "time": now,
-                "retry_count": int(headers["X-AppEngine-TaskRetryCount"]),
-                "forced": forced,
-            }
-        )
-        if len(self.dispatch_log) > 20000:
-            del self.dispatch_log[:10000]
-        task = self._tasks.get(name)
-        if task is None or self._queues.get(task.queue) is not queue:
-            return  # deleted or purged while the attempt was running
-        task.inflight -= 1
-        pb = task.pb
-        if result.status is not None:
-            pb.response_count += 1
-        _set_time(pb.last_attempt.response_time, now)
-        pb.last_attempt.response_status.code = result.rpc_code
-        pb.last_attempt.response_status.message = result.reason
-        if result.succeeded:
-            self._forget_task(task)
-            return
-        task.failures += 1
-        task.previous_status = result.status
-        task.retry_reason = result.reason
-        retry = pb.retry_config if pb.HasField("retry_config") else queue.pb.retry_config
-        first = _time(pb.first_attempt.dispatch_time)
-        max_attempts = retry.max_attempts or DEFAULT_ATTEMPTS
-        if dispatch.retries_exhausted(
-            task.failures, max_attempts, _seconds(retry.max_retry_duration), now - first
-        ):
-            log.info("task %s dropped after %d failed attempts", name, task.failures)
-            self._forget_task(task)
-            return
-        delay = dispatch.backoff_seconds(
-            task.failures - 1,
-            _seconds(retry.min_backoff),
-            _seconds(retry.max_backoff),
-            retry.max_doublings,
-        )
-        _set_time(pb.schedule_time, now + delay)
-        self._persist_task(task)
-        self._push(queue, task)

@@ -7,15 +7,7 @@
 See README.md in this folder for what is faithful to Datastore and what is not.
 """
 
-from ._errors import DataDirInUseError, IndexYamlError, RpcError
 from ._index_rules import load_index_yaml
-from .server import DatastoreEmulator, PortInUseError
+from .server import DatastoreEmulator
 
-__all__ = [
-    "DataDirInUseError",
-    "DatastoreEmulator",
-    "IndexYamlError",
-    "PortInUseError",
-    "RpcError",
-    "load_index_yaml",
-]
+__all__ = ["DatastoreEmulator", "load_index_yaml"]

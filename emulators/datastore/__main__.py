@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from .._serve import serve_until_signalled
-from ._errors import DataDirInUseError, IndexYamlError
-from .server import DatastoreEmulator, PortInUseError
+from ..errors import DataDirInUseError, IndexYamlError, PortInUseError
+from .server import DatastoreEmulator
 
 
 def main(argv: list[str] | None = None) -> int:

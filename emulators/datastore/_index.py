@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 from google.cloud.datastore_v1.types import entity as entity_types
 
-from ._errors import invalid
+from ..errors import invalid
 
 _EntityPb = entity_types.Entity.pb()
 _ValuePb = entity_types.Value.pb()

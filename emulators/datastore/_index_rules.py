@@ -37,7 +37,7 @@ import grpc
 import yaml
 from google.cloud.datastore_v1 import types
 
-from ._errors import IndexYamlError, RpcError, invalid
+from ..errors import IndexYamlError, RpcError, invalid
 
 ASCENDING = "asc"
 DESCENDING = "desc"

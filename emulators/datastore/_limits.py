@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ._errors import invalid
+from ..errors import invalid
 
 #: Maximum UTF-8 size of a key name, a kind and a property name.
 MAX_NAME_BYTES = 1_500

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from google.cloud.datastore_v1 import types
 
-from ._errors import invalid
+from ..errors import invalid
 from ._index import (
     TOP,
     Desc,

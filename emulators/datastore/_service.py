@@ -7,7 +7,7 @@ Queries no single index serves are filtered here and handed to the stub's query 
 (:mod:`._stub_adapter`) to sort, page and project.
 
 Every method takes the request message and returns the response message; failures raise
-:class:`._errors.RpcError` (or the stub's ``LimitExceededError``) for the gRPC layer to turn
+:class:`..errors.RpcError` (or the stub's ``LimitExceededError``) for the gRPC layer to turn
 into a status code::
 
     service = DatastoreService(EntityStore(data_dir=None))
@@ -24,8 +24,8 @@ import grpc
 from google.cloud.datastore_v1 import types
 from google.protobuf import timestamp_pb2
 
+from ..errors import RpcError, invalid
 from . import _index_rules, _limits, _query
-from ._errors import RpcError, invalid
 from ._index import path_sort_key
 from ._proto import pb
 from ._store import (

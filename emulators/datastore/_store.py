@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 from google.cloud.datastore_v1.types import entity as entity_types
 
-from ._errors import DataDirInUseError
+from ..errors import DataDirInUseError
 from ._index import IndexSpec, SortedIndex
 
 #: (project, database, namespace): what the key's partition id names.

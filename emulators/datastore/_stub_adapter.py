@@ -23,6 +23,8 @@ from typing import Any
 
 from google.cloud.datastore_v1 import types
 
+from ..errors import StubInternalsChanged
+
 #: The stub version these internals were read from (pyproject.toml's `[local]` extra pins it).
 PINNED_VERSION = "1.1.0"
 DISTRIBUTION = "inmemory-datastore-stub"
@@ -45,10 +47,6 @@ INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("inmemory_datastore_stub._in_memory_store", "_InMemoryStore.seqid", ("transaction_id",)),
 )
-
-
-class StubInternalsChanged(ImportError):
-    """The installed stub lacks an internal the emulator relies on, or changed its signature."""
 
 
 def _internal(module_name: str, path: str, parameters: Sequence[str]) -> Any:
@@ -105,7 +103,6 @@ __all__ = [
     "INTERNALS",
     "PINNED_VERSION",
     "LimitExceededError",
-    "StubInternalsChanged",
     "StubQueryEngine",
     "check_entity",
     "check_lookup_keys",

@@ -26,7 +26,7 @@ from concurrent import futures
 import grpc
 from google.cloud.datastore_v1 import types
 
-from ._errors import RpcError
+from ..errors import PortInUseError, RpcError
 from ._index_rules import DESCENDING, load_index_yaml
 from ._proto import pb
 from ._service import DatastoreService
@@ -48,10 +48,6 @@ RPCS: dict[str, type] = {
 }
 
 log = logging.getLogger(__name__)
-
-
-class PortInUseError(OSError):
-    """The emulator could not bind its port."""
 
 
 class DatastoreEmulator:

@@ -23,7 +23,8 @@ from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
 from gae_deferred.local._supervise import Supervisor
-from gae_deferred.local.stack import LocalStack, StackError
+from gae_deferred.local.errors import StackError
+from gae_deferred.local.stack import LocalStack
 from tests.stack_support import wait_for
 
 pytestmark = pytest.mark.e2e

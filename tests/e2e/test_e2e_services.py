@@ -213,7 +213,7 @@ def test_gae_deferred_dev_takes_one_app_yaml_per_service(app_dirs, tmp_path):
 
 
 def test_a_stack_without_the_default_service_is_refused(app_dirs, tmp_path):
-    from gae_deferred.local.app_yaml import AppYamlError
+    from gae_deferred.local.errors import AppYamlError
 
     other = write_service(tmp_path / "other", "other")
     with pytest.raises(AppYamlError, match=r"none of the app\.yaml files is the default service"):

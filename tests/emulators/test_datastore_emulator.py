@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gae_deferred.local.datastore._service
-from gae_deferred.local.datastore import DatastoreEmulator, IndexYamlError
+from gae_deferred.local.datastore import DatastoreEmulator
+from gae_deferred.local.errors import IndexYamlError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "emu-test"

@@ -9,7 +9,8 @@ import pytest
 from google.cloud import ndb
 
 from gae_deferred.local import google_datastore
-from gae_deferred.local.google_datastore import GoogleDatastoreEmulator, GoogleEmulatorUnavailable
+from gae_deferred.local.errors import GoogleEmulatorUnavailable
+from gae_deferred.local.google_datastore import GoogleDatastoreEmulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

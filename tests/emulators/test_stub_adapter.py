@@ -18,11 +18,11 @@ from gae_deferred.local.datastore._stub_adapter import (
     INTERNALS,
     PINNED_VERSION,
     LimitExceededError,
-    StubInternalsChanged,
     StubQueryEngine,
     check_entity,
     check_lookup_keys,
 )
+from gae_deferred.local.errors import StubInternalsChanged
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import rel_tasks
 
-from gae_deferred.local.stack import LocalStack, StackError
+from gae_deferred.local.errors import StackError
+from gae_deferred.local.stack import LocalStack
 from tests import stack_support
 from tests.stack_support import datastore
 
