@@ -407,10 +407,12 @@ def _refuse(rpc: str, exc: Exception) -> None:
         if rpc in _refused_batches:
             return
         _refused_batches.add(rpc)
+    code = getattr(exc, "grpc_status_code", None)
     logger.warning(
-        "Cloud Tasks answered %s with %s: this process sends one call per task instead from "
-        "now on (see docs/batch.md)",
+        "Cloud Tasks answered %s with %s (%s): this process sends one call per task instead "
+        "from now on (see docs/batch.md)",
         rpc,
+        code.name if code is not None else type(exc).__name__,
         exc,
     )
 
@@ -444,7 +446,7 @@ def _create_each(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int) -> l
 
 def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome]:
     """One BatchCreateTasks call (one CreateTask for a single task: no operation to poll)."""
-    if len(items) == 1:
+    if len(items) == 1 or "BatchCreateTasks" in _refused_batches:
         return _create_each(items, 1)
     tasks = [build_task(spec, body) for spec, body in items]
     parent = queue_path(items[0][0].queue)
