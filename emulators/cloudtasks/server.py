@@ -16,6 +16,7 @@ a per-queue thread pool, so a slow app never blocks an RPC.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -32,17 +33,24 @@ from typing import Any
 
 import grpc
 from google.cloud import tasks_v2
+from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
 from ... import queue_config
+from ..errors import RpcError, invalid
 from . import dispatch
+from .operations import BatchKind, Operations
 from .routing import ServiceRoutes, routing_of
 from .store import Store
 
 log = logging.getLogger("gae_deferred.local.cloudtasks")
 
 SERVICE = "google.cloud.tasks.v2.CloudTasks"
+OPERATIONS_SERVICE = "google.longrunning.Operations"
 MAX_TASK_BYTES = 102400
+MAX_BATCH_CREATE, MAX_BATCH_DELETE = 100, 1000
+# A batch of MAX_BATCH_CREATE tasks of the largest size is ~10 MB, above gRPC's 4 MB default.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 TOMBSTONE_SECONDS = 3600.0
 MAX_SCHEDULE_AHEAD = 30 * 86400.0
 POOL_CAP = 32
@@ -57,6 +65,22 @@ QueuePb = tasks_v2.Queue.pb()
 TaskPb = tasks_v2.Task.pb()
 State = QueuePb.State
 View = TaskPb.View
+_CreateMeta = tasks_v2.BatchCreateTasksMetadata.pb()
+_DeleteMeta = tasks_v2.BatchDeleteTasksMetadata.pb()
+_BATCH_CREATE = BatchKind(
+    _CreateMeta,
+    lambda tasks: tasks_v2.BatchCreateTasksResponse.pb()(
+        tasks=[tasks_v2.Task.pb(task) for task in tasks]
+    ),
+    _CreateMeta.State.SUCCEEDED,
+    _CreateMeta.State.PARTIALLY_SUCCEEDED,
+)
+_BATCH_DELETE = BatchKind(
+    _DeleteMeta,
+    lambda _results: empty_pb2.Empty(),
+    _DeleteMeta.State.SUCCEEDED,
+    _DeleteMeta.State.PARTIALLY_SUCCEEDED,
+)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
@@ -92,19 +116,6 @@ _QUEUE_MASK_PATHS = {
 
 class PortInUseError(OSError):
     """The requested gRPC port could not be bound."""
-
-
-class RpcError(Exception):
-    """Turned into a gRPC status by the handler wrapper."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def _seconds(duration: Any) -> float:
@@ -149,15 +160,60 @@ def _short(name: str) -> str:
 
 def _page(items: list, page_size: int, page_token: str, maximum: int) -> tuple[list, str]:
     if page_size < 0:
-        raise _invalid("page_size must not be negative")
+        raise invalid("page_size must not be negative")
     size = min(page_size or maximum, maximum)
     start = 0
     if page_token:
         if not page_token.startswith("o:") or not page_token[2:].isdigit():
-            raise _invalid(f"invalid page_token {page_token!r}")
+            raise invalid(f"invalid page_token {page_token!r}")
         start = int(page_token[2:])
     end = start + size
     return items[start:end], (f"o:{end}" if end < len(items) else "")
+
+
+def _checked_task(incoming: Any) -> Any:
+    """A copy of a CreateTask request's task, validated, its output-only fields cleared."""
+    task = TaskPb()
+    task.CopyFrom(incoming)
+    if task.HasField("http_request"):
+        raise invalid(
+            "this emulator supports only App Engine tasks (app_engine_http_request); "
+            "http_request tasks are not supported"
+        )
+    if not task.HasField("app_engine_http_request"):
+        raise invalid("task.app_engine_http_request is required")
+    request_pb = task.app_engine_http_request
+    if not request_pb.relative_uri:
+        request_pb.relative_uri = "/"
+    uri = request_pb.relative_uri
+    if not uri.startswith("/") or " " in uri or len(uri) > 2083:
+        raise invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
+    if request_pb.http_method not in _METHODS:
+        raise invalid(f"unknown http_method {request_pb.http_method}")
+    if request_pb.body and _METHODS[request_pb.http_method] not in ("POST", "PUT"):
+        raise invalid("a body is allowed only for POST and PUT tasks")
+    for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
+        del request_pb.headers[key]
+    size = len(request_pb.body) + len(uri.encode())
+    size += sum(len(k.encode()) + len(v.encode()) for k, v in request_pb.headers.items())
+    if size > MAX_TASK_BYTES:
+        raise invalid(
+            f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
+        )
+    if task.HasField("dispatch_deadline"):
+        deadline = _seconds(task.dispatch_deadline)
+        if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
+            raise invalid("dispatch_deadline must be between 15s and 24h15s")
+    for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
+        task.ClearField(output_only)
+    return task
+
+
+def _check_batch_size(field: str, size: int, maximum: int, verb: str) -> None:
+    if not size:
+        raise invalid(f"{field} must not be empty")
+    if size > maximum:
+        raise invalid(f"at most {maximum} tasks can be {verb} in one batch, got {size}")
 
 
 class CloudTasksEmulator:
@@ -202,6 +258,7 @@ class CloudTasksEmulator:
         self._tasks: dict[str, _Task] = {}
         self._tombstones: dict[str, float] = {}
         self._seq = itertools.count()
+        self._operations = Operations()
         self._store: Store | None = None
         self._server: grpc.Server | None = None
         self._scheduler: threading.Thread | None = None
@@ -226,9 +283,12 @@ class CloudTasksEmulator:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ct-rpc"),
             # gRPC enables SO_REUSEPORT by default, which would let a second emulator
             # silently share the port instead of failing.
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ],
         )
-        server.add_generic_rpc_handlers((self._handlers(),))
+        server.add_generic_rpc_handlers(self._handlers())
         try:
             port = server.add_insecure_port(f"{self.host}:{self._requested_port}")
         except RuntimeError as exc:
@@ -322,49 +382,73 @@ class CloudTasksEmulator:
 
     # -- gRPC plumbing -----------------------------------------------------------------
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
+    def _handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
         t = tasks_v2
-        table: dict[str, tuple[Callable, Any, Callable]] = {
-            "CreateTask": (self._create_task, t.CreateTaskRequest, t.Task.serialize),
-            "GetTask": (self._get_task, t.GetTaskRequest, t.Task.serialize),
-            "ListTasks": (self._list_tasks, t.ListTasksRequest, t.ListTasksResponse.serialize),
-            "DeleteTask": (
-                self._delete_task,
-                t.DeleteTaskRequest,
-                empty_pb2.Empty.SerializeToString,
+        empty = empty_pb2.Empty.SerializeToString
+        operation = operations_pb2.Operation.SerializeToString
+        # method -> (function of the raw request protobuf, request class, response serializer)
+        tasks: dict[str, tuple[Callable, Any, Callable]] = {
+            "CreateTask": (self._create_task, t.CreateTaskRequest.pb(), t.Task.serialize),
+            "BatchCreateTasks": (
+                self._batch_create_tasks,
+                t.BatchCreateTasksRequest.pb(),
+                operation,
             ),
-            "RunTask": (self._run_task, t.RunTaskRequest, t.Task.serialize),
-            "CreateQueue": (self._create_queue, t.CreateQueueRequest, t.Queue.serialize),
-            "GetQueue": (self._get_queue, t.GetQueueRequest, t.Queue.serialize),
-            "ListQueues": (self._list_queues, t.ListQueuesRequest, t.ListQueuesResponse.serialize),
-            "UpdateQueue": (self._update_queue, t.UpdateQueueRequest, t.Queue.serialize),
-            "DeleteQueue": (
-                self._delete_queue,
-                t.DeleteQueueRequest,
-                empty_pb2.Empty.SerializeToString,
+            "GetTask": (self._get_task, t.GetTaskRequest.pb(), t.Task.serialize),
+            "ListTasks": (
+                self._list_tasks,
+                t.ListTasksRequest.pb(),
+                t.ListTasksResponse.serialize,
             ),
-            "PauseQueue": (self._pause_queue, t.PauseQueueRequest, t.Queue.serialize),
-            "ResumeQueue": (self._resume_queue, t.ResumeQueueRequest, t.Queue.serialize),
-            "PurgeQueue": (self._purge_queue, t.PurgeQueueRequest, t.Queue.serialize),
+            "DeleteTask": (self._delete_task, t.DeleteTaskRequest.pb(), empty),
+            "BatchDeleteTasks": (
+                self._batch_delete_tasks,
+                t.BatchDeleteTasksRequest.pb(),
+                operation,
+            ),
+            "RunTask": (self._run_task, t.RunTaskRequest.pb(), t.Task.serialize),
+            "CreateQueue": (self._create_queue, t.CreateQueueRequest.pb(), t.Queue.serialize),
+            "GetQueue": (self._get_queue, t.GetQueueRequest.pb(), t.Queue.serialize),
+            "ListQueues": (
+                self._list_queues,
+                t.ListQueuesRequest.pb(),
+                t.ListQueuesResponse.serialize,
+            ),
+            "UpdateQueue": (self._update_queue, t.UpdateQueueRequest.pb(), t.Queue.serialize),
+            "DeleteQueue": (self._delete_queue, t.DeleteQueueRequest.pb(), empty),
+            "PauseQueue": (self._pause_queue, t.PauseQueueRequest.pb(), t.Queue.serialize),
+            "ResumeQueue": (self._resume_queue, t.ResumeQueueRequest.pb(), t.Queue.serialize),
+            "PurgeQueue": (self._purge_queue, t.PurgeQueueRequest.pb(), t.Queue.serialize),
         }
+        operations: dict[str, tuple[Callable, Any, Callable]] = {
+            "GetOperation": (self._get_operation, operations_pb2.GetOperationRequest, operation),
+        }
+        return (
+            self._service(SERVICE, tasks),
+            self._service(OPERATIONS_SERVICE, operations),
+        )
+
+    def _service(
+        self, service: str, table: dict[str, tuple[Callable, Any, Callable]]
+    ) -> grpc.GenericRpcHandler:
         handlers = {
             method: grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, function, request_type),
-                request_deserializer=request_type.deserialize,
+                self._wrap(method, function),
+                request_deserializer=request_type.FromString,
                 response_serializer=serializer,
             )
             for method, (function, request_type, serializer) in table.items()
         }
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+        return grpc.method_handlers_generic_handler(service, handlers)
 
-    def _wrap(self, method: str, function: Callable, request_type: Any) -> Callable:
+    def _wrap(self, method: str, function: Callable) -> Callable:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             if self.latency_ms:
                 time.sleep(self.latency_ms / 1000)
             with self._lock:
                 self.rpc_counts[method] += 1
             try:
-                return function(request_type.pb(request))
+                return function(request)
             except RpcError as exc:
                 context.abort(exc.code, exc.message)
             except Exception as exc:
@@ -428,71 +512,85 @@ class CloudTasksEmulator:
     # -- tasks ---------------------------------------------------------------------------
 
     def _create_task(self, request: Any) -> tasks_v2.Task:
-        parent = request.parent
-        task = TaskPb()
-        task.CopyFrom(request.task)
-        if task.HasField("http_request"):
-            raise _invalid(
-                "this emulator supports only App Engine tasks (app_engine_http_request); "
-                "http_request tasks are not supported"
-            )
-        if not task.HasField("app_engine_http_request"):
-            raise _invalid("task.app_engine_http_request is required")
-        request_pb = task.app_engine_http_request
-        if not request_pb.relative_uri:
-            request_pb.relative_uri = "/"
-        uri = request_pb.relative_uri
-        if not uri.startswith("/") or " " in uri or len(uri) > 2083:
-            raise _invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
-        if request_pb.http_method not in _METHODS:
-            raise _invalid(f"unknown http_method {request_pb.http_method}")
-        if request_pb.body and _METHODS[request_pb.http_method] not in ("POST", "PUT"):
-            raise _invalid("a body is allowed only for POST and PUT tasks")
-        for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
-            del request_pb.headers[key]
-        size = len(request_pb.body) + len(uri.encode())
-        size += sum(len(k.encode()) + len(v.encode()) for k, v in request_pb.headers.items())
-        if size > MAX_TASK_BYTES:
-            raise _invalid(
-                f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
-            )
-        if task.HasField("dispatch_deadline"):
-            deadline = _seconds(task.dispatch_deadline)
-            if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
-                raise _invalid("dispatch_deadline must be between 15s and 24h15s")
-        for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
-            task.ClearField(output_only)
-        now = time.time()
+        task = _checked_task(request.task)
         with self._lock:
-            queue = self._queue(parent)
-            if task.name:
-                prefix = f"{parent}/tasks/"
-                if not task.name.startswith(prefix) or not _TASK_ID_RE.match(
-                    task.name[len(prefix) :]
-                ):
-                    raise _invalid(
-                        f"invalid task name {task.name!r}: expected {prefix}TASK_ID with letters, "
-                        "digits, hyphens or underscores (at most 500)"
-                    )
-                expires = self._tombstones.get(task.name, 0.0)
-                if task.name in self._tasks or expires > now:
-                    raise RpcError(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"Requested entity already exists: {task.name} (task names are reserved "
-                        "for about an hour after the task is deleted or completed)",
-                    )
-            else:
-                task.name = f"{parent}/tasks/{secrets.randbelow(9 * 10**18) + 10**18}"
-            scheduled = _time(task.schedule_time) if task.HasField("schedule_time") else 0.0
-            if scheduled > now + MAX_SCHEDULE_AHEAD:
-                raise _invalid("schedule_time must be at most 30 days in the future")
-            _set_time(task.schedule_time, max(scheduled, now))
-            task.create_time.FromSeconds(int(now))
-            state = _Task(task, parent)
-            self._tasks[task.name] = state
-            self._persist_task(state)
-            self._push(queue, state)
-            return self._view(state, request.response_view)
+            return self._add_task(self._queue(request.parent), task, request.response_view)
+
+    def _add_request(self, queue: _Queue, request: Any) -> tasks_v2.Task:
+        return self._add_task(queue, _checked_task(request.task), request.response_view)
+
+    def _add_task(self, queue: _Queue, task: Any, view: int) -> tasks_v2.Task:
+        """Name (or dedup), store and schedule one checked task: CreateTask's and a batch's."""
+        parent = queue.pb.name
+        now = time.time()
+        if task.name:
+            prefix = f"{parent}/tasks/"
+            if not task.name.startswith(prefix) or not _TASK_ID_RE.match(task.name[len(prefix) :]):
+                raise invalid(
+                    f"invalid task name {task.name!r}: expected {prefix}TASK_ID with letters, "
+                    "digits, hyphens or underscores (at most 500)"
+                )
+            expires = self._tombstones.get(task.name, 0.0)
+            if task.name in self._tasks or expires > now:
+                raise RpcError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"Requested entity already exists: {task.name} (task names are reserved "
+                    "for about an hour after the task is deleted or completed)",
+                )
+        else:
+            task.name = f"{parent}/tasks/{secrets.randbelow(9 * 10**18) + 10**18}"
+        scheduled = _time(task.schedule_time) if task.HasField("schedule_time") else 0.0
+        if scheduled > now + MAX_SCHEDULE_AHEAD:
+            raise invalid("schedule_time must be at most 30 days in the future")
+        _set_time(task.schedule_time, max(scheduled, now))
+        task.create_time.FromSeconds(int(now))
+        state = _Task(task, parent)
+        self._tasks[task.name] = state
+        self._persist_task(state)
+        self._push(queue, state)
+        return self._view(state, view)
+
+    def _batch_create_tasks(self, request: Any) -> operations_pb2.Operation:
+        _check_batch_size("requests", len(request.requests), MAX_BATCH_CREATE, "created")
+        for index, child in enumerate(request.requests):
+            if child.parent != request.parent:
+                raise invalid(
+                    f"requests[{index}].parent {child.parent!r} differs from parent "
+                    f"{request.parent!r}: all tasks of a batch go to the same queue"
+                )
+        with self._lock:
+            queue = self._queue(request.parent)
+            return self._operations.run(
+                "BatchCreateTasks",
+                request.parent,
+                request.request_id,
+                [functools.partial(self._add_request, queue, r) for r in request.requests],
+                _BATCH_CREATE,
+            )
+
+    def _batch_delete_tasks(self, request: Any) -> operations_pb2.Operation:
+        _check_batch_size("names", len(request.names), MAX_BATCH_DELETE, "deleted")
+        with self._lock:
+            self._queue(request.parent)
+            return self._operations.run(
+                "BatchDeleteTasks",
+                request.parent,
+                request.request_id,
+                [functools.partial(self._delete_one, request.parent, n) for n in request.names],
+                _BATCH_DELETE,
+            )
+
+    def _delete_one(self, parent: str, name: str) -> None:
+        if name.rpartition("/tasks/")[0] != parent:
+            raise invalid(f"task {name!r} is not in queue {parent!r}")
+        self._forget_task(self._task(name))
+
+    def _get_operation(self, request: Any) -> operations_pb2.Operation:
+        with self._lock:
+            operation = self._operations.get(request.name)
+        if operation is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Operation does not exist: {request.name}")
+        return operation
 
     def _get_task(self, request: Any) -> tasks_v2.Task:
         with self._lock:
@@ -530,16 +628,16 @@ class CloudTasksEmulator:
     def _check_queue_config(self, pb: Any) -> None:
         rates, retry = pb.rate_limits, pb.retry_config
         if not 0 <= rates.max_dispatches_per_second <= 500:
-            raise _invalid("rate_limits.max_dispatches_per_second must be between 0 and 500")
+            raise invalid("rate_limits.max_dispatches_per_second must be between 0 and 500")
         if not 0 <= rates.max_concurrent_dispatches <= 5000:
-            raise _invalid("rate_limits.max_concurrent_dispatches must be between 0 and 5000")
+            raise invalid("rate_limits.max_concurrent_dispatches must be between 0 and 5000")
         if retry.max_attempts < -1:
-            raise _invalid("retry_config.max_attempts must be >= -1")
+            raise invalid("retry_config.max_attempts must be >= -1")
         if retry.max_doublings < 0:
-            raise _invalid("retry_config.max_doublings must not be negative")
+            raise invalid("retry_config.max_doublings must not be negative")
         for path in ("max_retry_duration", "min_backoff", "max_backoff"):
             if _seconds(getattr(retry, path)) < 0:
-                raise _invalid(f"retry_config.{path} must not be negative")
+                raise invalid(f"retry_config.{path} must not be negative")
 
     def _apply_defaults(self, pb: Any, had_retry: bool) -> None:
         rates, retry = pb.rate_limits, pb.retry_config
@@ -558,17 +656,17 @@ class CloudTasksEmulator:
         if not had_retry:
             retry.max_doublings = DEFAULT_DOUBLINGS
         if _seconds(retry.min_backoff) > _seconds(retry.max_backoff):
-            raise _invalid("retry_config.min_backoff must not exceed retry_config.max_backoff")
+            raise invalid("retry_config.min_backoff must not exceed retry_config.max_backoff")
 
     def _check_queue_name(self, name: str, parent: str | None = None) -> None:
         location, _, queue_id = name.rpartition("/queues/")
         if not _LOCATION_RE.match(location) or not _ID_RE.match(queue_id):
-            raise _invalid(
+            raise invalid(
                 f"invalid queue name {name!r}: expected projects/P/locations/L/queues/ID "
                 "(ID: letters, digits, hyphens, at most 100)"
             )
         if parent is not None and location != parent:
-            raise _invalid(f"queue name {name!r} is not under parent {parent!r}")
+            raise invalid(f"queue name {name!r} is not under parent {parent!r}")
 
     def _create_queue(self, request: Any) -> tasks_v2.Queue:
         pb = QueuePb()
@@ -597,12 +695,12 @@ class CloudTasksEmulator:
 
     def _list_queues(self, request: Any) -> tasks_v2.ListQueuesResponse:
         if not _LOCATION_RE.match(request.parent):
-            raise _invalid(f"invalid parent {request.parent!r}: expected projects/P/locations/L")
+            raise invalid(f"invalid parent {request.parent!r}: expected projects/P/locations/L")
         wanted_state = None
         if request.filter:
             match = re.fullmatch(r"\s*state\s*[:=]\s*([A-Z_]+)\s*", request.filter)
             if match is None or match[1] not in State.keys():  # noqa: SIM118 (EnumTypeWrapper has no __contains__)
-                raise _invalid(f"unsupported filter {request.filter!r} (only 'state: STATE')")
+                raise invalid(f"unsupported filter {request.filter!r} (only 'state: STATE')")
             wanted_state = State.Value(match[1])
         with self._lock:
             queues = sorted(
@@ -626,7 +724,7 @@ class CloudTasksEmulator:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         for path in paths:
             if path not in _QUEUE_MASK_PATHS:
-                raise _invalid(f"update_mask path {path!r} cannot be updated")
+                raise invalid(f"update_mask path {path!r} cannot be updated")
         with self._lock:
             existing = self._queues.get(incoming.name)
             if existing is None:

@@ -22,6 +22,9 @@ import pytest
 from google.api_core import exceptions
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2
+from google.rpc import code_pb2
 
 from gae_deferred.local.cloudtasks import CloudTasksEmulator, PortInUseError
 
@@ -586,6 +589,209 @@ def test_port_in_use_in_process(emu, queue_yaml):
         CloudTasksEmulator(port=emu.port, queue_yaml=queue_yaml).start()
 
 
+def batch_request(emu, queue="default", name=None, uri="/work", **task):
+    """One CreateTaskRequest of a BatchCreateTasks call."""
+    task = {"app_engine_http_request": {"relative_uri": uri, "body": b"payload"}, **task}
+    if name:
+        task["name"] = f"{qname(emu, queue)}/tasks/{name}"
+    return {"parent": qname(emu, queue), "task": task}
+
+
+def failures(operation) -> dict[int, tuple[int, str]]:
+    return {i: (s.code, s.message) for i, s in operation.metadata.failed_requests.items()}
+
+
+CreateState = tasks_v2.BatchCreateTasksMetadata.State
+DeleteState = tasks_v2.BatchDeleteTasksMetadata.State
+
+
+def test_batch_create_100_tasks_in_one_rpc_all_dispatched(client, emu, app):
+    requests = [batch_request(emu, name=f"t-{i}") for i in range(100)]
+    operation = client.batch_create_tasks(parent=qname(emu, "default"), requests=requests)
+    # Cloud Tasks answers with the operation already done: no GetOperation needed.
+    assert operation.operation.done
+    assert operation.operation.name.startswith(f"{emu.parent}/operations/")
+    created = operation.result()
+    assert [short(task.name) for task in created.tasks] == [f"t-{i}" for i in range(100)]
+    assert created.tasks[0].app_engine_http_request.body == b""  # BASIC view by default
+    assert operation.metadata.state == CreateState.SUCCEEDED
+    assert operation.metadata.failed_requests == {}
+    assert operation.metadata.end_time >= operation.metadata.start_time
+    wait_for(lambda: len(app.requests) == 100, timeout=15)
+    assert sorted(r["task"] for r in app.requests) == sorted(f"t-{i}" for i in range(100))
+    assert {r["body"] for r in app.requests} == {b"payload"}
+    assert emu.rpc_counts == {"BatchCreateTasks": 1}
+
+
+def test_batch_create_refuses_what_the_api_refuses(client, emu):
+    default = qname(emu, "default")
+    with pytest.raises(exceptions.InvalidArgument, match=r"at most 100 tasks .* got 101"):
+        client.batch_create_tasks(parent=default, requests=[batch_request(emu) for _ in range(101)])
+    with pytest.raises(exceptions.InvalidArgument, match="requests must not be empty"):
+        client.batch_create_tasks(parent=default, requests=[])
+    with pytest.raises(exceptions.InvalidArgument, match=r"requests\[1\].parent .* same queue"):
+        client.batch_create_tasks(
+            parent=default, requests=[batch_request(emu), batch_request(emu, queue="slow")]
+        )
+    with pytest.raises(exceptions.NotFound, match="Queue does not exist"):
+        client.batch_create_tasks(
+            parent=qname(emu, "nope"), requests=[batch_request(emu, queue="nope")]
+        )
+    # A refused call creates nothing, not even its valid tasks.
+    assert list(client.list_tasks(parent=default)) == []
+    assert list(client.list_tasks(parent=qname(emu, "slow"))) == []
+
+
+def test_batch_create_is_not_atomic_each_task_fails_on_its_own(client, emu, app):
+    default = qname(emu, "default")
+    client.pause_queue(name=default)
+    create(client, emu, name="existing")
+    gone = create(client, emu, name="deleted")
+    client.delete_task(name=gone.name)  # tombstoned for an hour
+    requests = [
+        batch_request(emu, name="fresh"),
+        batch_request(emu, name="existing"),
+        batch_request(emu, uri="no-slash"),
+        batch_request(emu, name="deleted"),
+        {**batch_request(emu), "response_view": tasks_v2.Task.View.FULL},
+        batch_request(emu, name="fresh"),  # the same name twice in one batch
+        batch_request(emu, name="bad name!"),
+    ]
+    operation = client.batch_create_tasks(parent=default, requests=requests)
+    created = operation.result()
+    assert len(created.tasks) == 2
+    assert short(created.tasks[0].name) == "fresh" and short(created.tasks[1].name).isdigit()
+    assert created.tasks[1].app_engine_http_request.body == b"payload"  # its FULL view
+    assert operation.metadata.state == CreateState.PARTIALLY_SUCCEEDED
+    failed = failures(operation)
+    assert sorted(failed) == [1, 2, 3, 5, 6]
+    assert {i: code for i, (code, _) in failed.items()} == {
+        1: code_pb2.ALREADY_EXISTS,
+        2: code_pb2.INVALID_ARGUMENT,
+        3: code_pb2.ALREADY_EXISTS,
+        5: code_pb2.ALREADY_EXISTS,
+        6: code_pb2.INVALID_ARGUMENT,
+    }
+    assert "invalid relative_uri 'no-slash'" in failed[2][1]
+    assert f"already exists: {default}/tasks/deleted" in failed[3][1]
+    assert "invalid task name" in failed[6][1]
+    listed = {short(t.name) for t in client.list_tasks(parent=default)}
+    assert listed == {"existing", "fresh", short(created.tasks[1].name)}
+    # The batch's tasks are dispatched like CreateTask's once the queue runs.
+    client.resume_queue(name=default)
+    wait_for(lambda: len(app.requests) == 3)
+    assert sorted(r["task"] for r in app.requests) == sorted(listed)
+
+
+def test_batch_create_with_every_task_failing_is_an_aborted_operation(client, emu):
+    default = qname(emu, "default")
+    operation = client.batch_create_tasks(
+        parent=default, requests=[batch_request(emu, uri="x"), batch_request(emu, uri="y")]
+    )
+    with pytest.raises(exceptions.Aborted, match="None of the requests succeeded"):
+        operation.result()
+    assert operation.metadata.state == CreateState.PARTIALLY_SUCCEEDED
+    assert {i: code for i, (code, _) in failures(operation).items()} == {
+        0: code_pb2.INVALID_ARGUMENT,
+        1: code_pb2.INVALID_ARGUMENT,
+    }
+
+
+def test_batch_create_request_id_makes_a_retry_return_the_first_outcome(client, emu):
+    default = qname(emu, "default")
+    client.pause_queue(name=default)
+    request = {
+        "parent": default,
+        "requests": [batch_request(emu), batch_request(emu, name="once")],
+        "request_id": "retry-1",
+    }
+    first = client.batch_create_tasks(request=request)
+    again = client.batch_create_tasks(request=request)
+    assert first.operation.name == again.operation.name == f"{emu.parent}/operations/retry-1"
+    assert again.result() == first.result()
+    assert again.metadata.failed_requests == {}
+    assert len(list(client.list_tasks(parent=default))) == 2
+    with pytest.raises(exceptions.InvalidArgument, match="already used by a BatchCreateTasks"):
+        client.batch_delete_tasks(
+            request={"parent": default, "names": [f"{default}/tasks/once"], "request_id": "retry-1"}
+        )
+    assert emu.rpc_counts["BatchCreateTasks"] == 2
+
+
+def test_batch_create_tasks_survive_a_restart(app, queue_yaml, tmp_path):
+    args = {"port": 0, "data_dir": tmp_path / "d", "queue_yaml": queue_yaml, "app_url": app.url}
+    with CloudTasksEmulator(**args) as first:
+        c = client_for(first.port)
+        c.pause_queue(name=qname(first, "default"))
+        requests = [batch_request(first, name=f"kept-{i}") for i in range(3)]
+        c.batch_create_tasks(parent=qname(first, "default"), requests=requests).result()
+    with CloudTasksEmulator(**args) as second:
+        tasks = client_for(second.port).list_tasks(parent=qname(second, "default"))
+        assert sorted(short(t.name) for t in tasks) == ["kept-0", "kept-1", "kept-2"]
+
+
+def test_batch_delete_tasks(client, emu):
+    default, slow = qname(emu, "default"), qname(emu, "slow")
+    client.pause_queue(name=default)
+    client.pause_queue(name=slow)
+    tasks = [create(client, emu, name=f"d-{i}") for i in range(3)]
+    elsewhere = create(client, emu, queue="slow", name="elsewhere")
+    names = [tasks[0].name, f"{default}/tasks/missing", tasks[2].name, elsewhere.name]
+    operation = client.batch_delete_tasks(parent=default, names=names)
+    assert operation.operation.done
+    assert operation.result() == empty_pb2.Empty()
+    assert operation.metadata.state == DeleteState.PARTIALLY_SUCCEEDED
+    failed = failures(operation)
+    assert {i: code for i, (code, _) in failed.items()} == {
+        1: code_pb2.NOT_FOUND,
+        3: code_pb2.INVALID_ARGUMENT,
+    }
+    assert f"Task does not exist: {default}/tasks/missing" == failed[1][1]
+    assert [t.name for t in client.list_tasks(parent=default)] == [tasks[1].name]
+    assert [t.name for t in client.list_tasks(parent=slow)] == [elsewhere.name]
+    with pytest.raises(exceptions.AlreadyExists):  # deleted names are tombstoned
+        create(client, emu, name="d-0")
+    everything = client.batch_delete_tasks(parent=default, names=[tasks[1].name])
+    assert everything.result() == empty_pb2.Empty()
+    assert everything.metadata.state == DeleteState.SUCCEEDED
+    none = client.batch_delete_tasks(parent=default, names=[tasks[1].name])
+    with pytest.raises(exceptions.Aborted, match="None of the requests succeeded"):
+        none.result()
+    assert failures(none)[0][0] == code_pb2.NOT_FOUND
+
+
+def test_batch_delete_refuses_what_the_api_refuses(client, emu):
+    default = qname(emu, "default")
+    many = [f"{default}/tasks/t{i}" for i in range(1001)]
+    with pytest.raises(exceptions.InvalidArgument, match=r"at most 1000 tasks .* got 1001"):
+        client.batch_delete_tasks(parent=default, names=many)
+    with pytest.raises(exceptions.InvalidArgument, match="names must not be empty"):
+        client.batch_delete_tasks(parent=default, names=[])
+    with pytest.raises(exceptions.NotFound, match="Queue does not exist"):
+        client.batch_delete_tasks(parent=qname(emu, "nope"), names=many[:1])
+    # 1,000 names are allowed (none of them exist here).
+    operation = client.batch_delete_tasks(parent=default, names=many[:1000])
+    assert len(operation.metadata.failed_requests) == 1000
+
+
+def _op_request(name: str) -> operations_pb2.GetOperationRequest:
+    return operations_pb2.GetOperationRequest(name=name)
+
+
+def test_get_operation(client, emu):
+    client.pause_queue(name=qname(emu, "default"))
+    operation = client.batch_create_tasks(
+        parent=qname(emu, "default"), requests=[batch_request(emu), batch_request(emu, uri="x")]
+    )
+    fetched = client.get_operation(_op_request(operation.operation.name))
+    assert fetched == operation.operation
+    assert fetched.done and fetched.metadata.Is(tasks_v2.BatchCreateTasksMetadata.pb().DESCRIPTOR)
+    unknown = f"{emu.parent}/operations/never-started"
+    with pytest.raises(exceptions.NotFound, match=f"Operation does not exist: {unknown}"):
+        client.get_operation(_op_request(unknown))
+    assert emu.rpc_counts["GetOperation"] == 2
+
+
 def _timed(call) -> float:
     started = time.monotonic()
     call()
@@ -603,6 +809,17 @@ def test_latency_delays_every_rpc_in_parallel(app, queue_yaml):
         assert latency <= _timed(lambda: c.get_queue(name=default)) < latency + 0.25
         assert latency <= _timed(lambda: create(c, slow)) < latency + 0.25
         assert latency <= _timed(lambda: list(c.list_queues(parent=slow.parent))) < latency + 0.25
+        paused = qname(slow, "slow")
+        c.pause_queue(name=paused)
+        batch = [{"parent": paused, "task": {"app_engine_http_request": {}}}]
+        started = time.monotonic()
+        operation = c.batch_create_tasks(parent=paused, requests=batch)
+        assert latency <= time.monotonic() - started < latency + 0.25
+        request = operations_pb2.GetOperationRequest(name=operation.operation.name)
+        assert latency <= _timed(lambda: c.get_operation(request)) < latency + 0.25
+        names = [operation.result().tasks[0].name]
+        delete = c.batch_delete_tasks
+        assert latency <= _timed(lambda: delete(parent=paused, names=names)) < latency + 0.25
         # The delay is a round trip, not a queue: 32 concurrent calls take about one delay.
         with futures.ThreadPoolExecutor(32) as pool:
             elapsed = _timed(lambda: list(pool.map(lambda _: create(c, slow), range(32))))
