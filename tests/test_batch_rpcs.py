@@ -9,13 +9,23 @@ refuses the batch RPCs and forwards every other call as it is.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent import futures
 
 import grpc
 import pytest
+from google.cloud import ndb
 
-from gae_deferred import batch, cloud_tasks
+from gae_deferred import (
+    BatchDeferError,
+    TaskAlreadyExistsError,
+    batch,
+    cloud_tasks,
+    defer,
+    envelope,
+)
 from tests.callables import add
+from tests.fault_proxy import FaultProxy
 
 BATCH_RPCS = ("BatchCreateTasks", "BatchDeleteTasks")
 _SERVICE = "/google.cloud.tasks.v2.CloudTasks/"
@@ -115,3 +125,103 @@ def test_bulk_delete_falls_back_to_delete_task_once_per_process(
     assert paused() == []
     lines = _fallback_lines(caplog)
     assert any("BatchDeleteTasks" in line for line in lines)
+
+
+def _counts(emulator) -> tuple[int, int]:
+    return emulator.rpc_counts["BatchCreateTasks"], emulator.rpc_counts["CreateTask"]
+
+
+def _short_names(tasks) -> set[str]:
+    return {task.name.rsplit("/", 1)[-1] for task in tasks}
+
+
+def test_batch_groups_tasks_per_queue_in_calls_of_100(paused, tasks_emulator):
+    tasks_emulator.reset_counts()
+    with batch() as b:
+        for number in range(250):
+            b.defer(add, number, 4, _queue="reports" if number % 5 == 0 else "default")
+    # 200 for default (2 calls), 50 for reports (1 call); no CreateTask.
+    assert _counts(tasks_emulator) == (3, 0)
+    assert [envelope.read_header(t.payload)["args"] for t in b.tasks] == [
+        f"{n}, 4" for n in range(250)
+    ]
+    default = [t.name for t in b.tasks if t.queue == "default"]
+    assert _short_names(paused()) == set(default) and len(default) == 200
+    assert len(paused("reports")) == 50
+
+
+def test_a_name_in_use_fails_that_task_alone(paused, tasks_emulator):
+    defer(add, 0, 0, _name="taken-1")
+    tasks_emulator.reset_counts()
+    with pytest.raises(BatchDeferError) as raised, batch() as b:
+        b.defer(add, 1, 0, _name="free-1")
+        b.defer(add, 2, 0, _name="taken-1")
+        b.defer(add, 3, 0)
+    ((index, error),) = raised.value.failures
+    assert index == 1 and type(error) is TaskAlreadyExistsError
+    assert "taken-1" in str(error)
+    assert b.tasks[1] is None and b.tasks[0].name == "free-1"
+    assert _counts(tasks_emulator) == (1, 0)
+    assert _short_names(paused()) == {"taken-1", "free-1", b.tasks[2].name}
+
+
+def test_inline_and_spilled_calls_share_the_batch_call(paused, tasks_emulator):
+    tasks_emulator.reset_counts()
+    with batch() as b:
+        b.defer(add, os.urandom(300_000), 0)
+        b.defer(add, 1, 0)
+    assert [task.spilled for task in b.tasks] == [True, False]
+    assert _counts(tasks_emulator) == (1, 0)
+    assert _short_names(paused()) == {task.name for task in b.tasks}
+
+
+def test_transactional_batch_creates_its_tasks_in_one_call_on_commit(paused, tasks_emulator):
+    tasks_emulator.reset_counts()
+
+    @ndb.transactional()
+    def place():
+        with batch() as b:
+            for number in range(30):
+                b.defer(add, number, 5, _transactional=True)
+        assert _counts(tasks_emulator) == (0, 0)
+        return b.tasks
+
+    tasks = place()
+    assert _counts(tasks_emulator) == (1, 0)
+    assert _short_names(paused()) == {task.name for task in tasks}
+
+
+def test_delete_tasks_is_one_batch_call_with_an_answer_per_name(paused, tasks_emulator):
+    with batch() as made:
+        for number in range(4):
+            made.defer(add, number, 6)
+    names = [task.name for task in made.tasks]
+    tasks_emulator.reset_counts()
+    errors = cloud_tasks.delete_tasks("default", [*names, "never-there"])
+    assert errors[:4] == [None] * 4
+    assert "NotFound" in type(errors[4]).__name__
+    assert (
+        tasks_emulator.rpc_counts["BatchDeleteTasks"],
+        tasks_emulator.rpc_counts["DeleteTask"],
+    ) == (1, 0)
+    assert paused() == []
+
+
+def test_a_batch_whose_answer_is_lost_is_settled_task_by_task(paused, tasks_emulator, monkeypatch):
+    """BatchCreateTasks landed and its answer was lost: each task is asked for again by name,
+    and ALREADY_EXISTS settles it as created by that batch: every task once, no error."""
+    with FaultProxy(("127.0.0.1", tasks_emulator.port)) as proxy:
+        monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", proxy.address)
+        cloud_tasks.reset_client()
+        tasks_emulator.reset_counts()
+        proxy.lose_next_reply()
+        try:
+            with batch() as b:
+                for number in range(3):
+                    b.defer(add, number, 7)
+        finally:
+            monkeypatch.undo()
+            cloud_tasks.reset_client()
+    assert proxy.counts["lost_replies"] == 1
+    assert _counts(tasks_emulator) == (1, 3)
+    assert sorted(t.name.rsplit("/", 1)[-1] for t in paused()) == sorted(t.name for t in b.tasks)
