@@ -434,9 +434,18 @@ def create_tasks(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int = 1) 
         lambda group: _create_group([items[i] for i in group]), groups, concurrency
     )
     outcomes: list[Outcome] = [(None, None)] * len(items)
+    refused: list[int] = []
     for group, (results, error) in zip(groups, answers, strict=True):
+        if results is None and error is None:
+            refused += group
+            continue
         for position, index in enumerate(group):
             outcomes[index] = results[position] if results is not None else (None, error)
+    if refused:
+        # Refused groups are sent again together, so the fallback has the whole concurrency.
+        again = _create_each([items[i] for i in refused], concurrency)
+        for index, outcome in zip(refused, again, strict=True):
+            outcomes[index] = outcome
     return outcomes
 
 
@@ -444,9 +453,12 @@ def _create_each(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int) -> l
     return map_concurrently(lambda item: create_task(*item), items, concurrency)
 
 
-def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome]:
-    """One BatchCreateTasks call (one CreateTask for a single task: no operation to poll)."""
-    if len(items) == 1 or "BatchCreateTasks" in _refused_batches:
+def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome] | None:
+    """One BatchCreateTasks call (one CreateTask for a single task: no operation to poll);
+    None when Cloud Tasks refuses the RPC (nothing was created)."""
+    if "BatchCreateTasks" in _refused_batches:
+        return None
+    if len(items) == 1:
         return _create_each(items, 1)
     tasks = [build_task(spec, body) for spec, body in items]
     parent = queue_path(items[0][0].queue)
@@ -457,7 +469,7 @@ def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome]:
         )
     except (api_exceptions.MethodNotImplemented, api_exceptions.PermissionDenied) as exc:
         _refuse("BatchCreateTasks", exc)
-        return _create_each(items, 1)
+        return None
     except api_exceptions.GoogleAPIError as exc:
         if _outcome.may_have_landed(exc) or _transient(exc):
             return [_create_after_lost(spec, body) for spec, body in items]

@@ -210,7 +210,8 @@ def check_sendable(call: PreparedCall) -> None:
 
 
 def send(calls: Sequence[PreparedCall], concurrency: int = 1) -> list[DeferredTask | Exception]:
-    """Send prepared calls: one DeferredTask, or the DeferError that stopped it, per call.
+    """Send prepared calls: one DeferredTask, or the error that stopped it, per call (an error
+    that is no DeferError and comes before any task, e.g. a bug, is raised).
 
     Transactional calls are written in the caller's transaction and their tasks created once it
     commits. Of the others, every payload that spills is written first (shared commits, outside
