@@ -1,13 +1,16 @@
 """The Cloud Tasks gateway: every call gae_deferred makes to Cloud Tasks goes through here.
 
-Resource paths, the task description (:class:`TaskSpec`), CreateTask with its errors turned into
-gae_deferred's, and the queue and task calls of the dashboard, all with one timeout
+Cloud Tasks' name rules, resource paths, the task description (:class:`TaskSpec`), CreateTask
+and BatchCreateTasks with their errors turned into gae_deferred's, and the queue and task calls
+of the dashboard (BatchDeleteTasks included), all with one timeout
 (``settings().cloud_tasks_timeout_seconds``)::
 
     from gae_deferred import cloud_tasks
 
     spec = cloud_tasks.TaskSpec(queue="reports", url="/_ah/queue/deferred", headers={}, eta=now)
     cloud_tasks.create_task(spec, body)          # TaskAlreadyExistsError, QueueNotFoundError...
+    cloud_tasks.create_tasks([(spec, body), ...], concurrency=32)  # [(task, None) | (None, error)]
+    cloud_tasks.delete_tasks("reports", ["d-1f2e...", ...])        # [None | error]
     cloud_tasks.pause_queue("reports")
     cloud_tasks.client().list_tasks(parent=cloud_tasks.queue_path("reports"))
 

@@ -10,6 +10,10 @@ defer(index_all, big_list)                       # > 100 KB: spilled, the task c
 def pay(order):
     order.put()
     defer(send_receipt, order.key.id(), _transactional=True)   # only if the transaction commits
+
+One send path: ``send(calls, concurrency)`` sends any number of calls prepared by
+``prepare_defer`` (the one parser of defer()'s options); defer() is ``send([call])`` and raises
+its one error, batch() is ``send(calls)`` at the end of its block (docs/architecture.md walks it).
 """
 
 from __future__ import annotations
