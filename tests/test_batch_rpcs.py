@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 import pytest
 from google.cloud import ndb
+from google.longrunning import operations_pb2
 
 from gae_deferred import (
     BatchDeferError,
@@ -28,47 +29,76 @@ from tests.callables import add
 from tests.fault_proxy import FaultProxy
 
 BATCH_RPCS = ("BatchCreateTasks", "BatchDeleteTasks")
-_SERVICE = "/google.cloud.tasks.v2.CloudTasks/"
 
 
-class Refusing(grpc.GenericRpcHandler):
-    """A gRPC server answering ``code`` to the batch RPCs and forwarding the rest upstream."""
+class Between(grpc.GenericRpcHandler):
+    """A real gRPC server in front of ``upstream``: the RPCs ``answer`` names (by short name)
+    are answered by ``answer`` (given the request bytes, the context and a function that
+    forwards them upstream), every other call is forwarded as it is."""
 
-    def __init__(self, upstream: str, code: grpc.StatusCode) -> None:
-        self.code = code
-        self.refused: list[str] = []
+    def __init__(self, upstream: str) -> None:
+        self.calls: list[str] = []
         self._upstream = grpc.insecure_channel(upstream)
         self._server = grpc.server(futures.ThreadPoolExecutor(8))
         self._server.add_generic_rpc_handlers((self,))
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
+    def answer(self, rpc: str, request: bytes, context: grpc.ServicerContext, forward) -> bytes:
+        return forward(request)
+
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method = details.method
-        if method.removeprefix(_SERVICE) in BATCH_RPCS:
-            return grpc.unary_unary_rpc_method_handler(
-                lambda _, context: self._refuse(method, context)
-            )
-        forward = self._upstream.unary_unary(method)  # bytes in, bytes out
+        rpc = details.method.rsplit("/", 1)[-1]
+        upstream = self._upstream.unary_unary(details.method)  # bytes in, bytes out
 
         def relay(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.calls.append(rpc)
             try:
-                return forward(request, timeout=context.time_remaining())
+                return self.answer(rpc, request, context, lambda body: upstream(body, timeout=10))
             except grpc.RpcError as exc:
                 context.abort(exc.code(), exc.details())
 
         return grpc.unary_unary_rpc_method_handler(relay)
 
-    def _refuse(self, method: str, context: grpc.ServicerContext) -> None:
-        self.refused.append(method.removeprefix(_SERVICE))
-        context.abort(self.code, f"{method} refused by the test")
-
-    def __enter__(self) -> Refusing:
+    def __enter__(self) -> Between:
         self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._server.stop(0)
         self._upstream.close()
+
+
+class Refusing(Between):
+    """Answers ``code`` to the batch RPCs."""
+
+    def __init__(self, upstream: str, code: grpc.StatusCode) -> None:
+        super().__init__(upstream)
+        self.code = code
+        self.refused: list[str] = []
+
+    def answer(self, rpc: str, request: bytes, context: grpc.ServicerContext, forward) -> bytes:
+        if rpc not in BATCH_RPCS:
+            return forward(request)
+        self.refused.append(rpc)
+        context.abort(self.code, f"{rpc} refused by the test")
+
+
+class StillRunning(Between):
+    """Says a batch's operation is still running, at first and to the next ``polls`` GetOperation
+    calls (the emulator's operations are done at once; Cloud Tasks' need not be)."""
+
+    def __init__(self, upstream: str, polls: int) -> None:
+        super().__init__(upstream)
+        self.polls = polls
+
+    def answer(self, rpc: str, request: bytes, context: grpc.ServicerContext, forward) -> bytes:
+        answer = forward(request)
+        if rpc in BATCH_RPCS or (rpc == "GetOperation" and self.polls > 0):
+            self.polls -= rpc == "GetOperation"
+            operation = operations_pb2.Operation.FromString(answer)
+            running = operations_pb2.Operation(name=operation.name, metadata=operation.metadata)
+            return running.SerializeToString()
+        return answer
 
 
 @pytest.fixture(params=[grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED])
@@ -225,3 +255,31 @@ def test_a_batch_whose_answer_is_lost_is_settled_task_by_task(paused, tasks_emul
     assert proxy.counts["lost_replies"] == 1
     assert _counts(tasks_emulator) == (1, 3)
     assert sorted(t.name.rsplit("/", 1)[-1] for t in paused()) == sorted(t.name for t in b.tasks)
+
+
+def test_a_batch_whose_operation_is_still_running_is_polled_until_done(
+    paused, tasks_emulator, monkeypatch
+):
+    with StillRunning(f"127.0.0.1:{tasks_emulator.port}", polls=2) as proxy:
+        monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", f"127.0.0.1:{proxy.port}")
+        cloud_tasks.reset_client()
+        try:
+            with batch() as b:
+                for number in range(3):
+                    b.defer(add, number, 8, _name=f"polled-{number}")
+            named = [task.name for task in b.tasks]
+            with pytest.raises(BatchDeferError) as raised, batch() as again:
+                again.defer(add, 0, 8, _name="polled-0")
+                again.defer(add, 9, 8, _name="polled-9")
+        finally:
+            monkeypatch.undo()
+            cloud_tasks.reset_client()
+    assert named == ["polled-0", "polled-1", "polled-2"]
+    # The first operation was asked for until done (2 running answers, then the real one);
+    # the second's per-task refusal was read from its finished metadata.
+    assert proxy.calls.count("BatchCreateTasks") == 2
+    assert proxy.calls.count("GetOperation") == 4
+    assert [(index, type(error)) for index, error in raised.value.failures] == [
+        (0, TaskAlreadyExistsError)
+    ]
+    assert _short_names(paused()) == {*named, "polled-9"}
