@@ -1,9 +1,12 @@
-"""batch() and the dashboard's bulk deletes on Cloud Tasks' batch RPCs, and their fallback.
+"""batch() and bulk task deletes on Cloud Tasks' batch RPCs, against the emulator, and their
+fallback.
 
-Where Cloud Tasks answers BatchCreateTasks or BatchDeleteTasks with UNIMPLEMENTED or
+BatchCreateTasks takes up to 100 tasks of a queue; each task is answered on its own. Where
+Cloud Tasks answers BatchCreateTasks or BatchDeleteTasks with UNIMPLEMENTED or
 PERMISSION_DENIED, gae_deferred sends one CreateTask (DeleteTask) per task from then on, once
-per process, with a log line. ``Refusing`` is a real gRPC server in front of the emulator that
-refuses the batch RPCs and forwards every other call as it is.
+per process, with a log line. ``Between`` is a real gRPC server in front of the emulator that
+forwards every call but those a test answers itself: ``Refusing`` refuses the batch RPCs,
+``StillRunning`` reports a batch's operation as running for a while.
 """
 
 from __future__ import annotations
