@@ -495,16 +495,19 @@ def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome] | No
 
 def _failed_requests(operation: Any) -> dict[int, Any] | None:
     """The per-task refusals of a finished batch operation, by request index; None when the
-    operation failed as a whole (no per-task answer) or did not finish within the timeout."""
+    operation failed as a whole (no per-task answer) or its end could not be read in time."""
     try:
         operation.result(timeout=_timeout(), polling=_POLLING)
-    except api_exceptions.GoogleAPICallError:
-        pass  # a batch with refused tasks ends in an error too: the metadata says which
     except (futures.TimeoutError, api_exceptions.RetryError):
+        return None
+    except api_exceptions.GoogleAPICallError:
+        pass  # the operation's own error (a batch whose every task failed), or a failed poll
+    state = operation.operation
+    if not state.done:
         return None
     metadata = operation.metadata
     failed = dict(metadata.failed_requests) if metadata is not None else {}
-    if operation.exception() is not None and not failed:
+    if state.HasField("error") and not failed:
         return None
     return failed
 
