@@ -27,6 +27,8 @@ TASK_PATH = "/_ah/queue/deferred"
 #: answered by the app; the middleware answers longer ones with 414 itself, because
 #: gunicorn_conf lifts gunicorn's own limit (whose 414 page has no security headers).
 MAX_REQUEST_LINE = 4094
+#: gunicorn's default ``limit_request_field_size``: a header line ("Name: value" and CRLF).
+MAX_HEADER_FIELD = 8190
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -75,6 +77,22 @@ def request_line_length(environ: dict[str, Any]) -> int:
     method = environ.get("REQUEST_METHOD") or ""
     version = environ.get("SERVER_PROTOCOL") or "HTTP/1.1"
     return len(f"{method} {target} {version}".encode("latin-1", "replace"))
+
+
+def longest_header_field(environ: dict[str, Any]) -> int:
+    """The bytes of the longest header line ``Name: value`` CRLF, as gunicorn measures one
+    (repeated fields arrive joined by commas, and count as one line)."""
+    longest = 0
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:]
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            name = key
+        else:
+            continue
+        if isinstance(value, str):
+            longest = max(longest, len(name) + 2 + len(value.encode("latin-1", "replace")) + 2)
+    return longest
 
 
 def is_dashboard(environ: dict[str, Any]) -> bool:
@@ -139,6 +157,7 @@ def refuse(
         404: "Not Found",
         405: "Method Not Allowed",
         414: "URI Too Long",
+        431: "Request Header Fields Too Large",
     }.get(status, "Error")
     start_response(f"{status} {reason}", [*headers, ("Content-Length", str(len(body)))])
     return [body]

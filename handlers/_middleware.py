@@ -11,8 +11,10 @@ For every request it
 
 - answers a request line (method, target, version) over 4,094 bytes, gunicorn's default
   ``limit_request_line``, with 414 and the security headers, before anything else and without
-  reading the body (:mod:`gae_deferred.webapp2.gunicorn_conf` lifts gunicorn's own limit, whose
-  414 page has no security headers, so that these requests reach this check);
+  reading the body, and a header field over 8,190 bytes (gunicorn's default
+  ``limit_request_field_size``) with 431 (:mod:`gae_deferred.webapp2.gunicorn_conf` lifts
+  gunicorn's own limits, whose error pages have no security headers, so that these requests
+  reach these checks);
 - makes the request current for :mod:`gae_deferred.tracing`, so ``defer()`` records "deferred
   by <path>" and the request's trace, and the task request joins that trace;
 - opens an ndb context (legacy App Engine code expects one in every request);
@@ -44,6 +46,9 @@ class DeferredMiddleware:
         if guard.request_line_length(environ) > guard.MAX_REQUEST_LINE:
             message = f"The request line is over {guard.MAX_REQUEST_LINE} bytes."
             return guard.refuse(environ, start_response, 414, message)
+        if guard.longest_header_field(environ) > guard.MAX_HEADER_FIELD:
+            message = f"A header field is over {guard.MAX_HEADER_FIELD} bytes."
+            return guard.refuse(environ, start_response, 431, message)
         security = guard.headers_for(environ)
         if security is not None:
             check = guard.refusal if security is guard.SECURITY_HEADERS else guard.task_refusal

@@ -13,12 +13,16 @@ the security headers, for every path. On App Engine the front end receives the w
 before the instance does and bounds its size; served elsewhere, put a proxy with a request-line
 limit in front.
 
-Header fields keep gunicorn's limits (``limit_request_field_size`` 8,190 bytes,
-``limit_request_fields`` 100): in gunicorn 27 a field size of 0 does not lift the limit but
-restores the 8,190-byte default, so there is no setting that would pass them to the app.
+A header field over 8,190 bytes is the same story: ``limit_request_field_size`` is raised to
+64 KiB (in gunicorn 27 a size of 0 does not lift the limit but restores the 8,190-byte
+default) and ``deferred_middleware`` answers a field over 8,190 bytes with 431 and the security
+headers. Past 64 KiB, and past 100 header fields (``limit_request_fields``, kept: the header
+buffer gunicorn allows grows with fields times field size), gunicorn's own bare 431 page
+answers.
 Settings given on the command line win over this module's.
 """
 
 from __future__ import annotations
 
 limit_request_line = 0
+limit_request_field_size = 64 * 1024

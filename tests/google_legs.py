@@ -112,11 +112,6 @@ NOT_ON_DATASTORE: dict[str, str] = {
         "the legacy emulator's MORE_RESULTS_AFTER_LIMIT after a short last page (as above) shows "
         "a Next link on the last spillover page; the firestore leg runs this test"
     ),
-    "tests/reliability/test_faults.py::test_datastore_restart_mid_run_loses_nothing": (
-        "open finding: restarting the legacy emulator mid-run left 3 of 40 tasks unrun for "
-        "over 60 s; suspected, a run's claim taken before the outage whose release failed "
-        "during it holds redelivery for task_deadline_seconds (600 s); the main leg runs it"
-    ),
 }
 _NOT_ON = {"firestore": NOT_ON_FIRESTORE, "datastore": NOT_ON_DATASTORE}
 

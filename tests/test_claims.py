@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import webapp2
 import webtest
+from google.api_core import exceptions as api_exceptions
 
 import gae_deferred
-from gae_deferred import envelope, idempotent, spillover
+from gae_deferred import _datastore, envelope, execution, idempotency, idempotent, spillover
 from gae_deferred.webapp2 import deferred_routes
 
 RUNS: list[str] = []
@@ -164,3 +166,136 @@ def test_a_crashed_runs_claim_does_not_hold_back_the_task_that_replaced_it(pause
     response = _deliver(moved.app_engine_http_request.body, "moved-1")
     assert response.status_int == 200
     assert RUNS == ["moved"]
+
+
+def _claim_of(name: str) -> str | None:
+    (record,) = spillover.DeferredPayload.query().fetch()
+    assert record.task_name == name
+    return record.claim
+
+
+def test_an_attempt_that_datastore_fails_after_its_claim_gives_the_claim_up(
+    paused_on_emulator, monkeypatch
+):
+    """Datastore fails the attempt after the claim landed (reading the payload, then writing
+    the failure record): the claim is given up, so the redelivery runs now, not after the
+    claim's lease (task_deadline_seconds)."""
+    body, name = _spilled_body(paused_on_emulator, plain, "after-outage")
+    real_load = spillover.load
+
+    def unavailable(*args, **kwargs):
+        raise api_exceptions.ServiceUnavailable("Datastore restarting")
+
+    monkeypatch.setattr(spillover, "load", unavailable)
+    monkeypatch.setattr(execution._ndb_rpc, "commit", unavailable)  # the failure record too
+    assert _deliver(body, name).status_int == 500
+    monkeypatch.undo()
+    assert spillover.load is real_load
+    assert _claim_of(name) is None
+    _go_on.set()
+    assert _deliver(body, name, retry=1).status_int == 200
+    assert RUNS == ["after-outage"]
+
+
+def test_a_claim_whose_commit_reply_was_lost_is_given_up(paused_on_emulator, monkeypatch):
+    """The claim's transaction committed but its caller saw an error: the attempt gives up
+    the claim it may hold (by its token), and the redelivery runs now."""
+    body, name = _spilled_body(paused_on_emulator, plain, "lost-reply")
+    real_claim = spillover.claim
+
+    def landed_unanswered(*args, **kwargs):
+        real_claim(*args, **kwargs)
+        raise api_exceptions.ServiceUnavailable("connection reset after the commit")
+
+    monkeypatch.setattr(spillover, "claim", landed_unanswered)
+    assert _deliver(body, name).status_int == 500
+    monkeypatch.undo()
+    assert _claim_of(name) is None
+    _go_on.set()
+    assert _deliver(body, name, retry=1).status_int == 200
+    assert RUNS == ["lost-reply"]
+
+
+def test_giving_a_claim_up_retries_while_datastore_comes_back(paused_on_emulator, monkeypatch):
+    body, name = _spilled_body(paused_on_emulator, plain, "comes-back")
+    real_release = spillover.release
+    release_calls: list[float] = []
+
+    def down_twice(*args, **kwargs):
+        release_calls.append(time.monotonic())
+        if len(release_calls) <= 2:
+            raise api_exceptions.ServiceUnavailable("Datastore restarting")
+        real_release(*args, **kwargs)
+
+    def unavailable(*args, **kwargs):
+        raise api_exceptions.ServiceUnavailable("Datastore restarting")
+
+    monkeypatch.setattr(spillover, "release", down_twice)
+    monkeypatch.setattr(spillover, "load", unavailable)
+    monkeypatch.setattr(execution._ndb_rpc, "commit", unavailable)
+    assert _deliver(body, name).status_int == 500
+    monkeypatch.undo()
+    assert len(release_calls) == 3
+    assert release_calls[2] - release_calls[0] >= 1.4  # waited 0.5 s, then 1 s
+    assert _claim_of(name) is None
+
+
+def test_a_claim_datastore_never_lets_go_of_holds_until_its_lease_ends(
+    paused_on_emulator, monkeypatch
+):
+    """Past CLAIM_RELEASE_SECONDS the attempt stops trying; the claim holds redeliveries off
+    (503 claimed) until its lease ends, as for a run killed mid-task."""
+    body, name = _spilled_body(paused_on_emulator, plain, "never")
+
+    def unavailable(*args, **kwargs):
+        raise api_exceptions.ServiceUnavailable("Datastore down")
+
+    monkeypatch.setattr(_datastore, "CLAIM_RELEASE_SECONDS", 0.2)
+    monkeypatch.setattr(spillover, "release", unavailable)
+    monkeypatch.setattr(spillover, "load", unavailable)
+    monkeypatch.setattr(execution._ndb_rpc, "commit", unavailable)
+    started = time.monotonic()
+    assert _deliver(body, name).status_int == 500
+    assert time.monotonic() - started < 5
+    monkeypatch.undo()
+    assert _claim_of(name) is not None
+    assert _deliver(body, name, retry=1).status_int == 503
+    assert RUNS == []
+
+
+def test_an_idempotent_claim_whose_commit_reply_was_lost_is_given_up(ndb_emulator, monkeypatch):
+    body = envelope.build(once, ("idem-lost",), task="dup-lost", queue="default")
+    real_claim = idempotency._claim
+
+    def landed_unanswered(*args, **kwargs):
+        real_claim(*args, **kwargs)
+        raise api_exceptions.ServiceUnavailable("connection reset after the commit")
+
+    monkeypatch.setattr(idempotency, "_claim", landed_unanswered)
+    assert _deliver(body, "dup-lost").status_int == 500
+    monkeypatch.undo()
+    _go_on.set()
+    assert _deliver(body, "dup-lost", retry=1).status_int == 200
+    assert RUNS == ["idem-lost"]
+
+
+@idempotent
+def raises_its_own(label: str) -> None:
+    RUNS.append(label)
+    raise KeyError(label)
+
+
+def test_an_idempotent_call_that_raises_while_datastore_is_down_raises_its_own_error(
+    ndb_emulator, monkeypatch
+):
+    """Giving the claim up fails (Datastore down past CLAIM_RELEASE_SECONDS): the caller sees
+    the function's own exception, not Datastore's."""
+
+    def unavailable(*args, **kwargs):
+        raise api_exceptions.ServiceUnavailable("Datastore down")
+
+    monkeypatch.setattr(_datastore, "CLAIM_RELEASE_SECONDS", 0.2)
+    monkeypatch.setattr(idempotency, "_release", unavailable)
+    with pytest.raises(KeyError, match="own"):
+        raises_its_own("own")
+    assert RUNS == ["own"]

@@ -118,3 +118,32 @@ def test_under_gunicorn_with_the_config_a_5000_byte_url_gets_414_with_the_header
     assert answer.headers["X-Frame-Options"] == "DENY"
     assert answer.headers["X-Content-Type-Options"] == "nosniff"
     assert answer.text == "Error 414: The request line is over 4094 bytes.\n"
+
+
+def test_middleware_answers_a_header_field_over_8190_bytes_with_431_and_the_headers(
+    ndb_stub: object,
+) -> None:
+    app = webtest.TestApp(deferred_middleware(webapp2.WSGIApplication([(r"/(.*)", Hello)])))
+    # "X-Big: " + value + CRLF: at 8,190 bytes the app answers, one byte more is a 431.
+    at_limit = "v" * (8190 - len("X-Big: ") - 2)
+    assert app.get("/", headers={"X-Big": at_limit}).text == "hello"
+    for path in ("/", "/_ah/deferred-admin/", "/_ah/queue/deferred"):
+        answer = app.get(path, headers={"X-Big": at_limit + "v"}, status=431)
+        assert answer.status == "431 Request Header Fields Too Large"
+        assert "frame-ancestors 'none'" in answer.headers[CSP]
+        assert answer.headers["X-Frame-Options"] == "DENY"
+
+
+def test_under_gunicorn_with_the_config_a_9000_byte_header_gets_431_with_the_headers(
+    serve: Callable[..., str],
+) -> None:
+    big = {"X-Big": "v" * 9000}
+    bare = requests.get(serve() + "/_ah/deferred-admin/", headers=big, timeout=20)
+    assert bare.status_code == 431
+    assert CSP not in bare.headers and "X-Frame-Options" not in bare.headers  # gunicorn's page
+
+    answer = requests.get(serve("-c", CONFIG) + "/_ah/deferred-admin/", headers=big, timeout=20)
+    assert answer.status_code == 431
+    assert "frame-ancestors 'none'" in answer.headers[CSP]
+    assert answer.headers["X-Frame-Options"] == "DENY"
+    assert answer.text == "Error 431: A header field is over 8190 bytes.\n"

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.cloud import ndb
 
 from . import _ndb_rpc
 from ._config import settings
+
+logger = logging.getLogger("gae_deferred")
+
+#: How long giving up a claim retries while Datastore is unavailable (see patiently).
+CLAIM_RELEASE_SECONDS = 30.0
 
 _lock = threading.Lock()
 _thread_contexts = threading.local()
@@ -133,3 +140,22 @@ def in_namespace(namespace: str) -> Iterator[None]:
         return
     with context.new(namespace=namespace).use():
         yield
+
+
+def patiently(call: Callable[[], None], what: str, seconds: float | None = None) -> bool:
+    """Call ``call``, retrying any error with backoff for up to ``seconds``
+    (CLAIM_RELEASE_SECONDS): a Datastore restart takes seconds. False, logged, if it never
+    succeeded. For giving up a claim after a failed attempt: left in place, the claim would
+    hold every redelivery off until its lease ends."""
+    deadline = time.monotonic() + (CLAIM_RELEASE_SECONDS if seconds is None else seconds)
+    delay = 0.5
+    while True:
+        try:
+            call()
+            return True
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                logger.warning("could not %s (%s); it holds until its lease ends", what, exc)
+                return False
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)

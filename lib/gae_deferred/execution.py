@@ -36,7 +36,7 @@ from . import (
     task_backoff,
 )
 from ._config import settings
-from ._datastore import in_namespace, ndb_context
+from ._datastore import in_namespace, ndb_context, patiently
 from .cloud_tasks import TaskSpec
 from .context import TaskInfo, running
 from .errors import (
@@ -206,8 +206,9 @@ class _Attempt:
         return named or failures.failure_id(self.task.queue, self.task.name)
 
     outer_failure_id: str | None = None
-    #: The claim this attempt holds on its spilled payload (see spillover.claim).
-    claim: str | None = None
+    #: (payload id, token) of the claim this attempt may hold on its spilled payload (see
+    #: spillover.claim): set before the claim's transaction, whose commit may land unanswered.
+    claim: tuple[str, str] | None = None
 
 
 def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
@@ -252,7 +253,13 @@ def execute_task(body: bytes | bytearray, task: TaskInfo | None) -> TaskOutcome:
     )
     started = time.perf_counter()
     with ndb_context():
-        outcome = _execute(attempt, started)
+        try:
+            outcome = _execute(attempt, started)
+        except Exception:
+            # Datastore failed the attempt after its claim may have landed: without this the
+            # claim would hold every redelivery off for task_deadline_seconds.
+            _release_patiently(attempt)
+            raise
     if outcome.result not in _NOT_RUN:
         metrics.observe_outcome(
             attempt.env.function,
@@ -328,12 +335,18 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
     # The claim first: a duplicate delivery while this one runs stops here, before the
     # payload is read (DuplicateDeliveryRunning), and one after it finished finds no record.
     token = uuid.uuid4().hex
-    if spillover.claim(payload_id, attempt.task.name, token) is None:
+    attempt.claim = (payload_id, token)
+    try:
+        taken = spillover.claim(payload_id, attempt.task.name, token)
+    except (DuplicateDeliveryRunning, SpilledPayloadMissing):
+        attempt.claim = None  # answered: certainly not taken
+        raise
+    if taken is None:
+        attempt.claim = None
         logger.warning(
             "task %s: payload %s belongs to another task now", attempt.task.name, payload_id
         )
         return TaskOutcome(OK, "superseded", "payload moved to another task")
-    attempt.claim = token
     record, inner = spillover.load(payload_id, chunks, stored_bytes)
     if record.task_name and record.task_name != attempt.task.name:
         # A retrigger or the sweeper moved the payload to another task; that one runs it.
@@ -352,8 +365,17 @@ def _load_spilled(attempt: _Attempt) -> TaskOutcome | None:
 def _release(attempt: _Attempt) -> None:
     """Give up this attempt's claim on its spilled payload: it ends without finishing the
     task, and the retry must not wait for the claim to run out."""
-    if attempt.claim is not None and attempt.record is not None:
-        spillover.release(attempt.record.key.id(), attempt.task.name, attempt.claim)
+    if attempt.claim is not None:
+        spillover.release(*attempt.claim, task_name=attempt.task.name)
+
+
+def _release_patiently(attempt: _Attempt) -> None:
+    """Give the claim up after a Datastore failure, retrying while Datastore comes back."""
+    if attempt.claim is not None:
+        patiently(
+            functools.partial(_release, attempt),
+            f"give up task {attempt.task.name}'s claim on payload {attempt.claim[0]}",
+        )
 
 
 def _missing(attempt: _Attempt, exc: SpilledPayloadMissing) -> TaskOutcome:
@@ -475,6 +497,8 @@ def _record(
     )
     # Not ndb.put_multi: its debug string of a kept payload (up to 1 MiB) costs ~200 ms.
     _ndb_rpc.commit(upserts=[*entities, record, failures.group_entity(record)])
+    if attempt.record is None:
+        _release_patiently(attempt)  # a claim whose outcome was unknown (the record unread)
     # Retryable errors answer 500 even on the last attempt: Cloud Tasks then drops the task,
     # while a mismatch between queue.yaml and the real queue errs on the side of retrying.
     if status is None:

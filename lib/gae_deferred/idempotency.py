@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from google.cloud import ndb
 
 from ._config import settings
-from ._datastore import ndb_context
+from ._datastore import ndb_context, patiently
 from ._model import DeferredModel, is_key_name, root_key
 from .context import current_task
 from .errors import DuplicateDeliveryRunning
@@ -109,7 +109,16 @@ def idempotent(
                 if marker is None:
                     return inner(*args, **kwargs)
                 token = uuid.uuid4().hex
-                if not ndb.non_transactional()(_claim)(marker, token, _name(inner)):
+                give_up = ndb.non_transactional()(functools.partial(_release, marker, token))
+                try:
+                    claimed = ndb.non_transactional()(_claim)(marker, token, _name(inner))
+                except DuplicateDeliveryRunning:
+                    raise
+                except Exception:
+                    # Its commit may have landed unanswered: give up what it may hold.
+                    patiently(give_up, f"give up the claim on {marker.id()}")
+                    raise
+                if not claimed:
                     return None
                 try:
                     if transactional:
@@ -119,7 +128,7 @@ def idempotent(
                     _done(marker, inner)
                     return result
                 except BaseException:
-                    ndb.non_transactional()(_release)(marker, token)
+                    patiently(give_up, f"give up the claim on {marker.id()}")
                     raise
 
         return wrapper  # type: ignore[return-value]

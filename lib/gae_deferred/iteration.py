@@ -159,10 +159,19 @@ class DeferredJob(DeferredModel):
     failed = ndb.IntegerProperty(indexed=False, default=0)
     #: The query, fn and finalize: a signed envelope (verified before it is unpickled).
     spec = ndb.BlobProperty()
+    #: When the sweeper deletes the ended job, its shards, skipped-entity records and
+    #: once_per_entity markers: ``finished`` + ``dead_letter_retention_seconds``.
+    purge_at = ndb.DateTimeProperty(tzinfo=datetime.UTC)
 
     @property
     def id(self) -> str:
         return self.key.id()
+
+    def _pre_put_hook(self) -> None:
+        # Every write of an ended job passes here, whichever of done/finalize/cancel ended it.
+        if self.state in JobState.FINAL and self.finished and self.purge_at is None:
+            retention = datetime.timedelta(seconds=settings().dead_letter_retention_seconds)
+            self.purge_at = self.finished + retention
 
 
 class DeferredJobShard(DeferredModel):
@@ -996,3 +1005,44 @@ def once_per_entity(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def _marker_id(key: ndb.Key) -> str:
     return hashlib.sha256(key.to_legacy_urlsafe(location_prefix="s~")).hexdigest()
+
+
+# -- purge -------------------------------------------------------------------------------------
+
+#: Jobs one sweep purges at most (each of at most ``batch`` records).
+PURGE_JOBS_PER_SWEEP = 2
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def purge_ended_jobs(now: datetime.datetime, batch: int) -> tuple[int, int]:
+    """The sweeper's part: jobs past their ``purge_at`` are deleted with their records, at most
+    ``batch`` records a job per sweep (once_per_entity markers first, the job record last, so
+    a job half purged is found again). Returns (jobs deleted, records deleted)."""
+    jobs_gone = records = 0
+    with _in_records_namespace():
+        # Two bounds: an unended job's purge_at is null, which sorts before every date.
+        ended = DeferredJob.query(DeferredJob.purge_at > _EPOCH, DeferredJob.purge_at <= now)
+        for job in ended.fetch(PURGE_JOBS_PER_SWEEP):
+            doomed = _job_records(job.id, batch)
+            if len(doomed) < batch:
+                doomed.append(job.key)
+                jobs_gone += 1
+            ndb.delete_multi(doomed)
+            records += len(doomed)
+    return jobs_gone, records
+
+
+def _job_records(job_id: str, limit: int) -> list[ndb.Key]:
+    """Up to ``limit`` keys of the job's markers, skipped-entity records and shards."""
+    first = ndb.Key(DeferredDone, f"{job_id}:", namespace=RECORDS_NAMESPACE)
+    past = ndb.Key(DeferredDone, f"{job_id};", namespace=RECORDS_NAMESPACE)  # ";" follows ":"
+    queries = [
+        DeferredDone.query(DeferredDone.key >= first, DeferredDone.key < past),
+        DeferredJobFailure.query(DeferredJobFailure.job == job_id),
+        DeferredJobShard.query(DeferredJobShard.job == job_id),
+    ]
+    keys: list[ndb.Key] = []
+    for query in queries:
+        if len(keys) < limit:
+            keys += query.fetch(limit - len(keys), keys_only=True)
+    return keys

@@ -672,7 +672,7 @@ def claim(payload_id: str, task_name: str, token: str) -> DeferredPayload | None
     return ndb.transaction(take)
 
 
-def release(payload_id: str, task_name: str, token: str) -> None:
+def release(payload_id: str, token: str, *, task_name: str) -> None:
     """Give up a claim this delivery holds (it did not finish the task), so a retry runs now."""
 
     def give_up() -> None:

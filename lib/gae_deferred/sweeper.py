@@ -20,6 +20,9 @@ on the local stack::
    chunks of payloads whose write never finished (a process that died between the commits of
    a payload over ``commit_bytes``, before its record; a transaction that never committed),
    an hour after it started.
+3. iterate() jobs that ended (done or cancelled) longer ago than the retention period are
+   deleted with their shards, skipped-entity records and once_per_entity markers, a batch of
+   records per job and sweep.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import logging
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from . import cloud_tasks, enqueue, failures, metrics, spillover
+from . import cloud_tasks, enqueue, failures, iteration, metrics, spillover
 from ._config import settings
 from ._datastore import ndb_context
 from .errors import DeferError, TaskAlreadyExistsError
@@ -64,6 +67,9 @@ class SweepReport:
     #: Metrics series whose window totals aged, and series quiet for 8 days (deleted).
     refreshed_metrics: int = 0
     purged_metrics: int = 0
+    #: iterate() jobs past their retention, and their records (markers, shards, failures).
+    purged_jobs: int = 0
+    purged_job_records: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -75,6 +81,7 @@ def sweep(now: datetime.datetime | None = None, batch: int = 200) -> SweepReport
     with ndb_context():
         _reenqueue_stuck(now, batch, report)
         _purge_expired(now, batch, report)
+        report.purged_jobs, report.purged_job_records = iteration.purge_ended_jobs(now, batch)
         report.refreshed_metrics, report.purged_metrics = metrics.maintain(now, batch)
     if report.reenqueued or report.errors:
         logger.warning("sweeper: %s", report)
