@@ -1,12 +1,13 @@
 """Benchmark 8: fan-out of many tasks, a sequential defer() loop vs batch(), with latency.
 
-Both variants create the same number of inline tasks (``benchmarks.tasks.add``) through the real
-CloudTasksClient against the in-process Cloud Tasks emulator (queue paused). A local emulator
-answers in well under a millisecond, while CreateTask from App Engine typically takes tens of
+Both variants create inline tasks (``benchmarks.tasks.add``) through the real CloudTasksClient
+against the in-process Cloud Tasks emulator (queues paused). A local emulator answers in well
+under a millisecond, while a Cloud Tasks call from App Engine typically takes tens of
 milliseconds, so the emulator runs with ``latency_ms=LATENCY_MS``: every RPC waits that long in
 the emulator's own worker before it is handled, as a round trip to the real service would, and
 concurrent RPCs wait in parallel (its latency pool has ``LATENCY_RPC_WORKERS`` threads, more
-than the batch's ``CONCURRENCY``, so the pool never caps the batch).
+than the batch's ``CONCURRENCY``, so the pool never caps the batch). The loop makes one
+CreateTask per task; batch() one BatchCreateTasks per 100 tasks of a queue.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from gae_deferred import batch, defer, reset_clients
+from gae_deferred.cloud_tasks import BATCH_CREATE_MAX
 from gae_deferred.local.cloudtasks import CloudTasksEmulator
 from gae_deferred.local.cloudtasks.server import LATENCY_RPC_WORKERS
 from gae_deferred.local.datastore import DatastoreEmulator
@@ -26,16 +28,18 @@ from . import tasks
 from ._setup import BENCH_PROJECT
 from .report import Section, ratio_target
 
-#: Milliseconds the emulator adds to every RPC: a typical CreateTask round trip from App Engine.
+#: Milliseconds the emulator adds to every RPC: a typical Cloud Tasks round trip from App Engine.
 LATENCY_MS = 30
 CONCURRENCY = 32
-TARGET = 15.0
+TARGET = 100.0
 QUEUE = "bench-fanout"
-QUEUE_YAML = f"queue:\n- name: {QUEUE}\n  rate: 0/s\n"
+#: The wide fan-out's queues: batch() groups each queue's tasks into calls of its own.
+WIDE_QUEUES = [QUEUE, "bench-fanout-2", "bench-fanout-3", "bench-fanout-4"]
+QUEUE_YAML = "queue:\n" + "".join(f"- name: {queue}\n  rate: 0/s\n" for queue in WIDE_QUEUES)
 
 
 def run(*, quick: bool) -> Section:
-    count = 100 if quick else 1000
+    count, wide = (100, 1000) if quick else (1000, 10_000)
     with (
         tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,
         _stack(pathlib.Path(tmp)) as emulator,
@@ -43,51 +47,92 @@ def run(*, quick: bool) -> Section:
         if LATENCY_RPC_WORKERS < CONCURRENCY:
             raise RuntimeError(
                 f"the emulator's latency pool ({LATENCY_RPC_WORKERS}) would cap the batch's "
-                f"{CONCURRENCY} concurrent CreateTask calls"
+                f"{CONCURRENCY} concurrent calls"
             )
         for number in range(5):  # warm-up: channel, connection, code paths
             defer(tasks.add, number, 0, _queue=QUEUE)
+        _batch(2 * BATCH_CREATE_MAX, [QUEUE])
         emulator.reset_counts()
         loop = _timed(lambda: [defer(tasks.add, n, 1, _queue=QUEUE) for n in range(count)])
-        loop_creates = emulator.rpc_counts["CreateTask"]
-        emulator.reset_counts()
-        batched = _timed(lambda: _batch(count))
-        batch_creates = emulator.rpc_counts["CreateTask"]
-    if loop_creates != count or batch_creates != count:
-        raise RuntimeError(f"expected {count} CreateTask each, got {loop_creates}/{batch_creates}")
+        loop_rpcs = _rpcs(emulator)
+        batched = _timed(lambda: _batch(count, [QUEUE]))
+        batch_rpcs = _rpcs(emulator)
+        spread = _timed(lambda: _batch(wide, WIDE_QUEUES))
+        wide_rpcs = _rpcs(emulator)
+    _check_rpcs(loop_rpcs, {"CreateTask": count})
+    _check_rpcs(batch_rpcs, {"BatchCreateTasks": _batch_calls(count, 1)})
+    _check_rpcs(wide_rpcs, {"BatchCreateTasks": _batch_calls(wide, len(WIDE_QUEUES))})
     speedup = loop / batched
     section = Section(
         key="fanout",
         title="Fan-out: defer() loop vs batch()",
         what=(
-            f"Wall time to enqueue {count:,} inline tasks (`benchmarks.tasks.add`) through the "
-            "real CloudTasksClient into a paused queue of the in-process Cloud Tasks emulator "
-            f"started with `latency_ms={LATENCY_MS}` (`--latency-ms`): every RPC waits "
-            f"{LATENCY_MS} ms in the emulator before it is handled, because a CreateTask round "
-            "trip from App Engine to Cloud Tasks takes tens of ms while a local emulator answers "
-            "in well under 1 ms, and fan-out is about overlapping those waits. Delayed RPCs "
-            f"wait in parallel in the emulator's pool of {LATENCY_RPC_WORKERS} threads (more "
-            f"than the batch's {CONCURRENCY}, so the pool does not cap it). A sequential "
-            f"`defer()` loop vs `batch(concurrency={CONCURRENCY})`. One run each, loop first; "
-            "CreateTask counted at the emulator."
+            "Wall time to enqueue inline tasks (`benchmarks.tasks.add`) through the real "
+            "CloudTasksClient into paused queues of the in-process Cloud Tasks emulator started "
+            f"with `latency_ms={LATENCY_MS}` (`--latency-ms`): every RPC waits {LATENCY_MS} ms "
+            "in the emulator before it is handled, because a Cloud Tasks round trip from App "
+            "Engine takes tens of ms while a local emulator answers in well under 1 ms, and "
+            "fan-out is about overlapping or saving those waits. Delayed RPCs wait in parallel "
+            f"in the emulator's pool of {LATENCY_RPC_WORKERS} threads (more than the batch's "
+            f"{CONCURRENCY}, so the pool does not cap it). A sequential `defer()` loop (one "
+            f"CreateTask per task) vs `batch(concurrency={CONCURRENCY})` (one BatchCreateTasks "
+            f"per {BATCH_CREATE_MAX} tasks of a queue, {CONCURRENCY} calls in flight), then "
+            f"`batch()` of {wide:,} tasks spread over {len(WIDE_QUEUES)} queues. One run each, "
+            "loop first; RPCs counted at the emulator; the time includes preparing the calls."
         ),
-        columns=["variant", "seconds", "tasks/s", "CreateTask RPCs"],
+        columns=["variant", "tasks", "seconds", "tasks/s", "RPCs"],
     )
     section.rows += [
-        ["defer() loop", f"{loop:.2f}", f"{count / loop:,.0f}", str(loop_creates)],
-        ["batch()", f"{batched:.2f}", f"{count / batched:,.0f}", str(batch_creates)],
+        _row("defer() loop", count, loop, loop_rpcs),
+        _row("batch()", count, batched, batch_rpcs),
+        _row(f"batch(), {len(WIDE_QUEUES)} queues", wide, spread, wide_rpcs),
     ]
     section.targets.append(
         ratio_target("batch() speed-up over the loop", speedup, TARGET, at_least=True)
     )
-    section.data = {"loop_s": loop, "batch_s": batched, "count": count, "latency_ms": LATENCY_MS}
+    section.data = {
+        "loop_s": loop,
+        "batch_s": batched,
+        "wide_s": spread,
+        "count": count,
+        "wide_count": wide,
+        "latency_ms": LATENCY_MS,
+        "rpcs": {"loop": loop_rpcs, "batch": batch_rpcs, "wide": wide_rpcs},
+    }
     return section
 
 
-def _batch(count: int) -> None:
+def _batch(count: int, queues: list[str]) -> None:
     with batch(concurrency=CONCURRENCY) as fan_out:
         for number in range(count):
-            fan_out.defer(tasks.add, number, 2, _queue=QUEUE)
+            fan_out.defer(tasks.add, number, 2, _queue=queues[number % len(queues)])
+
+
+def _batch_calls(count: int, queues: int) -> int:
+    """BatchCreateTasks calls for ``count`` tasks dealt round-robin over ``queues`` queues."""
+    sizes = [len(range(queue, count, queues)) for queue in range(queues)]
+    return sum(-(-size // BATCH_CREATE_MAX) for size in sizes)
+
+
+def _rpcs(emulator: CloudTasksEmulator) -> dict[str, int]:
+    """The task-creating RPCs since the last call, by method (and the counts reset)."""
+    counts = {
+        method: emulator.rpc_counts[method]
+        for method in ("CreateTask", "BatchCreateTasks")
+        if emulator.rpc_counts[method]
+    }
+    emulator.reset_counts()
+    return counts
+
+
+def _check_rpcs(counted: dict[str, int], expected: dict[str, int]) -> None:
+    if counted != expected:
+        raise RuntimeError(f"expected RPCs {expected}, counted {counted}")
+
+
+def _row(variant: str, count: int, seconds: float, rpcs: dict[str, int]) -> list[str]:
+    calls = ", ".join(f"{number:,} {method}" for method, number in rpcs.items())
+    return [variant, f"{count:,}", f"{seconds:.2f}", f"{count / seconds:,.0f}", calls]
 
 
 def _timed(call: Callable[[], object]) -> float:

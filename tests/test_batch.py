@@ -1,7 +1,7 @@
 """gae_deferred.batch() against the Cloud Tasks emulator (real gRPC) and the in-memory Datastore.
 
-The emulator's CreateTask is wrapped to take 40 ms and count how many run at once, so the
-concurrency bound is observed where it matters: at the service.
+The emulator's CreateTask and BatchCreateTasks are wrapped to take 40 ms and count how many run
+at once, so the concurrency bound is observed where it matters: at the service.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CREATE_TASK_SECONDS = 0.04
 
 
 class InFlight:
-    """Counts CreateTask requests being served at once."""
+    """Counts CreateTask and BatchCreateTasks requests being served at once."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -73,6 +73,7 @@ def emulator():
     server.in_flight = InFlight()
     # The handler table is built from this attribute when the server starts.
     server._create_task = server.in_flight.wrap(server._create_task)
+    server._batch_create_tasks = server.in_flight.wrap(server._batch_create_tasks)
     server.start()
     previous = os.environ.get("CLOUD_TASKS_EMULATOR_HOST")
     os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{server.port}"
@@ -121,11 +122,12 @@ def test_tasks_are_in_call_order_and_all_enqueued(queued):
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_concurrency_bound_is_respected_at_the_service(queued, emulator, concurrency):
     with batch(concurrency=concurrency) as b:
-        for number in range(12):
+        for number in range(400):
             b.defer(add, number, 2)
-    assert len(queued()) == 12
-    assert emulator.rpc_counts["CreateTask"] == 12
-    # 12 calls of 40 ms each, `concurrency` at a time: the bound is reached, never passed.
+    assert len(queued()) == 400
+    assert (emulator.rpc_counts["BatchCreateTasks"], emulator.rpc_counts["CreateTask"]) == (4, 0)
+    # 4 calls of 100 tasks, 40 ms each, `concurrency` at a time: the bound is reached, never
+    # passed.
     assert emulator.in_flight.peak == concurrency
 
 

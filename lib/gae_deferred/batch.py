@@ -1,4 +1,4 @@
-"""batch(): defer many calls at once, CreateTask calls in parallel and spills in shared commits.
+"""batch(): defer many calls at once, in BatchCreateTasks calls per queue and shared commits.
 
 ::
 
@@ -10,10 +10,12 @@
     digest.tasks          # a DeferredTask for each call, in call order
 
 ``batch.defer()`` takes exactly what :func:`gae_deferred.defer` takes and checks it the same way
-at once (a bad option raises there). Nothing is sent until the block ends; then the calls'
-CreateTask requests run ``concurrency`` at a time, and payloads that spill to Datastore are
-written together (commits of up to 500 entities and ``commit_bytes``) before any task is
-created. An exception inside the block enqueues nothing.
+at once (a bad option raises there). Nothing is sent until the block ends; then payloads that
+spill to Datastore are written together (commits of up to 500 entities and ``commit_bytes``),
+and the tasks are created in ``BatchCreateTasks`` calls of up to 100 tasks of one queue,
+``concurrency`` calls at a time (where Cloud Tasks refuses that RPC, one CreateTask per task:
+see docs/batch.md). It is all ``enqueue.send``, the path defer() takes for one call. An
+exception inside the block enqueues nothing.
 
 When some calls fail, the others stay enqueued and :class:`BatchDeferError` lists each failed
 call by index (a duplicate ``_name``, a missing queue, ...); ``tasks`` has None at those
@@ -29,36 +31,18 @@ its exception is EnqueueOutcomeUnknown (the sweeper creates the task: do not def
             logging.warning("order %s: %s", orders[index].id, error)
 
 ``_transactional=True`` calls inside a transaction are written in the caller's commit, all
-together, and their tasks are created (``concurrency`` at a time) once it commits.
+together, and their tasks are created the same way once it commits.
 """
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from google.cloud import ndb
+from .enqueue import DeferredTask, PreparedCall, check_sendable, prepare_defer, send
+from .errors import BatchDeferError, DeferError
 
-from . import spillover
-from ._datastore import ndb_context
-from .enqueue import (
-    DeferredTask,
-    PreparedCall,
-    _routing,
-    defer_transactional,
-    fits_inline,
-    map_concurrently,
-    prepare_call,
-    reference,
-    send_inline,
-    send_spilled,
-    spill_entities,
-    write_outside_transaction,
-)
-from .errors import BadTransactionStateError, BatchDeferError, DeferError
-
-#: CreateTask requests in flight at once unless batch() says otherwise.
+#: BatchCreateTasks (or CreateTask) requests in flight at once unless batch() says otherwise.
 DEFAULT_CONCURRENCY = 32
 
 
@@ -80,24 +64,7 @@ class Batch:
         self._state = "open"
         return self
 
-    def defer(
-        self,
-        obj: Callable,
-        *args: Any,
-        _countdown: float | None = None,
-        _eta: datetime.datetime | None = None,
-        _name: str | None = None,
-        _queue: str | None = None,
-        _url: str | None = None,
-        _headers: Mapping[str, str] | None = None,
-        _target: str | None = None,
-        _service: str | None = None,
-        _version: str | None = None,
-        _instance: str | None = None,
-        _retry_options: Any = None,
-        _transactional: bool = False,
-        **kwargs: Any,
-    ) -> int:
+    def defer(self, obj: Callable, *args: Any, **kwargs: Any) -> int:
         """Add ``obj(*args, **kwargs)`` to the batch, with defer()'s options; returns its index.
 
         The call is checked and serialized now (its arguments are captured as they are now);
@@ -105,28 +72,8 @@ class Batch:
         """
         if self._state != "open":
             raise DeferError("batch.defer() is only allowed inside its `with batch()` block")
-        call = prepare_call(
-            obj,
-            args,
-            kwargs,
-            countdown=_countdown,
-            eta=_eta,
-            name=_name,
-            queue=_queue,
-            url=_url,
-            headers=_headers,
-            routing=_routing(_target, _service, _version, _instance),
-            retry_options=_retry_options,
-            transactional=_transactional,
-        )
-        if call.transactional or not fits_inline(call):
-            spillover.check_size(call.data, call.header)
-        if call.transactional:
-            context = ndb.get_context(raise_context_error=False)
-            if context is None or not context.in_transaction():
-                raise BadTransactionStateError(
-                    "_transactional=True needs an active ndb transaction"
-                )
+        call = prepare_defer(obj, *args, **kwargs)
+        check_sendable(call)
         self._calls.append(call)
         return len(self._calls) - 1
 
@@ -137,58 +84,17 @@ class Batch:
             self._send(calls)
 
     def _send(self, calls: list[PreparedCall]) -> None:
-        tasks: list[DeferredTask | None] = [None] * len(calls)
-        failures: dict[int, BaseException] = {}
-        transactional = [i for i, call in enumerate(calls) if call.transactional]
-        rest = [i for i, call in enumerate(calls) if not call.transactional]
-        if transactional:
-            try:
-                created = defer_transactional([calls[i] for i in transactional], self.concurrency)
-            except DeferError as exc:
-                failures.update(dict.fromkeys(transactional, exc))
-            else:
-                for index, task in zip(transactional, created, strict=True):
-                    tasks[index] = task
-        work: list[tuple[int, Callable[[], DeferredTask]]] = [
-            (i, lambda call=calls[i]: send_inline(call)) for i in rest if fits_inline(calls[i])
-        ]
-        spilled = [i for i in rest if not fits_inline(calls[i])]
-        if spilled:
-            work += self._write_spilled(calls, spilled, failures)
-        outcomes = map_concurrently(lambda item: item[1](), work, self.concurrency)
-        for (index, _), (task, error) in zip(work, outcomes, strict=True):
-            if error is None:
-                tasks[index] = task
-            else:
-                failures[index] = error
-        self.tasks = tasks
+        outcomes = send(calls, self.concurrency)
+        self.tasks = [task if isinstance(task, DeferredTask) else None for task in outcomes]
+        failures = [(i, error) for i, error in enumerate(outcomes) if isinstance(error, Exception)]
         if failures:
-            raise BatchDeferError(sorted(failures.items()), tasks)
-
-    @staticmethod
-    def _write_spilled(
-        calls: list[PreparedCall], indexes: list[int], failures: dict[int, BaseException]
-    ) -> list[tuple[int, Callable[[], DeferredTask]]]:
-        """Write every spilled payload of the batch in shared commits, outside any transaction;
-        returns the CreateTask work for them (none if the write failed: then each fails)."""
-        with ndb_context():
-            entities = [spill_entities(calls[i]) for i in indexes]
-            bodies = [reference(record) for record, _ in entities]
-            try:
-                write_outside_transaction(entities)
-            except DeferError as exc:
-                failures.update(dict.fromkeys(indexes, exc))
-                return []
-        return [
-            (i, lambda r=record, s=calls[i].spec, b=body: send_spilled(r, s, b))
-            for i, (record, _), body in zip(indexes, entities, bodies, strict=True)
-        ]
+            raise BatchDeferError(failures, self.tasks)
 
 
 def batch(concurrency: int = DEFAULT_CONCURRENCY) -> Batch:
     """A batch of deferred calls: ``with batch(concurrency=32) as b: b.defer(fn, *args)``.
 
-    ``concurrency`` bounds the CreateTask requests in flight at once. See the module docstring.
+    ``concurrency`` bounds the Cloud Tasks requests in flight at once. See the module docstring.
     """
     return Batch(concurrency)
 

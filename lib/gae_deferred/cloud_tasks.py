@@ -1,13 +1,16 @@
 """The Cloud Tasks gateway: every call gae_deferred makes to Cloud Tasks goes through here.
 
-Resource paths, the task description (:class:`TaskSpec`), CreateTask with its errors turned into
-gae_deferred's, and the queue and task calls of the dashboard, all with one timeout
+Cloud Tasks' name rules, resource paths, the task description (:class:`TaskSpec`), CreateTask
+and BatchCreateTasks with their errors turned into gae_deferred's, and the queue and task calls
+of the dashboard (BatchDeleteTasks included), all with one timeout
 (``settings().cloud_tasks_timeout_seconds``)::
 
     from gae_deferred import cloud_tasks
 
     spec = cloud_tasks.TaskSpec(queue="reports", url="/_ah/queue/deferred", headers={}, eta=now)
     cloud_tasks.create_task(spec, body)          # TaskAlreadyExistsError, QueueNotFoundError...
+    cloud_tasks.create_tasks([(spec, body), ...], concurrency=32)  # [(task, None) | (None, error)]
+    cloud_tasks.delete_tasks("reports", ["d-1f2e...", ...])        # [None | error]
     cloud_tasks.pause_queue("reports")
     cloud_tasks.client().list_tasks(parent=cloud_tasks.queue_path("reports"))
 
@@ -23,12 +26,17 @@ import datetime
 import functools
 import logging
 import os
+import re
+import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
+from google.api_core.future import polling
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
@@ -45,6 +53,12 @@ from .errors import (
 
 EMULATOR_HOST_ENV = "CLOUD_TASKS_EMULATOR_HOST"
 
+#: Cloud Tasks' name rules: a task's own name, and a queue's.
+TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @functools.lru_cache(maxsize=1)
 def _cached_client(emulator_host: str | None) -> tasks_v2.CloudTasksClient:
@@ -60,8 +74,10 @@ def client() -> tasks_v2.CloudTasksClient:
 
 
 def reset_client() -> None:
-    """Forget the cached client, so the next call reads CLOUD_TASKS_EMULATOR_HOST again."""
+    """Forget the cached client, so the next call reads CLOUD_TASKS_EMULATOR_HOST again (and
+    whether the batch RPCs were refused: another endpoint may offer them)."""
     _cached_client.cache_clear()
+    _refused_batches.clear()
 
 
 class TaskSink(Protocol):
@@ -104,6 +120,12 @@ def task_path(queue: str, task: str) -> str:
 def _queue_path(project: str, location: str, queue: str) -> str:
     # Every defer() names its task by path; a process uses a handful of queues.
     return f"projects/{project}/locations/{location}/queues/{queue}"
+
+
+@functools.lru_cache(maxsize=256)
+def valid_queue(queue: str) -> bool:
+    """Whether ``queue`` is a valid queue name (cached: a process uses a handful of queues)."""
+    return QUEUE_NAME.match(queue) is not None
 
 
 def new_task_name(prefix: str = "d") -> str:
@@ -279,34 +301,41 @@ def create_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
         if _sink is not None:
             return _sink.create_task(parent, task)
         return _create_settled(parent, task)
-    except api_exceptions.AlreadyExists as exc:
-        if _is_tombstone(task.name):
-            raise TombstonedTaskError(
+    except api_exceptions.InvalidArgument:
+        raise
+    except api_exceptions.GoogleAPIError as exc:
+        raise _translated(spec, task.name, exc) from exc
+
+
+def _translated(spec: TaskSpec, name: str, exc: api_exceptions.GoogleAPIError) -> Exception:
+    """Cloud Tasks' error for one task as gae_deferred's (``InvalidArgument`` as it is)."""
+    if isinstance(exc, api_exceptions.InvalidArgument):
+        return exc
+    if isinstance(exc, api_exceptions.AlreadyExists):
+        if _is_tombstone(name):
+            return TombstonedTaskError(
                 f"task {spec.name!r} ran or was deleted recently in queue {spec.queue!r}: "
                 "Cloud Tasks keeps its name for about an hour (up to 9 days for queues "
                 "created from queue.yaml)"
-            ) from exc
-        raise TaskAlreadyExistsError(
+            )
+        return TaskAlreadyExistsError(
             f"task {spec.name!r} already exists in queue {spec.queue!r}, or existed recently "
             "(Cloud Tasks keeps a name for about an hour after the task ran or was deleted, "
             "and up to 9 days for queues created from queue.yaml)"
-        ) from exc
-    except api_exceptions.InvalidArgument:
-        raise
-    except api_exceptions.DeadlineExceeded as exc:
-        raise EnqueueOutcomeUnknown(
+        )
+    if isinstance(exc, api_exceptions.DeadlineExceeded):
+        return EnqueueOutcomeUnknown(
             f"Cloud Tasks did not answer within {settings().cloud_tasks_timeout_seconds}s: "
             f"task {spec.name or '(unnamed)'} may or may not exist",
             task_name=spec.name,
             queue=spec.queue,
-        ) from exc
-    except api_exceptions.GoogleAPIError as exc:
-        if _queue_missing(exc):
-            raise QueueNotFoundError(
-                f"queue {spec.queue!r} does not exist: add it to queue.yaml and run "
-                "`python -m gae_deferred.queues sync`"
-            ) from exc
-        raise EnqueueError(f"Cloud Tasks could not create the task: {exc}") from exc
+        )
+    if _queue_missing(exc):
+        return QueueNotFoundError(
+            f"queue {spec.queue!r} does not exist: add it to queue.yaml and run "
+            "`python -m gae_deferred.queues sync`"
+        )
+    return EnqueueError(f"Cloud Tasks could not create the task: {exc}")
 
 
 def _is_tombstone(name: str) -> bool:
@@ -321,6 +350,226 @@ def _is_tombstone(name: str) -> bool:
     except api_exceptions.GoogleAPIError:
         return False
     return False
+
+
+# -- many tasks at once -----------------------------------------------------------------
+
+#: BatchCreateTasks takes up to 100 tasks of one queue, BatchDeleteTasks up to 1,000.
+BATCH_CREATE_MAX = 100
+BATCH_DELETE_MAX = 1000
+#: The batch RPCs Cloud Tasks refused in this process (UNIMPLEMENTED or PERMISSION_DENIED):
+#: from the first refusal on, their tasks go one CreateTask (DeleteTask) call each.
+_refused_batches: set[str] = set()
+_refused_lock = threading.Lock()
+#: How often to ask whether a batch's long-running operation is done (it usually is at once).
+_POLLING = api_retry.Retry(
+    predicate=polling.POLLING_PREDICATE, initial=0.02, maximum=0.5, multiplier=2.0
+)
+
+Outcome = tuple[Any, Exception | None]
+
+
+def map_concurrently(
+    function: Callable[[T], R], items: Sequence[T], concurrency: int
+) -> list[tuple[R | None, Exception | None]]:
+    """``function`` over ``items``, at most ``concurrency`` at a time, in the calling thread
+    when that is 1: one (result, None) or (None, exception) per item, in order.
+
+    A Cloud Tasks call is a network round trip that mostly waits, so threads overlap the
+    waits; the gRPC client is thread-safe.
+    """
+
+    def attempt(item: T) -> tuple[R | None, Exception | None]:
+        try:
+            return function(item), None
+        except Exception as exc:
+            return None, exc
+
+    if concurrency <= 1 or len(items) <= 1:
+        return [attempt(item) for item in items]
+    workers = min(concurrency, len(items))
+    with futures.ThreadPoolExecutor(workers, thread_name_prefix="gae-deferred") as pool:
+        return list(pool.map(attempt, items))
+
+
+def _groups(queues: Sequence[str], most: int) -> list[list[int]]:
+    """Indexes of ``queues`` grouped by queue, in runs of at most ``most``, in order."""
+    by_queue: dict[str, list[int]] = {}
+    for index, queue in enumerate(queues):
+        by_queue.setdefault(queue, []).append(index)
+    return [
+        indexes[start : start + most]
+        for indexes in by_queue.values()
+        for start in range(0, len(indexes), most)
+    ]
+
+
+def _refuse(rpc: str, exc: Exception) -> None:
+    """Note (and log, once per process) that Cloud Tasks refused ``rpc``."""
+    with _refused_lock:
+        if rpc in _refused_batches:
+            return
+        _refused_batches.add(rpc)
+    code = getattr(exc, "grpc_status_code", None)
+    logger.warning(
+        "Cloud Tasks answered %s with %s (%s): this process sends one call per task instead "
+        "from now on (see docs/batch.md)",
+        rpc,
+        code.name if code is not None else type(exc).__name__,
+        exc,
+    )
+
+
+def create_tasks(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int = 1) -> list[Outcome]:
+    """Create many tasks: ``BatchCreateTasks`` calls of up to 100 tasks of one queue, at most
+    ``concurrency`` in flight. One ``(task, None)`` or ``(None, error)`` per item, in order,
+    the error as create_task raises it (a name in use is ``TaskAlreadyExistsError`` for that
+    task alone: the batch is not atomic).
+
+    Where Cloud Tasks answers ``BatchCreateTasks`` with UNIMPLEMENTED or PERMISSION_DENIED,
+    this process creates tasks one CreateTask call each from then on (``concurrency`` at a
+    time), as it does under ``gae_deferred.testing.capture_tasks()``.
+    """
+    if _sink is not None or "BatchCreateTasks" in _refused_batches:
+        return _create_each(items, concurrency)
+    groups = _groups([spec.queue for spec, _ in items], BATCH_CREATE_MAX)
+    answers = map_concurrently(
+        lambda group: _create_group([items[i] for i in group]), groups, concurrency
+    )
+    outcomes: list[Outcome] = [(None, None)] * len(items)
+    refused: list[int] = []
+    for group, (results, error) in zip(groups, answers, strict=True):
+        if results is None and error is None:
+            refused += group
+            continue
+        for position, index in enumerate(group):
+            outcomes[index] = results[position] if results is not None else (None, error)
+    if refused:
+        # Refused groups are sent again together, so the fallback has the whole concurrency.
+        again = _create_each([items[i] for i in refused], concurrency)
+        for index, outcome in zip(refused, again, strict=True):
+            outcomes[index] = outcome
+    return outcomes
+
+
+def _create_each(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int) -> list[Outcome]:
+    return map_concurrently(lambda item: create_task(*item), items, concurrency)
+
+
+def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome] | None:
+    """One BatchCreateTasks call (one CreateTask for a single task: no operation to poll);
+    None when Cloud Tasks refuses the RPC (nothing was created)."""
+    if "BatchCreateTasks" in _refused_batches:
+        return None
+    if len(items) == 1:
+        return _create_each(items, 1)
+    tasks = [build_task(spec, body) for spec, body in items]
+    parent = queue_path(items[0][0].queue)
+    requests = [tasks_v2.CreateTaskRequest(parent=parent, task=task) for task in tasks]
+    try:
+        operation = client().batch_create_tasks(
+            parent=parent, requests=requests, timeout=_timeout()
+        )
+    except (api_exceptions.MethodNotImplemented, api_exceptions.PermissionDenied) as exc:
+        _refuse("BatchCreateTasks", exc)
+        return None
+    except api_exceptions.GoogleAPIError as exc:
+        if _outcome.may_have_landed(exc) or _transient(exc):
+            return [_create_after_lost(spec, body) for spec, body in items]
+        pairs = zip(items, tasks, strict=True)
+        return [(None, _as_error(spec, task.name, exc)) for (spec, _), task in pairs]
+    failed = _failed_requests(operation)
+    if failed is None:
+        # The operation failed as a whole or did not finish in time: some tasks may exist.
+        return [_create_after_lost(spec, body) for spec, body in items]
+    outcomes: list[Outcome] = []
+    for index, ((spec, _), task) in enumerate(zip(items, tasks, strict=True)):
+        status = failed.get(index)
+        if status is None:
+            outcomes.append((task, None))
+        else:
+            refusal = api_exceptions.from_grpc_status(status.code, status.message)
+            outcomes.append((None, _as_error(spec, task.name, refusal)))
+    return outcomes
+
+
+def _failed_requests(operation: Any) -> dict[int, Any] | None:
+    """The per-task refusals of a finished batch operation, by request index; None when the
+    operation failed as a whole (no per-task answer) or its end could not be read in time."""
+    try:
+        operation.result(timeout=_timeout(), polling=_POLLING)
+    except (futures.TimeoutError, api_exceptions.RetryError):
+        return None
+    except api_exceptions.GoogleAPICallError:
+        pass  # the operation's own error (a batch whose every task failed), or a failed poll
+    state = operation.operation
+    if not state.done:
+        return None
+    metadata = operation.metadata
+    failed = dict(metadata.failed_requests) if metadata is not None else {}
+    if state.HasField("error") and not failed:
+        return None
+    return failed
+
+
+def _as_error(spec: TaskSpec, name: str, exc: api_exceptions.GoogleAPIError) -> Exception:
+    """create_task's error for one task of a batch, caused by Cloud Tasks' own."""
+    error = _translated(spec, name, exc)
+    if error is not exc:
+        error.__cause__ = exc
+    return error
+
+
+def _create_after_lost(spec: TaskSpec, body: bytes) -> Outcome:
+    """CreateTask for a task of a batch whose answer was lost: ALREADY_EXISTS means that batch
+    created it, as for a lost CreateTask (``_create_settled``)."""
+    try:
+        return create_task(spec, body), None
+    except TaskAlreadyExistsError:
+        logger.info("CreateTask of %s: the batch whose answer was lost created it", spec.name)
+        return build_task(spec, body), None
+    except Exception as exc:
+        return None, exc
+
+
+def delete_tasks(queue: str, names: Sequence[str], concurrency: int = 1) -> list[Exception | None]:
+    """Delete tasks of one queue by their own names: ``BatchDeleteTasks`` calls of up to 1,000
+    (one DeleteTask each where Cloud Tasks refuses the batch RPC). One error (Google's, as
+    delete_task raises it: NotFound for a task that is gone) or None per name, in order."""
+    runs = [names[at : at + BATCH_DELETE_MAX] for at in range(0, len(names), BATCH_DELETE_MAX)]
+    answers = map_concurrently(lambda run: _delete_run(queue, run), runs, concurrency)
+    errors: list[Exception | None] = []
+    for run, (results, error) in zip(runs, answers, strict=True):
+        errors += results if results is not None else [error] * len(run)
+    return errors
+
+
+def _delete_each(queue: str, names: Sequence[str]) -> list[Exception | None]:
+    return [error for _, error in map_concurrently(lambda n: delete_task(queue, n), names, 1)]
+
+
+def _delete_run(queue: str, names: Sequence[str]) -> list[Exception | None]:
+    if len(names) == 1 or "BatchDeleteTasks" in _refused_batches:
+        return _delete_each(queue, names)
+    try:
+        operation = client().batch_delete_tasks(
+            parent=queue_path(queue),
+            names=[task_path(queue, name) for name in names],
+            timeout=_timeout(),
+        )
+    except (api_exceptions.MethodNotImplemented, api_exceptions.PermissionDenied) as exc:
+        _refuse("BatchDeleteTasks", exc)
+        return _delete_each(queue, names)
+    failed = _failed_requests(operation)
+    if failed is None:
+        # Deleting again is harmless: a task the lost batch deleted answers NotFound.
+        return _delete_each(queue, names)
+    return [
+        None
+        if index not in failed
+        else api_exceptions.from_grpc_status(failed[index].code, failed[index].message)
+        for index in range(len(names))
+    ]
 
 
 # -- queues and tasks (the dashboard's calls; Google API errors are raised as they are) ----

@@ -10,6 +10,10 @@ defer(index_all, big_list)                       # > 100 KB: spilled, the task c
 def pay(order):
     order.put()
     defer(send_receipt, order.key.id(), _transactional=True)   # only if the transaction commits
+
+One send path: ``send(calls, concurrency)`` sends any number of calls prepared by
+``prepare_defer`` (the one parser of defer()'s options); defer() is ``send([call])`` and raises
+its one error, batch() is ``send(calls)`` at the end of its block (docs/architecture.md walks it).
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent import futures
-from typing import Any, TypeVar
+from typing import Any
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
@@ -31,7 +34,7 @@ from google.cloud import ndb, tasks_v2
 from . import _ndb_rpc, _outcome, cloud_tasks, envelope, spillover, task_backoff, tracing
 from ._config import settings
 from ._datastore import current_namespace, ndb_context
-from .cloud_tasks import TaskSpec, create_task, short_name, task_path
+from .cloud_tasks import Outcome, TaskSpec, create_task, short_name, task_path, valid_queue
 from .errors import (
     BadTransactionStateError,
     DatastoreRefusedError,
@@ -44,13 +47,10 @@ from .errors import (
     TaskAlreadyExistsError,
 )
 from .retry import TaskRetryOptions
+from .spillover import reference
 
 logger = logging.getLogger("gae_deferred")
-T = TypeVar("T")
-R = TypeVar("R")
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.]+")
 _CONTENT_TYPE = {"Content-Type": "application/octet-stream"}
 
@@ -150,7 +150,26 @@ class PreparedCall:
         fields["transactional"] = transactional
 
 
-def defer(
+def defer(obj: Callable, *args: Any, **kwargs: Any) -> DeferredTask:
+    """Run ``obj(*args, **kwargs)`` later in a task; returns a description of the task.
+
+    Options keep the legacy meaning (:func:`prepare_defer` reads them): ``_countdown`` seconds
+    or an ``_eta`` datetime, a task ``_name`` (a duplicate raises TaskAlreadyExistsError),
+    ``_queue``, ``_url``, extra ``_headers``, ``_target`` ("service" or "version.service") or
+    ``_service``/``_version``/``_instance`` routing, ``_retry_options`` (task_retry_limit and
+    task_age_limit are enforced per task by the handler; Cloud Tasks applies backoffs per
+    queue), and ``_transactional`` to enqueue only if the surrounding ndb transaction commits.
+    Any other defer is independent of a surrounding transaction: its spilled payload is written
+    outside it, and the task runs whether the transaction commits or not, as in the legacy
+    library.
+    """
+    outcome = send([prepare_defer(obj, *args, **kwargs)])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def prepare_defer(
     obj: Callable,
     *args: Any,
     _countdown: float | None = None,
@@ -166,19 +185,10 @@ def defer(
     _retry_options: Any = None,
     _transactional: bool = False,
     **kwargs: Any,
-) -> DeferredTask:
-    """Run ``obj(*args, **kwargs)`` later in a task; returns a description of the task.
-
-    Options keep the legacy meaning: ``_countdown`` seconds or an ``_eta`` datetime, a task
-    ``_name`` (a duplicate raises TaskAlreadyExistsError), ``_queue``, ``_url``, extra
-    ``_headers``, ``_target`` ("service" or "version.service") or ``_service``/``_version``/
-    ``_instance`` routing, ``_retry_options`` (task_retry_limit and task_age_limit are enforced
-    per task by the handler; Cloud Tasks applies backoffs per queue), and ``_transactional`` to
-    enqueue only if the surrounding ndb transaction commits. Any other defer is independent of a
-    surrounding transaction: its spilled payload is written outside it, and the task runs whether
-    the transaction commits or not, as in the legacy library.
-    """
-    call = prepare_call(
+) -> PreparedCall:
+    """defer()'s arguments, legacy options and all, as a PreparedCall (defer() and
+    ``batch().defer()`` both take exactly this); nothing is sent yet."""
+    return prepare_call(
         obj,
         args,
         kwargs,
@@ -192,11 +202,40 @@ def defer(
         retry_options=_retry_options,
         transactional=_transactional,
     )
+
+
+def check_sendable(call: PreparedCall) -> None:
+    """What send() would refuse before any RPC, checked now (``batch().defer()`` raises at
+    once): a payload over ``max_payload_bytes``, a transactional call outside a transaction."""
+    if call.transactional or not fits_inline(call):
+        spillover.check_size(call.data, call.header)
     if call.transactional:
-        return defer_transactional([call])[0]
-    if fits_inline(call):
-        return send_inline(call)
-    return _defer_spilled(call)
+        _require_transaction()
+
+
+def send(calls: Sequence[PreparedCall], concurrency: int = 1) -> list[DeferredTask | Exception]:
+    """Send prepared calls: one DeferredTask, or the error that stopped it, per call (an error
+    that is no DeferError and comes before any task, e.g. a bug, is raised).
+
+    Transactional calls are written in the caller's transaction and their tasks created once it
+    commits. Of the others, every payload that spills is written first (shared commits, outside
+    any transaction), then every task is created: ``cloud_tasks.create_tasks`` (batches per
+    queue, ``concurrency`` in flight), or CreateTask for a single call. A call Cloud Tasks finds
+    too large after all is spilled and sent again.
+    """
+    outcomes: list[Any] = [None] * len(calls)
+    transactional = [i for i, call in enumerate(calls) if call.transactional]
+    if transactional:
+        _send_transactional(calls, transactional, outcomes, concurrency)
+    inline: list[int] = []
+    spilled: list[int] = []
+    for index, call in enumerate(calls):
+        if not call.transactional:
+            (inline if fits_inline(call) else spilled).append(index)
+    too_large = _send_now(calls, inline, spilled, outcomes, concurrency)
+    if too_large:
+        _send_now(calls, [], too_large, outcomes, concurrency)
+    return outcomes
 
 
 def fits_inline(call: PreparedCall) -> bool:
@@ -204,16 +243,56 @@ def fits_inline(call: PreparedCall) -> bool:
     return call.spec.size(call.data) <= settings().spill_threshold
 
 
-def send_inline(call: PreparedCall) -> DeferredTask:
-    """CreateTask with the envelope in the task; spilled instead if Cloud Tasks finds it too
-    large after all."""
-    try:
-        return _create_inline(call)
-    except api_exceptions.InvalidArgument as exc:
-        if "too large" not in str(exc).lower():
-            raise EnqueueError(f"Cloud Tasks refused the task: {exc.message}") from exc
-        logger.info("Cloud Tasks says %s is too large; spilling it", call.header["function"])
-    return _defer_spilled(call)
+#: A task to create: (index of its call, its spec, its body, its spilled record or None).
+_Work = tuple[int, TaskSpec, bytes, "spillover.DeferredPayload | None"]
+
+
+def _send_now(
+    calls: Sequence[PreparedCall],
+    inline: list[int],
+    spilled: list[int],
+    outcomes: list[Any],
+    concurrency: int,
+) -> list[int]:
+    """Write the spilled payloads, then create every task; returns the inline calls Cloud Tasks
+    found too large (to spill)."""
+    work: list[_Work] = [(i, calls[i].spec, envelope.as_bytes(calls[i].data), None) for i in inline]
+    if spilled:
+        work += _write_spilled(calls, spilled, outcomes)
+    created = _create([(spec, body) for _, spec, body, _ in work], concurrency)
+    too_large: list[int] = []
+    for (index, spec, body, record), (task, error) in zip(work, created, strict=True):
+        if record is not None:
+            outcomes[index] = _spilled_outcome(record, spec, body, error)
+        elif error is None:
+            outcomes[index] = _described_inline(calls[index], task, body)
+        elif _too_large(error):
+            function = calls[index].header["function"]
+            logger.info("Cloud Tasks says %s is too large; spilling it", function)
+            too_large.append(index)
+        else:
+            outcomes[index] = _refused(error)
+    return too_large
+
+
+def _create(items: list[tuple[TaskSpec, bytes]], concurrency: int) -> list[Outcome]:
+    if len(items) == 1:
+        # defer(): one CreateTask, with nothing to group or overlap.
+        return cloud_tasks.map_concurrently(lambda item: create_task(*item), items, 1)
+    return cloud_tasks.create_tasks(items, concurrency)
+
+
+def _too_large(error: Exception) -> bool:
+    return isinstance(error, api_exceptions.InvalidArgument) and "too large" in str(error).lower()
+
+
+def _refused(error: Exception) -> Exception:
+    """An inline call's error as defer() raises it (Cloud Tasks' refusal as an EnqueueError)."""
+    if not isinstance(error, api_exceptions.InvalidArgument):
+        return error
+    refusal = EnqueueError(f"Cloud Tasks refused the task: {error.message}")
+    refusal.__cause__ = error
+    return refusal
 
 
 def prepare_call(
@@ -319,9 +398,9 @@ def _task_spec(
 ) -> TaskSpec:
     current = settings()
     queue = queue or current.default_queue
-    if not isinstance(queue, str) or not _valid_queue(queue):
+    if not isinstance(queue, str) or not valid_queue(queue):
         raise DeferError(f"_queue {queue!r} is not a valid queue name (letters, digits, hyphens)")
-    if name is not None and (not isinstance(name, str) or not TASK_NAME.match(name)):
+    if name is not None and (not isinstance(name, str) or not cloud_tasks.TASK_NAME.match(name)):
         raise InvalidTaskNameError(
             f"_name {name!r} is not a valid task name (1-500 letters, digits, '_' or '-')"
         )
@@ -361,12 +440,6 @@ def _task_spec(
     if extra_headers:
         task_headers.update(extra_headers)
     return TaskSpec(queue, url, task_headers, when, name or cloud_tasks.new_task_name(), routing)
-
-
-@functools.lru_cache(maxsize=256)
-def _valid_queue(queue: str) -> bool:
-    # A process defers into a handful of queues, over and over.
-    return QUEUE_NAME.match(queue) is not None
 
 
 def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -424,9 +497,7 @@ def _task_url(base: str, function: str) -> str:
     return f"{base}/{_URL_UNSAFE.sub('_', function)}"
 
 
-def _create_inline(call: PreparedCall) -> DeferredTask:
-    data = envelope.as_bytes(call.data)
-    created = create_task(call.spec, data)
+def _described_inline(call: PreparedCall, created: Any, data: bytes) -> DeferredTask:
     return DeferredTask(
         name=short_name(created.name),
         path=created.name,
@@ -444,7 +515,9 @@ def _create_inline(call: PreparedCall) -> DeferredTask:
     )
 
 
-def spill_entities(call: PreparedCall) -> tuple[spillover.DeferredPayload, spillover.PayloadChunks]:
+def _spill_entities(
+    call: PreparedCall,
+) -> tuple[spillover.DeferredPayload, spillover.PayloadChunks]:
     """The record and chunks for a call's payload, not written yet (inside an ndb context:
     keys take the client's project)."""
     return spillover.build_record(
@@ -459,20 +532,9 @@ def spill_entities(call: PreparedCall) -> tuple[spillover.DeferredPayload, spill
     )
 
 
-def reference(record: spillover.DeferredPayload, **changes: Any) -> bytes:
-    """The task body of a spilled record: its header and where the payload is, bound to the
-    record's task (``changes`` override, e.g. a retrigger's ``failure_id``)."""
-    return envelope.build_reference(
-        record.meta or {},
-        {"id": record.key.id(), "chunks": record.chunks, "stored_bytes": record.stored_bytes},
-        task=record.task_name,
-        queue=record.queue,
-        **changes,
-    )
-
-
-def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: bytes) -> DeferredTask:
-    """The DeferredTask of a spilled call."""
+def _described_spilled(
+    record: spillover.DeferredPayload, spec: TaskSpec, task_body: bytes
+) -> DeferredTask:
     return DeferredTask(
         name=spec.name or "",
         path=task_path(spec.queue, spec.name or ""),
@@ -494,7 +556,44 @@ def described(record: spillover.DeferredPayload, spec: TaskSpec, task_body: byte
     )
 
 
-def write_outside_transaction(entities: spillover.Payloads) -> None:
+def _write_spilled(
+    calls: Sequence[PreparedCall], indexes: list[int], outcomes: list[Any]
+) -> list[_Work]:
+    """Write the calls' payloads in shared commits, outside any transaction; returns the tasks
+    to create for them (none if the write failed: then each call has its error)."""
+    built = []
+    with ndb_context():
+        for index in indexes:
+            try:
+                built.append((index, _spill_entities(calls[index])))
+            except DeferError as exc:
+                outcomes[index] = exc
+        entities = [entity for _, entity in built]
+        try:
+            _write_outside_transaction(entities)
+        except DeferError as exc:
+            for index, _ in built:
+                outcomes[index] = exc
+            return []
+    return [(index, calls[index].spec, reference(record), record) for index, (record, _) in built]
+
+
+def _spilled_outcome(
+    record: spillover.DeferredPayload, spec: TaskSpec, body: bytes, error: Exception | None
+) -> DeferredTask | Exception:
+    """A spilled call once CreateTask answered: its task, or its error once the payload is
+    deleted (or EnqueueOutcomeUnknown: the sweeper will create the task)."""
+    if error is None:
+        return _described_spilled(record, spec, body)
+    try:
+        with ndb_context():
+            _raise_unless_forgotten(record, error)
+    except EnqueueOutcomeUnknown as unknown:
+        return unknown
+    return error
+
+
+def _write_outside_transaction(entities: spillover.Payloads) -> None:
     """Write spilled records and chunks in commits of their own, never in the caller's
     transaction: a defer that is not transactional must not depend on that transaction.
 
@@ -554,27 +653,7 @@ class _Chained(Exception):
         self.first = first
 
 
-def _defer_spilled(call: PreparedCall) -> DeferredTask:
-    with ndb_context():
-        record, chunks = spill_entities(call)
-        body = reference(record)
-        write_outside_transaction([(record, chunks)])
-        return send_spilled(record, call.spec, body)
-
-
-def send_spilled(record: spillover.DeferredPayload, spec: TaskSpec, body: bytes) -> DeferredTask:
-    """CreateTask for a payload already written; if that fails, the payload is deleted (or
-    EnqueueOutcomeUnknown says the sweeper will create the task)."""
-    try:
-        create_task(spec, body)
-    except Exception as exc:
-        with ndb_context():
-            raise_unless_forgotten(record, exc)
-        raise
-    return described(record, spec, body)
-
-
-def raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) -> None:
+def _raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) -> None:
     """After CreateTask failed for a spilled payload: delete the payload, or, if the task may
     exist or the payload cannot be deleted, raise EnqueueOutcomeUnknown (the sweeper creates the
     task from the record if it is missing, so the caller must not defer again)."""
@@ -596,13 +675,30 @@ def raise_unless_forgotten(record: spillover.DeferredPayload, cause: Exception) 
         ) from cause
 
 
-def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list[DeferredTask]:
-    """Write the payloads in the caller's transaction; create the tasks once it commits
-    (``concurrency`` CreateTask calls at a time)."""
+def _require_transaction() -> ndb.Context:
     context = ndb.get_context(raise_context_error=False)
     if context is None or not context.in_transaction():
         raise BadTransactionStateError("_transactional=True needs an active ndb transaction")
-    spilled = [spill_entities(call) for call in calls]
+    return context
+
+
+def _send_transactional(
+    calls: Sequence[PreparedCall], indexes: list[int], outcomes: list[Any], concurrency: int
+) -> None:
+    try:
+        tasks = _defer_transactional([calls[i] for i in indexes], concurrency)
+    except DeferError as exc:
+        for index in indexes:
+            outcomes[index] = exc
+        return
+    for index, task in zip(indexes, tasks, strict=True):
+        outcomes[index] = task
+
+
+def _defer_transactional(calls: list[PreparedCall], concurrency: int) -> list[DeferredTask]:
+    """Write the payloads in the caller's transaction; create the tasks once it commits."""
+    context = _require_transaction()
+    spilled = [_spill_entities(call) for call in calls]
     bodies = [reference(record) for record, _ in spilled]
     spillover.write_in_transaction(spilled)
     first = spilled[0][0]
@@ -623,14 +719,14 @@ def defer_transactional(calls: list[PreparedCall], concurrency: int = 1) -> list
         for (record, _), call, body in zip(spilled, calls, bodies, strict=True)
     ]
     context.call_on_commit(lambda: _enqueue_after_commit(work, concurrency))
-    return [described(record, spec, body) for record, spec, body in work]
+    return [_described_spilled(record, spec, body) for record, spec, body in work]
 
 
 def _enqueue_after_commit(
     work: list[tuple[spillover.DeferredPayload, TaskSpec, bytes]], concurrency: int
 ) -> None:
     """After the commit the payloads are safe; a failed enqueue is repaired by the sweeper."""
-    outcomes = map_concurrently(lambda item: create_task(item[1], item[2]), work, concurrency)
+    outcomes = _create([(spec, body) for _, spec, body in work], concurrency)
     for (record, _, _), (_, error) in zip(work, outcomes, strict=True):
         if error is not None and not isinstance(error, TaskAlreadyExistsError):
             logger.error(
@@ -638,29 +734,6 @@ def _enqueue_after_commit(
                 record.key.id(),
                 exc_info=error,
             )
-
-
-def map_concurrently(
-    function: Callable[[T], R], items: Sequence[T], concurrency: int
-) -> list[tuple[R | None, Exception | None]]:
-    """``function`` over ``items``, at most ``concurrency`` at a time, in the calling thread
-    when that is 1: one (result, None) or (None, exception) per item, in order.
-
-    CreateTask is a network round trip that mostly waits, so threads overlap the waits; the
-    gRPC client is thread-safe.
-    """
-
-    def attempt(item: T) -> tuple[R | None, Exception | None]:
-        try:
-            return function(item), None
-        except Exception as exc:
-            return None, exc
-
-    if concurrency <= 1 or len(items) <= 1:
-        return [attempt(item) for item in items]
-    workers = min(concurrency, len(items))
-    with futures.ThreadPoolExecutor(workers, thread_name_prefix="gae-deferred") as pool:
-        return list(pool.map(attempt, items))
 
 
 def enqueue_record(

@@ -414,7 +414,7 @@ def _retry_later(attempt: _Attempt) -> bool:
             # The payload moves to the next task; the record is written with the failure.
             record.task_name = name
             spec = enqueue.record_spec(record, eta=when)
-            body = enqueue.reference(
+            body = spillover.reference(
                 record,
                 failure_id=attempt.failure_id,
                 **{task_backoff.RETRIED: task.retry_count + 1},

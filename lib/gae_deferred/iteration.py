@@ -79,8 +79,9 @@ from . import envelope
 from ._config import settings
 from ._datastore import ndb_context
 from ._model import MAX_INDEXED_CHARS, DeferredModel
+from .cloud_tasks import QUEUE_NAME
 from .context import current_task
-from .enqueue import QUEUE_NAME, defer
+from .enqueue import defer
 from .errors import DeferError, PermanentTaskFailure, QueueNotFoundError
 from .execution import _queue_retry_limits, is_last_attempt
 from .idempotency import DeferredDone

@@ -135,6 +135,19 @@ def done_key(payload_id: str) -> ndb.Key:
     return root_key(DeferredPayloadDone, payload_id)
 
 
+def reference(record: DeferredPayload, **changes: Any) -> bytes:
+    """The task body of a spilled record: its header and where the payload is, bound to the
+    record's task (``changes`` override, e.g. a retrigger's ``failure_id``); ``parse_ref``
+    reads it back."""
+    return envelope.build_reference(
+        record.meta or {},
+        {"id": record.key.id(), "chunks": record.chunks, "stored_bytes": record.stored_bytes},
+        task=record.task_name,
+        queue=record.queue,
+        **changes,
+    )
+
+
 def parse_ref(header: dict[str, Any]) -> tuple[str, int]:
     """``(payload id, chunk count)`` from a reference envelope's header.
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from .. import enqueue, failures, spillover
+from .. import cloud_tasks, failures, spillover
 from .._config import settings
 from .._model import is_key_name
 from .._signing import derive_key
@@ -67,8 +67,8 @@ FAILURE_SORTS: dict[str, Any] = {
 #: "active" is every state a failure can still be retried from.
 FAILURE_VIEWS = ("active", *FailureState)
 
-_QUEUE = enqueue.QUEUE_NAME
-_TASK = enqueue.TASK_NAME
+_QUEUE = cloud_tasks.QUEUE_NAME
+_TASK = cloud_tasks.TASK_NAME
 _VERSION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PAGE_TOKEN = re.compile(r"^[A-Za-z0-9_=+/.-]{1,2000}$")
 #: Ids that travel in a URL path segment as they are: no leading dot, so never "." or "..".

@@ -104,21 +104,48 @@ def retrigger_spillover(payload_id: str, actor: str, *, version: str | None = No
 
 def delete_spillover(payload_id: str, actor: str) -> None:
     """Delete the record, its chunks (by key, unread) and its queued task if there is one."""
-    record = get_spillover(payload_id)
-    spillover.delete(record.key.id(), record.chunks or 0)
-    if record.task_name and record.queue:
-        # Without the payload the task could only fail as "spilled payload missing".
-        try:
-            cloud_tasks.delete_task(record.queue, record.task_name)
-        except (api_exceptions.NotFound, api_exceptions.InvalidArgument):
-            pass
-        except api_exceptions.GoogleAPIError:
-            audit.record(actor, "delete", f"spillover/{payload_id}", "queued task not deleted")
-            return
-    audit.record(actor, "delete", f"spillover/{payload_id}", record.function or "")
+    deletes = _Deletes(actor)
+    deletes(payload_id)
+    deletes.finish()
+
+
+class _Deletes:
+    """Spilled records deleted one by one (record and chunks), then their queued tasks together:
+    BatchDeleteTasks calls per queue (``cloud_tasks.delete_tasks``), one for up to 1,000."""
+
+    def __init__(self, actor: str) -> None:
+        self.actor = actor
+        self._queued: list[spillover.DeferredPayload] = []
+
+    def __call__(self, payload_id: str) -> None:
+        record = get_spillover(payload_id)
+        spillover.delete(record.key.id(), record.chunks or 0)
+        if record.task_name and record.queue:
+            # Without the payload the task could only fail as "spilled payload missing".
+            self._queued.append(record)
+        else:
+            audit.record(self.actor, "delete", f"spillover/{payload_id}", record.function or "")
+
+    def finish(self) -> None:
+        by_queue: dict[str, list[spillover.DeferredPayload]] = {}
+        for record in self._queued:
+            by_queue.setdefault(record.queue, []).append(record)
+        for queue, records in by_queue.items():
+            errors = cloud_tasks.delete_tasks(queue, [record.task_name for record in records])
+            for record, error in zip(records, errors, strict=True):
+                # Gone already (it ran, or was deleted) is what was wanted.
+                kept = error is not None and not isinstance(error, _TASK_GONE)
+                note = "queued task not deleted" if kept else record.function or ""
+                audit.record(self.actor, "delete", f"spillover/{record.key.id()}", note)
+        self._queued = []
+
+
+_TASK_GONE = (api_exceptions.NotFound, api_exceptions.InvalidArgument)
 
 
 def _spillover_action(action: str, actor: str, version: str | None) -> Callable[[str], object]:
+    if action == "delete":
+        return _Deletes(actor)
     actions = {"retrigger": retrigger_spillover, "delete": delete_spillover}
     return choose_action(action, actions, actor, version)
 
@@ -126,8 +153,13 @@ def _spillover_action(action: str, actor: str, version: str | None) -> Callable[
 def bulk_spillover(
     action: str, ids: Iterable[str], actor: str, *, version: str | None = None
 ) -> BulkResult:
-    """Retrigger or delete several records; each id succeeds or fails on its own."""
-    return _bulk(ids, _spillover_action(action, actor, version))
+    """Retrigger or delete several records; each id succeeds or fails on its own (a delete's
+    queued tasks go in BatchDeleteTasks calls once the records are gone)."""
+    one = _spillover_action(action, actor, version)
+    result = _bulk(ids, one)
+    if isinstance(one, _Deletes):
+        one.finish()
+    return result
 
 
 def bulk_spillover_matching(
@@ -141,4 +173,8 @@ def bulk_spillover_matching(
     """Retrigger or delete every record ``wanted`` matches, up to MAX_MATCHING (audited once
     more as a whole, with the filter); with ``expected``, only if exactly that many match."""
     one = _spillover_action(action, actor, version)
-    return _bulk_matching(action, wanted, actor, "spillover", one, expected)
+    try:
+        return _bulk_matching(action, wanted, actor, "spillover", one, expected)
+    finally:
+        if isinstance(one, _Deletes):
+            one.finish()
