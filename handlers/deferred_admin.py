@@ -40,11 +40,33 @@ _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")
 _TRAIL = 30
 #: A flash message is a cookie: keep it well under the 4 KB browsers allow.
 _FLASH_CHARS = 1500
+#: Browsers keep a cookie of at most 4,096 bytes (name and value), and gunicorn refuses a
+#: Cookie header over 8,190: a flash naming long ids gives up links, then text, to fit.
+_FLASH_COOKIE_BYTES = 3800
 
 
 #: What a Location header may carry as it is: printable ASCII but space, quotes and brackets
 #: (``%`` included: escapes already in the value stay as they are).
 _LOCATION_SAFE = "!#$%&'()*+,/:;=?@~-._"
+
+
+def _sealed_flash(text: str, links: list[tuple[str, str]]) -> str:
+    """The flash cookie's value, at most _FLASH_COOKIE_BYTES: links dropped from the last,
+    then the text halved (marked with an ellipsis) until it fits."""
+
+    def sealed(text: str, links: list[tuple[str, str]]) -> str:
+        return admin.seal_message(json.dumps({"text": text, "links": links}, ensure_ascii=False))
+
+    links = list(links)
+    value = sealed(text, links)
+    while len(value) > _FLASH_COOKIE_BYTES and links:
+        links.pop()
+        value = sealed(text, links)
+    keep = len(text)
+    while len(value) > _FLASH_COOKIE_BYTES:
+        keep //= 2
+        value = sealed(text[:keep] + "…", links)
+    return value
 
 
 def _safe_back(value: str, default: str) -> str:
@@ -360,9 +382,7 @@ class _Base(webapp2.RequestHandler):
             message += f" Errors: {listed}" + (" ..." if len(errors) > 5 else "")
         self.response.set_cookie(
             FLASH_COOKIE,
-            admin.seal_message(
-                json.dumps({"text": message[:_FLASH_CHARS], "links": (links or [])[:3]})
-            ),
+            _sealed_flash(message[:_FLASH_CHARS], (links or [])[:3]),
             path=PREFIX,
             httponly=True,
             samesite="strict",
