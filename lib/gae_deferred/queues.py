@@ -27,9 +27,8 @@ from google.auth import exceptions as auth_exceptions
 from google.cloud import tasks_v2
 from google.protobuf import field_mask_pb2
 
-from gae_deferred import cloud_tasks, queue_config
+from gae_deferred import cloud_tasks, defaults, queue_config
 
-DEFAULT_LOCATION = "us-central1"
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 
@@ -54,10 +53,13 @@ def _parser() -> argparse.ArgumentParser:
             continue
         command.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
         command.add_argument(
-            "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or DEFAULT_LOCATION
+            "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or defaults.LOCATION
         )
         command.add_argument(
-            "--timeout", type=_seconds, default=30.0, help="seconds per Cloud Tasks call"
+            "--timeout",
+            type=_seconds,
+            default=defaults.CLOUD_TASKS_TIMEOUT_SECONDS,
+            help="seconds per Cloud Tasks call",
         )
         if name == "sync":
             command.add_argument("--dry-run", action="store_true", help="print, change nothing")
