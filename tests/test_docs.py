@@ -7,7 +7,7 @@ import dataclasses
 import importlib
 import re
 
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 #: How the task flow abbreviates modules.
 MODULES = {
