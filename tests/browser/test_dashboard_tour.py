@@ -54,7 +54,7 @@ def _seed(live, tmp_path) -> dict[str, str]:
     return {
         "overview": "",
         "metrics": "/metrics?window=1h",
-        "metrics-function": "/metrics?function=browser_tasks.fails_with",
+        "metrics-function": "/metrics?function=tests.browser.browser_tasks.fails_with",
         "spillover": "/spillover",
         "spillover-detail": f"/spillover/{spilled.payload_id}",
         "failures": "/failures",
