@@ -30,7 +30,7 @@ import webapp2
 from gae_deferred.tracing import configure_logging
 
 from ._middleware import deferred_middleware
-from .deferred_admin import admin_routes
+from .admin import admin_routes
 from .deferred_task import DeferredTaskHandler, task_routes
 from .legacy import TaskHandler
 

@@ -16,12 +16,11 @@ import secrets
 
 import webob
 
-from gae_deferred import admin
+from gae_deferred import admin, defaults
 
 COOKIE = "deferred_admin_csrf"
 HEADER = "X-CSRF-Token"
 FIELD = "csrf_token"
-COOKIE_PATH = "/_ah/deferred-admin"
 _SECRET = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -37,7 +36,7 @@ def set_cookie(response: webob.Response, request: webob.Request, secret: str) ->
     response.set_cookie(
         COOKIE,
         secret,
-        path=COOKIE_PATH,
+        path=defaults.ADMIN_PREFIX,
         httponly=True,
         samesite="strict",
         secure=request.scheme == "https",

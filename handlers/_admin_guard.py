@@ -19,10 +19,12 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
-PREFIX = "/_ah/deferred-admin"
+from gae_deferred import defaults
+
+PREFIX = defaults.ADMIN_PREFIX
 ALLOWED_METHODS = ("GET", "POST")
 #: The task handler's path (bare, or with a function name after it).
-TASK_PATH = "/_ah/queue/deferred"
+TASK_PATH = defaults.TASK_URL
 #: gunicorn's default limit_request_line: the longest request line (method, target, version)
 #: answered by the app; the middleware answers longer ones with 414 itself, because
 #: gunicorn_conf lifts gunicorn's own limit (whose 414 page has no security headers).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import webapp2
 
-from gae_deferred import TaskInfo, execute_task, refusals, tracing
+from gae_deferred import TaskInfo, defaults, execute_task, refusals, tracing
 
 from ._admin_guard import TASK_SECURITY_HEADERS
 
@@ -112,6 +112,6 @@ def task_routes() -> list[webapp2.Route]:
     """The task URL, bare and with a function name appended (any method: the handler answers
     405 itself, with its headers, instead of webapp2's bare error page)."""
     return [
-        webapp2.Route("/_ah/queue/deferred", DeferredTaskHandler),
-        webapp2.Route(r"/_ah/queue/deferred/<function:[^/]+>", DeferredTaskHandler),
+        webapp2.Route(defaults.TASK_URL, DeferredTaskHandler),
+        webapp2.Route(defaults.TASK_URL + "/<function:[^/]+>", DeferredTaskHandler),
     ]

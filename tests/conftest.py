@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 from collections.abc import Iterator
 
@@ -11,8 +10,8 @@ import pytest
 
 from tests import google_legs, stack_support
 from tests.browser import chromium as chromium_finder
+from tests.fixtures import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_SIGNING_KEY = "5e" * 32
 
 # Set before gae_deferred reads the environment; tests that need other values use configure().

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.browser import chromium
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 def _fake_browser(directory: pathlib.Path, name: str, works: bool = True) -> pathlib.Path:

@@ -10,7 +10,7 @@ import pytest
 
 import gae_deferred
 from gae_deferred import ConfigurationError
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 def test_an_emulator_alone_does_not_turn_local_mode_on(monkeypatch):

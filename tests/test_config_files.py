@@ -12,7 +12,7 @@ from gae_deferred.local.dev import missing_package_indexes, package_indexes
 from gae_deferred.queue_config import load_queue_yaml
 from gae_deferred.webapp2 import deferred_routes
 from tests import pythons
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 def test_app_yaml_targets_a_python_ci_tests_and_our_entrypoint():

@@ -23,7 +23,7 @@ import webtest
 from gae_deferred import FailureState, envelope, failures
 from gae_deferred.webapp2 import deferred_routes
 from tests import cross_python, pythons
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 MINE = f"{sys.version_info.major}.{sys.version_info.minor}"
 PARTNERS = [

@@ -31,12 +31,7 @@ from gae_deferred import (
 from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
 from tests.callables import add
-
-RESULTS: list = []
-
-
-def collect(*args):
-    RESULTS.append(args)
+from tests.fixtures import RESULTS, collect
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +195,7 @@ def test_spilled_task_keeps_name_schedule_queue_headers_and_routing(paused):
     record = spillover.get(result.payload_id)
     assert (record.queue, record.task_name, record.state) == ("reports", "big-one", "pending")
     assert record.eta == eta
-    assert record.function.endswith("test_defer.collect")
+    assert record.function.endswith("fixtures.collect")
     assert record.meta["function"] == record.function
     assert record.task["headers"]["X-Trace"] == "t1"
 

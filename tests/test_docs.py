@@ -9,7 +9,7 @@ import inspect
 import re
 
 import gae_deferred
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 #: How the task flow abbreviates modules.
 MODULES = {

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tests import google_legs
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 NO_JAVA = "Java not found (no `java` on PATH, $JAVA unset)"
 

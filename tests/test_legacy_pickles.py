@@ -20,12 +20,8 @@ import gae_deferred
 from gae_deferred import ConfigurationError, FailureState, failures, legacy_pickles, refusals
 from gae_deferred.webapp2 import deferred_routes
 from tests import legacy_targets
-from tests.conftest import ROOT
+from tests.fixtures import BODIES, TASK
 
-BODIES = {
-    name: value if name == "python" else bytes.fromhex(value)
-    for name, value in json.loads((ROOT / "tests/legacy_py2/bodies.json").read_text()).items()
-}
 KEY = "ag5zfnRlc3QtcHJvamVjdHIaCxITX0RlZmVycmVkVGFza0VudGl0eRiSIQw"
 APP_ENGINE = {"X-AppEngine-QueueName": "default"}
 
@@ -178,8 +174,6 @@ def test_the_drain_date_comes_from_the_environment(monkeypatch):
 
 
 def test_every_refused_delivery_is_counted_per_reason_and_written(app):
-    from tests.test_task_handler import TASK
-
     good = gae_deferred.serialize(legacy_targets.record, 1)
     app.post("/_ah/queue/deferred", good, status=403)  # no task headers
     app.post("/_ah/queue/deferred", b"plain bytes", headers=TASK, status=403)

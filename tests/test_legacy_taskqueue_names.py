@@ -20,7 +20,7 @@ import gae_deferred as deferred
 from gae_deferred import cloud_tasks
 from gae_deferred.testing import capture_tasks
 from tests.callables import add
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 LEGACY_BASES = {
     "UnknownQueueError": "DeferError",

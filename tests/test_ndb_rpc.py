@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib
-import inspect
+import pathlib
+import subprocess
+import sys
 import threading
+import tomllib
 from importlib import metadata
 
 import pytest
 from google.cloud import ndb
+from packaging.specifiers import SpecifierSet
 
 from gae_deferred import _ndb_rpc, failures, spillover
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _upgrade_message(what: str) -> str:
@@ -24,34 +29,61 @@ def _upgrade_message(what: str) -> str:
     )
 
 
-def test_installed_ndb_is_the_version_the_adapter_was_written_for():
-    installed = metadata.version("google-cloud-ndb")
-    assert installed == _ndb_rpc.PINNED_NDB_VERSION, _upgrade_message(
-        "google-cloud-ndb was upgraded; every internal in _ndb_rpc.INTERNALS needs checking"
+def test_the_pins_and_the_supported_range_agree():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert (
+        f"google-cloud-ndb{_ndb_rpc.SUPPORTED_NDB_VERSIONS}" in pyproject["project"]["dependencies"]
+    )
+    pinned = f"google-cloud-ndb=={_ndb_rpc.PINNED_NDB_VERSION}"
+    assert pinned in (ROOT / "requirements.txt").read_text().splitlines()
+    supported = SpecifierSet(_ndb_rpc.SUPPORTED_NDB_VERSIONS)
+    assert _ndb_rpc.PINNED_NDB_VERSION in supported
+    assert metadata.version("google-cloud-ndb") in supported
+
+
+def _import_with(change: str) -> subprocess.CompletedProcess[str]:
+    """Import gae_deferred._ndb_rpc again (importlib.reload) after ``change`` to ndb's
+    modules, in a process of its own: the reload must not replace this process's classes."""
+    script = (
+        "import importlib\n"
+        "from google.cloud.ndb import _datastore_api, _retry\n"
+        "from gae_deferred import _ndb_rpc\n"
+        f"{change}\n"
+        "try:\n"
+        "    importlib.reload(_ndb_rpc)\n"
+        "except _ndb_rpc.NdbInternalsChanged as exc:\n"
+        "    print(type(exc).__mro__[1].__name__, exc)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
 
 
-@pytest.mark.parametrize(("module", "name"), _ndb_rpc.INTERNALS)
-def test_every_ndb_internal_used_exists(module, name):
-    owner = module.rsplit(".", 1)
-    if owner[1][:1].isupper():  # a class: model.Model
-        found = getattr(importlib.import_module(owner[0]), owner[1])
-    else:
-        found = importlib.import_module(module)
-    assert hasattr(found, name), _upgrade_message(f"{module}.{name} is gone")
+def test_an_ndb_without_an_internal_fails_the_import_with_what_to_pin():
+    result = _import_with("del _datastore_api._get_commit_batch")
+    message = result.stdout
+    assert message.startswith("ImportError google-cloud-ndb internals changed: ")
+    assert "google.cloud.ndb._datastore_api._get_commit_batch is missing" in message
+    assert f"installed: {metadata.version('google-cloud-ndb')}" in message
+    assert f"tested with google-cloud-ndb{_ndb_rpc.SUPPORTED_NDB_VERSIONS}" in message
+    assert f"pin google-cloud-ndb=={_ndb_rpc.PINNED_NDB_VERSION}" in message
 
 
-def test_ndb_internal_signatures_and_batch_shape_are_unchanged():
+def test_an_internal_that_takes_other_parameters_fails_the_import():
+    result = _import_with("_retry.is_transient_error = lambda exc: False")
+    assert (
+        "google.cloud.ndb._retry.is_transient_error takes (exc), expected (error, ...)"
+        in result.stdout
+    )
+
+
+def test_the_installed_ndb_passes_the_import_check():
+    assert _import_with("").stdout == ""
+
+
+def test_ndb_commit_batch_shape_is_unchanged():
     from google.cloud.ndb import _datastore_api
 
-    params = list(inspect.signature(_datastore_api.make_call).parameters)
-    assert params[:2] == ["rpc_name", "request"], _upgrade_message(
-        f"_datastore_api.make_call takes {params}"
-    )
-    params = list(inspect.signature(_datastore_api._get_commit_batch).parameters)
-    assert params == ["transaction", "options"], _upgrade_message(
-        f"_datastore_api._get_commit_batch takes {params}"
-    )
     batch = _datastore_api._TransactionalCommitBatch(b"tx", _ndb_rpc._options.Options())
     assert batch.mutations == [] and batch.futures == [], _upgrade_message(
         "_TransactionalCommitBatch no longer keeps parallel mutations/futures lists"

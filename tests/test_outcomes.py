@@ -20,8 +20,8 @@ import gae_deferred
 from gae_deferred import EnqueueOutcomeUnknown, defer, spillover
 from gae_deferred.spillover import PayloadState
 from tests.callables import add
-from tests.conftest import ROOT
 from tests.fault_proxy import FaultProxy
+from tests.fixtures import ROOT
 from tests.stack_support import cloud_tasks_emulator
 
 

@@ -17,7 +17,7 @@ import webtest
 
 import gae_deferred
 from gae_deferred.webapp2 import deferred_routes
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 def readme_block(first_line: str) -> str:

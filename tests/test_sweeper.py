@@ -21,7 +21,7 @@ from gae_deferred import (
 )
 from gae_deferred.cloud_tasks import client as tasks_client
 from gae_deferred.webapp2 import deferred_routes
-from tests.test_defer import collect
+from tests.fixtures import collect
 
 CALLS: list = []
 

@@ -11,7 +11,7 @@ import pytest
 import gae_deferred
 from gae_deferred import TaskRetryOptions, task_backoff
 from gae_deferred.testing import capture_tasks
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 SEEN: list[tuple[str | None, int, int]] = []
 

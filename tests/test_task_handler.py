@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import zlib
 
 import pytest
 import webapp2
@@ -25,10 +24,9 @@ from gae_deferred import (
 from gae_deferred.cloud_tasks import TaskSpec
 from gae_deferred.enqueue import reference
 from gae_deferred.webapp2 import deferred_routes
-from tests.conftest import ROOT
+from tests.fixtures import ROOT, TASK, zlib_bomb
 
 RUNS: list = []
-TASK = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "task-1"}
 
 
 def record_run(*args, **kwargs):
@@ -731,15 +729,8 @@ def test_malformed_signed_references_are_permanent_not_5xx(app, ref):
     assert "malformed spilled-payload reference" in failure.message
 
 
-def _zlib_bomb(inflated: int) -> bytes:
-    packer = zlib.compressobj(9)
-    block = b"\0" * (16 << 20)
-    parts = [packer.compress(block) for _ in range(inflated // len(block))]
-    return b"".join([*parts, packer.flush()])
-
-
 def test_decompression_is_capped_at_the_declared_size(app):
-    bomb = _zlib_bomb(64 << 20)
+    bomb = zlib_bomb(64 << 20)
     header = {"function": "f", "task": "task-1", "queue": "default", "raw_bytes": 1000}
     data = gae_deferred.envelope._seal(header, bomb, gae_deferred.envelope.FLAG_ZLIB)
     assert post(app, data).status_int == 200
@@ -751,12 +742,11 @@ def test_decompression_is_capped_at_the_declared_size(app):
 
 BOMB_SCRIPT = """
 import json, sys, zlib
-sys.path.insert(0, {root!r})
 import webapp2, webtest
 from inmemory_datastore_stub import Client
 import gae_deferred
 from gae_deferred.webapp2 import deferred_routes
-from tests.test_task_handler import _zlib_bomb
+from tests.fixtures import zlib_bomb
 
 def peak_kib():
     for line in open("/proc/self/status"):
@@ -766,7 +756,7 @@ def peak_kib():
 client = Client(project="test-project", index_yaml={index!r})
 gae_deferred.configure(ndb_client=client, signing_key="5e" * 32, project="test-project")
 app = webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
-bomb = _zlib_bomb(1 << 30)
+bomb = zlib_bomb(1 << 30)
 header = {{"function": "f", "task": "t", "queue": "default", "raw_bytes": {declared}}}
 data = gae_deferred.envelope._seal(header, bomb, gae_deferred.envelope.FLAG_ZLIB)
 before = peak_kib()
@@ -785,7 +775,7 @@ def test_a_signed_gigabyte_bomb_keeps_peak_memory_bounded(declared):
     import subprocess
     import sys
 
-    script = BOMB_SCRIPT.format(root=str(ROOT), index=str(ROOT / "index.yaml"), declared=declared)
+    script = BOMB_SCRIPT.format(index=str(ROOT / "index.yaml"), declared=declared)
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
     )

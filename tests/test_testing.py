@@ -31,7 +31,7 @@ from gae_deferred import (
     spillover,
 )
 from gae_deferred.testing import UnexaminedTaskFailures, capture_tasks
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 RUNS: list = []
 

@@ -13,7 +13,7 @@ import pytest
 import gae_deferred as deferred
 from gae_deferred.testing import TaskQueue, UnexaminedTaskFailures, capture_tasks
 from tests.callables import add
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 QUEUE_YAML = ROOT / "queue.yaml"
 LEGACY_SIGNATURES = {

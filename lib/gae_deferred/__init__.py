@@ -22,10 +22,16 @@ webapp2.
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    # The one list of public names. Type checkers read these imports; at run time
+    # _exports() reads them from this file (as lazy_loader's attach_stub reads a stub), and
+    # the lazy lookup, dir() and __all__ all come from it.
+    from . import cloud_tasks
     from ._config import Settings, configure, settings
     from ._datastore import ndb_context
     from .batch import batch
@@ -87,85 +93,56 @@ if TYPE_CHECKING:
     from .spillover import PayloadState
     from .sweeper import SweepReport, sweep
 
-    # Not in __all__: a star import must not bring in webapp2.
+    # The legacy webapp2 handler class: the one name that imports webapp2.
     from .webapp2 import TaskHandler as TaskHandler
 
-#: Where each public name lives, relative to this package.
-_EXPORTS = {
-    "Settings": "._config",
-    "configure": "._config",
-    "settings": "._config",
-    "ndb_context": "._datastore",
-    "batch": ".batch",
-    "TaskInfo": ".context",
-    "current_task": ".context",
-    "queue_name": ".context",
-    "task_execution_count": ".context",
-    "task_name": ".context",
-    "task_retry_count": ".context",
-    "DeferredTask": ".enqueue",
-    "defer": ".enqueue",
-    "serialize": ".envelope",
-    "AdminError": ".errors",
-    "BadTransactionStateError": ".errors",
-    "BatchDeferError": ".errors",
-    "ConfigurationError": ".errors",
-    "DatastoreRefusedError": ".errors",
-    "DatastoreUnavailableError": ".errors",
-    "DeferError": ".errors",
-    "DuplicateDeliveryRunning": ".errors",
-    "EnqueueError": ".errors",
-    "EnqueueOutcomeUnknown": ".errors",
-    "Error": ".errors",
-    "InvalidTaskError": ".errors",
-    "InvalidTaskNameError": ".errors",
-    "InvalidTaskRetryOptionsError": ".errors",
-    "PayloadLoadError": ".errors",
-    "PayloadTooLargeError": ".errors",
-    "PermanentTaskFailure": ".errors",
-    "QueueNotFoundError": ".errors",
-    "SerializationError": ".errors",
-    "SingularTaskFailure": ".errors",
-    "SpilledPayloadMissing": ".errors",
-    "TaskAlreadyExistsError": ".errors",
-    "TaskFailed": ".errors",
-    "TombstonedTaskError": ".errors",
-    "UnknownQueueError": ".errors",
-    "UnverifiedEnvelope": ".errors",
-    "VersionSkewError": ".errors",
-    "TaskOutcome": ".execution",
-    "execute_task": ".execution",
-    "run": ".execution",
-    "set_log_level": ".execution",
-    "FailureState": ".failures",
-    "idempotent": ".idempotency",
-    "Job": ".iteration",
-    "JobState": ".iteration",
-    "JobTotals": ".iteration",
-    "cancel_job": ".iteration",
-    "current_job": ".iteration",
-    "iterate": ".iteration",
-    "once_per_entity": ".iteration",
-    "pause_job": ".iteration",
-    "resume_job": ".iteration",
-    "TaskRetryOptions": ".retry",
-    "Handler": ".legacy",
-    "application": ".legacy",
-    "invoke_member": ".legacy",
-    "run_from_datastore": ".legacy",
-    "PayloadState": ".spillover",
-    "SweepReport": ".sweeper",
-    "sweep": ".sweeper",
-    # The legacy webapp2 handler class: the one name that imports webapp2.
-    "TaskHandler": ".webapp2",
-}
+#: Modules whose names stay out of __all__: a star import must not bring in webapp2.
+_NOT_STARRED = (".webapp2",)
+
+
+@functools.cache
+def _exports() -> dict[str, tuple[str, str | None]]:
+    """Each public name: (the module it comes from, relative to this package; the attribute
+    of that module, or None for the module itself), from the TYPE_CHECKING imports above."""
+    with open(__file__, encoding="utf-8") as source:
+        tree = ast.parse(source.read())
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+    )
+    found: dict[str, tuple[str, str | None]] = {}
+    for node in block.body:
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if node.module is None:
+                    found[alias.name] = ("." + alias.name, None)
+                else:
+                    found[alias.asname or alias.name] = ("." + node.module, alias.name)
+    return found
+
+
+def _all() -> list[str]:
+    """The star-import names: the exports but webapp2's, and the functions defined here."""
+    here = [
+        name
+        for name, value in globals().items()
+        if callable(value) and getattr(value, "__module__", None) == __name__
+        if not name.startswith("_")
+    ]
+    exported = [name for name, (module, _) in _exports().items() if module not in _NOT_STARRED]
+    return sorted([*exported, *here])
 
 
 def __getattr__(name: str) -> Any:
     """Import a public name, or a submodule (``gae_deferred.cloud_tasks``), on first use."""
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(module, __name__), name)
+    if name == "__all__":
+        value: Any = _all()
+    elif name in _exports():
+        module, attribute = _exports()[name]
+        value = importlib.import_module(module, __name__)
+        if attribute is not None:
+            value = getattr(value, attribute)
     elif name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     else:
@@ -180,7 +157,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_exports()})
 
 
 def reset_clients() -> None:
@@ -193,73 +170,3 @@ def reset_clients() -> None:
     _config.reset()
     cloud_tasks.reset_client()
     _datastore.reset_client()
-
-
-__all__ = [
-    "AdminError",
-    "BadTransactionStateError",
-    "BatchDeferError",
-    "ConfigurationError",
-    "DatastoreRefusedError",
-    "DatastoreUnavailableError",
-    "DeferError",
-    "DeferredTask",
-    "DuplicateDeliveryRunning",
-    "EnqueueError",
-    "EnqueueOutcomeUnknown",
-    "Error",
-    "FailureState",
-    "Handler",
-    "InvalidTaskError",
-    "InvalidTaskNameError",
-    "InvalidTaskRetryOptionsError",
-    "Job",
-    "JobState",
-    "JobTotals",
-    "PayloadLoadError",
-    "PayloadState",
-    "PayloadTooLargeError",
-    "PermanentTaskFailure",
-    "QueueNotFoundError",
-    "SerializationError",
-    "Settings",
-    "SingularTaskFailure",
-    "SpilledPayloadMissing",
-    "SweepReport",
-    "TaskAlreadyExistsError",
-    "TaskFailed",
-    "TaskInfo",
-    "TaskOutcome",
-    "TaskRetryOptions",
-    "TombstonedTaskError",
-    "UnknownQueueError",
-    "UnverifiedEnvelope",
-    "VersionSkewError",
-    "application",
-    "batch",
-    "cancel_job",
-    "cloud_tasks",
-    "configure",
-    "current_job",
-    "current_task",
-    "defer",
-    "execute_task",
-    "idempotent",
-    "invoke_member",
-    "iterate",
-    "ndb_context",
-    "once_per_entity",
-    "pause_job",
-    "queue_name",
-    "reset_clients",
-    "resume_job",
-    "run",
-    "run_from_datastore",
-    "serialize",
-    "set_log_level",
-    "settings",
-    "sweep",
-    "task_execution_count",
-    "task_name",
-    "task_retry_count",
-]

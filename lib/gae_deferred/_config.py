@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import defaults
 from .errors import ConfigurationError
 
 MIB = 1024 * 1024
@@ -51,9 +52,9 @@ class Settings:
     """Everything gae_deferred reads from its environment. See :func:`configure`."""
 
     project: str | None = None
-    location: str = "us-central1"
-    default_queue: str = "default"
-    task_url: str = "/_ah/queue/deferred"
+    location: str = defaults.LOCATION
+    default_queue: str = defaults.QUEUE
+    task_url: str = defaults.TASK_URL
     #: A task whose envelope, URL and headers exceed this many bytes is spilled to Datastore.
     spill_threshold: int = APP_ENGINE_TASK_LIMIT
     #: Hard cap on a serialized payload; defer() refuses anything bigger.
@@ -77,14 +78,14 @@ class Settings:
     #: An ndb client to use instead of ``ndb.Client(project=...)`` (tests pass a stub).
     ndb_client: Any = None
     #: How long any Cloud Tasks call waits for its answer (CreateTask, the dashboard's calls).
-    cloud_tasks_timeout_seconds: float = 30
+    cloud_tasks_timeout_seconds: float = defaults.CLOUD_TASKS_TIMEOUT_SECONDS
     #: The deadline of each Datastore call defer() makes (a spill's commits, the lookup that
     #: settles an unanswered commit, the cleanup after a failure), retries included.
     datastore_timeout_seconds: float = 10
     #: How long a running spilled or @idempotent task holds its claim: a duplicate delivery
     #: within it is answered "claimed" (retried later) instead of running. App Engine's
     #: dispatch deadline for a push task (10 minutes) by default; a crashed run's claim ends then.
-    task_deadline_seconds: float = 600
+    task_deadline_seconds: float = defaults.TASK_DEADLINE_SECONDS
     #: How long dead letters and permanent failures keep their payloads.
     dead_letter_retention_seconds: float = 30 * 24 * 3600
     #: A pending spilled/outboxed record this long past its ETA is re-enqueued by the sweeper.
@@ -160,7 +161,7 @@ def _from_environment() -> Settings:
         project=env.get("GOOGLE_CLOUD_PROJECT")
         or env.get("GAE_APPLICATION", "").partition("~")[2]
         or None,
-        location=env.get("GAE_DEFERRED_LOCATION", "us-central1"),
+        location=env.get("GAE_DEFERRED_LOCATION", defaults.LOCATION),
         signing_key=key,
         app_version=env.get("GAE_VERSION", "unknown"),
         queue_yaml=env.get("GAE_DEFERRED_QUEUE_YAML") or _queue_yaml_beside_app(),

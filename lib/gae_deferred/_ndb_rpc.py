@@ -26,16 +26,22 @@ do not update (nor these reads consult). Reads of big payloads come here too: nd
 turns every chunk into a Model holding a copy of its bytes, and keeps its Lookup's response
 alive in its batch futures; ``lookup`` returns the protobufs for the caller to copy and drop.
 
-tests/test_ndb_rpc.py checks every internal named in ``INTERNALS`` against the ndb version
-pinned in requirements.txt and fails, naming the internal, if an upgrade changes them.
+Every internal used is listed in ``INTERNALS`` and checked when this module is imported: an
+ndb release that drops one, or changes the parameters it takes, fails the import with
+:class:`NdbInternalsChanged`, naming the internal, the installed version, the versions the
+tests ran against (``SUPPORTED_NDB_VERSIONS``, pyproject.toml's range) and what to pin.
+tests/test_ndb_rpc.py checks the rest (the commit batch's shape) against the pinned version.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
 from typing import Any, NamedTuple
 
 import grpc
@@ -44,28 +50,76 @@ from google.api_core import gapic_v1
 from google.cloud import ndb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from google.cloud.datastore_v1.types import entity as entity_pb2
-from google.cloud.ndb import _datastore_api, _options, _retry, model, tasklets
-from google.cloud.ndb import context as context_module
 
 from . import _outcome
 from ._config import settings
 
 #: The google-cloud-ndb version these internals were read from (requirements.txt pins it).
 PINNED_NDB_VERSION = "2.7.1"
-#: (module, attribute) of every ndb internal used below.
-INTERNALS = (
-    ("google.cloud.ndb._datastore_api", "make_call"),
-    ("google.cloud.ndb._datastore_api", "_get_commit_batch"),
-    ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch"),
-    ("google.cloud.ndb._datastore_api", "commit"),
-    ("google.cloud.ndb._options", "Options"),
-    ("google.cloud.ndb._retry", "is_transient_error"),
-    ("google.cloud.ndb.model", "_entity_to_protobuf"),
-    ("google.cloud.ndb.model", "_entity_from_protobuf"),
-    ("google.cloud.ndb.model.Model", "_prepare_for_put"),
-    ("google.cloud.ndb.tasklets", "Future"),
-    ("google.cloud.ndb.context", "_state"),
+#: The ndb versions the tests ran against (pyproject.toml's range). Versions before 2.4.1
+#: require protobuf < 7 and were not tested (the test environment resolves protobuf 7).
+SUPPORTED_NDB_VERSIONS = ">=2.4.1,<=2.7.1"
+#: Every ndb internal used below: (module, attribute path, the parameters it must take first;
+#: None for an object that is not called with arguments of ours).
+INTERNALS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("google.cloud.ndb._datastore_api", "make_call", ("rpc_name", "request")),
+    ("google.cloud.ndb._datastore_api", "_get_commit_batch", ("transaction", "options")),
+    ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch", ("transaction", "options")),
+    ("google.cloud.ndb._datastore_api", "_TransactionalCommitBatch.commit", ("retries", "timeout")),
+    ("google.cloud.ndb._options", "Options", None),
+    ("google.cloud.ndb._retry", "is_transient_error", ("error",)),
+    ("google.cloud.ndb.model", "_entity_to_protobuf", ("entity",)),
+    ("google.cloud.ndb.model", "_entity_from_protobuf", ("protobuf",)),
+    ("google.cloud.ndb.model", "Model._prepare_for_put", ()),
+    ("google.cloud.ndb.tasklets", "Future", None),
+    ("google.cloud.ndb.context", "_state._context", None),
+    ("google.cloud.ndb.context", "_state._toplevel_context", None),
 )
+
+
+class NdbInternalsChanged(ImportError):
+    """The installed google-cloud-ndb lacks an internal this module uses, or changed what it
+    takes: an ndb version outside ``SUPPORTED_NDB_VERSIONS``."""
+
+
+def _changed(what: str) -> str:
+    try:
+        installed = metadata.version("google-cloud-ndb")
+    except metadata.PackageNotFoundError:
+        installed = "not installed"
+    return (
+        f"google-cloud-ndb internals changed: {what}. gae_deferred uses ndb internals and was "
+        f"tested with google-cloud-ndb{SUPPORTED_NDB_VERSIONS} (installed: {installed}); pin "
+        f"google-cloud-ndb=={PINNED_NDB_VERSION}, or re-read that ndb's _datastore_api and "
+        "update gae_deferred/_ndb_rpc.py"
+    )
+
+
+def _check_internal(module_name: str, path: str, parameters: tuple[str, ...] | None) -> None:
+    """Raise NdbInternalsChanged unless ``module_name``:``path`` exists and takes
+    ``parameters`` first."""
+    where = f"{module_name}.{path}"
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in path.split("."):
+            found = getattr(found, part)
+        names = [] if parameters is None else list(inspect.signature(found).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        raise NdbInternalsChanged(_changed(f"{where} is missing ({exc})")) from exc
+    names = [name for name in names if name != "self"]
+    if parameters is not None and names[: len(parameters)] != list(parameters):
+        raise NdbInternalsChanged(
+            _changed(f"{where} takes ({', '.join(names)}), expected ({', '.join(parameters)}, ...)")
+        )
+
+
+for _internal in INTERNALS:
+    _check_internal(*_internal)
+del _internal
+
+# Imported once checked: an ndb without them has failed above, with what to pin.
+from google.cloud.ndb import _datastore_api, _options, _retry, model, tasklets  # noqa: E402
+from google.cloud.ndb import context as context_module  # noqa: E402
 
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
 #: Waits before each retry of a transient error: ndb's own schedule (1 s, doubling, 3 retries).

@@ -15,9 +15,8 @@ import datetime
 
 from google.cloud import ndb
 
-from ._model import DeferredModel, root_key
+from ._model import MAX_INDEXED_CHARS, DeferredModel, root_key
 
-_MAX_INDEXED_CHARS = 500
 _MAX_DETAIL_CHARS = 2000
 
 
@@ -39,9 +38,9 @@ def record(actor: str, action: str, target: str, detail: str = "") -> DeferredAu
     """
     entry = DeferredAudit(
         key=root_key(DeferredAudit, None),
-        actor=actor[:_MAX_INDEXED_CHARS],
-        action=action[:_MAX_INDEXED_CHARS],
-        target=target[:_MAX_INDEXED_CHARS],
+        actor=actor[:MAX_INDEXED_CHARS],
+        action=action[:MAX_INDEXED_CHARS],
+        target=target[:MAX_INDEXED_CHARS],
         when=datetime.datetime.now(datetime.UTC),
         detail=detail[:_MAX_DETAIL_CHARS],
     )

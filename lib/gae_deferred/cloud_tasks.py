@@ -39,6 +39,7 @@ from google.api_core import retry as api_retry
 from google.api_core.future import polling
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+from google.protobuf import field_mask_pb2
 
 from . import _outcome
 from ._config import settings
@@ -633,3 +634,43 @@ def run_task(queue: str, task: str) -> None:
 
 def delete_task(queue: str, task: str) -> None:
     client().delete_task(name=task_path(queue, task), timeout=_timeout())
+
+
+# -- queue.yaml sync (the queue CLI's calls: a location named on its command line, its own
+# timeout, and retry=None so that a missing emulator or endpoint fails now rather than after
+# the default retry budget) ---------------------------------------------------------------
+
+
+def location_path_of(project: str, location: str) -> str:
+    """``projects/P/locations/L`` for a project and location given explicitly."""
+    return f"projects/{project}/locations/{location}"
+
+
+def queues_in(parent: str, *, timeout: float) -> dict[str, tasks_v2.Queue]:
+    """Every queue of the location ``parent``, by its short name."""
+    pager = client().list_queues(parent=parent, retry=None, timeout=timeout)
+    return {short_name(queue.name): queue for queue in pager}
+
+
+def create_queue(parent: str, queue: tasks_v2.Queue, *, timeout: float) -> tasks_v2.Queue:
+    """CreateQueue; a queue that should start paused (state PAUSED) is paused right after,
+    as CreateQueue ignores the state it is given."""
+    created = client().create_queue(parent=parent, queue=queue, retry=None, timeout=timeout)
+    if queue.state == tasks_v2.Queue.State.PAUSED:
+        client().pause_queue(name=created.name, retry=None, timeout=timeout)
+    return created
+
+
+def update_queue(queue: tasks_v2.Queue, fields: list[str], *, timeout: float) -> None:
+    """UpdateQueue of ``fields`` (field-mask paths); a ``state`` among them pauses the queue,
+    which UpdateQueue cannot do."""
+    paths = [path for path in fields if path != "state"]
+    if paths:
+        client().update_queue(
+            queue=queue,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            retry=None,
+            timeout=timeout,
+        )
+    if "state" in fields:
+        client().pause_queue(name=queue.name, retry=None, timeout=timeout)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import yaml
 from google.cloud import tasks_v2
 
-DEFAULT_QUEUE = "default"
+from . import defaults
+
+DEFAULT_QUEUE = defaults.QUEUE
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 # Cloud Tasks' documented upper bounds (RateLimits / RetryConfig reference).
 MAX_RATE_PER_SECOND = 500.0
@@ -60,9 +62,9 @@ class RetryParameters:
 
     task_retry_limit: int | None = None  # None = unlimited
     task_age_limit: float | None = None  # seconds; App Engine syntax "2d", "3h", "10m", "30s"
-    min_backoff_seconds: float = 0.1
-    max_backoff_seconds: float = 3600.0
-    max_doublings: int = 16
+    min_backoff_seconds: float = defaults.MIN_BACKOFF_SECONDS
+    max_backoff_seconds: float = defaults.MAX_BACKOFF_SECONDS
+    max_doublings: int = defaults.MAX_DOUBLINGS
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,9 @@ from typing import TextIO
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 from google.cloud import tasks_v2
-from google.protobuf import field_mask_pb2
 
-from gae_deferred import cloud_tasks, queue_config
+from gae_deferred import cloud_tasks, defaults, queue_config
 
-DEFAULT_LOCATION = "us-central1"
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 
@@ -54,10 +52,13 @@ def _parser() -> argparse.ArgumentParser:
             continue
         command.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"))
         command.add_argument(
-            "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or DEFAULT_LOCATION
+            "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or defaults.LOCATION
         )
         command.add_argument(
-            "--timeout", type=_seconds, default=30.0, help="seconds per Cloud Tasks call"
+            "--timeout",
+            type=_seconds,
+            default=defaults.CLOUD_TASKS_TIMEOUT_SECONDS,
+            help="seconds per Cloud Tasks call",
         )
         if name == "sync":
             command.add_argument("--dry-run", action="store_true", help="print, change nothing")
@@ -98,15 +99,6 @@ def _load(path: str, err: TextIO) -> dict[str, queue_config.QueueDefinition] | N
         raise _CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _actual_queues(
-    client: tasks_v2.CloudTasksClient, parent: str, timeout: float
-) -> dict[str, tasks_v2.Queue]:
-    # retry=None: a missing emulator or endpoint should fail now, not after the default
-    # retry budget.
-    pager = client.list_queues(parent=parent, retry=None, timeout=timeout)
-    return {queue.name.rsplit("/", 1)[-1]: queue for queue in pager}
-
-
 def _plan(
     definitions: dict[str, queue_config.QueueDefinition],
     actual: dict[str, tasks_v2.Queue],
@@ -145,9 +137,8 @@ def _remote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_DIFFERENT
     if not args.project:
         raise _CliError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
-    parent = f"projects/{args.project}/locations/{args.location}"
-    client = cloud_tasks.client()
-    actual = _actual_queues(client, parent, args.timeout)
+    parent = cloud_tasks.location_path_of(args.project, args.location)
+    actual = cloud_tasks.queues_in(parent, timeout=args.timeout)
     missing, changed, extra = _plan(definitions, actual, parent)
     if args.command == "diff":
         _report(missing, changed, extra, out, "+ missing:", "~ differs:")
@@ -167,20 +158,9 @@ def _remote(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if dry:
         return EXIT_OK
     for queue in missing:
-        created = client.create_queue(parent=parent, queue=queue, retry=None, timeout=args.timeout)
-        if queue.state == tasks_v2.Queue.State.PAUSED:
-            client.pause_queue(name=created.name, retry=None, timeout=args.timeout)
+        cloud_tasks.create_queue(parent, queue, timeout=args.timeout)
     for queue, diffs in changed:
-        paths = [path for path, _, _ in diffs if path != "state"]
-        if paths:
-            client.update_queue(
-                queue=queue,
-                update_mask=field_mask_pb2.FieldMask(paths=paths),
-                retry=None,
-                timeout=args.timeout,
-            )
-        if any(path == "state" for path, _, _ in diffs):
-            client.pause_queue(name=queue.name, retry=None, timeout=args.timeout)
+        cloud_tasks.update_queue(queue, [path for path, _, _ in diffs], timeout=args.timeout)
     print(f"synced: {len(missing)} created, {len(changed)} updated", file=out)
     return EXIT_OK
 

@@ -19,13 +19,17 @@ import datetime
 import re
 from typing import Any
 
-from . import envelope
+from . import defaults, envelope
 from .context import TaskInfo
 
 #: The backoff fields of ``_retry_options``; any of them makes the handler schedule retries.
 BACKOFF_FIELDS = ("min_backoff_seconds", "max_backoff_seconds", "max_doublings")
 #: Legacy's defaults for the fields a task's options leave unset (TaskQueueRetryParameters).
-DEFAULTS = {"min_backoff_seconds": 0.1, "max_backoff_seconds": 3600.0, "max_doublings": 16}
+DEFAULTS = {
+    "min_backoff_seconds": defaults.MIN_BACKOFF_SECONDS,
+    "max_backoff_seconds": defaults.MAX_BACKOFF_SECONDS,
+    "max_doublings": defaults.MAX_DOUBLINGS,
+}
 #: Envelope header field: attempts made before this task (by the tasks it continues).
 RETRIED = "retried"
 #: Envelope header field: where to send the next attempt of an inline task.

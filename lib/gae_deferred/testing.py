@@ -37,7 +37,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb, tasks_v2
 
-from . import _config, _datastore, cloud_tasks, context, envelope, execution
+from . import _config, _datastore, cloud_tasks, context, defaults, envelope, execution
 from .errors import ConfigurationError, PermanentTaskFailure, SingularTaskFailure, TaskFailed
 from .queue_config import QueueDefinition, load_queue_yaml
 
@@ -419,7 +419,7 @@ class TaskQueue:
         ``bucket_size``, ``mode``, ``acl``, ``oldest_task``, ``eta_delta``,
         ``tasks_in_queue``, and ``retry_parameters`` where queue.yaml sets them): queue.yaml's
         queues, else ``default`` and every queue holding a task."""
-        names = set(self._known_queues or ()) or {"default"}
+        names = set(self._known_queues or ()) or {defaults.QUEUE}
         names.update(task.queue for task in self._pending)
         return [self._queue_dict(name) for name in sorted(names)]
 

@@ -1,5 +1,6 @@
 """The kind and functions of the Jobs page's browser test. The stack's app imports this module
-too (tests/browser is on its PYTHONPATH), so iterate() pickles them by reference.
+too, as tests.browser.browser_jobs (the repository is on its PYTHONPATH), so iterate() pickles
+them by reference.
 
     iterate(BrowserItem.query(BrowserItem.run == run), slow_touch, shards=4, batch_size=5)
 """

@@ -1,5 +1,6 @@
 """Functions the dashboard browser tests defer. The stack's app imports this module too
-(tests/browser is on its PYTHONPATH), so tasks pickle by reference like app functions.
+as tests.browser.browser_tasks (the repository is on its PYTHONPATH), so tasks pickle by
+reference like app functions.
 
     defer(browser_tasks.touch, str(run_dir), "spilled", os.urandom(200_000))
     defer(browser_tasks.broken_until_fixed, str(run_dir))   # PermanentTaskFailure until fixed

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from gae_deferred.local.stack import LocalStack
-from tests.stack_support import pointed_at, started_stack
+from tests.stack_support import ROOT, pointed_at, started_stack
 
 BROWSER_DIR = pathlib.Path(__file__).resolve().parent
-
-# The tests defer browser_tasks functions; the app imports the same module by this name.
-sys.path.insert(0, str(BROWSER_DIR))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,7 +32,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             local = running.enter_context(
                 started_stack(
                     tmp_path_factory.mktemp("browser-stack"),
-                    extra_pythonpath=[BROWSER_DIR],
+                    extra_pythonpath=[ROOT],
                     workers=1,
                 )
             )

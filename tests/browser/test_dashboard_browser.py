@@ -9,34 +9,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import time
-from collections.abc import Callable
-
-import browser_tasks
 
 import gae_deferred
+from tests.browser import browser_tasks
+from tests.fixtures import SCREENSHOTS, shoot, wait_for
 
 P = "/_ah/deferred-admin"
-SCREENSHOTS = pathlib.Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def shoot(page, name: str) -> None:
-    """Save the page at desktop and phone widths."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.set_viewport_size({"width": 1280, "height": 800})
-    page.screenshot(path=str(SCREENSHOTS / f"{name}-1280.png"), full_page=True)
-    page.set_viewport_size({"width": 390, "height": 844})
-    page.screenshot(path=str(SCREENSHOTS / f"{name}-390.png"), full_page=True)
-    page.set_viewport_size({"width": 1280, "height": 800})
 
 
 def test_spilled_payload_is_listed_and_retrigger_runs_it(page, live, tmp_path):

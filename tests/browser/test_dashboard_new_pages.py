@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import datetime
 
-import browser_tasks
 import requests
-from test_dashboard_browser import shoot, wait_for
 
 import gae_deferred
 from gae_deferred import FailureState, admin, envelope, failures, spillover, tracing
+from tests.browser import browser_tasks
+from tests.fixtures import failure_record, shoot, wait_for
 from tests.stack_support import datastore
 
 
@@ -81,34 +81,10 @@ def test_task_detail_shows_where_it_came_from_and_runs_it(page, live, tmp_path):
     wait_for(lambda: (run_dir / "detail").exists(), "the task to run")
 
 
-def _failure(record_id: str, function: str, message: str, queue: str = "default") -> str:
-    data = envelope.serialize(browser_tasks.fails_with, message)
-    now = datetime.datetime.now(datetime.UTC)
-    with datastore():
-        record = failures.update(
-            None,
-            record_id,
-            function=function,
-            exception_type="gae_deferred.errors.PermanentTaskFailure",
-            message=message,
-            traceback=f"Traceback (most recent call last):\n{message}",
-            state=FailureState.PERMANENT,
-            task_name=f"t-{record_id[:40]}",
-            queue=queue,
-            meta=envelope.read_header(data),
-            payload_id=None,
-            when=now,
-        )
-        record.put()
-        failures.group_entity(record).put()
-        failures.kept_payload(record_id, data).put()
-    return record_id
-
-
 def test_search_then_dismiss_everything_it_matches(page, live):
     for number in range(3):
-        _failure(f"f-{number:032x}", "billing.invoices.render", f"ledger {number} is locked")
-    keep = _failure("f-" + "e" * 32, "billing.refunds.issue", "ledger 9 is locked")
+        failure_record(f"f-{number:032x}", "billing.invoices.render", f"ledger {number} is locked")
+    keep = failure_record("f-" + "e" * 32, "billing.refunds.issue", "ledger 9 is locked")
     page.goto(f"{live.dashboard_url}/failures/list")
     page.fill("input[name=function]", "billing.invoices")
     page.fill("input[name=q]", "Locked ledger")
@@ -136,7 +112,7 @@ HOSTILE = ["../queues/reports/pause?y=", "../../queues/default/purge?confirm=yes
 def test_records_hostile_input_created_are_dismissed_and_deleted_by_their_buttons(page, live):
     started = datetime.datetime.now(datetime.UTC)
     for record_id in HOSTILE:
-        _failure(record_id, "legacy.import", f"old record {record_id}", queue="reports")
+        failure_record(record_id, "legacy.import", f"old record {record_id}", queue="reports")
     with datastore():
         payload_id = "../spillover/bulk?x="
         record, chunks = spillover.build_record(

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import os
 
-import browser_tasks
-from test_dashboard_browser import SCREENSHOTS, wait_for
-from test_dashboard_new_pages import _failure
-
 import gae_deferred
 from gae_deferred import audit
+from tests.browser import browser_tasks
+from tests.fixtures import SCREENSHOTS, failure_record, wait_for
 from tests.stack_support import datastore
 
 WIDTHS = ((1280, 800), (390, 844))
@@ -45,7 +43,7 @@ def _seed(live, tmp_path) -> dict[str, str]:
     spilled = gae_deferred.defer(
         browser_tasks.touch, str(run_dir), "tour-spilled", os.urandom(150_000), _countdown=3600
     )
-    failure = _failure("f-" + "7" * 32, "billing.invoices.render", "ledger 7 is locked " * 8)
+    failure = failure_record("f-" + "7" * 32, "billing.invoices.render", "ledger 7 is locked " * 8)
     with datastore():
         audit.record(
             "a-very-long-operator-name@example.com",
@@ -56,7 +54,7 @@ def _seed(live, tmp_path) -> dict[str, str]:
     return {
         "overview": "",
         "metrics": "/metrics?window=1h",
-        "metrics-function": "/metrics?function=browser_tasks.fails_with",
+        "metrics-function": "/metrics?function=tests.browser.browser_tasks.fails_with",
         "spillover": "/spillover",
         "spillover-detail": f"/spillover/{spilled.payload_id}",
         "failures": "/failures",
@@ -120,7 +118,7 @@ def test_every_page_as_admin_and_viewer_at_both_widths(browser, live, tmp_path):
 
 def test_live_refresh_follows_navigation_and_keeps_rows_open(page, live):
     first, second = "f-" + "a" * 32, "f-" + "b" * 32
-    _failure(first, "live.refresh.one", "the first failure")
+    failure_record(first, "live.refresh.one", "the first failure")
     page.goto(f"{live.dashboard_url}/audit?refresh=5")
     page.click("header nav >> text=Failures")
     page.click("a:has-text('search every failure')")
@@ -129,7 +127,7 @@ def test_live_refresh_follows_navigation_and_keeps_rows_open(page, live):
     assert page.locator("body").get_attribute("data-refresh") == "5"
     page.evaluate("window.stillThisPage = true")
     page.locator(f"details[data-key='{first}'] > summary").click()
-    _failure(second, "live.refresh.two", "the second failure")
+    failure_record(second, "live.refresh.two", "the second failure")
     page.wait_for_selector(f"details[data-key='{second}']", timeout=20_000)
     assert page.evaluate("window.stillThisPage") is True  # swapped in, not reloaded
     assert page.locator(f"details[data-key='{first}']").evaluate("d => d.open") is True

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import uuid
 
-from browser_jobs import BrowserItem, BrowserJobDone, record_done, slow_touch
 from google.cloud import ndb
-from test_dashboard_browser import shoot, wait_for
 
 import gae_deferred
 from gae_deferred import iteration
+from tests.browser.browser_jobs import BrowserItem, BrowserJobDone, record_done, slow_touch
+from tests.fixtures import shoot, wait_for
 from tests.stack_support import datastore
 
 

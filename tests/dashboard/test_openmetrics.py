@@ -190,7 +190,7 @@ def test_the_token_can_come_from_secret_manager_read_once(app, secret_manager):
 def test_the_documented_scrape_config_and_families_match(app):
     import yaml
 
-    from tests.conftest import ROOT
+    from tests.fixtures import ROOT
 
     text = (ROOT / "docs" / "dashboard.md").read_text()
     config = yaml.safe_load(text.split("# prometheus.yml\n", 1)[1].split("```", 1)[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gae_deferred
 from gae_deferred import envelope, failures, refusals
 from tests.dashboard.support import P, form_token, pause, queued_tasks
+from tests.fixtures import BODIES
 
 TASK = {"X-AppEngine-QueueName": "default", "X-AppEngine-TaskName": "t-refused"}
 SECRET_ARGUMENT = "never-shown-" * 3
@@ -82,8 +83,6 @@ def test_a_version_skew_failure_is_retried_on_the_version_that_made_it(app, monk
 
 
 def test_a_python27_body_outside_the_drain_is_shown_as_a_legacy_pickle_refusal(app):
-    from tests.test_legacy_pickles import BODIES
-
     refusals.discard_pending()
     task = {"X-AppEngine-QueueName": "reports", "X-AppEngine-TaskName": "from-python27"}
     app.post("/_ah/queue/deferred", BODIES["spilled"], headers=task, status=403)

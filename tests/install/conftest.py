@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 INSTALL_DIR = pathlib.Path(__file__).resolve().parent
 #: Runtime dependencies the core (``import gae_deferred``) must do without.

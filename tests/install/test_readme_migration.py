@@ -38,7 +38,7 @@ import pytest
 import yaml
 from playwright.sync_api import Browser
 
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 from tests.install.conftest import DevServer, make_venv, pip_install, site_packages
 from tests.stack_support import wait_for
 

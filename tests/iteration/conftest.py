@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests import stack_support
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from google.cloud import ndb
 
 from gae_deferred import iteration, ndb_context
 from gae_deferred.testing import capture_tasks
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 UPSTREAM = ROOT / "tests" / "ported" / "upstream"
 PAGE = ROOT / "docs" / "backfills.md"

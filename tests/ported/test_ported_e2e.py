@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import pytest
 import schema_update_main
 import upvote_change_set as change_set
-from test_schema_update_chain import add_v1_pictures, updated_pictures
-from test_upvote import change, remaining_changes, rule
+from ported_fixtures import add_v1_pictures, change, remaining_changes, rule, updated_pictures
 from upvote_stand_ins import Bit9Binary, constants
 
 import gae_deferred as deferred

@@ -7,25 +7,9 @@ In memory here; test_ported_e2e.py runs the same chain on the local stack.
 
 from __future__ import annotations
 
-from importlib import reload
-
 import schema_update_main as main
-import schema_update_models_v1 as models_v1
-import schema_update_models_v2 as models_v2
 import webtest
-from google.cloud import ndb
-
-
-def add_v1_pictures(count: int) -> None:
-    reload(models_v1)
-    ndb.put_multi(
-        [models_v1.Picture(author=f"author {n}", name=f"picture {n}") for n in range(count)]
-    )
-
-
-def updated_pictures() -> list:
-    reload(models_v2)
-    return [p for p in models_v2.Picture.query().fetch() if p.num_votes == 1]
+from ported_fixtures import add_v1_pictures, updated_pictures
 
 
 def test_update_schema_chains_one_task_per_page_with_cursors(deferred_tasks):

@@ -16,13 +16,12 @@ import pytest
 import upvote_change_set as change_set
 import upvote_datastore_utils as datastore_utils
 from google.cloud import ndb
+from ported_fixtures import change, remaining_changes, rule
 from upvote_stand_ins import (
     BIGQUERY_ROWS,
     Bit9Binary,
-    Bit9Rule,
     FileInstance,
     FileRule,
-    RuleChangeSet,
     bit9_utils,
     constants,
 )
@@ -50,25 +49,6 @@ def binary(deferred_tasks: TaskQueue) -> Bit9Binary:
     FileInstance(id=9012, file_catalog_id=1234, computer_id=5678, local_state=1).put(BIT9)
     BIT9.writes.clear()
     return binary
-
-
-def rule(binary: Bit9Binary, rule_id: str, host_id: str | None = None) -> Bit9Rule:
-    created = Bit9Rule(id=rule_id, parent=binary.key, host_id=host_id, policy=POLICY.WHITELIST)
-    created.put()
-    return created
-
-
-def change(binary: Bit9Binary, change_id: str, rules: list[Bit9Rule], change_type: str) -> None:
-    RuleChangeSet(
-        id=change_id,
-        parent=binary.key,
-        rule_keys=[r.key for r in rules],
-        change_type=change_type,
-    ).put()
-
-
-def remaining_changes(binary: Bit9Binary) -> list[str]:
-    return [c.key.id() for c in RuleChangeSet.query(ancestor=binary.key).order("recorded_dt")]
 
 
 # --- change_set.py: one transaction per task, tail defers, PermanentTaskFailure ----------------

@@ -1,6 +1,6 @@
 """What the admin dashboard reads and does, without any web framework.
 
-The webapp2 handlers in ``handlers/deferred_admin.py`` only parse requests and render; every
+The webapp2 handlers in ``handlers/admin/`` only parse requests and render; every
 query, action and JSON shape lives in this package (``spilled``, ``failed``, ``queued``,
 ``overview``, ``filters``, ``jobs``, and what they share in ``_common``) so it can be tested
 and scripted directly (inside an ndb context)::

@@ -16,7 +16,7 @@ from urllib.parse import quote
 from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
-from .. import cloud_tasks, failures, spillover
+from .. import cloud_tasks, defaults, failures, spillover
 from .._config import settings
 from .._model import is_key_name
 from .._signing import derive_key
@@ -151,8 +151,8 @@ def url_id(value: str) -> str:
     return "~" + base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
-#: Where the dashboard is mounted (handlers/_admin_guard.PREFIX): links made here point there.
-PREFIX = "/_ah/deferred-admin"
+#: Where the dashboard is mounted: links made here point there.
+PREFIX = defaults.ADMIN_PREFIX
 
 
 def url_segment(value: str) -> str:
