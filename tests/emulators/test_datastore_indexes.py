@@ -171,7 +171,11 @@ def test_queries_built_in_indexes_serve_run(context: ndb.Key) -> None:
         pytest.param(
             lambda parent: T.query(ndb.OR(T.a == 1, T.b == "y")).order(T.c),
             {},
-            "- kind: IdxThing\n  properties:\n  - name: a\n  - name: c\n",
+            # Either branch may be refused first: both need an index with the sort.
+            (
+                "- kind: IdxThing\n  properties:\n  - name: a\n  - name: c\n",
+                "- kind: IdxThing\n  properties:\n  - name: b\n  - name: c\n",
+            ),
             id="OR branch with sort",
         ),
     ],
@@ -187,7 +191,8 @@ def test_queries_production_refuses_are_refused_with_the_index_to_add(
         make_query(context).fetch(**fetch_options)
     message = str(caught.value)
     assert "no matching index found" in message
-    assert recommended in message + "\n"
+    choices = recommended if isinstance(recommended, tuple) else (recommended,)
+    assert any(choice in message + "\n" for choice in choices), message
 
 
 DECLARED = """indexes:
