@@ -59,9 +59,14 @@ def _other(python: str, *args: str, stdin: str | None = None) -> str:
 @pytest.fixture(params=PARTNERS or [None], ids=lambda partner: partner and partner[0])
 def partner(request):
     if request.param is None:
+        found = [version for version in pythons.OTHERS if pythons.find_python(version)]
         pytest.fail(
             "no venv of another supported Python to run envelopes with: `make test` builds "
-            f"them; {pythons.how_to_get('3.13')}"
+            + (
+                f"them (this machine has Python {', '.join(found)})"
+                if found
+                else f"them; {pythons.how_to_get(pythons.OTHERS[-1])}"
+            )
         )
     return request.param
 

@@ -103,6 +103,7 @@ def test_the_task_flow_walks_every_function_of_the_send_path():
         for name in _functions("gae_deferred.cloud_tasks")
         if "create" in name or name in {"_groups", "_failed_requests", "_as_error", "_refuse"}
     }
+    send_path.discard("cloud_tasks.create_queue")  # the queues CLI's, not a task's
     assert len(send_path) > 25
     assert sorted(send_path - named) == []
 
