@@ -55,3 +55,22 @@ def test_a_star_import_brings_exactly_all_and_nothing_of_webapp2():
     assert webapp2_loaded == "False"
     assert "TaskHandler" not in gae_deferred.__all__ and "TaskHandler" in dir(gae_deferred)
     assert len(set(gae_deferred.__all__)) == len(gae_deferred.__all__)
+
+
+def test_no_public_name_is_also_a_submodule_that_would_shadow_it():
+    """Importing a submodule sets it on the package: a submodule named like a public function
+    (``gae_deferred.batch`` was both) made ``gae_deferred.batch()`` a module after
+    ``import gae_deferred.batch``. Each submodule is imported first, in a fresh interpreter."""
+    package = pathlib.Path(gae_deferred.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")} | {
+        path.name for path in package.iterdir() if (path / "__init__.py").exists()
+    }
+    functions = {name for name in gae_deferred.__all__ if callable(getattr(gae_deferred, name))}
+    assert modules & functions == set()
+    script = (
+        "import importlib, gae_deferred\n"
+        f"for name in {sorted(modules - {'__init__', '__main__'})!r}:\n"
+        "    importlib.import_module('gae_deferred.' + name)\n"
+        "assert callable(gae_deferred.batch) and callable(gae_deferred.defer)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from . import cloud_tasks
     from ._config import Settings, configure, settings
     from ._datastore import ndb_context
-    from .batch import batch
+    from .batching import batch
     from .context import (
         TaskInfo,
         current_task,
