@@ -155,7 +155,6 @@ class _stack:
             port=0,
             queue_yaml=str(queue_yaml),
             project=BENCH_PROJECT,
-            location="us-central1",
             app_url="http://127.0.0.1:9",
             latency_ms=LATENCY_MS,
         ).start()

@@ -217,8 +217,6 @@ def _emulators(base: pathlib.Path) -> Iterator[tuple[str, str]]:
                 str(queue_yaml),
                 "--project",
                 _setup.BENCH_PROJECT,
-                "--location",
-                "us-central1",
                 "--app-url",
                 "http://127.0.0.1:9",
             ],

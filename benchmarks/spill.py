@@ -174,7 +174,6 @@ def run(*, quick: bool) -> Section:
             port=0,
             queue_yaml=str(queue_yaml),
             project=BENCH_PROJECT,
-            location="us-central1",
             app_url="http://127.0.0.1:9",
         ).start()
         os.environ["DATASTORE_EMULATOR_HOST"] = datastore.address

@@ -36,6 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from .. import defaults
 from ..queue_config import QueueYamlError, load_queue_yaml
 from ._process import spawn
 from .app_yaml import AppYaml, load_app_yaml
@@ -49,7 +50,7 @@ DEFAULT_APP_PORT = 8080
 DEFAULT_DATASTORE_PORT = 8081
 DEFAULT_TASKS_PORT = 8123
 DEFAULT_PROJECT = "gae-deferred-local"
-DEFAULT_LOCATION = "us-central1"
+DEFAULT_LOCATION = defaults.LOCATION
 #: How a user starts the stack, with ``{args}`` where options go: port-in-use messages suggest
 #: this command (gae-deferred-dev sets it; `make run` passes its own through the environment).
 DEFAULT_COMMAND = "gae-deferred-dev app.yaml {args}"

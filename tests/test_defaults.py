@@ -56,3 +56,15 @@ def test_the_settings_routes_and_dashboard_start_from_the_defaults():
         "max_backoff_seconds": retry.max_backoff_seconds,
         "max_doublings": retry.max_doublings,
     } == task_backoff.DEFAULTS
+
+
+def test_the_local_stack_and_benchmarks_take_the_default_location_from_defaults():
+    others = sorted((ROOT / "emulators").rglob("*.py")) + sorted(
+        (ROOT / "benchmarks").rglob("*.py")
+    )
+    written = [
+        str(path.relative_to(ROOT))
+        for path in others
+        if defaults.LOCATION in _string_constants(path)
+    ]
+    assert written == []

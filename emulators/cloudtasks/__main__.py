@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ... import defaults
 from ...queue_config import QueueYamlError
 from .._serve import serve_until_signalled
 from ..errors import PortInUseError
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-project"
     )
     parser.add_argument(
-        "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or "us-central1"
+        "--location", default=os.environ.get("GAE_DEFERRED_LOCATION") or defaults.LOCATION
     )
     parser.add_argument("--app-url", default="http://127.0.0.1:8080", help="the default service")
     parser.add_argument(

@@ -36,7 +36,7 @@ from google.cloud import tasks_v2
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
-from ... import queue_config
+from ... import defaults, queue_config
 from ..errors import PortInUseError, RpcError, invalid
 from .operations import BatchKind, Operations
 from .routing import ServiceRoutes
@@ -181,7 +181,7 @@ class CloudTasksEmulator:
         data_dir: str | os.PathLike[str] | None = None,
         queue_yaml: str | os.PathLike[str] | None = "queue.yaml",
         project: str = "local-project",
-        location: str = "us-central1",
+        location: str = defaults.LOCATION,
         app_url: str = "http://127.0.0.1:8080",
         default_dispatch_deadline: float = 600.0,
         latency_ms: float = 0.0,
