@@ -35,7 +35,8 @@ from google.cloud import tasks_v2
 from google.protobuf import empty_pb2
 
 from ... import queue_config
-from . import dispatch
+from . import dispatch, http_delivery
+from .oidc import OidcIssuer
 from .routing import ServiceRoutes, routing_of
 from .store import Store
 
@@ -175,6 +176,7 @@ class CloudTasksEmulator:
         default_dispatch_deadline: float = 600.0,
         latency_ms: float = 0.0,
         services: Mapping[str, str] | None = None,
+        oidc_port: int | None = None,
     ) -> None:
         if not (latency_ms >= 0 and math.isfinite(latency_ms)):
             raise ValueError(f"latency_ms must be a finite number >= 0, not {latency_ms!r}")
@@ -194,6 +196,10 @@ class CloudTasksEmulator:
         #: Every RPC waits this long before it is handled, like a network round trip to the
         #: real service (benchmarks measure fan-out against it); RPCs wait in parallel.
         self.latency_ms = latency_ms
+        #: HTTP-target tasks with an oidc_token: the issuer signing their tokens, serving its
+        #: key on this port (0: any free one) from start(); None: such tasks are refused.
+        self.oidc_port = oidc_port
+        self.oidc: OidcIssuer | None = None
         self.rpc_counts: collections.Counter[str] = collections.Counter()
         self.dispatch_log: list[dict[str, Any]] = []
         self._lock = threading.RLock()
@@ -236,6 +242,12 @@ class CloudTasksEmulator:
         if port == 0:
             raise PortInUseError(f"cannot bind {self.host}:{self._requested_port}")
         self.port = port
+        if self.oidc_port is not None:
+            try:
+                self.oidc = OidcIssuer(self.host, self.oidc_port, self.data_dir).start()
+            except OSError as exc:
+                server.stop(0)
+                raise PortInUseError(f"cannot bind {self.host}:{self.oidc_port}: {exc}") from exc
         self._store = Store(self.data_dir)
         with self._lock:
             self._restore(definitions)
@@ -251,6 +263,8 @@ class CloudTasksEmulator:
         """Stop serving and dispatching; attempts still running are abandoned."""
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.oidc is not None:
+            self.oidc.stop()
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
@@ -391,7 +405,8 @@ class CloudTasksEmulator:
         copy = TaskPb()
         copy.CopyFrom(task.pb)
         if view != View.FULL:
-            copy.app_engine_http_request.ClearField("body")
+            target = "http_request" if copy.HasField("http_request") else "app_engine_http_request"
+            getattr(copy, target).ClearField("body")
             copy.view = View.BASIC
         else:
             copy.view = View.FULL
@@ -432,30 +447,12 @@ class CloudTasksEmulator:
         task = TaskPb()
         task.CopyFrom(request.task)
         if task.HasField("http_request"):
-            raise _invalid(
-                "this emulator supports only App Engine tasks (app_engine_http_request); "
-                "http_request tasks are not supported"
-            )
-        if not task.HasField("app_engine_http_request"):
-            raise _invalid("task.app_engine_http_request is required")
-        request_pb = task.app_engine_http_request
-        if not request_pb.relative_uri:
-            request_pb.relative_uri = "/"
-        uri = request_pb.relative_uri
-        if not uri.startswith("/") or " " in uri or len(uri) > 2083:
-            raise _invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
-        if request_pb.http_method not in _METHODS:
-            raise _invalid(f"unknown http_method {request_pb.http_method}")
-        if request_pb.body and _METHODS[request_pb.http_method] not in ("POST", "PUT"):
-            raise _invalid("a body is allowed only for POST and PUT tasks")
-        for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
-            del request_pb.headers[key]
-        size = len(request_pb.body) + len(uri.encode())
-        size += sum(len(k.encode()) + len(v.encode()) for k, v in request_pb.headers.items())
-        if size > MAX_TASK_BYTES:
-            raise _invalid(
-                f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
-            )
+            try:
+                http_delivery.check(task.http_request, self.oidc)
+            except ValueError as exc:
+                raise _invalid(str(exc)) from None
+        else:
+            self._check_app_engine_request(task)
         if task.HasField("dispatch_deadline"):
             deadline = _seconds(task.dispatch_deadline)
             if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
@@ -493,6 +490,28 @@ class CloudTasksEmulator:
             self._persist_task(state)
             self._push(queue, state)
             return self._view(state, request.response_view)
+
+    def _check_app_engine_request(self, task: Any) -> None:
+        if not task.HasField("app_engine_http_request"):
+            raise _invalid("task.app_engine_http_request is required")
+        request_pb = task.app_engine_http_request
+        if not request_pb.relative_uri:
+            request_pb.relative_uri = "/"
+        uri = request_pb.relative_uri
+        if not uri.startswith("/") or " " in uri or len(uri) > 2083:
+            raise _invalid(f"invalid relative_uri {uri[:100]!r}: must start with '/', no spaces")
+        if request_pb.http_method not in _METHODS:
+            raise _invalid(f"unknown http_method {request_pb.http_method}")
+        if request_pb.body and _METHODS[request_pb.http_method] not in ("POST", "PUT"):
+            raise _invalid("a body is allowed only for POST and PUT tasks")
+        for key in [key for key in request_pb.headers if _FORBIDDEN_HEADER.match(key)]:
+            del request_pb.headers[key]
+        size = len(request_pb.body) + len(uri.encode())
+        size += sum(len(k.encode()) + len(v.encode()) for k, v in request_pb.headers.items())
+        if size > MAX_TASK_BYTES:
+            raise _invalid(
+                f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
+            )
 
     def _get_task(self, request: Any) -> tasks_v2.Task:
         with self._lock:
@@ -754,24 +773,12 @@ class CloudTasksEmulator:
 
     def _begin_attempt(self, queue: _Queue, task: _Task, now: float, forced: bool) -> None:
         pb = task.pb
-        request = pb.app_engine_http_request
-        headers = dict(request.headers)
-        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
-        headers = {k: v for k, v in headers.items() if k.lower() != "user-agent"}
-        headers["User-Agent"] = (
-            f"{user_agent} {dispatch.USER_AGENT}" if user_agent else dispatch.USER_AGENT
-        )
-        if request.body and not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/octet-stream"
-        headers["X-AppEngine-QueueName"] = _short(queue.pb.name)
-        headers["X-AppEngine-TaskName"] = _short(pb.name)
-        headers["X-AppEngine-TaskRetryCount"] = str(task.failures)
-        headers["X-AppEngine-TaskExecutionCount"] = str(pb.response_count)
-        headers["X-AppEngine-TaskETA"] = f"{task.scheduled:.6f}"
-        if task.previous_status is not None:
-            headers["X-AppEngine-TaskPreviousResponse"] = str(task.previous_status)
-        if task.retry_reason:
-            headers["X-AppEngine-TaskRetryReason"] = task.retry_reason
+        if pb.HasField("http_request"):
+            url, method, uri, headers, body = http_delivery.delivery(
+                pb, _short(queue.pb.name), task, self.oidc
+            )
+        else:
+            url, method, uri, headers, body = self._app_engine_delivery(queue, task)
         pb.dispatch_count += 1
         pb.last_attempt.Clear()
         pb.last_attempt.schedule_time.CopyFrom(pb.schedule_time)
@@ -785,21 +792,30 @@ class CloudTasksEmulator:
         # under the lock the scheduler holds, was a quarter of the emulator's CPU per task; all
         # a crash mid-attempt loses is that attempt's counters (the task is redelivered).
         deadline = _seconds(pb.dispatch_deadline) or self.default_dispatch_deadline
+        queue.pool.submit(
+            self._attempt, url, queue, pb.name, method, uri, headers, body, deadline, forced
+        )
+
+    def _app_engine_delivery(
+        self, queue: _Queue, task: _Task
+    ) -> tuple[str, str, str, dict[str, str], bytes]:
+        """(service URL, method, relative URI, headers, body) of an App Engine task's attempt."""
+        pb = task.pb
+        request = pb.app_engine_http_request
+        headers = dict(request.headers)
+        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
+        headers = {k: v for k, v in headers.items() if k.lower() != "user-agent"}
+        headers["User-Agent"] = (
+            f"{user_agent} {dispatch.USER_AGENT}" if user_agent else dispatch.USER_AGENT
+        )
+        if request.body and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/octet-stream"
+        headers.update(dispatch.task_headers("X-AppEngine-", _short(queue.pb.name), task))
         url, note = ServiceRoutes(self.app_url, self.services).resolve(*routing_of(queue.pb, pb))
         if note:
             log.warning("task %s: %s", _short(pb.name), note)
-        queue.pool.submit(
-            self._attempt,
-            url,
-            queue,
-            pb.name,
-            _METHODS[request.http_method],
-            request.relative_uri or "/",
-            headers,
-            bytes(request.body),
-            deadline,
-            forced,
-        )
+        method = _METHODS[request.http_method]
+        return url, method, request.relative_uri or "/", headers, bytes(request.body)
 
     def _attempt(
         self,
@@ -838,7 +854,10 @@ class CloudTasksEmulator:
                 "status": result.status,
                 "error": result.error,
                 "time": now,
-                "retry_count": int(headers["X-AppEngine-TaskRetryCount"]),
+                "retry_count": int(
+                    headers.get("X-AppEngine-TaskRetryCount")
+                    or headers["X-CloudTasks-TaskRetryCount"]
+                ),
                 "forced": forced,
             }
         )

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     )
     from .execution import TaskOutcome, execute_task, run, set_log_level
     from .failures import FailureState
+    from .http_target import HttpTarget
     from .idempotency import idempotent
     from .iteration import (
         Job,
@@ -98,6 +99,7 @@ _EXPORTS = {
     "ndb_context": "._datastore",
     "batch": ".batch",
     "TaskInfo": ".context",
+    "HttpTarget": ".http_target",
     "current_task": ".context",
     "queue_name": ".context",
     "task_execution_count": ".context",
@@ -210,6 +212,7 @@ __all__ = [
     "Error",
     "FailureState",
     "Handler",
+    "HttpTarget",
     "InvalidTaskError",
     "InvalidTaskNameError",
     "InvalidTaskRetryOptionsError",
