@@ -7,9 +7,7 @@ signed with another RSA key, or not at all.
 
 from __future__ import annotations
 
-import base64
 import datetime
-import json
 import threading
 import time
 import wsgiref.simple_server
@@ -17,10 +15,7 @@ import wsgiref.simple_server
 import pytest
 import webapp2
 import webtest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from google.api_core import exceptions as api_exceptions
-from google.auth import crypt, jwt
 
 import gae_deferred
 from gae_deferred import (
@@ -35,6 +30,7 @@ from gae_deferred import _config as config
 from gae_deferred.cloud_tasks import TaskSpec, build_task
 from gae_deferred.local.cloudtasks.oidc import OidcIssuer
 from gae_deferred.webapp2 import deferred_middleware, deferred_routes
+from tests.oidc_support import foreign_token, unsigned_token
 from tests.stack_support import cloud_tasks_emulator, wait_for
 
 ACCOUNT = "tasks@test-project.iam.gserviceaccount.com"
@@ -93,16 +89,6 @@ def post(app, headers, body=None):
     return app.post("/_ah/queue/deferred", body or body_for(), headers=headers, status="*")
 
 
-def _other_signer(kid):
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return crypt.RSASigner.from_string(pem, key_id=kid)
-
-
 def _claims(issuer, **changes):
     now = int(time.time())
     claims = {
@@ -116,13 +102,6 @@ def _claims(issuer, **changes):
     }
     claims.update(changes)
     return claims
-
-
-def _unsigned(claims):
-    def part(data):
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 def test_a_real_token_runs_the_task_named_by_the_cloud_tasks_headers(app, issuer):
@@ -144,10 +123,10 @@ REFUSED = {
     "not a bearer token": lambda issuer: {"Authorization": "Basic dGFza3M6eA=="},
     "garbage": lambda issuer: bearer("not.a.token"),
     "forged with another key, same key id": lambda issuer: bearer(
-        jwt.encode(_other_signer(issuer.kid), _claims(issuer)).decode()
+        foreign_token(_claims(issuer), issuer.kid)
     ),
     "forged with another key and key id": lambda issuer: bearer(
-        jwt.encode(_other_signer("other-kid"), _claims(issuer)).decode()
+        foreign_token(_claims(issuer), "other-kid")
     ),
     "expired": lambda issuer: bearer(issuer.sign(ACCOUNT, SERVICE_URL, now=time.time() - 7200)),
     "wrong audience": lambda issuer: bearer(issuer.sign(ACCOUNT, "https://other.a.run.app")),
@@ -155,12 +134,12 @@ REFUSED = {
         issuer.sign("intruder@test-project.iam.gserviceaccount.com", SERVICE_URL)
     ),
     "email not verified": lambda issuer: bearer(
-        jwt.encode(issuer._signer, _claims(issuer, email_verified=False)).decode()
+        issuer.sign(ACCOUNT, SERVICE_URL, email_verified=False)
     ),
     "another issuer": lambda issuer: bearer(
-        jwt.encode(issuer._signer, _claims(issuer, iss="https://evil.example")).decode()
+        issuer.sign(ACCOUNT, SERVICE_URL, iss="https://evil.example")
     ),
-    "unsigned (alg none)": lambda issuer: bearer(_unsigned(_claims(issuer))),
+    "unsigned (alg none)": lambda issuer: bearer(unsigned_token(_claims(issuer))),
 }
 MESSAGES = {
     "no token": "no OIDC token (Authorization: Bearer)",
@@ -231,7 +210,7 @@ def test_keys_are_fetched_once_and_again_only_for_an_unknown_key_id(app, issuer)
         assert post(app, {**CT_TASK, **bearer(issuer.sign(ACCOUNT, SERVICE_URL))}).status_int == 200
     assert issuer.key_fetches == 1
 
-    forged = jwt.encode(_other_signer("rotated-kid"), _claims(issuer)).decode()
+    forged = foreign_token(_claims(issuer), "rotated-kid")
     for _ in range(3):
         assert post(app, {**CT_TASK, **bearer(forged)}).status_int == 403
     # One refetch for the unknown key id, then none for UNKNOWN_KID_REFETCH seconds.
