@@ -432,3 +432,19 @@ def test_the_emulator_refuses_oidc_tasks_when_it_signs_no_tokens(tasks_emulator,
 
 def _now():
     return datetime.datetime.now(datetime.UTC)
+
+
+def test_the_dashboard_shows_a_queued_http_target_task(emulator_with_issuer, ndb_stub):
+    from gae_deferred.admin import queued
+
+    gae_deferred.configure(http_target=HttpTarget(SERVICE_URL, ACCOUNT))
+    gae_deferred.cloud_tasks.pause_queue("default")
+    task = defer(record_run, "queued")
+
+    detail = queued.task_detail("default", task.name)
+
+    function = f"{record_run.__module__}.record_run"
+    assert detail["url"] == f"{SERVICE_URL}/_ah/queue/deferred/{function}"
+    assert detail["function"] == function
+    assert detail["method"] == "POST" and detail["routing"] == {}
+    assert detail["body_bytes"] > 0 and detail["envelope"]["function"] == function
