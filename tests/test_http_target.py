@@ -218,7 +218,7 @@ def test_a_verified_token_without_task_headers_is_not_from_the_queue(app, issuer
 
 def test_tokens_are_refused_once_past_the_clock_skew(app, issuer):
     now = int(time.time())
-    late = issuer.sign(ACCOUNT, SERVICE_URL, exp=now - http_target.CLOCK_SKEW - 2)
+    late = issuer.sign(ACCOUNT, SERVICE_URL, exp=now - http_target.CLOCK_SKEW - 1)
     within = issuer.sign(ACCOUNT, SERVICE_URL, exp=now - http_target.CLOCK_SKEW + 2)
 
     assert post(app, {**CT_TASK, **bearer(late)}).status_int == 403
@@ -232,6 +232,19 @@ def test_keys_are_fetched_again_when_their_max_age_is_over(app, issuer, monkeypa
     for _ in range(2):
         assert post(app, {**CT_TASK, **bearer(issuer.sign(ACCOUNT, SERVICE_URL))}).status_int == 200
     assert issuer.key_fetches == 2
+
+
+def test_keys_that_cannot_be_read_are_unavailable_with_the_reason(issuer, monkeypatch):
+    token = issuer.sign(ACCOUNT, SERVICE_URL)
+    monkeypatch.setattr(issuer, "documents", lambda: {"/oauth2/v1/certs": ["not", "keys"]})
+    with pytest.raises(http_target.CertsUnavailable) as caught:
+        http_target._keys_for(issuer.certs_url).request(token)
+    assert str(caught.value) == f"the token keys at {issuer.certs_url} are not a JSON object"
+
+    issuer.stop()
+    with pytest.raises(http_target.CertsUnavailable) as caught:
+        http_target._keys_for(issuer.certs_url).request(token)
+    assert str(caught.value).startswith(f"cannot fetch the token keys at {issuer.certs_url}: ")
 
 
 def test_keys_are_fetched_once_and_again_only_for_an_unknown_key_id(app, issuer):
