@@ -174,6 +174,18 @@ def _parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         default=0,
         help="gunicorn's internal port, where Cloud Tasks dispatches (default: any free port)",
     )
+    parser.add_argument(
+        "--http-target",
+        action="store_true",
+        help="Cloud Run's way: HTTP-target tasks with OIDC tokens the Cloud Tasks emulator "
+        "signs, which the app verifies (docs/cloud-run.md)",
+    )
+    parser.add_argument(
+        "--oidc-port",
+        type=int,
+        default=0,
+        help="with --http-target: where the emulator serves its token keys (default: any free)",
+    )
     parser.add_argument("--project", default=defaults["project"])
     parser.add_argument("--location", default=defaults["location"])
     parser.add_argument("--no-reload", action="store_true", help="no gunicorn --reload")
@@ -226,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is not None:
             print(f"{PROG}: --datastore {args.datastore}: {reason}", file=sys.stderr)
             return 2
+    if args.http_target and len(args.app_yaml) > 1:
+        print(
+            f"{PROG}: --http-target takes one app.yaml: HTTP-target tasks go to one URL, the "
+            "service's own (on Cloud Run, one service per URL)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         stack = service_stack(
             args.app_yaml,
@@ -240,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=_command(args.app_yaml),
             datastore=args.datastore,
             gcloud_sdk=args.gcloud_sdk,
+            http_target=args.http_target,
+            oidc_port=args.oidc_port,
         )
         for app in [stack.app, *(s.app for s in getattr(stack, "services", {}).values())]:
             for problem in deploy_problems(app.document):

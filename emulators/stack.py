@@ -67,6 +67,11 @@ _OWNED_ENV = (
     "GAE_DEFERRED_QUEUE_YAML",
     "GAE_DEFERRED_LOCAL_PORT",
     "GAE_DEFERRED_CRON_TOKEN",
+    "GAE_DEFERRED_HTTP_TARGET_URL",
+    "GAE_DEFERRED_HTTP_TARGET_SERVICE_ACCOUNT",
+    "GAE_DEFERRED_HTTP_TARGET_AUDIENCE",
+    "GAE_DEFERRED_HTTP_TARGET_CERTS_URL",
+    "GAE_DEFERRED_HTTP_TARGET_ISSUER",
 )
 #: What an index.yaml-less app gets: no composite index, as in production.
 _NO_INDEXES = (
@@ -240,6 +245,8 @@ class LocalStack:
         command: str = DEFAULT_COMMAND,
         datastore: str = "builtin",
         gcloud_sdk: str | os.PathLike[str] | None = None,
+        http_target: bool = False,
+        oidc_port: int = 0,
     ) -> None:
         if datastore not in DATASTORE_CHOICES:
             raise ValueError(f"datastore must be one of {DATASTORE_CHOICES}, not {datastore!r}")
@@ -277,6 +284,11 @@ class LocalStack:
         #: gunicorn's internal loopback port, behind the front end and where Cloud Tasks
         #: dispatches: 0 chooses one once in start(), kept across restarts like the others.
         self.backend_port = backend_port
+        #: Cloud Run's way (``--http-target``): defer() makes HTTP-target tasks for the app's
+        #: URL, the Cloud Tasks emulator signs their OIDC tokens with its own key and serves
+        #: it on ``oidc_port`` (0: one chosen in start()), and the app verifies them there.
+        self.http_target = http_target
+        self.oidc_port = oidc_port
         #: The command port-in-use messages suggest (``{args}``: where options go).
         self.command = command
         #: Authenticates the cron timer's requests to the app; new for every stack object.
@@ -355,7 +367,19 @@ class LocalStack:
         }
         if self.queue_yaml is not None:
             env["GAE_DEFERRED_QUEUE_YAML"] = str(self.queue_yaml)
+        if self.http_target:
+            issuer = f"http://{self.host}:{self.oidc_port}"
+            env["GAE_DEFERRED_HTTP_TARGET_URL"] = self.dispatch_url
+            env["GAE_DEFERRED_HTTP_TARGET_SERVICE_ACCOUNT"] = self.tasks_service_account
+            # The emulator's keys, never Google's: settings refuse these outside local mode.
+            env["GAE_DEFERRED_HTTP_TARGET_CERTS_URL"] = f"{issuer}/oauth2/v1/certs"
+            env["GAE_DEFERRED_HTTP_TARGET_ISSUER"] = issuer
         return env
+
+    @property
+    def tasks_service_account(self) -> str:
+        """The service account HTTP-target tasks carry tokens for (``--http-target``)."""
+        return f"tasks@{self.project}.iam.gserviceaccount.com"
 
     def _child_env(self, *, app: bool = False) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if k not in _OWNED_ENV}
@@ -468,6 +492,12 @@ class LocalStack:
             raise StackError(f"the app's internal port {self.backend_port} is also another port")
         elif not self._running("app"):
             check_port_free(self.host, self.backend_port, "app's internal port", self.command)
+        chosen.add(self.backend_port)
+        if self.http_target and self.oidc_port == 0:
+            port = free_port(self.host)
+            while port in chosen:
+                port = free_port(self.host)
+            self.oidc_port = port
 
     def _running(self, key: str) -> bool:
         child = self._children.get({"tasks": "cloudtasks"}.get(key, key))
@@ -563,6 +593,8 @@ class LocalStack:
             argv += ["--queue-yaml", str(self.queue_yaml)]
         for service, url in self.service_urls().items():
             argv += ["--service-url", f"{service}={url}"]
+        if self.http_target:
+            argv += ["--oidc-port", str(self.oidc_port)]
         self._spawn(
             "cloudtasks",
             argv,
@@ -783,6 +815,11 @@ class LocalStack:
                 f"  dashboard  {self.dashboard_url}",
                 f"  datastore  {self.datastore_host} (gRPC{_DATASTORE_TITLE[self.datastore]})",
                 f"  tasks      {self.tasks_host} (gRPC)",
+                *(
+                    [f"  tokens     http://{self.host}:{self.oidc_port}/ (HTTP-target OIDC keys)"]
+                    if self.http_target
+                    else []
+                ),
                 f"  state      {rel}/   logs {rel}/logs/",
                 f"  another shell: . {rel}/env   then defer() from any Python process",
                 "Ctrl-C stops everything.",

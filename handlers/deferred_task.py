@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import webapp2
 
-from gae_deferred import TaskInfo, defaults, execute_task, refusals, tracing
+from gae_deferred import TaskInfo, defaults, execute_task, http_target, refusals, tracing
 
 from ._admin_guard import TASK_SECURITY_HEADERS
 
@@ -80,7 +80,13 @@ class DeferredTaskHandler(webapp2.RequestHandler):
 
     def post(self, function: str | None = None) -> None:
         environ = self.request.environ
-        task = TaskInfo.from_environ(environ)
+        try:
+            task = TaskInfo.from_environ(environ)
+        except http_target.Unproven as exc:
+            # An HTTP target's OIDC token is missing or bad: nothing of the body is read.
+            outcome = http_target.outcome_for(exc)
+            self._answer(outcome.status, outcome.result)
+            return
         if task is None:
             # No task headers: nothing of the body is read.
             refusals.record("not-from-queue", None, "no task queue headers")

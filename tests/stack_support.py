@@ -102,8 +102,10 @@ def pointed_at(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[L
 @contextlib.contextmanager
 def cloud_tasks_emulator(
     queue_yaml: pathlib.Path = ROOT / "queue.yaml",
+    oidc_port: int | None = None,
 ) -> Iterator[CloudTasksEmulator]:
-    """An in-process Cloud Tasks emulator on a free port with ``queue_yaml``'s queues.
+    """An in-process Cloud Tasks emulator on a free port with ``queue_yaml``'s queues (and an
+    OIDC issuer for HTTP-target tasks on ``oidc_port``, when given).
 
     While open, CLOUD_TASKS_EMULATOR_HOST points at it and gae_deferred's client is fresh;
     on exit the emulator stops and the variable gets its previous value back.
@@ -120,6 +122,8 @@ def cloud_tasks_emulator(
         location="us-central1",
         # Nothing listens there: tests pause queues when they need tasks to stay put.
         app_url="http://127.0.0.1:9",
+        # HTTP-target tasks go to their own URL; their tokens need the issuer (0: any port).
+        oidc_port=oidc_port,
     ).start()
     previous = os.environ.get("CLOUD_TASKS_EMULATOR_HOST")
     os.environ["CLOUD_TASKS_EMULATOR_HOST"] = f"127.0.0.1:{emulator.port}"

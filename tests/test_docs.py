@@ -118,3 +118,64 @@ def test_every_test_reliability_md_names_for_a_promise_exists():
     }
     assert len(named) >= 10
     assert named - defined == set()
+
+
+def _cloud_run_md() -> str:
+    return (ROOT / "docs" / "cloud-run.md").read_text(encoding="utf-8")
+
+
+def test_every_test_cloud_run_md_names_exists():
+    """docs/cloud-run.md backs each claim with tests by name: they must exist."""
+    section = _cloud_run_md().split("## What backs this page", 1)[1]
+    files = list((ROOT / "tests").rglob("test_*.py"))
+    named = set(re.findall(r"\b(test_\w+)", section)) - {path.stem for path in files}
+    defined = {
+        match
+        for path in files
+        for match in re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M)
+    }
+    assert len(named) >= 25
+    assert named - defined == set()
+
+
+def test_cloud_run_md_names_real_settings_and_commands():
+    from gae_deferred import _config, http_target, refusals
+    from gae_deferred.webapp2 import deferred_task
+
+    text = _cloud_run_md()
+    # Every HTTP_TARGET variable the page names is read, and each sets its field.
+    named = set(re.findall(r"GAE_DEFERRED_HTTP_TARGET_(\w+)", text))
+    assert named == {"URL", "SERVICE_ACCOUNT", "AUDIENCE", "CERTS_URL", "ISSUER"}
+    env = {
+        "GAE_DEFERRED_HTTP_TARGET_URL": "https://w.a.run.app",
+        "GAE_DEFERRED_HTTP_TARGET_SERVICE_ACCOUNT": "t@p.iam.gserviceaccount.com",
+        "GAE_DEFERRED_HTTP_TARGET_AUDIENCE": "aud",
+        "GAE_DEFERRED_HTTP_TARGET_CERTS_URL": "http://127.0.0.1:1/certs",
+        "GAE_DEFERRED_HTTP_TARGET_ISSUER": "http://127.0.0.1:1",
+    }
+    assert http_target.from_environment(env) == http_target.HttpTarget(
+        "https://w.a.run.app",
+        "t@p.iam.gserviceaccount.com",
+        "aud",
+        "http://127.0.0.1:1/certs",
+        ("http://127.0.0.1:1",),
+    )
+    # The other settings it names exist.
+    source = (ROOT / "lib" / "gae_deferred" / "_config.py").read_text(encoding="utf-8")
+    for name in set(re.findall(r"\b(GAE_DEFERRED_\w+)", text)) - {
+        f"GAE_DEFERRED_HTTP_TARGET_{field}" for field in named
+    }:
+        assert f'"{name}"' in source, name
+    # The Dockerfile's command and the Procfile's are one, with gunicorn_conf and main:app.
+    cmd = re.search(r"^CMD exec (.*?)$(?<!\\)", text.replace("\\\n    ", ""), re.M).group(1)
+    procfile = re.search(r"`web: (.*?)`", text).group(1)
+    assert cmd == procfile
+    assert "-c python:gae_deferred.webapp2.gunicorn_conf" in cmd and cmd.endswith(" main:app")
+    importlib.import_module("gae_deferred.webapp2.gunicorn_conf")
+    # Numbers and names it states.
+    assert "bad-token" in refusals.REASONS and "`bad-token`" in text
+    assert _config.Settings().task_deadline_seconds == 600 and "(600)" in text
+    assert _config.APP_ENGINE_TASK_LIMIT == 100 * 1024
+    assert deferred_task.MAX_BODY_BYTES == 1024 * 1024
+    assert http_target.UNKNOWN_KID_REFETCH == 30 and "at most every 30 s" in text
+    assert http_target.GOOGLE_CERTS_URL in text

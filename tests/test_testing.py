@@ -121,6 +121,21 @@ def test_captured_task_describes_what_cloud_tasks_would_get():
     assert task.size == created.task_bytes and task.payload_bytes == created.payload_bytes
 
 
+def test_capture_takes_http_target_tasks_too():
+    gae_deferred.configure(
+        http_target=gae_deferred.HttpTarget(
+            "https://worker-abc123-ew.a.run.app", "tasks@p.iam.gserviceaccount.com"
+        )
+    )
+    with capture_tasks() as queue:
+        defer(fan_out, 1)
+        [task] = queue.tasks
+        assert task.url == f"/_ah/queue/deferred/{__name__}.fan_out" and task.routing == {}
+        assert task.function == f"{__name__}.fan_out"
+        assert queue.run_all() == 2
+    assert [run[:2] for run in RUNS] == [("fan_out", 1), ("fan_out", 0)]
+
+
 def test_run_all_runs_the_tasks_tasks_defer_until_none_is_left():
     with capture_tasks() as queue:
         defer(fan_out, 3, _countdown=30)

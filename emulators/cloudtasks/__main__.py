@@ -2,7 +2,7 @@
 
     python -m gae_deferred.local.cloudtasks --host 127.0.0.1 --port 8123 \
         --data-dir .local/cloudtasks --queue-yaml queue.yaml --project P --location L \
-        --app-url http://127.0.0.1:8080 [--latency-ms 20]
+        --app-url http://127.0.0.1:8080 [--latency-ms 20] [--oidc-port 8124]
 
 Prints ``cloud tasks emulator listening on HOST:PORT`` once ready. Without ``--queue-yaml``
 there is only the ``default`` queue (an app folder without queue.yaml). Exit code 2 when the
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         help="another service of the app (repeat): tasks routed to it go there",
     )
     parser.add_argument(
+        "--oidc-port",
+        type=int,
+        default=None,
+        help="sign HTTP-target tasks' OIDC tokens and serve the key (JWKS, certificates, "
+        "OpenID discovery) over HTTP on this port (0: any free port)",
+    )
+    parser.add_argument(
         "--latency-ms",
         type=_latency,
         default=0.0,
@@ -93,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app_url=args.app_url,
         latency_ms=args.latency_ms,
         services=routes.services,
+        oidc_port=args.oidc_port,
     )
     try:
         emulator.start()
@@ -100,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid queue.yaml:\n{exc.format()}", file=sys.stderr)
         return 2
     except PortInUseError:
-        print(f"error: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        port = args.oidc_port if emulator.port and args.oidc_port is not None else args.port
+        print(f"error: port {port} on {args.host} is already in use", file=sys.stderr)
         return 2
+    if emulator.oidc is not None:
+        print(f"cloud tasks emulator signs OIDC tokens: {emulator.oidc.issuer}", flush=True)
     serve_until_signalled(f"cloud tasks emulator listening on {args.host}:{emulator.port}")
     emulator.stop()
     print("cloud tasks emulator stopped", flush=True)

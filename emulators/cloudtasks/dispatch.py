@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
 
 USER_AGENT = "AppEngine-Google; (+http://code.google.com/appengine)"
 # grpc status codes Cloud Tasks reports in Attempt.response_status for HTTP outcomes.
@@ -81,6 +82,24 @@ def send(
         return AttemptResult(None, f"connection error: {exc.__class__.__name__}")
     finally:
         conn.close()
+
+
+def task_headers(prefix: str, queue: str, task: Any) -> dict[str, str]:
+    """The task headers of one attempt: ``prefix`` is ``X-AppEngine-`` (App Engine tasks) or
+    ``X-CloudTasks-`` (HTTP targets); ``task`` is the emulator's record of the task (its
+    ``pb``, ``failures``, ``scheduled``, ``previous_status``, ``retry_reason``)."""
+    headers = {
+        f"{prefix}QueueName": queue,
+        f"{prefix}TaskName": task.pb.name.rsplit("/", 1)[-1],
+        f"{prefix}TaskRetryCount": str(task.failures),
+        f"{prefix}TaskExecutionCount": str(task.pb.response_count),
+        f"{prefix}TaskETA": f"{task.scheduled:.6f}",
+    }
+    if task.previous_status is not None:
+        headers[f"{prefix}TaskPreviousResponse"] = str(task.previous_status)
+    if task.retry_reason:
+        headers[f"{prefix}TaskRetryReason"] = task.retry_reason
+    return headers
 
 
 def backoff_seconds(

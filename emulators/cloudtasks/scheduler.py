@@ -32,7 +32,8 @@ from typing import Any
 
 from google.cloud import tasks_v2
 
-from . import dispatch
+from . import dispatch, http_delivery
+from .oidc import OidcIssuer
 from .routing import ServiceRoutes, routing_of
 
 log = logging.getLogger("gae_deferred.local.cloudtasks")
@@ -132,6 +133,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: Signs the tokens of HTTP-target tasks (set by the emulator once it serves its keys).
+        self.oidc: OidcIssuer | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -227,24 +230,12 @@ class Scheduler:
 
     def _begin_attempt(self, queue: QueueState, task: TaskState, now: float, forced: bool) -> None:
         pb = task.pb
-        request = pb.app_engine_http_request
-        headers = dict(request.headers)
-        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
-        headers = {k: v for k, v in headers.items() if k.lower() != "user-agent"}
-        headers["User-Agent"] = (
-            f"{user_agent} {dispatch.USER_AGENT}" if user_agent else dispatch.USER_AGENT
-        )
-        if request.body and not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/octet-stream"
-        headers["X-AppEngine-QueueName"] = short_name(queue.pb.name)
-        headers["X-AppEngine-TaskName"] = short_name(pb.name)
-        headers["X-AppEngine-TaskRetryCount"] = str(task.failures)
-        headers["X-AppEngine-TaskExecutionCount"] = str(pb.response_count)
-        headers["X-AppEngine-TaskETA"] = f"{task.scheduled:.6f}"
-        if task.previous_status is not None:
-            headers["X-AppEngine-TaskPreviousResponse"] = str(task.previous_status)
-        if task.retry_reason:
-            headers["X-AppEngine-TaskRetryReason"] = task.retry_reason
+        if pb.HasField("http_request"):
+            url, method, uri, headers, body = http_delivery.delivery(
+                pb, short_name(queue.pb.name), task, self.oidc
+            )
+        else:
+            url, method, uri, headers, body = self._app_engine_delivery(queue, task)
         pb.dispatch_count += 1
         pb.last_attempt.Clear()
         pb.last_attempt.schedule_time.CopyFrom(pb.schedule_time)
@@ -258,22 +249,31 @@ class Scheduler:
         # under the lock the scheduler holds, was a quarter of the emulator's CPU per task; all
         # a crash mid-attempt loses is that attempt's counters (the task is redelivered).
         deadline = duration_seconds(pb.dispatch_deadline) or self._default_deadline
+        attempt = queue.pool.submit(
+            self._attempt, url, queue, pb.name, method, uri, headers, body, deadline, forced
+        )
+        attempt.add_done_callback(_report_crash)
+
+    def _app_engine_delivery(
+        self, queue: QueueState, task: TaskState
+    ) -> tuple[str, str, str, dict[str, str], bytes]:
+        """(service URL, method, relative URI, headers, body) of an App Engine task's attempt."""
+        pb = task.pb
+        request = pb.app_engine_http_request
+        headers = dict(request.headers)
+        user_agent = next((v for k, v in headers.items() if k.lower() == "user-agent"), None)
+        headers = {k: v for k, v in headers.items() if k.lower() != "user-agent"}
+        headers["User-Agent"] = (
+            f"{user_agent} {dispatch.USER_AGENT}" if user_agent else dispatch.USER_AGENT
+        )
+        if request.body and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/octet-stream"
+        headers.update(dispatch.task_headers("X-AppEngine-", short_name(queue.pb.name), task))
         url, note = self._routes.resolve(*routing_of(queue.pb, pb))
         if note:
             log.warning("task %s: %s", short_name(pb.name), note)
-        attempt = queue.pool.submit(
-            self._attempt,
-            url,
-            queue,
-            pb.name,
-            HTTP_METHODS[request.http_method],
-            request.relative_uri or "/",
-            headers,
-            bytes(request.body),
-            deadline,
-            forced,
-        )
-        attempt.add_done_callback(_report_crash)
+        method = HTTP_METHODS[request.http_method]
+        return url, method, request.relative_uri or "/", headers, bytes(request.body)
 
     def _attempt(
         self,
@@ -312,7 +312,10 @@ class Scheduler:
                 "status": result.status,
                 "error": result.error,
                 "time": now,
-                "retry_count": int(headers["X-AppEngine-TaskRetryCount"]),
+                "retry_count": int(
+                    headers.get("X-AppEngine-TaskRetryCount")
+                    or headers["X-CloudTasks-TaskRetryCount"]
+                ),
                 "forced": forced,
             }
         )

@@ -38,6 +38,8 @@ from google.protobuf import empty_pb2
 
 from ... import defaults, queue_config
 from ..errors import PortInUseError, RpcError, invalid
+from . import http_delivery
+from .oidc import OidcIssuer
 from .operations import BatchKind, Operations
 from .routing import ServiceRoutes
 from .scheduler import (
@@ -126,15 +128,27 @@ def _page(items: list, page_size: int, page_token: str, maximum: int) -> tuple[l
     return items[start:end], (f"o:{end}" if end < len(items) else "")
 
 
-def _checked_task(incoming: Any) -> Any:
+def _checked_task(incoming: Any, issuer: OidcIssuer | None) -> Any:
     """A copy of a CreateTask request's task, validated, its output-only fields cleared."""
     task = TaskPb()
     task.CopyFrom(incoming)
     if task.HasField("http_request"):
-        raise invalid(
-            "this emulator supports only App Engine tasks (app_engine_http_request); "
-            "http_request tasks are not supported"
-        )
+        try:
+            http_delivery.check(task.http_request, issuer)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+    else:
+        _check_app_engine_request(task)
+    if task.HasField("dispatch_deadline"):
+        deadline = duration_seconds(task.dispatch_deadline)
+        if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
+            raise invalid("dispatch_deadline must be between 15s and 24h15s")
+    for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
+        task.ClearField(output_only)
+    return task
+
+
+def _check_app_engine_request(task: Any) -> None:
     if not task.HasField("app_engine_http_request"):
         raise invalid("task.app_engine_http_request is required")
     request_pb = task.app_engine_http_request
@@ -155,13 +169,6 @@ def _checked_task(incoming: Any) -> Any:
         raise invalid(
             f"Task size too large: {size} bytes exceeds the maximum of {MAX_TASK_BYTES} bytes"
         )
-    if task.HasField("dispatch_deadline"):
-        deadline = duration_seconds(task.dispatch_deadline)
-        if deadline and not MIN_DEADLINE <= deadline <= MAX_DEADLINE:
-            raise invalid("dispatch_deadline must be between 15s and 24h15s")
-    for output_only in ("dispatch_count", "response_count", "first_attempt", "last_attempt"):
-        task.ClearField(output_only)
-    return task
 
 
 def _check_batch_size(field: str, size: int, maximum: int, verb: str) -> None:
@@ -186,6 +193,7 @@ class CloudTasksEmulator:
         default_dispatch_deadline: float = 600.0,
         latency_ms: float = 0.0,
         services: Mapping[str, str] | None = None,
+        oidc_port: int | None = None,
     ) -> None:
         if not (latency_ms >= 0 and math.isfinite(latency_ms)):
             raise ValueError(f"latency_ms must be a finite number >= 0, not {latency_ms!r}")
@@ -205,6 +213,10 @@ class CloudTasksEmulator:
         #: Every RPC waits this long before it is handled, like a network round trip to the
         #: real service (benchmarks measure fan-out against it); RPCs wait in parallel.
         self.latency_ms = latency_ms
+        #: HTTP-target tasks with an oidc_token: the issuer signing their tokens, serving its
+        #: key on this port (0: any free one) from start(); None: such tasks are refused.
+        self.oidc_port = oidc_port
+        self.oidc: OidcIssuer | None = None
         self.rpc_counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.RLock()
         self._queues: dict[str, QueueState] = {}
@@ -256,6 +268,13 @@ class CloudTasksEmulator:
         if port == 0:
             raise PortInUseError(f"cannot bind {self.host}:{self._requested_port}")
         self.port = port
+        if self.oidc_port is not None:
+            try:
+                self.oidc = OidcIssuer(self.host, self.oidc_port, self.data_dir).start()
+            except OSError as exc:
+                server.stop(0)
+                raise PortInUseError(f"cannot bind {self.host}:{self.oidc_port}: {exc}") from exc
+            self._scheduler.oidc = self.oidc
         self._store = Store(self.data_dir)
         with self._lock:
             self._restore(definitions)
@@ -268,6 +287,8 @@ class CloudTasksEmulator:
         """Stop serving and dispatching; attempts still running are abandoned."""
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.oidc is not None:
+            self.oidc.stop()
         self._scheduler.stop()
         with self._lock:
             if self._store is not None:
@@ -410,7 +431,8 @@ class CloudTasksEmulator:
         copy = TaskPb()
         copy.CopyFrom(task.pb)
         if view != View.FULL:
-            copy.app_engine_http_request.ClearField("body")
+            target = "http_request" if copy.HasField("http_request") else "app_engine_http_request"
+            getattr(copy, target).ClearField("body")
             copy.view = View.BASIC
         else:
             copy.view = View.FULL
@@ -443,12 +465,12 @@ class CloudTasksEmulator:
     # -- tasks ---------------------------------------------------------------------------
 
     def _create_task(self, request: Any) -> tasks_v2.Task:
-        task = _checked_task(request.task)
+        task = _checked_task(request.task, self.oidc)
         with self._lock:
             return self._add_task(self._queue(request.parent), task, request.response_view)
 
     def _add_request(self, queue: QueueState, request: Any) -> tasks_v2.Task:
-        return self._add_task(queue, _checked_task(request.task), request.response_view)
+        return self._add_task(queue, _checked_task(request.task, self.oidc), request.response_view)
 
     def _add_task(self, queue: QueueState, task: Any, view: int) -> tasks_v2.Task:
         """Name (or dedup), store and schedule one checked task: CreateTask's and a batch's."""

@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     )
     from .execution import TaskOutcome, execute_task, run, set_log_level
     from .failures import FailureState
+    from .http_target import HttpTarget
     from .idempotency import idempotent
     from .iteration import (
         Job,

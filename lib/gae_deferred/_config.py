@@ -23,6 +23,9 @@ from typing import Any
 
 from . import defaults
 from .errors import ConfigurationError
+from .http_target import HttpTarget
+from .http_target import coerce as _coerce_http_target
+from .http_target import from_environment as _http_target_from_environment
 
 MIB = 1024 * 1024
 
@@ -134,6 +137,11 @@ class Settings:
     #: library's unsigned pickles, only for App Engine's own task requests on App Engine
     #: (GAE_DEFERRED_LEGACY_PICKLES_UNTIL=YYYY-MM-DD; gae_deferred.legacy_pickles). Off: None.
     legacy_pickles_until: datetime.date | None = None
+    #: Cloud Run (or any HTTPS host): defer() makes HTTP-target tasks with an OIDC token for
+    #: this URL and service account, and the task handler accepts only requests whose token
+    #: verifies (GAE_DEFERRED_HTTP_TARGET_URL, _SERVICE_ACCOUNT, _AUDIENCE; docs/cloud-run.md).
+    #: None: App Engine tasks.
+    http_target: HttpTarget | None = None
 
 
 _lock = threading.Lock()
@@ -183,6 +191,7 @@ def _from_environment() -> Settings:
         legacy_pickles_until=_date(
             env.get("GAE_DEFERRED_LEGACY_PICKLES_UNTIL"), "GAE_DEFERRED_LEGACY_PICKLES_UNTIL"
         ),
+        http_target=_http_target_from_environment(env),
     )
     _validate(current)
     return current
@@ -267,6 +276,8 @@ def configure(**changes: Any) -> Settings:
         raise ConfigurationError(f"unknown setting(s): {', '.join(unknown)}")
     if "legacy_pickles_until" in changes:
         changes["legacy_pickles_until"] = _date(changes["legacy_pickles_until"], "configure()")
+    if "http_target" in changes:
+        changes["http_target"] = _coerce_http_target(changes["http_target"])
     if "signing_key" in changes and isinstance(changes["signing_key"], str):
         changes["signing_key"] = _decode_key(changes["signing_key"], "configure()")
     with _lock:
@@ -288,6 +299,11 @@ def _validate(current: Settings) -> None:
         raise ConfigurationError(
             "local mode (GAE_DEFERRED_LOCAL=1) makes loopback requests admin and is refused where "
             "GAE_ENV is set (App Engine): unset one of them"
+        )
+    if current.http_target is not None and not (current.http_target.google or current.local_mode):
+        raise ConfigurationError(
+            "http_target's certs_url and issuer are Google's everywhere but on the local stack "
+            "(GAE_DEFERRED_LOCAL=1), whose Cloud Tasks emulator signs its own tokens"
         )
     if not 0 <= current.compression_level <= 9:
         raise ConfigurationError("compression_level must be 0..9")

@@ -41,7 +41,7 @@ from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 from google.protobuf import field_mask_pb2
 
-from . import _outcome
+from . import _outcome, http_target
 from ._config import settings
 from .errors import (
     ConfigurationError,
@@ -204,18 +204,22 @@ def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     constructor through Python, which cost more than the rest of defer() together.
     """
     task = _TaskPb()
-    request = task.app_engine_http_request
+    target = settings().http_target
+    if target is None:
+        request = task.app_engine_http_request
+        request.relative_uri = spec.url
+        if spec.routing:
+            routing = request.app_engine_routing
+            for field, value in spec.routing.items():
+                setattr(routing, field, value)
+    else:
+        request = http_target.build_request(task, target, spec.url, spec.routing)
     request.http_method = _POST
-    request.relative_uri = spec.url
     headers = request.headers
     # Item by item: the map's update() goes through the generic MutableMapping path.
     for name, value in spec.headers.items():
         headers[name] = value
     request.body = body
-    if spec.routing:
-        routing = request.app_engine_routing
-        for field, value in spec.routing.items():
-            setattr(routing, field, value)
     # Exact integer arithmetic, without Timestamp.FromDatetime's pure-Python conversion.
     eta = spec.eta
     if eta.tzinfo is None:

@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._config import settings
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
@@ -45,7 +47,10 @@ class TaskInfo:
         task queue. ``X-CloudTasks-*`` headers (Cloud Tasks HTTP targets) reach the app from
         anyone, so there they never prove anything; off App Engine either family names the
         task (the local stack, tests, other hosts: the envelope's signature and its binding
-        to the task's name and queue are what protect the app there).
+        to the task's name and queue are what protect the app there). With
+        ``settings().http_target`` set (Cloud Run) only a verified OIDC token proves it, then
+        the ``X-CloudTasks-*`` headers name the task; raises
+        :class:`~gae_deferred.http_target.TokenRefused` when the token is missing or bad.
         """
         return cls._read(headers.get, _HEADER_KEYS)
 
@@ -62,7 +67,17 @@ class TaskInfo:
         queue = get(keys["X-AppEngine-QueueName"])
         name = get(keys["X-AppEngine-TaskName"])
         prefix = "X-AppEngine-"
-        if not (queue and name):
+        target = settings().http_target
+        if target is not None and not (queue and name and on_app_engine()):
+            # HTTP target: only a verified OIDC token proves the queue sent it (Cloud Run does
+            # not strip X-AppEngine-* from outside requests); raises TokenRefused.
+            target.verify(get(keys["Authorization"]))
+            prefix = "X-CloudTasks-"
+            queue = get(keys["X-CloudTasks-QueueName"])
+            name = get(keys["X-CloudTasks-TaskName"])
+            if not queue or not name:
+                return None
+        elif not (queue and name):
             if on_app_engine():
                 return None
             prefix = "X-AppEngine-" if queue else "X-CloudTasks-"
@@ -106,6 +121,7 @@ _HEADER_NAMES = [
         "TaskRetryReason",
     )
 ]
+_HEADER_NAMES.append("Authorization")
 _HEADER_KEYS = {name: name for name in _HEADER_NAMES}
 #: WSGI environ keys of the task headers, computed once.
 _ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in _HEADER_NAMES}

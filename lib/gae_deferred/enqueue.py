@@ -371,9 +371,10 @@ def affinity_routing() -> dict[str, str]:
     """Where a task the call does not route goes: on App Engine (GAE_VERSION set), back to the
     version and service that made it, as the legacy task queue did by the enqueuing request's
     Host (``version_affinity``); elsewhere, or with affinity off, Cloud Tasks' default routing
-    (the queue's target, else the default service's serving version)."""
+    (the queue's target, else the default service's serving version). HTTP-target tasks
+    go to a URL: no routing."""
     current = settings()
-    if not (current.version_affinity and current.running_version):
+    if not (current.version_affinity and current.running_version) or current.http_target:
         return {}
     routing = {"version": current.running_version}
     if current.running_service:

@@ -26,7 +26,7 @@ from typing import Any
 
 from google.cloud import ndb
 
-from . import envelope, spillover
+from . import envelope, http_target, spillover
 from ._datastore import ndb_context
 from .context import TaskInfo
 from .errors import PermanentTaskFailure, SingularTaskFailure, SpilledPayloadMissing, TaskFailed
@@ -93,7 +93,10 @@ def _payload_id(key: str | ndb.Key) -> str:
 def execute_request(environ: Mapping[str, Any], read_body: Callable[[], bytes]) -> TaskOutcome:
     """Run the task a request carries and say what to answer; the body is read only if it
     comes from the task queue and is not larger than any task can be."""
-    task = TaskInfo.from_environ(environ)
+    try:
+        task = TaskInfo.from_environ(environ)
+    except http_target.Unproven as exc:
+        return http_target.outcome_for(exc)
     length = _content_length(environ)
     if task is not None and length is not None and length > MAX_BODY_BYTES:
         return TaskOutcome(413, "too large", f"body of {length} bytes is larger than any task")

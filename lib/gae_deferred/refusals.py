@@ -42,6 +42,7 @@ REASONS = {
     "bad-signature": "bad signature or unknown key",
     "wrong-task": "envelope made for another task or queue",
     "legacy-pickle": "legacy pickle outside the drain window",
+    "bad-token": "HTTP target: OIDC token missing, bad, expired, or for another audience/account",
 }
 #: Examples kept, newest first.
 MAX_EXAMPLES = 20

@@ -31,6 +31,7 @@ import datetime
 import itertools
 import os
 import secrets
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -224,15 +225,17 @@ class TaskQueue:
         )
 
     def _captured(self, name: str, queue: str, task: tasks_v2.Task) -> CapturedTask:
-        request = task.app_engine_http_request
+        # An HTTP-target task (http_target set, docs/cloud-run.md) carries a URL, no routing.
+        http = "http_request" in task
+        request = task.http_request if http else task.app_engine_http_request
         body = bytes(request.body)
         header = envelope.read_header(body)
-        routing = request.app_engine_routing
+        routing = None if http else request.app_engine_routing
         return CapturedTask(
             name=name,
             queue=queue,
             eta=datetime.datetime.fromtimestamp(task.schedule_time.timestamp(), datetime.UTC),
-            url=request.relative_uri,
+            url=urllib.parse.urlsplit(request.url).path if http else request.relative_uri,
             headers=dict(request.headers),
             payload=body,
             function=str(header.get("function", "?")),
@@ -243,7 +246,7 @@ class TaskQueue:
             routing={
                 field: getattr(routing, field)
                 for field in ("service", "version", "instance")
-                if getattr(routing, field)
+                if routing is not None and getattr(routing, field)
             },
             sequence=next(self._sequence),
         )

@@ -21,6 +21,7 @@ import gae_deferred
 def record(run_dir: str, label: str, *args: Any) -> None:
     """Write one run file: attempt number, task name and queue, time, size of the arguments."""
     retry = gae_deferred.task_retry_count()
+    task = gae_deferred.current_task()
     data = {
         "label": label,
         "retry_count": retry,
@@ -29,6 +30,8 @@ def record(run_dir: str, label: str, *args: Any) -> None:
         "time": time.time(),
         "arg_bytes": sum(len(a) for a in args if isinstance(a, bytes | str)),
         "pid": os.getpid(),
+        # False for HTTP-target tasks (X-CloudTasks-* headers after a verified OIDC token).
+        "app_engine": task.app_engine if task else None,
     }
     target = pathlib.Path(run_dir) / f"{label}.{retry}.json"
     partial = target.with_suffix(".tmp")

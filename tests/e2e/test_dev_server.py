@@ -37,7 +37,8 @@ WEB_PY = """
 import json, os, sys
 
 SEEN = ("GAE_DEFERRED_LOCAL", "GAE_DEFERRED_LOCAL_PORT", "GAE_DEFERRED_CRON_TOKEN",
-        "GAE_DEFERRED_QUEUE_YAML", "PYTHONPATH", "TINY_SETTING", "DATASTORE_EMULATOR_HOST")
+        "GAE_DEFERRED_QUEUE_YAML", "PYTHONPATH", "TINY_SETTING", "DATASTORE_EMULATOR_HOST",
+        "GAE_DEFERRED_HTTP_TARGET_URL", "GAE_DEFERRED_HTTP_TARGET_CERTS_URL")
 
 
 def application(environ, start_response):
@@ -203,6 +204,31 @@ def test_cron_calls_carry_the_apps_token(tiny_app: pathlib.Path, tmp_path: pathl
         assert set(calls.read_text().split()) == {token}
     finally:
         assert running.stop()[0] == 0
+
+
+def test_http_target_flag_serves_the_emulators_keys_to_the_app(
+    tiny_app: pathlib.Path, tmp_path: pathlib.Path
+):
+    # A copy of its own: the module's stack holds the tiny app's .local/ state.
+    app = shutil.copytree(tiny_app, tmp_path / "app", ignore=shutil.ignore_patterns(".local"))
+    ports = ["--port", "0", "--datastore-port", "0", "--tasks-port", "0"]
+    running = Dev(app / "app.yaml", tmp_path, *ports, "--quiet", "--http-target")
+    try:
+        env = _get(running, "/env")["env"]
+        tokens = running.url_of("tokens")
+        assert env["GAE_DEFERRED_HTTP_TARGET_CERTS_URL"] == f"{tokens}/oauth2/v1/certs"
+        assert env["GAE_DEFERRED_HTTP_TARGET_URL"].startswith("http://127.0.0.1:")
+        certs = requests.get(env["GAE_DEFERRED_HTTP_TARGET_CERTS_URL"], timeout=10).json()
+        [pem] = certs.values()
+        assert pem.startswith("-----BEGIN CERTIFICATE-----")
+    finally:
+        assert running.stop()[0] == 0
+
+
+def test_http_target_takes_one_app_yaml(tmp_path: pathlib.Path):
+    done = _run_dev(["a/app.yaml", "b/app.yaml", "--http-target"], tmp_path)
+    err = _one_line_error(done)
+    assert err.startswith("gae-deferred-dev: --http-target takes one app.yaml")
 
 
 def _one_line_error(done: subprocess.CompletedProcess) -> str:

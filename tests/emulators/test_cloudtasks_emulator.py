@@ -71,7 +71,9 @@ class App:
         class Handler(http.server.BaseHTTPRequestHandler):
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                name = self.headers.get("X-AppEngine-TaskName", "")
+                name = self.headers.get("X-AppEngine-TaskName") or self.headers.get(
+                    "X-CloudTasks-TaskName", ""
+                )
                 with app.lock:
                     app.active += 1
                     app.max_active = max(app.max_active, app.active)
@@ -149,18 +151,22 @@ def queue_yaml(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def emu(app: App, queue_yaml: Path, tmp_path: Path) -> Iterator[CloudTasksEmulator]:
+def _started(queue_yaml: Path, tmp_path: Path, **options: object) -> Iterator[CloudTasksEmulator]:
     emulator = CloudTasksEmulator(
         port=0,
         data_dir=tmp_path / "data",
         queue_yaml=queue_yaml,
         project="test-project",
         location="us-central1",
-        app_url=app.url,
+        **options,
     ).start()
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture
+def emu(app: App, queue_yaml: Path, tmp_path: Path) -> Iterator[CloudTasksEmulator]:
+    yield from _started(queue_yaml, tmp_path, app_url=app.url)
 
 
 @pytest.fixture
@@ -373,7 +379,14 @@ def test_invalid_requests_are_rejected_and_server_keeps_serving(client, emu):
         {"name": f"{qname(emu, 'slow')}/tasks/wrong-queue", "app_engine_http_request": {}},
         {"app_engine_http_request": {"relative_uri": "no-slash"}},
         {"app_engine_http_request": {"http_method": "GET", "body": b"x"}},
-        {"http_request": {"url": "https://example.com/"}},
+        {"http_request": {"url": "example.com/no-scheme"}},
+        # An OIDC token, but this emulator runs no issuer to sign it (no oidc_port).
+        {
+            "http_request": {
+                "url": "https://x.test/",
+                "oidc_token": {"service_account_email": "a@b"},
+            }
+        },
         {},
     ]
     for task in bad:
@@ -388,11 +401,82 @@ def test_invalid_requests_are_rejected_and_server_keeps_serving(client, emu):
     assert client.get_queue(name=parent).name == parent
 
 
-def test_http_target_tasks_are_rejected(client, emu):
-    with pytest.raises(exceptions.InvalidArgument, match="only App Engine tasks"):
-        client.create_task(
-            parent=qname(emu, "default"), task={"http_request": {"url": "http://x/"}}
-        )
+@pytest.fixture
+def emu_oidc(queue_yaml: Path, tmp_path: Path) -> Iterator[CloudTasksEmulator]:
+    """An emulator that signs HTTP-target tasks' OIDC tokens (its issuer on any free port)."""
+    yield from _started(queue_yaml, tmp_path, app_url="http://127.0.0.1:9", oidc_port=0)
+
+
+def test_http_target_tasks_go_to_their_url_with_cloud_tasks_headers_and_a_token(app, emu_oidc):
+    from google.auth.transport.requests import Request
+    from google.oauth2 import id_token
+
+    client = client_for(emu_oidc.port)
+    parent = qname(emu_oidc, "default")
+    app.statuses["http-1"] = [500]
+    request = {
+        "url": f"{app.url}/run?x=1",
+        "body": b"payload",
+        "headers": {"X-Custom": "yes", "Authorization": "Bearer forged", "X-CloudTasks-Fake": "1"},
+        "oidc_token": {"service_account_email": "tasks@p.iam.gserviceaccount.com"},
+    }
+    client.create_task(
+        parent=parent, task={"name": f"{parent}/tasks/http-1", "http_request": request}
+    )
+
+    wait_for(lambda: len(app.for_task("http-1")) == 2)
+    first, second = app.for_task("http-1")
+    assert first["headers"]["X-CloudTasks-TaskRetryCount"] == "0"
+    headers = second["headers"]
+    assert second["method"] == "POST" and second["path"] == "/run?x=1"
+    assert second["body"] == b"payload"
+    assert headers["X-CloudTasks-QueueName"] == "default"
+    assert headers["X-CloudTasks-TaskRetryCount"] == "1"
+    assert headers["X-CloudTasks-TaskPreviousResponse"] == "500"
+    assert headers["User-Agent"] == "Google-Cloud-Tasks"
+    assert headers["X-Custom"] == "yes"
+    assert "X-CloudTasks-Fake" not in headers
+    assert not [name for name in headers if name.lower().startswith("x-appengine-")]
+    scheme, token = headers["Authorization"].split(" ")
+    assert scheme == "Bearer" and token != "forged"
+    claims = id_token.verify_token(
+        token, Request(), audience=request["url"], certs_url=emu_oidc.oidc.certs_url
+    )
+    assert claims["email"] == "tasks@p.iam.gserviceaccount.com"
+    assert claims["email_verified"] is True and claims["iss"] == emu_oidc.oidc.issuer
+    assert claims["exp"] - claims["iat"] == 3600
+
+
+def test_the_issuer_serves_its_key_and_keeps_it_across_restarts(app, queue_yaml, tmp_path):
+    import requests
+
+    options = {"port": 0, "data_dir": tmp_path / "data", "queue_yaml": queue_yaml, "oidc_port": 0}
+    with CloudTasksEmulator(**options) as emulator:
+        issuer = emulator.oidc
+        kid = issuer.kid
+        certs = requests.get(issuer.certs_url, timeout=5)
+        jwks = requests.get(f"{issuer.issuer}/oauth2/v3/certs", timeout=5).json()
+        discovery = requests.get(f"{issuer.issuer}/.well-known/openid-configuration", timeout=5)
+    assert list(certs.json()) == [kid]
+    assert certs.json()[kid].startswith("-----BEGIN CERTIFICATE-----")
+    assert certs.headers["Cache-Control"] == "public, max-age=300"
+    assert [(key["kid"], key["kty"], key["alg"]) for key in jwks["keys"]] == [(kid, "RSA", "RS256")]
+    assert discovery.json()["jwks_uri"] == f"{issuer.issuer}/oauth2/v3/certs"
+    assert discovery.json()["issuer"] == issuer.issuer
+    assert (tmp_path / "data" / "oidc-key.pem").stat().st_mode & 0o777 == 0o600
+    with CloudTasksEmulator(**options) as again:
+        assert again.oidc.kid == kid
+
+
+def test_basic_view_of_an_http_target_task_has_no_body(client, emu):
+    client.pause_queue(name=qname(emu, "default"))
+    task = {"http_request": {"url": "https://x.test/run", "body": b"secret"}}
+    created = client.create_task(parent=qname(emu, "default"), task=task)
+
+    assert created.http_request.url == "https://x.test/run"
+    assert created.http_request.body == b""
+    full = client.get_task(request={"name": created.name, "response_view": "FULL"})
+    assert full.http_request.body == b"secret"
 
 
 def test_oversize_task_rejected(client, emu):

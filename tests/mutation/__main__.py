@@ -40,7 +40,11 @@ TARGETS: dict[str, tuple[str, list[str]]] = {
     ),
     "gae_deferred.context": (
         "lib/gae_deferred/context.py",
-        ["tests/test_verification.py", "tests/test_task_handler.py"],
+        ["tests/test_verification.py", "tests/test_task_handler.py", "tests/test_http_target.py"],
+    ),
+    "gae_deferred.http_target": (
+        "lib/gae_deferred/http_target.py",
+        ["tests/test_http_target.py"],
     ),
     "gae_deferred.envelope": (
         "lib/gae_deferred/envelope.py",
@@ -48,7 +52,12 @@ TARGETS: dict[str, tuple[str, list[str]]] = {
     ),
     "gae_deferred.webapp2.deferred_task": (
         "handlers/deferred_task.py",
-        ["tests/test_verification.py", "tests/test_task_handler.py", "tests/test_every_answer.py"],
+        [
+            "tests/test_verification.py",
+            "tests/test_task_handler.py",
+            "tests/test_every_answer.py",
+            "tests/test_http_target.py",
+        ],
     ),
 }
 #: What is mutated of a module (its top-level functions, classes and assignments by name);

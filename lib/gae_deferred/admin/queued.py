@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import urllib.parse
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -180,10 +181,22 @@ def _attempt_json(task: tasks_v2.Task, field: str) -> dict[str, Any] | None:
     }
 
 
+def _request_of(task: tasks_v2.Task) -> tuple[Any, str | None, str | None]:
+    """The task's request (App Engine or HTTP target: docs/cloud-run.md), its URL as shown,
+    and the path it is delivered to; (None, None, None) for neither."""
+    if "app_engine_http_request" in task:
+        request = task.app_engine_http_request
+        return request, request.relative_uri, request.relative_uri
+    if "http_request" in task:
+        request = task.http_request
+        return request, request.url, urllib.parse.urlsplit(request.url).path
+    return None, None, None
+
+
 def task_json(task: tasks_v2.Task) -> dict[str, Any]:
     """The API view of a Cloud Tasks task (BASIC view: no body, no headers)."""
     last = _attempt_json(task, "last_attempt")
-    request = task.app_engine_http_request
+    _, url, path = _request_of(task)
     return {
         "name": task.name.rsplit("/", 1)[-1],
         "path": task.name,
@@ -193,10 +206,8 @@ def task_json(task: tasks_v2.Task) -> dict[str, Any]:
         "response_count": task.response_count,
         "last_response": last["response"] if last else None,
         "last_attempt_time": last["dispatch_time"] if last else None,
-        "url": request.relative_uri if "app_engine_http_request" in task else None,
-        "function": _function_of(request.relative_uri)
-        if "app_engine_http_request" in task
-        else None,
+        "url": url,
+        "function": _function_of(path) if path is not None else None,
     }
 
 
@@ -266,16 +277,20 @@ def task_detail(queue: str, task: str) -> dict[str, Any]:
     envelope header. The body's pickle is never loaded."""
     _check_task(queue, task)
     found = _cloud_tasks(lambda: cloud_tasks.get_task(queue, task, full=True))
-    request = found.app_engine_http_request
-    body = bytes(request.body) if "app_engine_http_request" in found else b""
-    routing = request.app_engine_routing if "app_engine_routing" in request else None
+    request, _, _ = _request_of(found)
+    body = bytes(request.body) if request is not None else b""
+    routing = (
+        request.app_engine_routing
+        if "app_engine_http_request" in found and "app_engine_routing" in request
+        else None
+    )
     return {
         **task_json(found),
         "queue": queue,
         "first_attempt": _attempt_json(found, "first_attempt"),
         "last_attempt": _attempt_json(found, "last_attempt"),
-        "method": request.http_method.name if "app_engine_http_request" in found else None,
-        "headers": dict(request.headers) if "app_engine_http_request" in found else {},
+        "method": request.http_method.name if request is not None else None,
+        "headers": dict(request.headers) if request is not None else {},
         "routing": (
             {"service": routing.service, "version": routing.version, "instance": routing.instance}
             if routing is not None
