@@ -145,13 +145,14 @@ def test_cloud_run_md_names_real_settings_and_commands():
     text = _cloud_run_md()
     # Every HTTP_TARGET variable the page names is read, and each sets its field.
     named = set(re.findall(r"GAE_DEFERRED_HTTP_TARGET_(\w+)", text))
-    assert named == {"URL", "SERVICE_ACCOUNT", "AUDIENCE", "CERTS_URL", "ISSUER"}
+    assert named == {"URL", "SERVICE_ACCOUNT", "AUDIENCE", "CERTS_URL", "ISSUER", "CLOUD_RUN_IAM"}
     env = {
         "GAE_DEFERRED_HTTP_TARGET_URL": "https://w.a.run.app",
         "GAE_DEFERRED_HTTP_TARGET_SERVICE_ACCOUNT": "t@p.iam.gserviceaccount.com",
         "GAE_DEFERRED_HTTP_TARGET_AUDIENCE": "aud",
         "GAE_DEFERRED_HTTP_TARGET_CERTS_URL": "http://127.0.0.1:1/certs",
         "GAE_DEFERRED_HTTP_TARGET_ISSUER": "http://127.0.0.1:1",
+        "GAE_DEFERRED_HTTP_TARGET_CLOUD_RUN_IAM": "1",
     }
     assert http_target.from_environment(env) == http_target.HttpTarget(
         "https://w.a.run.app",
@@ -159,6 +160,7 @@ def test_cloud_run_md_names_real_settings_and_commands():
         "aud",
         "http://127.0.0.1:1/certs",
         ("http://127.0.0.1:1",),
+        cloud_run_iam=True,
     )
     # The other settings it names exist.
     source = (ROOT / "lib" / "gae_deferred" / "_config.py").read_text(encoding="utf-8")

@@ -7,6 +7,7 @@ signed with another RSA key, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import threading
 import time
@@ -534,3 +535,88 @@ def test_the_dashboard_shows_a_queued_http_target_task(emulator_with_issuer, ndb
     assert detail["function"] == function
     assert detail["method"] == "POST" and detail["routing"] == {}
     assert detail["body_bytes"] > 0 and detail["envelope"]["function"] == function
+
+
+def _signature_removed(token: str) -> str:
+    """The token as Cloud Run hands it on after verifying it for IAM."""
+    header, claims, _ = token.split(".")
+    return f"{header}.{claims}.{http_target.SIGNATURE_REMOVED}"
+
+
+@pytest.fixture
+def iam_app(target):
+    """The service requires authentication: Cloud Run verified the token before the app."""
+    gae_deferred.configure(http_target=dataclasses.replace(target, cloud_run_iam=True))
+    return webtest.TestApp(webapp2.WSGIApplication(deferred_routes()))
+
+
+def test_a_token_cloud_run_verified_runs_the_task_when_the_service_requires_authentication(
+    iam_app, issuer
+):
+    stripped = _signature_removed(issuer.sign(ACCOUNT, SERVICE_URL))
+    response = post(iam_app, {**CT_TASK, **bearer(stripped)})
+    assert response.status_int == 200, response.text
+    assert [args for args, _ in RUNS] == [("ran",)]
+    # A fully signed token (no IAM in front, or a direct call) still verifies as ever.
+    RUNS.clear()
+    signed = bearer(issuer.sign(ACCOUNT, SERVICE_URL))
+    assert post(iam_app, {**CT_TASK, **signed}).status_int == 200
+
+
+def test_a_signature_removed_token_is_refused_unless_the_service_requires_authentication(
+    app, issuer
+):
+    stripped = _signature_removed(issuer.sign(ACCOUNT, SERVICE_URL))
+    assert post(app, {**CT_TASK, **bearer(stripped)}).status_int == 403
+    assert RUNS == []
+    [example] = refusals.summary()["examples"]
+    assert "set http_target cloud_run_iam=True" in example["message"]
+
+
+# Claims Cloud Run would never have passed on (it checks audience, expiry and signature); the
+# app checks them again, and the account and verified email Cloud Run does not know about.
+STRIPPED_REFUSED = {
+    "wrong audience": (
+        lambda issuer: issuer.sign(ACCOUNT, "https://other.a.run.app"),
+        "OIDC token has audience 'https://other.a.run.app'",
+    ),
+    "expired": (
+        lambda issuer: issuer.sign(ACCOUNT, SERVICE_URL, now=time.time() - 7200),
+        "OIDC token expired",
+    ),
+    "wrong account": (
+        lambda issuer: issuer.sign("intruder@test-project.iam.gserviceaccount.com", SERVICE_URL),
+        "OIDC token is for 'intruder@test-project.iam.gserviceaccount.com'",
+    ),
+    "email not verified": (
+        lambda issuer: issuer.sign(ACCOUNT, SERVICE_URL, email_verified=False),
+        "OIDC token's email is not verified",
+    ),
+    "another issuer": (
+        lambda issuer: issuer.sign(ACCOUNT, SERVICE_URL, iss="https://evil.example"),
+        "OIDC token has issuer 'https://evil.example'",
+    ),
+    "not a token": (lambda issuer: "x.y.z", "OIDC token cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRIPPED_REFUSED))
+def test_signature_removed_tokens_with_wrong_claims_are_refused(iam_app, issuer, case):
+    make, message = STRIPPED_REFUSED[case]
+    response = post(iam_app, {**CT_TASK, **bearer(_signature_removed(make(issuer)))})
+    assert response.status_int == 403
+    assert RUNS == []
+    [example] = refusals.summary()["examples"]
+    assert example["message"].startswith(message), example["message"]
+
+
+def test_cloud_run_iam_from_the_environment():
+    base = {
+        "GAE_DEFERRED_HTTP_TARGET_URL": SERVICE_URL,
+        "GAE_DEFERRED_HTTP_TARGET_SERVICE_ACCOUNT": ACCOUNT,
+    }
+    assert http_target.from_environment(base).cloud_run_iam is False
+    on = {**base, "GAE_DEFERRED_HTTP_TARGET_CLOUD_RUN_IAM": "1"}
+    assert http_target.from_environment(on).cloud_run_iam is True
+    with pytest.raises(ConfigurationError, match="CLOUD_RUN_IAM must be 1 or 0, not 'yes'"):
+        http_target.from_environment({**base, "GAE_DEFERRED_HTTP_TARGET_CLOUD_RUN_IAM": "yes"})

@@ -43,6 +43,9 @@ DEFAULT_MAX_AGE = 300
 UNKNOWN_KID_REFETCH = 30
 #: Seconds of clock difference allowed on ``iat`` and ``exp``.
 CLOCK_SKEW = 10
+#: What Cloud Run puts in place of the signature of the ID token it verified for IAM before
+#: the request reaches the container (https://cloud.google.com/run/docs/troubleshooting).
+SIGNATURE_REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
 _MAX_AGE = re.compile(r"max-age=(\d+)")
 _ENV_PREFIX = "GAE_DEFERRED_HTTP_TARGET_"
 
@@ -82,6 +85,14 @@ class HttpTarget:
     ``roles/iam.serviceAccountUser`` on it, the service grants it ``roles/run.invoker``).
     ``audience``: the token's ``aud`` (default: ``url``). ``certs_url`` and ``issuers``:
     Google's; only the local stack points them at its emulator (local mode only).
+
+    ``cloud_run_iam``: the service requires authentication (``--no-allow-unauthenticated``),
+    so Cloud Run itself verifies the token's signature and the caller's ``run.invoker`` role
+    and hands the token on with its signature replaced by ``SIGNATURE_REMOVED_BY_GOOGLE``;
+    such a token is then accepted on its claims (audience, issuer, account, verified email,
+    expiry). Off (the default), only a token whose signature verifies here is accepted, and
+    a signature-removed one is refused with a message naming this setting. Never turn it on
+    for a service that allows unauthenticated requests: anyone could then write the claims.
     """
 
     url: str
@@ -89,6 +100,7 @@ class HttpTarget:
     audience: str = ""
     certs_url: str = GOOGLE_CERTS_URL
     issuers: tuple[str, ...] = GOOGLE_ISSUERS
+    cloud_run_iam: bool = False
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^/\s]+(/\S*)?$", self.url or ""):
@@ -122,6 +134,8 @@ class HttpTarget:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise TokenRefused("no OIDC token (Authorization: Bearer)")
+        if token.endswith("." + SIGNATURE_REMOVED):
+            return self._checked_claims(self._claims_verified_by_cloud_run(token))
         from google.auth import exceptions as auth_exceptions
         from google.oauth2 import id_token
 
@@ -137,6 +151,32 @@ class HttpTarget:
             raise
         except (ValueError, TypeError, KeyError, auth_exceptions.GoogleAuthError) as exc:
             raise TokenRefused(f"OIDC token does not verify: {_short(exc)}") from None
+        return self._checked_claims(claims)
+
+    def _claims_verified_by_cloud_run(self, token: str) -> Mapping[str, Any]:
+        """The claims of a token Cloud Run verified and took the signature off (see
+        ``cloud_run_iam``): audience and expiry are checked here, as verify_token would."""
+        if not self.cloud_run_iam:
+            raise TokenRefused(
+                "OIDC token's signature was removed by Google (Cloud Run verified it: the "
+                "service requires authentication); set http_target cloud_run_iam=True "
+                "(GAE_DEFERRED_HTTP_TARGET_CLOUD_RUN_IAM=1) to accept such tokens"
+            )
+        from google.auth import jwt
+
+        try:
+            claims = jwt.decode(token, verify=False)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise TokenRefused(f"OIDC token cannot be read: {_short(exc)}") from None
+        if claims.get("aud") != self.audience:
+            raise TokenRefused(f"OIDC token has audience {_short(claims.get('aud'))}")
+        expiry = claims.get("exp")
+        if not isinstance(expiry, int | float) or expiry + CLOCK_SKEW < time.time():
+            raise TokenRefused("OIDC token expired")
+        return claims
+
+    def _checked_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """The claims, if they name the issuer, the tasks account and a verified email."""
         if claims.get("iss") not in self.issuers:
             raise TokenRefused(f"OIDC token has issuer {_short(claims.get('iss'))}")
         if claims.get("email") != self.service_account_email:
@@ -153,8 +193,9 @@ def _short(value: object) -> str:
 
 
 def from_environment(env: Mapping[str, str]) -> HttpTarget | None:
-    """``GAE_DEFERRED_HTTP_TARGET_{URL,SERVICE_ACCOUNT,AUDIENCE,CERTS_URL,ISSUER}``; None
-    without a URL. A service account without a URL (or the other way round) is an error."""
+    """``GAE_DEFERRED_HTTP_TARGET_`` + ``URL``, ``SERVICE_ACCOUNT``, ``AUDIENCE``,
+    ``CERTS_URL``, ``ISSUER`` and ``CLOUD_RUN_IAM`` (1 or 0); None without a URL. A service
+    account without a URL (or the other way round) is an error."""
     url = env.get(_ENV_PREFIX + "URL", "")
     account = env.get(_ENV_PREFIX + "SERVICE_ACCOUNT", "")
     if not url and not account:
@@ -165,12 +206,16 @@ def from_environment(env: Mapping[str, str]) -> HttpTarget | None:
             "target tasks) or neither (App Engine tasks)"
         )
     issuer = env.get(_ENV_PREFIX + "ISSUER")
+    iam = env.get(_ENV_PREFIX + "CLOUD_RUN_IAM", "").strip().lower()
+    if iam not in ("", "0", "1", "true", "false"):
+        raise ConfigurationError(f"{_ENV_PREFIX}CLOUD_RUN_IAM must be 1 or 0, not {iam!r}")
     return HttpTarget(
         url=url,
         service_account_email=account,
         audience=env.get(_ENV_PREFIX + "AUDIENCE", ""),
         certs_url=env.get(_ENV_PREFIX + "CERTS_URL") or GOOGLE_CERTS_URL,
         issuers=(issuer,) if issuer else GOOGLE_ISSUERS,
+        cloud_run_iam=iam in ("1", "true"),
     )
 
 
