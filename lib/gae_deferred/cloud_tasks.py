@@ -204,7 +204,8 @@ def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     constructor through Python, which cost more than the rest of defer() together.
     """
     task = _TaskPb()
-    target = settings().http_target
+    current = settings()
+    target = current.http_target
     if target is None:
         request = task.app_engine_http_request
         request.relative_uri = spec.url
@@ -229,7 +230,6 @@ def build_task(spec: TaskSpec, body: bytes) -> tasks_v2.Task:
     schedule_time.seconds = since_epoch.days * 86400 + since_epoch.seconds
     schedule_time.nanos = since_epoch.microseconds * 1000
     if spec.name:
-        current = settings()
         if not current.project:
             location_path()  # raises ConfigurationError
         queue = _queue_path(current.project, current.location, spec.queue)
