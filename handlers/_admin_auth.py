@@ -30,12 +30,11 @@ import json
 import logging
 import os
 import re
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from gae_deferred import settings
+from gae_deferred._key_cache import KeyCache
 
 logger = logging.getLogger("gae_deferred.admin")
 
@@ -47,7 +46,6 @@ IAP_DEFAULT_MAX_AGE = 300
 IAP_UNKNOWN_KID_REFETCH = 30
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _LOCAL_HOST = re.compile(r"^(127\.0\.0\.1|localhost|\[::1\])(?::(\d{1,5}))?$")
-_MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
 def _default_transport() -> Any:
@@ -105,50 +103,39 @@ def iap_role(email: str) -> str | None:
     return None
 
 
-class _IapKeys:
+def _fetch_iap_keys() -> tuple[bytes, dict[str, Any], str]:
+    try:
+        response = iap_transport()(url=IAP_CERTS_URL, method="GET")
+        status = response.status
+        certs = json.loads(response.data) if status == 200 else None
+    except Exception as exc:  # network, TLS, JSON: all mean "no keys now"
+        raise KeysUnavailable(f"cannot fetch IAP's public keys: {exc}") from exc
+    if not isinstance(certs, dict):
+        raise KeysUnavailable(f"cannot fetch IAP's public keys: HTTP {status}")
+    control = {k.lower(): v for k, v in dict(response.headers or {}).items()}
+    return (
+        response.data,
+        {str(k): str(v) for k, v in certs.items()},
+        control.get("cache-control", ""),
+    )
+
+
+def _new_iap_keys() -> KeyCache:
     """IAP's public keys (kid -> PEM), fetched at most once per cache period."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.certs: dict[str, str] = {}
-        self.expires = 0.0
-        #: When a token's unknown key id last made us refetch (keys rotate rarely; forged
-        #: key ids must not turn every request into a fetch).
-        self.unknown_refetch = -IAP_UNKNOWN_KID_REFETCH
-
-    def for_kid(self, kid: str) -> dict[str, str]:
-        with self.lock:
-            now = time.monotonic()
-            if now >= self.expires:
-                self._fetch(now)
-            elif kid not in self.certs and now - self.unknown_refetch >= IAP_UNKNOWN_KID_REFETCH:
-                self.unknown_refetch = now
-                self._fetch(now)
-            return self.certs
-
-    def _fetch(self, now: float) -> None:
-        try:
-            response = iap_transport()(url=IAP_CERTS_URL, method="GET")
-            status = response.status
-            certs = json.loads(response.data) if status == 200 else None
-        except Exception as exc:  # network, TLS, JSON: all mean "no keys now"
-            raise KeysUnavailable(f"cannot fetch IAP's public keys: {exc}") from exc
-        if not isinstance(certs, dict):
-            raise KeysUnavailable(f"cannot fetch IAP's public keys: HTTP {status}")
-        control = {k.lower(): v for k, v in dict(response.headers or {}).items()}
-        match = _MAX_AGE.search(control.get("cache-control", ""))
-        max_age = int(match.group(1)) if match else IAP_DEFAULT_MAX_AGE
-        self.certs = {str(k): str(v) for k, v in certs.items()}
-        self.expires = now + max_age
+    return KeyCache(
+        _fetch_iap_keys,
+        default_max_age=IAP_DEFAULT_MAX_AGE,
+        unknown_kid_refetch=IAP_UNKNOWN_KID_REFETCH,
+    )
 
 
-_iap_keys = _IapKeys()
+_iap_keys = _new_iap_keys()
 
 
 def reset_iap_keys() -> None:
     """Forget the cached IAP keys (tests; a process that changed iap_transport)."""
     global _iap_keys
-    _iap_keys = _IapKeys()
+    _iap_keys = _new_iap_keys()
 
 
 def _token_kid(token: str) -> str:
@@ -168,7 +155,7 @@ def verify_iap_jwt(token: str, audience: str) -> dict[str, Any]:
     keys cannot be fetched."""
     from google.auth import jwt
 
-    certs = _iap_keys.for_kid(_token_kid(token))
+    _, certs = _iap_keys.get(_token_kid(token))
     claims = jwt.decode(token, certs=certs, audience=audience)
     if claims.get("iss") != "https://cloud.google.com/iap":
         raise ValueError(f"IAP JWT has issuer {claims.get('iss')!r}")

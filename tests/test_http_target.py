@@ -239,12 +239,12 @@ def test_keys_that_cannot_be_read_are_unavailable_with_the_reason(issuer, monkey
     token = issuer.sign(ACCOUNT, SERVICE_URL)
     monkeypatch.setattr(issuer, "documents", lambda: {"/oauth2/v1/certs": ["not", "keys"]})
     with pytest.raises(http_target.CertsUnavailable) as caught:
-        http_target._keys_for(issuer.certs_url).request(token)
+        http_target._transport_for(issuer.certs_url, token)
     assert str(caught.value) == f"the token keys at {issuer.certs_url} are not a JSON object"
 
     issuer.stop()
     with pytest.raises(http_target.CertsUnavailable) as caught:
-        http_target._keys_for(issuer.certs_url).request(token)
+        http_target._transport_for(issuer.certs_url, token)
     assert str(caught.value).startswith(f"cannot fetch the token keys at {issuer.certs_url}: ")
 
 

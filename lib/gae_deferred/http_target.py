@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from ._key_cache import KeyCache, token_kid
 from .errors import ConfigurationError, InvalidTaskError
 
 #: Google's signing keys for OIDC tokens, as PEM certificates by key id.
@@ -46,7 +47,6 @@ CLOCK_SKEW = 10
 #: What Cloud Run puts in place of the signature of the ID token it verified for IAM before
 #: the request reaches the container (https://cloud.google.com/run/docs/troubleshooting).
 SIGNATURE_REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
-_MAX_AGE = re.compile(r"max-age=(\d+)")
 _ENV_PREFIX = "GAE_DEFERRED_HTTP_TARGET_"
 
 
@@ -142,7 +142,7 @@ class HttpTarget:
         try:
             claims = id_token.verify_token(
                 token,
-                _keys_for(self.certs_url).request(token),
+                _transport_for(self.certs_url, token),
                 audience=self.audience,
                 certs_url=self.certs_url,
                 clock_skew_in_seconds=CLOCK_SKEW,
@@ -243,78 +243,46 @@ class _Response:
         self.data = data
 
 
-class _Keys:
-    """One issuer's public keys, fetched at most once per cache period (google-auth's
-    verify_token fetches them on every call unless its transport caches)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.lock = threading.Lock()
-        self.data = b""
-        self.kids: frozenset[str] = frozenset()
-        self.expires = 0.0
-        self.unknown_refetch = -float(UNKNOWN_KID_REFETCH)
-
-    def request(self, token: str) -> Any:
-        """A google.auth transport answering the certificate URL from the cache (refreshed
-        when stale, or when ``token`` names a key not seen yet, at most every
-        UNKNOWN_KID_REFETCH seconds)."""
-        kid = _token_kid(token)
-        with self.lock:
-            now = time.monotonic()
-            if now >= self.expires:
-                self._fetch(now)
-            elif kid not in self.kids and now - self.unknown_refetch >= UNKNOWN_KID_REFETCH:
-                self.unknown_refetch = now
-                self._fetch(now)
-            data = self.data
-
-        def answer(url: str, method: str = "GET", **_: Any) -> _Response:
-            return _Response(data)
-
-        return answer
-
-    def _fetch(self, now: float) -> None:
-        try:
-            with urllib.request.urlopen(self.url, timeout=10) as response:
-                data = response.read()
-                control = response.headers.get("Cache-Control") or ""
-            keys = json.loads(data)
-        except (OSError, ValueError) as exc:
-            raise CertsUnavailable(f"cannot fetch the token keys at {self.url}: {exc}") from exc
-        if not isinstance(keys, dict):
-            raise CertsUnavailable(f"the token keys at {self.url} are not a JSON object")
-        match = _MAX_AGE.search(control)
-        self.data = data
-        self.kids = frozenset(map(str, keys))
-        self.expires = now + (int(match.group(1)) if match else DEFAULT_MAX_AGE)
+def _fetch_keys(url: str) -> tuple[bytes, dict[str, Any], str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            data = response.read()
+            control = response.headers.get("Cache-Control") or ""
+        keys = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise CertsUnavailable(f"cannot fetch the token keys at {url}: {exc}") from exc
+    if not isinstance(keys, dict):
+        raise CertsUnavailable(f"the token keys at {url} are not a JSON object")
+    return data, keys, control
 
 
-_keys: dict[str, _Keys] = {}
+_keys: dict[str, KeyCache] = {}
 _keys_lock = threading.Lock()
 
 
-def _keys_for(url: str) -> _Keys:
+def _transport_for(url: str, token: str) -> Any:
+    """A google.auth transport answering the certificate URL from the cache of its keys (see
+    :class:`~gae_deferred._key_cache.KeyCache`): verify_token fetches them on every call."""
     with _keys_lock:
-        keys = _keys.get(url)
-        if keys is None:
-            keys = _keys[url] = _Keys(url)
-        return keys
+        cache = _keys.get(url)
+        if cache is None:
+            cache = _keys[url] = KeyCache(
+                lambda: _fetch_keys(url),
+                default_max_age=DEFAULT_MAX_AGE,
+                unknown_kid_refetch=UNKNOWN_KID_REFETCH,
+            )
+    data, _ = cache.get(token_kid(token))
+
+    def answer(url: str, method: str = "GET", **_: Any) -> _Response:
+        return _Response(data)
+
+    return answer
 
 
 def reset_keys() -> None:
     """Forget every cached key set (tests)."""
     with _keys_lock:
         _keys.clear()
-
-
-def _token_kid(token: str) -> str:
-    from google.auth import jwt
-
-    try:
-        return str(jwt.decode_header(token).get("kid") or "")
-    except (ValueError, TypeError, AttributeError):
-        return ""
 
 
 def build_request(task: Any, target: HttpTarget, path: str, routing: Mapping[str, str]) -> Any:

@@ -46,6 +46,10 @@ TARGETS: dict[str, tuple[str, list[str]]] = {
         "lib/gae_deferred/http_target.py",
         ["tests/test_http_target.py"],
     ),
+    "gae_deferred._key_cache": (
+        "lib/gae_deferred/_key_cache.py",
+        ["tests/test_http_target.py", "tests/dashboard/test_security.py"],
+    ),
     "gae_deferred.envelope": (
         "lib/gae_deferred/envelope.py",
         ["tests/test_verification.py", "tests/test_envelope.py", "tests/test_task_handler.py"],
