@@ -286,3 +286,54 @@ def test_a_batch_whose_operation_is_still_running_is_polled_until_done(
         (0, TaskAlreadyExistsError)
     ]
     assert _short_names(paused()) == {*named, "polled-9"}
+
+
+class Measuring(Between):
+    """Notes the size of every BatchCreateTasks request. Its gRPC server keeps the default
+    4 MiB limit on a received message, as a server or proxy in front of Cloud Tasks may."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.sizes: list[int] = []
+
+    def answer(self, rpc: str, request: bytes, context: grpc.ServicerContext, forward) -> bytes:
+        if rpc == "BatchCreateTasks":
+            self.sizes.append(len(request))
+        return forward(request)
+
+
+def test_batch_requests_stay_under_4_mib_however_big_the_tasks(paused, tasks_emulator, monkeypatch):
+    """100 inline tasks of ~90 KB (9 MB in all) go in three requests under 4 MiB; the old
+    grouping sent one request of 9 MB, which this gRPC server refuses."""
+    with Measuring(f"127.0.0.1:{tasks_emulator.port}") as proxy:
+        monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", f"127.0.0.1:{proxy.port}")
+        cloud_tasks.reset_client()
+        tasks_emulator.reset_counts()
+        try:
+            with batch() as b:
+                for number in range(100):
+                    b.defer(add, os.urandom(90_000), number)
+                b.defer(add, 1, 2)
+        finally:
+            monkeypatch.undo()
+            cloud_tasks.reset_client()
+    assert not any(task.spilled for task in b.tasks)
+    assert len(proxy.sizes) == 3 and _counts(tasks_emulator) == (3, 0)
+    assert max(proxy.sizes) <= cloud_tasks.BATCH_CREATE_BYTES < 4 * 1024 * 1024
+    assert sum(proxy.sizes) > 9_000_000
+    # The basic view: 9 MB of bodies would not fit in one ListTasks answer either.
+    listed, _ = cloud_tasks.list_tasks_page("default", page_size=1000)
+    assert _short_names(listed) == {task.name for task in b.tasks}
+
+
+def test_groups_split_by_queue_count_and_bytes():
+    groups = cloud_tasks._groups
+    queues = ["a", "b", "a", "a", "a", "b"]
+    assert groups(queues, [1] * 6, 100, 1000) == [[0, 2, 3, 4], [1, 5]]
+    assert groups(queues, [1] * 6, 2, 1000) == [[0, 2], [3, 4], [1, 5]]
+    sizes = [600, 10, 400, 700, 2000, 990]
+    assert groups(queues, sizes, 100, 1000) == [[0, 2], [3], [4], [1, 5]]
+    assert groups(queues, sizes, 100, 1300) == [[0, 2], [3], [4], [1, 5]]
+    assert groups(queues, sizes, 100, 2700) == [[0, 2, 3], [4], [1, 5]]
+    assert groups(["a"] * 3, [500, 500, 1], 100, 1000) == [[0, 1], [2]]
+    assert groups(["a"] * 3, [500, 501, 1], 100, 1000) == [[0], [1, 2]]

@@ -362,6 +362,11 @@ def _is_tombstone(name: str) -> bool:
 #: BatchCreateTasks takes up to 100 tasks of one queue, BatchDeleteTasks up to 1,000.
 BATCH_CREATE_MAX = 100
 BATCH_DELETE_MAX = 1000
+#: Bytes of tasks one BatchCreateTasks request carries at most. 100 tasks near the 100 KB
+#: limit would make a request of about 10 MB; Google documents no limit on the request, and a
+#: server or proxy that keeps gRPC's default refuses a message over 4 MiB, so the tasks are
+#: sent in requests under that, with room for the request's own framing.
+BATCH_CREATE_BYTES = 4 * 1024 * 1024 - 64 * 1024
 #: The batch RPCs Cloud Tasks refused in this process (UNIMPLEMENTED or PERMISSION_DENIED):
 #: from the first refusal on, their tasks go one CreateTask (DeleteTask) call each.
 _refused_batches: set[str] = set()
@@ -397,16 +402,26 @@ def map_concurrently(
         return list(pool.map(attempt, items))
 
 
-def _groups(queues: Sequence[str], most: int) -> list[list[int]]:
-    """Indexes of ``queues`` grouped by queue, in runs of at most ``most``, in order."""
+def _groups(
+    queues: Sequence[str], sizes: Sequence[int], most: int, most_bytes: int
+) -> list[list[int]]:
+    """Indexes of ``queues`` grouped by queue, in order, in runs of at most ``most`` items and
+    ``most_bytes`` of ``sizes`` together (an item bigger than that goes alone)."""
     by_queue: dict[str, list[int]] = {}
     for index, queue in enumerate(queues):
         by_queue.setdefault(queue, []).append(index)
-    return [
-        indexes[start : start + most]
-        for indexes in by_queue.values()
-        for start in range(0, len(indexes), most)
-    ]
+    groups: list[list[int]] = []
+    for indexes in by_queue.values():
+        run: list[int] = []
+        run_bytes = 0
+        for index in indexes:
+            if run and (len(run) == most or run_bytes + sizes[index] > most_bytes):
+                groups.append(run)
+                run, run_bytes = [], 0
+            run.append(index)
+            run_bytes += sizes[index]
+        groups.append(run)
+    return groups
 
 
 def _refuse(rpc: str, exc: Exception) -> None:
@@ -426,10 +441,10 @@ def _refuse(rpc: str, exc: Exception) -> None:
 
 
 def create_tasks(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int = 1) -> list[Outcome]:
-    """Create many tasks: ``BatchCreateTasks`` calls of up to 100 tasks of one queue, at most
-    ``concurrency`` in flight. One ``(task, None)`` or ``(None, error)`` per item, in order,
-    the error as create_task raises it (a name in use is ``TaskAlreadyExistsError`` for that
-    task alone: the batch is not atomic).
+    """Create many tasks: ``BatchCreateTasks`` calls of up to 100 tasks of one queue and
+    ``BATCH_CREATE_BYTES``, at most ``concurrency`` in flight. One ``(task, None)`` or
+    ``(None, error)`` per item, in order, the error as create_task raises it (a name in use is
+    ``TaskAlreadyExistsError`` for that task alone: the batch is not atomic).
 
     Where Cloud Tasks answers ``BatchCreateTasks`` with UNIMPLEMENTED or PERMISSION_DENIED,
     this process creates tasks one CreateTask call each from then on (``concurrency`` at a
@@ -437,9 +452,14 @@ def create_tasks(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int = 1) 
     """
     if _sink is not None or "BatchCreateTasks" in _refused_batches:
         return _create_each(items, concurrency)
-    groups = _groups([spec.queue for spec, _ in items], BATCH_CREATE_MAX)
+    tasks = [build_task(spec, body) for spec, body in items]
+    sizes = [tasks_v2.Task.pb(task).ByteSize() for task in tasks]
+    queues = [spec.queue for spec, _ in items]
+    groups = _groups(queues, sizes, BATCH_CREATE_MAX, BATCH_CREATE_BYTES)
     answers = map_concurrently(
-        lambda group: _create_group([items[i] for i in group]), groups, concurrency
+        lambda group: _create_group([items[i] for i in group], [tasks[i] for i in group]),
+        groups,
+        concurrency,
     )
     outcomes: list[Outcome] = [(None, None)] * len(items)
     refused: list[int] = []
@@ -461,14 +481,15 @@ def _create_each(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int) -> l
     return map_concurrently(lambda item: create_task(*item), items, concurrency)
 
 
-def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome] | None:
-    """One BatchCreateTasks call (one CreateTask for a single task: no operation to poll);
-    None when Cloud Tasks refuses the RPC (nothing was created)."""
+def _create_group(
+    items: Sequence[tuple[TaskSpec, bytes]], tasks: Sequence[tasks_v2.Task]
+) -> list[Outcome] | None:
+    """One BatchCreateTasks call for ``items``, built as ``tasks`` (one CreateTask for a single
+    task: no operation to poll); None when Cloud Tasks refuses the RPC (nothing was created)."""
     if "BatchCreateTasks" in _refused_batches:
         return None
     if len(items) == 1:
         return _create_each(items, 1)
-    tasks = [build_task(spec, body) for spec, body in items]
     parent = queue_path(items[0][0].queue)
     requests = [tasks_v2.CreateTaskRequest(parent=parent, task=task) for task in tasks]
     try:
