@@ -34,8 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from ._process import spawn
-from .app_yaml import Handler, StaticHandler, load_app_yaml, match_handler
-from .app_yaml import static_file as resolve_static_file
+from .app_yaml import (
+    Handler,
+    StaticHandler,
+    load_app_yaml,
+    match_handler,
+    static_file as resolve_static_file,
+)
 from .errors import AppYamlError, HttpError
 
 #: App Engine refuses requests larger than 32 MiB.

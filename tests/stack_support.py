@@ -189,7 +189,6 @@ def datastore() -> Iterator[None]:
 
 def queued_tasks(queue: str) -> list[Any]:
     """Tasks Cloud Tasks still holds in a queue (``queued_tasks("default") == []``)."""
-    from gae_deferred.cloud_tasks import client as tasks_client
-    from gae_deferred.cloud_tasks import queue_path
+    from gae_deferred.cloud_tasks import client as tasks_client, queue_path
 
     return list(tasks_client().list_tasks(parent=queue_path(queue)))

@@ -24,8 +24,7 @@ from gae_deferred import (
     envelope,
     spillover,
 )
-from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.cloud_tasks import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client, queue_path
 from tests.callables import add
 from tests.stack_support import ROOT
 

@@ -12,8 +12,7 @@ import threading
 import zlib
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import gae_deferred
 from gae_deferred import PermanentTaskFailure, SerializationError, envelope, run, serialize

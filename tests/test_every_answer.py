@@ -23,8 +23,7 @@ import webtest
 import gae_deferred
 from gae_deferred import cloud_tasks, metrics
 from gae_deferred.webapp2 import _admin_auth, deferred_middleware, deferred_routes
-from tests.dashboard.support import LOOPBACK, form_token, make_failure, pause
-from tests.dashboard.support import P as PREFIX
+from tests.dashboard.support import LOOPBACK, P as PREFIX, form_token, make_failure, pause
 
 METHODS = ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "PROPFIND")
 SUFFIXES = ("", "/%ff", "%ff", "/%2e%2e/%2e%2e/x", "/%00", "/%E2%98%83", "/%7f", "/..;/x")

@@ -23,11 +23,11 @@ from gae_deferred import (
     ConfigurationError,
     HttpTarget,
     InvalidTaskError,
+    _config as config,
     defer,
     http_target,
     refusals,
 )
-from gae_deferred import _config as config
 from gae_deferred.cloud_tasks import TaskSpec, build_task
 from gae_deferred.local.cloudtasks.oidc import OidcIssuer
 from gae_deferred.webapp2 import deferred_middleware, deferred_routes

@@ -6,8 +6,7 @@ import webapp2
 import webtest
 from google.cloud import tasks_v2
 
-from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.cloud_tasks import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client, queue_path
 from gae_deferred.webapp2 import deferred_routes
 from tests.mounted_app import app_handlers
 

@@ -1,4 +1,4 @@
-"""gae_deferred's public names: one list (the TYPE_CHECKING imports of __init__.py) gives the
+"""gae_deferred's public names: one list (the imports of __init__.pyi) gives the
 lazy imports, dir() and __all__, and the names docs/design.md's contract calls are in it."""
 
 import inspect

@@ -30,6 +30,7 @@ from ._index import path_sort_key
 from ._proto import pb
 from ._store import (
     LOCK_TIMEOUT_SECONDS,
+    NON_TRANSACTIONAL_LOCK_WAIT_SECONDS as NON_TRANSACTIONAL_LOCK_WAIT,
     EntityStore,
     Partition,
     StoredEntity,
@@ -38,7 +39,6 @@ from ._store import (
     describe_key,
     key_bytes,
 )
-from ._store import NON_TRANSACTIONAL_LOCK_WAIT_SECONDS as NON_TRANSACTIONAL_LOCK_WAIT
 from ._stub_adapter import StubQueryEngine, check_entity, check_lookup_keys
 
 #: The real service refuses a Commit request larger than this.

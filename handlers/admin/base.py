@@ -20,8 +20,7 @@ import webapp2
 
 from gae_deferred import Error, admin, audit, ndb_context
 
-from .. import _admin_auth, _admin_csrf, _templates
-from .. import _admin_guard as guard
+from .. import _admin_auth, _admin_csrf, _admin_guard as guard, _templates
 
 logger = logging.getLogger("gae_deferred.admin")
 

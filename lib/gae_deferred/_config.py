@@ -23,9 +23,11 @@ from typing import Any
 
 from . import defaults
 from .errors import ConfigurationError
-from .http_target import HttpTarget
-from .http_target import coerce as _coerce_http_target
-from .http_target import from_environment as _http_target_from_environment
+from .http_target import (
+    HttpTarget,
+    coerce as _coerce_http_target,
+    from_environment as _http_target_from_environment,
+)
 
 MIB = 1024 * 1024
 

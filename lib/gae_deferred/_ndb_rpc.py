@@ -45,11 +45,9 @@ from importlib import metadata
 from typing import Any, NamedTuple
 
 import grpc
-from google.api_core import exceptions as core_exceptions
-from google.api_core import gapic_v1
+from google.api_core import exceptions as core_exceptions, gapic_v1
 from google.cloud import ndb
-from google.cloud.datastore_v1.types import datastore as datastore_pb2
-from google.cloud.datastore_v1.types import entity as entity_pb2
+from google.cloud.datastore_v1.types import datastore as datastore_pb2, entity as entity_pb2
 
 from . import _outcome
 from ._config import settings
@@ -118,8 +116,14 @@ for _internal in INTERNALS:
 del _internal
 
 # Imported once checked: an ndb without them has failed above, with what to pin.
-from google.cloud.ndb import _datastore_api, _options, _retry, model, tasklets  # noqa: E402
-from google.cloud.ndb import context as context_module  # noqa: E402
+from google.cloud.ndb import (  # noqa: E402
+    _datastore_api,
+    _options,
+    _retry,
+    context as context_module,
+    model,
+    tasklets,
+)
 
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
 #: Waits before each retry of a transient error: ndb's own schedule (1 s, doubling, 3 retries).

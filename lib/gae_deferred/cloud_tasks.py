@@ -34,8 +34,7 @@ from concurrent import futures
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.api_core import exceptions as api_exceptions
-from google.api_core import retry as api_retry
+from google.api_core import exceptions as api_exceptions, retry as api_retry
 from google.api_core.future import polling
 from google.cloud import tasks_v2
 from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport

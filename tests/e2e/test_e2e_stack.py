@@ -16,8 +16,7 @@ import pytest
 from e2e_helpers import payload_exists, wait_for_runs
 
 from gae_deferred import defer
-from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.cloud_tasks import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client, queue_path
 from gae_deferred.local.errors import PortInUseError
 from gae_deferred.local.stack import LocalStack
 from tests.stack_support import ROOT, holds_for, queued_tasks, wait_for

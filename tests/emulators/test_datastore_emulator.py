@@ -19,8 +19,7 @@ from google.api_core import exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import datastore, ndb
 from google.cloud.datastore_v1 import types
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import gae_deferred.local.datastore._service
 from gae_deferred.local.datastore import DatastoreEmulator

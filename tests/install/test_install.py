@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.install.conftest import WEB_ONLY, DevServer, run_python, site_packages
+import gae_deferred
+from tests.install.conftest import WEB_ONLY, DevServer, run, run_python, site_packages
 from tests.stack_support import wait_for
 
 SAMPLE_APP = pathlib.Path(__file__).resolve().parents[1] / "sample_app"
@@ -62,6 +63,39 @@ print(gae_deferred.__file__)
         cwd=core_venv,
     )
     assert failed.returncode != 0 and "webapp2" in failed.stderr
+
+
+@pytest.mark.parametrize("form", ["bytecode only", "zipped"])
+def test_the_public_names_work_without_the_py_sources(
+    core_venv: pathlib.Path, tmp_path: pathlib.Path, form: str
+) -> None:
+    """Some images ship bytecode alone (``compileall -b``, then the .py files removed) and some
+    apps import packages from a zip: the public names still resolve, from ``__init__.pyi``."""
+    place = tmp_path / "packages"
+    shutil.copytree(
+        site_packages(core_venv) / "gae_deferred",
+        place / "gae_deferred",
+        ignore=shutil.ignore_patterns("__pycache__", "webapp2", "local"),
+    )
+    if form == "bytecode only":
+        run([core_venv / "bin" / "python", "-m", "compileall", "-q", "-b", place])
+        for source in (place / "gae_deferred").rglob("*.py"):
+            source.unlink()
+        path = place
+    else:
+        path = pathlib.Path(shutil.make_archive(str(tmp_path / "packages"), "zip", place))
+    checks = """
+import gae_deferred
+assert gae_deferred.__file__.endswith(("__init__.pyc", "__init__.py")), gae_deferred.__file__
+assert callable(gae_deferred.defer) and callable(gae_deferred.batch)
+assert issubclass(gae_deferred.DeferError, gae_deferred.Error)
+assert "defer" in gae_deferred.__all__ and "TaskHandler" not in gae_deferred.__all__
+print(len(gae_deferred.__all__), gae_deferred.__file__)
+"""
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    count, where = run_python(core_venv, checks, env=env).split()
+    assert int(count) == len(gae_deferred.__all__) and where.startswith(str(path))
+    assert where.endswith(".pyc" if form == "bytecode only" else ".py")
 
 
 @pytest.fixture(scope="module")

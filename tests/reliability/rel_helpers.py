@@ -134,8 +134,7 @@ def wait_until_datastore_answers() -> None:
 
 
 def wait_until_tasks_answer() -> None:
-    from gae_deferred.cloud_tasks import client as tasks_client
-    from gae_deferred.cloud_tasks import queue_path
+    from gae_deferred.cloud_tasks import client as tasks_client, queue_path
 
     retry_until_ok(lambda: tasks_client().get_queue(name=queue_path("default")), "GetQueue")
 

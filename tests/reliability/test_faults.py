@@ -40,8 +40,7 @@ from gae_deferred import (
     spillover,
     sweep,
 )
-from gae_deferred.cloud_tasks import client as tasks_client
-from gae_deferred.cloud_tasks import queue_path
+from gae_deferred.cloud_tasks import client as tasks_client, queue_path
 from gae_deferred.local.stack import LocalStack
 from tests.stack_support import datastore, queued_tasks
 

@@ -20,8 +20,7 @@ import rel_tasks
 import requests
 import webapp2
 import webtest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gae_deferred import FailureState, envelope, failures
 from gae_deferred.local.stack import LocalStack

@@ -8,8 +8,7 @@ import re
 
 import webapp2
 
-from ... import _admin_guard as guard
-from ... import _templates
+from ... import _admin_guard as guard, _templates
 from ..base import SECURITY_HEADERS
 
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(css|svg|js|png|ico)$")

@@ -97,8 +97,7 @@ from .jobs import (
     resume_job,
     shards_of,
 )
-from .openmetrics import CONTENT_TYPE as OPENMETRICS_CONTENT_TYPE
-from .openmetrics import render as openmetrics_text
+from .openmetrics import CONTENT_TYPE as OPENMETRICS_CONTENT_TYPE, render as openmetrics_text
 from .overview import (
     Overview,
     audit_json,
@@ -135,9 +134,7 @@ from .spilled import (
     retrigger_spillover,
     spillover_json,
 )
-from .status import STATUS_TTL
-from .status import forget as forget_status
-from .status import status as status_strip
+from .status import STATUS_TTL, forget as forget_status, status as status_strip
 
 __all__ = [
     "COUNT_CAP",
