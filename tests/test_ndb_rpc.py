@@ -16,7 +16,8 @@ import pytest
 from google.cloud import ndb
 from packaging.specifiers import SpecifierSet
 
-from gae_deferred import _ndb_rpc, failures, spillover
+from gae_deferred import _datastore, _ndb_rpc, failures, spillover
+from tests import stack_support
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -419,3 +420,41 @@ def test_commit_over_grpc_retries_transient_errors_as_ndb_does(monkeypatch):
         with pytest.raises(core_exceptions.InvalidArgument):
             _ndb_rpc.commit(upserts=[_chunk("p-retry", 1, b"a")])
         assert len(calls) == 4
+
+
+class Counted(ndb.Model):
+    group = ndb.StringProperty()
+
+
+def test_count_is_one_aggregation_over_the_querys_kind_filters_ancestor_and_namespace(
+    ndb_emulator,
+):
+    """On Google's legacy emulator (the datastore leg), which answers RunAggregationQuery with
+    UNIMPLEMENTED, every count is None."""
+    parent = ndb.Key("CountedParent", 1)
+    ndb.put_multi(
+        [Counted(group="a") for _ in range(7)]
+        + [Counted(group="b") for _ in range(3)]
+        + [Counted(parent=parent, group="a") for _ in range(2)]
+    )
+    with _datastore.in_namespace("tenant-x"):
+        ndb.put_multi([Counted(group="a") for _ in range(5)])
+    counts = [
+        _ndb_rpc.count(Counted.query()),
+        _ndb_rpc.count(Counted.query(Counted.group == "a")),
+        _ndb_rpc.count(Counted.query(ancestor=parent)),
+        _ndb_rpc.count(Counted.query(namespace="tenant-x")),
+        _ndb_rpc.count(Counted.query(namespace="nobody")),
+    ]
+    with _datastore.in_namespace("tenant-x"):
+        counts.append(_ndb_rpc.count(Counted.query()))  # the context's, as fetch() reads it
+    if stack_support.DATASTORE == "datastore":
+        assert counts == [None] * 6
+    else:
+        assert counts == [12, 9, 2, 5, 0, 5]
+
+
+def test_count_is_none_where_the_client_cannot_count(ndb_stub):
+    # inmemory-datastore-stub has no RunAggregationQuery at all.
+    Counted(group="a").put()
+    assert _ndb_rpc.count(Counted.query()) is None

@@ -75,7 +75,7 @@ from typing import Any
 
 from google.cloud import ndb
 
-from . import envelope
+from . import _ndb_rpc, envelope
 from ._config import settings
 from ._datastore import ndb_context
 from ._model import MAX_INDEXED_CHARS, DeferredModel
@@ -147,6 +147,9 @@ class DeferredJob(DeferredModel):
     #: How the key range was split: "scatter" or "keys" (and how many keys it looked at).
     sharding = ndb.TextProperty()
     sample_size = ndb.IntegerProperty(indexed=False, default=0)
+    #: The entities the query matched when planned, where the planner did not read every key:
+    #: a COUNT aggregation's answer (None where the Datastore cannot count).
+    counted = ndb.IntegerProperty(indexed=False)
     created = ndb.DateTimeProperty(tzinfo=datetime.UTC)
     started = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
     finished = ndb.DateTimeProperty(tzinfo=datetime.UTC, indexed=False)
@@ -459,6 +462,8 @@ def _plan_job(job_id: str, queue: str) -> None:
     if job is None or job.state != JobState.PLANNING:
         return
     splits, sharding, sample_size = plan_splits(spec.query, job.shards_requested)
+    # Reading every key counted them; a sample or a single shard did not: the dashboard's ETA.
+    counted = None if read_every_key(sharding, sample_size) else _ndb_rpc.count(spec.query)
     bounds = [None, *splits, None]
     count = len(bounds) - 1
 
@@ -481,6 +486,7 @@ def _plan_job(job_id: str, queue: str) -> None:
         current.shards = count
         current.sharding = sharding
         current.sample_size = sample_size
+        current.counted = counted
         current.started = now
         current.state = JobState.RUNNING
         ndb.put_multi([current, *shards])
@@ -505,6 +511,11 @@ def plan_splits(query: ndb.Query, shards: int) -> tuple[list[ndb.Key], str, int]
             return _quantiles(sorted(sample), shards), "scatter", len(sample)
     keys = _keyed(query).fetch(PLAN_SCAN_LIMIT, keys_only=True)
     return _quantiles(keys, shards), "keys", len(keys)
+
+
+def read_every_key(sharding: str | None, sample_size: int | None) -> bool:
+    """Whether the planner read every key of the query (so ``sample_size`` is its count)."""
+    return sharding == "keys" and (sample_size or 0) < PLAN_SCAN_LIMIT
 
 
 def _quantiles(keys: Sequence[ndb.Key], shards: int) -> list[ndb.Key]:

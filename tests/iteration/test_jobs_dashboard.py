@@ -12,6 +12,7 @@ import gae_deferred
 from gae_deferred import audit, iteration
 from gae_deferred.testing import capture_tasks
 from gae_deferred.webapp2 import deferred_middleware, deferred_routes
+from tests import stack_support
 from tests.dashboard.support import LOOPBACK, XSS, P, csrf_token, form_token
 from tests.iteration import jobs_support
 from tests.iteration.jobs_support import Item, make_items
@@ -92,6 +93,42 @@ def test_the_jobs_page_lists_state_shards_counts_rate_and_actions(app, queue):
             None,
         )
     assert data["actions"] == ["pause", "cancel"]
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_job_whose_planner_did_not_read_every_key_counts_its_query_for_the_eta(
+    app, queue, monkeypatch, shards
+):
+    """One shard reads no key, and past PLAN_SCAN_LIMIT keys (or with a __scatter__ sample)
+    the planner's keys are not a count: the job's query is counted instead, filter and all.
+    Google's legacy emulator cannot count (UNIMPLEMENTED): there, no total and no ETA."""
+    monkeypatch.setattr(iteration, "PLAN_SCAN_LIMIT", 10)
+    make_items(7, group="other")
+    keys = make_items(40)
+    job = gae_deferred.iterate(
+        Item.query(Item.group == "a"),
+        jobs_support.bump,
+        shards=shards,
+        batch_size=5,
+        time_budget=0.001,
+    )
+    queue.run(queue.tasks[0])
+    for task in list(queue.tasks):
+        queue.run(task)
+    record = iteration.get_job(job.id)
+    assert record.sharding in ({"single"} if shards == 1 else {"keys", "scatter"})
+    if record.sharding == "keys":
+        assert record.sample_size == iteration.PLAN_SCAN_LIMIT  # it stopped there
+    data = app.get(f"{P}/api/jobs/{job.id}").json
+    assert data["state"] == "running" and 0 < data["processed"] < len(keys)
+    page = app.get(f"{P}/jobs/{job.id}").html.find(id="job-processed").get_text(" ", strip=True)
+    if stack_support.DATASTORE == "datastore":
+        assert (record.counted, data["estimated_total"], data["eta_seconds"]) == (None,) * 3
+        assert page == str(data["processed"])
+    else:
+        assert record.counted == data["estimated_total"] == len(keys)
+        assert data["rate"] > 0 and data["eta_seconds"] is not None
+        assert page == f"{data['processed']} of {len(keys)}"
 
 
 def test_the_job_page_shows_shards_and_failed_entities(app, queue):

@@ -110,11 +110,11 @@ def job_json(
 
 
 def _estimated_total(job: iteration.DeferredJob) -> int | None:
-    """The entities the planner counted: exact when it read every key (not a ``__scatter__``
-    sample, and under its scan limit)."""
-    if job.sharding == "keys" and (job.sample_size or 0) < iteration.PLAN_SCAN_LIMIT:
+    """The entities the job's query matched when planned: the keys the planner read when it
+    read them all, else the count it asked Datastore for (None where it could not count)."""
+    if iteration.read_every_key(job.sharding, job.sample_size):
         return job.sample_size
-    return None
+    return job.counted
 
 
 def _actions(state: str) -> list[str]:
