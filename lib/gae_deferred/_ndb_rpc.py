@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -136,6 +137,7 @@ from google.cloud.ndb import (  # noqa: E402
     tasklets,
 )
 
+logger = logging.getLogger("gae_deferred")
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
 #: Waits before each retry of a transient error: ndb's own schedule (1 s, doubling, 3 retries).
 RETRY_DELAYS = (1.0, 2.0, 4.0)
@@ -398,23 +400,15 @@ def join_transaction(
         batch.futures.append(done)
 
 
-#: Where a Datastore cannot count: Google's legacy emulator answers RunAggregationQuery with
-#: UNIMPLEMENTED; an index the query lacks is FAILED_PRECONDITION; a huge kind may not be
-#: counted within the deadline.
-_NO_COUNT = (
-    core_exceptions.MethodNotImplemented,
-    core_exceptions.FailedPrecondition,
-    core_exceptions.DeadlineExceeded,
-    core_exceptions.RetryError,
-)
-
-
 def count(query: ndb.Query) -> int | None:
     """How many entities ``query`` matches, from one COUNT aggregation (RunAggregationQuery:
-    in production one entity read per 1,000 index entries, not one per entity). None where the
-    Datastore cannot say (``_NO_COUNT``) or the client has no such call (a test's in-memory
-    stub). Must run inside an ndb context; the query's namespace is resolved as fetch()
-    resolves it."""
+    in production one entity read per 1,000 index entries, not one per entity). Must run inside
+    an ndb context; the query's namespace is resolved as fetch() resolves it.
+
+    None, logged, where the Datastore does not answer: Google's legacy emulator answers
+    UNIMPLEMENTED, a count may need an index the app lacks or outlast the deadline. A count
+    is an estimate for progress pages, so no answer is never an error. None too where the
+    client has no such call at all (a test's in-memory stub)."""
     context = ndb.get_context()
     client = context.client
     if not hasattr(client.stub, "run_aggregation_query"):
@@ -446,7 +440,8 @@ def count(query: ndb.Query) -> int | None:
         response = _datastore_api.make_call(
             "run_aggregation_query", request, timeout=_timeout(), metadata=_routing(client)
         ).result()
-    except _NO_COUNT:
+    except core_exceptions.GoogleAPIError as exc:
+        logger.info("Datastore did not count %s: %s", query, exc)
         return None
     result: aggregation_result_pb2.AggregationResult = response.batch.aggregation_results[0]
     value = result.aggregate_properties["n"]._pb
