@@ -364,7 +364,8 @@ BATCH_DELETE_MAX = 1000
 #: Bytes of tasks one BatchCreateTasks request carries at most. 100 tasks near the 100 KB
 #: limit would make a request of about 10 MB; Google documents no limit on the request, and a
 #: server or proxy that keeps gRPC's default refuses a message over 4 MiB, so the tasks are
-#: sent in requests under that, with room for the request's own framing.
+#: sent in requests under that. The 64 KiB left hold what is not the tasks: each task's
+#: CreateTaskRequest (its parent and framing, about 100 bytes) and the request's own fields.
 BATCH_CREATE_BYTES = 4 * 1024 * 1024 - 64 * 1024
 #: The batch RPCs Cloud Tasks refused in this process (UNIMPLEMENTED or PERMISSION_DENIED):
 #: from the first refusal on, their tasks go one CreateTask (DeleteTask) call each.
@@ -451,14 +452,11 @@ def create_tasks(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int = 1) 
     """
     if _sink is not None or "BatchCreateTasks" in _refused_batches:
         return _create_each(items, concurrency)
-    tasks = [build_task(spec, body) for spec, body in items]
-    sizes = [tasks_v2.Task.pb(task).ByteSize() for task in tasks]
+    sizes = [_task_bytes(spec, body) for spec, body in items]
     queues = [spec.queue for spec, _ in items]
     groups = _groups(queues, sizes, BATCH_CREATE_MAX, BATCH_CREATE_BYTES)
     answers = map_concurrently(
-        lambda group: _create_group([items[i] for i in group], [tasks[i] for i in group]),
-        groups,
-        concurrency,
+        lambda group: _create_group([items[i] for i in group]), groups, concurrency
     )
     outcomes: list[Outcome] = [(None, None)] * len(items)
     refused: list[int] = []
@@ -480,15 +478,21 @@ def _create_each(items: Sequence[tuple[TaskSpec, bytes]], concurrency: int) -> l
     return map_concurrently(lambda item: create_task(*item), items, concurrency)
 
 
-def _create_group(
-    items: Sequence[tuple[TaskSpec, bytes]], tasks: Sequence[tasks_v2.Task]
-) -> list[Outcome] | None:
-    """One BatchCreateTasks call for ``items``, built as ``tasks`` (one CreateTask for a single
-    task: no operation to poll); None when Cloud Tasks refuses the RPC (nothing was created)."""
+def _task_bytes(spec: TaskSpec, body: bytes) -> int:
+    """What a task adds to a BatchCreateTasks request, at most: the task without its body, the
+    body, and room for the body's field tag and the lengths it lengthens. Built without the
+    body, so sizing a batch copies no payload."""
+    return tasks_v2.Task.pb(build_task(spec, b"")).ByteSize() + len(body) + 16
+
+
+def _create_group(items: Sequence[tuple[TaskSpec, bytes]]) -> list[Outcome] | None:
+    """One BatchCreateTasks call (one CreateTask for a single task: no operation to poll);
+    None when Cloud Tasks refuses the RPC (nothing was created)."""
     if "BatchCreateTasks" in _refused_batches:
         return None
     if len(items) == 1:
         return _create_each(items, 1)
+    tasks = [build_task(spec, body) for spec, body in items]
     parent = queue_path(items[0][0].queue)
     requests = [tasks_v2.CreateTaskRequest(parent=parent, task=task) for task in tasks]
     try:
