@@ -1,7 +1,8 @@
 """Execution metrics: runs, successes, failures, retries and durations per function and queue.
 
-The task path calls :func:`observe` once per task: a few dictionary and list operations under
-a lock, in memory. Each process adds up what it saw per minute, with durations in fixed
+The task path calls :func:`observe` once per task: one append to a queue in memory, no lock.
+The flush thread (or an observe() that finds ``_DRAIN_AT`` runs waiting) adds them up per
+minute, with durations in fixed
 histogram buckets (:data:`BUCKETS_MS`) so percentiles of several processes merge exactly
 (reported as the upper bound of the bucket they fall in, or the exact maximum when that is
 lower). A background thread flushes the totals every ``settings().metrics_flush_seconds``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -92,9 +94,16 @@ def _add(into: list, slot: list) -> None:
 
 
 class _Recorder:
-    """This process's totals since the last flush: (function, queue) -> minute -> slot."""
+    """This process's runs since the last flush: ``runs`` as observe() appended them, and their
+    totals once added up, (function, queue) -> minute -> slot."""
 
     def __init__(self) -> None:
+        #: (function, queue, seconds, ok, retried, time.time()) per run. A deque's append
+        #: and popleft are thread-safe, so observe() takes no lock.
+        self.runs: collections.deque[tuple[str, str, float, bool, bool, float]] = (
+            collections.deque()
+        )
+        #: Held while runs are added up into ``pending`` and while ``pending`` is taken.
         self.lock = threading.Lock()
         self.pending: dict[tuple[str, str], dict[int, list]] = {}
         self.flusher: threading.Thread | None = None
@@ -104,8 +113,37 @@ class _Recorder:
         self.wake = threading.Event()
         self.exit_hook = False
 
+    def add_up(self) -> None:
+        """Move the runs observed so far into ``pending``'s totals."""
+        with self.lock:
+            self._add_up()
+
+    def _add_up(self) -> None:
+        runs, pending = self.runs, self.pending
+        while True:
+            try:
+                function, queue, seconds, ok, retried, at = runs.popleft()
+            except IndexError:
+                return
+            ms = seconds * 1000.0
+            minutes = pending.get((function, queue))
+            if minutes is None:
+                minutes = pending[(function, queue)] = {}
+            minute = int(at) // 60
+            slot = minutes.get(minute)
+            if slot is None:
+                slot = minutes[minute] = _empty_slot()
+            slot[_RUNS] += 1
+            slot[_OK if ok else _FAILED] += 1
+            if retried:
+                slot[_RETRIES] += 1
+            if ms > slot[_MAX]:
+                slot[_MAX] = ms
+            slot[_HIST][bisect.bisect_left(BUCKETS_MS, ms)] += 1
+
     def take(self) -> dict[tuple[str, str], dict[int, list]]:
         with self.lock:
+            self._add_up()
             taken, self.pending = self.pending, {}
         return taken
 
@@ -121,6 +159,9 @@ class _Recorder:
 
 
 _recorder = _Recorder()
+#: Runs waiting in the queue beyond which the observe() that finds them adds them up itself:
+#: a bound on the queue's memory (about 2 MB) between flushes, at any rate of tasks.
+_DRAIN_AT = 10_000
 #: This process's id, kept current across fork(): observe() compares it on every task, and
 #: os.getpid() is a system call each time.
 _pid = os.getpid()
@@ -148,25 +189,13 @@ def observe(function: str, queue: str, seconds: float, *, ok: bool, retried: boo
     current = settings()
     if not current.metrics_enabled:
         return
-    ms = seconds * 1000.0
-    bucket = bisect.bisect_left(BUCKETS_MS, ms)
-    minute = int(time.time()) // 60
     recorder = _recorder
-    with recorder.lock:
-        first = not recorder.pending
-        minutes = recorder.pending.get((function, queue))
-        if minutes is None:
-            minutes = recorder.pending[(function, queue)] = {}
-        slot = minutes.get(minute)
-        if slot is None:
-            slot = minutes[minute] = _empty_slot()
-        slot[_RUNS] += 1
-        slot[_OK if ok else _FAILED] += 1
-        if retried:
-            slot[_RETRIES] += 1
-        if ms > slot[_MAX]:
-            slot[_MAX] = ms
-        slot[_HIST][bucket] += 1
+    runs = recorder.runs
+    # Racy by design: two first runs both wake the flusher, which is harmless.
+    first = not runs and not recorder.pending
+    runs.append((function, queue, seconds, ok, retried, time.time()))
+    if len(runs) >= _DRAIN_AT:
+        recorder.add_up()
     if recorder.flusher_pid != _pid:
         _start_flusher(current.metrics_flush_seconds, current.metrics_first_flush_seconds)
     if first:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import threading
 import time
 
 import pytest
@@ -107,6 +108,32 @@ def test_observe_does_no_io_and_a_flush_is_one_commit(ndb_stub):
     metrics.flush()
     assert len(seen) == 1
     assert metrics.flush() == 0 and len(seen) == 1  # nothing new: no write at all
+
+
+def test_observers_on_many_threads_lose_no_run_and_the_queue_stays_bounded(ndb_stub, monkeypatch):
+    """observe() appends without a lock; whoever finds _DRAIN_AT runs waiting adds them up, so
+    8 threads of 2,500 runs each, with a flush in the middle, count 20,000 runs exactly."""
+    monkeypatch.setattr(metrics, "_DRAIN_AT", 500)
+    longest: list[int] = []
+
+    def observe_many(thread: int) -> None:
+        for number in range(2500):
+            ok = number % 10 != 0
+            metrics.observe(f"many.{thread % 2}", "default", 0.004, ok=ok, retried=False)
+            longest.append(len(metrics._recorder.runs))
+
+    threads = [threading.Thread(target=observe_many, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    metrics.flush()
+    for thread in threads:
+        thread.join()
+    metrics.flush()
+    totals = [metrics.get_series("function", f"many.{n}").window("1h") for n in (0, 1)]
+    assert [window.runs for window in totals] == [10_000, 10_000]
+    assert [window.failures for window in totals] == [1_000, 1_000]
+    assert max(longest) < 500 + 8  # each thread drains once it finds 500 waiting
+    assert not metrics._recorder.runs and not metrics._recorder.pending
 
 
 def test_totals_of_several_flushes_and_processes_add_up(ndb_stub):

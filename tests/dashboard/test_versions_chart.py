@@ -16,6 +16,7 @@ def _runs(version: str, minutes_ago: int, runs: int, failed: int = 0) -> None:
     gae_deferred.configure(app_version=version)
     for number in range(runs):
         metrics.observe("reports.build", "reports", 0.01, ok=number >= failed, retried=False)
+    metrics._recorder.add_up()
     pending = metrics._recorder.pending
     for key, by_minute in pending.items():
         pending[key] = {minute - minutes_ago: slot for minute, slot in by_minute.items()}
