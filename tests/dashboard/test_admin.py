@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import threading
 
 import pytest
 import webapp2
 import webtest
+from google.api_core import exceptions as api_exceptions
 from google.cloud import ndb
 
 import gae_deferred
@@ -374,6 +376,53 @@ def test_retry_now_spilled_failure_points_at_the_stored_payload(app, ndb_stub):
     run_as_cloud_tasks_would(app, task)
     assert failures.get(record.id).state == FailureState.RESOLVED
     assert spillover.get("sp1") is None
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_a_retry_whose_task_runs_before_the_enqueue_returns_stays_resolved(
+    app, ndb_stub, monkeypatch, spilled
+):
+    """Cloud Tasks may run a new task before CreateTask's answer is back. The retry wrote
+    "retrying" after the enqueue, over the "resolved" that run had written (the browser suite
+    caught it: a retried group never showed as resolved)."""
+    pause("default")
+    if spilled:
+        make_spilled("race1", state=PayloadState.DEAD)
+    record = make_failure("race", payload_id="race1" if spilled else None)
+    create = gae_deferred.enqueue.create_task
+
+    def create_and_run_at_once(spec, body):
+        created = create(spec, body)
+        (task,) = queued_tasks(spec.queue)  # with its body, which CreateTask's answer lacks
+        assert task.name == created.name
+        # Delivered on a thread of its own, as Cloud Tasks' request would be served.
+        delivery = threading.Thread(target=run_as_cloud_tasks_would, args=(app, task))
+        delivery.start()
+        delivery.join()
+        return created
+
+    monkeypatch.setattr(gae_deferred.enqueue, "create_task", create_and_run_at_once)
+    done = app.get(f"{P}/failures/{record.id}").forms[0].submit().follow()
+    assert "Retrying failure" in done.text
+    after = failures.get(record.id)
+    assert (after.state, after.retriggered) == (FailureState.RESOLVED, 1)
+
+
+def test_a_retry_whose_task_cannot_be_created_leaves_the_failure_as_it_was(
+    app, ndb_stub, monkeypatch
+):
+    record = make_failure("unsent", state=FailureState.DEAD)
+
+    def unavailable(spec, body):
+        raise api_exceptions.ServiceUnavailable("Cloud Tasks is down")
+
+    monkeypatch.setattr(gae_deferred.enqueue, "create_task", unavailable)
+    answer = app.get(f"{P}/failures/{record.id}").forms[0].submit(expect_errors=True)
+    assert answer.status_int >= 400
+    after = failures.get(record.id)
+    assert (after.state, after.retriggered or 0) == (FailureState.DEAD, 0)
+    entries, _ = audit.recent(10)
+    assert not [entry for entry in entries if entry.target == f"failure/{record.id}"]
 
 
 def test_dismiss_then_retry_is_refused_and_delete_removes(app, ndb_stub):

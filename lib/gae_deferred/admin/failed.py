@@ -200,21 +200,43 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
     if record.state not in failures.RETRIGGERABLE:
         raise Conflict(f"failure {record_id} is {record.state}; nothing to retry")
     _check_retriable_id(record_id)
-    # The run updates this record: its id travels in the re-signed envelope.
+    send = _retrigger_send(record, record_id, routing)
+    previous = record.state
+    # Written before the task exists: its run updates or resolves this record, and a write
+    # made after the enqueue could land after that run and undo it (a dashboard retry showed
+    # "retrying" for a task that had already succeeded).
+    record.state = FailureState.RETRYING
+    record.retriggered = (record.retriggered or 0) + 1
+    record.put()
+    try:
+        name = send()
+    except Exception:
+        _undo_retrying(record_id, previous)
+        raise
+    audit.record(actor, "retrigger", f"failure/{record_id}", f"task {name} on {record.queue}")
+    return name
+
+
+def _retrigger_send(
+    record: failures.DeferredFailure, record_id: str, routing: dict[str, str]
+) -> Callable[[], str]:
+    """What creates the retry's task (its name returned), once the kept payload is checked;
+    the run updates this record: its id travels in the re-signed envelope."""
     if record.payload_id:
         payload = spillover.get(record.payload_id)
         if payload is None:
             raise Conflict(f"the spilled payload {record.payload_id} of this failure is gone")
-        name = _reenqueue_spilled(payload, routing, record_id)
-    else:
-        body = failures.get_payload(record_id)
-        if body is None:
-            raise Conflict(f"failure {record_id} kept no payload to retry")
-        if not body.startswith(envelope.MAGIC):
-            raise Conflict(
-                f"failure {record_id} kept a python27 pickle that does not load here, not an "
-                "envelope: it cannot be retried (dismiss or delete it)"
-            )
+        return lambda: _reenqueue_spilled(payload, routing, record_id)
+    body = failures.get_payload(record_id)
+    if body is None:
+        raise Conflict(f"failure {record_id} kept no payload to retry")
+    if not body.startswith(envelope.MAGIC):
+        raise Conflict(
+            f"failure {record_id} kept a python27 pickle that does not load here, not an "
+            "envelope: it cannot be retried (dismiss or delete it)"
+        )
+
+    def send() -> str:
         name = cloud_tasks.new_task_name("r")
         _cloud_tasks(
             lambda: enqueue.enqueue_envelope(
@@ -225,11 +247,23 @@ def retrigger_failure(record_id: str, actor: str, *, version: str | None = None)
                 failure_id=record_id,
             )
         )
-    record.state = FailureState.RETRYING
-    record.retriggered = (record.retriggered or 0) + 1
-    record.put()
-    audit.record(actor, "retrigger", f"failure/{record_id}", f"task {name} on {record.queue}")
-    return name
+        return name
+
+    return send
+
+
+def _undo_retrying(record_id: str, previous: str) -> None:
+    """A retry whose task could not be created: the record goes back to ``previous``, unless
+    a run (of a task that was created after all) has changed it meanwhile."""
+
+    def undo() -> None:
+        current = failures.get(record_id)
+        if current is not None and current.state == FailureState.RETRYING:
+            current.state = previous
+            current.retriggered = max(0, (current.retriggered or 0) - 1)
+            current.put()
+
+    ndb.transaction(undo)
 
 
 def dismiss_failure(record_id: str, actor: str) -> None:
