@@ -2,13 +2,12 @@
 
 The task path calls :func:`observe` once per task: one append to a queue in memory, no lock.
 The flush thread (or an observe() that finds ``_DRAIN_AT`` runs waiting) adds them up per
-minute, with durations in fixed
-histogram buckets (:data:`BUCKETS_MS`) so percentiles of several processes merge exactly
-(reported as the upper bound of the bucket they fall in, or the exact maximum when that is
-lower). A background thread flushes the totals every ``settings().metrics_flush_seconds``
-(default 60; the first run after a quiet interval ``metrics_first_flush_seconds`` after it, 1 s
-by default) and at interpreter exit: **at most one Datastore transaction per process per
-interval** that folds them into one
+minute, with durations in fixed histogram buckets (:data:`BUCKETS_MS`) so percentiles of
+several processes merge exactly (reported as the upper bound of the bucket they fall in, or the
+exact maximum when that is lower). A background thread flushes the totals every
+``settings().metrics_flush_seconds`` (default 60; the first run after a quiet interval
+``metrics_first_flush_seconds`` after it, 1 s by default) and at interpreter exit: **at most
+one Datastore transaction per process per interval** that folds them into one
 ``_DeferredMetricSeries`` record per function, per queue and for all functions::
 
     from gae_deferred import metrics
